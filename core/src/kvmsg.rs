@@ -1,0 +1,779 @@
+//! kvmsg: the CHP wire codec (PROTOCOL.md §2, §3, §5).
+//!
+//! Every CHP message except ICANHAZ? and the Binary Star state frame is five frames:
+//!
+//! | # | field      | bytes                                              |
+//! |---|------------|----------------------------------------------------|
+//! | 0 | key        | raw bytes                                          |
+//! | 1 | sequence   | exactly 8 bytes, signed 64-bit big-endian          |
+//! | 2 | uuid       | exactly 16 bytes, or empty                         |
+//! | 3 | properties | `name=value\n` records; empty frame = none         |
+//! | 4 | body       | raw bytes; empty body means delete                 |
+//!
+//! [`KvMsg::decode`] never panics, checks every size against [`Limits`] before it copies
+//! anything, and returns a [`DecodeError`] that names what is wrong. The caller counts
+//! the error by [`DecodeError::reason`], logs it and drops the message: malformed network
+//! input is never fatal.
+//!
+//! ```
+//! use clonekv_core::kvmsg::{KvMsg, Limits, Uuid};
+//!
+//! let set = KvMsg::kvset(b"/weather/london".to_vec(), b"rain".to_vec(), Uuid::from_bytes([7; 16]));
+//! let frames = set.encode();
+//! let back = KvMsg::decode(&frames, &Limits::default()).unwrap();
+//! assert_eq!(back, set);
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::time::EpochMillis;
+
+/// Number of frames in a kvmsg.
+pub const FRAME_COUNT: usize = 5;
+/// Key of the heartbeat message.
+pub const HUGZ: &[u8] = b"HUGZ";
+/// Key of the message that ends a snapshot reply.
+pub const KTHXBAI: &[u8] = b"KTHXBAI";
+/// First frame of a snapshot request.
+pub const ICANHAZ: &[u8] = b"ICANHAZ?";
+/// Name of the only property with a defined meaning.
+pub const TTL: &str = "ttl";
+
+/// A ttl value this large (or larger) is absolute Unix epoch milliseconds (§5).
+const EPOCH_MILLIS_THRESHOLD: u64 = 100_000_000_000;
+/// A ttl value with a `.` this large (or larger) is absolute epoch seconds: the Python
+/// reference server stores `time.time() + ttl` as `%f`.
+const EPOCH_SECONDS_THRESHOLD: u64 = 1_000_000_000;
+/// Longest ttl text we parse; the longest meaningful one (`%f` of epoch seconds) is ~18.
+const MAX_TTL_TEXT: usize = 40;
+
+/// Size limits applied by the decoder. Defaults from PROTOCOL.md §2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest key (and ICANHAZ? subtree) accepted, in bytes. Keys are at least 1 byte.
+    pub max_key_len: usize,
+    /// Largest body accepted, in bytes.
+    pub max_body_len: usize,
+    /// Largest properties frame accepted, in bytes.
+    pub max_properties_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_len: 255,
+            max_body_len: 1 << 20,
+            max_properties_len: 4 << 10,
+        }
+    }
+}
+
+/// Why a sequence of frames is not a valid message. Each variant is one class of
+/// malformed input from PROTOCOL.md §2–§3.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The message has the wrong number of frames.
+    #[error("expected {expected} frames, got {actual}")]
+    FrameCount {
+        /// Frames the message kind has.
+        expected: usize,
+        /// Frames received.
+        actual: usize,
+    },
+    /// The key frame is empty.
+    #[error("key is empty")]
+    EmptyKey,
+    /// The key frame is longer than the configured limit.
+    #[error("key is {len} bytes, limit is {max}")]
+    KeyTooLong {
+        /// Length received.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// The sequence frame is not exactly 8 bytes.
+    #[error("sequence frame is {len} bytes, must be exactly 8")]
+    SequenceLength {
+        /// Length received.
+        len: usize,
+    },
+    /// The uuid frame is neither empty nor exactly 16 bytes.
+    #[error("uuid frame is {len} bytes, must be 16 or empty")]
+    UuidLength {
+        /// Length received.
+        len: usize,
+    },
+    /// A properties record is malformed.
+    #[error("property record {record} {problem}")]
+    PropertyRecord {
+        /// Zero-based index of the bad record in the frame.
+        record: usize,
+        /// What is wrong with it.
+        problem: PropertyProblem,
+    },
+    /// The properties frame is longer than the configured limit.
+    #[error("properties frame is {len} bytes, limit is {max}")]
+    PropertiesTooLarge {
+        /// Length received.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// The body frame is longer than the configured limit.
+    #[error("body is {len} bytes, limit is {max}")]
+    BodyTooLarge {
+        /// Length received.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// A two-frame request whose first frame is not `ICANHAZ?`.
+    #[error("unknown command (first frame is not ICANHAZ?)")]
+    UnknownCommand,
+    /// The subtree of an ICANHAZ? is longer than the key limit.
+    #[error("subtree is {len} bytes, limit is {max}")]
+    SubtreeTooLong {
+        /// Length received.
+        len: usize,
+        /// Configured limit.
+        max: usize,
+    },
+    /// A Binary Star state frame that is not `1`..`4`.
+    #[error("invalid Binary Star state frame")]
+    InvalidState,
+}
+
+impl DecodeError {
+    /// A short, stable identifier of the error class, for counters and log fields.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::FrameCount { .. } => "frame_count",
+            DecodeError::EmptyKey => "empty_key",
+            DecodeError::KeyTooLong { .. } => "key_too_long",
+            DecodeError::SequenceLength { .. } => "sequence_length",
+            DecodeError::UuidLength { .. } => "uuid_length",
+            DecodeError::PropertyRecord { .. } => "property_record",
+            DecodeError::PropertiesTooLarge { .. } => "properties_too_large",
+            DecodeError::BodyTooLarge { .. } => "body_too_large",
+            DecodeError::UnknownCommand => "unknown_command",
+            DecodeError::SubtreeTooLong { .. } => "subtree_too_long",
+            DecodeError::InvalidState => "invalid_state",
+        }
+    }
+}
+
+/// What is wrong with one `name=value` record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PropertyProblem {
+    /// The record has no `=`.
+    #[error("has no '='")]
+    MissingEquals,
+    /// The record starts with `=`.
+    #[error("has an empty name")]
+    EmptyName,
+}
+
+/// Why a property cannot be set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PropertyError {
+    /// Names are non-empty and contain neither `=` nor `\n`.
+    #[error("property name must be non-empty and contain neither '=' nor newline")]
+    InvalidName,
+    /// Values cannot contain `\n`.
+    #[error("property value must not contain a newline")]
+    InvalidValue,
+}
+
+/// Why a `ttl` property cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TtlError {
+    /// Not a non-negative decimal number of seconds (`30`, `1.5`).
+    #[error("ttl is not a non-negative decimal number of seconds")]
+    NotANumber,
+    /// Too large to represent.
+    #[error("ttl is too large")]
+    Overflow,
+}
+
+/// A 16-byte update identifier, chosen at random by the client that made the update.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Uuid([u8; 16]);
+
+impl Uuid {
+    /// The uuid with these bytes.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Uuid(bytes)
+    }
+
+    /// The uuid's bytes, as sent on the wire.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Display for Uuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in self.0 {
+            write!(f, "{byte:02X}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Uuid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The properties frame: ordered `name=value` records.
+///
+/// Stored as the encoded frame itself (always ending in `\n` when non-empty): a server
+/// relays properties untouched far more often than it reads them, and one small buffer
+/// per stored entry is the cheapest representation.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Properties {
+    encoded: Vec<u8>,
+}
+
+impl Properties {
+    /// No properties.
+    pub const fn new() -> Self {
+        Properties {
+            encoded: Vec::new(),
+        }
+    }
+
+    /// Parses a properties frame. A final record without its `\n` is accepted.
+    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
+        let body = frame.strip_suffix(b"\n").unwrap_or(frame);
+        if !frame.is_empty() {
+            for (record, line) in body.split(|&byte| byte == b'\n').enumerate() {
+                match line.iter().position(|&byte| byte == b'=') {
+                    None => {
+                        return Err(DecodeError::PropertyRecord {
+                            record,
+                            problem: PropertyProblem::MissingEquals,
+                        })
+                    }
+                    Some(0) => {
+                        return Err(DecodeError::PropertyRecord {
+                            record,
+                            problem: PropertyProblem::EmptyName,
+                        })
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let mut encoded = Vec::with_capacity(body.len() + 1);
+        if !frame.is_empty() {
+            encoded.extend_from_slice(body);
+            encoded.push(b'\n');
+        }
+        Ok(Properties { encoded })
+    }
+
+    /// The frame as sent on the wire.
+    pub fn as_frame(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    /// True when there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.encoded.is_empty()
+    }
+
+    /// The records in order, as `(name, value)`.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let body = self.encoded.strip_suffix(b"\n").unwrap_or(&self.encoded);
+        body.split(|&byte| byte == b'\n')
+            .filter(|line| !line.is_empty())
+            .filter_map(split_record)
+    }
+
+    /// The value of the first record named `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(record_name, _)| *record_name == name.as_bytes())
+            .map(|(_, value)| value)
+    }
+
+    /// Sets `name` to `value`: replaces the first record of that name in place, or
+    /// appends a new record.
+    pub fn set(&mut self, name: &str, value: &[u8]) -> Result<(), PropertyError> {
+        if name.is_empty() || name.contains(['=', '\n']) {
+            return Err(PropertyError::InvalidName);
+        }
+        if value.contains(&b'\n') {
+            return Err(PropertyError::InvalidValue);
+        }
+        let mut rebuilt = Vec::with_capacity(self.encoded.len() + name.len() + value.len() + 2);
+        let mut replaced = false;
+        for (record_name, record_value) in self.iter() {
+            rebuilt.extend_from_slice(record_name);
+            rebuilt.push(b'=');
+            if !replaced && record_name == name.as_bytes() {
+                rebuilt.extend_from_slice(value);
+                replaced = true;
+            } else {
+                rebuilt.extend_from_slice(record_value);
+            }
+            rebuilt.push(b'\n');
+        }
+        if !replaced {
+            rebuilt.extend_from_slice(name.as_bytes());
+            rebuilt.push(b'=');
+            rebuilt.extend_from_slice(value);
+            rebuilt.push(b'\n');
+        }
+        self.encoded = rebuilt;
+        Ok(())
+    }
+
+    /// Removes every record named `name`.
+    pub fn remove(&mut self, name: &str) {
+        let mut rebuilt = Vec::with_capacity(self.encoded.len());
+        for (record_name, record_value) in self.iter() {
+            if record_name != name.as_bytes() {
+                rebuilt.extend_from_slice(record_name);
+                rebuilt.push(b'=');
+                rebuilt.extend_from_slice(record_value);
+                rebuilt.push(b'\n');
+            }
+        }
+        self.encoded = rebuilt;
+    }
+}
+
+fn split_record(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let equals = line.iter().position(|&byte| byte == b'=')?;
+    let (name, rest) = line.split_at(equals);
+    Some((name, rest.get(1..).unwrap_or_default()))
+}
+
+impl fmt::Debug for Properties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.iter().map(|(name, value)| {
+                (
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(value),
+                )
+            }))
+            .finish()
+    }
+}
+
+/// A ttl as read from a peer server's message (§5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ttl {
+    /// Expires this long after it is applied (as clients send it, and in KVPUBs).
+    Relative(Duration),
+    /// Expires at this wall-clock time (as servers store it and send it in KVSYNCs).
+    ExpiresAt(EpochMillis),
+}
+
+/// A parsed non-negative decimal: integer part, fraction in milliseconds, whether a `.`
+/// was present.
+struct Decimal {
+    whole: u64,
+    fraction_millis: u64,
+    has_point: bool,
+}
+
+fn parse_decimal(text: &[u8]) -> Result<Decimal, TtlError> {
+    if text.is_empty() || text.len() > MAX_TTL_TEXT {
+        return Err(TtlError::NotANumber);
+    }
+    let (whole_digits, fraction_digits, has_point) =
+        match text.iter().position(|&byte| byte == b'.') {
+            Some(point) => {
+                let (whole, rest) = text.split_at(point);
+                (whole, rest.get(1..).unwrap_or_default(), true)
+            }
+            None => (text, &[][..], false),
+        };
+    let all_digits = |digits: &[u8]| digits.iter().all(u8::is_ascii_digit);
+    if whole_digits.is_empty() && fraction_digits.is_empty()
+        || !all_digits(whole_digits)
+        || !all_digits(fraction_digits)
+    {
+        return Err(TtlError::NotANumber);
+    }
+    let mut whole: u64 = 0;
+    for &digit in whole_digits {
+        whole = whole
+            .checked_mul(10)
+            .and_then(|value| value.checked_add(u64::from(digit - b'0')))
+            .ok_or(TtlError::Overflow)?;
+    }
+    // Milliseconds are the finest grain the protocol uses; further digits are dropped.
+    let mut fraction_millis = 0;
+    for position in 0..3 {
+        let digit = fraction_digits
+            .get(position)
+            .map_or(0, |&d| u64::from(d - b'0'));
+        fraction_millis = fraction_millis * 10 + digit;
+    }
+    Ok(Decimal {
+        whole,
+        fraction_millis,
+        has_point,
+    })
+}
+
+impl Decimal {
+    fn as_duration(&self) -> Duration {
+        Duration::from_secs(self.whole) + Duration::from_millis(self.fraction_millis)
+    }
+
+    fn is_zero(&self) -> bool {
+        self.whole == 0 && self.fraction_millis == 0
+    }
+}
+
+/// Formats a ttl duration the way clients send it: whole seconds, with a fraction only
+/// when the duration has one (`30`, `1.5`).
+pub fn format_ttl_seconds(ttl: Duration) -> String {
+    let millis = ttl.subsec_millis();
+    if millis == 0 {
+        ttl.as_secs().to_string()
+    } else {
+        let fraction = format!("{millis:03}");
+        format!("{}.{}", ttl.as_secs(), fraction.trim_end_matches('0'))
+    }
+}
+
+/// One CHP message of five frames: KVSET, KVPUB, KVSYNC, KTHXBAI or HUGZ.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct KvMsg {
+    /// Frame 0: the key (or `HUGZ` / `KTHXBAI`).
+    pub key: Vec<u8>,
+    /// Frame 1: the sequence number (0 in a KVSET).
+    pub sequence: i64,
+    /// Frame 2: the update's uuid, if any.
+    pub uuid: Option<Uuid>,
+    /// Frame 3: the properties.
+    pub properties: Properties,
+    /// Frame 4: the value; empty means delete.
+    pub body: Vec<u8>,
+}
+
+impl KvMsg {
+    /// A KVSET: a client's update, sequence 0. An empty `value` deletes the key.
+    pub fn kvset(key: Vec<u8>, value: Vec<u8>, uuid: Uuid) -> Self {
+        KvMsg {
+            key,
+            sequence: 0,
+            uuid: Some(uuid),
+            properties: Properties::new(),
+            body: value,
+        }
+    }
+
+    /// A KVSET that deletes `key`.
+    pub fn kvset_delete(key: Vec<u8>, uuid: Uuid) -> Self {
+        KvMsg::kvset(key, Vec::new(), uuid)
+    }
+
+    /// A HUGZ heartbeat carrying the server's current sequence.
+    pub fn hugz(sequence: i64) -> Self {
+        KvMsg {
+            key: HUGZ.to_vec(),
+            sequence,
+            ..KvMsg::default()
+        }
+    }
+
+    /// The KTHXBAI that ends a snapshot of `subtree` taken at `sequence`.
+    pub fn kthxbai(sequence: i64, subtree: Vec<u8>) -> Self {
+        KvMsg {
+            key: KTHXBAI.to_vec(),
+            sequence,
+            uuid: None,
+            properties: Properties::new(),
+            body: subtree,
+        }
+    }
+
+    /// The same message with another sequence (KVSET → KVPUB, stored entry → KVSYNC).
+    pub fn with_sequence(mut self, sequence: i64) -> Self {
+        self.sequence = sequence;
+        self
+    }
+
+    /// The same message with a ttl property, in the client form (decimal seconds).
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.set_ttl_relative(ttl);
+        self
+    }
+
+    /// True for a HUGZ heartbeat.
+    pub fn is_hugz(&self) -> bool {
+        self.key == HUGZ
+    }
+
+    /// True for the KTHXBAI that ends a snapshot.
+    pub fn is_kthxbai(&self) -> bool {
+        self.key == KTHXBAI
+    }
+
+    /// True when the key is one the protocol reserves (`HUGZ`, `KTHXBAI`): a client
+    /// cannot set it.
+    pub fn has_reserved_key(&self) -> bool {
+        self.is_hugz() || self.is_kthxbai()
+    }
+
+    /// True when this update deletes its key (empty body).
+    pub fn is_delete(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// The five frames, in order.
+    pub fn encode(&self) -> [Vec<u8>; FRAME_COUNT] {
+        [
+            self.key.clone(),
+            self.sequence.to_be_bytes().to_vec(),
+            self.uuid
+                .map(|uuid| uuid.as_bytes().to_vec())
+                .unwrap_or_default(),
+            self.properties.as_frame().to_vec(),
+            self.body.clone(),
+        ]
+    }
+
+    /// Parses five frames. Sizes are checked against `limits` before anything is copied.
+    pub fn decode<F: AsRef<[u8]>>(frames: &[F], limits: &Limits) -> Result<Self, DecodeError> {
+        let [key, sequence, uuid, properties, body] = frames else {
+            return Err(DecodeError::FrameCount {
+                expected: FRAME_COUNT,
+                actual: frames.len(),
+            });
+        };
+        let (key, sequence, uuid, properties, body) = (
+            key.as_ref(),
+            sequence.as_ref(),
+            uuid.as_ref(),
+            properties.as_ref(),
+            body.as_ref(),
+        );
+        if key.is_empty() {
+            return Err(DecodeError::EmptyKey);
+        }
+        if key.len() > limits.max_key_len {
+            return Err(DecodeError::KeyTooLong {
+                len: key.len(),
+                max: limits.max_key_len,
+            });
+        }
+        let sequence: [u8; 8] = sequence
+            .try_into()
+            .map_err(|_| DecodeError::SequenceLength {
+                len: sequence.len(),
+            })?;
+        let uuid = match uuid.len() {
+            0 => None,
+            _ => Some(Uuid(
+                uuid.try_into()
+                    .map_err(|_| DecodeError::UuidLength { len: uuid.len() })?,
+            )),
+        };
+        if properties.len() > limits.max_properties_len {
+            return Err(DecodeError::PropertiesTooLarge {
+                len: properties.len(),
+                max: limits.max_properties_len,
+            });
+        }
+        if body.len() > limits.max_body_len {
+            return Err(DecodeError::BodyTooLarge {
+                len: body.len(),
+                max: limits.max_body_len,
+            });
+        }
+        let properties = Properties::decode(properties)?;
+        Ok(KvMsg {
+            key: key.to_vec(),
+            sequence: i64::from_be_bytes(sequence),
+            uuid,
+            properties,
+            body: body.to_vec(),
+        })
+    }
+
+    /// The `ttl` property as a client sent it (§5): decimal seconds, `0` or absent means
+    /// persistent (`Ok(None)`); anything else is an error and the message is rejected.
+    pub fn client_ttl(&self) -> Result<Option<Duration>, TtlError> {
+        let Some(text) = self.properties.get(TTL) else {
+            return Ok(None);
+        };
+        let decimal = parse_decimal(text)?;
+        Ok((!decimal.is_zero()).then(|| decimal.as_duration()))
+    }
+
+    /// The `ttl` property as read from a peer server (§5): a value ≥ 10^11 is epoch
+    /// milliseconds; a value with a `.` and ≥ 10^9 is epoch seconds (the Python
+    /// reference); otherwise relative seconds. `0` or absent means persistent.
+    pub fn peer_ttl(&self) -> Result<Option<Ttl>, TtlError> {
+        let Some(text) = self.properties.get(TTL) else {
+            return Ok(None);
+        };
+        let decimal = parse_decimal(text)?;
+        if decimal.is_zero() {
+            return Ok(None);
+        }
+        let ttl = if decimal.whole >= EPOCH_MILLIS_THRESHOLD {
+            Ttl::ExpiresAt(EpochMillis(decimal.whole))
+        } else if decimal.has_point && decimal.whole >= EPOCH_SECONDS_THRESHOLD {
+            let millis = decimal
+                .whole
+                .checked_mul(1000)
+                .and_then(|millis| millis.checked_add(decimal.fraction_millis))
+                .ok_or(TtlError::Overflow)?;
+            Ttl::ExpiresAt(EpochMillis(millis))
+        } else {
+            Ttl::Relative(decimal.as_duration())
+        };
+        Ok(Some(ttl))
+    }
+
+    /// Sets the ttl in the client form: decimal seconds. A zero ttl removes the property
+    /// (persistent).
+    pub fn set_ttl_relative(&mut self, ttl: Duration) {
+        if ttl.is_zero() {
+            self.properties.remove(TTL);
+        } else {
+            self.set_ttl_text(&format_ttl_seconds(ttl));
+        }
+    }
+
+    /// Sets the ttl in the stored form: absolute Unix epoch milliseconds, as the
+    /// reference writes it into KVSYNC entries.
+    pub fn set_ttl_expires_at(&mut self, expires_at: EpochMillis) {
+        self.set_ttl_text(&expires_at.0.to_string());
+    }
+
+    fn set_ttl_text(&mut self, text: &str) {
+        // Our own ttl text is digits and at most one '.', always a valid value.
+        if self.properties.set(TTL, text.as_bytes()).is_err() {
+            debug_assert!(false, "ttl text {text:?} rejected");
+        }
+    }
+}
+
+/// ICANHAZ?: a client's request for a snapshot of a subtree (two frames).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SnapshotRequest {
+    /// Key prefix of the snapshot; empty for the whole map.
+    pub subtree: Vec<u8>,
+}
+
+impl SnapshotRequest {
+    /// A request for `subtree`.
+    pub fn new(subtree: Vec<u8>) -> Self {
+        SnapshotRequest { subtree }
+    }
+
+    /// The two frames: `ICANHAZ?` and the subtree.
+    pub fn encode(&self) -> [Vec<u8>; 2] {
+        [ICANHAZ.to_vec(), self.subtree.clone()]
+    }
+
+    /// Parses a request (without the identity frame a ROUTER prepends).
+    pub fn decode<F: AsRef<[u8]>>(frames: &[F], limits: &Limits) -> Result<Self, DecodeError> {
+        let [command, subtree] = frames else {
+            return Err(DecodeError::FrameCount {
+                expected: 2,
+                actual: frames.len(),
+            });
+        };
+        if command.as_ref() != ICANHAZ {
+            return Err(DecodeError::UnknownCommand);
+        }
+        let subtree = subtree.as_ref();
+        if subtree.len() > limits.max_key_len {
+            return Err(DecodeError::SubtreeTooLong {
+                len: subtree.len(),
+                max: limits.max_key_len,
+            });
+        }
+        Ok(SnapshotRequest {
+            subtree: subtree.to_vec(),
+        })
+    }
+}
+
+/// A server's Binary Star state, as exchanged between the pair every heartbeat: one
+/// frame, ASCII decimal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum BstarState {
+    /// Started as primary, not yet decided (`1`).
+    Primary,
+    /// Started as backup, not yet decided (`2`).
+    Backup,
+    /// Serving clients (`3`).
+    Active,
+    /// Standing by, following the active (`4`).
+    Passive,
+}
+
+impl BstarState {
+    /// All states, in wire order.
+    pub const ALL: [BstarState; 4] = [
+        BstarState::Primary,
+        BstarState::Backup,
+        BstarState::Active,
+        BstarState::Passive,
+    ];
+
+    /// The wire number.
+    pub fn number(self) -> u8 {
+        match self {
+            BstarState::Primary => 1,
+            BstarState::Backup => 2,
+            BstarState::Active => 3,
+            BstarState::Passive => 4,
+        }
+    }
+
+    /// The one frame sent to the peer.
+    pub fn encode(self) -> Vec<u8> {
+        vec![b'0' + self.number()]
+    }
+
+    /// Parses the state message.
+    pub fn decode<F: AsRef<[u8]>>(frames: &[F]) -> Result<Self, DecodeError> {
+        let [frame] = frames else {
+            return Err(DecodeError::FrameCount {
+                expected: 1,
+                actual: frames.len(),
+            });
+        };
+        match frame.as_ref() {
+            b"1" => Ok(BstarState::Primary),
+            b"2" => Ok(BstarState::Backup),
+            b"3" => Ok(BstarState::Active),
+            b"4" => Ok(BstarState::Passive),
+            _ => Err(DecodeError::InvalidState),
+        }
+    }
+}
+
+impl fmt::Display for BstarState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BstarState::Primary => "primary",
+            BstarState::Backup => "backup",
+            BstarState::Active => "active",
+            BstarState::Passive => "passive",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,25 @@
+//! # clonekv-core
+//!
+//! The sans-IO heart of clonekv: pure state machines for the Clone protocol (CHP, ZeroMQ
+//! RFC 12) with Binary Star failover. Nothing in this crate opens a socket, reads a clock,
+//! draws OS randomness or spawns a thread. Time comes in as an argument ([`time::Instant`]
+//! for timers, [`time::EpochMillis`] where the protocol needs wall-clock time), randomness
+//! from an injected seeded RNG, and every effect goes out as a value that the caller
+//! executes. The same code therefore runs under the deterministic simulator (`clonekv-sim`)
+//! and in the production daemon (`clonekv-zmq`).
+//!
+//! Modules:
+//! - [`kvmsg`]: the wire codec — the five-frame message, ICANHAZ?, the Binary Star state
+//!   frame, properties and ttl parsing (PROTOCOL.md §2, §3, §5).
+//! - [`time`]: the monotonic [`time::Instant`] and wall-clock [`time::EpochMillis`] types.
+//!
+//! A host drives every state machine the same way: feed an input with `handle_*(now, …)`,
+//! then drain `poll_output()` until it returns `None`, then sleep until `poll_timeout()`
+//! and call `handle_timeout(now)`.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
+)]
+
+pub mod kvmsg;
+pub mod time;
