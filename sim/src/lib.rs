@@ -19,6 +19,7 @@ use rand::SeedableRng;
 
 pub mod clock;
 pub mod network;
+pub mod options;
 pub mod ratio;
 
 /// The simulator's random number generator: fast, seedable, identical on every platform.
