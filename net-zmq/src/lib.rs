@@ -4,7 +4,10 @@
 //! the `clonekv-core` state machines and executes their outputs, plus the `clonekvd`
 //! daemon and the `clonekv` command-line client. No protocol logic lives here.
 //!
-//! Status: the adapter, daemon and CLI arrive with the daemon issue; until then this crate
-//! only re-exports the core so downstream code has one import path.
+//! Built so far: [`socket::ZmqSocket`], a libzmq socket registered with mio that obeys
+//! the edge-triggered `ZMQ_FD` rules. The event loop, daemon, client library and CLI
+//! arrive with the production issue, on top of the core server and client machines.
+
+pub mod socket;
 
 pub use clonekv_core as core;
