@@ -21,6 +21,7 @@ pub mod clock;
 pub mod network;
 pub mod options;
 pub mod ratio;
+pub mod workload;
 
 /// The simulator's random number generator: fast, seedable, identical on every platform.
 pub type SimRng = rand_chacha::ChaCha8Rng;
