@@ -695,6 +695,11 @@ fn a_reply_whose_start_was_missed_is_discarded() {
     snap(&mut client, ms(9_200), A, kthxbai(2));
     assert_eq!(client.state(), State::Syncing);
     assert!(client.is_empty());
+    assert_eq!(
+        client.stats().dropped("stale_reply"),
+        2,
+        "the tail is not even collected"
+    );
     snap(&mut client, ms(9_300), A, kvsync("/a/x", "1", 1));
     snap(&mut client, ms(9_300), A, kvsync("/a/y", "2", 2));
     snap(&mut client, ms(9_300), A, kthxbai(2));
