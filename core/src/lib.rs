@@ -9,6 +9,8 @@
 //! and in the production daemon (`clonekv-zmq`).
 //!
 //! Modules:
+//! - [`client`]: the clone agent — snapshot, live updates and failover over a list of
+//!   servers, the application's own updates and their commit confirmation (§4, §8).
 //! - [`kvmsg`]: the wire codec — the five-frame message, ICANHAZ?, the Binary Star state
 //!   frame, properties and ttl parsing (PROTOCOL.md §2, §3, §5).
 //! - [`time`]: the monotonic [`time::Instant`] and wall-clock [`time::EpochMillis`] types.
@@ -21,5 +23,6 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod client;
 pub mod kvmsg;
 pub mod time;
