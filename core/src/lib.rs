@@ -12,6 +12,8 @@
 //! - [`kvmsg`]: the wire codec — the five-frame message, ICANHAZ?, the Binary Star state
 //!   frame, properties and ttl parsing (PROTOCOL.md §2, §3, §5).
 //! - [`time`]: the monotonic [`time::Instant`] and wall-clock [`time::EpochMillis`] types.
+//! - [`bstar`]: the Binary Star failover state machine (§7), including the dual-active
+//!   and dual-passive resolutions the reference lacks.
 //!
 //! A host drives every state machine the same way: feed an input with `handle_*(now, …)`,
 //! then drain `poll_output()` until it returns `None`, then sleep until `poll_timeout()`
@@ -21,5 +23,6 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod bstar;
 pub mod kvmsg;
 pub mod time;
