@@ -43,6 +43,10 @@
 //!         let _frame = state.encode(); // send it on the peer PUB socket
 //!     }
 //! }
+//! // The first heartbeat is due at once, then every second.
+//! assert_eq!(primary.poll_timeout(), Some(start));
+//! primary.handle_timeout(start);
+//! assert_eq!(primary.poll_output(), Some(Output::SendState(BstarState::Active)));
 //! assert_eq!(primary.poll_timeout(), Some(start + Duration::from_secs(1)));
 //! ```
 

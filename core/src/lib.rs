@@ -14,6 +14,8 @@
 //! - [`time`]: the monotonic [`time::Instant`] and wall-clock [`time::EpochMillis`] types.
 //! - [`bstar`]: the Binary Star failover state machine (§7), including the dual-active
 //!   and dual-passive resolutions the reference lacks.
+//! - [`server`]: the clone server — map, sequence, ttl expiry, streamed point-in-time
+//!   snapshots, the passive's pending list and re-sync, failover replay (§3–§7).
 //!
 //! A host drives every state machine the same way: feed an input with `handle_*(now, …)`,
 //! then drain `poll_output()` until it returns `None`, then sleep until `poll_timeout()`
@@ -25,4 +27,5 @@
 
 pub mod bstar;
 pub mod kvmsg;
+pub mod server;
 pub mod time;
