@@ -146,6 +146,14 @@ impl SnapshotStreams {
         Some(pulled)
     }
 
+    /// The maps the open streams read from.
+    #[cfg(test)]
+    pub(crate) fn maps(&self) -> impl Iterator<Item = &Map> + '_ {
+        self.by_client
+            .values()
+            .flat_map(|client| client.queue.iter().map(|stream| &stream.map))
+    }
+
     /// Closes every stream of `routing_id`; returns how many there were.
     pub(crate) fn cancel(&mut self, routing_id: &[u8]) -> usize {
         let closed = self

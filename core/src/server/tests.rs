@@ -675,6 +675,33 @@ fn a_snapshot_is_point_in_time_so_updates_applied_meanwhile_do_not_leak_into_it(
 }
 
 #[test]
+fn opening_a_snapshot_shares_the_map_instead_of_copying_it() {
+    let mut harness = Harness::active();
+    for n in 0..1_000u32 {
+        harness.collect(KvMsg::kvset(
+            format!("/k/{n:04}").into_bytes(),
+            vec![b'v'; 100],
+            uuid(1),
+        ));
+    }
+    harness.request("client", "");
+    let shared = harness
+        .server
+        .snapshots
+        .maps()
+        .all(|map| map.ptr_eq(harness.server.store.map()));
+    assert!(shared, "the stream holds the same tree, not a copy");
+    // A later write copies only the path to one leaf; the stream keeps the old value.
+    harness.collect(set("/k/0500", "new", 2));
+    let stream_map = harness.server.snapshots.maps().next().unwrap().clone();
+    assert!(!stream_map.ptr_eq(harness.server.store.map()));
+    assert_eq!(
+        stream_map.get(b"/k/0500".as_slice()).unwrap().body(),
+        vec![b'v'; 100]
+    );
+}
+
+#[test]
 fn a_snapshot_carries_the_stored_absolute_ttl_in_epoch_millis() {
     let mut harness = Harness::active();
     harness.collect(with_ttl_text(set("/eph", "v", 1), "24"));
