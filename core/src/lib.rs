@@ -14,6 +14,10 @@
 //! - [`kvmsg`]: the wire codec — the five-frame message, ICANHAZ?, the Binary Star state
 //!   frame, properties and ttl parsing (PROTOCOL.md §2, §3, §5).
 //! - [`time`]: the monotonic [`time::Instant`] and wall-clock [`time::EpochMillis`] types.
+//! - [`bstar`]: the Binary Star failover state machine (§7), including the dual-active
+//!   and dual-passive resolutions the reference lacks.
+//! - [`server`]: the clone server — map, sequence, ttl expiry, streamed point-in-time
+//!   snapshots, the passive's pending list and re-sync, failover replay (§3–§7).
 //!
 //! A host drives every state machine the same way: feed an input with `handle_*(now, …)`,
 //! then drain `poll_output()` until it returns `None`, then sleep until `poll_timeout()`
@@ -23,6 +27,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod bstar;
 pub mod client;
 pub mod kvmsg;
+pub mod server;
 pub mod time;

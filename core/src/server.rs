@@ -1,0 +1,1322 @@
+//! The clone server: one sans-IO state machine holding the map, the sequence, the
+//! pending list, the ttl expiries and the Binary Star FSM (PROTOCOL.md §3–§7).
+//!
+//! # Inputs
+//!
+//! Raw frames go in exactly as the sockets deliver them; decoding happens here, and
+//! anything malformed or unexpected is dropped, counted by [`InputSource`] and
+//! [`DropReason`] (see [`Server::counters`]) and reported as [`Event::InputDropped`].
+//! Nothing a peer or client sends can make a call fail or panic.
+//!
+//! | socket | call |
+//! |--------|------|
+//! | ROUTER at P (voter): ICANHAZ? | [`Server::handle_snapshot_request`] |
+//! | SUB at P+2 (collector): KVSET | [`Server::handle_collected`] |
+//! | SUB to the peer's P+1: KVPUB, HUGZ | [`Server::handle_peer_update`] |
+//! | SUB for the peer's Binary Star state | [`Server::handle_peer_state`] |
+//! | DEALER to the peer's P: KVSYNC, KTHXBAI | [`Server::handle_peer_snapshot`] |
+//! | timer | [`Server::handle_timeout`] |
+//!
+//! Every call takes `now` (monotonic, for timers) and `wall` (Unix epoch milliseconds,
+//! used only for ttl expiries). Core never reads a clock.
+//!
+//! # Outputs
+//!
+//! After every call, drain [`Server::poll_output`] until it returns `None`; outputs
+//! come out in the order they were produced (one FIFO). Then sleep until
+//! [`Server::poll_timeout`] (or the next input) and call [`Server::handle_timeout`].
+//!
+//! Snapshot replies are not queued as outputs: they are pulled. When a request is
+//! accepted the server emits [`Output::SnapshotReady`] with the client's routing id;
+//! the host then calls [`Server::poll_snapshot`] for that routing id while its ROUTER
+//! has room, sending each message it gets, until it returns `None`. A message that the
+//! socket refused (EAGAIN under `ZMQ_ROUTER_MANDATORY`) is the host's to retry later;
+//! the stream does not advance until the host pulls again. A routing id that is gone
+//! (EHOSTUNREACH) is closed with [`Server::cancel_snapshot`]; a client that takes no
+//! message for [`Config::snapshot_stall_timeout`] is closed by the server. This way a
+//! snapshot of any size is written at the pace of the client's connection, and never
+//! copied: each stream reads a point-in-time clone of the persistent map.
+//!
+//! ```
+//! use clonekv_core::kvmsg::{KvMsg, SnapshotRequest, Uuid, BstarState};
+//! use clonekv_core::server::{Config, Output, Server};
+//! use clonekv_core::time::{EpochMillis, Instant};
+//!
+//! let (now, wall) = (Instant::ZERO, EpochMillis(1_700_000_000_000));
+//! let mut server = Server::new(now, wall, Config::primary()).unwrap();
+//! server.handle_peer_state(now, wall, &[BstarState::Backup.encode()]);
+//! assert_eq!(server.state(), BstarState::Active);
+//!
+//! let set = KvMsg::kvset(b"/a".to_vec(), b"1".to_vec(), Uuid::from_bytes([1; 16]));
+//! server.handle_collected(now, wall, &set.encode());
+//! server.handle_snapshot_request(now, wall, b"client-1", &SnapshotRequest::new(vec![]).encode());
+//! while let Some(output) = server.poll_output() {
+//!     if let Output::SnapshotReady { routing_id } = output {
+//!         while let Some(frames) = server.poll_snapshot(now, &routing_id) {
+//!             // send [routing_id, frames...] on the ROUTER
+//!             # let _ = frames;
+//!         }
+//!     }
+//! }
+//! assert_eq!(server.sequence(), 1);
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use crate::bstar::{self, Bstar, Cause, Role, Verdict};
+use crate::kvmsg::{
+    BstarState, DecodeError, KvMsg, Limits, SnapshotRequest, Ttl, TtlError, FRAME_COUNT, TTL,
+};
+use crate::time::{EpochMillis, Instant};
+
+mod pending;
+mod snapshot;
+mod store;
+
+use pending::{ClientCopyFate, Evicted, PendingList};
+use snapshot::{Pulled, SnapshotStreams};
+pub use store::Entry;
+use store::Store;
+
+pub use crate::bstar::ConfigError;
+
+/// Server configuration. Defaults from PROTOCOL.md; every limit is a field so that the
+/// simulator can push it to extremes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Role, heartbeat (also the HUGZ interval, 1 s) and peer expiry (2 beats).
+    pub bstar: bstar::Config,
+    /// Size limits on decoded messages (§2).
+    pub limits: Limits,
+    /// Most entries the pending list holds; the oldest is dropped to make room.
+    pub pending_max_len: usize,
+    /// Entries older than this are dropped from the pending list while the active is
+    /// alive: the active has had every chance to echo them.
+    pub pending_max_age: Duration,
+    /// Most snapshot streams open at once, over all clients. A request past the limit
+    /// is refused without a reply (like a request Binary Star rejects), counted as
+    /// [`DropReason::TooManySnapshotStreams`]; the client times out and asks again.
+    pub max_snapshot_streams: usize,
+    /// Entries a stream reads from its map per range scan. Affects speed only.
+    pub snapshot_batch: usize,
+    /// A client that has not pulled a message of its snapshot for this long loses its
+    /// streams, so a stuck client cannot hold a slot (and an old map) forever.
+    pub snapshot_stall_timeout: Duration,
+    /// A passive server re-requests the peer's snapshot when no reply message came for
+    /// this long (the peer may have refused or lost the request).
+    pub peer_sync_timeout: Duration,
+    /// Most updates from the active a syncing passive buffers until the snapshot ends;
+    /// past it the snapshot is installed and a fresh one requested.
+    pub sync_backlog_max: usize,
+    /// Most keys a backup records while active and possibly split from the primary,
+    /// to forward if it has to step down. Further keys are counted as lost, loudly.
+    pub split_log_max: usize,
+}
+
+impl Config {
+    /// The defaults for the primary.
+    pub fn primary() -> Self {
+        Config {
+            bstar: bstar::Config::primary(),
+            limits: Limits::default(),
+            pending_max_len: 100_000,
+            pending_max_age: Duration::from_secs(30),
+            max_snapshot_streams: 64,
+            snapshot_batch: 256,
+            snapshot_stall_timeout: Duration::from_secs(30),
+            peer_sync_timeout: Duration::from_secs(5),
+            sync_backlog_max: 100_000,
+            split_log_max: 100_000,
+        }
+    }
+
+    /// The defaults for the backup.
+    pub fn backup() -> Self {
+        Config {
+            bstar: bstar::Config::backup(),
+            ..Config::primary()
+        }
+    }
+
+    /// Checks that the configuration is usable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.bstar.validate()?;
+        let counts = [
+            ("limits.max_key_len", self.limits.max_key_len),
+            ("pending_max_len", self.pending_max_len),
+            ("max_snapshot_streams", self.max_snapshot_streams),
+            ("snapshot_batch", self.snapshot_batch),
+            ("sync_backlog_max", self.sync_backlog_max),
+        ];
+        let durations = [
+            ("pending_max_age", self.pending_max_age),
+            ("snapshot_stall_timeout", self.snapshot_stall_timeout),
+            ("peer_sync_timeout", self.peer_sync_timeout),
+        ];
+        let zero_count = counts.iter().find(|(_, value)| *value == 0);
+        let zero_duration = durations.iter().find(|(_, value)| value.is_zero());
+        match (zero_count, zero_duration) {
+            (Some((field, _)), _) | (None, Some((field, _))) => Err(ConfigError::Zero { field }),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+/// Which input a dropped message came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum InputSource {
+    /// The ROUTER at P (ICANHAZ?).
+    SnapshotRequest,
+    /// The collector SUB at P+2 (KVSET).
+    Collector,
+    /// The SUB on the peer's publisher (KVPUB, HUGZ).
+    PeerUpdate,
+    /// The peer's Binary Star state.
+    PeerState,
+    /// The DEALER to the peer's ROUTER (KVSYNC, KTHXBAI).
+    PeerSnapshot,
+}
+
+impl InputSource {
+    /// A stable name for counters and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputSource::SnapshotRequest => "snapshot_request",
+            InputSource::Collector => "collector",
+            InputSource::PeerUpdate => "peer_update",
+            InputSource::PeerState => "peer_state",
+            InputSource::PeerSnapshot => "peer_snapshot",
+        }
+    }
+}
+
+impl fmt::Display for InputSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an input was dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// The frames do not decode.
+    Malformed(DecodeError),
+    /// A client tried to set `HUGZ` or `KTHXBAI`, or a command came where a key update
+    /// belongs.
+    ReservedKey,
+    /// A KVSET without a uuid: it could never be matched on the pending list, so a
+    /// failover could apply it twice or lose it.
+    MissingUuid,
+    /// The `ttl` property is not a valid number of seconds.
+    InvalidTtl(TtlError),
+    /// A passive server already holds a client update with this uuid.
+    DuplicateUuid,
+    /// A snapshot request that Binary Star rejected: this server is not active (or is
+    /// passive while the peer is alive). No reply is sent.
+    NotActive,
+    /// A snapshot request past [`Config::max_snapshot_streams`]. No reply is sent.
+    TooManySnapshotStreams,
+    /// A KVPUB from the peer while this server is active (split brain, or a stale one).
+    PeerUpdateWhileActive,
+    /// An update from the active with a sequence this server already has.
+    StaleSequence,
+    /// A snapshot reply while no snapshot was requested.
+    UnexpectedSnapshotMessage,
+    /// The sequence reached `i64::MAX`; no further update can be numbered.
+    SequenceExhausted,
+}
+
+impl DropReason {
+    /// A stable name for counters and logs; decode errors use
+    /// [`DecodeError::reason`].
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DropReason::Malformed(error) => error.reason(),
+            DropReason::ReservedKey => "reserved_key",
+            DropReason::MissingUuid => "missing_uuid",
+            DropReason::InvalidTtl(_) => "invalid_ttl",
+            DropReason::DuplicateUuid => "duplicate_uuid",
+            DropReason::NotActive => "not_active",
+            DropReason::TooManySnapshotStreams => "too_many_snapshot_streams",
+            DropReason::PeerUpdateWhileActive => "peer_update_while_active",
+            DropReason::StaleSequence => "stale_sequence",
+            DropReason::UnexpectedSnapshotMessage => "unexpected_snapshot_message",
+            DropReason::SequenceExhausted => "sequence_exhausted",
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DropReason::Malformed(error) => write!(f, "malformed: {error}"),
+            DropReason::InvalidTtl(error) => write!(f, "invalid ttl: {error}"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// Why a passive server (re)started following the active with a fresh snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncReason {
+    /// This server just became passive.
+    BecamePassive,
+    /// The peer just became active (after dual passive, the primary took over).
+    PeerBecameActive,
+    /// An update or heartbeat from the active showed that updates were missed (the
+    /// PUB dropped some, or the connection broke) or that the active's numbering moved.
+    SequenceGap {
+        /// The sequence this server expected next.
+        expected: i64,
+        /// The sequence it received.
+        received: i64,
+    },
+    /// The previous request got no reply message for [`Config::peer_sync_timeout`].
+    Timeout,
+    /// More updates arrived during the snapshot than [`Config::sync_backlog_max`].
+    BacklogOverflow,
+}
+
+/// Why pending entries were dropped without being replayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictionReason {
+    /// The list was at [`Config::pending_max_len`].
+    Size,
+    /// The entries were older than [`Config::pending_max_age`] while the active lived.
+    Age,
+}
+
+/// Why a snapshot stream was closed before its KTHXBAI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AbandonReason {
+    /// The host called [`Server::cancel_snapshot`].
+    Cancelled,
+    /// The client took no message for [`Config::snapshot_stall_timeout`].
+    Stalled,
+    /// This server stopped being active; the client will look for the active one.
+    NoLongerActive,
+}
+
+/// A fact for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An input was dropped (and counted).
+    InputDropped {
+        /// Where it came from.
+        source: InputSource,
+        /// Why.
+        reason: DropReason,
+    },
+    /// The Binary Star state changed.
+    StateChanged {
+        /// The state before.
+        from: BstarState,
+        /// The state now.
+        to: BstarState,
+        /// Why.
+        cause: Cause,
+    },
+    /// Both servers were active (a split brain healed). Log loudly.
+    DualActive {
+        /// True on the backup, which stepped down, forwards its split updates and
+        /// re-syncs; false on the primary, which keeps serving.
+        stepped_down: bool,
+    },
+    /// Both servers were passive. Log loudly.
+    DualPassive {
+        /// True on the primary, which became active.
+        took_over: bool,
+    },
+    /// A snapshot was requested from the peer (or will be, once its publisher is heard).
+    SyncStarted {
+        /// Why.
+        reason: SyncReason,
+    },
+    /// The peer's snapshot arrived; this server now follows the active's updates.
+    SyncCompleted {
+        /// The snapshot's sequence (KTHXBAI).
+        sequence: i64,
+        /// Keys in the map after installing it.
+        keys: usize,
+    },
+    /// This server became active in the middle of a sync: what arrived of the snapshot
+    /// and the buffered updates were merged into the map, newest per key.
+    SyncAbandoned {
+        /// Snapshot entries merged.
+        merged_entries: usize,
+        /// Buffered updates applied.
+        applied_updates: usize,
+    },
+    /// On becoming active, the pending list was replayed.
+    PendingReplayed {
+        /// Updates replayed (each published with a new sequence).
+        replayed: usize,
+        /// Updates not replayed because the active had since published a later update
+        /// of the same key.
+        skipped_superseded: usize,
+    },
+    /// Pending entries were dropped without replay.
+    PendingEvicted {
+        /// Client updates the active never echoed.
+        client_copies: usize,
+        /// Echoes whose client copy never came.
+        echoes: usize,
+        /// Which bound.
+        reason: EvictionReason,
+    },
+    /// After stepping down from dual active, the updates accepted while split were sent
+    /// to the primary's collector. Log loudly.
+    SplitUpdatesForwarded {
+        /// Keys whose latest update was forwarded.
+        forwarded: usize,
+        /// Keys that could not be recorded ([`Config::split_log_max`]).
+        lost: u64,
+    },
+    /// A snapshot stream was closed before its end.
+    SnapshotStreamAbandoned {
+        /// The client.
+        routing_id: Vec<u8>,
+        /// Why.
+        reason: AbandonReason,
+    },
+}
+
+/// An effect for the host to carry out, or an event to log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send these frames on the PUB at P+1 (KVPUB or HUGZ).
+    Publish([Vec<u8>; FRAME_COUNT]),
+    /// A snapshot stream for this routing id has messages: pull them with
+    /// [`Server::poll_snapshot`].
+    SnapshotReady {
+        /// The client's routing id on the ROUTER at P.
+        routing_id: Vec<u8>,
+    },
+    /// Send this one frame (our Binary Star state) to the peer.
+    SendStateToPeer(Vec<u8>),
+    /// Send this ICANHAZ? to the peer's ROUTER. Open a fresh DEALER for each request
+    /// (as the reference does), so that replies to an abandoned request cannot be
+    /// mistaken for replies to this one.
+    RequestPeerSnapshot([Vec<u8>; 2]),
+    /// Send this KVSET to the peer's collector (P+2): an update this server accepted
+    /// while split from the primary, forwarded after stepping down.
+    ForwardToPeerCollector([Vec<u8>; FRAME_COUNT]),
+    /// Something to log or count.
+    Event(Event),
+}
+
+/// Cumulative counts since start, for metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counters {
+    dropped: BTreeMap<(InputSource, &'static str), u64>,
+    /// Updates published (client updates, replays and expiry deletes).
+    pub published: u64,
+    /// Keys expired (each also counts as published).
+    pub expired: u64,
+    /// Snapshot streams opened.
+    pub snapshots_opened: u64,
+    /// Snapshot streams that reached their KTHXBAI.
+    pub snapshots_completed: u64,
+    /// Snapshot streams closed early.
+    pub snapshots_abandoned: u64,
+    /// Snapshots requested from the peer.
+    pub syncs_started: u64,
+    /// Snapshots received in full from the peer.
+    pub syncs_completed: u64,
+    /// Pending updates replayed at failover.
+    pub pending_replayed: u64,
+    /// Pending updates not replayed because a later update superseded them.
+    pub pending_superseded: u64,
+    /// Pending entries evicted by size or age.
+    pub pending_evicted: u64,
+    /// Updates forwarded to the primary after a dual active.
+    pub split_forwarded: u64,
+    /// Updates of a split that could not be recorded for forwarding.
+    pub split_lost: u64,
+}
+
+impl Counters {
+    /// Inputs dropped from `source` for `reason` (a [`DropReason::as_str`] name).
+    pub fn dropped(&self, source: InputSource, reason: &str) -> u64 {
+        self.dropped
+            .iter()
+            .filter(|((from, name), _)| *from == source && *name == reason)
+            .map(|(_, count)| *count)
+            .sum()
+    }
+
+    /// All inputs dropped, whatever the source and reason.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+
+    /// Every non-zero drop count, ordered by source then reason.
+    pub fn dropped_by_reason(&self) -> impl Iterator<Item = (InputSource, &'static str, u64)> + '_ {
+        self.dropped
+            .iter()
+            .map(|((source, reason), count)| (*source, *reason, *count))
+    }
+
+    fn count_drop(&mut self, source: InputSource, reason: &DropReason) {
+        *self.dropped.entry((source, reason.as_str())).or_default() += 1;
+    }
+}
+
+/// How a passive server follows the active.
+#[derive(Clone, Debug)]
+enum Follow {
+    /// Not passive: active, or still PRIMARY / BACKUP.
+    Not,
+    /// Passive, waiting for any message on the peer's publisher before asking for a
+    /// snapshot, so that no update falls between the snapshot and the subscription (§4).
+    AwaitingPublisher,
+    /// Snapshot requested; its entries build a new map while the active's updates are
+    /// buffered.
+    Syncing(Box<SyncInProgress>),
+    /// Applying the active's updates in sequence.
+    Following,
+}
+
+#[derive(Clone, Debug, Default)]
+struct SyncInProgress {
+    store: Store,
+    backlog: Vec<(KvMsg, Option<EpochMillis>)>,
+    backlog_overflowed: bool,
+    last_activity: Instant,
+}
+
+/// An update recorded by a backup while it may be split from the primary.
+#[derive(Clone, Debug)]
+struct SplitUpdate {
+    update: KvMsg,
+    expires_at: Option<EpochMillis>,
+}
+
+/// The clone server state machine. See the [module docs](self) for the run loop.
+#[derive(Clone, Debug)]
+pub struct Server {
+    config: Config,
+    bstar: Bstar,
+    store: Store,
+    /// The sequence of the last change: published (active) or applied (passive).
+    sequence: i64,
+    /// The highest sequence this server ever published. A re-sync can lower
+    /// `sequence` to the active's; on becoming active again numbering resumes above
+    /// this, so that one server's published sequences always increase.
+    highest_published: i64,
+    pending: PendingList,
+    snapshots: SnapshotStreams,
+    follow: Follow,
+    /// Latest update per key accepted while split (backup only), to forward on step-down.
+    split_log: BTreeMap<Vec<u8>, SplitUpdate>,
+    split_lost: u64,
+    next_hugz: Instant,
+    /// The latest (monotonic, wall) pair seen, to place wall-clock expiries on the
+    /// monotonic timeline in `poll_timeout`.
+    clock: (Instant, EpochMillis),
+    outputs: VecDeque<Output>,
+    counters: Counters,
+}
+
+impl Server {
+    /// A server that has just started: PRIMARY or BACKUP, empty map, sequence 0.
+    pub fn new(now: Instant, wall: EpochMillis, config: Config) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Server {
+            bstar: Bstar::new(now, config.bstar)?,
+            config,
+            store: Store::default(),
+            sequence: 0,
+            highest_published: 0,
+            pending: PendingList::default(),
+            snapshots: SnapshotStreams::default(),
+            follow: Follow::Not,
+            split_log: BTreeMap::new(),
+            split_lost: 0,
+            next_hugz: now,
+            clock: (now, wall),
+            outputs: VecDeque::new(),
+            counters: Counters::default(),
+        })
+    }
+
+    // --- Getters ---------------------------------------------------------------------
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The Binary Star state.
+    pub fn state(&self) -> BstarState {
+        self.bstar.state()
+    }
+
+    /// The Binary Star machine (peer state, peer expiry, role).
+    pub fn bstar(&self) -> &Bstar {
+        &self.bstar
+    }
+
+    /// The sequence of the last change published (active) or applied (passive).
+    pub fn sequence(&self) -> i64 {
+        self.sequence
+    }
+
+    /// The stored entry for `key`.
+    pub fn get(&self, key: &[u8]) -> Option<&Entry> {
+        self.store.get(key).map(|entry| &**entry)
+    }
+
+    /// Every stored entry, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> + '_ {
+        self.store.iter().map(|(key, entry)| (&**key, &**entry))
+    }
+
+    /// Number of stored keys.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    /// True when the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.store.len() == 0
+    }
+
+    /// Entries on the pending list (client copies and early echoes).
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Open snapshot streams, queued ones included.
+    pub fn open_snapshot_streams(&self) -> usize {
+        self.snapshots.len()
+    }
+
+    /// Routing ids with an open snapshot stream, in byte order.
+    pub fn snapshot_routing_ids(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.snapshots.routing_ids()
+    }
+
+    /// True while a passive server waits for or receives the peer's snapshot.
+    pub fn is_syncing(&self) -> bool {
+        matches!(self.follow, Follow::AwaitingPublisher | Follow::Syncing(_))
+    }
+
+    /// Cumulative counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    // --- Inputs ------------------------------------------------------------------------
+
+    /// An ICANHAZ? from `routing_id` on the ROUTER at P (without the identity frame).
+    /// Binary Star decides; an accepted request opens a snapshot stream taken now.
+    pub fn handle_snapshot_request<F: AsRef<[u8]>>(
+        &mut self,
+        now: Instant,
+        wall: EpochMillis,
+        routing_id: &[u8],
+        frames: &[F],
+    ) {
+        self.begin(now, wall);
+        let source = InputSource::SnapshotRequest;
+        // Garbage does not vote: only a well-formed request may promote this server.
+        let request = match SnapshotRequest::decode(frames, &self.config.limits) {
+            Ok(request) => request,
+            Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
+        };
+        let verdict = self.bstar.handle_client_request(now);
+        self.drain_bstar(now, wall);
+        if verdict == Verdict::Reject {
+            return self.drop_input(source, DropReason::NotActive);
+        }
+        if self.snapshots.len() >= self.config.max_snapshot_streams {
+            return self.drop_input(source, DropReason::TooManySnapshotStreams);
+        }
+        self.snapshots.open(
+            now,
+            routing_id,
+            self.store.map().clone(),
+            request.subtree,
+            self.sequence,
+        );
+        self.counters.snapshots_opened += 1;
+        self.outputs.push_back(Output::SnapshotReady {
+            routing_id: routing_id.to_vec(),
+        });
+    }
+
+    /// A KVSET from the collector SUB at P+2.
+    pub fn handle_collected<F: AsRef<[u8]>>(
+        &mut self,
+        now: Instant,
+        wall: EpochMillis,
+        frames: &[F],
+    ) {
+        self.begin(now, wall);
+        let source = InputSource::Collector;
+        let update = match KvMsg::decode(frames, &self.config.limits) {
+            Ok(update) => update,
+            Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
+        };
+        if update.has_reserved_key() {
+            return self.drop_input(source, DropReason::ReservedKey);
+        }
+        let Some(uuid) = update.uuid else {
+            return self.drop_input(source, DropReason::MissingUuid);
+        };
+        let ttl = match update.client_ttl() {
+            Ok(ttl) => ttl,
+            Err(error) => return self.drop_input(source, DropReason::InvalidTtl(error)),
+        };
+        let expires_at = ttl
+            .filter(|_| !update.is_delete())
+            .map(|ttl| wall.saturating_add(ttl));
+        if self.state() == BstarState::Active {
+            self.publish_update(now, update, expires_at);
+        } else {
+            let (fate, evicted) = self.pending.hold_client_copy(
+                now,
+                uuid,
+                update,
+                expires_at,
+                self.config.pending_max_len,
+            );
+            self.report_eviction(evicted, EvictionReason::Size);
+            if fate == ClientCopyFate::Duplicate {
+                self.drop_input(source, DropReason::DuplicateUuid);
+            }
+        }
+    }
+
+    /// A message from the SUB on the peer's publisher (P+1 of the peer): KVPUB or HUGZ.
+    pub fn handle_peer_update<F: AsRef<[u8]>>(
+        &mut self,
+        now: Instant,
+        wall: EpochMillis,
+        frames: &[F],
+    ) {
+        self.begin(now, wall);
+        let source = InputSource::PeerUpdate;
+        let update = match KvMsg::decode(frames, &self.config.limits) {
+            Ok(update) => update,
+            Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
+        };
+        if update.is_hugz() {
+            return self.follow_heartbeat(now, update.sequence);
+        }
+        if update.is_kthxbai() {
+            return self.drop_input(source, DropReason::ReservedKey);
+        }
+        if self.state() == BstarState::Active {
+            return self.drop_input(source, DropReason::PeerUpdateWhileActive);
+        }
+        let expires_at = if update.is_delete() {
+            None
+        } else {
+            match update.peer_ttl() {
+                Ok(ttl) => ttl.map(|ttl| absolute(ttl, wall)),
+                Err(error) => return self.drop_input(source, DropReason::InvalidTtl(error)),
+            }
+        };
+        // An expiry delete carries the stored entry's uuid, whose client copy was
+        // matched long ago: remembering it as an echo would only clog the list.
+        let is_expiry_delete = update.is_delete()
+            && update.uuid.is_some()
+            && self.store.get(&update.key).map(|entry| entry.uuid()) == Some(update.uuid);
+        let evicted = self.pending.observe_active_update(
+            now,
+            update.uuid,
+            &update.key,
+            !is_expiry_delete,
+            self.config.pending_max_len,
+        );
+        self.report_eviction(evicted, EvictionReason::Size);
+        match &mut self.follow {
+            // Still PRIMARY / BACKUP: the sync starts on becoming passive.
+            Follow::Not => {}
+            Follow::AwaitingPublisher => {
+                self.request_peer_snapshot(now, vec![(update, expires_at)]);
+            }
+            Follow::Syncing(sync) => {
+                if sync.backlog_overflowed {
+                    // Everything after the overflow is fetched by the next snapshot.
+                } else if sync.backlog.len() < self.config.sync_backlog_max {
+                    sync.backlog.push((update, expires_at));
+                } else {
+                    sync.backlog = Vec::new();
+                    sync.backlog_overflowed = true;
+                }
+            }
+            Follow::Following => self.apply_followed(now, update, expires_at),
+        }
+    }
+
+    /// The peer's Binary Star state (one frame).
+    pub fn handle_peer_state<F: AsRef<[u8]>>(
+        &mut self,
+        now: Instant,
+        wall: EpochMillis,
+        frames: &[F],
+    ) {
+        self.begin(now, wall);
+        let peer = match BstarState::decode(frames) {
+            Ok(peer) => peer,
+            Err(error) => {
+                return self.drop_input(InputSource::PeerState, DropReason::Malformed(error))
+            }
+        };
+        let previous = self.bstar.peer_state();
+        self.bstar.handle_peer_state(now, peer);
+        self.drain_bstar(now, wall);
+        match (self.state(), peer) {
+            // The peer follows us and will re-sync from us: nothing to forward any more.
+            (BstarState::Active, BstarState::Passive) => self.split_log.clear(),
+            // A different server became active (dual passive resolved on the primary):
+            // our map and numbering may not match its own; take a fresh snapshot.
+            (BstarState::Passive, BstarState::Active)
+                if previous != Some(BstarState::Active)
+                    && !matches!(self.follow, Follow::AwaitingPublisher) =>
+            {
+                self.start_sync(SyncReason::PeerBecameActive);
+            }
+            _ => {}
+        }
+    }
+
+    /// A message from the DEALER to the peer's ROUTER: KVSYNC or KTHXBAI.
+    pub fn handle_peer_snapshot<F: AsRef<[u8]>>(
+        &mut self,
+        now: Instant,
+        wall: EpochMillis,
+        frames: &[F],
+    ) {
+        self.begin(now, wall);
+        let source = InputSource::PeerSnapshot;
+        let entry = match KvMsg::decode(frames, &self.config.limits) {
+            Ok(entry) => entry,
+            Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
+        };
+        let Follow::Syncing(sync) = &mut self.follow else {
+            return self.drop_input(source, DropReason::UnexpectedSnapshotMessage);
+        };
+        sync.last_activity = now;
+        if entry.is_kthxbai() {
+            return self.complete_sync(now, entry.sequence);
+        }
+        if entry.is_hugz() {
+            return self.drop_input(source, DropReason::ReservedKey);
+        }
+        let expires_at = if entry.is_delete() {
+            None
+        } else {
+            match entry.peer_ttl() {
+                Ok(ttl) => ttl.map(|ttl| absolute(ttl, wall)),
+                Err(error) => return self.drop_input(source, DropReason::InvalidTtl(error)),
+            }
+        };
+        sync.store.apply(entry, expires_at);
+    }
+
+    /// Fires whatever is due: heartbeats, ttl expiries (active only), pending-list age
+    /// eviction, stalled snapshot streams, a sync that got no reply.
+    pub fn handle_timeout(&mut self, now: Instant, wall: EpochMillis) {
+        self.begin(now, wall);
+        self.bstar.handle_timeout(now);
+        self.drain_bstar(now, wall);
+        if now >= self.next_hugz {
+            self.outputs
+                .push_back(Output::Publish(KvMsg::hugz(self.sequence).encode()));
+            self.next_hugz = now + self.config.bstar.heartbeat;
+        }
+        if self.pending_ages_out() {
+            let evicted = self
+                .pending
+                .evict_older_than(now, self.config.pending_max_age);
+            self.report_eviction(evicted, EvictionReason::Age);
+        }
+        for routing_id in self
+            .snapshots
+            .close_stalled(now, self.config.snapshot_stall_timeout)
+        {
+            self.abandon_stream(routing_id, AbandonReason::Stalled);
+        }
+        if let Follow::Syncing(sync) = &self.follow {
+            if now >= sync.last_activity + self.config.peer_sync_timeout {
+                self.outputs.push_back(Output::Event(Event::SyncStarted {
+                    reason: SyncReason::Timeout,
+                }));
+                let backlog = match std::mem::replace(&mut self.follow, Follow::Not) {
+                    Follow::Syncing(sync) => sync.backlog,
+                    _ => Vec::new(),
+                };
+                self.request_peer_snapshot(now, backlog);
+            }
+        }
+    }
+
+    // --- Outputs -----------------------------------------------------------------------
+
+    /// The next output, oldest first.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Server::handle_timeout`] next has work. Ttl expiries are placed on the
+    /// monotonic timeline using the latest `(now, wall)` pair the host passed in.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let (now, wall) = self.clock;
+        let expiry = (self.state() == BstarState::Active)
+            .then(|| self.store.next_expiry())
+            .flatten()
+            .map(|expires_at| now + wall.saturating_duration_until(expires_at));
+        let pending_age = self
+            .pending_ages_out()
+            .then(|| self.pending.oldest_arrived_at())
+            .flatten()
+            .map(|arrived_at| arrived_at + self.config.pending_max_age);
+        let sync = match &self.follow {
+            Follow::Syncing(sync) => Some(sync.last_activity + self.config.peer_sync_timeout),
+            _ => None,
+        };
+        [
+            self.bstar.poll_timeout(),
+            Some(self.next_hugz),
+            expiry,
+            pending_age,
+            self.snapshots
+                .next_stall(self.config.snapshot_stall_timeout),
+            sync,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next message of the snapshot stream open for `routing_id`: a KVSYNC, or the
+    /// KTHXBAI that ends the stream. `None` when the client has no open stream (never
+    /// had one, finished, or was closed). Several requests from one client are answered
+    /// one after the other. Pull only when the socket has room: the stream advances on
+    /// every call, and pulling resets the stall timer.
+    pub fn poll_snapshot(
+        &mut self,
+        now: Instant,
+        routing_id: &[u8],
+    ) -> Option<[Vec<u8>; FRAME_COUNT]> {
+        match self
+            .snapshots
+            .next_message(now, routing_id, self.config.snapshot_batch)?
+        {
+            Pulled::Message(frames) => Some(frames),
+            Pulled::Finished(frames) => {
+                self.counters.snapshots_completed += 1;
+                Some(frames)
+            }
+        }
+    }
+
+    /// Closes every snapshot stream of `routing_id` (the host found the client gone).
+    pub fn cancel_snapshot(&mut self, routing_id: &[u8]) {
+        if self.snapshots.cancel(routing_id) > 0 {
+            self.abandon_stream(routing_id.to_vec(), AbandonReason::Cancelled);
+        }
+    }
+
+    // --- Internals ---------------------------------------------------------------------
+
+    /// Common start of every input: remember the clock, and expire what is due so that
+    /// no input ever observes (or snapshots) a key past its ttl.
+    fn begin(&mut self, now: Instant, wall: EpochMillis) {
+        self.clock = (now, wall);
+        if self.state() == BstarState::Active {
+            self.expire_due(now, wall);
+        }
+    }
+
+    fn drop_input(&mut self, source: InputSource, reason: DropReason) {
+        self.counters.count_drop(source, &reason);
+        self.outputs
+            .push_back(Output::Event(Event::InputDropped { source, reason }));
+    }
+
+    fn report_eviction(&mut self, evicted: Evicted, reason: EvictionReason) {
+        if evicted.is_empty() {
+            return;
+        }
+        self.counters.pending_evicted += (evicted.client_copies + evicted.echoes) as u64;
+        self.outputs.push_back(Output::Event(Event::PendingEvicted {
+            client_copies: evicted.client_copies,
+            echoes: evicted.echoes,
+            reason,
+        }));
+    }
+
+    fn abandon_stream(&mut self, routing_id: Vec<u8>, reason: AbandonReason) {
+        self.counters.snapshots_abandoned += 1;
+        self.outputs
+            .push_back(Output::Event(Event::SnapshotStreamAbandoned {
+                routing_id,
+                reason,
+            }));
+    }
+
+    /// Age eviction runs only while the active is alive: if it died, the pending list
+    /// is exactly what a failover must replay.
+    fn pending_ages_out(&self) -> bool {
+        let (now, _) = self.clock;
+        self.state() != BstarState::Active && self.bstar.peer_is_alive(now)
+    }
+
+    fn drain_bstar(&mut self, now: Instant, wall: EpochMillis) {
+        while let Some(output) = self.bstar.poll_output() {
+            match output {
+                bstar::Output::SendState(state) => {
+                    self.outputs
+                        .push_back(Output::SendStateToPeer(state.encode()));
+                }
+                bstar::Output::StateChanged { from, to, cause } => {
+                    self.outputs
+                        .push_back(Output::Event(Event::StateChanged { from, to, cause }));
+                    self.on_state_change(now, wall, from, to);
+                }
+                bstar::Output::DualActive { stepped_down } => {
+                    self.outputs
+                        .push_back(Output::Event(Event::DualActive { stepped_down }));
+                }
+                bstar::Output::DualPassive { took_over } => {
+                    self.outputs
+                        .push_back(Output::Event(Event::DualPassive { took_over }));
+                }
+            }
+        }
+    }
+
+    fn on_state_change(
+        &mut self,
+        now: Instant,
+        wall: EpochMillis,
+        from: BstarState,
+        to: BstarState,
+    ) {
+        match to {
+            BstarState::Active => {
+                self.abandon_sync();
+                self.sequence = self.sequence.max(self.highest_published);
+                self.replay_pending(now, wall);
+                self.split_log.clear();
+                self.split_lost = 0;
+                self.expire_due(now, wall);
+            }
+            BstarState::Passive => {
+                if from == BstarState::Active {
+                    for routing_id in self.snapshots.cancel_all() {
+                        self.abandon_stream(routing_id, AbandonReason::NoLongerActive);
+                    }
+                    self.forward_split_log(now, wall);
+                }
+                self.start_sync(SyncReason::BecamePassive);
+            }
+            BstarState::Primary | BstarState::Backup => {}
+        }
+    }
+
+    // --- Active ------------------------------------------------------------------------
+
+    /// Numbers, publishes and stores one update (§6 active). The KVPUB carries the
+    /// properties as given (the client's relative ttl); the store keeps the absolute
+    /// expiry.
+    fn publish_update(&mut self, now: Instant, update: KvMsg, expires_at: Option<EpochMillis>) {
+        let Some(sequence) = self.sequence.checked_add(1) else {
+            return self.drop_input(InputSource::Collector, DropReason::SequenceExhausted);
+        };
+        self.sequence = sequence;
+        self.highest_published = sequence;
+        let update = update.with_sequence(sequence);
+        self.outputs.push_back(Output::Publish(update.encode()));
+        self.counters.published += 1;
+        self.record_split(now, &update, expires_at);
+        self.store.apply(update, expires_at);
+    }
+
+    /// Removes every key whose ttl has passed, publishing a delete for each: the key, a
+    /// new sequence, the entry's uuid and (absolute-ttl) properties, an empty body.
+    fn expire_due(&mut self, now: Instant, wall: EpochMillis) {
+        while let Some((key, entry)) = self.store.pop_expired(wall) {
+            let Some(sequence) = self.sequence.checked_add(1) else {
+                // Cannot number the delete; keep the key rather than diverge silently.
+                let (key, entry) = (key, (*entry).clone());
+                self.store.insert(key, entry);
+                return;
+            };
+            self.sequence = sequence;
+            self.highest_published = sequence;
+            let frames = entry.frames(&key, sequence, &[]);
+            self.counters.published += 1;
+            self.counters.expired += 1;
+            if self.records_split(now) {
+                let delete = KvMsg {
+                    key: key.to_vec(),
+                    sequence,
+                    uuid: entry.uuid(),
+                    properties: entry.properties().clone(),
+                    body: Vec::new(),
+                };
+                self.record_split(now, &delete, None);
+            }
+            self.outputs.push_back(Output::Publish(frames));
+        }
+    }
+
+    /// On becoming active: every pending client copy not superseded gets a new sequence
+    /// and is published, in arrival order. A ttl is republished as what remains of it by
+    /// our clock (at least 1 ms, since 0 would mean persistent).
+    fn replay_pending(&mut self, now: Instant, wall: EpochMillis) {
+        let (replay, skipped) = self.pending.take_replay();
+        if replay.is_empty() && skipped == 0 {
+            return;
+        }
+        let replayed = replay.len();
+        for entry in replay {
+            let mut update = entry.update;
+            if let Some(expires_at) = entry.expires_at {
+                let remaining = wall
+                    .saturating_duration_until(expires_at)
+                    .max(Duration::from_millis(1));
+                update.set_ttl_relative(remaining);
+            }
+            self.publish_update(now, update, entry.expires_at);
+        }
+        self.counters.pending_replayed += replayed as u64;
+        self.counters.pending_superseded += skipped as u64;
+        self.outputs
+            .push_back(Output::Event(Event::PendingReplayed {
+                replayed,
+                skipped_superseded: skipped,
+            }));
+    }
+
+    /// A backup that is active while the primary may be active too records what it
+    /// accepts, newest per key, to forward if it has to step down (§7 dual active).
+    fn record_split(&mut self, now: Instant, update: &KvMsg, expires_at: Option<EpochMillis>) {
+        if !self.records_split(now) {
+            return;
+        }
+        if self.split_log.len() >= self.config.split_log_max
+            && !self.split_log.contains_key(&update.key)
+        {
+            self.split_lost += 1;
+            return;
+        }
+        self.split_log.insert(
+            update.key.clone(),
+            SplitUpdate {
+                update: update.clone(),
+                expires_at,
+            },
+        );
+    }
+
+    /// True for a backup that is active while the primary may be active too: not known
+    /// to be a live passive following us.
+    fn records_split(&self, now: Instant) -> bool {
+        let peer_follows_us =
+            self.bstar.peer_state() == Some(BstarState::Passive) && self.bstar.peer_is_alive(now);
+        self.bstar.role() == Role::Backup && !peer_follows_us
+    }
+
+    /// After stepping down: send every update accepted while split to the primary's
+    /// collector as a KVSET (same uuid, remaining ttl), and hold each on the pending list
+    /// so that it is replayed if the primary dies before echoing it.
+    fn forward_split_log(&mut self, now: Instant, wall: EpochMillis) {
+        let split_log = std::mem::take(&mut self.split_log);
+        let lost = std::mem::take(&mut self.split_lost);
+        if split_log.is_empty() && lost == 0 {
+            return;
+        }
+        let forwarded = split_log.len();
+        for (_, SplitUpdate { update, expires_at }) in split_log {
+            let mut kvset = update.with_sequence(0);
+            if kvset.is_delete() {
+                kvset.properties.remove(TTL);
+            } else if let Some(expires_at) = expires_at {
+                let remaining = wall
+                    .saturating_duration_until(expires_at)
+                    .max(Duration::from_millis(1));
+                kvset.set_ttl_relative(remaining);
+            }
+            self.outputs
+                .push_back(Output::ForwardToPeerCollector(kvset.encode()));
+            if let Some(uuid) = kvset.uuid {
+                let (_, evicted) = self.pending.hold_client_copy(
+                    now,
+                    uuid,
+                    kvset,
+                    expires_at,
+                    self.config.pending_max_len,
+                );
+                self.report_eviction(evicted, EvictionReason::Size);
+            }
+        }
+        self.counters.split_forwarded += forwarded as u64;
+        self.counters.split_lost += lost;
+        self.outputs
+            .push_back(Output::Event(Event::SplitUpdatesForwarded {
+                forwarded,
+                lost,
+            }));
+    }
+
+    // --- Passive -----------------------------------------------------------------------
+
+    fn start_sync(&mut self, reason: SyncReason) {
+        self.outputs
+            .push_back(Output::Event(Event::SyncStarted { reason }));
+        self.follow = Follow::AwaitingPublisher;
+    }
+
+    /// Sends ICANHAZ? with an empty subtree (the whole map) to the peer and starts
+    /// buffering the active's updates behind `backlog`.
+    fn request_peer_snapshot(&mut self, now: Instant, backlog: Vec<(KvMsg, Option<EpochMillis>)>) {
+        self.counters.syncs_started += 1;
+        self.outputs.push_back(Output::RequestPeerSnapshot(
+            SnapshotRequest::new(Vec::new()).encode(),
+        ));
+        self.follow = Follow::Syncing(Box::new(SyncInProgress {
+            backlog,
+            last_activity: now,
+            ..SyncInProgress::default()
+        }));
+    }
+
+    /// KTHXBAI: install the new map at the snapshot's sequence, then apply the buffered
+    /// updates that are newer.
+    fn complete_sync(&mut self, now: Instant, sequence: i64) {
+        let Follow::Syncing(sync) = std::mem::replace(&mut self.follow, Follow::Following) else {
+            return;
+        };
+        let SyncInProgress {
+            store,
+            backlog,
+            backlog_overflowed,
+            ..
+        } = *sync;
+        self.store = store;
+        self.sequence = sequence;
+        self.counters.syncs_completed += 1;
+        self.outputs.push_back(Output::Event(Event::SyncCompleted {
+            sequence,
+            keys: self.store.len(),
+        }));
+        for (update, expires_at) in backlog {
+            if update.sequence <= self.sequence {
+                // Already in the snapshot.
+                continue;
+            }
+            match &mut self.follow {
+                Follow::Following => self.apply_followed(now, update, expires_at),
+                // A gap in the backlog started another sync: the rest is its backlog.
+                Follow::Syncing(next) => next.backlog.push((update, expires_at)),
+                Follow::Not | Follow::AwaitingPublisher => {}
+            }
+        }
+        if backlog_overflowed && matches!(self.follow, Follow::Following) {
+            self.outputs.push_back(Output::Event(Event::SyncStarted {
+                reason: SyncReason::BacklogOverflow,
+            }));
+            self.request_peer_snapshot(now, Vec::new());
+        }
+    }
+
+    /// An update from the active while following: applied when it is the next one; a
+    /// gap means updates were missed, so re-sync.
+    fn apply_followed(&mut self, now: Instant, update: KvMsg, expires_at: Option<EpochMillis>) {
+        let expected = self.sequence.saturating_add(1);
+        if update.sequence < expected {
+            return self.drop_input(InputSource::PeerUpdate, DropReason::StaleSequence);
+        }
+        if update.sequence > expected {
+            self.outputs.push_back(Output::Event(Event::SyncStarted {
+                reason: SyncReason::SequenceGap {
+                    expected,
+                    received: update.sequence,
+                },
+            }));
+            return self.request_peer_snapshot(now, vec![(update, expires_at)]);
+        }
+        self.sequence = update.sequence;
+        self.store.apply(update, expires_at);
+    }
+
+    /// HUGZ from the peer. While syncing is awaited it proves the subscription live;
+    /// while following, its sequence must equal ours (it is sent after every KVPUB it
+    /// covers, on the same connection).
+    fn follow_heartbeat(&mut self, now: Instant, sequence: i64) {
+        match self.follow {
+            Follow::AwaitingPublisher => self.request_peer_snapshot(now, Vec::new()),
+            Follow::Following if sequence != self.sequence => {
+                self.outputs.push_back(Output::Event(Event::SyncStarted {
+                    reason: SyncReason::SequenceGap {
+                        expected: self.sequence.saturating_add(1),
+                        received: sequence,
+                    },
+                }));
+                self.request_peer_snapshot(now, Vec::new());
+            }
+            Follow::Not | Follow::Syncing(_) | Follow::Following => {}
+        }
+    }
+
+    /// Became active mid-sync (the active died while sending its snapshot): keep what
+    /// arrived. Snapshot entries and buffered updates are merged into the current map,
+    /// the newer sequence winning per key, and numbering continues after the highest.
+    fn abandon_sync(&mut self) {
+        let Follow::Syncing(sync) = std::mem::replace(&mut self.follow, Follow::Not) else {
+            return;
+        };
+        let mut merged_entries = 0;
+        for (key, entry) in sync.store.iter() {
+            let newer = self
+                .store
+                .get(key)
+                .is_none_or(|current| current.sequence() < entry.sequence());
+            if newer {
+                self.store.insert(key.clone(), (**entry).clone());
+                self.sequence = self.sequence.max(entry.sequence());
+                merged_entries += 1;
+            }
+        }
+        let mut applied_updates = 0;
+        for (update, expires_at) in sync.backlog {
+            let newer = self
+                .store
+                .get(&update.key)
+                .is_none_or(|current| current.sequence() < update.sequence);
+            if newer && update.sequence > 0 {
+                self.sequence = self.sequence.max(update.sequence);
+                self.store.apply(update, expires_at);
+                applied_updates += 1;
+            }
+        }
+        self.outputs.push_back(Output::Event(Event::SyncAbandoned {
+            merged_entries,
+            applied_updates,
+        }));
+    }
+}
+
+/// A peer's ttl as an absolute expiry by our clock (§5: relative ttls are converted
+/// with our own clock).
+fn absolute(ttl: Ttl, wall: EpochMillis) -> EpochMillis {
+    match ttl {
+        Ttl::Relative(duration) => wall.saturating_add(duration),
+        Ttl::ExpiresAt(expires_at) => expires_at,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,278 @@
+//! The passive server's pending list (PROTOCOL.md §6).
+//!
+//! A client sends every update to both servers. The passive holds its copy here, keyed
+//! by uuid, until the active's published echo of the same uuid shows that the update
+//! is safe. Either copy may arrive first: an echo that beats the client's copy is kept
+//! (as [`Kind::Echo`]) to cancel that copy when it comes. At failover the remaining
+//! client copies are replayed.
+//!
+//! Two hazards of the reference are closed here:
+//! - the list is bounded by size (always) and by age (while the active is alive: an
+//!   update the active has not echoed for that long will never be echoed), so echoes
+//!   whose client copy never comes cannot pile up;
+//! - a client copy is *superseded* when the active publishes a later update of the
+//!   same key after the copy arrived; a superseded copy is still matched by its echo
+//!   but never replayed, so a replay cannot overwrite a newer value.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::kvmsg::{KvMsg, Uuid};
+use crate::time::{EpochMillis, Instant};
+
+#[derive(Clone, Debug)]
+enum Kind {
+    /// A client's update that the active has not echoed yet.
+    ClientCopy {
+        update: KvMsg,
+        /// The ttl converted to an absolute time by our clock when the copy arrived.
+        expires_at: Option<EpochMillis>,
+        /// The active published a later update of the same key since this arrived.
+        superseded: bool,
+    },
+    /// The active's echo arrived before the client's copy; it cancels that copy.
+    Echo,
+}
+
+#[derive(Clone, Debug)]
+struct Held {
+    arrival: u64,
+    arrived_at: Instant,
+    kind: Kind,
+}
+
+/// What became of a client's copy handed to [`PendingList::hold_client_copy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClientCopyFate {
+    /// Now held until its echo comes.
+    Held,
+    /// The active's echo had already come: the copy is dropped.
+    CancelledByEcho,
+    /// A copy with this uuid is already held.
+    Duplicate,
+}
+
+/// How many entries an eviction removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Evicted {
+    pub(crate) client_copies: usize,
+    pub(crate) echoes: usize,
+}
+
+impl Evicted {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.client_copies == 0 && self.echoes == 0
+    }
+
+    fn count(&mut self, kind: &Kind) {
+        match kind {
+            Kind::ClientCopy { .. } => self.client_copies += 1,
+            Kind::Echo => self.echoes += 1,
+        }
+    }
+}
+
+/// An update to replay at failover, in arrival order.
+#[derive(Clone, Debug)]
+pub(crate) struct Replay {
+    pub(crate) update: KvMsg,
+    pub(crate) expires_at: Option<EpochMillis>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PendingList {
+    by_uuid: BTreeMap<Uuid, Held>,
+    /// Arrival number → uuid: oldest first, for eviction and replay order.
+    by_arrival: BTreeMap<u64, Uuid>,
+    /// (key, arrival) of client copies not superseded yet, to supersede by key.
+    live_copies_by_key: BTreeSet<(Vec<u8>, u64)>,
+    next_arrival: u64,
+}
+
+impl PendingList {
+    pub(crate) fn len(&self) -> usize {
+        self.by_uuid.len()
+    }
+
+    /// When the oldest entry was held.
+    pub(crate) fn oldest_arrived_at(&self) -> Option<Instant> {
+        let (_, uuid) = self.by_arrival.first_key_value()?;
+        self.by_uuid.get(uuid).map(|held| held.arrived_at)
+    }
+
+    /// A client's update seen while not active. `update.uuid` must be set.
+    pub(crate) fn hold_client_copy(
+        &mut self,
+        now: Instant,
+        uuid: Uuid,
+        update: KvMsg,
+        expires_at: Option<EpochMillis>,
+        max_len: usize,
+    ) -> (ClientCopyFate, Evicted) {
+        match self.by_uuid.get(&uuid).map(|held| &held.kind) {
+            Some(Kind::Echo) => {
+                self.remove(&uuid);
+                return (ClientCopyFate::CancelledByEcho, Evicted::default());
+            }
+            Some(Kind::ClientCopy { .. }) => {
+                return (ClientCopyFate::Duplicate, Evicted::default())
+            }
+            None => {}
+        }
+        let evicted = self.make_room(max_len);
+        let arrival = self.next_arrival();
+        self.live_copies_by_key
+            .insert((update.key.clone(), arrival));
+        self.insert(
+            uuid,
+            Held {
+                arrival,
+                arrived_at: now,
+                kind: Kind::ClientCopy {
+                    update,
+                    expires_at,
+                    superseded: false,
+                },
+            },
+        );
+        (ClientCopyFate::Held, evicted)
+    }
+
+    /// An update published by the active. Removes the matching entry (its client copy,
+    /// or a duplicate echo); otherwise, when `remember_echo`, keeps the echo to cancel
+    /// the client copy still on its way. Client copies of the same key that are still
+    /// held are superseded: the active ordered this update after them.
+    pub(crate) fn observe_active_update(
+        &mut self,
+        now: Instant,
+        uuid: Option<Uuid>,
+        key: &[u8],
+        remember_echo: bool,
+        max_len: usize,
+    ) -> Evicted {
+        let mut evicted = Evicted::default();
+        if let Some(uuid) = uuid {
+            if self.by_uuid.contains_key(&uuid) {
+                self.remove(&uuid);
+            } else if remember_echo {
+                evicted = self.make_room(max_len);
+                let arrival = self.next_arrival();
+                self.insert(
+                    uuid,
+                    Held {
+                        arrival,
+                        arrived_at: now,
+                        kind: Kind::Echo,
+                    },
+                );
+            }
+        }
+        self.supersede(key);
+        evicted
+    }
+
+    fn supersede(&mut self, key: &[u8]) {
+        let range = (key.to_vec(), 0)..=(key.to_vec(), u64::MAX);
+        let arrivals: Vec<u64> = self
+            .live_copies_by_key
+            .range(range)
+            .map(|(_, arrival)| *arrival)
+            .collect();
+        for arrival in arrivals {
+            self.live_copies_by_key.remove(&(key.to_vec(), arrival));
+            let held = self
+                .by_arrival
+                .get(&arrival)
+                .and_then(|uuid| self.by_uuid.get_mut(uuid));
+            if let Some(Held {
+                kind: Kind::ClientCopy { superseded, .. },
+                ..
+            }) = held
+            {
+                *superseded = true;
+            }
+        }
+    }
+
+    /// Drops entries older than `max_age`.
+    pub(crate) fn evict_older_than(&mut self, now: Instant, max_age: Duration) -> Evicted {
+        let mut evicted = Evicted::default();
+        while let Some(oldest) = self.oldest_arrived_at() {
+            if now.saturating_duration_since(oldest) < max_age {
+                break;
+            }
+            if let Some(kind) = self.pop_oldest() {
+                evicted.count(&kind);
+            }
+        }
+        evicted
+    }
+
+    /// Empties the list, returning the client copies to replay (arrival order) and the
+    /// number skipped because the active superseded them.
+    pub(crate) fn take_replay(&mut self) -> (Vec<Replay>, usize) {
+        let mut replay = Vec::new();
+        let mut skipped = 0;
+        let by_arrival = std::mem::take(&mut self.by_arrival);
+        for uuid in by_arrival.values() {
+            if let Some(Held {
+                kind:
+                    Kind::ClientCopy {
+                        update,
+                        expires_at,
+                        superseded,
+                    },
+                ..
+            }) = self.by_uuid.remove(uuid)
+            {
+                if superseded {
+                    skipped += 1;
+                } else {
+                    replay.push(Replay { update, expires_at });
+                }
+            }
+        }
+        *self = PendingList {
+            next_arrival: self.next_arrival,
+            ..PendingList::default()
+        };
+        (replay, skipped)
+    }
+
+    fn next_arrival(&mut self) -> u64 {
+        let arrival = self.next_arrival;
+        self.next_arrival = self.next_arrival.wrapping_add(1);
+        arrival
+    }
+
+    fn insert(&mut self, uuid: Uuid, held: Held) {
+        self.by_arrival.insert(held.arrival, uuid);
+        self.by_uuid.insert(uuid, held);
+    }
+
+    fn make_room(&mut self, max_len: usize) -> Evicted {
+        let mut evicted = Evicted::default();
+        while self.len() >= max_len.max(1) {
+            match self.pop_oldest() {
+                Some(kind) => evicted.count(&kind),
+                None => break,
+            }
+        }
+        evicted
+    }
+
+    fn pop_oldest(&mut self) -> Option<Kind> {
+        let (_, uuid) = self.by_arrival.pop_first()?;
+        self.remove(&uuid)
+    }
+
+    fn remove(&mut self, uuid: &Uuid) -> Option<Kind> {
+        let held = self.by_uuid.remove(uuid)?;
+        self.by_arrival.remove(&held.arrival);
+        if let Kind::ClientCopy { update, .. } = &held.kind {
+            self.live_copies_by_key
+                .remove(&(update.key.clone(), held.arrival));
+        }
+        Some(held.kind)
+    }
+}

@@ -1,0 +1,194 @@
+//! Open snapshot replies, streamed on demand (PROTOCOL.md §3–§4).
+//!
+//! A stream holds a clone of the map taken when the request was accepted (O(1): the
+//! map is persistent) and a cursor, so later updates never leak into it and nothing is
+//! copied up front. Entries are read from the clone in batches by a range scan from
+//! the cursor, which keeps the per-message cost O(1) amortised.
+//!
+//! Replies to one routing id go out in request order, one stream after the other, since
+//! they share the client's connection.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::store::{Entry, Key, Map};
+use crate::kvmsg::{KvMsg, FRAME_COUNT};
+use crate::time::Instant;
+
+#[derive(Clone, Debug)]
+struct Stream {
+    map: Map,
+    subtree: Vec<u8>,
+    /// The server's sequence when the snapshot was taken: KTHXBAI carries it.
+    sequence: i64,
+    /// The last key read from `map`; the next batch starts after it.
+    cursor: Option<Key>,
+    batch: VecDeque<(Key, Arc<Entry>)>,
+    entries_exhausted: bool,
+}
+
+impl Stream {
+    fn next_message(&mut self, batch_size: usize) -> Pulled {
+        if self.batch.is_empty() && !self.entries_exhausted {
+            self.refill(batch_size);
+        }
+        match self.batch.pop_front() {
+            Some((key, entry)) => Pulled::Message(entry.kvsync_frames(&key)),
+            // Sent once: the caller drops the stream after this.
+            None => Pulled::Finished(
+                KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree)).encode(),
+            ),
+        }
+    }
+
+    fn refill(&mut self, batch_size: usize) {
+        let start = match &self.cursor {
+            Some(cursor) => Bound::Excluded(&**cursor),
+            None => Bound::Included(self.subtree.as_slice()),
+        };
+        let mut range = self.map.range::<_, [u8]>((start, Bound::Unbounded));
+        while self.batch.len() < batch_size.max(1) {
+            match range.next() {
+                Some((key, entry)) if key.starts_with(&self.subtree) => {
+                    self.batch.push_back((key.clone(), entry.clone()));
+                }
+                // Keys are ordered, so the first key outside the prefix ends the subtree.
+                Some(_) | None => {
+                    self.entries_exhausted = true;
+                    break;
+                }
+            }
+        }
+        if let Some((key, _)) = self.batch.back() {
+            self.cursor = Some(key.clone());
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ClientStreams {
+    queue: VecDeque<Stream>,
+    /// When the host last pulled a message for this client (or when it was opened).
+    last_pulled: Instant,
+}
+
+/// What [`SnapshotStreams::next_message`] produced.
+pub(crate) enum Pulled {
+    /// A KVSYNC.
+    Message([Vec<u8>; FRAME_COUNT]),
+    /// The KTHXBAI that ends a stream.
+    Finished([Vec<u8>; FRAME_COUNT]),
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SnapshotStreams {
+    by_client: BTreeMap<Vec<u8>, ClientStreams>,
+    open: usize,
+}
+
+impl SnapshotStreams {
+    /// Number of open streams (queued ones included).
+    pub(crate) fn len(&self) -> usize {
+        self.open
+    }
+
+    pub(crate) fn routing_ids(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.by_client.keys().map(Vec::as_slice)
+    }
+
+    /// Opens a stream of `map` restricted to `subtree`, taken at `sequence`.
+    pub(crate) fn open(
+        &mut self,
+        now: Instant,
+        routing_id: &[u8],
+        map: Map,
+        subtree: Vec<u8>,
+        sequence: i64,
+    ) {
+        let client = self
+            .by_client
+            .entry(routing_id.to_vec())
+            .or_insert_with(|| ClientStreams {
+                queue: VecDeque::new(),
+                last_pulled: now,
+            });
+        client.queue.push_back(Stream {
+            map,
+            subtree,
+            sequence,
+            cursor: None,
+            batch: VecDeque::new(),
+            entries_exhausted: false,
+        });
+        self.open += 1;
+    }
+
+    /// The next message for `routing_id`, if it has an open stream.
+    pub(crate) fn next_message(
+        &mut self,
+        now: Instant,
+        routing_id: &[u8],
+        batch_size: usize,
+    ) -> Option<Pulled> {
+        let client = self.by_client.get_mut(routing_id)?;
+        client.last_pulled = now;
+        let stream = client.queue.front_mut()?;
+        let pulled = stream.next_message(batch_size);
+        if let Pulled::Finished(_) = pulled {
+            client.queue.pop_front();
+            self.open = self.open.saturating_sub(1);
+            if client.queue.is_empty() {
+                self.by_client.remove(routing_id);
+            }
+        }
+        Some(pulled)
+    }
+
+    /// The maps the open streams read from.
+    #[cfg(test)]
+    pub(crate) fn maps(&self) -> impl Iterator<Item = &Map> + '_ {
+        self.by_client
+            .values()
+            .flat_map(|client| client.queue.iter().map(|stream| &stream.map))
+    }
+
+    /// Closes every stream of `routing_id`; returns how many there were.
+    pub(crate) fn cancel(&mut self, routing_id: &[u8]) -> usize {
+        let closed = self
+            .by_client
+            .remove(routing_id)
+            .map_or(0, |client| client.queue.len());
+        self.open = self.open.saturating_sub(closed);
+        closed
+    }
+
+    /// Closes every stream; returns the routing ids that had one.
+    pub(crate) fn cancel_all(&mut self) -> Vec<Vec<u8>> {
+        self.open = 0;
+        std::mem::take(&mut self.by_client).into_keys().collect()
+    }
+
+    /// The earliest instant a client's streams count as stalled.
+    pub(crate) fn next_stall(&self, stall_timeout: Duration) -> Option<Instant> {
+        self.by_client
+            .values()
+            .map(|client| client.last_pulled + stall_timeout)
+            .min()
+    }
+
+    /// Closes the streams of clients not pulled for `stall_timeout`; returns their ids.
+    pub(crate) fn close_stalled(&mut self, now: Instant, stall_timeout: Duration) -> Vec<Vec<u8>> {
+        let stalled: Vec<Vec<u8>> = self
+            .by_client
+            .iter()
+            .filter(|(_, client)| now >= client.last_pulled + stall_timeout)
+            .map(|(routing_id, _)| routing_id.clone())
+            .collect();
+        for routing_id in &stalled {
+            self.cancel(routing_id);
+        }
+        stalled
+    }
+}

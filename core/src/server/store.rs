@@ -1,0 +1,187 @@
+//! The stored map and its expiry index.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+
+use crate::kvmsg::{KvMsg, Properties, Uuid, FRAME_COUNT};
+use crate::time::EpochMillis;
+
+/// A stored key. Shared so that copying a B-tree node (when a snapshot holds the old
+/// version) bumps reference counts instead of copying bytes.
+pub(crate) type Key = Arc<[u8]>;
+
+/// The persistent map: cloning it is O(1) and later writes do not disturb the clone.
+pub(crate) type Map = OrdMap<Key, Arc<Entry>>;
+
+/// One stored value: exactly what a KVSYNC carries for its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    sequence: i64,
+    uuid: Option<Uuid>,
+    properties: Properties,
+    body: Vec<u8>,
+    expires_at: Option<EpochMillis>,
+}
+
+impl Entry {
+    /// Builds the stored form of an update: the ttl property, if the value expires, is
+    /// rewritten to the absolute expiry in epoch milliseconds (§5).
+    pub(crate) fn from_update(update: KvMsg, expires_at: Option<EpochMillis>) -> (Key, Entry) {
+        let mut update = update;
+        if let Some(expires_at) = expires_at {
+            update.set_ttl_expires_at(expires_at);
+        }
+        let KvMsg {
+            key,
+            sequence,
+            uuid,
+            properties,
+            body,
+        } = update;
+        (
+            Key::from(key),
+            Entry {
+                sequence,
+                uuid,
+                properties,
+                body,
+                expires_at,
+            },
+        )
+    }
+
+    /// The sequence at which the key was last written.
+    pub fn sequence(&self) -> i64 {
+        self.sequence
+    }
+
+    /// The uuid of the update that wrote it.
+    pub fn uuid(&self) -> Option<Uuid> {
+        self.uuid
+    }
+
+    /// Its properties, with `ttl` as absolute epoch milliseconds when it expires.
+    pub fn properties(&self) -> &Properties {
+        &self.properties
+    }
+
+    /// The value.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// When it expires, if it is ephemeral.
+    pub fn expires_at(&self) -> Option<EpochMillis> {
+        self.expires_at
+    }
+
+    /// The five frames of this entry as a message with `sequence` and `body` (a KVSYNC
+    /// uses the entry's own; an expiry delete uses a new sequence and an empty body).
+    pub(crate) fn frames(&self, key: &[u8], sequence: i64, body: &[u8]) -> [Vec<u8>; FRAME_COUNT] {
+        [
+            key.to_vec(),
+            sequence.to_be_bytes().to_vec(),
+            self.uuid
+                .map(|uuid| uuid.as_bytes().to_vec())
+                .unwrap_or_default(),
+            self.properties.as_frame().to_vec(),
+            body.to_vec(),
+        ]
+    }
+
+    /// The KVSYNC frames for this entry.
+    pub(crate) fn kvsync_frames(&self, key: &[u8]) -> [Vec<u8>; FRAME_COUNT] {
+        self.frames(key, self.sequence, &self.body)
+    }
+}
+
+/// The map plus an ordered index of expiries, so that finding what is due costs
+/// O(log n) whatever the size of the map (the reference sweeps the whole map).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Store {
+    map: Map,
+    expiries: BTreeSet<(EpochMillis, Key)>,
+}
+
+impl Store {
+    pub(crate) fn map(&self) -> &Map {
+        &self.map
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Arc<Entry>> {
+        self.map.get(key)
+    }
+
+    /// Stores `entry` under `key`, replacing (and unindexing) any previous value.
+    pub(crate) fn insert(&mut self, key: Key, entry: Entry) {
+        if let Some(expires_at) = entry.expires_at {
+            self.expiries.insert((expires_at, key.clone()));
+        }
+        if let Some(previous) = self.map.insert(key.clone(), Arc::new(entry)) {
+            self.unindex(&key, &previous);
+        }
+    }
+
+    /// Stores the update's value, or removes the key when the update is a delete.
+    pub(crate) fn apply(&mut self, update: KvMsg, expires_at: Option<EpochMillis>) {
+        if update.is_delete() {
+            self.remove(&update.key);
+        } else {
+            let (key, entry) = Entry::from_update(update, expires_at);
+            self.insert(key, entry);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<(Key, Arc<Entry>)> {
+        let (key, entry) = self.map.remove_with_key(key)?;
+        self.unindex(&key, &entry);
+        Some((key, entry))
+    }
+
+    fn unindex(&mut self, key: &Key, entry: &Entry) {
+        if let Some(expires_at) = entry.expires_at {
+            // The index may already hold the new entry's (expiry, key) when the
+            // replacement expires at the same instant; only drop the old one.
+            if self.map.get(&**key).and_then(|now| now.expires_at) != Some(expires_at) {
+                self.expiries.remove(&(expires_at, key.clone()));
+            }
+        }
+    }
+
+    /// Number of keys with an expiry.
+    #[cfg(test)]
+    pub(crate) fn expiry_count(&self) -> usize {
+        self.expiries.len()
+    }
+
+    /// The earliest expiry in the map.
+    pub(crate) fn next_expiry(&self) -> Option<EpochMillis> {
+        self.expiries.first().map(|(expires_at, _)| *expires_at)
+    }
+
+    /// Removes and returns one entry whose expiry is at or before `wall`.
+    pub(crate) fn pop_expired(&mut self, wall: EpochMillis) -> Option<(Key, Arc<Entry>)> {
+        loop {
+            let (expires_at, key) = self.expiries.first()?.clone();
+            if expires_at > wall {
+                return None;
+            }
+            self.expiries.pop_first();
+            // The index and the map change together, so the key is always there; an
+            // index entry without its key is skipped rather than trusted.
+            if let Some(removed) = self.map.remove_with_key(&*key) {
+                return Some(removed);
+            }
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &Arc<Entry>)> + '_ {
+        self.map.iter()
+    }
+}

@@ -1,0 +1,1587 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::kvmsg::{Properties, Uuid, HUGZ, KTHXBAI};
+
+const T0: Instant = Instant::from_millis(1_000_000);
+/// 2026-11-21, as in the reference bytes of PROTOCOL.md §2.
+const WALL0: EpochMillis = EpochMillis(1_795_268_600_000);
+
+fn uuid(n: u8) -> Uuid {
+    Uuid::from_bytes([n; 16])
+}
+
+fn set(key: &str, value: &str, n: u8) -> KvMsg {
+    KvMsg::kvset(key.as_bytes().to_vec(), value.as_bytes().to_vec(), uuid(n))
+}
+
+fn delete(key: &str, n: u8) -> KvMsg {
+    KvMsg::kvset_delete(key.as_bytes().to_vec(), uuid(n))
+}
+
+fn with_ttl_text(mut message: KvMsg, ttl: &str) -> KvMsg {
+    message.properties.set(TTL, ttl.as_bytes()).unwrap();
+    message
+}
+
+/// The active's KVPUB of `message` at `sequence`.
+fn kvpub(message: KvMsg, sequence: i64) -> KvMsg {
+    message.with_sequence(sequence)
+}
+
+fn decode(frames: &[Vec<u8>]) -> KvMsg {
+    KvMsg::decode(frames, &Limits::default()).unwrap()
+}
+
+/// A server with a hand on the clock.
+struct Harness {
+    server: Server,
+    now: Instant,
+    wall: EpochMillis,
+}
+
+impl Harness {
+    fn new(config: Config) -> Self {
+        let mut harness = Harness {
+            server: Server::new(T0, WALL0, config).unwrap(),
+            now: T0,
+            wall: WALL0,
+        };
+        harness.server.handle_timeout(T0, WALL0);
+        harness.drain();
+        harness
+    }
+
+    /// A primary that heard the backup and became active.
+    fn active() -> Self {
+        let mut harness = Harness::new(Config::primary());
+        harness.peer_state(BstarState::Backup);
+        assert_eq!(harness.server.state(), BstarState::Active);
+        harness.drain();
+        harness
+    }
+
+    /// A backup that became passive and synced an empty map at sequence `sequence`.
+    fn passive_at(sequence: i64) -> Self {
+        Harness::passive_with(Config::backup(), sequence)
+    }
+
+    fn passive_with(config: Config, sequence: i64) -> Self {
+        let mut harness = Harness::new(config);
+        harness.peer_state(BstarState::Active);
+        harness.peer_update(KvMsg::hugz(sequence));
+        harness.peer_snapshot(KvMsg::kthxbai(sequence, Vec::new()));
+        assert_eq!(harness.server.state(), BstarState::Passive);
+        assert!(!harness.server.is_syncing());
+        harness.drain();
+        harness
+    }
+
+    fn advance(&mut self, millis: u64) {
+        self.now += Duration::from_millis(millis);
+        self.wall = self.wall.saturating_add(Duration::from_millis(millis));
+    }
+
+    fn collect(&mut self, message: KvMsg) {
+        self.server
+            .handle_collected(self.now, self.wall, &message.encode());
+    }
+
+    fn peer_update(&mut self, message: KvMsg) {
+        self.server
+            .handle_peer_update(self.now, self.wall, &message.encode());
+    }
+
+    fn peer_snapshot(&mut self, message: KvMsg) {
+        self.server
+            .handle_peer_snapshot(self.now, self.wall, &message.encode());
+    }
+
+    fn peer_state(&mut self, state: BstarState) {
+        self.server
+            .handle_peer_state(self.now, self.wall, &[state.encode()]);
+    }
+
+    fn request(&mut self, routing_id: &str, subtree: &str) {
+        self.server.handle_snapshot_request(
+            self.now,
+            self.wall,
+            routing_id.as_bytes(),
+            &SnapshotRequest::new(subtree.as_bytes().to_vec()).encode(),
+        );
+    }
+
+    fn timeout(&mut self) {
+        self.server.handle_timeout(self.now, self.wall);
+    }
+
+    /// Moves time to the server's next deadline and fires it.
+    fn run_to_next_timeout(&mut self) {
+        let deadline = self.server.poll_timeout().unwrap();
+        let step = deadline.saturating_duration_since(self.now);
+        self.advance(u64::try_from(step.as_millis()).unwrap());
+        self.timeout();
+    }
+
+    fn drain(&mut self) -> Vec<Output> {
+        std::iter::from_fn(|| self.server.poll_output()).collect()
+    }
+
+    /// Drains the outputs and keeps the published messages, HUGZ excluded.
+    fn published(&mut self) -> Vec<KvMsg> {
+        self.drain()
+            .into_iter()
+            .filter_map(|output| match output {
+                Output::Publish(frames) => Some(decode(&frames)),
+                _ => None,
+            })
+            .filter(|message| !message.is_hugz())
+            .collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        self.drain()
+            .into_iter()
+            .filter_map(|output| match output {
+                Output::Event(event) => Some(event),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pull_all(&mut self, routing_id: &str) -> Vec<KvMsg> {
+        std::iter::from_fn(|| self.server.poll_snapshot(self.now, routing_id.as_bytes()))
+            .map(|frames| decode(&frames))
+            .collect()
+    }
+
+    fn value(&self, key: &str) -> Option<&[u8]> {
+        self.server.get(key.as_bytes()).map(Entry::body)
+    }
+
+    fn dropped(&self, source: InputSource, reason: &str) -> u64 {
+        self.server.counters().dropped(source, reason)
+    }
+}
+
+fn keys(messages: &[KvMsg]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|message| String::from_utf8_lossy(&message.key).into_owned())
+        .collect()
+}
+
+// --- Configuration -------------------------------------------------------------------
+
+#[test]
+fn default_config_follows_the_spec_and_is_valid() {
+    let config = Config::primary();
+    assert_eq!(config.bstar.heartbeat, Duration::from_secs(1));
+    assert_eq!(config.bstar.peer_expiry_beats, 2);
+    assert_eq!(config.limits, Limits::default());
+    assert_eq!(config.validate(), Ok(()));
+    assert_eq!(Config::backup().bstar.role, Role::Backup);
+    assert_eq!(Config::backup().validate(), Ok(()));
+}
+
+#[test]
+fn a_zero_limit_or_timeout_is_an_invalid_config() {
+    let mut config = Config::primary();
+    config.max_snapshot_streams = 0;
+    assert_eq!(
+        Server::new(T0, WALL0, config).unwrap_err(),
+        ConfigError::Zero {
+            field: "max_snapshot_streams"
+        }
+    );
+    let mut config = Config::primary();
+    config.peer_sync_timeout = Duration::ZERO;
+    assert_eq!(
+        config.validate(),
+        Err(ConfigError::Zero {
+            field: "peer_sync_timeout"
+        })
+    );
+    let mut config = Config::backup();
+    config.bstar.heartbeat = Duration::ZERO;
+    assert_eq!(
+        config.validate(),
+        Err(ConfigError::Zero { field: "heartbeat" })
+    );
+}
+
+// --- Active: updates -----------------------------------------------------------------
+
+#[test]
+fn active_numbers_each_update_and_publishes_it_unchanged_but_for_the_sequence() {
+    let mut harness = Harness::active();
+    let first = with_ttl_text(set("/a", "1", 1), "24");
+    harness.collect(first.clone());
+    harness.collect(set("/b", "2", 2));
+    let published = harness.published();
+    assert_eq!(published, [kvpub(first, 1), kvpub(set("/b", "2", 2), 2)]);
+    assert_eq!(harness.server.sequence(), 2);
+    assert_eq!(harness.server.counters().published, 2);
+}
+
+#[test]
+fn active_stores_each_update_at_its_sequence() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.collect(set("/a", "2", 2));
+    let entry = harness.server.get(b"/a").unwrap();
+    assert_eq!(entry.body(), b"2");
+    assert_eq!(entry.sequence(), 2);
+    assert_eq!(entry.uuid(), Some(uuid(2)));
+    assert_eq!(harness.server.len(), 1);
+}
+
+#[test]
+fn active_publishes_a_delete_and_removes_the_key() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.collect(delete("/a", 2));
+    let published = harness.published();
+    assert_eq!(published[1], kvpub(delete("/a", 2), 2));
+    assert!(harness.server.get(b"/a").is_none());
+    assert!(harness.server.is_empty());
+}
+
+#[test]
+fn a_delete_of_a_missing_key_is_still_a_numbered_change() {
+    let mut harness = Harness::active();
+    harness.collect(delete("/nothing", 1));
+    assert_eq!(harness.published(), [kvpub(delete("/nothing", 1), 1)]);
+    assert_eq!(harness.server.sequence(), 1);
+}
+
+#[test]
+fn active_publishes_the_clients_relative_ttl_but_stores_the_absolute_expiry_in_epoch_millis() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/eph", "v", 1), "24"));
+    let published = harness.published();
+    assert_eq!(published[0].properties.get(TTL), Some(&b"24"[..]));
+    let entry = harness.server.get(b"/eph").unwrap();
+    let expected = WALL0.saturating_add(Duration::from_secs(24));
+    assert_eq!(entry.expires_at(), Some(expected));
+    assert_eq!(
+        entry.properties().get(TTL),
+        Some(expected.0.to_string().as_bytes())
+    );
+}
+
+#[test]
+fn a_fractional_ttl_is_kept_to_the_millisecond() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/eph", "v", 1), "1.5"));
+    assert_eq!(
+        harness.server.get(b"/eph").unwrap().expires_at(),
+        Some(WALL0.saturating_add(Duration::from_millis(1_500)))
+    );
+}
+
+#[test]
+fn a_zero_ttl_means_persistent() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/p", "v", 1), "0"));
+    assert_eq!(harness.server.get(b"/p").unwrap().expires_at(), None);
+    harness.advance(3_600_000);
+    harness.timeout();
+    assert_eq!(harness.value("/p"), Some(&b"v"[..]));
+}
+
+#[test]
+fn poll_timeout_reports_the_next_expiry() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/late", "v", 1), "0.4"));
+    harness.collect(with_ttl_text(set("/soon", "v", 2), "0.25"));
+    harness.drain();
+    assert_eq!(
+        harness.server.poll_timeout(),
+        Some(T0 + Duration::from_millis(250))
+    );
+}
+
+#[test]
+fn a_ttl_expires_on_time_and_publishes_a_delete_with_the_entrys_uuid_and_properties() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/eph", "v", 7), "0.3"));
+    harness.drain();
+    harness.advance(299);
+    harness.timeout();
+    assert!(harness.published().is_empty(), "not expired 1 ms early");
+    assert!(harness.value("/eph").is_some());
+
+    harness.run_to_next_timeout();
+    assert_eq!(
+        harness.wall,
+        WALL0.saturating_add(Duration::from_millis(300))
+    );
+    let published = harness.published();
+    let expiry = WALL0.saturating_add(Duration::from_millis(300));
+    let mut properties = Properties::new();
+    properties
+        .set(TTL, expiry.0.to_string().as_bytes())
+        .unwrap();
+    assert_eq!(
+        published,
+        [KvMsg {
+            key: b"/eph".to_vec(),
+            sequence: 2,
+            uuid: Some(uuid(7)),
+            properties,
+            body: Vec::new(),
+        }]
+    );
+    assert!(harness.value("/eph").is_none());
+    assert_eq!(harness.server.sequence(), 2);
+    assert_eq!(harness.server.counters().expired, 1);
+}
+
+#[test]
+fn expiries_are_due_whenever_the_host_next_calls_in_even_without_a_timeout() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/eph", "v", 1), "1"));
+    harness.drain();
+    harness.advance(1_050);
+    // The host was busy and feeds an input before calling handle_timeout.
+    harness.collect(set("/other", "v", 2));
+    let published = harness.published();
+    assert_eq!(keys(&published), ["/eph", "/other"]);
+    assert!(published[0].is_delete());
+}
+
+#[test]
+fn overwriting_an_ephemeral_key_with_a_persistent_value_cancels_its_expiry() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/k", "short", 1), "1"));
+    harness.collect(set("/k", "forever", 2));
+    harness.drain();
+    harness.advance(5_000);
+    harness.timeout();
+    assert!(harness.published().is_empty());
+    assert_eq!(harness.value("/k"), Some(&b"forever"[..]));
+}
+
+#[test]
+fn overwriting_an_ephemeral_key_moves_its_expiry() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/k", "a", 1), "1"));
+    harness.collect(with_ttl_text(set("/k", "b", 2), "10"));
+    harness.drain();
+    harness.advance(2_000);
+    harness.timeout();
+    assert!(harness.published().is_empty());
+    harness.advance(8_000);
+    harness.timeout();
+    let published = harness.published();
+    assert_eq!(keys(&published), ["/k"]);
+    assert!(published[0].is_delete());
+}
+
+#[test]
+fn expiry_cost_does_not_depend_on_the_map_size() {
+    // The index, not a sweep, finds what is due: with 10 000 persistent keys the next
+    // deadline is still the single ephemeral one.
+    let mut harness = Harness::active();
+    for n in 0..10_000u32 {
+        harness.collect(KvMsg::kvset(
+            format!("/p/{n:05}").into_bytes(),
+            b"v".to_vec(),
+            Uuid::from_bytes([(n % 251) as u8; 16]),
+        ));
+    }
+    harness.collect(with_ttl_text(set("/eph", "v", 1), "2"));
+    harness.drain();
+    assert_eq!(harness.server.store.expiry_count(), 1);
+    assert_eq!(
+        harness.server.poll_timeout(),
+        Some(T0 + Duration::from_millis(1_000)),
+        "the heartbeat comes first"
+    );
+    harness.run_to_next_timeout();
+    harness.run_to_next_timeout();
+    assert!(harness.value("/eph").is_none());
+}
+
+#[test]
+fn every_server_sends_hugz_with_its_current_sequence_every_heartbeat() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.drain();
+    harness.run_to_next_timeout();
+    assert_eq!(harness.now, T0 + Duration::from_secs(1));
+    let hugz: Vec<KvMsg> = harness
+        .drain()
+        .into_iter()
+        .filter_map(|output| match output {
+            Output::Publish(frames) => Some(decode(&frames)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hugz, [KvMsg::hugz(1)]);
+
+    let mut passive = Harness::passive_at(9);
+    passive.advance(1_000);
+    passive.timeout();
+    assert!(passive
+        .drain()
+        .contains(&Output::Publish(KvMsg::hugz(9).encode())));
+}
+
+#[test]
+fn the_binary_star_state_goes_to_the_peer_every_heartbeat() {
+    let mut harness = Harness::active();
+    harness.advance(1_000);
+    harness.timeout();
+    assert!(harness
+        .drain()
+        .contains(&Output::SendStateToPeer(b"3".to_vec())));
+}
+
+// --- Active: rejected input ----------------------------------------------------------
+
+#[test]
+fn a_kvset_with_a_reserved_key_is_dropped_and_counted() {
+    let mut harness = Harness::active();
+    harness.collect(set("HUGZ", "x", 1));
+    harness.collect(set("KTHXBAI", "x", 2));
+    assert_eq!(
+        harness.events(),
+        vec![
+            Event::InputDropped {
+                source: InputSource::Collector,
+                reason: DropReason::ReservedKey
+            };
+            2
+        ]
+    );
+    assert_eq!(harness.dropped(InputSource::Collector, "reserved_key"), 2);
+    assert_eq!(harness.server.sequence(), 0);
+    assert!(harness.server.is_empty());
+}
+
+#[test]
+fn a_kvset_with_a_bad_ttl_is_dropped_and_counted() {
+    let mut harness = Harness::active();
+    for bad in ["-1", "soon", "1e3", ""] {
+        harness.collect(with_ttl_text(set("/a", "1", 1), bad));
+    }
+    assert_eq!(harness.dropped(InputSource::Collector, "invalid_ttl"), 4);
+    assert!(harness.published().is_empty());
+    assert_eq!(harness.server.sequence(), 0);
+}
+
+#[test]
+fn a_kvset_without_a_uuid_is_dropped_and_counted() {
+    let mut harness = Harness::active();
+    let mut anonymous = set("/a", "1", 1);
+    anonymous.uuid = None;
+    harness.collect(anonymous);
+    assert_eq!(harness.dropped(InputSource::Collector, "missing_uuid"), 1);
+    assert!(harness.published().is_empty());
+}
+
+#[test]
+fn malformed_kvset_frames_are_dropped_and_counted_by_decode_reason() {
+    let mut harness = Harness::active();
+    let mut frames = set("/a", "1", 1).encode().to_vec();
+    frames[1] = vec![0; 3];
+    harness
+        .server
+        .handle_collected(harness.now, harness.wall, &frames);
+    harness
+        .server
+        .handle_collected(harness.now, harness.wall, &frames[..4]);
+    assert_eq!(
+        harness.dropped(InputSource::Collector, "sequence_length"),
+        1
+    );
+    assert_eq!(harness.dropped(InputSource::Collector, "frame_count"), 1);
+    assert_eq!(harness.server.counters().dropped_total(), 2);
+    assert!(harness.published().is_empty());
+}
+
+#[test]
+fn an_icanhaz_with_extra_frames_is_dropped_counted_and_does_not_vote() {
+    let mut harness = Harness::new(Config::primary());
+    harness.advance(5_000); // the peer has been silent long enough for a takeover
+    let frames = [b"ICANHAZ?".to_vec(), Vec::new(), b"client-2".to_vec()];
+    harness
+        .server
+        .handle_snapshot_request(harness.now, harness.wall, b"c1", &frames);
+    assert_eq!(
+        harness.dropped(InputSource::SnapshotRequest, "frame_count"),
+        1
+    );
+    assert_eq!(
+        harness.server.state(),
+        BstarState::Primary,
+        "garbage must not promote"
+    );
+    assert_eq!(harness.server.open_snapshot_streams(), 0);
+    // The server goes on serving: the next well-formed request is answered.
+    harness.request("c1", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(keys(&harness.pull_all("c1")), ["KTHXBAI"]);
+}
+
+#[test]
+fn an_unknown_command_on_the_voter_socket_is_dropped_and_counted() {
+    let mut harness = Harness::active();
+    harness.server.handle_snapshot_request(
+        harness.now,
+        harness.wall,
+        b"c1",
+        &[b"GIMME".to_vec(), Vec::new()],
+    );
+    assert_eq!(
+        harness.dropped(InputSource::SnapshotRequest, "unknown_command"),
+        1
+    );
+    assert!(harness.server.poll_snapshot(harness.now, b"c1").is_none());
+}
+
+#[test]
+fn a_kvpub_from_the_peer_while_active_is_dropped_and_counted() {
+    let mut harness = Harness::active();
+    harness.peer_update(kvpub(set("/a", "1", 1), 5));
+    assert_eq!(
+        harness.dropped(InputSource::PeerUpdate, "peer_update_while_active"),
+        1
+    );
+    assert!(harness.server.is_empty());
+    assert_eq!(harness.server.sequence(), 0);
+    // The peer's HUGZ are normal traffic, not counted.
+    harness.peer_update(KvMsg::hugz(5));
+    assert_eq!(harness.server.counters().dropped_total(), 1);
+}
+
+#[test]
+fn a_malformed_peer_state_is_dropped_counted_and_changes_nothing() {
+    let mut harness = Harness::new(Config::primary());
+    harness
+        .server
+        .handle_peer_state(harness.now, harness.wall, &[b"7".to_vec()]);
+    harness
+        .server
+        .handle_peer_state(harness.now, harness.wall, &[b"2".to_vec(), b"2".to_vec()]);
+    assert_eq!(harness.dropped(InputSource::PeerState, "invalid_state"), 1);
+    assert_eq!(harness.dropped(InputSource::PeerState, "frame_count"), 1);
+    assert_eq!(harness.server.state(), BstarState::Primary);
+}
+
+#[test]
+fn a_snapshot_reply_nobody_asked_for_is_dropped_and_counted() {
+    let mut harness = Harness::active();
+    harness.peer_snapshot(kvpub(set("/a", "1", 1), 1));
+    harness.peer_snapshot(KvMsg::kthxbai(1, Vec::new()));
+    assert_eq!(
+        harness.dropped(InputSource::PeerSnapshot, "unexpected_snapshot_message"),
+        2
+    );
+    assert!(harness.server.is_empty());
+}
+
+// --- Snapshots -----------------------------------------------------------------------
+
+#[test]
+fn a_snapshot_lists_the_subtree_in_key_order_and_ends_with_kthxbai_at_the_current_sequence() {
+    let mut harness = Harness::active();
+    for (n, key) in ["/b/2", "/a/1", "/b/1", "/bb", "/c", "/b/3"]
+        .iter()
+        .enumerate()
+    {
+        harness.collect(set(key, "v", n as u8));
+    }
+    harness.drain();
+    harness.request("client", "/b/");
+    assert_eq!(
+        harness.drain(),
+        [Output::SnapshotReady {
+            routing_id: b"client".to_vec()
+        }]
+    );
+    let reply = harness.pull_all("client");
+    assert_eq!(keys(&reply), ["/b/1", "/b/2", "/b/3", "KTHXBAI"]);
+    assert_eq!(
+        reply[0].sequence, 3,
+        "each entry at the sequence it was written"
+    );
+    assert_eq!(reply[3], KvMsg::kthxbai(6, b"/b/".to_vec()));
+    assert_eq!(harness.server.open_snapshot_streams(), 0);
+    assert_eq!(harness.server.counters().snapshots_completed, 1);
+}
+
+#[test]
+fn an_empty_subtree_snapshots_the_whole_map() {
+    let mut harness = Harness::active();
+    harness.collect(set("/x", "1", 1));
+    harness.collect(set("a", "2", 2));
+    harness.request("client", "");
+    assert_eq!(keys(&harness.pull_all("client")), ["/x", "a", "KTHXBAI"]);
+}
+
+#[test]
+fn a_snapshot_spanning_many_batches_streams_every_key_once_in_order() {
+    let mut config = Config::primary();
+    config.snapshot_batch = 7;
+    let mut harness = Harness::new(config);
+    harness.peer_state(BstarState::Backup);
+    let mut expected = Vec::new();
+    for n in 0..500u32 {
+        let key = format!("/k/{:04}", (n * 7919) % 500);
+        harness.collect(KvMsg::kvset(
+            key.clone().into_bytes(),
+            b"v".to_vec(),
+            uuid(1),
+        ));
+        expected.push(key);
+    }
+    harness.collect(set("/l", "outside", 2));
+    expected.sort();
+    expected.push("KTHXBAI".to_string());
+    harness.request("client", "/k/");
+    assert_eq!(keys(&harness.pull_all("client")), expected);
+}
+
+#[test]
+fn a_snapshot_is_point_in_time_so_updates_applied_meanwhile_do_not_leak_into_it() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "old", 1));
+    harness.collect(set("/b", "old", 2));
+    harness.collect(with_ttl_text(set("/c", "old", 3), "1"));
+    harness.request("client", "");
+    let first = harness
+        .server
+        .poll_snapshot(harness.now, b"client")
+        .unwrap();
+    assert_eq!(decode(&first).key, b"/a");
+
+    harness.collect(set("/b", "new", 4));
+    harness.collect(delete("/a", 5));
+    harness.collect(set("/0", "new", 6));
+    harness.advance(1_500);
+    harness.timeout(); // "/c" expires
+    assert!(harness.value("/c").is_none());
+
+    let rest = harness.pull_all("client");
+    assert_eq!(keys(&rest), ["/b", "/c", "KTHXBAI"]);
+    assert_eq!(rest[0].body, b"old");
+    assert_eq!(rest[1].body, b"old");
+    assert_eq!(rest[2].sequence, 3);
+}
+
+#[test]
+fn opening_a_snapshot_shares_the_map_instead_of_copying_it() {
+    let mut harness = Harness::active();
+    for n in 0..1_000u32 {
+        harness.collect(KvMsg::kvset(
+            format!("/k/{n:04}").into_bytes(),
+            vec![b'v'; 100],
+            uuid(1),
+        ));
+    }
+    harness.request("client", "");
+    let shared = harness
+        .server
+        .snapshots
+        .maps()
+        .all(|map| map.ptr_eq(harness.server.store.map()));
+    assert!(shared, "the stream holds the same tree, not a copy");
+    // A later write copies only the path to one leaf; the stream keeps the old value.
+    harness.collect(set("/k/0500", "new", 2));
+    let stream_map = harness.server.snapshots.maps().next().unwrap().clone();
+    assert!(!stream_map.ptr_eq(harness.server.store.map()));
+    assert_eq!(
+        stream_map.get(b"/k/0500".as_slice()).unwrap().body(),
+        vec![b'v'; 100]
+    );
+}
+
+#[test]
+fn a_snapshot_carries_the_stored_absolute_ttl_in_epoch_millis() {
+    let mut harness = Harness::active();
+    harness.collect(with_ttl_text(set("/eph", "v", 1), "24"));
+    harness.request("client", "");
+    let reply = harness.pull_all("client");
+    let expiry = WALL0.saturating_add(Duration::from_secs(24));
+    assert_eq!(
+        reply[0].properties.get(TTL),
+        Some(expiry.0.to_string().as_bytes())
+    );
+    assert_eq!(reply[0].peer_ttl(), Ok(Some(Ttl::ExpiresAt(expiry))));
+}
+
+#[test]
+fn a_snapshot_waits_for_the_host_to_pull_it() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.request("client", "");
+    harness.drain();
+    // Nothing is pushed: the reply exists only as an open stream until pulled.
+    assert_eq!(harness.server.open_snapshot_streams(), 1);
+    assert_eq!(
+        harness.server.snapshot_routing_ids().collect::<Vec<_>>(),
+        [b"client".as_slice()]
+    );
+    assert!(harness
+        .server
+        .poll_snapshot(harness.now, b"someone-else")
+        .is_none());
+    assert_eq!(keys(&harness.pull_all("client")), ["/a", "KTHXBAI"]);
+    assert!(harness
+        .server
+        .poll_snapshot(harness.now, b"client")
+        .is_none());
+}
+
+#[test]
+fn two_requests_from_one_client_are_answered_one_after_the_other() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.collect(set("/b", "2", 2));
+    harness.request("client", "/a");
+    harness.collect(set("/a", "3", 3));
+    harness.request("client", "/b");
+    let reply = harness.pull_all("client");
+    assert_eq!(keys(&reply), ["/a", "KTHXBAI", "/b", "KTHXBAI"]);
+    assert_eq!(reply[0].body, b"1");
+    assert_eq!(reply[1].sequence, 2);
+    assert_eq!(reply[3].sequence, 3);
+}
+
+#[test]
+fn snapshot_requests_past_the_limit_are_refused_without_reply_until_a_stream_ends() {
+    let mut config = Config::primary();
+    config.max_snapshot_streams = 2;
+    let mut harness = Harness::new(config);
+    harness.peer_state(BstarState::Backup);
+    harness.request("c1", "");
+    harness.request("c2", "");
+    harness.drain();
+    harness.request("c3", "");
+    assert_eq!(
+        harness.events(),
+        [Event::InputDropped {
+            source: InputSource::SnapshotRequest,
+            reason: DropReason::TooManySnapshotStreams
+        }]
+    );
+    assert!(harness.server.poll_snapshot(harness.now, b"c3").is_none());
+    harness.pull_all("c1");
+    harness.request("c3", "");
+    assert_eq!(keys(&harness.pull_all("c3")), ["KTHXBAI"]);
+}
+
+#[test]
+fn a_stalled_snapshot_stream_is_closed_and_frees_its_slot() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.request("slow", "");
+    harness.request("fast", "");
+    harness.drain();
+    harness.server.poll_snapshot(harness.now, b"slow").unwrap();
+    for _ in 0..29 {
+        harness.advance(1_000);
+        harness.timeout();
+        harness.server.poll_snapshot(harness.now, b"fast");
+    }
+    harness.drain();
+    harness.advance(1_000);
+    harness.timeout();
+    assert!(harness.events().contains(&Event::SnapshotStreamAbandoned {
+        routing_id: b"slow".to_vec(),
+        reason: AbandonReason::Stalled
+    }));
+    assert!(harness.server.poll_snapshot(harness.now, b"slow").is_none());
+    assert_eq!(harness.server.open_snapshot_streams(), 0);
+}
+
+#[test]
+fn the_host_can_cancel_the_streams_of_a_client_that_is_gone() {
+    let mut harness = Harness::active();
+    harness.request("gone", "");
+    harness.drain();
+    harness.server.cancel_snapshot(b"gone");
+    assert_eq!(harness.server.open_snapshot_streams(), 0);
+    assert_eq!(
+        harness.events(),
+        [Event::SnapshotStreamAbandoned {
+            routing_id: b"gone".to_vec(),
+            reason: AbandonReason::Cancelled
+        }]
+    );
+}
+
+#[test]
+fn a_server_that_is_not_active_rejects_snapshot_requests_without_reply() {
+    let mut harness = Harness::passive_at(0);
+    harness.request("client", "");
+    assert_eq!(
+        harness.dropped(InputSource::SnapshotRequest, "not_active"),
+        1
+    );
+    assert!(harness
+        .server
+        .poll_snapshot(harness.now, b"client")
+        .is_none());
+    assert!(!harness
+        .drain()
+        .iter()
+        .any(|output| matches!(output, Output::SnapshotReady { .. })));
+
+    let mut backup = Harness::new(Config::backup());
+    backup.advance(10_000);
+    backup.request("client", "");
+    assert_eq!(backup.server.state(), BstarState::Backup);
+    assert_eq!(
+        backup.dropped(InputSource::SnapshotRequest, "not_active"),
+        1
+    );
+}
+
+// --- Passive: following the active --------------------------------------------------
+
+#[test]
+fn passive_asks_for_a_full_snapshot_only_after_hearing_the_actives_publisher() {
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    let outputs = harness.drain();
+    assert!(!outputs
+        .iter()
+        .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
+    assert!(harness.server.is_syncing());
+
+    harness.peer_update(KvMsg::hugz(4));
+    assert_eq!(
+        harness.drain(),
+        [Output::RequestPeerSnapshot([
+            b"ICANHAZ?".to_vec(),
+            Vec::new()
+        ])]
+    );
+}
+
+#[test]
+fn passive_installs_the_snapshot_then_applies_buffered_updates_newer_than_it() {
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(kvpub(set("/a", "2", 2), 2)); // triggers the request, buffered
+    harness.peer_snapshot(kvpub(set("/a", "1", 1), 1));
+    harness.peer_update(kvpub(set("/b", "3", 3), 3)); // published after the snapshot
+    assert!(
+        harness.server.is_empty(),
+        "nothing is applied before KTHXBAI"
+    );
+    harness.peer_snapshot(KvMsg::kthxbai(2, Vec::new())); // snapshot already had seq 2
+    harness.peer_snapshot(KvMsg::kthxbai(2, Vec::new()));
+    assert_eq!(harness.server.sequence(), 3);
+    assert_eq!(
+        harness.value("/a"),
+        Some(&b"1"[..]),
+        "seq 2 is in the snapshot: not reapplied"
+    );
+    assert_eq!(harness.value("/b"), Some(&b"3"[..]));
+    assert!(!harness.server.is_syncing());
+    assert!(harness.events().contains(&Event::SyncCompleted {
+        sequence: 2,
+        keys: 1
+    }));
+    assert_eq!(
+        harness.dropped(InputSource::PeerSnapshot, "unexpected_snapshot_message"),
+        1,
+        "a second KTHXBAI is unexpected"
+    );
+}
+
+#[test]
+fn the_snapshot_replaces_the_passives_map_so_stale_keys_do_not_survive() {
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/stale", "x", 1), 1));
+    assert!(harness.value("/stale").is_some());
+    // The active's numbering moved on without us (we missed updates): re-sync.
+    harness.peer_update(KvMsg::hugz(7));
+    assert!(harness.server.is_syncing());
+    harness.peer_snapshot(kvpub(set("/fresh", "y", 2), 6));
+    harness.peer_snapshot(KvMsg::kthxbai(7, Vec::new()));
+    assert_eq!(
+        harness
+            .server
+            .iter()
+            .map(|(key, _)| key.to_vec())
+            .collect::<Vec<_>>(),
+        [b"/fresh".to_vec()]
+    );
+    assert_eq!(harness.server.sequence(), 7);
+}
+
+#[test]
+fn passive_applies_the_actives_kvpubs_with_sequence_above_its_own_and_drops_stale_ones() {
+    let mut harness = Harness::passive_at(10);
+    harness.peer_update(kvpub(set("/a", "1", 1), 11));
+    harness.peer_update(kvpub(set("/a", "old", 2), 11));
+    harness.peer_update(kvpub(set("/b", "old", 3), 9));
+    assert_eq!(harness.server.sequence(), 11);
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+    assert!(harness.value("/b").is_none());
+    assert_eq!(
+        harness.dropped(InputSource::PeerUpdate, "stale_sequence"),
+        2
+    );
+    assert!(
+        harness.published().is_empty(),
+        "a passive never publishes updates"
+    );
+}
+
+#[test]
+fn a_gap_in_the_actives_sequence_makes_the_passive_resync() {
+    let mut harness = Harness::passive_at(10);
+    harness.peer_update(kvpub(set("/a", "1", 1), 13));
+    assert!(harness.value("/a").is_none());
+    let outputs = harness.drain();
+    assert!(outputs.contains(&Output::Event(Event::SyncStarted {
+        reason: SyncReason::SequenceGap {
+            expected: 11,
+            received: 13
+        }
+    })));
+    assert!(outputs
+        .iter()
+        .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
+    harness.peer_snapshot(kvpub(set("/z", "1", 2), 12));
+    harness.peer_snapshot(KvMsg::kthxbai(12, Vec::new()));
+    assert_eq!(
+        harness.server.sequence(),
+        13,
+        "the buffered update follows the snapshot"
+    );
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+}
+
+#[test]
+fn a_hugz_with_another_sequence_than_ours_makes_the_passive_resync() {
+    let mut harness = Harness::passive_at(10);
+    harness.peer_update(KvMsg::hugz(10));
+    assert!(!harness.server.is_syncing());
+    harness.peer_update(KvMsg::hugz(12));
+    assert!(harness.server.is_syncing());
+}
+
+#[test]
+fn a_sync_without_reply_is_requested_again_after_the_timeout() {
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(0));
+    harness.drain();
+    for _ in 0..4 {
+        harness.advance(1_000);
+        harness.peer_state(BstarState::Active);
+        harness.timeout();
+    }
+    assert!(!harness
+        .drain()
+        .iter()
+        .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
+    harness.advance(1_000);
+    harness.timeout();
+    let outputs = harness.drain();
+    assert!(outputs.contains(&Output::Event(Event::SyncStarted {
+        reason: SyncReason::Timeout
+    })));
+    assert!(outputs
+        .iter()
+        .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
+    assert_eq!(harness.server.counters().syncs_started, 2);
+}
+
+#[test]
+fn a_backlog_overflow_installs_the_snapshot_and_requests_a_fresh_one() {
+    let mut config = Config::backup();
+    config.sync_backlog_max = 2;
+    let mut harness = Harness::new(config);
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(0));
+    for n in 1..=4u8 {
+        harness.peer_update(kvpub(set("/a", "v", n), i64::from(n)));
+    }
+    harness.drain();
+    harness.peer_snapshot(KvMsg::kthxbai(1, Vec::new()));
+    let outputs = harness.drain();
+    assert!(outputs.contains(&Output::Event(Event::SyncStarted {
+        reason: SyncReason::BacklogOverflow
+    })));
+    assert!(outputs
+        .iter()
+        .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
+    assert!(harness.server.is_syncing());
+    assert_eq!(harness.server.sequence(), 1);
+}
+
+#[test]
+fn passive_converts_relative_ttls_with_its_own_clock_and_keeps_absolute_ones() {
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(0));
+    let absolute = WALL0.saturating_add(Duration::from_secs(100));
+    harness.peer_snapshot(with_ttl_text(
+        kvpub(set("/synced", "v", 1), 1),
+        &absolute.0.to_string(),
+    ));
+    // The Python reference stores epoch seconds with a fraction.
+    harness.peer_snapshot(with_ttl_text(
+        kvpub(set("/python", "v", 2), 2),
+        "1795268650.250000",
+    ));
+    harness.peer_snapshot(KvMsg::kthxbai(2, Vec::new()));
+    harness.advance(500);
+    harness.peer_update(with_ttl_text(kvpub(set("/live", "v", 3), 3), "24"));
+
+    let expires = |key: &str| harness.server.get(key.as_bytes()).unwrap().expires_at();
+    assert_eq!(expires("/synced"), Some(absolute));
+    assert_eq!(expires("/python"), Some(EpochMillis(1_795_268_650_250)));
+    assert_eq!(
+        expires("/live"),
+        Some(WALL0.saturating_add(Duration::from_millis(24_500)))
+    );
+    let stored = harness.server.get(b"/live").unwrap().properties().get(TTL);
+    assert_eq!(stored, Some(b"1795268624500".as_slice()));
+}
+
+#[test]
+fn passive_applies_the_actives_delete_but_never_expires_itself() {
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(with_ttl_text(kvpub(set("/eph", "v", 1), 1), "1"));
+    harness.peer_update(kvpub(set("/gone", "v", 2), 2));
+    harness.peer_update(kvpub(delete("/gone", 3), 3));
+    assert!(harness.value("/gone").is_none());
+
+    for _ in 0..10 {
+        harness.advance(1_000);
+        harness.peer_state(BstarState::Active);
+        harness.peer_update(KvMsg::hugz(3));
+        harness.timeout();
+    }
+    assert_eq!(
+        harness.value("/eph"),
+        Some(&b"v"[..]),
+        "only the active expires"
+    );
+    assert!(harness.published().is_empty());
+    // The active's expiry delete is applied like any delete.
+    let mut expiry = kvpub(delete("/eph", 1), 4);
+    expiry.properties.set(TTL, b"1795268601000").unwrap();
+    harness.peer_update(expiry);
+    assert!(harness.value("/eph").is_none());
+    assert_eq!(harness.server.sequence(), 4);
+}
+
+// --- Passive: the pending list -------------------------------------------------------
+
+#[test]
+fn passive_holds_client_updates_on_the_pending_list_until_the_actives_echo() {
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/a", "1", 1));
+    assert_eq!(harness.server.pending_len(), 1);
+    assert!(
+        harness.value("/a").is_none(),
+        "a passive applies only the active's updates"
+    );
+    harness.peer_update(kvpub(set("/a", "1", 1), 1));
+    assert_eq!(harness.server.pending_len(), 0);
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+}
+
+#[test]
+fn an_echo_that_arrives_before_the_client_copy_cancels_that_copy() {
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/a", "1", 1), 1));
+    assert_eq!(
+        harness.server.pending_len(),
+        1,
+        "the early echo is remembered"
+    );
+    harness.collect(set("/a", "1", 1));
+    assert_eq!(
+        harness.server.pending_len(),
+        0,
+        "and cancels the late client copy"
+    );
+    // Nothing is left to replay at failover.
+    harness.advance(3_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert!(harness.published().is_empty());
+}
+
+#[test]
+fn a_duplicate_client_copy_is_held_once() {
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/a", "1", 1));
+    harness.collect(set("/a", "1", 1));
+    assert_eq!(harness.server.pending_len(), 1);
+    assert_eq!(harness.dropped(InputSource::Collector, "duplicate_uuid"), 1);
+}
+
+#[test]
+fn the_pending_list_is_bounded_by_size_and_says_so() {
+    let mut config = Config::backup();
+    config.pending_max_len = 3;
+    let mut harness = Harness::passive_with(config, 0);
+    for n in 1..=5u8 {
+        harness.collect(set(&format!("/k{n}"), "v", n));
+    }
+    assert_eq!(harness.server.pending_len(), 3);
+    let evictions: Vec<Event> = harness
+        .events()
+        .into_iter()
+        .filter(|event| matches!(event, Event::PendingEvicted { .. }))
+        .collect();
+    assert_eq!(
+        evictions,
+        vec![
+            Event::PendingEvicted {
+                client_copies: 1,
+                echoes: 0,
+                reason: EvictionReason::Size
+            };
+            2
+        ]
+    );
+    assert_eq!(harness.server.counters().pending_evicted, 2);
+    // The oldest went first: a failover replays the three newest.
+    harness.advance(3_000);
+    harness.request("client", "");
+    assert_eq!(keys(&harness.published()), ["/k3", "/k4", "/k5"]);
+}
+
+#[test]
+fn the_pending_list_is_bounded_by_age_while_the_active_is_alive() {
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/never-echoed", "v", 1));
+    harness.peer_update(kvpub(set("/echo-only", "v", 2), 1)); // client copy never comes
+    assert_eq!(harness.server.pending_len(), 2);
+    for _ in 0..29 {
+        harness.advance(1_000);
+        harness.peer_state(BstarState::Active);
+        harness.timeout();
+    }
+    assert_eq!(harness.server.pending_len(), 2);
+    harness.advance(1_000);
+    harness.peer_state(BstarState::Active);
+    harness.timeout();
+    assert_eq!(harness.server.pending_len(), 0);
+    assert!(harness.events().contains(&Event::PendingEvicted {
+        client_copies: 1,
+        echoes: 1,
+        reason: EvictionReason::Age
+    }));
+}
+
+#[test]
+fn the_pending_list_is_kept_past_its_age_while_the_active_is_silent() {
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/precious", "v", 1));
+    for _ in 0..60 {
+        harness.advance(1_000);
+        harness.timeout();
+    }
+    assert_eq!(
+        harness.server.pending_len(),
+        1,
+        "the active died: keep it for failover"
+    );
+    harness.request("client", "");
+    assert_eq!(keys(&harness.published()), ["/precious"]);
+}
+
+#[test]
+fn expiry_deletes_from_the_active_do_not_clog_the_pending_list() {
+    let mut harness = Harness::passive_at(0);
+    harness.collect(with_ttl_text(set("/eph", "v", 1), "1"));
+    harness.peer_update(with_ttl_text(kvpub(set("/eph", "v", 1), 1), "1"));
+    assert_eq!(harness.server.pending_len(), 0);
+    let mut expiry = kvpub(delete("/eph", 1), 2);
+    expiry.properties.set(TTL, b"1795268601000").unwrap();
+    harness.peer_update(expiry);
+    assert_eq!(harness.server.pending_len(), 0);
+    // A client's delete (fresh uuid) does wait for its client copy.
+    harness.peer_update(kvpub(set("/k", "v", 2), 3));
+    harness.collect(set("/k", "v", 2));
+    harness.peer_update(kvpub(delete("/k", 3), 4));
+    assert_eq!(harness.server.pending_len(), 1);
+}
+
+// --- Failover ------------------------------------------------------------------------
+
+#[test]
+fn on_failover_the_passive_replays_pending_updates_with_new_sequences_in_arrival_order() {
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/seen", "v", 9), 1));
+    harness.collect(set("/seen", "v", 9)); // cancelled by the echo
+    harness.collect(set("/b", "1", 1));
+    harness.collect(with_ttl_text(set("/a", "2", 2), "60"));
+    harness.collect(delete("/seen", 3));
+    harness.drain();
+
+    // The active dies; a client asks once the peer has been silent for 2 beats.
+    harness.advance(1_999);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    harness.advance(1);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+
+    let published = harness.published();
+    assert_eq!(keys(&published), ["/b", "/a", "/seen"]);
+    assert_eq!(
+        published.iter().map(|m| m.sequence).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    assert_eq!(
+        published[1].properties.get(TTL),
+        Some(&b"58"[..]),
+        "the replayed ttl is what remains of the one the client sent"
+    );
+    assert_eq!(harness.server.pending_len(), 0);
+    assert_eq!(harness.value("/b"), Some(&b"1"[..]));
+    assert!(harness.value("/seen").is_none());
+    // Then it serves: the snapshot opened by the promoting request includes the replay.
+    let reply = harness.pull_all("client");
+    assert_eq!(keys(&reply), ["/a", "/b", "KTHXBAI"]);
+    assert_eq!(reply[2].sequence, 4);
+}
+
+#[test]
+fn a_pending_update_never_overwrites_a_newer_value_applied_from_the_active() {
+    let mut harness = Harness::passive_at(0);
+    // Client A's update reaches only the passive.
+    harness.collect(set("/k", "from-a", 1));
+    // Client B's later update of the same key is published by the active.
+    harness.collect(set("/k", "from-b", 2));
+    harness.peer_update(kvpub(set("/k", "from-b", 2), 1));
+    // A third key's update stays pending and is replayed.
+    harness.collect(set("/other", "x", 3));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(keys(&harness.published()), ["/other"]);
+    assert_eq!(harness.value("/k"), Some(&b"from-b"[..]));
+    assert_eq!(harness.server.counters().pending_superseded, 1);
+}
+
+#[test]
+fn a_superseded_pending_update_is_still_cancelled_by_its_own_echo() {
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/k", "a", 1));
+    harness.collect(set("/k", "b", 2));
+    harness.peer_update(kvpub(set("/k", "b", 2), 1));
+    harness.peer_update(kvpub(set("/k", "a", 1), 2));
+    assert_eq!(harness.server.pending_len(), 0, "no stray echo left behind");
+    assert_eq!(harness.value("/k"), Some(&b"a"[..]));
+}
+
+#[test]
+fn after_failover_the_new_active_expires_what_is_due() {
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(with_ttl_text(kvpub(set("/eph", "v", 1), 1), "1"));
+    harness.advance(5_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    let published = harness.published();
+    assert_eq!(keys(&published), ["/eph"]);
+    assert!(published[0].is_delete());
+    assert_eq!(published[0].sequence, 2);
+}
+
+#[test]
+fn becoming_active_mid_sync_keeps_what_arrived_of_the_snapshot_and_the_buffered_updates() {
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(5));
+    harness.peer_snapshot(kvpub(set("/a", "1", 1), 3));
+    harness.peer_update(kvpub(set("/b", "2", 2), 6));
+    // The active dies before KTHXBAI.
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert!(harness.events().contains(&Event::SyncAbandoned {
+        merged_entries: 1,
+        applied_updates: 1
+    }));
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+    assert_eq!(harness.value("/b"), Some(&b"2"[..]));
+    assert_eq!(harness.server.sequence(), 6);
+    harness.collect(set("/c", "3", 3));
+    assert_eq!(
+        harness.published()[0].sequence,
+        7,
+        "numbering continues after what it saw"
+    );
+}
+
+#[test]
+fn a_passive_takes_over_when_the_peer_restarts() {
+    let mut harness = Harness::passive_at(3);
+    harness.peer_update(kvpub(set("/a", "1", 1), 4));
+    harness.peer_state(BstarState::Primary);
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.request("client", "");
+    assert_eq!(keys(&harness.pull_all("client")), ["/a", "KTHXBAI"]);
+}
+
+// --- Dual active and dual passive ----------------------------------------------------
+
+/// A backup that failed over (the primary went silent) and accepted `updates`.
+fn split_backup(updates: &[KvMsg]) -> Harness {
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/before", "v", 50), 1));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    for update in updates {
+        harness.collect(update.clone());
+    }
+    harness.drain();
+    harness
+}
+
+#[test]
+fn on_dual_active_the_backup_steps_down_forwards_its_split_updates_and_resyncs() {
+    let mut harness = split_backup(&[
+        set("/x", "1", 1),
+        with_ttl_text(set("/y", "2", 2), "10"),
+        set("/x", "3", 3),
+        delete("/before", 4),
+    ]);
+    harness.request("client", "/x");
+    harness.drain();
+    harness.advance(4_000);
+    harness.peer_state(BstarState::Active);
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    let outputs = harness.drain();
+
+    let forwarded: Vec<KvMsg> = outputs
+        .iter()
+        .filter_map(|output| match output {
+            Output::ForwardToPeerCollector(frames) => Some(decode(frames)),
+            _ => None,
+        })
+        .collect();
+    let mut y = set("/y", "2", 2);
+    y.set_ttl_relative(Duration::from_secs(6));
+    assert_eq!(
+        forwarded,
+        [delete("/before", 4), set("/x", "3", 3), y],
+        "the latest update per key, as a KVSET with the remaining ttl"
+    );
+    let events: Vec<&Event> = outputs
+        .iter()
+        .filter_map(|output| match output {
+            Output::Event(event) => Some(event),
+            _ => None,
+        })
+        .collect();
+    assert!(events.contains(&&Event::DualActive { stepped_down: true }));
+    assert!(events.contains(&&Event::SplitUpdatesForwarded {
+        forwarded: 3,
+        lost: 0
+    }));
+    assert!(events.contains(&&Event::SnapshotStreamAbandoned {
+        routing_id: b"client".to_vec(),
+        reason: AbandonReason::NoLongerActive
+    }));
+    assert!(events.contains(&&Event::SyncStarted {
+        reason: SyncReason::BecamePassive
+    }));
+    assert!(harness.server.is_syncing());
+
+    // The forwarded updates wait on the pending list for the primary's echo.
+    assert_eq!(harness.server.pending_len(), 3);
+    harness.peer_update(KvMsg::hugz(20));
+    harness.peer_snapshot(KvMsg::kthxbai(20, Vec::new()));
+    harness.peer_update(kvpub(set("/x", "3", 3), 21));
+    assert_eq!(harness.server.pending_len(), 2);
+    assert_eq!(harness.server.sequence(), 21);
+}
+
+#[test]
+fn on_dual_active_the_primary_stays_active_and_says_so() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.drain();
+    harness.peer_state(BstarState::Active);
+    assert_eq!(harness.server.state(), BstarState::Active);
+    let outputs = harness.drain();
+    assert!(outputs.contains(&Output::Event(Event::DualActive {
+        stepped_down: false
+    })));
+    assert!(!outputs
+        .iter()
+        .any(|output| matches!(output, Output::ForwardToPeerCollector(_))));
+}
+
+#[test]
+fn updates_accepted_while_the_peer_followed_as_passive_are_not_forwarded() {
+    let mut harness = split_backup(&[set("/split", "1", 1)]);
+    // The primary restarts and follows us.
+    harness.peer_state(BstarState::Passive);
+    harness.collect(set("/followed", "2", 2));
+    harness.drain();
+    // Later the primary is cut off, fails over by itself, and the link heals.
+    harness.advance(3_000);
+    harness.collect(set("/split-again", "3", 3));
+    harness.drain();
+    harness.peer_state(BstarState::Active);
+    let forwarded: Vec<Vec<u8>> = harness
+        .drain()
+        .into_iter()
+        .filter_map(|output| match output {
+            Output::ForwardToPeerCollector(frames) => Some(decode(&frames).key),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forwarded, [b"/split-again".to_vec()]);
+}
+
+#[test]
+fn a_split_log_past_its_limit_reports_the_updates_it_could_not_keep() {
+    let mut config = Config::backup();
+    config.split_log_max = 2;
+    let mut harness = Harness::passive_with(config, 0);
+    harness.advance(2_000);
+    harness.request("client", "");
+    for n in 1..=4u8 {
+        harness.collect(set(&format!("/k{n}"), "v", n));
+    }
+    harness.drain();
+    harness.peer_state(BstarState::Active);
+    assert!(harness.events().contains(&Event::SplitUpdatesForwarded {
+        forwarded: 2,
+        lost: 2
+    }));
+    assert_eq!(harness.server.counters().split_lost, 2);
+}
+
+#[test]
+fn on_dual_passive_the_primary_takes_over_and_replays_its_pending_list() {
+    let mut harness = Harness::new(Config::primary());
+    harness.peer_state(BstarState::Active);
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    harness.collect(set("/held", "v", 1));
+    harness.peer_state(BstarState::Passive);
+    assert_eq!(harness.server.state(), BstarState::Active);
+    let outputs = harness.drain();
+    assert!(outputs.contains(&Output::Event(Event::DualPassive { took_over: true })));
+    assert!(outputs.contains(&Output::Publish(kvpub(set("/held", "v", 1), 1).encode())));
+}
+
+#[test]
+fn on_dual_passive_the_backup_waits_then_resyncs_from_the_primary_that_took_over() {
+    let mut harness = Harness::passive_at(7);
+    harness.peer_state(BstarState::Passive);
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    assert!(harness
+        .events()
+        .contains(&Event::DualPassive { took_over: false }));
+    harness.peer_state(BstarState::Active);
+    assert!(harness.server.is_syncing());
+    assert!(harness.events().contains(&Event::SyncStarted {
+        reason: SyncReason::PeerBecameActive
+    }));
+    // The new active numbers from its own (lower) sequence; the snapshot realigns us.
+    harness.peer_update(KvMsg::hugz(3));
+    harness.peer_snapshot(KvMsg::kthxbai(3, Vec::new()));
+    harness.peer_update(kvpub(set("/a", "1", 1), 4));
+    assert_eq!(harness.server.sequence(), 4);
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+}
+
+// --- Robustness ------------------------------------------------------------------------
+
+fn frames() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    let frame = prop_oneof![
+        Just(Vec::new()),
+        Just(b"ICANHAZ?".to_vec()),
+        Just(HUGZ.to_vec()),
+        Just(KTHXBAI.to_vec()),
+        Just(b"ttl=5\n".to_vec()),
+        Just(b"3".to_vec()),
+        proptest::collection::vec(any::<u8>(), 0..20),
+        proptest::collection::vec(any::<u8>(), 8..=8),
+        proptest::collection::vec(any::<u8>(), 16..=16),
+    ];
+    proptest::collection::vec(frame, 0..7)
+}
+
+#[derive(Clone, Debug)]
+enum Input {
+    Request(Vec<Vec<u8>>),
+    Collected(Vec<Vec<u8>>),
+    PeerUpdate(Vec<Vec<u8>>),
+    PeerState(Vec<Vec<u8>>),
+    PeerSnapshot(Vec<Vec<u8>>),
+    Wait(u16),
+    Pull,
+}
+
+fn input() -> impl Strategy<Value = Input> {
+    prop_oneof![
+        frames().prop_map(Input::Request),
+        frames().prop_map(Input::Collected),
+        frames().prop_map(Input::PeerUpdate),
+        frames().prop_map(Input::PeerState),
+        frames().prop_map(Input::PeerSnapshot),
+        any::<u16>().prop_map(Input::Wait),
+        Just(Input::Pull),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn no_input_sequence_panics_and_every_drop_is_counted_and_reported(
+        primary in any::<bool>(),
+        inputs in proptest::collection::vec(input(), 0..80),
+    ) {
+        let config = if primary { Config::primary() } else { Config::backup() };
+        let mut harness = Harness::new(config);
+        let mut reported = 0u64;
+        let mut last_sequence = 0;
+        for input in inputs {
+            let (now, wall) = (harness.now, harness.wall);
+            match input {
+                Input::Request(frames) => harness.server.handle_snapshot_request(now, wall, b"c", &frames),
+                Input::Collected(frames) => harness.server.handle_collected(now, wall, &frames),
+                Input::PeerUpdate(frames) => harness.server.handle_peer_update(now, wall, &frames),
+                Input::PeerState(frames) => harness.server.handle_peer_state(now, wall, &frames),
+                Input::PeerSnapshot(frames) => harness.server.handle_peer_snapshot(now, wall, &frames),
+                Input::Wait(millis) => {
+                    harness.advance(u64::from(millis));
+                    harness.timeout();
+                }
+                Input::Pull => while harness.server.poll_snapshot(now, b"c").is_some() {},
+            }
+            for output in harness.drain() {
+                match output {
+                    Output::Event(Event::InputDropped { .. }) => reported += 1,
+                    Output::Publish(frames) => {
+                        let message = decode(&frames);
+                        if !message.is_hugz() {
+                            prop_assert!(message.sequence > last_sequence, "published sequences strictly increase");
+                            last_sequence = message.sequence;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            prop_assert_eq!(reported, harness.server.counters().dropped_total());
+            prop_assert!(harness.server.pending_len() <= harness.server.config().pending_max_len);
+        }
+    }
+}
