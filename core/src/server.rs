@@ -358,6 +358,8 @@ pub enum Event {
         /// Updates not replayed because the active had since published a later update
         /// of the same key.
         skipped_superseded: usize,
+        /// Updates not replayed because their ttl ran out while they waited.
+        skipped_expired: usize,
     },
     /// Pending entries were dropped without replay.
     PendingEvicted {
@@ -432,6 +434,8 @@ pub struct Counters {
     pub pending_replayed: u64,
     /// Pending updates not replayed because a later update superseded them.
     pub pending_superseded: u64,
+    /// Pending updates not replayed because their ttl ran out while they waited.
+    pub pending_expired: u64,
     /// Pending entries evicted by size or age.
     pub pending_evicted: u64,
     /// Updates forwarded to the primary after a dual active.
@@ -1074,29 +1078,37 @@ impl Server {
 
     /// On becoming active: every pending client copy not superseded gets a new sequence
     /// and is published, in arrival order. A ttl is republished as what remains of it by
-    /// our clock (at least 1 ms, since 0 would mean persistent).
+    /// our clock. A copy whose ttl ran out while it waited is not replayed at all:
+    /// publishing it would show clients a value already past its expiry (and with a
+    /// ttl shorter than the one its writer asked for); it is exactly as if it had been
+    /// set and expired.
     fn replay_pending(&mut self, now: Instant, wall: EpochMillis) {
         let (replay, skipped) = self.pending.take_replay();
         if replay.is_empty() && skipped == 0 {
             return;
         }
-        let replayed = replay.len();
+        let mut replayed = 0;
+        let mut expired = 0;
         for entry in replay {
             let mut update = entry.update;
             if let Some(expires_at) = entry.expires_at {
-                let remaining = wall
-                    .saturating_duration_until(expires_at)
-                    .max(Duration::from_millis(1));
-                update.set_ttl_relative(remaining);
+                if expires_at <= wall {
+                    expired += 1;
+                    continue;
+                }
+                update.set_ttl_relative(wall.saturating_duration_until(expires_at));
             }
+            replayed += 1;
             self.publish_update(now, update, entry.expires_at);
         }
         self.counters.pending_replayed += replayed as u64;
         self.counters.pending_superseded += skipped as u64;
+        self.counters.pending_expired += expired as u64;
         self.outputs
             .push_back(Output::Event(Event::PendingReplayed {
                 replayed,
                 skipped_superseded: skipped,
+                skipped_expired: expired,
             }));
     }
 

@@ -1257,6 +1257,23 @@ fn on_failover_the_passive_replays_pending_updates_with_new_sequences_in_arrival
 }
 
 #[test]
+fn a_pending_update_whose_ttl_ran_out_while_it_waited_is_not_replayed() {
+    // Found by the simulator (seed 0): replaying it published an already-expired value
+    // with a 1 ms ttl, then deleted it in the same step.
+    let mut harness = Harness::passive_at(0);
+    harness.collect(with_ttl_text(set("/short", "gone", 1), "0.5"));
+    harness.collect(with_ttl_text(set("/long", "kept", 2), "60"));
+    harness.drain();
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(keys(&harness.published()), ["/long"]);
+    assert!(harness.value("/short").is_none());
+    assert_eq!(harness.server.counters().pending_expired, 1);
+    assert_eq!(harness.server.counters().pending_replayed, 1);
+}
+
+#[test]
 fn a_pending_update_never_overwrites_a_newer_value_applied_from_the_active() {
     let mut harness = Harness::passive_at(0);
     // Client A's update reaches only the passive.
