@@ -3,7 +3,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::kvmsg::{Properties, Uuid, HUGZ, KTHXBAI};
+use crate::kvmsg::{Properties, HUGZ, KTHXBAI, TTL};
 
 const T0: Instant = Instant::from_millis(1_000_000);
 /// 2026-11-21, as in the reference bytes of PROTOCOL.md §2.
