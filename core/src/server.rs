@@ -67,7 +67,7 @@ use std::time::Duration;
 
 use crate::bstar::{self, Bstar, Cause, Role, Verdict};
 use crate::kvmsg::{
-    BstarState, DecodeError, KvMsg, Limits, SnapshotRequest, Ttl, TtlError, FRAME_COUNT, TTL,
+    BstarState, DecodeError, KvMsg, Limits, SnapshotRequest, Ttl, TtlError, Uuid, FRAME_COUNT,
 };
 use crate::time::{EpochMillis, Instant};
 
@@ -494,13 +494,6 @@ struct SyncInProgress {
     last_activity: Instant,
 }
 
-/// An update recorded by a backup while it may be split from the primary.
-#[derive(Clone, Debug)]
-struct SplitUpdate {
-    update: KvMsg,
-    expires_at: Option<EpochMillis>,
-}
-
 /// The clone server state machine. See the [module docs](self) for the run loop.
 #[derive(Clone, Debug)]
 pub struct Server {
@@ -516,8 +509,10 @@ pub struct Server {
     pending: PendingList,
     snapshots: SnapshotStreams,
     follow: Follow,
-    /// Latest update per key accepted while split (backup only), to forward on step-down.
-    split_log: BTreeMap<Vec<u8>, SplitUpdate>,
+    /// Keys changed while possibly split (backup only), to forward on step-down, with
+    /// the uuid of their latest update. The value itself is the map's: a key present in
+    /// the map is forwarded as its stored entry, an absent one as a delete.
+    split_log: BTreeMap<Vec<u8>, Option<Uuid>>,
     split_lost: u64,
     next_hugz: Instant,
     /// The latest (monotonic, wall) pair seen, to place wall-clock expiries on the
@@ -1043,7 +1038,7 @@ impl Server {
         let update = update.with_sequence(sequence);
         self.outputs.push_back(Output::Publish(update.encode()));
         self.counters.published += 1;
-        self.record_split(now, &update, expires_at);
+        self.record_split(now, &update.key, update.uuid);
         self.store.apply(update, expires_at);
     }
 
@@ -1062,16 +1057,7 @@ impl Server {
             let frames = entry.frames(&key, sequence, &[]);
             self.counters.published += 1;
             self.counters.expired += 1;
-            if self.records_split(now) {
-                let delete = KvMsg {
-                    key: key.to_vec(),
-                    sequence,
-                    uuid: entry.uuid(),
-                    properties: entry.properties().clone(),
-                    body: Vec::new(),
-                };
-                self.record_split(now, &delete, None);
-            }
+            self.record_split(now, &key, entry.uuid());
             self.outputs.push_back(Output::Publish(frames));
         }
     }
@@ -1112,25 +1098,19 @@ impl Server {
             }));
     }
 
-    /// A backup that is active while the primary may be active too records what it
-    /// accepts, newest per key, to forward if it has to step down (§7 dual active).
-    fn record_split(&mut self, now: Instant, update: &KvMsg, expires_at: Option<EpochMillis>) {
+    /// A backup that is active while the primary may be active too records which keys
+    /// it changes, to forward them if it has to step down (§7 dual active).
+    fn record_split(&mut self, now: Instant, key: &[u8], uuid: Option<Uuid>) {
         if !self.records_split(now) {
             return;
         }
-        if self.split_log.len() >= self.config.split_log_max
-            && !self.split_log.contains_key(&update.key)
-        {
+        if let Some(latest) = self.split_log.get_mut(key) {
+            *latest = uuid;
+        } else if self.split_log.len() < self.config.split_log_max {
+            self.split_log.insert(key.to_vec(), uuid);
+        } else {
             self.split_lost += 1;
-            return;
         }
-        self.split_log.insert(
-            update.key.clone(),
-            SplitUpdate {
-                update: update.clone(),
-                expires_at,
-            },
-        );
     }
 
     /// True for a backup that is active while the primary may be active too: not known
@@ -1151,16 +1131,33 @@ impl Server {
             return;
         }
         let forwarded = split_log.len();
-        for (_, SplitUpdate { update, expires_at }) in split_log {
-            let mut kvset = update.with_sequence(0);
-            if kvset.is_delete() {
-                kvset.properties.remove(TTL);
-            } else if let Some(expires_at) = expires_at {
-                let remaining = wall
-                    .saturating_duration_until(expires_at)
-                    .max(Duration::from_millis(1));
-                kvset.set_ttl_relative(remaining);
-            }
+        for (key, latest_uuid) in split_log {
+            let (kvset, expires_at) = match self.store.get(&key) {
+                Some(entry) => {
+                    let mut kvset = KvMsg {
+                        key,
+                        sequence: 0,
+                        uuid: entry.uuid(),
+                        properties: entry.properties().clone(),
+                        body: entry.body().to_vec(),
+                    };
+                    if let Some(expires_at) = entry.expires_at() {
+                        let remaining = wall
+                            .saturating_duration_until(expires_at)
+                            .max(Duration::from_millis(1));
+                        kvset.set_ttl_relative(remaining);
+                    }
+                    (kvset, entry.expires_at())
+                }
+                None => (
+                    KvMsg {
+                        key,
+                        uuid: latest_uuid,
+                        ..KvMsg::default()
+                    },
+                    None,
+                ),
+            };
             self.outputs
                 .push_back(Output::ForwardToPeerCollector(kvset.encode()));
             if let Some(uuid) = kvset.uuid {

@@ -3,7 +3,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::kvmsg::{Properties, Uuid, HUGZ, KTHXBAI};
+use crate::kvmsg::{Properties, HUGZ, KTHXBAI, TTL};
 
 const T0: Instant = Instant::from_millis(1_000_000);
 /// 2026-11-21, as in the reference bytes of PROTOCOL.md §2.
@@ -1424,6 +1424,34 @@ fn on_dual_active_the_backup_steps_down_forwards_its_split_updates_and_resyncs()
     harness.peer_update(kvpub(set("/x", "3", 3), 21));
     assert_eq!(harness.server.pending_len(), 2);
     assert_eq!(harness.server.sequence(), 21);
+}
+
+#[test]
+fn a_backup_that_stepped_down_and_resynced_lower_never_reuses_a_published_sequence() {
+    let mut harness = split_backup(&[set("/x", "1", 1), set("/y", "2", 2)]);
+    assert_eq!(harness.server.sequence(), 3);
+    harness.peer_state(BstarState::Active); // dual active: step down
+    harness.peer_update(KvMsg::hugz(1));
+    harness.peer_snapshot(KvMsg::kthxbai(1, Vec::new()));
+    assert_eq!(
+        harness.server.sequence(),
+        1,
+        "it follows the primary's numbering"
+    );
+    harness.peer_state(BstarState::Primary); // the primary restarted
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.collect(set("/z", "3", 3));
+    let published = harness.published();
+    // The forwarded updates the primary never echoed are replayed first, then /z; all
+    // numbered above the 3 this server published before.
+    assert_eq!(keys(&published), ["/x", "/y", "/z"]);
+    assert_eq!(
+        published
+            .iter()
+            .map(|message| message.sequence)
+            .collect::<Vec<_>>(),
+        [4, 5, 6]
+    );
 }
 
 #[test]
