@@ -75,7 +75,7 @@ mod pending;
 mod snapshot;
 mod store;
 
-use pending::{ClientCopyFate, Evicted, PendingList};
+use pending::{ClientCopyFate, CopyOrigin, Evicted, PendingList};
 use snapshot::{Pulled, SnapshotStreams};
 pub use store::Entry;
 use store::Store;
@@ -436,6 +436,8 @@ pub struct Counters {
     pub pending_superseded: u64,
     /// Pending updates not replayed because their ttl ran out while they waited.
     pub pending_expired: u64,
+    /// Pending updates settled by a full snapshot requested after they arrived.
+    pub pending_superseded_by_snapshot: u64,
     /// Pending entries evicted by size or age.
     pub pending_evicted: u64,
     /// Updates forwarded to the primary after a dual active.
@@ -492,6 +494,8 @@ struct SyncInProgress {
     backlog: Vec<(KvMsg, Option<EpochMillis>)>,
     backlog_overflowed: bool,
     last_activity: Instant,
+    /// Pending-list arrivals before this mark preceded the request.
+    pending_mark: u64,
 }
 
 /// The clone server state machine. See the [module docs](self) for the run loop.
@@ -684,6 +688,7 @@ impl Server {
                 uuid,
                 update,
                 expires_at,
+                CopyOrigin::Client,
                 self.config.pending_max_len,
             );
             self.report_eviction(evicted, EvictionReason::Size);
@@ -1166,6 +1171,7 @@ impl Server {
                     uuid,
                     kvset,
                     expires_at,
+                    CopyOrigin::Forwarded,
                     self.config.pending_max_len,
                 );
                 self.report_eviction(evicted, EvictionReason::Size);
@@ -1198,6 +1204,7 @@ impl Server {
         self.follow = Follow::Syncing(Box::new(SyncInProgress {
             backlog,
             last_activity: now,
+            pending_mark: self.pending.arrival_mark(),
             ..SyncInProgress::default()
         }));
     }
@@ -1212,10 +1219,16 @@ impl Server {
             store,
             backlog,
             backlog_overflowed,
+            pending_mark,
             ..
         } = *sync;
         self.store = store;
         self.sequence = sequence;
+        let store = &self.store;
+        let (_echoed, superseded) = self.pending.settle_against_snapshot(pending_mark, |key| {
+            store.get(key).and_then(|entry| entry.uuid())
+        });
+        self.counters.pending_superseded_by_snapshot += superseded as u64;
         self.counters.syncs_completed += 1;
         self.outputs.push_back(Output::Event(Event::SyncCompleted {
             sequence,

@@ -11,8 +11,11 @@
 //!   update the active has not echoed for that long will never be echoed), so echoes
 //!   whose client copy never comes cannot pile up;
 //! - a client copy is *superseded* when the active publishes a later update of the
-//!   same key after the copy arrived; a superseded copy is still matched by its echo
-//!   but never replayed, so a replay cannot overwrite a newer value.
+//!   same key after the copy arrived, or when a full snapshot from the active, requested
+//!   after the copy arrived, is installed (the snapshot states every key, present or
+//!   absent, at a point the copy preceded); a superseded copy is still matched by its
+//!   echo but never replayed, so a replay cannot overwrite a newer value or bring back
+//!   a deleted key.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -29,6 +32,8 @@ enum Kind {
         expires_at: Option<EpochMillis>,
         /// The active published a later update of the same key since this arrived.
         superseded: bool,
+        /// Where the copy came from.
+        origin: CopyOrigin,
     },
     /// The active's echo arrived before the client's copy; it cancels that copy.
     Echo,
@@ -39,6 +44,17 @@ struct Held {
     arrival: u64,
     arrived_at: Instant,
     kind: Kind,
+}
+
+/// Where a held copy came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CopyOrigin {
+    /// A client sent it to our collector.
+    Client,
+    /// We accepted it while split and forwarded it to the primary when stepping down.
+    /// The forward races the snapshot we request at the same moment, so only its echo
+    /// (or a later update of its key) settles it, never that snapshot.
+    Forwarded,
 }
 
 /// What became of a client's copy handed to [`PendingList::hold_client_copy`].
@@ -107,6 +123,7 @@ impl PendingList {
         uuid: Uuid,
         update: KvMsg,
         expires_at: Option<EpochMillis>,
+        origin: CopyOrigin,
         max_len: usize,
     ) -> (ClientCopyFate, Evicted) {
         match self.by_uuid.get(&uuid).map(|held| &held.kind) {
@@ -132,6 +149,7 @@ impl PendingList {
                     update,
                     expires_at,
                     superseded: false,
+                    origin,
                 },
             },
         );
@@ -194,6 +212,58 @@ impl PendingList {
         }
     }
 
+    /// A mark that orders later arrivals after this moment: see
+    /// [`PendingList::settle_against_snapshot`].
+    pub(crate) fn arrival_mark(&self) -> u64 {
+        self.next_arrival
+    }
+
+    /// A full snapshot of the active's map, requested at `mark`, was installed. Every
+    /// client copy that arrived before the request is settled by it: a copy whose uuid
+    /// the snapshot stores for its key is its echo (removed); any other is older than
+    /// what the snapshot shows for its key, present or absent (superseded). Found by the
+    /// simulator: a restarted backup held a copy whose echo it never saw, re-synced
+    /// past it, and replayed it at failover over a newer value. Returns
+    /// `(echoed, superseded)`.
+    pub(crate) fn settle_against_snapshot(
+        &mut self,
+        mark: u64,
+        stored_uuid: impl Fn(&[u8]) -> Option<Uuid>,
+    ) -> (usize, usize) {
+        let earlier: Vec<(Vec<u8>, u64)> = self
+            .live_copies_by_key
+            .iter()
+            .filter(|(_, arrival)| *arrival < mark)
+            .cloned()
+            .collect();
+        let (mut echoed, mut superseded_count) = (0, 0);
+        for (key, arrival) in earlier {
+            let Some(uuid) = self.by_arrival.get(&arrival).copied() else {
+                continue;
+            };
+            if stored_uuid(&key) == Some(uuid) {
+                self.remove(&uuid);
+                echoed += 1;
+                continue;
+            }
+            if let Some(Held {
+                kind:
+                    Kind::ClientCopy {
+                        superseded,
+                        origin: CopyOrigin::Client,
+                        ..
+                    },
+                ..
+            }) = self.by_uuid.get_mut(&uuid)
+            {
+                *superseded = true;
+                superseded_count += 1;
+                self.live_copies_by_key.remove(&(key, arrival));
+            }
+        }
+        (echoed, superseded_count)
+    }
+
     /// Drops entries older than `max_age`.
     pub(crate) fn evict_older_than(&mut self, now: Instant, max_age: Duration) -> Evicted {
         let mut evicted = Evicted::default();
@@ -221,6 +291,7 @@ impl PendingList {
                         update,
                         expires_at,
                         superseded,
+                        ..
                     },
                 ..
             }) = self.by_uuid.remove(uuid)

@@ -1274,6 +1274,36 @@ fn a_pending_update_whose_ttl_ran_out_while_it_waited_is_not_replayed() {
 }
 
 #[test]
+fn a_snapshot_requested_after_a_client_copy_arrived_settles_that_copy() {
+    // Found by the simulator (seed 6): a restarted backup held client copies whose
+    // echoes it never saw, synced past them, and at failover replayed one over a newer
+    // value. A full snapshot requested after a copy arrived states its key as of a
+    // later point: the copy is its echo (same uuid) or older than what it shows.
+    let mut harness = Harness::new(Config::backup());
+    harness.collect(set("/newer", "old-copy", 1));
+    harness.collect(set("/echoed", "mine", 2));
+    harness.collect(set("/deleted", "resurrected?", 3));
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(10));
+    // A copy that arrives after the request may not be in the snapshot: it stays live.
+    harness.collect(set("/late", "after-request", 4));
+    harness.peer_snapshot(kvpub(set("/echoed", "mine", 2), 5));
+    harness.peer_snapshot(kvpub(set("/newer", "newer-value", 9), 8));
+    harness.peer_snapshot(KvMsg::kthxbai(10, Vec::new()));
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    assert!(!harness.server.is_syncing());
+    assert_eq!(harness.server.counters().pending_superseded_by_snapshot, 2);
+    harness.drain();
+
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(keys(&harness.published()), ["/late"]);
+    assert_eq!(harness.value("/newer"), Some(&b"newer-value"[..]));
+    assert!(harness.value("/deleted").is_none());
+}
+
+#[test]
 fn a_pending_update_never_overwrites_a_newer_value_applied_from_the_active() {
     let mut harness = Harness::passive_at(0);
     // Client A's update reaches only the passive.
