@@ -20,8 +20,10 @@ use rand::SeedableRng;
 pub mod clock;
 pub mod network;
 pub mod options;
+pub mod oracles;
 pub mod ratio;
 pub mod workload;
+pub mod world;
 
 /// The simulator's random number generator: fast, seedable, identical on every platform.
 pub type SimRng = rand_chacha::ChaCha8Rng;

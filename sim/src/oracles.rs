@@ -1,0 +1,271 @@
+//! The oracles of SIMULATION.md and the history they need.
+//!
+//! The workload writes a unique value every time, so "which write is this?" is answered
+//! by the value itself, and "is it older?" by the order in which values were first
+//! published by any active server ([`History::publication_index`]).
+//!
+//! What is recorded:
+//! - every KVPUB an active publishes (publication order; per-server sequence order);
+//! - for each server, its *reigns*: a reign starts when the server becomes active, with
+//!   the map it had then, and logs its publications, so the map of that server at any
+//!   sequence of the reign can be rebuilt for the point-in-time snapshot check;
+//! - for each server, the publication index of the value it holds per key, to check
+//!   that an active never goes back to an older value and that a failover keeps
+//!   everything the backup had received;
+//! - ttl expectations of ephemeral values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use clonekv_core::kvmsg::Uuid;
+use clonekv_core::time::{EpochMillis, Instant};
+
+/// The properties SIMULATION.md requires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Oracle {
+    /// 1. A server's published sequences strictly increase.
+    SequencesIncrease,
+    /// 2. A client's map after KTHXBAI equals the server's map at that sequence.
+    SnapshotIsPointInTime,
+    /// 3. No key goes back to an older value at a client or at the active server.
+    NoRegression,
+    /// 4. At most one active server while the two can hear each other.
+    SingleActive,
+    /// 5. An update that reached the backup is not lost by failover.
+    FailoverKeepsUpdates,
+    /// 6. Keys expire neither early nor (much) late.
+    Ttl,
+    /// 7. Pending lists, streams and queues stay within their limits.
+    BoundedMemory,
+    /// 8. Nothing panics.
+    NoPanic,
+    /// After healing: one active, the passive in sync, every client in sync.
+    Liveness,
+}
+
+impl Oracle {
+    /// True for the liveness oracle (its own exit code).
+    pub fn is_liveness(self) -> bool {
+        self == Oracle::Liveness
+    }
+}
+
+impl fmt::Display for Oracle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Oracle::SequencesIncrease => "safety 1: published sequences strictly increase",
+            Oracle::SnapshotIsPointInTime => "safety 2: snapshot is the server's map at KTHXBAI",
+            Oracle::NoRegression => "safety 3: no key goes back to an older value",
+            Oracle::SingleActive => "safety 4: at most one active while the pair can talk",
+            Oracle::FailoverKeepsUpdates => "safety 5: failover keeps what reached the backup",
+            Oracle::Ttl => "safety 6: ttl expiry neither early nor late",
+            Oracle::BoundedMemory => "safety 7: memory stays bounded",
+            Oracle::NoPanic => "safety 8: nothing panics",
+            Oracle::Liveness => "liveness: after healing, one active and everyone in sync",
+        })
+    }
+}
+
+/// A broken oracle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// Which oracle.
+    pub oracle: Oracle,
+    /// What was seen.
+    pub detail: String,
+}
+
+impl Violation {
+    /// A violation of `oracle`.
+    pub fn new(oracle: Oracle, detail: impl Into<String>) -> Violation {
+        Violation {
+            oracle,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The order of first publication: larger is newer.
+pub type PublicationIndex = u64;
+
+/// One reign of one server as active: enough to rebuild its map at any sequence.
+#[derive(Clone, Debug)]
+pub struct Reign {
+    /// The sequence when the reign began.
+    pub base_sequence: i64,
+    /// The map (key → value) when the reign began.
+    pub base: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Publications of the reign, in sequence order: key, sequence, value (empty for a
+    /// delete).
+    pub log: Vec<(i64, Vec<u8>, Vec<u8>)>,
+}
+
+impl Reign {
+    /// The server's map at `sequence`, if the reign covers it.
+    pub fn map_at(&self, sequence: i64) -> Option<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let last = self
+            .log
+            .last()
+            .map_or(self.base_sequence, |(seq, _, _)| *seq);
+        if sequence < self.base_sequence || sequence > last {
+            return None;
+        }
+        let mut map = self.base.clone();
+        for (seq, key, value) in &self.log {
+            if *seq > sequence {
+                break;
+            }
+            if value.is_empty() {
+                map.remove(key);
+            } else {
+                map.insert(key.clone(), value.clone());
+            }
+        }
+        Some(map)
+    }
+}
+
+/// What a server holds for a key, in publication order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// Publication index of the value or delete.
+    pub index: PublicationIndex,
+    /// False when the key was deleted.
+    pub present: bool,
+}
+
+/// What a published ephemeral value promises.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TtlExpectation {
+    /// The value that must expire.
+    pub value: Vec<u8>,
+    /// Its uuid (an expiry delete carries it).
+    pub uuid: Option<Uuid>,
+    /// When it expires by the wall clock of the server that published it.
+    pub expires_at: EpochMillis,
+    /// The server that published it.
+    pub publisher: usize,
+    /// World time of the publication.
+    pub published_at: Instant,
+}
+
+/// Everything the oracles remember about a run.
+#[derive(Debug, Default)]
+pub struct History {
+    first_published: BTreeMap<Vec<u8>, PublicationIndex>,
+    next_index: PublicationIndex,
+    /// Per server node: reigns, newest last.
+    pub reigns: BTreeMap<usize, Vec<Reign>>,
+    /// Per server node: what it holds per key.
+    pub held: BTreeMap<usize, BTreeMap<Vec<u8>, Held>>,
+    /// Publication index of each delete, by key and sequence.
+    deletes: BTreeMap<(Vec<u8>, i64), PublicationIndex>,
+    /// Per server node: the last sequence it published since its last reset.
+    pub last_published: BTreeMap<usize, i64>,
+    /// Per key: the ttl promise of its current ephemeral value.
+    pub ttl: BTreeMap<Vec<u8>, TtlExpectation>,
+}
+
+impl History {
+    /// The publication index of `value`, if it was ever published.
+    pub fn publication_index(&self, value: &[u8]) -> Option<PublicationIndex> {
+        self.first_published.get(value).copied()
+    }
+
+    /// Records a publication of `value` (a delete when empty) and returns its index: the
+    /// index of its first publication for a value published before, else a new one.
+    pub fn publish(&mut self, value: &[u8]) -> PublicationIndex {
+        if value.is_empty() {
+            self.next_index += 1;
+            return self.next_index;
+        }
+        if let Some(index) = self.first_published.get(value) {
+            return *index;
+        }
+        self.next_index += 1;
+        self.first_published.insert(value.to_vec(), self.next_index);
+        self.next_index
+    }
+
+    /// Remembers the publication index of a delete of `key` at `sequence`.
+    pub fn record_delete(&mut self, key: &[u8], sequence: i64, index: PublicationIndex) {
+        self.deletes.insert((key.to_vec(), sequence), index);
+    }
+
+    /// The publication index of the delete of `key` at `sequence`.
+    pub fn delete_index(&self, key: &[u8], sequence: i64) -> Option<PublicationIndex> {
+        self.deletes.get(&(key.to_vec(), sequence)).copied()
+    }
+
+    /// Starts a new reign of `server` with `map` at `sequence`.
+    pub fn begin_reign(&mut self, server: usize, sequence: i64, map: BTreeMap<Vec<u8>, Vec<u8>>) {
+        self.reigns.entry(server).or_default().push(Reign {
+            base_sequence: sequence,
+            base: map,
+            log: Vec::new(),
+        });
+    }
+
+    /// Logs a publication into `server`'s current reign.
+    pub fn log_publication(&mut self, server: usize, sequence: i64, key: &[u8], value: &[u8]) {
+        if let Some(reign) = self
+            .reigns
+            .get_mut(&server)
+            .and_then(|reigns| reigns.last_mut())
+        {
+            reign.log.push((sequence, key.to_vec(), value.to_vec()));
+        }
+    }
+
+    /// Every map `server` had at `sequence`, newest reign first.
+    pub fn maps_at(&self, server: usize, sequence: i64) -> Vec<BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.reigns
+            .get(&server)
+            .map(|reigns| {
+                reigns
+                    .iter()
+                    .rev()
+                    .filter_map(|reign| reign.map_at(sequence))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reign_rebuilds_the_map_at_any_of_its_sequences() {
+        let mut history = History::default();
+        let base = BTreeMap::from([(b"a".to_vec(), b"1".to_vec())]);
+        history.begin_reign(0, 10, base);
+        history.log_publication(0, 11, b"b", b"2");
+        history.log_publication(0, 12, b"a", b"");
+        let at_10 = history.maps_at(0, 10);
+        assert_eq!(
+            at_10,
+            vec![BTreeMap::from([(b"a".to_vec(), b"1".to_vec())])]
+        );
+        let at_12 = history.maps_at(0, 12);
+        assert_eq!(
+            at_12,
+            vec![BTreeMap::from([(b"b".to_vec(), b"2".to_vec())])]
+        );
+        assert!(history.maps_at(0, 13).is_empty());
+        assert!(history.maps_at(0, 9).is_empty());
+    }
+
+    #[test]
+    fn a_republished_value_keeps_its_first_index_and_deletes_are_always_new() {
+        let mut history = History::default();
+        let first = history.publish(b"v1");
+        let second = history.publish(b"v2");
+        assert_eq!(history.publish(b"v1"), first);
+        assert!(second > first);
+        let delete = history.publish(b"");
+        assert!(delete > second);
+        assert!(history.publish(b"") > delete);
+    }
+}

@@ -1,0 +1,1827 @@
+//! One simulated world: a primary, a backup and 1..8 clients — the real core state
+//! machines — on the simulated network, under faults, with every oracle checked after
+//! every step.
+//!
+//! A run has two phases. In the *fault phase* the workload writes and faults are
+//! injected. In the *heal phase* every partition heals, crashed nodes restart, paused
+//! nodes resume and writes stop; at its end the liveness oracle must hold. Safety
+//! oracles are checked throughout.
+//!
+//! Node ids: 0 is the primary, 1 the backup, 2.. the clients. The clients' server list
+//! is `[primary, backup]`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
+
+use clonekv_core::client::{self, Channel, Client, ServerIndex};
+use clonekv_core::kvmsg::{BstarState, KvMsg, Limits};
+use clonekv_core::server::{self, Server};
+use clonekv_core::time::{EpochMillis, Instant};
+use rand::RngExt;
+
+use crate::clock::NodeClock;
+use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
+use crate::options::{streams, Options};
+use crate::oracles::{History, Oracle, TtlExpectation, Violation};
+use crate::workload::{Operation, Workload};
+use crate::{derive_rng, SimRng};
+
+/// The primary server's node id.
+pub const PRIMARY: NodeId = 0;
+/// The backup server's node id.
+pub const BACKUP: NodeId = 1;
+/// The first client's node id.
+pub const FIRST_CLIENT: NodeId = 2;
+
+/// Wall clock of the world at time zero: 2026-11-21, so ttls look like real epoch ms.
+const WALL_AT_START: EpochMillis = EpochMillis(1_795_268_000_000);
+/// How late an expiry may be on an undisturbed active (PROTOCOL.md §5).
+const EXPIRY_GRANULARITY: Duration = Duration::from_millis(100);
+/// Events kept for a failure report.
+const RECENT_EVENTS: usize = 40;
+
+/// How much of the run to write down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TraceMode {
+    /// Only the trace hash (fast).
+    Hash,
+    /// Keep the last events in memory for a failure report.
+    Recent,
+    /// Print every event to stdout as it happens.
+    Print,
+}
+
+/// Counts of what happened, so that a too-gentle world is visible.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Binary Star transitions, by (from, to).
+    pub bstar_transitions: BTreeMap<(BstarState, BstarState), u64>,
+    /// Client state changes, by name.
+    pub client_events: BTreeMap<&'static str, u64>,
+    /// Server events, by name.
+    pub server_events: BTreeMap<&'static str, u64>,
+    /// Injected faults, by kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    /// Messages the network lost, by reason.
+    pub network_drops: BTreeMap<&'static str, u64>,
+    /// Messages delivered.
+    pub delivered: u64,
+    /// Writes the workload made.
+    pub writes: u64,
+    /// Keys that expired by ttl.
+    pub expiries: u64,
+    /// Times both servers were active at once.
+    pub split_brain_windows: u64,
+}
+
+impl Coverage {
+    /// Adds another run's counts.
+    pub fn merge(&mut self, other: &Coverage) {
+        for (key, count) in &other.bstar_transitions {
+            *self.bstar_transitions.entry(*key).or_default() += count;
+        }
+        for (mine, theirs) in [
+            (&mut self.client_events, &other.client_events),
+            (&mut self.server_events, &other.server_events),
+            (&mut self.faults, &other.faults),
+            (&mut self.network_drops, &other.network_drops),
+        ] {
+            for (key, count) in theirs {
+                *mine.entry(key).or_default() += count;
+            }
+        }
+        self.delivered += other.delivered;
+        self.writes += other.writes;
+        self.expiries += other.expiries;
+        self.split_brain_windows += other.split_brain_windows;
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunReport {
+    /// The world seed.
+    pub seed: u64,
+    /// The first broken oracle, if any.
+    pub violation: Option<Violation>,
+    /// Hash of every event, for the determinism check.
+    pub trace_hash: u64,
+    /// What happened.
+    pub coverage: Coverage,
+    /// The last events before the end (with [`TraceMode::Recent`] or `Print`).
+    pub recent: Vec<String>,
+    /// Simulated time reached.
+    pub simulated: Duration,
+}
+
+#[derive(Debug)]
+struct Life {
+    clock: NodeClock,
+    restart_at: Option<Instant>,
+    paused_until: Option<Instant>,
+    held: VecDeque<Delivery>,
+    incarnation: u32,
+    /// World time since which the node has run without a pause or restart.
+    running_since: Instant,
+}
+
+impl Life {
+    fn is_paused(&self) -> bool {
+        self.paused_until.is_some()
+    }
+}
+
+#[derive(Debug)]
+struct ServerSlot {
+    node: NodeId,
+    config: server::Config,
+    machine: Option<Server>,
+    life: Life,
+    /// Fresh DEALER per peer snapshot request: replies to older ones are discarded.
+    peer_dealer_epoch: u32,
+    /// Routing ids whose snapshot streams have messages to pull.
+    ready_streams: BTreeSet<Vec<u8>>,
+    /// World time since which the server has been active, if it is.
+    active_since: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct ClientSlot {
+    node: NodeId,
+    subtree: Vec<u8>,
+    machine: Option<Client>,
+    life: Life,
+    /// The client's map as told by its events.
+    mirror: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Per key, the publication index of the newest value seen since the last sync.
+    newest_seen: BTreeMap<Vec<u8>, u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Faults,
+    Healing,
+}
+
+/// A simulated world.
+pub struct World {
+    seed: u64,
+    options: Options,
+    now: Instant,
+    phase: Phase,
+    network: Network,
+    servers: Vec<ServerSlot>,
+    clients: Vec<ClientSlot>,
+    workload: Workload,
+    fault_rng: SimRng,
+    next_fault_tick: Instant,
+    heals: BTreeMap<(Instant, NodeId, NodeId), ()>,
+    history: History,
+    coverage: Coverage,
+    trace_mode: TraceMode,
+    trace_hasher: DefaultHasher,
+    recent: VecDeque<String>,
+    violation: Option<Violation>,
+    /// World time since which the pair has been able to talk both ways, if it can.
+    pair_connected_since: Option<Instant>,
+    both_active_since: Option<Instant>,
+    limits: Limits,
+}
+
+fn server_index(node: NodeId) -> ServerIndex {
+    ServerIndex(node)
+}
+
+fn routes(clients: usize) -> Vec<Route> {
+    let mut routes = Vec::new();
+    for (a, b) in [(PRIMARY, BACKUP), (BACKUP, PRIMARY)] {
+        for link in [
+            Link::SnapshotRequest,
+            Link::SnapshotReply,
+            Link::Updates,
+            Link::Collector,
+            Link::State,
+        ] {
+            routes.push(Route {
+                from: a,
+                to: b,
+                link,
+            });
+        }
+    }
+    for client in FIRST_CLIENT..FIRST_CLIENT + clients {
+        for server in [PRIMARY, BACKUP] {
+            for (from, to, link) in [
+                (client, server, Link::SnapshotRequest),
+                (server, client, Link::SnapshotReply),
+                (server, client, Link::Updates),
+                (client, server, Link::Collector),
+            ] {
+                routes.push(Route { from, to, link });
+            }
+        }
+    }
+    routes
+}
+
+/// `d<node>.<incarnation>.<epoch>`: the identity a DEALER presents; the ROUTER side adds
+/// `.<connection>`. Replies carry it back so that the sim can tell a reply to a closed
+/// DEALER (restarted node, re-created peer DEALER, reconnected TCP) from a live one.
+fn dealer_identity(node: NodeId, incarnation: u32, epoch: u32) -> Vec<u8> {
+    format!("d{node}.{incarnation}.{epoch}").into_bytes()
+}
+
+fn parse_routing_id(routing_id: &[u8]) -> Option<(NodeId, u32, u32, u64)> {
+    let text = std::str::from_utf8(routing_id).ok()?;
+    let mut parts = text.strip_prefix('d')?.split('.');
+    let node = parts.next()?.parse().ok()?;
+    let incarnation = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?.parse().ok()?;
+    let connection = parts.next()?.parse().ok()?;
+    Some((node, incarnation, epoch, connection))
+}
+
+impl World {
+    /// A world for `seed` with `options`.
+    pub fn new(seed: u64, options: Options, trace_mode: TraceMode) -> World {
+        let now = Instant::ZERO;
+        let mut clock_rng = derive_rng(seed, streams::CLOCKS);
+        let clients_count = options.workload.clients.clamp(1, 8);
+        let skew = u64::try_from(options.clocks.wall_skew_max.as_millis()).unwrap_or(0);
+        let drift = i32::try_from(options.clocks.drift_ppm_max).unwrap_or(0);
+        let clock = |rng: &mut SimRng| NodeClock {
+            offset: Duration::from_millis(rng.random_range(0..=10_000)),
+            drift_ppm: rng.random_range(-drift..=drift),
+            wall_at_start: EpochMillis(WALL_AT_START.0 + rng.random_range(0..=skew)),
+        };
+        let life = |clock: NodeClock| Life {
+            clock,
+            restart_at: None,
+            paused_until: None,
+            held: VecDeque::new(),
+            incarnation: 0,
+            running_since: now,
+        };
+        let network = Network::new(
+            options.network.clone(),
+            derive_rng(seed, streams::NETWORK),
+            routes(clients_count),
+            now,
+        );
+        let workload = Workload::new(
+            crate::options::WorkloadOptions {
+                clients: clients_count,
+                ..options.workload.clone()
+            },
+            derive_rng(seed, streams::WORKLOAD),
+            now,
+        );
+        let mut world = World {
+            seed,
+            now,
+            phase: Phase::Faults,
+            network,
+            servers: Vec::new(),
+            clients: Vec::new(),
+            fault_rng: derive_rng(seed, streams::FAULTS),
+            next_fault_tick: now + options.faults.tick,
+            heals: BTreeMap::new(),
+            history: History::default(),
+            coverage: Coverage::default(),
+            trace_mode,
+            trace_hasher: DefaultHasher::new(),
+            recent: VecDeque::new(),
+            violation: None,
+            pair_connected_since: Some(now),
+            both_active_since: None,
+            limits: Limits::default(),
+            workload,
+            options,
+        };
+        for (node, config) in [
+            (PRIMARY, server::Config::primary()),
+            (BACKUP, server::Config::backup()),
+        ] {
+            let clock = clock(&mut clock_rng);
+            world.servers.push(ServerSlot {
+                node,
+                config,
+                machine: None,
+                life: life(clock),
+                peer_dealer_epoch: 0,
+                ready_streams: BTreeSet::new(),
+                active_since: None,
+            });
+            world.start_server(node);
+        }
+        for index in 0..clients_count {
+            let clock = clock(&mut clock_rng);
+            let node = FIRST_CLIENT + index;
+            world.clients.push(ClientSlot {
+                node,
+                subtree: world.workload.subtree(index).to_vec(),
+                machine: None,
+                life: life(clock),
+                mirror: BTreeMap::new(),
+                newest_seen: BTreeMap::new(),
+            });
+            world.start_client(node);
+        }
+        world
+    }
+
+    // --- Running ---------------------------------------------------------------------
+
+    /// Runs the world to the end of its heal phase, or to the first violation.
+    pub fn run(mut self) -> RunReport {
+        let fault_end = Instant::ZERO + self.options.fault_phase;
+        let end = fault_end + self.options.heal_phase;
+        while self.violation.is_none() {
+            let Some(next) = self.next_time(fault_end, end) else {
+                break;
+            };
+            if next >= end {
+                break;
+            }
+            self.now = self.now.max(next);
+            if self.phase == Phase::Faults && self.now >= fault_end {
+                self.begin_healing();
+            }
+            self.step();
+        }
+        if self.violation.is_none() {
+            self.now = end;
+            if !self.options.is_harsh() {
+                self.check_liveness();
+            }
+        }
+        self.finish()
+    }
+
+    fn finish(mut self) -> RunReport {
+        let stats = self.network.stats().clone();
+        self.coverage.delivered = stats.delivered;
+        for reason in DropReason::ALL {
+            if let Some(count) = stats.dropped.get(&reason) {
+                self.coverage.network_drops.insert(reason.name(), *count);
+            }
+        }
+        for (name, count) in [
+            ("released_after_stall", stats.released_after_stall),
+            ("connections_broken", stats.connections_broken),
+            ("reconnects", stats.reconnects),
+            ("duplicated", stats.duplicated),
+        ] {
+            if count > 0 {
+                self.coverage.faults.insert(name, count);
+            }
+        }
+        RunReport {
+            seed: self.seed,
+            violation: self.violation,
+            trace_hash: self.trace_hasher.finish(),
+            coverage: self.coverage,
+            recent: self.recent.into_iter().collect(),
+            simulated: self.now.saturating_duration_since(Instant::ZERO),
+        }
+    }
+
+    fn next_time(&self, fault_end: Instant, end: Instant) -> Option<Instant> {
+        let mut candidates = vec![self.network.next_event(), Some(end)];
+        if self.phase == Phase::Faults {
+            candidates.push(self.workload.next_due());
+            candidates.push(Some(self.next_fault_tick));
+            candidates.push(Some(fault_end));
+            candidates.push(self.heals.keys().next().map(|(at, _, _)| *at));
+        }
+        for slot in &self.servers {
+            candidates.push(slot.life.restart_at);
+            candidates.push(slot.life.paused_until);
+            if let (Some(machine), false) = (&slot.machine, slot.life.is_paused()) {
+                candidates.push(
+                    machine
+                        .poll_timeout()
+                        .map(|local| slot.life.clock.world_deadline(local)),
+                );
+            }
+        }
+        for slot in &self.clients {
+            candidates.push(slot.life.restart_at);
+            candidates.push(slot.life.paused_until);
+            if let (Some(machine), false) = (&slot.machine, slot.life.is_paused()) {
+                candidates.push(
+                    machine
+                        .poll_timeout()
+                        .map(|local| slot.life.clock.world_deadline(local)),
+                );
+            }
+        }
+        candidates.into_iter().flatten().min()
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        for route in self.network.handle_reconnects(now) {
+            self.trace(|| format!("reconnect {route:?}"), &(1u8, route));
+        }
+        self.restarts_and_resumes();
+        self.heal_partitions_due();
+        while let Some(delivery) = self.network.pop_delivery(now) {
+            self.deliver(delivery);
+            if self.violation.is_some() {
+                return;
+            }
+        }
+        if self.phase == Phase::Faults {
+            while let Some((client, operation)) = self.workload.poll(now) {
+                self.write(client, operation);
+            }
+        }
+        self.timeouts();
+        if self.phase == Phase::Faults && now >= self.next_fault_tick {
+            self.next_fault_tick = now + self.options.faults.tick;
+            self.inject_faults();
+        }
+        self.pump_snapshots();
+        self.check_pair();
+    }
+
+    // --- Nodes -----------------------------------------------------------------------
+
+    fn server_slot(&mut self, node: NodeId) -> Option<&mut ServerSlot> {
+        self.servers.get_mut(node)
+    }
+
+    fn client_slot(&mut self, node: NodeId) -> Option<&mut ClientSlot> {
+        node.checked_sub(FIRST_CLIENT)
+            .and_then(|index| self.clients.get_mut(index))
+    }
+
+    fn start_server(&mut self, node: NodeId) {
+        let now = self.now;
+        let Some(slot) = self.server_slot(node) else {
+            return;
+        };
+        let local = slot.life.clock.local(now);
+        let wall = slot.life.clock.wall(now);
+        match Server::new(local, wall, slot.config) {
+            Ok(machine) => slot.machine = Some(machine),
+            Err(error) => {
+                let detail = format!("server {node} refused the sim's config: {error}");
+                self.fail(Oracle::NoPanic, detail);
+                return;
+            }
+        }
+        self.history.last_published.remove(&node);
+        self.history.held.remove(&node);
+        self.drain_server(node);
+    }
+
+    fn start_client(&mut self, node: NodeId) {
+        let now = self.now;
+        let seed = self.seed;
+        let Some(slot) = self.client_slot(node) else {
+            return;
+        };
+        let config = client::Config {
+            servers: 2,
+            subtree: slot.subtree.clone(),
+            ..client::Config::default()
+        };
+        let rng = derive_rng(
+            seed,
+            streams::NODE_BASE + (node as u64) * 1_000 + u64::from(slot.life.incarnation),
+        );
+        let local = slot.life.clock.local(now);
+        slot.mirror.clear();
+        slot.newest_seen.clear();
+        match Client::new(config, rng, local) {
+            Ok(machine) => slot.machine = Some(machine),
+            Err(error) => {
+                let detail = format!("client {node} refused the sim's config: {error}");
+                self.fail(Oracle::NoPanic, detail);
+                return;
+            }
+        }
+        self.drain_client(node);
+    }
+
+    fn is_server(node: NodeId) -> bool {
+        node < FIRST_CLIENT
+    }
+
+    fn life(&self, node: NodeId) -> Option<&Life> {
+        if World::is_server(node) {
+            self.servers.get(node).map(|slot| &slot.life)
+        } else {
+            node.checked_sub(FIRST_CLIENT)
+                .and_then(|index| self.clients.get(index))
+                .map(|slot| &slot.life)
+        }
+    }
+
+    fn life_mut(&mut self, node: NodeId) -> Option<&mut Life> {
+        if World::is_server(node) {
+            self.servers.get_mut(node).map(|slot| &mut slot.life)
+        } else {
+            node.checked_sub(FIRST_CLIENT)
+                .and_then(|index| self.clients.get_mut(index))
+                .map(|slot| &mut slot.life)
+        }
+    }
+
+    fn is_up(&self, node: NodeId) -> bool {
+        if World::is_server(node) {
+            self.servers
+                .get(node)
+                .is_some_and(|slot| slot.machine.is_some())
+        } else {
+            node.checked_sub(FIRST_CLIENT)
+                .and_then(|index| self.clients.get(index))
+                .is_some_and(|slot| slot.machine.is_some())
+        }
+    }
+
+    fn node_count(&self) -> usize {
+        FIRST_CLIENT + self.clients.len()
+    }
+
+    // --- Delivering ------------------------------------------------------------------
+
+    fn deliver(&mut self, delivery: Delivery) {
+        let to = delivery.route.to;
+        self.trace(
+            || {
+                format!(
+                    "deliver {:?} {} -> {} {}",
+                    delivery.route.link,
+                    delivery.route.from,
+                    to,
+                    describe(&delivery.frames)
+                )
+            },
+            &(2u8, &delivery.route, &delivery.frames),
+        );
+        if !self.is_up(to) {
+            return;
+        }
+        if let Some(life) = self.life_mut(to) {
+            if life.is_paused() {
+                life.held.push_back(delivery);
+                return;
+            }
+        }
+        if World::is_server(to) {
+            self.deliver_to_server(delivery);
+        } else {
+            self.deliver_to_client(delivery);
+        }
+    }
+
+    /// Splits the sim's envelope frame (the DEALER identity or routing id) off a
+    /// DEALER/ROUTER message.
+    fn split_envelope(frames: Vec<Vec<u8>>) -> Option<(Vec<u8>, Vec<Vec<u8>>)> {
+        let mut frames = frames.into_iter();
+        let envelope = frames.next()?;
+        Some((envelope, frames.collect()))
+    }
+
+    /// True when a reply addressed to `routing_id` can still reach its DEALER.
+    fn dealer_is_current(&self, routing_id: &[u8], reply_route: Route) -> bool {
+        let Some((node, incarnation, epoch, connection)) = parse_routing_id(routing_id) else {
+            return false;
+        };
+        let request_route = Route {
+            from: reply_route.to,
+            to: reply_route.from,
+            link: Link::SnapshotRequest,
+        };
+        let life_matches = self
+            .life(node)
+            .is_some_and(|life| life.incarnation == incarnation);
+        let epoch_matches = if World::is_server(node) {
+            self.servers
+                .get(node)
+                .is_some_and(|slot| slot.peer_dealer_epoch == epoch)
+        } else {
+            true
+        };
+        node == reply_route.to
+            && life_matches
+            && epoch_matches
+            && self.network.incarnation(request_route) == Some(connection)
+            && self.is_up(node)
+    }
+
+    fn deliver_to_server(&mut self, delivery: Delivery) {
+        let node = delivery.route.to;
+        let route = delivery.route;
+        let now = self.now;
+        let dealer_ok = match route.link {
+            Link::SnapshotReply => Self::split_envelope(delivery.frames.clone())
+                .is_some_and(|(routing_id, _)| self.dealer_is_current(&routing_id, route)),
+            _ => true,
+        };
+        let followed = if route.link == Link::Updates {
+            KvMsg::decode(&delivery.frames, &self.limits)
+                .ok()
+                .filter(|update| !update.is_hugz())
+        } else {
+            None
+        };
+        let Some(slot) = self.servers.get_mut(node) else {
+            return;
+        };
+        let (local, wall) = (slot.life.clock.local(now), slot.life.clock.wall(now));
+        let Some(machine) = slot.machine.as_mut() else {
+            return;
+        };
+        match route.link {
+            Link::SnapshotRequest => {
+                if let Some((identity, frames)) = Self::split_envelope(delivery.frames) {
+                    let mut routing_id = identity;
+                    routing_id.extend_from_slice(format!(".{}", delivery.connection).as_bytes());
+                    machine.handle_snapshot_request(local, wall, &routing_id, &frames);
+                }
+            }
+            Link::Collector => machine.handle_collected(local, wall, &delivery.frames),
+            Link::Updates => machine.handle_peer_update(local, wall, &delivery.frames),
+            Link::State => machine.handle_peer_state(local, wall, &delivery.frames),
+            Link::SnapshotReply => {
+                if !dealer_ok {
+                    return;
+                }
+                if let Some((_, frames)) = Self::split_envelope(delivery.frames) {
+                    machine.handle_peer_snapshot(local, wall, &frames);
+                }
+            }
+        }
+        self.after_server_step(node);
+        if let Some(update) = followed {
+            self.note_followed(node, &update);
+        }
+    }
+
+    /// The passive applied (or not) an update from the active: what it holds for the
+    /// key is what oracle 5 protects at failover.
+    fn note_followed(&mut self, node: NodeId, update: &KvMsg) {
+        let applied = self
+            .servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+            .filter(|machine| machine.state() == BstarState::Passive)
+            .map(|machine| match machine.get(&update.key) {
+                Some(entry) => !update.body.is_empty() && entry.body() == update.body.as_slice(),
+                None => update.body.is_empty(),
+            })
+            .unwrap_or(false);
+        if !applied {
+            return;
+        }
+        let index = if update.body.is_empty() {
+            self.history.delete_index(&update.key, update.sequence)
+        } else {
+            self.history.publication_index(&update.body)
+        };
+        if let Some(index) = index {
+            self.history.held.entry(node).or_default().insert(
+                update.key.clone(),
+                crate::oracles::Held {
+                    index,
+                    present: !update.body.is_empty(),
+                },
+            );
+        }
+    }
+
+    /// After a sync the passive holds exactly the active's map.
+    fn rebuild_held(&mut self, node: NodeId) {
+        let map = self.server_map(node);
+        let held = map
+            .iter()
+            .map(|(key, value)| {
+                let index = self.history.publication_index(value).unwrap_or(0);
+                (
+                    key.clone(),
+                    crate::oracles::Held {
+                        index,
+                        present: true,
+                    },
+                )
+            })
+            .collect();
+        self.history.held.insert(node, held);
+    }
+
+    fn deliver_to_client(&mut self, delivery: Delivery) {
+        let node = delivery.route.to;
+        let route = delivery.route;
+        let now = self.now;
+        let channel = match route.link {
+            Link::SnapshotReply => Channel::Snapshot,
+            Link::Updates => Channel::Subscriber,
+            _ => return,
+        };
+        let frames = if channel == Channel::Snapshot {
+            match Self::split_envelope(delivery.frames) {
+                Some((routing_id, frames)) if self.dealer_is_current(&routing_id, route) => frames,
+                _ => return,
+            }
+        } else {
+            delivery.frames
+        };
+        let Some(slot) = self.client_slot(node) else {
+            return;
+        };
+        let local = slot.life.clock.local(now);
+        if let Some(machine) = slot.machine.as_mut() {
+            machine.handle_message(local, server_index(route.from), channel, &frames);
+        }
+        self.drain_client(node);
+    }
+
+    fn write(&mut self, client: usize, operation: Operation) {
+        let node = FIRST_CLIENT + client;
+        self.coverage.writes += 1;
+        self.trace(
+            || format!("write c{node} {operation:?}"),
+            &(3u8, node, operation.key()),
+        );
+        let Some(slot) = self.client_slot(node) else {
+            return;
+        };
+        if slot.life.is_paused() {
+            return;
+        }
+        let Some(machine) = slot.machine.as_mut() else {
+            return;
+        };
+        let result = match operation {
+            Operation::Set { key, value, ttl } => machine.set(key, value, ttl).map(|_| ()),
+            Operation::Delete { key } => machine.delete(key).map(|_| ()),
+        };
+        if let Err(error) = result {
+            self.fail(
+                Oracle::NoPanic,
+                format!("client {node} refused a valid workload write: {error}"),
+            );
+            return;
+        }
+        self.drain_client(node);
+    }
+
+    fn timeouts(&mut self) {
+        let now = self.now;
+        for node in 0..self.node_count() {
+            let Some(life) = self.life(node) else {
+                continue;
+            };
+            if life.is_paused() {
+                continue;
+            }
+            let clock = life.clock;
+            let (local, wall) = (clock.local(now), clock.wall(now));
+            if World::is_server(node) {
+                let due = self
+                    .servers
+                    .get(node)
+                    .and_then(|slot| slot.machine.as_ref())
+                    .and_then(Server::poll_timeout)
+                    .is_some_and(|deadline| deadline <= local);
+                if due {
+                    let mut stuck = None;
+                    if let Some(machine) =
+                        self.servers.get_mut(node).and_then(|s| s.machine.as_mut())
+                    {
+                        machine.handle_timeout(local, wall);
+                        stuck = machine.poll_timeout().filter(|deadline| *deadline <= local);
+                    }
+                    self.after_server_step(node);
+                    if let Some(deadline) = stuck {
+                        self.fail(
+                            Oracle::NoPanic,
+                            format!("server {node}'s timer does not advance: handle_timeout at {local:?} leaves poll_timeout at {deadline:?} (the host would spin)"),
+                        );
+                    }
+                }
+            } else {
+                let due = self
+                    .client_slot(node)
+                    .and_then(|slot| slot.machine.as_ref())
+                    .and_then(Client::poll_timeout)
+                    .is_some_and(|deadline| deadline <= local);
+                if due {
+                    let mut stuck = None;
+                    if let Some(machine) = self.client_slot(node).and_then(|s| s.machine.as_mut()) {
+                        machine.handle_timeout(local);
+                        stuck = machine.poll_timeout().filter(|deadline| *deadline <= local);
+                    }
+                    self.drain_client(node);
+                    if let Some(deadline) = stuck {
+                        self.fail(
+                            Oracle::NoPanic,
+                            format!("client {node}'s timer does not advance: handle_timeout at {local:?} leaves poll_timeout at {deadline:?} (the host would spin)"),
+                        );
+                    }
+                }
+            }
+            if self.violation.is_some() {
+                return;
+            }
+        }
+    }
+
+    // --- Outputs ---------------------------------------------------------------------
+
+    fn send(&mut self, route: Route, frames: Vec<Vec<u8>>) {
+        let now = self.now;
+        let _ = self.network.send(now, route, frames);
+    }
+
+    fn after_server_step(&mut self, node: NodeId) {
+        self.drain_server(node);
+        self.check_server_bounds(node);
+    }
+
+    fn drain_server(&mut self, node: NodeId) {
+        let peer = if node == PRIMARY { BACKUP } else { PRIMARY };
+        let mut outputs = Vec::new();
+        let state_before;
+        {
+            let Some(slot) = self.servers.get_mut(node) else {
+                return;
+            };
+            let Some(machine) = slot.machine.as_mut() else {
+                return;
+            };
+            while let Some(output) = machine.poll_output() {
+                outputs.push(output);
+            }
+            state_before = slot.active_since.is_some();
+        }
+        let mut became_active = false;
+        let mut sync_completed = false;
+        let mut published = Vec::new();
+        for output in outputs {
+            match output {
+                server::Output::Publish(frames) => {
+                    published.push(frames.clone());
+                    self.publish(node, frames.to_vec());
+                }
+                server::Output::SnapshotReady { routing_id } => {
+                    if let Some(slot) = self.servers.get_mut(node) {
+                        slot.ready_streams.insert(routing_id);
+                    }
+                }
+                server::Output::SendStateToPeer(frame) => self.send(
+                    Route {
+                        from: node,
+                        to: peer,
+                        link: Link::State,
+                    },
+                    vec![frame],
+                ),
+                server::Output::RequestPeerSnapshot(frames) => {
+                    let Some(slot) = self.servers.get_mut(node) else {
+                        continue;
+                    };
+                    slot.peer_dealer_epoch += 1;
+                    let identity =
+                        dealer_identity(node, slot.life.incarnation, slot.peer_dealer_epoch);
+                    let mut message = vec![identity];
+                    message.extend(frames);
+                    self.send(
+                        Route {
+                            from: node,
+                            to: peer,
+                            link: Link::SnapshotRequest,
+                        },
+                        message,
+                    );
+                }
+                server::Output::ForwardToPeerCollector(frames) => self.send(
+                    Route {
+                        from: node,
+                        to: peer,
+                        link: Link::Collector,
+                    },
+                    frames.to_vec(),
+                ),
+                server::Output::Event(event) => {
+                    if let server::Event::StateChanged { from, to, .. } = &event {
+                        *self
+                            .coverage
+                            .bstar_transitions
+                            .entry((*from, *to))
+                            .or_default() += 1;
+                        if *to == BstarState::Active {
+                            became_active = true;
+                        }
+                    }
+                    if matches!(event, server::Event::SyncCompleted { .. }) {
+                        self.history.last_published.remove(&node);
+                        sync_completed = true;
+                    }
+                    self.count_server_event(&event);
+                    self.trace(
+                        || format!("s{node} {event:?}"),
+                        &(4u8, node, event_tag(&event)),
+                    );
+                }
+            }
+        }
+        if sync_completed {
+            self.rebuild_held(node);
+        }
+        self.record_publications(node, &published, became_active && !state_before);
+        let active_now = self
+            .servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+            .is_some_and(|machine| machine.state() == BstarState::Active);
+        let now = self.now;
+        if let Some(slot) = self.servers.get_mut(node) {
+            slot.active_since = match (active_now, slot.active_since) {
+                (true, None) => Some(now),
+                (true, since) => since,
+                (false, _) => None,
+            };
+        }
+    }
+
+    /// Sends a PUB message to every subscriber whose subscription matches (the
+    /// publisher filters, as libzmq does over TCP).
+    fn publish(&mut self, node: NodeId, frames: Vec<Vec<u8>>) {
+        let key = frames.first().cloned().unwrap_or_default();
+        let peer = if node == PRIMARY { BACKUP } else { PRIMARY };
+        self.send(
+            Route {
+                from: node,
+                to: peer,
+                link: Link::Updates,
+            },
+            frames.clone(),
+        );
+        let subscribers: Vec<NodeId> = self
+            .clients
+            .iter()
+            .filter(|slot| key.starts_with(&slot.subtree) || key == b"HUGZ")
+            .map(|slot| slot.node)
+            .collect();
+        for client in subscribers {
+            self.send(
+                Route {
+                    from: node,
+                    to: client,
+                    link: Link::Updates,
+                },
+                frames.clone(),
+            );
+        }
+    }
+
+    fn pump_snapshots(&mut self) {
+        let now = self.now;
+        for node in [PRIMARY, BACKUP] {
+            let ready: Vec<Vec<u8>> = self
+                .servers
+                .get(node)
+                .map(|slot| slot.ready_streams.iter().cloned().collect())
+                .unwrap_or_default();
+            for routing_id in ready {
+                let Some((dealer, ..)) = parse_routing_id(&routing_id) else {
+                    continue;
+                };
+                let route = Route {
+                    from: node,
+                    to: dealer,
+                    link: Link::SnapshotReply,
+                };
+                let local = match self.servers.get(node) {
+                    Some(slot) => slot.life.clock.local(now),
+                    None => continue,
+                };
+                loop {
+                    if !self.dealer_is_current(&routing_id, route) {
+                        // EHOSTUNREACH under ROUTER_MANDATORY: the peer is gone.
+                        if let Some(slot) = self.servers.get_mut(node) {
+                            slot.ready_streams.remove(&routing_id);
+                            if let Some(machine) = slot.machine.as_mut() {
+                                machine.cancel_snapshot(&routing_id);
+                            }
+                        }
+                        self.drain_server(node);
+                        break;
+                    }
+                    if !self.network.has_room(route) {
+                        break;
+                    }
+                    let Some(slot) = self.servers.get_mut(node) else {
+                        break;
+                    };
+                    if slot.life.is_paused() {
+                        break;
+                    }
+                    let Some(machine) = slot.machine.as_mut() else {
+                        break;
+                    };
+                    let Some(frames) = machine.poll_snapshot(local, &routing_id) else {
+                        slot.ready_streams.remove(&routing_id);
+                        break;
+                    };
+                    let mut message = vec![routing_id.clone()];
+                    message.extend(frames);
+                    self.send(route, message);
+                }
+            }
+        }
+    }
+
+    fn drain_client(&mut self, node: NodeId) {
+        let mut outputs = Vec::new();
+        {
+            let Some(slot) = self.client_slot(node) else {
+                return;
+            };
+            let Some(machine) = slot.machine.as_mut() else {
+                return;
+            };
+            while let Some(output) = machine.poll_output() {
+                outputs.push(output);
+            }
+        }
+        for output in outputs {
+            match output {
+                client::Output::SendSnapshotRequest { server, frames } => {
+                    let incarnation = self.life(node).map_or(0, |life| life.incarnation);
+                    let mut message = vec![dealer_identity(node, incarnation, 0)];
+                    message.extend(frames);
+                    self.send(
+                        Route {
+                            from: node,
+                            to: server.0,
+                            link: Link::SnapshotRequest,
+                        },
+                        message,
+                    );
+                }
+                client::Output::Publish { frames } => {
+                    for server in [PRIMARY, BACKUP] {
+                        self.send(
+                            Route {
+                                from: node,
+                                to: server,
+                                link: Link::Collector,
+                            },
+                            frames.to_vec(),
+                        );
+                    }
+                }
+                client::Output::Event(event) => {
+                    self.trace(
+                        || format!("c{node} {event:?}"),
+                        &(5u8, node, client_event_tag(&event)),
+                    );
+                    self.client_event(node, event);
+                    if self.violation.is_some() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    // --- Oracles ---------------------------------------------------------------------
+
+    fn fail(&mut self, oracle: Oracle, detail: impl Into<String>) {
+        if self.violation.is_none() {
+            let detail = format!("at {:?}: {}", self.now, detail.into());
+            self.violation = Some(Violation::new(oracle, detail));
+        }
+    }
+
+    fn server_map(&self, node: NodeId) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        self.servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+            .map(|machine| {
+                machine
+                    .iter()
+                    .map(|(key, entry)| (key.to_vec(), entry.body().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Oracles 1, 3, 5 and 6 on what a server published in one step.
+    fn record_publications(
+        &mut self,
+        node: NodeId,
+        published: &[[Vec<u8>; 5]],
+        became_active: bool,
+    ) {
+        let limits = self.limits;
+        let messages: Vec<KvMsg> = published
+            .iter()
+            .filter_map(|frames| KvMsg::decode(frames, &limits).ok())
+            .filter(|message| !message.is_hugz())
+            .collect();
+        let now = self.now;
+        let wall = match self.servers.get(node) {
+            Some(slot) => slot.life.clock.wall(now),
+            None => return,
+        };
+        if became_active {
+            // Oracle 5: everything the backup held from the old active survives.
+            let held = self.history.held.get(&node).cloned().unwrap_or_default();
+            let map = self.server_map(node);
+            for (key, held) in &held {
+                let republished = messages.iter().rev().find(|m| &m.key == key);
+                let lost = match (republished, map.get(key)) {
+                    // Replays are checked as publications below.
+                    (Some(_), _) => false,
+                    (None, Some(value)) => {
+                        self.history.publication_index(value).unwrap_or(0) < held.index
+                    }
+                    (None, None) => held.present,
+                };
+                if lost {
+                    let detail = format!(
+                        "server {node} became active and lost {} (held publication #{}, present={}; now {:?})",
+                        String::from_utf8_lossy(key),
+                        held.index,
+                        held.present,
+                        map.get(key).map(|value| String::from_utf8_lossy(value).into_owned())
+                    );
+                    self.fail(Oracle::FailoverKeepsUpdates, detail);
+                    return;
+                }
+            }
+            let sequence = self
+                .servers
+                .get(node)
+                .and_then(|slot| slot.machine.as_ref())
+                .map_or(0, Server::sequence);
+            self.history.begin_reign(node, sequence, map);
+        }
+        for message in messages {
+            // Oracle 1.
+            if let Some(last) = self.history.last_published.get(&node) {
+                if message.sequence <= *last {
+                    let detail = format!(
+                        "server {node} published sequence {} after {last}",
+                        message.sequence
+                    );
+                    self.fail(Oracle::SequencesIncrease, detail);
+                    return;
+                }
+            }
+            self.history.last_published.insert(node, message.sequence);
+            // Oracle 3 at the server: a republished (replayed) value must not be older
+            // than what the server held for the key.
+            let previous = self.history.publication_index(&message.body);
+            let held = self
+                .history
+                .held
+                .get(&node)
+                .and_then(|held| held.get(&message.key))
+                .map(|held| held.index);
+            if let (Some(old), Some(current)) = (previous, held) {
+                if !message.body.is_empty() && old < current {
+                    let detail = format!(
+                        "active {node} republished an older value of {} (publication #{old}) over #{current}",
+                        String::from_utf8_lossy(&message.key)
+                    );
+                    self.fail(Oracle::NoRegression, detail);
+                    return;
+                }
+            }
+            let index = self.history.publish(&message.body);
+            if message.body.is_empty() {
+                self.history
+                    .record_delete(&message.key, message.sequence, index);
+            }
+            self.history.held.entry(node).or_default().insert(
+                message.key.clone(),
+                crate::oracles::Held {
+                    index,
+                    present: !message.body.is_empty(),
+                },
+            );
+            if !became_active {
+                self.history
+                    .log_publication(node, message.sequence, &message.key, &message.body);
+            }
+            self.check_ttl_publication(node, &message, wall);
+        }
+    }
+
+    /// Oracle 6 at publication: an expiry delete must not come early; an ephemeral set
+    /// records its promise.
+    fn check_ttl_publication(&mut self, node: NodeId, message: &KvMsg, wall: EpochMillis) {
+        let allowance = self.clock_allowance();
+        if message.body.is_empty() {
+            if let Some(expectation) = self.history.ttl.remove(&message.key) {
+                let is_expiry = expectation.uuid.is_some() && expectation.uuid == message.uuid;
+                if is_expiry {
+                    self.coverage.expiries += 1;
+                    let early_limit = if expectation.publisher == node {
+                        expectation.expires_at
+                    } else {
+                        EpochMillis(expectation.expires_at.0.saturating_sub(millis(allowance)))
+                    };
+                    if wall < early_limit {
+                        let detail = format!(
+                            "{} expired at {} by server {node}'s clock, before its ttl at {}",
+                            String::from_utf8_lossy(&message.key),
+                            wall.0,
+                            expectation.expires_at.0
+                        );
+                        self.fail(Oracle::Ttl, detail);
+                    }
+                }
+            }
+            return;
+        }
+        match message.client_ttl() {
+            Ok(Some(ttl)) => {
+                self.history.ttl.insert(
+                    message.key.clone(),
+                    TtlExpectation {
+                        value: message.body.clone(),
+                        uuid: message.uuid,
+                        expires_at: wall.saturating_add(ttl),
+                        publisher: node,
+                        published_at: self.now,
+                    },
+                );
+            }
+            _ => {
+                self.history.ttl.remove(&message.key);
+            }
+        }
+    }
+
+    /// Clock error the world injected between two nodes' wall clocks.
+    fn clock_allowance(&self) -> Duration {
+        let total = self.options.fault_phase + self.options.heal_phase;
+        let drift = total.as_secs_f64() * f64::from(self.options.clocks.drift_ppm_max) * 2.0 / 1e6;
+        self.options.clocks.wall_skew_max * 2
+            + Duration::from_secs_f64(drift)
+            + Duration::from_millis(20)
+    }
+
+    /// Oracle 6, late side: a key still holding its ephemeral value well past its
+    /// expiry at an active that has run undisturbed since before the expiry.
+    fn check_ttl_late(&mut self) {
+        let now = self.now;
+        let allowance = self.clock_allowance() + EXPIRY_GRANULARITY + Duration::from_millis(50);
+        let Some(active) = self.sole_active() else {
+            return;
+        };
+        let Some(slot) = self.servers.get(active) else {
+            return;
+        };
+        let Some(machine) = slot.machine.as_ref() else {
+            return;
+        };
+        if slot.life.is_paused() {
+            // A frozen process expires nothing; the world injected that delay.
+            return;
+        }
+        let wall = slot.life.clock.wall(now);
+        let undisturbed_since = slot
+            .life
+            .running_since
+            .max(slot.active_since.unwrap_or(now));
+        let undisturbed_wall = slot.life.clock.wall(undisturbed_since);
+        let mut overdue = None;
+        for (key, expectation) in &self.history.ttl {
+            let deadline = expectation.expires_at.saturating_add(allowance);
+            if wall <= deadline || undisturbed_wall > expectation.expires_at {
+                continue;
+            }
+            if machine
+                .get(key)
+                .is_some_and(|entry| entry.body() == expectation.value.as_slice())
+            {
+                overdue = Some(format!(
+                    "{} still holds its ephemeral value at {} on active {active}, {} ms past its expiry {}",
+                    String::from_utf8_lossy(key),
+                    wall.0,
+                    wall.0.saturating_sub(expectation.expires_at.0),
+                    expectation.expires_at.0
+                ));
+                break;
+            }
+        }
+        if let Some(detail) = overdue {
+            self.fail(Oracle::Ttl, detail);
+        }
+    }
+
+    fn sole_active(&self) -> Option<NodeId> {
+        let actives: Vec<NodeId> = self
+            .servers
+            .iter()
+            .filter(|slot| {
+                slot.machine
+                    .as_ref()
+                    .is_some_and(|machine| machine.state() == BstarState::Active)
+            })
+            .map(|slot| slot.node)
+            .collect();
+        match actives.as_slice() {
+            [only] => Some(*only),
+            _ => None,
+        }
+    }
+
+    fn check_server_bounds(&mut self, node: NodeId) {
+        let Some(slot) = self.servers.get(node) else {
+            return;
+        };
+        let Some(machine) = slot.machine.as_ref() else {
+            return;
+        };
+        let config = machine.config();
+        if machine.pending_len() > config.pending_max_len {
+            let detail = format!(
+                "server {node} pending list holds {} > {}",
+                machine.pending_len(),
+                config.pending_max_len
+            );
+            self.fail(Oracle::BoundedMemory, detail);
+        } else if machine.open_snapshot_streams() > config.max_snapshot_streams {
+            let detail = format!(
+                "server {node} has {} snapshot streams > {}",
+                machine.open_snapshot_streams(),
+                config.max_snapshot_streams
+            );
+            self.fail(Oracle::BoundedMemory, detail);
+        }
+    }
+
+    /// Oracle 4, and the late side of oracle 6.
+    fn check_pair(&mut self) {
+        let now = self.now;
+        let both_active = self.servers.iter().all(|slot| slot.active_since.is_some());
+        if both_active {
+            if self.both_active_since.is_none() {
+                self.both_active_since = Some(now);
+                self.coverage.split_brain_windows += 1;
+            }
+        } else {
+            self.both_active_since = None;
+        }
+        let can_talk = self
+            .servers
+            .iter()
+            .all(|slot| slot.machine.is_some() && !slot.life.is_paused())
+            && !self.network.is_cut(PRIMARY, BACKUP)
+            && !self.network.is_cut(BACKUP, PRIMARY)
+            && [PRIMARY, BACKUP].iter().all(|&from| {
+                let to = 1 - from;
+                self.network.is_live(
+                    Route {
+                        from,
+                        to,
+                        link: Link::State,
+                    },
+                    now,
+                )
+            });
+        if can_talk {
+            if self.pair_connected_since.is_none() {
+                self.pair_connected_since = Some(now);
+            }
+        } else {
+            self.pair_connected_since = None;
+        }
+        if let (Some(connected), Some(active)) = (self.pair_connected_since, self.both_active_since)
+        {
+            let heartbeat = self
+                .servers
+                .first()
+                .map_or(Duration::from_secs(1), |slot| slot.config.bstar.heartbeat);
+            let grace = heartbeat * 3
+                + self.options.network.delay_max
+                + self.options.network.delay_spike_max
+                + Duration::from_millis(100);
+            let since = connected.max(active);
+            if now.saturating_duration_since(since) > grace {
+                let detail = format!(
+                    "both servers active for {:?} while connected both ways",
+                    now.saturating_duration_since(since)
+                );
+                self.fail(Oracle::SingleActive, detail);
+            }
+        }
+        self.check_ttl_late();
+    }
+
+    fn client_event(&mut self, node: NodeId, event: client::Event) {
+        let name = client_event_tag(&event);
+        *self.coverage.client_events.entry(name).or_default() += 1;
+        match event {
+            client::Event::Updated {
+                key,
+                value,
+                sequence,
+            } => {
+                if sequence > 0 {
+                    if let Some(index) = self.history.publication_index(&value) {
+                        let newest = self
+                            .client_slot(node)
+                            .and_then(|slot| slot.newest_seen.get(&key).copied());
+                        if newest.is_some_and(|newest| index < newest) {
+                            let detail = format!(
+                                "client {node} went back to an older value of {} (publication #{index} after #{newest:?})",
+                                String::from_utf8_lossy(&key)
+                            );
+                            self.fail(Oracle::NoRegression, detail);
+                            return;
+                        }
+                        if let Some(slot) = self.client_slot(node) {
+                            slot.newest_seen.insert(key.clone(), index);
+                        }
+                    }
+                }
+                if let Some(slot) = self.client_slot(node) {
+                    slot.mirror.insert(key, value);
+                }
+            }
+            client::Event::Deleted { key, .. } => {
+                if let Some(slot) = self.client_slot(node) {
+                    slot.mirror.remove(&key);
+                    slot.newest_seen.remove(&key);
+                }
+            }
+            client::Event::Synced {
+                server, sequence, ..
+            } => self.check_snapshot(node, server.0, sequence),
+            _ => {}
+        }
+    }
+
+    /// Oracle 2: the client's map right after KTHXBAI is the server's map at that
+    /// sequence, restricted to the subtree.
+    fn check_snapshot(&mut self, node: NodeId, server: NodeId, sequence: i64) {
+        let (mirror, subtree) = match self.client_slot(node) {
+            Some(slot) => (slot.mirror.clone(), slot.subtree.clone()),
+            None => return,
+        };
+        let candidates = self.history.maps_at(server, sequence);
+        let matches = candidates.iter().any(|map| {
+            map.iter()
+                .filter(|(key, _)| key.starts_with(&subtree))
+                .eq(mirror.iter())
+        });
+        if !matches {
+            let detail = format!(
+                "client {node} synced from server {server} at sequence {sequence} with {} keys, \
+                 which matches none of the server's {} recorded maps at that sequence",
+                mirror.len(),
+                candidates.len()
+            );
+            self.fail(Oracle::SnapshotIsPointInTime, detail);
+            return;
+        }
+        let newest: BTreeMap<Vec<u8>, u64> = mirror
+            .iter()
+            .filter_map(|(key, value)| {
+                self.history
+                    .publication_index(value)
+                    .map(|index| (key.clone(), index))
+            })
+            .collect();
+        if let Some(slot) = self.client_slot(node) {
+            slot.newest_seen = newest;
+        }
+    }
+
+    fn check_liveness(&mut self) {
+        let Some(active) = self.sole_active() else {
+            let states: Vec<String> = self
+                .servers
+                .iter()
+                .map(|slot| {
+                    slot.machine
+                        .as_ref()
+                        .map_or("down".to_string(), |m| m.state().to_string())
+                })
+                .collect();
+            self.fail(
+                Oracle::Liveness,
+                format!("after healing there is no single active server: {states:?}"),
+            );
+            return;
+        };
+        let passive = 1 - active;
+        let active_map = self.server_map(active);
+        let active_sequence = self
+            .servers
+            .get(active)
+            .and_then(|slot| slot.machine.as_ref())
+            .map_or(0, Server::sequence);
+        let passive_state = self
+            .servers
+            .get(passive)
+            .and_then(|slot| slot.machine.as_ref())
+            .map(|machine| (machine.state(), machine.sequence()));
+        if passive_state.map(|(state, _)| state) != Some(BstarState::Passive) {
+            let detail =
+                format!("after healing server {passive} is {passive_state:?}, not passive");
+            self.fail(Oracle::Liveness, detail);
+            return;
+        }
+        let passive_map = self.server_map(passive);
+        if passive_map != active_map || passive_state.map(|(_, seq)| seq) != Some(active_sequence) {
+            let detail = format!(
+                "after healing the passive ({} keys, sequence {:?}) differs from the active ({} keys, sequence {active_sequence})",
+                passive_map.len(),
+                passive_state.map(|(_, seq)| seq),
+                active_map.len()
+            );
+            self.fail(Oracle::Liveness, detail);
+            return;
+        }
+        for slot in &self.clients {
+            let Some(machine) = slot.machine.as_ref() else {
+                continue;
+            };
+            let expected: Vec<(&Vec<u8>, &Vec<u8>)> = active_map
+                .iter()
+                .filter(|(key, _)| key.starts_with(&slot.subtree))
+                .collect();
+            let actual: Vec<(Vec<u8>, Vec<u8>)> = machine
+                .iter()
+                .map(|(key, entry)| (key.to_vec(), entry.value.clone()))
+                .collect();
+            let same = expected.len() == actual.len()
+                && expected
+                    .iter()
+                    .zip(&actual)
+                    .all(|((k1, v1), (k2, v2))| *k1 == k2 && *v1 == v2);
+            if !same || machine.current_server().0 != active {
+                let detail = format!(
+                    "after healing client {} ({:?} on server {}, {} keys) differs from active {active} ({} keys in its subtree {:?})",
+                    slot.node,
+                    machine.state(),
+                    machine.current_server().0,
+                    actual.len(),
+                    expected.len(),
+                    String::from_utf8_lossy(&slot.subtree)
+                );
+                self.fail(Oracle::Liveness, detail);
+                return;
+            }
+        }
+    }
+
+    // --- Faults ----------------------------------------------------------------------
+
+    fn inject_faults(&mut self) {
+        let now = self.now;
+        let faults = self.options.faults.clone();
+        let nodes = self.node_count();
+        if faults.partition.sample(&mut self.fault_rng) {
+            let (a, b) = if faults.partition_servers.sample(&mut self.fault_rng) {
+                (PRIMARY, BACKUP)
+            } else {
+                let a = self.fault_rng.random_range(0..nodes);
+                let mut b = self.fault_rng.random_range(0..nodes - 1);
+                if b >= a {
+                    b += 1;
+                }
+                (a, b)
+            };
+            let kind = if faults.partition_breaks.sample(&mut self.fault_rng) {
+                PartitionKind::Break
+            } else {
+                PartitionKind::Stall
+            };
+            let one_way = faults.partition_one_way.sample(&mut self.fault_rng);
+            let duration = random_duration(&mut self.fault_rng, faults.partition_duration_max);
+            self.network.partition(now, a, b, kind, one_way);
+            self.heals.insert((now + duration, a, b), ());
+            let name = match (kind, one_way) {
+                (PartitionKind::Break, _) => "partition_break",
+                (PartitionKind::Stall, true) => "partition_stall_one_way",
+                (PartitionKind::Stall, false) => "partition_stall",
+            };
+            *self.coverage.faults.entry(name).or_default() += 1;
+            self.trace(
+                || format!("partition {a} {b} {kind:?} one_way={one_way} for {duration:?}"),
+                &(6u8, a, b),
+            );
+        }
+        for node in 0..nodes {
+            let crash = if World::is_server(node) {
+                faults.server_crash
+            } else {
+                faults.client_crash
+            };
+            if self.is_up(node) && crash.sample(&mut self.fault_rng) {
+                let delay = random_duration(&mut self.fault_rng, faults.restart_delay_max);
+                self.crash(node, now + delay);
+            }
+            let pausable =
+                self.is_up(node) && self.life(node).is_some_and(|life| !life.is_paused());
+            if pausable && faults.pause.sample(&mut self.fault_rng) {
+                let duration = random_duration(&mut self.fault_rng, faults.pause_duration_max);
+                if let Some(life) = self.life_mut(node) {
+                    life.paused_until = Some(now + duration);
+                }
+                *self
+                    .coverage
+                    .faults
+                    .entry(if World::is_server(node) {
+                        "server_pause"
+                    } else {
+                        "client_pause"
+                    })
+                    .or_default() += 1;
+                self.trace(|| format!("pause {node} for {duration:?}"), &(7u8, node));
+            }
+        }
+    }
+
+    fn crash(&mut self, node: NodeId, restart_at: Instant) {
+        let now = self.now;
+        self.network.crash(now, node);
+        if World::is_server(node) {
+            if let Some(slot) = self.servers.get_mut(node) {
+                slot.machine = None;
+                slot.ready_streams.clear();
+                slot.active_since = None;
+            }
+            *self.coverage.faults.entry("server_crash").or_default() += 1;
+        } else {
+            if let Some(slot) = self.client_slot(node) {
+                slot.machine = None;
+            }
+            *self.coverage.faults.entry("client_crash").or_default() += 1;
+        }
+        if let Some(life) = self.life_mut(node) {
+            life.restart_at = Some(restart_at);
+            life.paused_until = None;
+            life.held.clear();
+        }
+        self.trace(|| format!("crash {node}"), &(8u8, node));
+    }
+
+    fn restarts_and_resumes(&mut self) {
+        let now = self.now;
+        for node in 0..self.node_count() {
+            let Some(life) = self.life(node) else {
+                continue;
+            };
+            if life.restart_at.is_some_and(|at| at <= now) {
+                if let Some(life) = self.life_mut(node) {
+                    life.restart_at = None;
+                    life.incarnation += 1;
+                    life.running_since = now;
+                }
+                self.network.restart(now, node);
+                self.trace(|| format!("restart {node}"), &(9u8, node));
+                if World::is_server(node) {
+                    self.start_server(node);
+                } else {
+                    self.start_client(node);
+                }
+            } else if life.paused_until.is_some_and(|at| at <= now) {
+                let held = match self.life_mut(node) {
+                    Some(life) => {
+                        life.paused_until = None;
+                        life.running_since = now;
+                        std::mem::take(&mut life.held)
+                    }
+                    None => continue,
+                };
+                self.trace(|| format!("resume {node}"), &(10u8, node));
+                for delivery in held {
+                    self.deliver(delivery);
+                }
+            }
+        }
+    }
+
+    fn heal_partitions_due(&mut self) {
+        let now = self.now;
+        while let Some((&(at, a, b), _)) = self.heals.first_key_value() {
+            if at > now {
+                break;
+            }
+            self.heals.remove(&(at, a, b));
+            self.network.heal(now, a, b);
+            self.trace(|| format!("heal {a} {b}"), &(11u8, a, b));
+        }
+    }
+
+    fn begin_healing(&mut self) {
+        let now = self.now;
+        self.phase = Phase::Healing;
+        self.workload.stop();
+        self.heals.clear();
+        self.network.heal_all(now);
+        for node in 0..self.node_count() {
+            if let Some(life) = self.life_mut(node) {
+                if life.restart_at.is_some() {
+                    life.restart_at = Some(now);
+                }
+                if life.paused_until.is_some() {
+                    life.paused_until = Some(now);
+                }
+            }
+        }
+        self.trace(|| "heal phase".to_string(), &12u8);
+    }
+
+    // --- Trace -----------------------------------------------------------------------
+
+    fn trace<T: Hash + ?Sized>(&mut self, describe: impl FnOnce() -> String, data: &T) {
+        self.now.hash(&mut self.trace_hasher);
+        data.hash(&mut self.trace_hasher);
+        match self.trace_mode {
+            TraceMode::Hash => {}
+            TraceMode::Recent => {
+                if self.recent.len() == RECENT_EVENTS {
+                    self.recent.pop_front();
+                }
+                self.recent
+                    .push_back(format!("{:?} {}", self.now, describe()));
+            }
+            TraceMode::Print => println!("{:?} {}", self.now, describe()),
+        }
+    }
+
+    fn count_server_event(&mut self, event: &server::Event) {
+        *self
+            .coverage
+            .server_events
+            .entry(event_tag(event))
+            .or_default() += 1;
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn random_duration(rng: &mut SimRng, max: Duration) -> Duration {
+    Duration::from_millis(rng.random_range(0..=millis(max).max(1)))
+}
+
+/// A short text for a message in traces.
+fn describe(frames: &[Vec<u8>]) -> String {
+    let texts: Vec<String> = frames
+        .iter()
+        .map(|frame| {
+            if frame.len() == 8 {
+                let mut bytes = [0u8; 8];
+                bytes.copy_from_slice(frame);
+                return format!("#{}", i64::from_be_bytes(bytes));
+            }
+            let text = String::from_utf8_lossy(frame);
+            if text.len() > 24 {
+                format!("{}…", text.chars().take(24).collect::<String>())
+            } else {
+                text.into_owned()
+            }
+        })
+        .collect();
+    texts.join("|")
+}
+
+fn event_tag(event: &server::Event) -> &'static str {
+    match event {
+        server::Event::InputDropped { .. } => "input_dropped",
+        server::Event::StateChanged { .. } => "state_changed",
+        server::Event::DualActive { .. } => "dual_active",
+        server::Event::DualPassive { .. } => "dual_passive",
+        server::Event::SyncStarted { .. } => "sync_started",
+        server::Event::SyncCompleted { .. } => "sync_completed",
+        server::Event::SyncAbandoned { .. } => "sync_abandoned",
+        server::Event::PendingReplayed { .. } => "pending_replayed",
+        server::Event::PendingEvicted { .. } => "pending_evicted",
+        server::Event::SplitUpdatesForwarded { .. } => "split_updates_forwarded",
+        server::Event::SnapshotStreamAbandoned { .. } => "snapshot_stream_abandoned",
+        _ => "other",
+    }
+}
+
+fn client_event_tag(event: &client::Event) -> &'static str {
+    match event {
+        client::Event::Updated { .. } => "updated",
+        client::Event::Deleted { .. } => "deleted",
+        client::Event::Synced { .. } => "synced",
+        client::Event::ServerChanged { .. } => "server_changed",
+        client::Event::Committed { .. } => "committed",
+        client::Event::Lost { .. } => "lost",
+        client::Event::Dropped { .. } => "dropped",
+        #[allow(unreachable_patterns)]
+        _ => "other",
+    }
+}
