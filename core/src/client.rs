@@ -101,7 +101,9 @@ use std::time::Duration;
 use rand_chacha::ChaCha8Rng;
 use rand_core::Rng;
 
-use crate::kvmsg::{DecodeError, KvMsg, Limits, Properties, SnapshotRequest, Uuid, FRAME_COUNT};
+use crate::kvmsg::{
+    BstarState, DecodeError, KvMsg, Limits, Properties, SnapshotRequest, Uuid, FRAME_COUNT,
+};
 use crate::time::Instant;
 
 /// At most this many snapshot requests are outstanding per server (§8).
@@ -447,6 +449,11 @@ pub struct Stats {
     pub failovers: u64,
     /// Outstanding requests assumed dropped to stay within [`MAX_OUTSTANDING_REQUESTS`].
     pub requests_written_off: u64,
+    /// Times the current server's HUGZ said it was no longer active, so the client left.
+    pub left_inactive_server: u64,
+    /// Times the current server's HUGZ sequence fell below the client's (it restarted),
+    /// so the client took a fresh snapshot from it.
+    pub resyncs_after_restart: u64,
     dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -647,19 +654,34 @@ impl Client {
         if now < self.expiry {
             return;
         }
+        self.fail_over(now);
+    }
+
+    /// Leaves the current server for the next one in the list, in [`State::Initial`].
+    fn fail_over(&mut self, now: Instant) {
         let from = self.current;
         let to = ServerIndex((from.0 + 1) % self.config.servers);
+        self.stats.failovers += 1;
+        self.start_over(now, to, true);
+    }
+
+    /// Starts a new attempt on `server` in [`State::Initial`] (announced as a
+    /// [`Event::ServerChanged`] when `announce`): the map stays until a new snapshot
+    /// replaces it; updates awaiting an echo from the old history are lost.
+    fn start_over(&mut self, now: Instant, server: ServerIndex, announce: bool) {
+        let from = self.current;
         if self.state == State::Syncing && self.attempt.reply_started {
             // The rest of the reply we were collecting may still come; it is incomplete.
             self.book(from).reply_cut = true;
         }
-        self.stats.failovers += 1;
-        self.current = to;
+        self.current = server;
         self.state = State::Initial;
         self.attempt = Attempt::default();
         self.expiry = now + self.config.server_ttl;
-        self.emit(Event::ServerChanged { from, to });
-        // The update's echo would have come from the server we left.
+        if announce {
+            self.emit(Event::ServerChanged { from, to: server });
+        }
+        // The update's echo would have come from the history we left.
         let in_flight = mem::take(&mut self.in_flight);
         self.in_flight_by_age.clear();
         for (uuid, update) in in_flight {
@@ -756,6 +778,24 @@ impl Client {
             self.drop_message(server, Channel::Subscriber, DropReason::WrongChannel);
             return;
         }
+        if message.is_hugz() && self.state == State::Active && self.abandons_history(&message) {
+            if message
+                .hugz_state()
+                .is_some_and(|state| state != BstarState::Active)
+            {
+                // The server stopped serving (a backup that stepped down after a split
+                // brain, a primary that restarted): its HUGZ would otherwise keep us
+                // on a server that publishes nothing.
+                self.stats.left_inactive_server += 1;
+                self.fail_over(now);
+                return;
+            }
+            // Its sequence went below ours: the server restarted with a new history
+            // (our updates above its sequence would all be dropped as old). Take a fresh
+            // snapshot from it; this HUGZ already proves the subscription live.
+            self.stats.resyncs_after_restart += 1;
+            self.start_over(now, server, false);
+        }
         if self.attempt.live_from.is_none() {
             self.attempt.live_from = Some(message.sequence);
         }
@@ -782,6 +822,16 @@ impl Client {
             State::Active => self.apply_update(message),
             State::Initial | State::Syncing => self.buffer_update(server, message),
         }
+    }
+
+    /// True when a HUGZ from the current server shows that it no longer holds the
+    /// history the client follows: it says it is not active, or its sequence fell below
+    /// ours. A HUGZ follows every KVPUB numbered at or below it on the same connection,
+    /// so a lower sequence cannot be a late message.
+    fn abandons_history(&self, hugz: &KvMsg) -> bool {
+        hugz.hugz_state()
+            .is_some_and(|state| state != BstarState::Active)
+            || hugz.sequence < self.sequence
     }
 
     fn buffer_update(&mut self, server: ServerIndex, message: KvMsg) {

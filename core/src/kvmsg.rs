@@ -37,8 +37,12 @@ pub const HUGZ: &[u8] = b"HUGZ";
 pub const KTHXBAI: &[u8] = b"KTHXBAI";
 /// First frame of a snapshot request.
 pub const ICANHAZ: &[u8] = b"ICANHAZ?";
-/// Name of the only property with a defined meaning.
+/// Name of the ttl property (§5).
 pub const TTL: &str = "ttl";
+/// Name of the property in which a server that is not active marks its HUGZ with its
+/// Binary Star state (`state=passive`). The active's HUGZ carries no properties, byte
+/// for byte as the reference sends it; reference clients ignore HUGZ properties.
+pub const STATE: &str = "state";
 
 /// A ttl value this large (or larger) is absolute Unix epoch milliseconds (§5).
 const EPOCH_MILLIS_THRESHOLD: u64 = 100_000_000_000;
@@ -488,6 +492,39 @@ impl KvMsg {
             key: HUGZ.to_vec(),
             sequence,
             ..KvMsg::default()
+        }
+    }
+
+    /// A HUGZ from a server that is not active and so serves no updates: marked with its
+    /// state, so that a client following it knows to look elsewhere.
+    pub fn hugz_from(state: BstarState, sequence: i64) -> Self {
+        let mut hugz = KvMsg::hugz(sequence);
+        if state != BstarState::Active {
+            hugz.set_state_text(state);
+        }
+        hugz
+    }
+
+    /// The server state a HUGZ is marked with, if any (see [`STATE`]). Unknown text reads
+    /// as no mark: only a server that says it is not active is taken at its word.
+    pub fn hugz_state(&self) -> Option<BstarState> {
+        match self.properties.get(STATE)? {
+            b"primary" => Some(BstarState::Primary),
+            b"backup" => Some(BstarState::Backup),
+            b"active" => Some(BstarState::Active),
+            b"passive" => Some(BstarState::Passive),
+            _ => None,
+        }
+    }
+
+    fn set_state_text(&mut self, state: BstarState) {
+        // A state name is a valid property value.
+        if self
+            .properties
+            .set(STATE, state.to_string().as_bytes())
+            .is_err()
+        {
+            debug_assert!(false, "state property rejected");
         }
     }
 

@@ -834,8 +834,9 @@ impl Server {
         self.bstar.handle_timeout(now);
         self.drain_bstar(now, wall);
         if now >= self.next_hugz {
-            self.outputs
-                .push_back(Output::Publish(KvMsg::hugz(self.sequence).encode()));
+            self.outputs.push_back(Output::Publish(
+                KvMsg::hugz_from(self.state(), self.sequence).encode(),
+            ));
             self.next_hugz = now + self.config.bstar.heartbeat;
         }
         if self.pending_ages_out() {

@@ -456,6 +456,59 @@ fn a_hugz_never_changes_the_map() {
 }
 
 #[test]
+fn a_client_leaves_a_server_whose_hugz_says_it_is_no_longer_active() {
+    // Found by the simulator: after a split brain the backup steps down to passive; its
+    // clients kept receiving its HUGZ, never timed out, and saw no update again.
+    let mut client = client(2);
+    sync(&mut client, ms(0), A, 5, &[("/a/x", "1", 5)]);
+    drain(&mut client);
+    let passive_hugz = frames(KvMsg::hugz_from(BstarState::Passive, 7));
+    sub(&mut client, ms(1_000), A, passive_hugz);
+    assert_eq!(client.current_server(), B);
+    assert_eq!(client.state(), State::Initial);
+    assert!(events(&mut client).contains(&Event::ServerChanged { from: A, to: B }));
+    assert_eq!(client.stats().left_inactive_server, 1);
+    // The map stays until the new server's snapshot replaces it.
+    assert_eq!(contents(&client), ["/a/x=1@5"]);
+}
+
+#[test]
+fn a_marked_hugz_still_proves_the_subscription_live_so_a_client_can_promote_a_backup() {
+    // The only way a backup takes over is a client's ICANHAZ?; the backup's HUGZ is
+    // what lets the client send it.
+    let mut client = client(2);
+    client.handle_timeout(ms(5_000));
+    assert_eq!(client.current_server(), B);
+    drain(&mut client);
+    sub(
+        &mut client,
+        ms(5_100),
+        B,
+        frames(KvMsg::hugz_from(BstarState::Passive, 7)),
+    );
+    assert_eq!(requests(&drain(&mut client)), [B]);
+    assert_eq!(client.state(), State::Syncing);
+}
+
+#[test]
+fn a_client_resyncs_when_its_servers_sequence_falls_below_its_own() {
+    // Found by the simulator: both servers crashed and restarted within the client's
+    // server_ttl; the client stayed, and dropped every update of the new history as old.
+    let mut client = client(2);
+    sync(&mut client, ms(0), A, 400, &[("/a/x", "old", 400)]);
+    drain(&mut client);
+    sub(&mut client, ms(1_000), A, hugz(3));
+    assert_eq!(client.current_server(), A, "the same server, a new history");
+    assert_eq!(requests(&drain(&mut client)), [A]);
+    assert_eq!(client.stats().resyncs_after_restart, 1);
+    snap(&mut client, ms(1_001), A, kvsync("/a/y", "new", 2));
+    snap(&mut client, ms(1_002), A, kthxbai(3));
+    assert_eq!(contents(&client), ["/a/y=new@2"]);
+    sub(&mut client, ms(1_003), A, kvpub("/a/y", "newer", 4));
+    assert_eq!(contents(&client), ["/a/y=newer@4"]);
+}
+
+#[test]
 fn updates_that_arrive_during_the_snapshot_are_applied_after_it() {
     let mut client = client(1);
     sub(&mut client, ms(0), A, hugz(1));

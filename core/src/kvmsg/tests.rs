@@ -394,6 +394,23 @@ fn ttls_are_written_as_clients_and_servers_write_them() {
 }
 
 #[test]
+fn only_a_server_that_is_not_active_marks_its_hugz() {
+    assert_eq!(
+        KvMsg::hugz_from(BstarState::Active, 5).encode(),
+        KvMsg::hugz(5).encode(),
+        "the active's HUGZ is the reference's, byte for byte"
+    );
+    let passive = KvMsg::hugz_from(BstarState::Passive, 5);
+    assert_eq!(passive.encode()[3], b"state=passive\n");
+    assert_eq!(passive.hugz_state(), Some(BstarState::Passive));
+    assert_eq!(KvMsg::hugz(5).hugz_state(), None);
+    let mut odd = KvMsg::hugz(5);
+    odd.properties.set(STATE, b"confused").unwrap();
+    assert_eq!(odd.hugz_state(), None);
+    insta::assert_snapshot!("hugz_passive", dump(&passive.encode()));
+}
+
+#[test]
 fn reserved_keys_are_recognised() {
     assert!(KvMsg::hugz(1).is_hugz());
     assert!(KvMsg::kthxbai(1, Vec::new()).is_kthxbai());

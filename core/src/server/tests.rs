@@ -407,7 +407,7 @@ fn expiry_cost_does_not_depend_on_the_map_size() {
 }
 
 #[test]
-fn every_server_sends_hugz_with_its_current_sequence_every_heartbeat() {
+fn every_server_sends_hugz_with_its_current_sequence_every_heartbeat_and_a_passive_marks_it() {
     let mut harness = Harness::active();
     harness.collect(set("/a", "1", 1));
     harness.drain();
@@ -423,12 +423,16 @@ fn every_server_sends_hugz_with_its_current_sequence_every_heartbeat() {
         .collect();
     assert_eq!(hugz, [KvMsg::hugz(1)]);
 
+    // A passive says so in its HUGZ, so that a client still following it (a backup
+    // that stepped down, a primary that restarted) knows to fail over.
     let mut passive = Harness::passive_at(9);
     passive.advance(1_000);
     passive.timeout();
+    let expected = KvMsg::hugz_from(BstarState::Passive, 9);
+    assert_eq!(expected.hugz_state(), Some(BstarState::Passive));
     assert!(passive
         .drain()
-        .contains(&Output::Publish(KvMsg::hugz(9).encode())));
+        .contains(&Output::Publish(expected.encode())));
 }
 
 #[test]
