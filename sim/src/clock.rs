@@ -39,10 +39,13 @@ impl NodeClock {
         Instant::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
-    /// The node's wall clock when the world's time is `world`.
+    /// The node's wall clock when the world's time is `world`: its start value plus the
+    /// world's elapsed time at the node's rate. The monotonic offset is only where the
+    /// node's `Instant` origin lies; it does not move the wall clock.
     pub fn wall(&self, world: Instant) -> EpochMillis {
-        let elapsed = self.local(world).as_nanos() / 1_000_000;
-        EpochMillis(self.wall_at_start.0.saturating_add(elapsed))
+        let elapsed = self.local_nanos(world) - self.offset.as_nanos() as i128;
+        let elapsed_millis = u64::try_from(elapsed.max(0) / 1_000_000).unwrap_or(u64::MAX);
+        EpochMillis(self.wall_at_start.0.saturating_add(elapsed_millis))
     }
 
     /// The earliest world time at which the node's clock reads at least `local`: when a
@@ -86,7 +89,20 @@ mod tests {
         };
         let world = Instant::from_millis(10_000);
         assert_eq!(clock.local(world), Instant::from_millis(13_001));
-        assert_eq!(clock.wall(world), EpochMillis(1_013_001));
+        assert_eq!(clock.wall(world), EpochMillis(1_010_001));
+    }
+
+    #[test]
+    fn the_monotonic_offset_does_not_move_the_wall_clock() {
+        let wall_at_start = EpochMillis(1_000_000);
+        let near = NodeClock::exact(wall_at_start);
+        let far = NodeClock {
+            offset: Duration::from_secs(10),
+            ..near
+        };
+        let world = Instant::from_millis(2_500);
+        assert_eq!(near.wall(world), far.wall(world));
+        assert_ne!(near.local(world), far.local(world));
     }
 
     proptest! {

@@ -150,16 +150,21 @@ pub struct TtlExpectation {
 }
 
 /// Everything the oracles remember about a run.
+/// What identifies one update across republications: its uuid (unique per client
+/// write) and whether it deletes. An expiry delete carries the uuid of the value it
+/// deletes, so the flag tells them apart.
+pub type UpdateId = (Option<Uuid>, bool);
+
+/// Everything the oracles remember about a run.
 #[derive(Debug, Default)]
 pub struct History {
     first_published: BTreeMap<Vec<u8>, PublicationIndex>,
+    by_update: BTreeMap<UpdateId, PublicationIndex>,
     next_index: PublicationIndex,
     /// Per server node: reigns, newest last.
     pub reigns: BTreeMap<usize, Vec<Reign>>,
     /// Per server node: what it holds per key.
     pub held: BTreeMap<usize, BTreeMap<Vec<u8>, Held>>,
-    /// Publication index of each delete, by key and sequence.
-    deletes: BTreeMap<(Vec<u8>, i64), PublicationIndex>,
     /// Per server node: the last sequence it published since its last reset.
     pub last_published: BTreeMap<usize, i64>,
     /// Per key: the ttl promise of its current ephemeral value.
@@ -172,29 +177,25 @@ impl History {
         self.first_published.get(value).copied()
     }
 
-    /// Records a publication of `value` (a delete when empty) and returns its index: the
-    /// index of its first publication for a value published before, else a new one.
-    pub fn publish(&mut self, value: &[u8]) -> PublicationIndex {
-        if value.is_empty() {
-            self.next_index += 1;
-            return self.next_index;
-        }
-        if let Some(index) = self.first_published.get(value) {
+    /// The publication index of the update `id`, if it was ever published.
+    pub fn update_index(&self, id: UpdateId) -> Option<PublicationIndex> {
+        self.by_update.get(&id).copied()
+    }
+
+    /// Records a publication of the update `id` setting `value` (a delete when empty)
+    /// and returns its index: the index of its first publication when it was published
+    /// before (a replay or a forward), else a new one.
+    pub fn publish(&mut self, id: UpdateId, value: &[u8]) -> PublicationIndex {
+        if let Some(index) = self.by_update.get(&id) {
             return *index;
         }
         self.next_index += 1;
-        self.first_published.insert(value.to_vec(), self.next_index);
-        self.next_index
-    }
-
-    /// Remembers the publication index of a delete of `key` at `sequence`.
-    pub fn record_delete(&mut self, key: &[u8], sequence: i64, index: PublicationIndex) {
-        self.deletes.insert((key.to_vec(), sequence), index);
-    }
-
-    /// The publication index of the delete of `key` at `sequence`.
-    pub fn delete_index(&self, key: &[u8], sequence: i64) -> Option<PublicationIndex> {
-        self.deletes.get(&(key.to_vec(), sequence)).copied()
+        let index = self.next_index;
+        self.by_update.insert(id, index);
+        if !value.is_empty() {
+            self.first_published.entry(value.to_vec()).or_insert(index);
+        }
+        index
     }
 
     /// Starts a new reign of `server` with `map` at `sequence`.
@@ -258,14 +259,19 @@ mod tests {
     }
 
     #[test]
-    fn a_republished_value_keeps_its_first_index_and_deletes_are_always_new() {
+    fn a_republished_update_keeps_its_first_index() {
         let mut history = History::default();
-        let first = history.publish(b"v1");
-        let second = history.publish(b"v2");
-        assert_eq!(history.publish(b"v1"), first);
-        assert!(second > first);
-        let delete = history.publish(b"");
-        assert!(delete > second);
-        assert!(history.publish(b"") > delete);
+        let (one, two) = (
+            Some(Uuid::from_bytes([1; 16])),
+            Some(Uuid::from_bytes([2; 16])),
+        );
+        let first = history.publish((one, false), b"v1");
+        let delete = history.publish((two, true), b"");
+        assert!(delete > first);
+        assert_eq!(history.publish((one, false), b"v1"), first);
+        assert_eq!(history.publish((two, true), b""), delete);
+        assert_eq!(history.publication_index(b"v1"), Some(first));
+        // An expiry delete carries its value's uuid but is another update.
+        assert!(history.publish((one, true), b"") > delete);
     }
 }

@@ -15,7 +15,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 use clonekv_core::client::{self, Channel, Client, ServerIndex};
-use clonekv_core::kvmsg::{BstarState, KvMsg, Limits};
+use clonekv_core::kvmsg::{BstarState, KvMsg, Limits, Uuid};
 use clonekv_core::server::{self, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
@@ -679,11 +679,9 @@ impl World {
         if !applied {
             return;
         }
-        let index = if update.body.is_empty() {
-            self.history.delete_index(&update.key, update.sequence)
-        } else {
-            self.history.publication_index(&update.body)
-        };
+        let index = self
+            .history
+            .update_index((update.uuid, update.body.is_empty()));
         if let Some(index) = index {
             self.history.held.entry(node).or_default().insert(
                 update.key.clone(),
@@ -697,13 +695,13 @@ impl World {
 
     /// After a sync the passive holds exactly the active's map.
     fn rebuild_held(&mut self, node: NodeId) {
-        let map = self.server_map(node);
-        let held = map
-            .iter()
-            .map(|(key, value)| {
-                let index = self.history.publication_index(value).unwrap_or(0);
+        let held = self
+            .server_entries(node)
+            .into_iter()
+            .map(|(key, uuid, _)| {
+                let index = self.history.update_index((uuid, false)).unwrap_or(0);
                 (
-                    key.clone(),
+                    key,
                     crate::oracles::Held {
                         index,
                         present: true,
@@ -712,6 +710,20 @@ impl World {
             })
             .collect();
         self.history.held.insert(node, held);
+    }
+
+    /// `(key, uuid, value)` of every entry a server holds, in key order.
+    fn server_entries(&self, node: NodeId) -> Vec<(Vec<u8>, Option<Uuid>, Vec<u8>)> {
+        self.servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+            .map(|machine| {
+                machine
+                    .iter()
+                    .map(|(key, entry)| (key.to_vec(), entry.uuid(), entry.body().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn deliver_to_client(&mut self, delivery: Delivery) {
@@ -866,6 +878,10 @@ impl World {
         for output in outputs {
             match output {
                 server::Output::Publish(frames) => {
+                    self.trace(
+                        || format!("s{node} publish {}", describe(&frames)),
+                        &(13u8, node, &frames),
+                    );
                     published.push(frames.clone());
                     self.publish(node, frames.to_vec());
                 }
@@ -1136,13 +1152,18 @@ impl World {
             // Oracle 5: everything the backup held from the old active survives.
             let held = self.history.held.get(&node).cloned().unwrap_or_default();
             let map = self.server_map(node);
+            let uuids: BTreeMap<Vec<u8>, Option<Uuid>> = self
+                .server_entries(node)
+                .into_iter()
+                .map(|(key, uuid, _)| (key, uuid))
+                .collect();
             for (key, held) in &held {
                 let republished = messages.iter().rev().find(|m| &m.key == key);
-                let lost = match (republished, map.get(key)) {
+                let lost = match (republished, uuids.get(key)) {
                     // Replays are checked as publications below.
                     (Some(_), _) => false,
-                    (None, Some(value)) => {
-                        self.history.publication_index(value).unwrap_or(0) < held.index
+                    (None, Some(uuid)) => {
+                        self.history.update_index((*uuid, false)).unwrap_or(0) < held.index
                     }
                     (None, None) => held.present,
                 };
@@ -1180,7 +1201,8 @@ impl World {
             self.history.last_published.insert(node, message.sequence);
             // Oracle 3 at the server: a republished (replayed) value must not be older
             // than what the server held for the key.
-            let previous = self.history.publication_index(&message.body);
+            let update_id = (message.uuid, message.body.is_empty());
+            let previous = self.history.update_index(update_id);
             let held = self
                 .history
                 .held
@@ -1188,7 +1210,7 @@ impl World {
                 .and_then(|held| held.get(&message.key))
                 .map(|held| held.index);
             if let (Some(old), Some(current)) = (previous, held) {
-                if !message.body.is_empty() && old < current {
+                if old < current {
                     let detail = format!(
                         "active {node} republished an older value of {} (publication #{old}) over #{current}",
                         String::from_utf8_lossy(&message.key)
@@ -1197,11 +1219,7 @@ impl World {
                     return;
                 }
             }
-            let index = self.history.publish(&message.body);
-            if message.body.is_empty() {
-                self.history
-                    .record_delete(&message.key, message.sequence, index);
-            }
+            let index = self.history.publish(update_id, &message.body);
             self.history.held.entry(node).or_default().insert(
                 message.key.clone(),
                 crate::oracles::Held {
@@ -1565,8 +1583,28 @@ impl World {
                     .zip(&actual)
                     .all(|((k1, v1), (k2, v2))| *k1 == k2 && *v1 == v2);
             if !same || machine.current_server().0 != active {
+                let client_map: BTreeMap<&Vec<u8>, &Vec<u8>> =
+                    actual.iter().map(|(key, value)| (key, value)).collect();
+                let server_map: BTreeMap<&Vec<u8>, &Vec<u8>> = expected.iter().copied().collect();
+                let first_difference = client_map
+                    .keys()
+                    .chain(server_map.keys())
+                    .filter(|key| client_map.get(*key) != server_map.get(*key))
+                    .min()
+                    .map(|key| {
+                        let show = |value: Option<&&Vec<u8>>| {
+                            value.map(|v| String::from_utf8_lossy(v).into_owned())
+                        };
+                        format!(
+                            "; first difference {}: client {:?}, server {:?}",
+                            String::from_utf8_lossy(key),
+                            show(client_map.get(*key)),
+                            show(server_map.get(*key))
+                        )
+                    })
+                    .unwrap_or_default();
                 let detail = format!(
-                    "after healing client {} ({:?} on server {}, {} keys) differs from active {active} ({} keys in its subtree {:?})",
+                    "after healing client {} ({:?} on server {}, {} keys) differs from active {active} ({} keys in its subtree {:?}){first_difference}",
                     slot.node,
                     machine.state(),
                     machine.current_server().0,
