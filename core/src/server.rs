@@ -356,7 +356,7 @@ pub enum Event {
         /// Updates replayed (each published with a new sequence).
         replayed: usize,
         /// Updates not replayed because the active had since published a later update
-        /// of the same key.
+        /// of the same key, or a later copy of the same key was replayed instead.
         skipped_superseded: usize,
         /// Updates not replayed because their ttl ran out while they waited.
         skipped_expired: usize,
@@ -432,7 +432,8 @@ pub struct Counters {
     pub syncs_completed: u64,
     /// Pending updates replayed at failover.
     pub pending_replayed: u64,
-    /// Pending updates not replayed because a later update superseded them.
+    /// Pending updates not replayed because a later update (from the active, or a later
+    /// pending copy of the same key) superseded them.
     pub pending_superseded: u64,
     /// Pending updates not replayed because their ttl ran out while they waited.
     pub pending_expired: u64,

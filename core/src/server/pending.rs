@@ -279,12 +279,17 @@ impl PendingList {
     }
 
     /// Empties the list, returning the client copies to replay (arrival order) and the
-    /// number skipped because the active superseded them.
+    /// number skipped: superseded by the active, or followed by a later copy of the same
+    /// key. Only the latest copy per key is replayed: earlier ones would be overwritten
+    /// within the same replay, and publishing them first can put a key back to a value
+    /// the old active had already replaced (found by the simulator, seed 22: copies A, B,
+    /// delete of one key, where the old active had published B but not A; replaying all
+    /// three published A, then B over it, then the delete).
     pub(crate) fn take_replay(&mut self) -> (Vec<Replay>, usize) {
-        let mut replay = Vec::new();
+        let mut latest: BTreeMap<Vec<u8>, (u64, Replay)> = BTreeMap::new();
         let mut skipped = 0;
         let by_arrival = std::mem::take(&mut self.by_arrival);
-        for uuid in by_arrival.values() {
+        for (arrival, uuid) in &by_arrival {
             if let Some(Held {
                 kind:
                     Kind::ClientCopy {
@@ -298,16 +303,27 @@ impl PendingList {
             {
                 if superseded {
                     skipped += 1;
-                } else {
-                    replay.push(Replay { update, expires_at });
+                    continue;
+                }
+                let key = update.key.clone();
+                if latest
+                    .insert(key, (*arrival, Replay { update, expires_at }))
+                    .is_some()
+                {
+                    skipped += 1;
                 }
             }
         }
+        let mut replay: Vec<(u64, Replay)> = latest.into_values().collect();
+        replay.sort_by_key(|(arrival, _)| *arrival);
         *self = PendingList {
             next_arrival: self.next_arrival,
             ..PendingList::default()
         };
-        (replay, skipped)
+        (
+            replay.into_iter().map(|(_, replay)| replay).collect(),
+            skipped,
+        )
     }
 
     fn next_arrival(&mut self) -> u64 {

@@ -1308,6 +1308,24 @@ fn a_snapshot_requested_after_a_client_copy_arrived_settles_that_copy() {
 }
 
 #[test]
+fn only_the_latest_pending_copy_of_a_key_is_replayed() {
+    // Found by the simulator (seed 22): replaying every copy in arrival order put the
+    // key through values the old active had already replaced.
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/k", "never-published", 1));
+    harness.collect(set("/k", "published-but-echo-lost", 2));
+    harness.collect(delete("/k", 3));
+    harness.collect(set("/other", "x", 4));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    let published = harness.published();
+    assert_eq!(keys(&published), ["/k", "/other"]);
+    assert!(published[0].is_delete());
+    assert_eq!(harness.server.counters().pending_superseded, 2);
+}
+
+#[test]
 fn a_pending_update_never_overwrites_a_newer_value_applied_from_the_active() {
     let mut harness = Harness::passive_at(0);
     // Client A's update reaches only the passive.
