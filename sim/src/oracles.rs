@@ -165,6 +165,14 @@ pub struct History {
     pub reigns: BTreeMap<usize, Vec<Reign>>,
     /// Per server node: what it holds per key.
     pub held: BTreeMap<usize, BTreeMap<Vec<u8>, Held>>,
+    /// Per server node: the updates it has seen published (by itself, by the active it
+    /// followed, or in a snapshot). Re-publishing one of those over a newer value is a
+    /// regression it could have avoided; a late copy of an update it never saw
+    /// published is indistinguishable from a new write (CHP carries no write order).
+    pub seen: BTreeMap<usize, std::collections::BTreeSet<UpdateId>>,
+    /// Each KVPUB's own position in publication order, by (server, sequence, value).
+    by_publication: BTreeMap<(usize, i64, Vec<u8>), PublicationIndex>,
+    next_publication: PublicationIndex,
     /// Per server node: the last sequence it published since its last reset.
     pub last_published: BTreeMap<usize, i64>,
     /// Per key: the ttl promise of its current ephemeral value.
@@ -196,6 +204,21 @@ impl History {
             self.first_published.entry(value.to_vec()).or_insert(index);
         }
         index
+    }
+
+    /// Numbers one KVPUB in publication order (every publication, republications too).
+    pub fn number_publication(&mut self, server: usize, sequence: i64, value: &[u8]) {
+        self.next_publication += 1;
+        self.by_publication
+            .insert((server, sequence, value.to_vec()), self.next_publication);
+    }
+
+    /// The position in publication order of the KVPUB `server` sent at `sequence`
+    /// with `value`.
+    pub fn publication_at(&self, server: usize, sequence: i64, value: &[u8]) -> Option<PublicationIndex> {
+        self.by_publication
+            .get(&(server, sequence, value.to_vec()))
+            .copied()
     }
 
     /// Starts a new reign of `server` with `map` at `sequence`.

@@ -475,6 +475,7 @@ impl World {
         }
         self.history.last_published.remove(&node);
         self.history.held.remove(&node);
+        self.history.seen.remove(&node);
         self.drain_server(node);
     }
 
@@ -679,9 +680,9 @@ impl World {
         if !applied {
             return;
         }
-        let index = self
-            .history
-            .update_index((update.uuid, update.body.is_empty()));
+        let update_id = (update.uuid, update.body.is_empty());
+        self.history.seen.entry(node).or_default().insert(update_id);
+        let index = self.history.update_index(update_id);
         if let Some(index) = index {
             self.history.held.entry(node).or_default().insert(
                 update.key.clone(),
@@ -699,6 +700,7 @@ impl World {
             .server_entries(node)
             .into_iter()
             .map(|(key, uuid, _)| {
+                self.history.seen.entry(node).or_default().insert((uuid, false));
                 let index = self.history.update_index((uuid, false)).unwrap_or(0);
                 (
                     key,
@@ -1209,7 +1211,12 @@ impl World {
                 .get(&node)
                 .and_then(|held| held.get(&message.key))
                 .map(|held| held.index);
-            if let (Some(old), Some(current)) = (previous, held) {
+            let seen_before = self
+                .history
+                .seen
+                .get(&node)
+                .is_some_and(|seen| seen.contains(&update_id));
+            if let (Some(old), Some(current), true) = (previous, held, seen_before) {
                 if old < current {
                     let detail = format!(
                         "active {node} republished an older value of {} (publication #{old}) over #{current}",
@@ -1220,6 +1227,9 @@ impl World {
                 }
             }
             let index = self.history.publish(update_id, &message.body);
+            self.history
+                .number_publication(node, message.sequence, &message.body);
+            self.history.seen.entry(node).or_default().insert(update_id);
             self.history.held.entry(node).or_default().insert(
                 message.key.clone(),
                 crate::oracles::Held {
@@ -1448,22 +1458,29 @@ impl World {
                 value,
                 sequence,
             } => {
-                if sequence > 0 {
-                    if let Some(index) = self.history.publication_index(&value) {
-                        let newest = self
-                            .client_slot(node)
-                            .and_then(|slot| slot.newest_seen.get(&key).copied());
-                        if newest.is_some_and(|newest| index < newest) {
-                            let detail = format!(
-                                "client {node} went back to an older value of {} (publication #{index} after #{newest:?})",
-                                String::from_utf8_lossy(&key)
-                            );
-                            self.fail(Oracle::NoRegression, detail);
-                            return;
-                        }
-                        if let Some(slot) = self.client_slot(node) {
-                            slot.newest_seen.insert(key.clone(), index);
-                        }
+                let server = self
+                    .client_slot(node)
+                    .and_then(|slot| slot.machine.as_ref())
+                    .map(|machine| machine.current_server().0);
+                let index = server.and_then(|server| {
+                    (sequence > 0)
+                        .then(|| self.history.publication_at(server, sequence, &value))
+                        .flatten()
+                });
+                if let Some(index) = index {
+                    let newest = self
+                        .client_slot(node)
+                        .and_then(|slot| slot.newest_seen.get(&key).copied());
+                    if newest.is_some_and(|newest| index < newest) {
+                        let detail = format!(
+                            "client {node} went back to an older value of {} (publication #{index} after #{newest:?})",
+                            String::from_utf8_lossy(&key)
+                        );
+                        self.fail(Oracle::NoRegression, detail);
+                        return;
+                    }
+                    if let Some(slot) = self.client_slot(node) {
+                        slot.newest_seen.insert(key.clone(), index);
                     }
                 }
                 if let Some(slot) = self.client_slot(node) {
@@ -1506,16 +1523,9 @@ impl World {
             self.fail(Oracle::SnapshotIsPointInTime, detail);
             return;
         }
-        let newest: BTreeMap<Vec<u8>, u64> = mirror
-            .iter()
-            .filter_map(|(key, value)| {
-                self.history
-                    .publication_index(value)
-                    .map(|index| (key.clone(), index))
-            })
-            .collect();
+        // Following starts afresh from this snapshot.
         if let Some(slot) = self.client_slot(node) {
-            slot.newest_seen = newest;
+            slot.newest_seen.clear();
         }
     }
 
