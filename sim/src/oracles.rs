@@ -215,7 +215,12 @@ impl History {
 
     /// The position in publication order of the KVPUB `server` sent at `sequence`
     /// with `value`.
-    pub fn publication_at(&self, server: usize, sequence: i64, value: &[u8]) -> Option<PublicationIndex> {
+    pub fn publication_at(
+        &self,
+        server: usize,
+        sequence: i64,
+        value: &[u8],
+    ) -> Option<PublicationIndex> {
         self.by_publication
             .get(&(server, sequence, value.to_vec()))
             .copied()

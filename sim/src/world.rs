@@ -700,7 +700,11 @@ impl World {
             .server_entries(node)
             .into_iter()
             .map(|(key, uuid, _)| {
-                self.history.seen.entry(node).or_default().insert((uuid, false));
+                self.history
+                    .seen
+                    .entry(node)
+                    .or_default()
+                    .insert((uuid, false));
                 let index = self.history.update_index((uuid, false)).unwrap_or(0);
                 (
                     key,
