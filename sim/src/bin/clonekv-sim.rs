@@ -122,7 +122,14 @@ fn report_failure(seed: u64, default_world: bool, failure: &Result<Violation, St
             println!("    {line}");
         }
     }
-    println!("  options: {:?}", options_for(seed, default_world).faults);
+    let options = options_for(seed, default_world);
+    println!(
+        "  world: {} clients, {} keys, harsh network: {}",
+        options.workload.clients,
+        options.workload.keys,
+        options.is_harsh()
+    );
+    println!("  faults: {:?}", options.faults);
     println!("  replay: {}", replay_command(seed, default_world));
     outcome
 }
