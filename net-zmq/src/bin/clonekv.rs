@@ -1,0 +1,475 @@
+//! `clonekv`: the command-line client of a clonekv server pair, built on
+//! [`clonekv_zmq::client`]. See `clonekv --help`.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use clonekv_zmq::client::{Client, ClientError, Event, Status, DEFAULT_SERVERS};
+use clonekv_zmq::core::client::State;
+use clonekv_zmq::duration::HumanDuration;
+use serde_json::json;
+
+/// Exit status: the key does not exist (`get`).
+const EXIT_NOT_FOUND: u8 = 1;
+/// Exit status: a bad argument, or an update the client refuses (empty key, ...).
+const EXIT_USAGE: u8 = 2;
+/// Exit status: no server answered, or a commit was not confirmed, in time.
+const EXIT_UNAVAILABLE: u8 = 3;
+/// Exit status: anything else went wrong (an update lost in a failover, a socket error).
+const EXIT_FAILURE: u8 = 4;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clonekv",
+    version,
+    about = "Read, write and watch a clonekv store (ZeroMQ Clone protocol)",
+    after_help = "Servers default to the reference pair on this host: tcp://localhost:5556 \
+(primary) and tcp://localhost:5566 (backup). Each server is given by its base endpoint P; \
+the client also uses P+1 (updates) and P+2 (collector).\n\n\
+Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
+Exit status: 0 success; 1 key not found (get); 2 bad arguments or a refused update; \
+3 no server answered, or the commit was not confirmed, within --timeout; 4 other \
+failures (an update lost in a failover, a socket error)."
+)]
+struct Cli {
+    /// A server's base endpoint (repeat, or separate with commas); tried in order.
+    #[arg(
+        short,
+        long = "server",
+        value_name = "ENDPOINT",
+        env = "CLONEKV_SERVERS",
+        value_delimiter = ',',
+        global = true
+    )]
+    servers: Vec<String>,
+
+    /// How long to wait for a server to answer, and for a commit with --wait.
+    #[arg(
+        short,
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        global = true
+    )]
+    timeout: HumanDuration,
+
+    /// Silence from the current server before trying the next one.
+    #[arg(long, value_name = "DURATION", default_value = "5s", global = true)]
+    server_ttl: HumanDuration,
+
+    /// Print JSON (one object per line) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the value of KEY (exit status 1 if it does not exist).
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Set KEY to VALUE on every server.
+    Set {
+        /// The key.
+        key: String,
+        /// The value (must not be empty: use `del` to delete).
+        value: String,
+        /// Expire the key after this long.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<HumanDuration>,
+        /// Wait until the active server has published the update (the commit).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete KEY on every server.
+    Del {
+        /// The key.
+        key: String,
+        /// Wait until the active server has published the delete.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print every key and value under SUBTREE (a key prefix; default: everything).
+    Dump {
+        /// Key prefix.
+        subtree: Option<String>,
+    },
+    /// Print the keys under SUBTREE, then every change, until Ctrl-C.
+    Watch {
+        /// Key prefix.
+        subtree: Option<String>,
+    },
+    /// Show which server answers, its sequence and its heartbeat age.
+    Status,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    clonekv_zmq::log::init("warn");
+    match run(&cli) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("clonekv: {}", failure.message);
+            ExitCode::from(failure.status)
+        }
+    }
+}
+
+struct Failure {
+    status: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: u8, message: impl Into<String>) -> Self {
+        Failure {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+fn client_failure(error: ClientError, servers: &[String]) -> Failure {
+    let status = match &error {
+        ClientError::NotSynced { .. } | ClientError::CommitTimeout { .. } => EXIT_UNAVAILABLE,
+        ClientError::Rejected(_) | ClientError::Endpoint { .. } | ClientError::Config(_) => {
+            EXIT_USAGE
+        }
+        _ => EXIT_FAILURE,
+    };
+    let message = match &error {
+        ClientError::NotSynced { .. } => format!(
+            "{error} (tried {}; is clonekvd running? see --server)",
+            servers.join(", ")
+        ),
+        _ => error.to_string(),
+    };
+    Failure::new(status, message)
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, Failure> {
+    let servers: Vec<String> = if cli.servers.is_empty() {
+        DEFAULT_SERVERS.iter().map(|s| s.to_string()).collect()
+    } else {
+        cli.servers.clone()
+    };
+    let fail = |error: ClientError| client_failure(error, &servers);
+    let subtree = match &cli.command {
+        // A get only needs its own key: the snapshot is the entries starting with it.
+        Command::Get { key } => key.clone(),
+        Command::Dump { subtree } | Command::Watch { subtree } => {
+            subtree.clone().unwrap_or_default()
+        }
+        // The subtree only needs to contain the key, so that the echo (the commit)
+        // reaches us, and the snapshot stays small.
+        Command::Set { key, .. } | Command::Del { key, .. } => key.clone(),
+        // Status needs a snapshot (its KTHXBAI carries the server's sequence) but no
+        // entries: `HUGZ` is a reserved key, so this subtree holds nothing in practice.
+        Command::Status => "HUGZ".to_string(),
+    };
+    let mut builder = Client::builder()
+        .subtree(subtree)
+        .server_ttl(cli.server_ttl.get());
+    for server in &servers {
+        builder = builder.server(server.clone());
+    }
+    let client = builder.connect().map_err(fail)?;
+    let events = match cli.command {
+        Command::Watch { .. } => Some(client.subscribe()),
+        _ => None,
+    };
+    let timeout = cli.timeout.get();
+    client.wait_synced(timeout).map_err(fail)?;
+
+    let mut out = Output::new(cli.json);
+    let code = match &cli.command {
+        Command::Get { key } => match client.entry(key).map_err(fail)? {
+            Some(entry) => {
+                if cli.json {
+                    out.json(json!({
+                        "key": key,
+                        "value": text(&entry.value),
+                        "sequence": entry.sequence,
+                    }));
+                } else {
+                    out.line(&text(&entry.value));
+                }
+                ExitCode::SUCCESS
+            }
+            None => {
+                if cli.json {
+                    out.json(json!({ "key": key, "value": null }));
+                    ExitCode::from(EXIT_NOT_FOUND)
+                } else {
+                    return Err(Failure::new(EXIT_NOT_FOUND, format!("{key}: not found")));
+                }
+            }
+        },
+        Command::Set {
+            key,
+            value,
+            ttl,
+            wait,
+        } => {
+            let ttl = ttl.map(HumanDuration::get);
+            let sequence = if *wait {
+                Some(
+                    client
+                        .set_confirmed(key, value, ttl, timeout)
+                        .map_err(fail)?,
+                )
+            } else {
+                client.set(key, value, ttl).map_err(fail)?;
+                None
+            };
+            report_update(&mut out, "set", key, sequence);
+            ExitCode::SUCCESS
+        }
+        Command::Del { key, wait } => {
+            let sequence = if *wait {
+                Some(client.delete_confirmed(key, timeout).map_err(fail)?)
+            } else {
+                client.delete(key).map_err(fail)?;
+                None
+            };
+            report_update(&mut out, "del", key, sequence);
+            ExitCode::SUCCESS
+        }
+        Command::Dump { subtree } => {
+            let entries = client
+                .dump(subtree.as_deref().unwrap_or(""))
+                .map_err(fail)?;
+            for (key, entry) in entries {
+                if cli.json {
+                    out.json(json!({
+                        "key": text(&key),
+                        "value": text(&entry.value),
+                        "sequence": entry.sequence,
+                    }));
+                } else {
+                    out.line(&format!("{}={}", text(&key), text(&entry.value)));
+                }
+                if out.closed {
+                    break;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Watch { .. } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|error| {
+                    Failure::new(EXIT_FAILURE, format!("cannot handle Ctrl-C: {error}"))
+                })?;
+            }
+            let Some(events) = events else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            // Ctrl-C only sets the flag; check it between events.
+            while !stop.load(Ordering::SeqCst) && !out.closed {
+                match events.recv_timeout(Duration::from_millis(100)) {
+                    Ok(event) => print_event(&mut out, &client, event),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(Failure::new(EXIT_FAILURE, "the client stopped"));
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Status => {
+            let status = client.status().map_err(fail)?;
+            print_status(&mut out, &status);
+            ExitCode::SUCCESS
+        }
+    };
+    client.shutdown().map_err(fail)?;
+    Ok(code)
+}
+
+fn report_update(out: &mut Output, verb: &str, key: &str, sequence: Option<i64>) {
+    if out.json_mode {
+        out.json(json!({
+            "op": verb,
+            "key": key,
+            "committed": sequence.is_some(),
+            "sequence": sequence,
+        }));
+    } else if let Some(sequence) = sequence {
+        out.line(&format!("committed at sequence {sequence}"));
+    }
+}
+
+fn print_event(out: &mut Output, client: &Client, event: Event) {
+    let endpoint = |index: usize| {
+        client
+            .servers()
+            .get(index)
+            .map_or_else(|| index.to_string(), ToString::to_string)
+    };
+    if out.json_mode {
+        let value = match event {
+            Event::Updated {
+                key,
+                value,
+                sequence,
+            } => {
+                json!({"event": "set", "key": text(&key), "value": text(&value), "sequence": sequence})
+            }
+            Event::Deleted { key, sequence } => {
+                json!({"event": "del", "key": text(&key), "sequence": sequence})
+            }
+            Event::Synced {
+                server,
+                sequence,
+                keys,
+            } => {
+                json!({"event": "synced", "server": endpoint(server), "sequence": sequence, "keys": keys})
+            }
+            Event::ServerChanged { from, to } => {
+                json!({"event": "server_changed", "from": endpoint(from), "to": endpoint(to)})
+            }
+            Event::Lagged { missed } => json!({"event": "lagged", "missed": missed}),
+        };
+        out.json(value);
+    } else {
+        let line = match event {
+            Event::Updated {
+                key,
+                value,
+                sequence,
+            } => format!("set {}={} (sequence {sequence})", text(&key), text(&value)),
+            Event::Deleted { key, sequence } => {
+                format!("del {} (sequence {sequence})", text(&key))
+            }
+            Event::Synced {
+                server,
+                sequence,
+                keys,
+            } => format!(
+                "# synced from {} at sequence {sequence} ({keys} keys)",
+                endpoint(server)
+            ),
+            Event::ServerChanged { from, to } => {
+                format!("# {} went silent; trying {}", endpoint(from), endpoint(to))
+            }
+            Event::Lagged { missed } => {
+                format!("# fell behind: {missed} events missed")
+            }
+        };
+        out.line(&line);
+    }
+}
+
+fn print_status(out: &mut Output, status: &Status) {
+    let state = match status.state {
+        State::Initial => "connecting",
+        State::Syncing => "syncing",
+        State::Active => "active",
+    };
+    let age = status.last_heard.map(|age| age.as_secs_f64());
+    if out.json_mode {
+        out.json(json!({
+            "server": status.endpoint,
+            "server_index": status.server,
+            "state": state,
+            "sequence": status.sequence,
+            "heartbeat_age_seconds": age,
+        }));
+    } else {
+        out.line(&format!("server: {}", status.endpoint));
+        out.line(&format!("state: {state}"));
+        out.line(&format!("sequence: {}", status.sequence));
+        match age {
+            Some(age) => out.line(&format!("heartbeat age: {age:.3}s")),
+            None => out.line("heartbeat age: none yet"),
+        }
+    }
+}
+
+/// Keys and values are bytes; show them as text, replacing invalid UTF-8.
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes lines to stdout; once stdout is closed (`clonekv watch | head`) it stops
+/// quietly instead of panicking.
+struct Output {
+    json_mode: bool,
+    closed: bool,
+    stdout: io::Stdout,
+}
+
+impl Output {
+    fn new(json_mode: bool) -> Self {
+        Output {
+            json_mode,
+            closed: false,
+            stdout: io::stdout(),
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        if self.closed {
+            return;
+        }
+        let mut lock = self.stdout.lock();
+        if writeln!(lock, "{line}")
+            .and_then(|()| lock.flush())
+            .is_err()
+        {
+            self.closed = true;
+        }
+    }
+
+    fn json(&mut self, value: serde_json::Value) {
+        self.line(&value.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_help_text_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn set_takes_ttl_and_wait() {
+        let cli =
+            Cli::try_parse_from(["clonekv", "set", "k", "v", "--ttl", "1.5s", "--wait"]).unwrap();
+        let Command::Set { ttl, wait, .. } = cli.command else {
+            panic!("not a set: {:?}", cli.command);
+        };
+        assert_eq!(
+            ttl.map(HumanDuration::get),
+            Some(Duration::from_millis(1_500))
+        );
+        assert!(wait);
+    }
+
+    #[test]
+    fn servers_may_be_repeated_or_comma_separated() {
+        let cli = Cli::try_parse_from([
+            "clonekv",
+            "--server",
+            "tcp://a:1,tcp://b:2",
+            "-s",
+            "tcp://c:3",
+            "status",
+        ])
+        .unwrap();
+        assert_eq!(cli.servers, ["tcp://a:1", "tcp://b:2", "tcp://c:3"]);
+    }
+}

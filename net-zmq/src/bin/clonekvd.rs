@@ -1,0 +1,410 @@
+//! `clonekvd`: one server of a clonekv Binary Star pair.
+//!
+//! With no arguments it serves as the primary on the zguide's default ports; `--backup`
+//! starts the backup. Every endpoint, timing and limit can be set by a flag or in a TOML
+//! file given with `--config` (flags win). See `clonekvd --help`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+use clonekv_zmq::core::bstar::Role;
+use clonekv_zmq::core::server::Config;
+use clonekv_zmq::duration::HumanDuration;
+use clonekv_zmq::server::{ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM};
+
+/// Exit status when the configuration (flags or file) is unusable.
+const EXIT_CONFIG: u8 = 2;
+/// Exit status when the server cannot start (a port is taken) or its loop fails.
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clonekvd",
+    version,
+    about = "clonekv server: a replicated key-value store speaking the ZeroMQ Clone protocol with Binary Star failover",
+    long_about = "clonekv server: a replicated key-value store speaking the ZeroMQ Clone protocol \
+(CHP) with Binary Star failover.\n\n\
+With no arguments it serves as the primary: ROUTER on tcp://*:5556 (snapshots), PUB on \
+5557 (updates), SUB on 5558 (collector), Binary Star state PUB on 5003, and it expects a \
+backup on localhost:5566 / 5004. `--backup` starts the backup on 5566-5568 and 5004, with \
+the primary at localhost:5556 / 5003. A lone primary starts serving on the first client \
+request once its peer has been silent for two heartbeats.",
+    after_help = "Every option can also be set in the --config file under its long name \
+(for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
+the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
+Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.\n\
+Exit status: 0 after SIGINT/SIGTERM, 1 when it cannot start (a port is taken) or fails, \
+2 for a bad option or config file."
+)]
+struct Cli {
+    /// Start as the backup (same as `--role backup`).
+    #[arg(long, conflicts_with = "role")]
+    backup: bool,
+
+    /// Read settings from this TOML file; flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RoleName {
+    Primary,
+    Backup,
+}
+
+/// Everything that can come from a flag or the config file. Unset means "the default
+/// for the role".
+#[derive(Args, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct Settings {
+    /// Role in the pair [default: primary].
+    #[arg(long, value_enum)]
+    role: Option<RoleName>,
+
+    /// Address to bind the server's ports on [default: * (every interface)].
+    #[arg(long, value_name = "HOST", help_heading = "Endpoints")]
+    bind_host: Option<String>,
+    /// Base port P: ROUTER on P, PUB on P+1, collector SUB on P+2 [default: 5556; backup 5566].
+    #[arg(long, value_name = "P", help_heading = "Endpoints")]
+    port: Option<u16>,
+    /// Port of this server's Binary Star state PUB [default: 5003; backup 5004].
+    #[arg(long, value_name = "PORT", help_heading = "Endpoints")]
+    state_port: Option<u16>,
+    /// Host of the peer server [default: localhost].
+    #[arg(long, value_name = "HOST", help_heading = "Endpoints")]
+    peer_host: Option<String>,
+    /// The peer's base port P [default: 5566; backup 5556].
+    #[arg(long, value_name = "P", help_heading = "Endpoints")]
+    peer_port: Option<u16>,
+    /// Port of the peer's Binary Star state PUB [default: 5004; backup 5003].
+    #[arg(long, value_name = "PORT", help_heading = "Endpoints")]
+    peer_state_port: Option<u16>,
+    /// Full endpoint for the snapshot ROUTER (overrides --bind-host/--port).
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    snapshot_endpoint: Option<String>,
+    /// Full endpoint for the update PUB.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    publisher_endpoint: Option<String>,
+    /// Full endpoint for the collector SUB.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    collector_endpoint: Option<String>,
+    /// Full endpoint for the Binary Star state PUB.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    state_endpoint: Option<String>,
+    /// Full endpoint of the peer's snapshot ROUTER (to connect to).
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    peer_snapshot_endpoint: Option<String>,
+    /// Full endpoint of the peer's update PUB.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    peer_publisher_endpoint: Option<String>,
+    /// Full endpoint of the peer's collector SUB.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    peer_collector_endpoint: Option<String>,
+    /// Full endpoint of the peer's Binary Star state PUB.
+    #[arg(long, value_name = "ENDPOINT", help_heading = "Endpoints")]
+    peer_state_endpoint: Option<String>,
+
+    /// Interval of Binary Star state messages and HUGZ heartbeats [default: 1s].
+    #[arg(long, value_name = "DURATION", help_heading = "Timing")]
+    heartbeat: Option<HumanDuration>,
+    /// Heartbeats without a word from the peer before it counts as dead [default: 2].
+    #[arg(long, value_name = "N", help_heading = "Timing")]
+    peer_expiry_beats: Option<u32>,
+    /// Age after which a passive drops a client update the active never echoed [default: 30s].
+    #[arg(long, value_name = "DURATION", help_heading = "Timing")]
+    pending_max_age: Option<HumanDuration>,
+    /// A client that takes no snapshot message for this long loses its stream [default: 30s].
+    #[arg(long, value_name = "DURATION", help_heading = "Timing")]
+    snapshot_stall_timeout: Option<HumanDuration>,
+    /// A passive re-requests the peer's snapshot after this long without a reply [default: 5s].
+    #[arg(long, value_name = "DURATION", help_heading = "Timing")]
+    peer_sync_timeout: Option<HumanDuration>,
+
+    /// Longest key (and subtree) accepted, in bytes [default: 255].
+    #[arg(long, value_name = "BYTES", help_heading = "Limits")]
+    max_key_len: Option<usize>,
+    /// Largest value accepted, in bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES", help_heading = "Limits")]
+    max_body_len: Option<usize>,
+    /// Largest properties frame accepted, in bytes [default: 4096].
+    #[arg(long, value_name = "BYTES", help_heading = "Limits")]
+    max_properties_len: Option<usize>,
+    /// Most client updates a passive holds for a failover [default: 100000].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    pending_max_len: Option<usize>,
+    /// Most snapshot streams open at once; further requests wait for a retry [default: 64].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    max_snapshot_streams: Option<usize>,
+    /// Entries read from the map per step of a snapshot stream [default: 256].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    snapshot_batch: Option<usize>,
+    /// Updates a syncing passive buffers before it starts the sync over [default: 100000].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    sync_backlog_max: Option<usize>,
+    /// Keys an active backup records to forward after a split brain [default: 100000].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    split_log_max: Option<usize>,
+    /// Messages queued per peer on the streaming sockets before libzmq drops [default: 100000].
+    #[arg(long, value_name = "N", help_heading = "Limits")]
+    hwm: Option<i32>,
+}
+
+impl Settings {
+    /// Each field of `self` if set, else the one from `file`.
+    fn over(self, file: Settings) -> Settings {
+        Settings {
+            role: self.role.or(file.role),
+            bind_host: self.bind_host.or(file.bind_host),
+            port: self.port.or(file.port),
+            state_port: self.state_port.or(file.state_port),
+            peer_host: self.peer_host.or(file.peer_host),
+            peer_port: self.peer_port.or(file.peer_port),
+            peer_state_port: self.peer_state_port.or(file.peer_state_port),
+            snapshot_endpoint: self.snapshot_endpoint.or(file.snapshot_endpoint),
+            publisher_endpoint: self.publisher_endpoint.or(file.publisher_endpoint),
+            collector_endpoint: self.collector_endpoint.or(file.collector_endpoint),
+            state_endpoint: self.state_endpoint.or(file.state_endpoint),
+            peer_snapshot_endpoint: self.peer_snapshot_endpoint.or(file.peer_snapshot_endpoint),
+            peer_publisher_endpoint: self
+                .peer_publisher_endpoint
+                .or(file.peer_publisher_endpoint),
+            peer_collector_endpoint: self
+                .peer_collector_endpoint
+                .or(file.peer_collector_endpoint),
+            peer_state_endpoint: self.peer_state_endpoint.or(file.peer_state_endpoint),
+            heartbeat: self.heartbeat.or(file.heartbeat),
+            peer_expiry_beats: self.peer_expiry_beats.or(file.peer_expiry_beats),
+            pending_max_age: self.pending_max_age.or(file.pending_max_age),
+            snapshot_stall_timeout: self.snapshot_stall_timeout.or(file.snapshot_stall_timeout),
+            peer_sync_timeout: self.peer_sync_timeout.or(file.peer_sync_timeout),
+            max_key_len: self.max_key_len.or(file.max_key_len),
+            max_body_len: self.max_body_len.or(file.max_body_len),
+            max_properties_len: self.max_properties_len.or(file.max_properties_len),
+            pending_max_len: self.pending_max_len.or(file.pending_max_len),
+            max_snapshot_streams: self.max_snapshot_streams.or(file.max_snapshot_streams),
+            snapshot_batch: self.snapshot_batch.or(file.snapshot_batch),
+            sync_backlog_max: self.sync_backlog_max.or(file.sync_backlog_max),
+            split_log_max: self.split_log_max.or(file.split_log_max),
+            hwm: self.hwm.or(file.hwm),
+        }
+    }
+
+    /// The server options: the role's defaults with every given setting applied.
+    fn into_options(self) -> Result<ServerOptions, String> {
+        let role = match self.role.unwrap_or(RoleName::Primary) {
+            RoleName::Primary => Role::Primary,
+            RoleName::Backup => Role::Backup,
+        };
+        let mut config = match role {
+            Role::Primary => Config::primary(),
+            Role::Backup => Config::backup(),
+        };
+        let (port, state_port, peer_port, peer_state_port) = match role {
+            Role::Primary => (5556, 5003, 5566, 5004),
+            Role::Backup => (5566, 5004, 5556, 5003),
+        };
+        let port = self.port.unwrap_or(port);
+        let peer_port = self.peer_port.unwrap_or(peer_port);
+        for (name, base) in [("--port", port), ("--peer-port", peer_port)] {
+            if base > u16::MAX - 2 {
+                return Err(format!(
+                    "{name} {base} leaves no room for P+1 and P+2 (at most {})",
+                    u16::MAX - 2
+                ));
+            }
+        }
+        let ports = ServerEndpoints::with_ports(
+            self.bind_host.as_deref().unwrap_or("*"),
+            port,
+            self.state_port.unwrap_or(state_port),
+            self.peer_host.as_deref().unwrap_or("localhost"),
+            peer_port,
+            self.peer_state_port.unwrap_or(peer_state_port),
+        );
+        let endpoints = ServerEndpoints {
+            snapshot: self.snapshot_endpoint.unwrap_or(ports.snapshot),
+            publisher: self.publisher_endpoint.unwrap_or(ports.publisher),
+            collector: self.collector_endpoint.unwrap_or(ports.collector),
+            state: self.state_endpoint.unwrap_or(ports.state),
+            peer_snapshot: self.peer_snapshot_endpoint.unwrap_or(ports.peer_snapshot),
+            peer_publisher: self.peer_publisher_endpoint.unwrap_or(ports.peer_publisher),
+            peer_collector: self.peer_collector_endpoint.unwrap_or(ports.peer_collector),
+            peer_state: self.peer_state_endpoint.unwrap_or(ports.peer_state),
+        };
+
+        let duration = |value: Option<HumanDuration>, default: Duration| {
+            value.map_or(default, HumanDuration::get)
+        };
+        config.bstar.heartbeat = duration(self.heartbeat, config.bstar.heartbeat);
+        config.bstar.peer_expiry_beats = self
+            .peer_expiry_beats
+            .unwrap_or(config.bstar.peer_expiry_beats);
+        config.pending_max_age = duration(self.pending_max_age, config.pending_max_age);
+        config.snapshot_stall_timeout =
+            duration(self.snapshot_stall_timeout, config.snapshot_stall_timeout);
+        config.peer_sync_timeout = duration(self.peer_sync_timeout, config.peer_sync_timeout);
+        config.limits.max_key_len = self.max_key_len.unwrap_or(config.limits.max_key_len);
+        config.limits.max_body_len = self.max_body_len.unwrap_or(config.limits.max_body_len);
+        config.limits.max_properties_len = self
+            .max_properties_len
+            .unwrap_or(config.limits.max_properties_len);
+        config.pending_max_len = self.pending_max_len.unwrap_or(config.pending_max_len);
+        config.max_snapshot_streams = self
+            .max_snapshot_streams
+            .unwrap_or(config.max_snapshot_streams);
+        config.snapshot_batch = self.snapshot_batch.unwrap_or(config.snapshot_batch);
+        config.sync_backlog_max = self.sync_backlog_max.unwrap_or(config.sync_backlog_max);
+        config.split_log_max = self.split_log_max.unwrap_or(config.split_log_max);
+        config.validate().map_err(|error| error.to_string())?;
+
+        let hwm = self.hwm.unwrap_or(DEFAULT_HWM);
+        if hwm < 0 {
+            return Err(format!("--hwm {hwm} must be 0 (no limit) or more"));
+        }
+        Ok(ServerOptions {
+            config,
+            endpoints,
+            hwm,
+        })
+    }
+}
+
+fn read_config_file(path: &Path) -> Result<Settings, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read config file {}: {error}", path.display()))?;
+    toml::from_str(&text).map_err(|error| {
+        let message = error.message().to_string();
+        let line = error
+            .span()
+            .map(|span| text.get(..span.start).unwrap_or("").lines().count().max(1));
+        match line {
+            Some(line) => format!("config file {}, line {line}: {message}", path.display()),
+            None => format!("config file {}: {message}", path.display()),
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    clonekv_zmq::log::init("info");
+
+    let file = match &cli.config {
+        Some(path) => match read_config_file(path) {
+            Ok(settings) => settings,
+            Err(message) => return fail(EXIT_CONFIG, &message),
+        },
+        None => Settings::default(),
+    };
+    let mut settings = cli.settings.over(file);
+    if cli.backup {
+        settings.role = Some(RoleName::Backup);
+    }
+    let options = match settings.into_options() {
+        Ok(options) => options,
+        Err(message) => return fail(EXIT_CONFIG, &format!("invalid configuration: {message}")),
+    };
+
+    let role = options.config.bstar.role;
+    let mut host = match ServerHost::start(options) {
+        Ok(host) => host,
+        Err(error) => {
+            let hint = match &error {
+                StartError::Bind { .. } => {
+                    " (is another clonekvd running? choose other ports with --port / --state-port)"
+                }
+                _ => "",
+            };
+            return fail(EXIT_FAILURE, &format!("cannot start: {error}{hint}"));
+        }
+    };
+    if let Err(error) = host.stop_on_signals() {
+        return fail(
+            EXIT_FAILURE,
+            &format!("cannot install SIGINT/SIGTERM handlers: {error}"),
+        );
+    }
+    let endpoints = host.endpoints();
+    tracing::info!(
+        %role,
+        snapshot = %endpoints.snapshot,
+        publisher = %endpoints.publisher,
+        collector = %endpoints.collector,
+        state = %endpoints.state,
+        peer_snapshot = %endpoints.peer_snapshot,
+        peer_state = %endpoints.peer_state,
+        "clonekvd started"
+    );
+    match host.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(EXIT_FAILURE, &format!("stopped: {error}")),
+    }
+}
+
+/// Prints the one-line reason and returns the exit status.
+fn fail(status: u8, message: &str) -> ExitCode {
+    eprintln!("clonekvd: {message}");
+    ExitCode::from(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_arguments_mean_the_primary_on_the_reference_ports() {
+        let options = Settings::default().into_options().unwrap();
+        assert_eq!(options.endpoints, ServerEndpoints::primary());
+        assert_eq!(options.config, Config::primary());
+    }
+
+    #[test]
+    fn the_backup_flips_every_default() {
+        let cli = Cli::try_parse_from(["clonekvd", "--backup"]).unwrap();
+        let mut settings = cli.settings.over(Settings::default());
+        settings.role = Some(RoleName::Backup);
+        let options = settings.into_options().unwrap();
+        assert_eq!(options.endpoints, ServerEndpoints::backup());
+        assert_eq!(options.config, Config::backup());
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let file: Settings =
+            toml::from_str("port = 7000\nheartbeat = \"200ms\"\nrole = \"backup\"").unwrap();
+        let cli = Cli::try_parse_from(["clonekvd", "--port", "8000"]).unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.endpoints.snapshot, "tcp://*:8000");
+        assert_eq!(options.endpoints.collector, "tcp://*:8002");
+        assert_eq!(options.endpoints.peer_snapshot, "tcp://localhost:5556");
+        assert_eq!(options.config.bstar.heartbeat, Duration::from_millis(200));
+        assert_eq!(options.config.bstar.role, Role::Backup);
+    }
+
+    #[test]
+    fn a_typo_in_the_config_file_is_an_error() {
+        assert!(toml::from_str::<Settings>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn a_zero_heartbeat_is_refused() {
+        let cli = Cli::try_parse_from(["clonekvd", "--heartbeat", "0s"]).unwrap();
+        let error = cli
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("heartbeat"), "{error}");
+    }
+
+    #[test]
+    fn the_help_text_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

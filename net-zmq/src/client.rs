@@ -1,0 +1,1137 @@
+//! The clonekv client library: a replica of one subtree of the servers' map, kept up to
+//! date in a background thread, with reads, writes, commit confirmation and a stream of
+//! change events.
+//!
+//! # Model
+//!
+//! [`Client::builder`] lists the servers (the primary and the backup), the subtree to
+//! follow and the timing; [`ClientBuilder::connect`] creates the sockets and starts an
+//! agent thread that runs the core's clone agent ([`clonekv_core::client::Client`]) in
+//! its own mio loop. The agent takes a snapshot from the first server that answers,
+//! follows its updates, and fails over to the next server when the current one goes
+//! silent. The [`Client`] handle talks to the agent over a channel and wakes it with a
+//! [`mio::Waker`]:
+//!
+//! - reads ([`Client::get`], [`Client::dump`], [`Client::status`]) are a request and a
+//!   reply, answered from the agent's map between two inputs, so a read always sees
+//!   every earlier write of the same handle and never a half-applied snapshot;
+//! - writes ([`Client::set`], [`Client::delete`]) are published to every server and
+//!   applied to the local map at once; [`Client::set_confirmed`] and
+//!   [`Client::delete_confirmed`] also wait until the current server publishes the
+//!   update (its echo), which is the commit;
+//! - [`Client::subscribe`] returns an [`Events`] receiver of every change to the map.
+//!
+//! Sockets, per server *i*: a DEALER to its snapshot port P and a SUB to its publisher
+//! P+1 (subscribed to the subtree first, then `HUGZ`, PROTOCOL.md §4); plus one PUB
+//! connected to every server's collector P+2.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use clonekv_zmq::client::{Client, Event};
+//!
+//! # fn main() -> Result<(), clonekv_zmq::client::ClientError> {
+//! let client = Client::builder()
+//!     .server("tcp://localhost:5556") // primary: P; P+1 and P+2 follow
+//!     .server("tcp://localhost:5566") // backup
+//!     .subtree("/weather/")
+//!     .connect()?;
+//! client.wait_synced(Duration::from_secs(10))?;
+//!
+//! let events = client.subscribe();
+//! client.set("/weather/london", "rain", None)?;
+//! let sequence = client.set_confirmed(
+//!     "/weather/paris",
+//!     "sun",
+//!     Some(Duration::from_secs(60)), // expires in a minute
+//!     Duration::from_secs(5),        // wait this long for the commit
+//! )?;
+//! println!("committed at {sequence}");
+//! assert_eq!(client.get("/weather/london")?.as_deref(), Some(&b"rain"[..]));
+//!
+//! while let Ok(event) = events.recv_timeout(Duration::from_millis(100)) {
+//!     if let Event::Updated { key, value, .. } = event {
+//!         println!("{} = {}", String::from_utf8_lossy(&key), String::from_utf8_lossy(&value));
+//!     }
+//! }
+//! client.shutdown()
+//! # }
+//! ```
+//!
+//! `examples/weather.rs` is the same as a runnable program.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant as StdInstant};
+
+use clonekv_core::client::{
+    self as core_client, Channel, Client as CoreClient, LostReason, Output, ServerIndex, State,
+};
+use clonekv_core::kvmsg::{Limits, Uuid};
+use mio::{Events as MioEvents, Poll, Token, Waker};
+use rand_chacha::ChaCha8Rng;
+use rand_core::SeedableRng;
+
+pub use clonekv_core::client::Entry;
+
+use crate::clock::Clock;
+use crate::log::RateLimiter;
+use crate::socket::{SendOutcome, ZmqSocket};
+
+/// The servers a client uses when none are given: the reference primary and backup on
+/// this host.
+pub const DEFAULT_SERVERS: [&str; 2] = ["tcp://localhost:5556", "tcp://localhost:5566"];
+
+/// The three endpoints of one server, as a client connects to them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerAddress {
+    /// The snapshot ROUTER (P): the client's DEALER connects here.
+    pub snapshot: String,
+    /// The update PUB (P+1): the client's SUB connects here.
+    pub publisher: String,
+    /// The collector SUB (P+2): the client's PUB connects here.
+    pub collector: String,
+}
+
+impl ServerAddress {
+    /// The address of a server from its base endpoint `tcp://HOST:P` (or `HOST:P`):
+    /// snapshots at P, updates at P+1, the collector at P+2.
+    pub fn from_base(endpoint: &str) -> Result<ServerAddress, ClientError> {
+        let invalid = |reason: &'static str| ClientError::Endpoint {
+            endpoint: endpoint.to_string(),
+            reason,
+        };
+        let rest =
+            match endpoint.split_once("://") {
+                Some(("tcp", rest)) => rest,
+                Some(_) => return Err(invalid(
+                    "only tcp:// endpoints have a base port; give the three endpoints explicitly",
+                )),
+                None => endpoint,
+            };
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("expected HOST:PORT, for example tcp://localhost:5556"))?;
+        if host.is_empty() {
+            return Err(invalid("the host is empty"));
+        }
+        let port: u16 = port
+            .parse()
+            .map_err(|_| invalid("the port is not a number from 1 to 65533"))?;
+        if port == 0 || port > u16::MAX - 2 {
+            return Err(invalid(
+                "the port must leave room for P+1 and P+2 (1 to 65533)",
+            ));
+        }
+        let at = |port: u16| format!("tcp://{host}:{port}");
+        Ok(ServerAddress {
+            snapshot: at(port),
+            publisher: at(port + 1),
+            collector: at(port + 2),
+        })
+    }
+}
+
+impl FromStr for ServerAddress {
+    type Err = ClientError;
+    fn from_str(endpoint: &str) -> Result<Self, Self::Err> {
+        ServerAddress::from_base(endpoint)
+    }
+}
+
+impl fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.snapshot)
+    }
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The builder's settings are unusable.
+    #[error("invalid client configuration: {0}")]
+    Config(core_client::Error),
+    /// A server endpoint does not parse.
+    #[error("invalid server endpoint {endpoint:?}: {reason}")]
+    Endpoint {
+        /// The endpoint given.
+        endpoint: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// libzmq refused to create, configure or connect a socket.
+    #[error("cannot set up the {socket} socket ({endpoint}): {error}")]
+    Socket {
+        /// Which socket.
+        socket: &'static str,
+        /// The endpoint involved, if any.
+        endpoint: String,
+        /// libzmq's reason.
+        error: zmq::Error,
+    },
+    /// The event loop or the agent thread could not be set up.
+    #[error("cannot start the client: {0}")]
+    Io(#[from] io::Error),
+    /// The operating system gave no randomness for the update ids.
+    #[error("cannot seed the update id generator from the OS: {0}")]
+    Randomness(String),
+    /// The update was refused before sending (empty key, value too large, ...).
+    #[error("update refused: {0}")]
+    Rejected(core_client::Error),
+    /// No server completed a snapshot in time.
+    #[error("no server answered within {}", crate::duration::HumanDuration(*.waited))]
+    NotSynced {
+        /// How long the call waited.
+        waited: Duration,
+    },
+    /// The update's echo did not arrive in time. It may still be committed.
+    #[error("the update was not confirmed within {}", crate::duration::HumanDuration(*.waited))]
+    CommitTimeout {
+        /// How long the call waited.
+        waited: Duration,
+    },
+    /// The update's echo can no longer arrive; it may or may not have been applied.
+    #[error("the update could not be confirmed: {}", describe_lost(*.0))]
+    Lost(LostReason),
+    /// The client's agent thread has stopped (after [`Client::shutdown`] or a fatal
+    /// socket error, which it logged).
+    #[error("the client has stopped")]
+    Stopped,
+}
+
+fn describe_lost(reason: LostReason) -> &'static str {
+    match reason {
+        LostReason::OutsideSubtree => {
+            "its key is outside the client's subtree, so its echo never reaches this client"
+        }
+        LostReason::ServerChanged => {
+            "the client failed over to another server before the echo arrived (read the key to see whether it survived)"
+        }
+        LostReason::Evicted => "too many updates were awaiting their echo",
+    }
+}
+
+/// A change to the client's map, or to its connection, as seen by [`Client::subscribe`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// `key` now has `value`, written by the server at `sequence` (0: this client's own
+    /// update, not yet confirmed).
+    Updated {
+        /// The key.
+        key: Vec<u8>,
+        /// Its new value.
+        value: Vec<u8>,
+        /// The sequence of the entry.
+        sequence: i64,
+    },
+    /// `key` is gone (deleted, expired, or absent from a newer snapshot).
+    Deleted {
+        /// The key.
+        key: Vec<u8>,
+        /// The sequence of the deletion (0 for a local delete).
+        sequence: i64,
+    },
+    /// A snapshot from `server` replaced the map.
+    Synced {
+        /// Index of the server in the builder's list.
+        server: usize,
+        /// The snapshot's sequence.
+        sequence: i64,
+        /// Keys in the map.
+        keys: usize,
+    },
+    /// The current server went silent; the client moved to the next one.
+    ServerChanged {
+        /// The server given up on.
+        from: usize,
+        /// The new current server.
+        to: usize,
+    },
+    /// The receiver fell behind and `missed` events were dropped before this one; read
+    /// the map ([`Client::dump`]) to catch up.
+    Lagged {
+        /// Events dropped.
+        missed: u64,
+    },
+}
+
+/// What the client knows about its connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The agent's state with its current server.
+    pub state: State,
+    /// Index of the current server in the builder's list.
+    pub server: usize,
+    /// The current server's snapshot endpoint.
+    pub endpoint: String,
+    /// Sequence of the last snapshot or update applied.
+    pub sequence: i64,
+    /// Keys in the local map.
+    pub keys: usize,
+    /// Time since the current server's publisher last delivered anything (a heartbeat
+    /// or an update): the heartbeat age. `None` if nothing has arrived yet.
+    pub last_heard: Option<Duration>,
+}
+
+impl Status {
+    /// True once a snapshot was applied and updates are being followed.
+    pub fn is_synced(&self) -> bool {
+        self.state == State::Active
+    }
+}
+
+/// A stream of [`Event`]s from [`Client::subscribe`]. Iterating blocks for the next
+/// event and ends when the client stops.
+#[derive(Debug)]
+pub struct Events {
+    receiver: Receiver<Event>,
+}
+
+impl Events {
+    /// The next event, waiting at most `timeout`. `Err` on timeout or when the client
+    /// has stopped.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
+        self.receiver.recv_timeout(timeout)
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&self) -> Option<Event> {
+        self.receiver.try_recv().ok()
+    }
+}
+
+impl Iterator for Events {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.receiver.recv().ok()
+    }
+}
+
+/// Settings for a [`Client`]; see [`Client::builder`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    servers: Vec<ServerSpec>,
+    config: core_client::Config,
+    event_capacity: usize,
+    hwm: i32,
+    linger: Duration,
+}
+
+#[derive(Clone, Debug)]
+enum ServerSpec {
+    Base(String),
+    Explicit(ServerAddress),
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        ClientBuilder {
+            servers: Vec::new(),
+            config: core_client::Config::default(),
+            event_capacity: 65_536,
+            hwm: crate::server::DEFAULT_HWM,
+            linger: Duration::from_secs(1),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Adds a server by its base endpoint `tcp://HOST:P` (P+1 and P+2 follow). Servers
+    /// are tried in the order given. With none, [`DEFAULT_SERVERS`] are used.
+    pub fn server(mut self, endpoint: impl Into<String>) -> Self {
+        self.servers.push(ServerSpec::Base(endpoint.into()));
+        self
+    }
+
+    /// Adds a server by its three endpoints.
+    pub fn server_address(mut self, address: ServerAddress) -> Self {
+        self.servers.push(ServerSpec::Explicit(address));
+        self
+    }
+
+    /// Follows only keys starting with `subtree` (default: every key).
+    pub fn subtree(mut self, subtree: impl Into<Vec<u8>>) -> Self {
+        self.config.subtree = subtree.into();
+        self
+    }
+
+    /// Silence from the current server after which the client moves to the next one
+    /// (default 5 s).
+    pub fn server_ttl(mut self, server_ttl: Duration) -> Self {
+        self.config.server_ttl = server_ttl;
+        self
+    }
+
+    /// Size limits for keys, values and properties (default: PROTOCOL.md §2).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.config.limits = limits;
+        self
+    }
+
+    /// Updates buffered while a snapshot arrives (default 100 000).
+    pub fn max_buffered_updates(mut self, max: usize) -> Self {
+        self.config.max_buffered_updates = max;
+        self
+    }
+
+    /// Own updates remembered while their echo is awaited (default 10 000).
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.config.max_in_flight = max;
+        self
+    }
+
+    /// Events queued per [`Events`] receiver before the oldest unread are dropped and
+    /// reported as [`Event::Lagged`] (default 65 536).
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.event_capacity = capacity.max(1);
+        self
+    }
+
+    /// High-water mark of the update sockets: messages queued before libzmq drops
+    /// (default 100 000).
+    pub fn hwm(mut self, hwm: i32) -> Self {
+        self.hwm = hwm.max(0);
+        self
+    }
+
+    /// How long [`Client::shutdown`] waits for updates still queued to go out
+    /// (default 1 s).
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Creates the sockets, connects to every server and starts the agent thread.
+    /// Returns at once: the servers need not be up (see [`Client::wait_synced`]).
+    pub fn connect(self) -> Result<Client, ClientError> {
+        let addresses = if self.servers.is_empty() {
+            DEFAULT_SERVERS
+                .iter()
+                .map(|endpoint| ServerAddress::from_base(endpoint))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            self.servers
+                .into_iter()
+                .map(|spec| match spec {
+                    ServerSpec::Base(endpoint) => ServerAddress::from_base(&endpoint),
+                    ServerSpec::Explicit(address) => Ok(address),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut config = self.config;
+        config.servers = addresses.len();
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|error| ClientError::Randomness(error.to_string()))?;
+        let clock = Clock::new();
+        let core = CoreClient::new(config, ChaCha8Rng::from_seed(seed), clock.now())
+            .map_err(ClientError::Config)?;
+
+        let context = zmq::Context::new();
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let mut links = Vec::with_capacity(addresses.len());
+        for (index, address) in addresses.iter().enumerate() {
+            let snapshot = new_socket(&context, zmq::DEALER, "snapshot", &address.snapshot)?;
+            connect(&snapshot, &address.snapshot)?;
+            let subscriber = new_socket(&context, zmq::SUB, "subscriber", &address.publisher)?;
+            let subtree = core.subtree().to_vec();
+            configure(&subscriber, &address.publisher, |socket| {
+                socket.set_rcvhwm(self.hwm)?;
+                // The subtree first, then HUGZ: once a HUGZ arrives, the subtree
+                // subscription is known to be in effect too (PROTOCOL.md §4).
+                socket.set_subscribe(&subtree)?;
+                socket.set_subscribe(clonekv_core::kvmsg::HUGZ)
+            })?;
+            connect(&subscriber, &address.publisher)?;
+            snapshot.register(poll.registry(), snapshot_token(index))?;
+            subscriber.register(poll.registry(), subscriber_token(index))?;
+            links.push(ServerLink {
+                snapshot,
+                subscriber,
+                last_heard: None,
+            });
+        }
+        let publisher = new_socket(&context, zmq::PUB, "publisher", "")?;
+        let linger = i32::try_from(self.linger.as_millis()).unwrap_or(i32::MAX);
+        configure(&publisher, "", |socket| {
+            socket.set_sndhwm(self.hwm)?;
+            // Updates still queued at shutdown get this long to go out.
+            socket.set_linger(linger)
+        })?;
+        for address in &addresses {
+            connect(&publisher, &address.collector)?;
+        }
+
+        let (commands, inbox) = mpsc::channel();
+        let agent = Agent {
+            clock,
+            core,
+            poll,
+            inbox,
+            links,
+            publisher,
+            addresses: addresses.clone(),
+            subscribers: Vec::new(),
+            commit_waiters: BTreeMap::new(),
+            sync_waiters: Vec::new(),
+            limiter: RateLimiter::new(Duration::from_secs(10)),
+            stopping: false,
+            context,
+        };
+        let thread = std::thread::Builder::new()
+            .name("clonekv-client".to_string())
+            .spawn(move || agent.run())?;
+        Ok(Client {
+            commands,
+            waker,
+            thread: Some(thread),
+            addresses,
+            event_capacity: self.event_capacity,
+        })
+    }
+}
+
+/// A handle on a running client. Cheap calls; dropping it stops the agent (as
+/// [`Client::shutdown`] does).
+#[derive(Debug)]
+pub struct Client {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+    addresses: Vec<ServerAddress>,
+    event_capacity: usize,
+}
+
+/// The commit of an update: its sequence, or why it cannot be confirmed.
+type CommitOutcome = Result<i64, LostReason>;
+
+enum Command {
+    Get {
+        key: Vec<u8>,
+        reply: Sender<Option<Entry>>,
+    },
+    Dump {
+        prefix: Vec<u8>,
+        reply: Sender<Vec<(Vec<u8>, Entry)>>,
+    },
+    Update {
+        key: Vec<u8>,
+        /// `Some((value, ttl))` to set, `None` to delete.
+        value: Option<(Vec<u8>, Option<Duration>)>,
+        confirm: Option<Sender<CommitOutcome>>,
+        reply: Sender<Result<Uuid, core_client::Error>>,
+    },
+    Subscribe {
+        events: SyncSender<Event>,
+    },
+    Status {
+        reply: Sender<Status>,
+    },
+    WhenSynced {
+        reply: Sender<Status>,
+    },
+    Stop,
+}
+
+impl Client {
+    /// A builder with the defaults: [`DEFAULT_SERVERS`], the whole map, server ttl 5 s.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The servers, in the order they are tried.
+    pub fn servers(&self) -> &[ServerAddress] {
+        &self.addresses
+    }
+
+    /// Waits until a snapshot has been applied (the client follows a server), at most
+    /// `timeout`.
+    pub fn wait_synced(&self, timeout: Duration) -> Result<Status, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::WhenSynced { reply })?;
+        match answer.recv_timeout(timeout) {
+            Ok(status) => Ok(status),
+            Err(RecvTimeoutError::Timeout) => Err(ClientError::NotSynced { waited: timeout }),
+            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Stopped),
+        }
+    }
+
+    /// The value of `key` in the local map.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.entry(key)?.map(|entry| entry.value))
+    }
+
+    /// The entry under `key` in the local map (value, sequence, uuid, properties).
+    pub fn entry(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Get {
+            key: key.as_ref().to_vec(),
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    /// Every entry whose key starts with `prefix` (empty: the whole local map), in key
+    /// order.
+    pub fn dump(&self, prefix: impl AsRef<[u8]>) -> Result<Vec<(Vec<u8>, Entry)>, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Dump {
+            prefix: prefix.as_ref().to_vec(),
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    /// Sets `key` to `value`, persistent or expiring after `ttl`: sends it to every
+    /// server and applies it locally. Returns once it is queued for sending.
+    pub fn set(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        let value = Some((value.as_ref().to_vec(), ttl));
+        self.update(key.as_ref(), value, None).map(|_| ())
+    }
+
+    /// Like [`Client::set`], then waits at most `timeout` for the current server to
+    /// publish it, and returns the sequence it was given.
+    pub fn set_confirmed(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        let value = Some((value.as_ref().to_vec(), ttl));
+        self.update_confirmed(key.as_ref(), value, timeout)
+    }
+
+    /// Deletes `key` on every server and locally.
+    pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<(), ClientError> {
+        self.update(key.as_ref(), None, None).map(|_| ())
+    }
+
+    /// Like [`Client::delete`], then waits at most `timeout` for the commit.
+    pub fn delete_confirmed(
+        &self,
+        key: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        self.update_confirmed(key.as_ref(), None, timeout)
+    }
+
+    /// A new receiver of every change from now on. Each receiver has its own bounded
+    /// queue; one that falls behind gets an [`Event::Lagged`]. Dropping it unsubscribes.
+    pub fn subscribe(&self) -> Events {
+        let (events, receiver) = mpsc::sync_channel(self.event_capacity);
+        // If the agent has stopped, the receiver simply ends at once.
+        let _ = self.send(Command::Subscribe { events });
+        Events { receiver }
+    }
+
+    /// What the client knows about its connection now.
+    pub fn status(&self) -> Result<Status, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Status { reply })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    /// Stops the agent, letting queued updates go out for up to the linger time, and
+    /// closes the sockets.
+    pub fn shutdown(mut self) -> Result<(), ClientError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), ClientError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let _ = self.send(Command::Stop);
+        thread.join().map_err(|_| ClientError::Stopped)
+    }
+
+    fn update(
+        &self,
+        key: &[u8],
+        value: Option<(Vec<u8>, Option<Duration>)>,
+        confirm: Option<Sender<CommitOutcome>>,
+    ) -> Result<Uuid, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Update {
+            key: key.to_vec(),
+            value,
+            confirm,
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| ClientError::Stopped)?
+            .map_err(ClientError::Rejected)
+    }
+
+    fn update_confirmed(
+        &self,
+        key: &[u8],
+        value: Option<(Vec<u8>, Option<Duration>)>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        let (confirm, outcome) = mpsc::channel();
+        self.update(key, value, Some(confirm))?;
+        match outcome.recv_timeout(timeout) {
+            Ok(Ok(sequence)) => Ok(sequence),
+            Ok(Err(reason)) => Err(ClientError::Lost(reason)),
+            Err(RecvTimeoutError::Timeout) => Err(ClientError::CommitTimeout { waited: timeout }),
+            Err(RecvTimeoutError::Disconnected) => Err(ClientError::Stopped),
+        }
+    }
+
+    fn send(&self, command: Command) -> Result<(), ClientError> {
+        self.commands
+            .send(command)
+            .map_err(|_| ClientError::Stopped)?;
+        self.waker.wake().map_err(ClientError::Io)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+const WAKER: Token = Token(0);
+
+fn snapshot_token(index: usize) -> Token {
+    Token(1 + 2 * index)
+}
+
+fn subscriber_token(index: usize) -> Token {
+    Token(2 + 2 * index)
+}
+
+/// Messages taken from one socket per pass, so that a flood on one socket cannot starve
+/// the others or the application's commands.
+const BATCH: usize = 256;
+
+struct ServerLink {
+    snapshot: ZmqSocket,
+    subscriber: ZmqSocket,
+    last_heard: Option<StdInstant>,
+}
+
+struct Subscriber {
+    events: SyncSender<Event>,
+    /// Events dropped since the last one delivered.
+    missed: u64,
+}
+
+impl Subscriber {
+    /// Delivers `event` without blocking; false once the receiver is gone.
+    fn deliver(&mut self, event: &Event) -> bool {
+        if self.missed > 0 {
+            match self.events.try_send(Event::Lagged {
+                missed: self.missed,
+            }) {
+                Ok(()) => self.missed = 0,
+                Err(TrySendError::Full(_)) => {
+                    self.missed += 1;
+                    return true;
+                }
+                Err(TrySendError::Disconnected(_)) => return false,
+            }
+        }
+        match self.events.try_send(event.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.missed += 1;
+                true
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+/// The background thread: the core clone agent, its sockets and the loop between them.
+struct Agent {
+    clock: Clock,
+    core: CoreClient,
+    poll: Poll,
+    inbox: Receiver<Command>,
+    links: Vec<ServerLink>,
+    publisher: ZmqSocket,
+    addresses: Vec<ServerAddress>,
+    subscribers: Vec<Subscriber>,
+    commit_waiters: BTreeMap<Uuid, Sender<CommitOutcome>>,
+    sync_waiters: Vec<Sender<Status>>,
+    limiter: RateLimiter,
+    stopping: bool,
+    // Dropped last: terminating the context waits (up to the linger) for queued updates.
+    context: zmq::Context,
+}
+
+impl Agent {
+    fn run(mut self) {
+        let mut events = MioEvents::with_capacity(64);
+        loop {
+            if let Err(error) = self.turn() {
+                tracing::error!(%error, "client stopped: a socket failed");
+                break;
+            }
+            if self.stopping {
+                break;
+            }
+            let timeout = self
+                .clock
+                .sleep_until(self.clock.now(), self.core.poll_timeout());
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => {
+                    tracing::error!(%error, "client stopped: the event loop failed");
+                    break;
+                }
+            }
+        }
+        // Sockets close here; the context (dropped last) lets queued updates go out.
+        drop(self.links);
+        drop(self.publisher);
+        drop(self.context);
+    }
+
+    /// Passes over commands, timers and sockets until one moves nothing: then every
+    /// socket's edge-triggered fd has been consumed and the loop may sleep.
+    fn turn(&mut self) -> Result<(), zmq::Error> {
+        loop {
+            let mut moved = self.take_commands();
+            if self.stopping {
+                return Ok(());
+            }
+            let now = self.clock.now();
+            if self.core.poll_timeout().is_some_and(|due| due <= now) {
+                self.core.handle_timeout(now);
+                self.drain_outputs();
+            }
+            for index in 0..self.links.len() {
+                moved |= self.receive_batch(index, Channel::Snapshot)?;
+                moved |= self.receive_batch(index, Channel::Subscriber)?;
+            }
+            if self.core.state() == State::Active && !self.sync_waiters.is_empty() {
+                let status = self.status();
+                for waiter in self.sync_waiters.drain(..) {
+                    let _ = waiter.send(status.clone());
+                }
+            }
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    fn take_commands(&mut self) -> bool {
+        let mut took = false;
+        while let Ok(command) = self.inbox.try_recv() {
+            took = true;
+            self.execute(command);
+            self.drain_outputs();
+            if self.stopping {
+                break;
+            }
+        }
+        took
+    }
+
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Get { key, reply } => {
+                let _ = reply.send(self.core.entry(&key).cloned());
+            }
+            Command::Dump { prefix, reply } => {
+                let entries = self
+                    .core
+                    .iter()
+                    .filter(|(key, _)| key.starts_with(&prefix))
+                    .map(|(key, entry)| (key.to_vec(), entry.clone()))
+                    .collect();
+                let _ = reply.send(entries);
+            }
+            Command::Update {
+                key,
+                value,
+                confirm,
+                reply,
+            } => {
+                let result = match value {
+                    Some((value, ttl)) => self.core.set(key, value, ttl),
+                    None => self.core.delete(key),
+                };
+                if let (Ok(uuid), Some(confirm)) = (&result, confirm) {
+                    // Right after the update, before any input: the echo cannot have
+                    // arrived yet.
+                    if self.core.watch_commit(*uuid).is_ok() {
+                        self.commit_waiters.insert(*uuid, confirm);
+                    }
+                }
+                let _ = reply.send(result);
+            }
+            Command::Subscribe { events } => {
+                self.subscribers.push(Subscriber { events, missed: 0 })
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::WhenSynced { reply } => self.sync_waiters.push(reply),
+            Command::Stop => self.stopping = true,
+        }
+    }
+
+    fn status(&self) -> Status {
+        let server = self.core.current_server().0;
+        Status {
+            state: self.core.state(),
+            server,
+            endpoint: self
+                .addresses
+                .get(server)
+                .map(|address| address.snapshot.clone())
+                .unwrap_or_default(),
+            sequence: self.core.sequence(),
+            keys: self.core.len(),
+            last_heard: self
+                .links
+                .get(server)
+                .and_then(|link| link.last_heard)
+                .map(|heard| heard.elapsed()),
+        }
+    }
+
+    fn receive_batch(&mut self, index: usize, channel: Channel) -> Result<bool, zmq::Error> {
+        let mut received = false;
+        for _ in 0..BATCH {
+            let Some(link) = self.links.get_mut(index) else {
+                return Ok(received);
+            };
+            let socket = match channel {
+                Channel::Snapshot => &link.snapshot,
+                Channel::Subscriber => &link.subscriber,
+            };
+            let Some(frames) = socket.try_recv()? else {
+                return Ok(received);
+            };
+            if channel == Channel::Subscriber {
+                link.last_heard = Some(StdInstant::now());
+            }
+            received = true;
+            self.core
+                .handle_message(self.clock.now(), ServerIndex(index), channel, &frames);
+            self.drain_outputs();
+        }
+        Ok(received)
+    }
+
+    fn drain_outputs(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::SendSnapshotRequest { server, frames } => {
+                    if let Some(link) = self.links.get(server.0) {
+                        send_or_log(&link.snapshot, &frames, &mut self.limiter);
+                    }
+                }
+                Output::Publish { frames } => {
+                    send_or_log(&self.publisher, &frames, &mut self.limiter);
+                }
+                Output::Event(event) => self.on_event(event),
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: core_client::Event) {
+        use core_client::Event as CoreEvent;
+        let event = match event {
+            CoreEvent::Updated {
+                key,
+                value,
+                sequence,
+            } => Event::Updated {
+                key,
+                value,
+                sequence,
+            },
+            CoreEvent::Deleted { key, sequence } => Event::Deleted { key, sequence },
+            CoreEvent::Synced {
+                server,
+                sequence,
+                keys,
+            } => {
+                tracing::info!(server = %self.endpoint(server), sequence, keys, "synced");
+                Event::Synced {
+                    server: server.0,
+                    sequence,
+                    keys,
+                }
+            }
+            CoreEvent::ServerChanged { from, to } => {
+                tracing::warn!(
+                    from = %self.endpoint(from),
+                    to = %self.endpoint(to),
+                    "server silent: trying the next one"
+                );
+                Event::ServerChanged {
+                    from: from.0,
+                    to: to.0,
+                }
+            }
+            CoreEvent::Committed { uuid, sequence } => {
+                if let Some(waiter) = self.commit_waiters.remove(&uuid) {
+                    let _ = waiter.send(Ok(sequence));
+                }
+                return;
+            }
+            CoreEvent::Lost { uuid, reason } => {
+                if let Some(waiter) = self.commit_waiters.remove(&uuid) {
+                    let _ = waiter.send(Err(reason));
+                }
+                return;
+            }
+            CoreEvent::Dropped {
+                server,
+                channel,
+                reason,
+            } => {
+                let key = format!("{}/{channel:?}/{}", server.0, reason.as_str());
+                if let Some(allowed) = self.limiter.check(&key, StdInstant::now()) {
+                    tracing::warn!(
+                        server = %self.endpoint(server),
+                        channel = ?channel,
+                        reason = ?reason,
+                        suppressed = allowed.suppressed,
+                        "dropped a message from a server"
+                    );
+                }
+                return;
+            }
+        };
+        if !self.subscribers.is_empty() {
+            self.subscribers
+                .retain_mut(|subscriber| subscriber.deliver(&event));
+        }
+    }
+
+    fn endpoint(&self, server: ServerIndex) -> &str {
+        self.addresses
+            .get(server.0)
+            .map_or("?", |address| address.snapshot.as_str())
+    }
+}
+
+fn new_socket(
+    context: &zmq::Context,
+    kind: zmq::SocketType,
+    name: &'static str,
+    endpoint: &str,
+) -> Result<ZmqSocket, ClientError> {
+    ZmqSocket::new(context, kind, name).map_err(|error| ClientError::Socket {
+        socket: name,
+        endpoint: endpoint.to_string(),
+        error,
+    })
+}
+
+fn configure(
+    socket: &ZmqSocket,
+    endpoint: &str,
+    options: impl FnOnce(&zmq::Socket) -> Result<(), zmq::Error>,
+) -> Result<(), ClientError> {
+    options(socket.inner()).map_err(|error| ClientError::Socket {
+        socket: socket.name(),
+        endpoint: endpoint.to_string(),
+        error,
+    })
+}
+
+fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), ClientError> {
+    socket
+        .inner()
+        .connect(endpoint)
+        .map_err(|error| ClientError::Socket {
+            socket: socket.name(),
+            endpoint: endpoint.to_string(),
+            error,
+        })
+}
+
+/// Sends on a socket that drops rather than refuses (PUB) or queues (a connecting
+/// DEALER); a refusal is logged and the core's timers recover (a lost ICANHAZ? is asked
+/// again after the server ttl).
+fn send_or_log<F: AsRef<[u8]>>(socket: &ZmqSocket, frames: &[F], limiter: &mut RateLimiter) {
+    let problem = match socket.send(frames) {
+        Ok(SendOutcome::Sent) => return,
+        Ok(other) => format!("{other:?}"),
+        Err(error) => error.to_string(),
+    };
+    let key = format!("send/{}", socket.name());
+    if let Some(allowed) = limiter.check(&key, StdInstant::now()) {
+        tracing::warn!(
+            socket = socket.name(),
+            problem,
+            suppressed = allowed.suppressed,
+            "message not sent"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_base_endpoint_gives_the_three_ports() {
+        let address = ServerAddress::from_base("tcp://localhost:5556").unwrap();
+        assert_eq!(address.snapshot, "tcp://localhost:5556");
+        assert_eq!(address.publisher, "tcp://localhost:5557");
+        assert_eq!(address.collector, "tcp://localhost:5558");
+        let bare = ServerAddress::from_base("127.0.0.1:7000").unwrap();
+        assert_eq!(bare.collector, "tcp://127.0.0.1:7002");
+    }
+
+    #[test]
+    fn bad_endpoints_say_what_is_wrong() {
+        for endpoint in [
+            "localhost",
+            "tcp://:5556",
+            "tcp://host:port",
+            "tcp://host:65535",
+            "ipc:///tmp/x",
+        ] {
+            let error = ServerAddress::from_base(endpoint).unwrap_err();
+            assert!(matches!(error, ClientError::Endpoint { .. }), "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn a_slow_subscriber_gets_a_lagged_event_instead_of_blocking() {
+        let (events, receiver) = mpsc::sync_channel(2);
+        let mut subscriber = Subscriber { events, missed: 0 };
+        let deleted = |n: u8| Event::Deleted {
+            key: vec![n],
+            sequence: i64::from(n),
+        };
+        for n in 0..5 {
+            assert!(subscriber.deliver(&deleted(n)));
+        }
+        assert_eq!(receiver.try_recv().ok(), Some(deleted(0)));
+        assert_eq!(receiver.try_recv().ok(), Some(deleted(1)));
+        assert!(subscriber.deliver(&deleted(5)));
+        assert_eq!(receiver.try_recv().ok(), Some(Event::Lagged { missed: 3 }));
+        assert_eq!(receiver.try_recv().ok(), Some(deleted(5)));
+        drop(receiver);
+        assert!(!subscriber.deliver(&deleted(6)));
+    }
+}

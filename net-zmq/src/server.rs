@@ -1,0 +1,775 @@
+//! The clone server over libzmq: [`ServerHost`] owns the sockets of one server of a
+//! Binary Star pair and drives a [`clonekv_core::server::Server`] with them.
+//!
+//! # Sockets (PROTOCOL.md §1)
+//!
+//! | socket | endpoint (primary default) | core call / output |
+//! |--------|----------------------------|--------------------|
+//! | ROUTER, bound, `ROUTER_MANDATORY` | `tcp://*:5556` (P) | `handle_snapshot_request`; `poll_snapshot` replies |
+//! | PUB, bound | `tcp://*:5557` (P+1) | `Output::Publish` |
+//! | SUB ``""``, bound | `tcp://*:5558` (P+2, collector) | `handle_collected` |
+//! | PUB, bound | `tcp://*:5003` (Binary Star state) | `Output::SendStateToPeer` |
+//! | SUB ``""``, connected | `tcp://localhost:5004` (peer state) | `handle_peer_state` |
+//! | SUB ``""``, connected | `tcp://localhost:5567` (peer's P+1) | `handle_peer_update` |
+//! | DEALER, connected, new per request | `tcp://localhost:5566` (peer's P) | `Output::RequestPeerSnapshot`; `handle_peer_snapshot` |
+//! | PUB, connected | `tcp://localhost:5568` (peer's P+2) | `Output::ForwardToPeerCollector` |
+//!
+//! # The loop
+//!
+//! ```text
+//! loop {
+//!     repeat until a whole pass moves nothing:
+//!         if the core's deadline has passed: handle_timeout(now, wall)
+//!         for each readable socket: try_recv up to a batch, feed handle_*, drain poll_output
+//!         for each open snapshot stream: retry its held message, then poll_snapshot and
+//!             send until the client's pipe is full (hold that message) or the stream ends
+//!     sleep in mio until a socket's fd signals or the core's poll_timeout
+//! }
+//! ```
+//!
+//! The zmq fd is edge-triggered, and every send or receive can consume its edge, so the
+//! loop only sleeps after a full pass over every socket that received and sent nothing.
+//! Snapshot replies are the only sends that can be refused: a full pipe pauses that one
+//! client's stream, with the refused message kept to be sent first on a later pass (the
+//! ROUTER's fd signals when a pipe drains); an unreachable client's streams are cancelled.
+//! Nothing here decides anything about the protocol.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
+use clonekv_core::server::{
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, Output, Server,
+};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::clock::Clock;
+use crate::log::RateLimiter;
+use crate::socket::{SendOutcome, ZmqSocket};
+
+/// Where one server binds and where it finds its peer. Every field is a full libzmq
+/// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
+/// TCP layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerEndpoints {
+    /// Bind: ROUTER for snapshot requests (P).
+    pub snapshot: String,
+    /// Bind: PUB for updates and heartbeats (P+1).
+    pub publisher: String,
+    /// Bind: SUB collecting client updates (P+2).
+    pub collector: String,
+    /// Bind: PUB for this server's Binary Star state.
+    pub state: String,
+    /// Connect: the peer's snapshot ROUTER (its P).
+    pub peer_snapshot: String,
+    /// Connect: the peer's publisher (its P+1).
+    pub peer_publisher: String,
+    /// Connect: the peer's collector (its P+2).
+    pub peer_collector: String,
+    /// Connect: the peer's Binary Star state PUB.
+    pub peer_state: String,
+}
+
+impl ServerEndpoints {
+    /// The TCP layout: bind P, P+1, P+2 and `state_port` on `bind_host` (`*` for every
+    /// interface); connect to `peer_host` at `peer_port`, +1, +2 and `peer_state_port`.
+    pub fn with_ports(
+        bind_host: &str,
+        port: u16,
+        state_port: u16,
+        peer_host: &str,
+        peer_port: u16,
+        peer_state_port: u16,
+    ) -> Self {
+        let tcp = |host: &str, port: u32| format!("tcp://{host}:{port}");
+        let (port, peer_port) = (u32::from(port), u32::from(peer_port));
+        ServerEndpoints {
+            snapshot: tcp(bind_host, port),
+            publisher: tcp(bind_host, port + 1),
+            collector: tcp(bind_host, port + 2),
+            state: tcp(bind_host, u32::from(state_port)),
+            peer_snapshot: tcp(peer_host, peer_port),
+            peer_publisher: tcp(peer_host, peer_port + 1),
+            peer_collector: tcp(peer_host, peer_port + 2),
+            peer_state: tcp(peer_host, u32::from(peer_state_port)),
+        }
+    }
+
+    /// The primary's defaults: P = 5556, Binary Star on 5003, peer at localhost:5566
+    /// and 5004 (the zguide's `clonesrv6 -p`).
+    pub fn primary() -> Self {
+        ServerEndpoints::with_ports("*", 5556, 5003, "localhost", 5566, 5004)
+    }
+
+    /// The backup's defaults: P = 5566, Binary Star on 5004, peer at localhost:5556
+    /// and 5003 (the zguide's `clonesrv6 -b`).
+    pub fn backup() -> Self {
+        ServerEndpoints::with_ports("*", 5566, 5004, "localhost", 5556, 5003)
+    }
+}
+
+/// Everything a [`ServerHost`] needs.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// The core server's role, timing and limits.
+    pub config: Config,
+    /// Where to bind and connect.
+    pub endpoints: ServerEndpoints,
+    /// High-water mark (messages) of the streaming sockets: the publisher, the collector
+    /// and the SUB following the peer. libzmq drops silently past it; the passive
+    /// re-syncs when it notices. The snapshot ROUTER keeps libzmq's default, since its
+    /// replies are flow-controlled instead.
+    pub hwm: i32,
+}
+
+impl ServerOptions {
+    /// The primary with every default.
+    pub fn primary() -> Self {
+        ServerOptions {
+            config: Config::primary(),
+            endpoints: ServerEndpoints::primary(),
+            hwm: DEFAULT_HWM,
+        }
+    }
+
+    /// The backup with every default.
+    pub fn backup() -> Self {
+        ServerOptions {
+            config: Config::backup(),
+            endpoints: ServerEndpoints::backup(),
+            hwm: DEFAULT_HWM,
+        }
+    }
+}
+
+/// The default high-water mark of streaming sockets: bursts of this many updates queue
+/// instead of being dropped.
+pub const DEFAULT_HWM: i32 = 100_000;
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The core rejected the configuration.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// A socket could not bind (the address is in use, or the endpoint is invalid).
+    #[error("cannot bind the {socket} socket to {endpoint}: {error}")]
+    Bind {
+        /// Which socket.
+        socket: &'static str,
+        /// The endpoint.
+        endpoint: String,
+        /// libzmq's reason.
+        error: zmq::Error,
+    },
+    /// A socket could not connect (the endpoint is invalid).
+    #[error("cannot connect the {socket} socket to {endpoint}: {error}")]
+    Connect {
+        /// Which socket.
+        socket: &'static str,
+        /// The endpoint.
+        endpoint: String,
+        /// libzmq's reason.
+        error: zmq::Error,
+    },
+    /// libzmq could not create or configure a socket.
+    #[error("cannot set up the {socket} socket: {error}")]
+    Socket {
+        /// Which socket.
+        socket: &'static str,
+        /// libzmq's reason.
+        error: zmq::Error,
+    },
+    /// The event loop could not be set up.
+    #[error("cannot set up the event loop: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Why a running server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Waiting for events failed.
+    #[error("event loop failed: {0}")]
+    Io(#[from] io::Error),
+    /// Receiving from a socket failed for a reason other than "nothing waiting".
+    #[error("receiving on the {socket} socket failed: {error}")]
+    Receive {
+        /// Which socket.
+        socket: &'static str,
+        /// libzmq's reason.
+        error: zmq::Error,
+    },
+}
+
+/// Stops a running [`ServerHost`] from another thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl StopHandle {
+    /// Asks the loop to return from [`ServerHost::run`] at its next wakeup (now).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(error) = self.waker.wake() {
+            tracing::error!(%error, "cannot wake the server loop to stop it");
+        }
+    }
+}
+
+const ROUTER: Token = Token(0);
+const COLLECTOR: Token = Token(1);
+const PEER_STATE: Token = Token(2);
+const PEER_UPDATES: Token = Token(3);
+const PEER_SNAPSHOT: Token = Token(4);
+const WAKER: Token = Token(5);
+const SIGNALS: Token = Token(6);
+
+/// Messages taken from one socket, or one client's snapshot stream, per pass, so that a
+/// flood on one cannot starve the others.
+const BATCH: usize = 256;
+
+/// The sockets that deliver input, in the order a pass visits them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Input {
+    SnapshotRequests,
+    Collector,
+    PeerState,
+    PeerUpdates,
+    PeerSnapshot,
+}
+
+const INPUTS: [Input; 5] = [
+    Input::SnapshotRequests,
+    Input::Collector,
+    Input::PeerState,
+    Input::PeerUpdates,
+    Input::PeerSnapshot,
+];
+
+/// One server of the pair: the core state machine, its sockets and the loop between
+/// them. See the [module docs](self).
+pub struct ServerHost {
+    clock: Clock,
+    server: Server,
+    endpoints: ServerEndpoints,
+    hwm: i32,
+    poll: Poll,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    signals: Option<signal_hook_mio::v1_0::Signals>,
+    // Sockets are dropped before the context (field order), which then terminates
+    // without waiting: every socket has linger 0.
+    router: ZmqSocket,
+    publisher: ZmqSocket,
+    collector: ZmqSocket,
+    state_publisher: ZmqSocket,
+    peer_state: ZmqSocket,
+    peer_updates: ZmqSocket,
+    peer_collector: ZmqSocket,
+    peer_snapshot: Option<ZmqSocket>,
+    context: zmq::Context,
+    /// Snapshot streams with messages to send, by routing id, each with the message the
+    /// client's full pipe refused (sent first when the stream resumes).
+    streams: BTreeMap<Vec<u8>, Option<[Vec<u8>; FRAME_COUNT]>>,
+    limiter: RateLimiter,
+}
+
+impl ServerHost {
+    /// Creates the core server, binds and connects every socket. Fails with a reason
+    /// that names the socket and endpoint when, for example, a port is taken.
+    pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
+        let clock = Clock::new();
+        let server = Server::new(clock.now(), clock.wall(), options.config)?;
+        let endpoints = options.endpoints;
+        let context = zmq::Context::new();
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+
+        let router = new_socket(&context, zmq::ROUTER, "snapshot")?;
+        configure(&router, |socket| socket.set_router_mandatory(true))?;
+        bind(&router, &endpoints.snapshot)?;
+        let publisher = new_socket(&context, zmq::PUB, "publisher")?;
+        configure(&publisher, |socket| socket.set_sndhwm(options.hwm))?;
+        bind(&publisher, &endpoints.publisher)?;
+        let collector = new_socket(&context, zmq::SUB, "collector")?;
+        configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&collector, |socket| socket.set_subscribe(b""))?;
+        bind(&collector, &endpoints.collector)?;
+        let state_publisher = new_socket(&context, zmq::PUB, "state")?;
+        bind(&state_publisher, &endpoints.state)?;
+
+        let peer_state = new_socket(&context, zmq::SUB, "peer state")?;
+        configure(&peer_state, |socket| socket.set_subscribe(b""))?;
+        connect(&peer_state, &endpoints.peer_state)?;
+        let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
+        configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&peer_updates, |socket| socket.set_subscribe(b""))?;
+        connect(&peer_updates, &endpoints.peer_publisher)?;
+        let peer_collector = new_socket(&context, zmq::PUB, "peer collector")?;
+        configure(&peer_collector, |socket| socket.set_sndhwm(options.hwm))?;
+        connect(&peer_collector, &endpoints.peer_collector)?;
+
+        let registry = poll.registry();
+        router.register(registry, ROUTER)?;
+        collector.register(registry, COLLECTOR)?;
+        peer_state.register(registry, PEER_STATE)?;
+        peer_updates.register(registry, PEER_UPDATES)?;
+
+        Ok(ServerHost {
+            clock,
+            server,
+            endpoints,
+            hwm: options.hwm,
+            poll,
+            stop: Arc::new(AtomicBool::new(false)),
+            waker,
+            signals: None,
+            router,
+            publisher,
+            collector,
+            state_publisher,
+            peer_state,
+            peer_updates,
+            peer_collector,
+            peer_snapshot: None,
+            context,
+            streams: BTreeMap::new(),
+            limiter: RateLimiter::new(Duration::from_secs(10)),
+        })
+    }
+
+    /// A handle that stops [`ServerHost::run`] from another thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            stop: Arc::clone(&self.stop),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
+    /// Makes SIGINT and SIGTERM stop [`ServerHost::run`] cleanly.
+    pub fn stop_on_signals(&mut self) -> io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM])?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// The endpoints in use.
+    pub fn endpoints(&self) -> &ServerEndpoints {
+        &self.endpoints
+    }
+
+    /// The core server (state, sequence, counters).
+    pub fn server(&self) -> &Server {
+        &self.server
+    }
+
+    /// Serves until stopped by a [`StopHandle`] or a signal. Errors only if the event
+    /// loop itself fails; nothing a client or peer sends makes it return.
+    pub fn run(&mut self) -> Result<(), RunError> {
+        let mut events = Events::with_capacity(64);
+        loop {
+            self.turn()?;
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let timeout = self
+                .clock
+                .sleep_until(self.clock.now(), self.server.poll_timeout());
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(RunError::Io(error)),
+            }
+            for event in events.iter() {
+                if event.token() == SIGNALS {
+                    if let Some(signals) = self.signals.as_mut() {
+                        for signal in signals.pending() {
+                            tracing::info!(signal, "signal received, shutting down");
+                            self.stop.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+        }
+        log_counters(self.server.counters());
+        Ok(())
+    }
+
+    /// One round of work: passes over timers, sockets and snapshot streams until a pass
+    /// receives and sends nothing, which is when every socket's edge has been consumed.
+    fn turn(&mut self) -> Result<(), RunError> {
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            let now = self.clock.now();
+            if self.server.poll_timeout().is_some_and(|due| due <= now) {
+                self.server.handle_timeout(now, self.clock.wall());
+                self.drain_outputs();
+            }
+            let mut moved = false;
+            for input in INPUTS {
+                moved |= self.receive_batch(input)?;
+            }
+            moved |= self.pump_snapshots();
+            if !moved {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Feeds up to [`BATCH`] waiting messages from one socket into the core.
+    fn receive_batch(&mut self, input: Input) -> Result<bool, RunError> {
+        let mut received = false;
+        for _ in 0..BATCH {
+            let socket = match input {
+                Input::SnapshotRequests => &self.router,
+                Input::Collector => &self.collector,
+                Input::PeerState => &self.peer_state,
+                Input::PeerUpdates => &self.peer_updates,
+                Input::PeerSnapshot => match &self.peer_snapshot {
+                    Some(socket) => socket,
+                    None => return Ok(received),
+                },
+            };
+            let frames = match socket.try_recv() {
+                Ok(Some(frames)) => frames,
+                Ok(None) => return Ok(received),
+                Err(error) => {
+                    return Err(RunError::Receive {
+                        socket: socket.name(),
+                        error,
+                    })
+                }
+            };
+            received = true;
+            self.feed(input, &frames);
+            self.drain_outputs();
+        }
+        Ok(received)
+    }
+
+    fn feed(&mut self, input: Input, frames: &[Vec<u8>]) {
+        let (now, wall) = (self.clock.now(), self.clock.wall());
+        match input {
+            Input::SnapshotRequests => {
+                // The ROUTER prepends the sender's routing id; it always does, so an
+                // empty message cannot arrive, but it costs nothing to be sure.
+                if let Some((routing_id, request)) = frames.split_first() {
+                    self.server
+                        .handle_snapshot_request(now, wall, routing_id, request);
+                }
+            }
+            Input::Collector => self.server.handle_collected(now, wall, frames),
+            Input::PeerState => self.server.handle_peer_state(now, wall, frames),
+            Input::PeerUpdates => self.server.handle_peer_update(now, wall, frames),
+            Input::PeerSnapshot => self.server.handle_peer_snapshot(now, wall, frames),
+        }
+    }
+
+    /// Carries out every queued output of the core.
+    fn drain_outputs(&mut self) {
+        while let Some(output) = self.server.poll_output() {
+            match output {
+                Output::Publish(frames) => {
+                    send_or_log(&self.publisher, &frames, &mut self.limiter);
+                }
+                Output::SnapshotReady { routing_id } => {
+                    self.streams.entry(routing_id).or_insert(None);
+                }
+                Output::SendStateToPeer(frame) => {
+                    send_or_log(&self.state_publisher, &[frame], &mut self.limiter);
+                }
+                Output::RequestPeerSnapshot(frames) => self.request_peer_snapshot(&frames),
+                Output::ForwardToPeerCollector(frames) => {
+                    send_or_log(&self.peer_collector, &frames, &mut self.limiter);
+                }
+                Output::Event(event) => {
+                    if let Event::SnapshotStreamAbandoned { routing_id, .. } = &event {
+                        // The core closed every stream of this client: forget the
+                        // message we were holding for it too.
+                        self.streams.remove(routing_id);
+                    }
+                    log_event(&event, &mut self.limiter);
+                }
+            }
+        }
+    }
+
+    /// Sends ICANHAZ? to the peer on a fresh DEALER, so that a late reply to an earlier
+    /// request can never be read as part of this one.
+    fn request_peer_snapshot(&mut self, frames: &[Vec<u8>; 2]) {
+        if let Some(old) = self.peer_snapshot.take() {
+            if let Err(error) = old.deregister(self.poll.registry()) {
+                tracing::warn!(%error, "cannot deregister the old peer snapshot socket");
+            }
+        }
+        let dealer = match self.new_peer_dealer() {
+            Ok(dealer) => dealer,
+            Err(error) => {
+                // The core asks again after peer_sync_timeout.
+                tracing::error!(%error, "cannot open a socket to request the peer's snapshot");
+                return;
+            }
+        };
+        send_or_log(&dealer, frames, &mut self.limiter);
+        self.peer_snapshot = Some(dealer);
+    }
+
+    fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
+        let dealer = new_socket(&self.context, zmq::DEALER, "peer snapshot")?;
+        configure(&dealer, |socket| socket.set_rcvhwm(self.hwm))?;
+        connect(&dealer, &self.endpoints.peer_snapshot)?;
+        dealer.register(self.poll.registry(), PEER_SNAPSHOT)?;
+        Ok(dealer)
+    }
+
+    /// Sends snapshot replies: for each client with an open stream, its held message
+    /// first, then fresh ones from the core, up to [`BATCH`], until its pipe is full or
+    /// the stream ends. True if anything was sent.
+    fn pump_snapshots(&mut self) -> bool {
+        let mut sent_any = false;
+        let routing_ids: Vec<Vec<u8>> = self.streams.keys().cloned().collect();
+        for routing_id in routing_ids {
+            let mut held = self.streams.get_mut(&routing_id).and_then(Option::take);
+            let mut finished = false;
+            for _ in 0..BATCH {
+                let message = match held.take() {
+                    Some(message) => message,
+                    None => match self.server.poll_snapshot(self.clock.now(), &routing_id) {
+                        Some(message) => message,
+                        None => {
+                            finished = true;
+                            break;
+                        }
+                    },
+                };
+                let mut frames: Vec<&[u8]> = Vec::with_capacity(FRAME_COUNT + 1);
+                frames.push(&routing_id);
+                frames.extend(message.iter().map(Vec::as_slice));
+                match self.router.send(&frames) {
+                    Ok(SendOutcome::Sent) => sent_any = true,
+                    Ok(SendOutcome::WouldBlock) => {
+                        held = Some(message);
+                        break;
+                    }
+                    Ok(SendOutcome::Unreachable) => {
+                        self.server.cancel_snapshot(&routing_id);
+                        finished = true;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot send a snapshot reply; closing that stream");
+                        self.server.cancel_snapshot(&routing_id);
+                        finished = true;
+                        break;
+                    }
+                }
+            }
+            if finished {
+                self.streams.remove(&routing_id);
+            } else if let Some(slot) = self.streams.get_mut(&routing_id) {
+                *slot = held;
+            }
+            self.drain_outputs();
+        }
+        sent_any
+    }
+}
+
+fn new_socket(
+    context: &zmq::Context,
+    kind: zmq::SocketType,
+    name: &'static str,
+) -> Result<ZmqSocket, StartError> {
+    ZmqSocket::new(context, kind, name).map_err(|error| StartError::Socket {
+        socket: name,
+        error,
+    })
+}
+
+fn configure(
+    socket: &ZmqSocket,
+    option: impl FnOnce(&zmq::Socket) -> Result<(), zmq::Error>,
+) -> Result<(), StartError> {
+    option(socket.inner()).map_err(|error| StartError::Socket {
+        socket: socket.name(),
+        error,
+    })
+}
+
+fn bind(socket: &ZmqSocket, endpoint: &str) -> Result<(), StartError> {
+    socket
+        .inner()
+        .bind(endpoint)
+        .map_err(|error| StartError::Bind {
+            socket: socket.name(),
+            endpoint: endpoint.to_string(),
+            error,
+        })
+}
+
+fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), StartError> {
+    socket
+        .inner()
+        .connect(endpoint)
+        .map_err(|error| StartError::Connect {
+            socket: socket.name(),
+            endpoint: endpoint.to_string(),
+            error,
+        })
+}
+
+/// Sends on a socket that never refuses (PUB, or a fresh DEALER); logs the rare failure.
+fn send_or_log<F: AsRef<[u8]>>(socket: &ZmqSocket, frames: &[F], limiter: &mut RateLimiter) {
+    let outcome = socket.send(frames);
+    let problem = match outcome {
+        Ok(SendOutcome::Sent) => return,
+        Ok(other) => format!("{other:?}"),
+        Err(error) => error.to_string(),
+    };
+    let key = format!("send/{}", socket.name());
+    if let Some(allowed) = limiter.check(&key, StdInstant::now()) {
+        tracing::warn!(
+            socket = socket.name(),
+            problem,
+            suppressed = allowed.suppressed,
+            "message not sent"
+        );
+    }
+}
+
+/// One log line per fact worth a line; floods of dropped input are rate-limited per
+/// source and reason.
+fn log_event(event: &Event, limiter: &mut RateLimiter) {
+    match event {
+        Event::StateChanged { from, to, cause } => {
+            if *from == BstarState::Passive && *to == BstarState::Active {
+                tracing::warn!(%from, %to, %cause, "failover: this server is now active");
+            } else {
+                tracing::info!(%from, %to, %cause, "state changed");
+            }
+        }
+        Event::DualActive { stepped_down } => {
+            if *stepped_down {
+                tracing::error!("dual active (split brain healed): this backup steps down, forwards its updates to the primary and re-syncs");
+            } else {
+                tracing::error!("dual active (split brain healed): the backup was active too; this primary keeps serving");
+            }
+        }
+        Event::DualPassive { took_over } => {
+            if *took_over {
+                tracing::error!("dual passive: both servers were passive; this primary takes over");
+            } else {
+                tracing::error!("dual passive: both servers were passive; the primary takes over");
+            }
+        }
+        Event::InputDropped { source, reason } => {
+            let key = format!("{source}/{}", reason.as_str());
+            let Some(allowed) = limiter.check(&key, StdInstant::now()) else {
+                return;
+            };
+            let suppressed = allowed.suppressed;
+            match reason {
+                DropReason::NotActive => tracing::info!(
+                    suppressed,
+                    "client rejected: this server is not active (or is passive while the active is alive)"
+                ),
+                DropReason::TooManySnapshotStreams => tracing::warn!(
+                    suppressed,
+                    "client rejected: too many snapshot streams open (see --max-snapshot-streams)"
+                ),
+                DropReason::StaleSequence => {
+                    tracing::debug!(%source, suppressed, "dropped an update this server already has")
+                }
+                other => tracing::warn!(%source, reason = %other, suppressed, "dropped input"),
+            }
+        }
+        Event::SyncStarted { reason } => {
+            tracing::info!(reason = ?reason, "syncing from the active peer")
+        }
+        Event::SyncCompleted { sequence, keys } => {
+            tracing::info!(sequence, keys, "synced from the active peer; following it")
+        }
+        Event::SyncAbandoned {
+            merged_entries,
+            applied_updates,
+        } => tracing::warn!(
+            merged_entries,
+            applied_updates,
+            "became active in the middle of a sync; kept what had arrived"
+        ),
+        Event::PendingReplayed {
+            replayed,
+            skipped_superseded,
+            skipped_expired,
+        } => tracing::warn!(
+            replayed,
+            skipped_superseded,
+            skipped_expired,
+            "replayed pending client updates after failover"
+        ),
+        Event::PendingEvicted {
+            client_copies,
+            echoes,
+            reason,
+        } => tracing::warn!(
+            client_copies,
+            echoes,
+            reason = ?reason,
+            "pending list bound reached: entries dropped without replay"
+        ),
+        Event::SplitUpdatesForwarded { forwarded, lost } => tracing::error!(
+            forwarded,
+            lost,
+            "forwarded updates accepted while split to the primary"
+        ),
+        Event::SnapshotStreamAbandoned { routing_id, reason } => {
+            let client = hex(routing_id);
+            match reason {
+                AbandonReason::Stalled => tracing::warn!(
+                    client,
+                    "snapshot stream closed: the client took nothing for too long"
+                ),
+                AbandonReason::Cancelled => {
+                    tracing::info!(client, "snapshot stream closed: the client disconnected")
+                }
+                AbandonReason::NoLongerActive => {
+                    tracing::info!(
+                        client,
+                        "snapshot stream closed: this server is no longer active"
+                    )
+                }
+            }
+        }
+        other => tracing::debug!(event = ?other, "server event"),
+    }
+}
+
+fn log_counters(counters: &Counters) {
+    tracing::info!(
+        published = counters.published,
+        expired = counters.expired,
+        snapshots = counters.snapshots_completed,
+        dropped = counters.dropped_total(),
+        "stopped"
+    );
+    for (source, reason, count) in counters.dropped_by_reason() {
+        tracing::info!(%source, reason, count, "inputs dropped since start");
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
