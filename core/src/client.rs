@@ -454,6 +454,11 @@ pub struct Stats {
     /// Times the current server's HUGZ sequence fell below the client's (it restarted),
     /// so the client took a fresh snapshot from it.
     pub resyncs_after_restart: u64,
+    /// Times a whole-map client saw a gap in the numbering and took a fresh snapshot.
+    pub resyncs_after_gap: u64,
+    /// Times the host reported the current server's SUB reconnected, so the client took
+    /// a fresh snapshot.
+    pub resyncs_after_reconnect: u64,
     dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -648,6 +653,18 @@ impl Client {
         }
     }
 
+    /// The host saw the SUB to `server` reconnect (libzmq's socket monitor: a
+    /// disconnect, then a connect). Whatever was published meanwhile is lost and nothing
+    /// in the stream says so; if it is the current server, the client takes a fresh
+    /// snapshot from it once the subscription is live again.
+    pub fn handle_subscriber_reconnected(&mut self, now: Instant, server: ServerIndex) {
+        if server != self.current || self.state == State::Initial {
+            return;
+        }
+        self.stats.resyncs_after_reconnect += 1;
+        self.start_over(now, server, false);
+    }
+
     /// Time has passed: at the expiry, the client gives up on the current server and
     /// moves to the next one.
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -795,6 +812,12 @@ impl Client {
             // snapshot from it; this HUGZ already proves the subscription live.
             self.stats.resyncs_after_restart += 1;
             self.start_over(now, server, false);
+        } else if self.state == State::Active && self.missed_updates(&message) {
+            // A client of the whole map sees every KVPUB: a gap in their numbering (or a
+            // HUGZ ahead of us, which follows every KVPUB it counts) means some were
+            // lost (a high-water-mark drop, a connection that broke and came back).
+            self.stats.resyncs_after_gap += 1;
+            self.start_over(now, server, false);
         }
         if self.attempt.live_from.is_none() {
             self.attempt.live_from = Some(message.sequence);
@@ -832,6 +855,21 @@ impl Client {
         hugz.hugz_state()
             .is_some_and(|state| state != BstarState::Active)
             || hugz.sequence < self.sequence
+    }
+
+    /// True when a client of the whole map (empty subtree) can tell from `message` that
+    /// it missed updates. Clients of a subtree cannot: the numbering counts keys their
+    /// subscription filters out.
+    fn missed_updates(&self, message: &KvMsg) -> bool {
+        if !self.config.subtree.is_empty() {
+            return false;
+        }
+        let expected = self.sequence.saturating_add(1);
+        if message.is_hugz() {
+            message.sequence > self.sequence
+        } else {
+            message.sequence > expected
+        }
     }
 
     fn buffer_update(&mut self, server: ServerIndex, message: KvMsg) {

@@ -424,6 +424,20 @@ impl World {
         let now = self.now;
         for route in self.network.handle_reconnects(now) {
             self.trace(|| format!("reconnect {route:?}"), &(1u8, route));
+            if route.link == Link::Updates && !World::is_server(route.to) {
+                // What libzmq's socket monitor tells the production host.
+                let local = self.life(route.to).map(|life| life.clock.local(now));
+                let paused = self.life(route.to).is_some_and(Life::is_paused);
+                if let (Some(local), false) = (local, paused) {
+                    if let Some(machine) = self
+                        .client_slot(route.to)
+                        .and_then(|slot| slot.machine.as_mut())
+                    {
+                        machine.handle_subscriber_reconnected(local, server_index(route.from));
+                    }
+                    self.drain_client(route.to);
+                }
+            }
         }
         self.restarts_and_resumes();
         self.heal_partitions_due();

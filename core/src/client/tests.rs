@@ -509,6 +509,81 @@ fn a_client_resyncs_when_its_servers_sequence_falls_below_its_own() {
 }
 
 #[test]
+fn a_reconnected_subscriber_makes_the_client_take_a_fresh_snapshot() {
+    // Found by the simulator (swarm seed 15): a TCP break swallowed a delete; the SUB
+    // reconnected and nothing in the stream said anything was missing.
+    let mut client = client(2);
+    sync(&mut client, ms(0), A, 5, &[("/a/x", "stale", 5)]);
+    drain(&mut client);
+    client.handle_subscriber_reconnected(ms(1_000), B);
+    assert_eq!(
+        client.state(),
+        State::Active,
+        "not our server: nothing to do"
+    );
+    client.handle_subscriber_reconnected(ms(1_000), A);
+    assert_eq!(client.state(), State::Initial);
+    assert_eq!(client.stats().resyncs_after_reconnect, 1);
+    // Once the subscription is live again, a snapshot replaces the stale map.
+    sub(&mut client, ms(1_100), A, hugz(6));
+    assert_eq!(requests(&drain(&mut client)), [A]);
+    snap(&mut client, ms(1_101), A, kthxbai(6));
+    assert!(contents(&client).is_empty());
+}
+
+fn sync_whole_map(client: &mut Client, sequence: i64) {
+    sub(client, ms(0), A, hugz(sequence));
+    snap(
+        client,
+        ms(0),
+        A,
+        frames(KvMsg::kthxbai(sequence, Vec::new())),
+    );
+    assert_eq!(client.state(), State::Active);
+    drain(client);
+}
+
+#[test]
+fn a_whole_map_client_resyncs_on_a_gap_in_the_numbering() {
+    let mut client = Client::new(
+        Config {
+            servers: 1,
+            subtree: Vec::new(),
+            ..Config::default()
+        },
+        ChaCha8Rng::seed_from_u64(1),
+        ms(0),
+    )
+    .unwrap();
+    sync_whole_map(&mut client, 5);
+    sub(&mut client, ms(10), A, kvpub("/a/x", "2", 6));
+    assert_eq!(client.state(), State::Active, "6 follows 5");
+    sub(&mut client, ms(20), A, kvpub("/a/x", "4", 8));
+    assert_eq!(client.state(), State::Syncing, "7 is missing: ask again");
+    assert_eq!(client.stats().resyncs_after_gap, 1);
+    assert_eq!(requests(&drain(&mut client)), [A]);
+}
+
+#[test]
+fn a_whole_map_client_resyncs_when_a_hugz_is_ahead_of_it() {
+    let mut client = Client::new(
+        Config {
+            servers: 1,
+            subtree: Vec::new(),
+            ..Config::default()
+        },
+        ChaCha8Rng::seed_from_u64(1),
+        ms(0),
+    )
+    .unwrap();
+    sync_whole_map(&mut client, 5);
+    sub(&mut client, ms(1_000), A, hugz(5));
+    assert_eq!(client.state(), State::Active);
+    sub(&mut client, ms(2_000), A, hugz(9));
+    assert_eq!(client.state(), State::Syncing);
+}
+
+#[test]
 fn updates_that_arrive_during_the_snapshot_are_applied_after_it() {
     let mut client = client(1);
     sub(&mut client, ms(0), A, hugz(1));
