@@ -147,6 +147,9 @@ pub struct TtlExpectation {
     pub publisher: usize,
     /// World time of the publication.
     pub published_at: Instant,
+    /// World time at which another server applied the KVPUB: its relative ttl counts
+    /// from then on that server (§5), so it expires that much later.
+    pub followed_at: BTreeMap<usize, Instant>,
 }
 
 /// Everything the oracles remember about a run.

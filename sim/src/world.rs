@@ -696,6 +696,12 @@ impl World {
         }
         let update_id = (update.uuid, update.body.is_empty());
         self.history.seen.entry(node).or_default().insert(update_id);
+        let now = self.now;
+        if let Some(expectation) = self.history.ttl.get_mut(&update.key) {
+            if expectation.uuid == update.uuid {
+                expectation.followed_at.entry(node).or_insert(now);
+            }
+        }
         let index = self.history.update_index(update_id);
         if let Some(index) = index {
             self.history.held.entry(node).or_default().insert(
@@ -1300,6 +1306,7 @@ impl World {
                         expires_at: wall.saturating_add(ttl),
                         publisher: node,
                         published_at: self.now,
+                        followed_at: BTreeMap::new(),
                     },
                 );
             }
@@ -1344,7 +1351,16 @@ impl World {
         let undisturbed_wall = slot.life.clock.wall(undisturbed_since);
         let mut overdue = None;
         for (key, expectation) in &self.history.ttl {
-            let deadline = expectation.expires_at.saturating_add(allowance);
+            // A server that followed the KVPUB counts its relative ttl from arrival.
+            let delivery_delay = expectation
+                .followed_at
+                .get(&active)
+                .map_or(Duration::ZERO, |at| {
+                    at.saturating_duration_since(expectation.published_at)
+                });
+            let deadline = expectation
+                .expires_at
+                .saturating_add(allowance + delivery_delay);
             if wall <= deadline || undisturbed_wall > expectation.expires_at {
                 continue;
             }
@@ -1867,18 +1883,25 @@ fn random_duration(rng: &mut SimRng, max: Duration) -> Duration {
     Duration::from_millis(rng.random_range(0..=millis(max).max(1)))
 }
 
-/// A short text for a message in traces.
+/// A short text for a message in traces: the sequence frame of a kvmsg (frame 1, or
+/// frame 2 behind the sim's envelope) as a number, other frames as text.
 fn describe(frames: &[Vec<u8>]) -> String {
+    let sequence_frame = match frames.len() {
+        5 => Some(1),
+        6 => Some(2),
+        _ => None,
+    };
     let texts: Vec<String> = frames
         .iter()
-        .map(|frame| {
-            if frame.len() == 8 {
-                let mut bytes = [0u8; 8];
-                bytes.copy_from_slice(frame);
-                return format!("#{}", i64::from_be_bytes(bytes));
+        .enumerate()
+        .map(|(index, frame)| {
+            if Some(index) == sequence_frame {
+                if let Ok(bytes) = <[u8; 8]>::try_from(frame.as_slice()) {
+                    return format!("#{}", i64::from_be_bytes(bytes));
+                }
             }
             let text = String::from_utf8_lossy(frame);
-            if text.len() > 24 {
+            if text.chars().count() > 24 {
                 format!("{}…", text.chars().take(24).collect::<String>())
             } else {
                 text.into_owned()
