@@ -146,6 +146,10 @@ pub struct Config {
     /// Own updates remembered while their echo is awaited; past it the oldest are
     /// forgotten (a watched one is reported [`LostReason::Evicted`]).
     pub max_in_flight: usize,
+    /// An own update in the subtree whose echo has not come this long after it was
+    /// sent was lost on its way (§8 applies it locally at once): the client takes a
+    /// fresh snapshot so that the local map cannot keep a value no server has.
+    pub echo_timeout: Duration,
 }
 
 impl Default for Config {
@@ -157,6 +161,7 @@ impl Default for Config {
             limits: Limits::default(),
             max_buffered_updates: 100_000,
             max_in_flight: 10_000,
+            echo_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -169,6 +174,9 @@ impl Config {
         }
         if self.server_ttl.is_zero() {
             return Err(Error::ZeroServerTtl);
+        }
+        if self.echo_timeout.is_zero() {
+            return Err(Error::ZeroEchoTimeout);
         }
         for (name, value) in [
             ("limits.max_key_len", self.limits.max_key_len),
@@ -200,6 +208,9 @@ pub enum Error {
     /// `server_ttl` is zero.
     #[error("server_ttl must be longer than zero")]
     ZeroServerTtl,
+    /// `echo_timeout` is zero.
+    #[error("echo_timeout must be greater than zero")]
+    ZeroEchoTimeout,
     /// A size limit is zero.
     #[error("{name} must be at least 1")]
     ZeroLimit {
@@ -459,6 +470,9 @@ pub struct Stats {
     /// Times the host reported the current server's SUB reconnected, so the client took
     /// a fresh snapshot.
     pub resyncs_after_reconnect: u64,
+    /// Times an own update's echo did not come within `echo_timeout`, so the client took
+    /// a fresh snapshot.
+    pub resyncs_after_lost_update: u64,
     dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -504,6 +518,8 @@ struct Attempt {
 struct InFlight {
     /// Order of issue, for eviction.
     issued: u64,
+    /// When a missing echo means the update was lost (echoable updates only).
+    echo_deadline: Option<Instant>,
     /// The key is in the subtree, so an echo can arrive.
     echoable: bool,
     /// The application asked for [`Event::Committed`] or [`Event::Lost`].
@@ -525,7 +541,11 @@ pub struct Client {
     attempt: Attempt,
     in_flight: BTreeMap<Uuid, InFlight>,
     in_flight_by_age: BTreeMap<u64, Uuid>,
+    /// Echo deadlines of in-flight updates sent since the last snapshot.
+    echo_deadlines: BTreeMap<(Instant, u64), Uuid>,
     issued: u64,
+    /// The latest `now` the host passed in: the send time of application updates.
+    clock: Instant,
     outputs: VecDeque<Output>,
     stats: Stats,
 }
@@ -549,7 +569,9 @@ impl Client {
             attempt: Attempt::default(),
             in_flight: BTreeMap::new(),
             in_flight_by_age: BTreeMap::new(),
+            echo_deadlines: BTreeMap::new(),
             issued: 0,
+            clock: now,
             outputs: VecDeque::new(),
             stats: Stats::default(),
         })
@@ -634,6 +656,7 @@ impl Client {
         channel: Channel,
         frames: &[F],
     ) {
+        self.clock = self.clock.max(now);
         if server.0 >= self.config.servers {
             self.drop_message(server, channel, DropReason::UnknownServer);
             return;
@@ -658,6 +681,7 @@ impl Client {
     /// in the stream says so; if it is the current server, the client takes a fresh
     /// snapshot from it once the subscription is live again.
     pub fn handle_subscriber_reconnected(&mut self, now: Instant, server: ServerIndex) {
+        self.clock = self.clock.max(now);
         if server != self.current || self.state == State::Initial {
             return;
         }
@@ -668,10 +692,21 @@ impl Client {
     /// Time has passed: at the expiry, the client gives up on the current server and
     /// moves to the next one.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if now < self.expiry {
+        self.clock = self.clock.max(now);
+        if now >= self.expiry {
+            self.fail_over(now);
             return;
         }
-        self.fail_over(now);
+        let lost_echo = self
+            .echo_deadlines
+            .first_key_value()
+            .is_some_and(|((deadline, _), _)| *deadline <= now);
+        if self.state == State::Active && lost_echo {
+            // One of our own updates never came back: the local map may hold a value no
+            // server has. Start over on the same server; its snapshot settles the map.
+            self.stats.resyncs_after_lost_update += 1;
+            self.start_over(now, self.current, false);
+        }
     }
 
     /// Leaves the current server for the next one in the list, in [`State::Initial`].
@@ -701,6 +736,7 @@ impl Client {
         // The update's echo would have come from the history we left.
         let in_flight = mem::take(&mut self.in_flight);
         self.in_flight_by_age.clear();
+        self.echo_deadlines.clear();
         for (uuid, update) in in_flight {
             if update.watched {
                 self.emit(Event::Lost {
@@ -720,7 +756,12 @@ impl Client {
 
     /// When [`Client::handle_timeout`] must be called next: the current server's expiry.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        Some(self.expiry)
+        let echo = self
+            .echo_deadlines
+            .first_key_value()
+            .filter(|_| self.state == State::Active)
+            .map(|((deadline, _), _)| *deadline);
+        Some(echo.map_or(self.expiry, |echo| echo.min(self.expiry)))
     }
 
     // --- Application commands ----------------------------------------------------------
@@ -975,6 +1016,12 @@ impl Client {
         }
         let old = mem::replace(&mut self.map, incoming);
         self.emit_differences(old, sequence);
+        // The snapshot replaced every provisional entry: updates still in flight can no
+        // longer leave the map wrong, so their echo is awaited for commit reports only.
+        self.echo_deadlines.clear();
+        for update in self.in_flight.values_mut() {
+            update.echo_deadline = None;
+        }
         self.sequence = sequence;
         self.state = State::Active;
         self.stats.snapshots_applied += 1;
@@ -1118,6 +1165,9 @@ impl Client {
                 break;
             };
             if let Some(update) = self.in_flight.remove(&oldest) {
+                if let Some(deadline) = update.echo_deadline {
+                    self.echo_deadlines.remove(&(deadline, update.issued));
+                }
                 if update.watched {
                     self.emit(Event::Lost {
                         uuid: oldest,
@@ -1128,10 +1178,15 @@ impl Client {
         }
         self.issued += 1;
         self.in_flight_by_age.insert(self.issued, uuid);
+        let echo_deadline = echoable.then(|| self.clock + self.config.echo_timeout);
+        if let Some(deadline) = echo_deadline {
+            self.echo_deadlines.insert((deadline, self.issued), uuid);
+        }
         self.in_flight.insert(
             uuid,
             InFlight {
                 issued: self.issued,
+                echo_deadline,
                 echoable,
                 watched: false,
             },
@@ -1141,6 +1196,9 @@ impl Client {
     fn forget_in_flight(&mut self, uuid: Uuid) -> Option<InFlight> {
         let update = self.in_flight.remove(&uuid)?;
         self.in_flight_by_age.remove(&update.issued);
+        if let Some(deadline) = update.echo_deadline {
+            self.echo_deadlines.remove(&(deadline, update.issued));
+        }
         Some(update)
     }
 
