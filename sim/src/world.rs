@@ -678,20 +678,17 @@ impl World {
         }
     }
 
-    /// The passive applied (or not) an update from the active: what it holds for the
-    /// key is what oracle 5 protects at failover.
+    /// An update from the active reached this server: if it is passive (following, or
+    /// re-syncing to follow), what it received for the key is what oracle 5 protects at
+    /// failover, whether it applied the update at once or buffered it. A server still
+    /// deciding (just restarted, memory lost) follows nothing yet.
     fn note_followed(&mut self, node: NodeId, update: &KvMsg) {
-        let applied = self
+        let receives = self
             .servers
             .get(node)
             .and_then(|slot| slot.machine.as_ref())
-            .filter(|machine| machine.state() == BstarState::Passive)
-            .map(|machine| match machine.get(&update.key) {
-                Some(entry) => !update.body.is_empty() && entry.body() == update.body.as_slice(),
-                None => update.body.is_empty(),
-            })
-            .unwrap_or(false);
-        if !applied {
+            .is_some_and(|machine| machine.state() == BstarState::Passive);
+        if !receives {
             return;
         }
         let update_id = (update.uuid, update.body.is_empty());
