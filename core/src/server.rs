@@ -72,10 +72,12 @@ use crate::kvmsg::{
 use crate::time::{EpochMillis, Instant};
 
 mod pending;
+mod seen;
 mod snapshot;
 mod store;
 
 use pending::{ClientCopyFate, CopyOrigin, Evicted, PendingList};
+use seen::SeenUpdates;
 use snapshot::{Pulled, SnapshotStreams};
 pub use store::Entry;
 use store::Store;
@@ -113,6 +115,9 @@ pub struct Config {
     /// Most keys a backup records while active and possibly split from the primary,
     /// to forward if it has to step down. Further keys are counted as lost, loudly.
     pub split_log_max: usize,
+    /// How many uuids of published updates the server remembers to drop a KVSET that
+    /// comes again (a forward after a split brain, a network duplicate).
+    pub dedupe_window: usize,
 }
 
 impl Config {
@@ -129,6 +134,7 @@ impl Config {
             peer_sync_timeout: Duration::from_secs(5),
             sync_backlog_max: 100_000,
             split_log_max: 100_000,
+            dedupe_window: 100_000,
         }
     }
 
@@ -149,6 +155,7 @@ impl Config {
             ("max_snapshot_streams", self.max_snapshot_streams),
             ("snapshot_batch", self.snapshot_batch),
             ("sync_backlog_max", self.sync_backlog_max),
+            ("dedupe_window", self.dedupe_window),
         ];
         let durations = [
             ("pending_max_age", self.pending_max_age),
@@ -497,6 +504,8 @@ struct SyncInProgress {
     last_activity: Instant,
     /// Pending-list arrivals before this mark preceded the request.
     pending_mark: u64,
+    /// Uuids of the snapshot's entries: the history being adopted.
+    seen: SeenUpdates,
 }
 
 /// The clone server state machine. See the [module docs](self) for the run loop.
@@ -512,6 +521,8 @@ pub struct Server {
     /// this, so that one server's published sequences always increase.
     highest_published: i64,
     pending: PendingList,
+    /// Uuids of updates seen published, to drop KVSETs that come again.
+    seen: SeenUpdates,
     snapshots: SnapshotStreams,
     follow: Follow,
     /// Keys changed while possibly split (backup only), to forward on step-down, with
@@ -538,6 +549,7 @@ impl Server {
             sequence: 0,
             highest_published: 0,
             pending: PendingList::default(),
+            seen: SeenUpdates::default(),
             snapshots: SnapshotStreams::default(),
             follow: Follow::Not,
             split_log: BTreeMap::new(),
@@ -678,6 +690,12 @@ impl Server {
             Ok(ttl) => ttl,
             Err(error) => return self.drop_input(source, DropReason::InvalidTtl(error)),
         };
+        if self.seen.contains(&uuid) {
+            // Already published: applying it again would regress its key. (A passive
+            // also forgets the early echo it kept for this copy.)
+            self.pending.cancel(&uuid);
+            return self.drop_input(source, DropReason::DuplicateUuid);
+        }
         let expires_at = ttl
             .filter(|_| !update.is_delete())
             .map(|ttl| wall.saturating_add(ttl));
@@ -825,6 +843,9 @@ impl Server {
                 Err(error) => return self.drop_input(source, DropReason::InvalidTtl(error)),
             }
         };
+        if let Some(uuid) = entry.uuid {
+            sync.seen.insert(uuid, self.config.dedupe_window);
+        }
         sync.store.apply(entry, expires_at);
     }
 
@@ -1043,6 +1064,7 @@ impl Server {
         self.sequence = sequence;
         self.highest_published = sequence;
         let update = update.with_sequence(sequence);
+        self.remember_published(update.uuid);
         self.outputs.push_back(Output::Publish(update.encode()));
         self.counters.published += 1;
         self.record_split(now, &update.key, update.uuid);
@@ -1222,9 +1244,13 @@ impl Server {
             backlog,
             backlog_overflowed,
             pending_mark,
+            seen,
             ..
         } = *sync;
         self.store = store;
+        // The history adopted is the active's: what this server published on its own
+        // (while split) is not part of it, and may be replayed if never echoed.
+        self.seen = seen;
         self.sequence = sequence;
         let store = &self.store;
         let (_echoed, superseded) = self.pending.settle_against_snapshot(pending_mark, |key| {
@@ -1273,7 +1299,14 @@ impl Server {
             return self.request_peer_snapshot(now, vec![(update, expires_at)]);
         }
         self.sequence = update.sequence;
+        self.remember_published(update.uuid);
         self.store.apply(update, expires_at);
+    }
+
+    fn remember_published(&mut self, uuid: Option<Uuid>) {
+        if let Some(uuid) = uuid {
+            self.seen.insert(uuid, self.config.dedupe_window);
+        }
     }
 
     /// HUGZ from the peer. While syncing is awaited it proves the subscription live;

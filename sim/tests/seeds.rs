@@ -30,11 +30,35 @@ const REGRESSIONS: &[(u64, &str)] = &[
     ),
 ];
 
+/// Swarm seeds (every knob drawn from the seed) that found a bug, now fixed.
+const SWARM_REGRESSIONS: &[(u64, &str)] = &[
+    (
+        15,
+        "a break swallowed a delete; a lost own update stayed in the client's map",
+    ),
+    (
+        55,
+        "a client's own update never reached a server and was never reconciled",
+    ),
+    (
+        90,
+        "the oracle protected updates a just-restarted, undecided server received",
+    ),
+    (
+        192,
+        "a stepped-down backup forwarded an update the primary had already replaced",
+    ),
+    (
+        203,
+        "harsh network: KTHXBAI overtook its own reply (oracle scope)",
+    ),
+];
+
 fn assert_passes(seed: u64, options: Options, why: &str) {
     let report = World::new(seed, options, TraceMode::Recent).run();
     if let Some(violation) = report.violation {
         panic!(
-            "seed {seed} ({why}) failed {}: {}\nlast events:\n  {}\nreplay: cargo run --release -p clonekv-sim -- --seed {seed} --default-world --trace",
+            "seed {seed} ({why}) failed {}: {}\nlast events:\n  {}\nreplay: cargo run --release -p clonekv-sim -- --seed {seed} --trace (add --default-world for the default-world list)",
             violation.oracle,
             violation.detail,
             report.recent.join("\n  ")
@@ -46,6 +70,13 @@ fn assert_passes(seed: u64, options: Options, why: &str) {
 fn every_regression_seed_still_passes() {
     for (seed, why) in REGRESSIONS {
         assert_passes(*seed, Options::default(), why);
+    }
+}
+
+#[test]
+fn every_swarm_regression_seed_still_passes() {
+    for (seed, why) in SWARM_REGRESSIONS {
+        assert_passes(*seed, Options::swarm(*seed), why);
     }
 }
 

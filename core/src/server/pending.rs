@@ -212,6 +212,11 @@ impl PendingList {
         }
     }
 
+    /// Forgets whatever is held for `uuid` (an early echo, or a copy).
+    pub(crate) fn cancel(&mut self, uuid: &Uuid) {
+        self.remove(uuid);
+    }
+
     /// A mark that orders later arrivals after this moment: see
     /// [`PendingList::settle_against_snapshot`].
     pub(crate) fn arrival_mark(&self) -> u64 {

@@ -13,6 +13,13 @@ fn uuid(n: u8) -> Uuid {
     Uuid::from_bytes([n; 16])
 }
 
+/// A distinct uuid for the `n`th of many updates (uuids are unique per update).
+fn nth_uuid(n: u32) -> Uuid {
+    let mut bytes = [0xab; 16];
+    bytes[..4].copy_from_slice(&n.to_be_bytes());
+    Uuid::from_bytes(bytes)
+}
+
 fn set(key: &str, value: &str, n: u8) -> KvMsg {
     KvMsg::kvset(key.as_bytes().to_vec(), value.as_bytes().to_vec(), uuid(n))
 }
@@ -390,7 +397,7 @@ fn expiry_cost_does_not_depend_on_the_map_size() {
         harness.collect(KvMsg::kvset(
             format!("/p/{n:05}").into_bytes(),
             b"v".to_vec(),
-            Uuid::from_bytes([(n % 251) as u8; 16]),
+            nth_uuid(n),
         ));
     }
     harness.collect(with_ttl_text(set("/eph", "v", 1), "2"));
@@ -465,6 +472,21 @@ fn a_kvset_with_a_reserved_key_is_dropped_and_counted() {
     assert_eq!(harness.dropped(InputSource::Collector, "reserved_key"), 2);
     assert_eq!(harness.server.sequence(), 0);
     assert!(harness.server.is_empty());
+}
+
+#[test]
+fn a_kvset_the_active_already_published_is_dropped_so_its_key_cannot_go_back() {
+    // Found by the simulator (swarm seed 192): after a split brain the backup forwarded
+    // an update the primary had already published and then replaced; republishing it
+    // put the key back to the older value.
+    let mut harness = Harness::active();
+    harness.collect(set("/k", "older", 1));
+    harness.collect(set("/k", "newer", 2));
+    harness.drain();
+    harness.collect(set("/k", "older", 1)); // the forward, or a network duplicate
+    assert!(harness.published().is_empty());
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+    assert_eq!(harness.dropped(InputSource::Collector, "duplicate_uuid"), 1);
 }
 
 #[test]
@@ -640,7 +662,7 @@ fn a_snapshot_spanning_many_batches_streams_every_key_once_in_order() {
         harness.collect(KvMsg::kvset(
             key.clone().into_bytes(),
             b"v".to_vec(),
-            uuid(1),
+            nth_uuid(n),
         ));
         expected.push(key);
     }
@@ -685,7 +707,7 @@ fn opening_a_snapshot_shares_the_map_instead_of_copying_it() {
         harness.collect(KvMsg::kvset(
             format!("/k/{n:04}").into_bytes(),
             vec![b'v'; 100],
-            uuid(1),
+            nth_uuid(n),
         ));
     }
     harness.request("client", "");

@@ -1,0 +1,59 @@
+//! The uuids of updates a server has seen published, within a bounded window.
+//!
+//! A KVSET whose uuid is here was already published (by this server, or by the active it
+//! followed) and is dropped as a duplicate: applying it again would put its key back to
+//! an older value. Duplicates come from the dual-active resolution (a stepped-down backup
+//! forwards updates the primary may already have), from a client's copy that arrives
+//! after the echo, and from networks that duplicate. The window is bounded; an update
+//! older than the window that comes again is indistinguishable from a new write, as it is
+//! in the protocol itself (CHP carries no write order).
+
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::kvmsg::Uuid;
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SeenUpdates {
+    members: BTreeSet<Uuid>,
+    oldest_first: VecDeque<Uuid>,
+}
+
+impl SeenUpdates {
+    /// Remembers `uuid`, forgetting the oldest beyond `window`.
+    pub(crate) fn insert(&mut self, uuid: Uuid, window: usize) {
+        if !self.members.insert(uuid) {
+            return;
+        }
+        self.oldest_first.push_back(uuid);
+        while self.oldest_first.len() > window.max(1) {
+            if let Some(oldest) = self.oldest_first.pop_front() {
+                self.members.remove(&oldest);
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, uuid: &Uuid) -> bool {
+        self.members.contains(uuid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_forgets_the_oldest_first() {
+        let mut seen = SeenUpdates::default();
+        for n in 0..5u8 {
+            seen.insert(Uuid::from_bytes([n; 16]), 3);
+        }
+        assert!(!seen.contains(&Uuid::from_bytes([1; 16])));
+        assert!(seen.contains(&Uuid::from_bytes([2; 16])));
+        assert!(seen.contains(&Uuid::from_bytes([4; 16])));
+        seen.insert(Uuid::from_bytes([4; 16]), 3);
+        assert!(
+            seen.contains(&Uuid::from_bytes([2; 16])),
+            "a repeat does not evict"
+        );
+    }
+}
