@@ -1090,7 +1090,13 @@ impl World {
                 outputs.push(output);
             }
         }
-        for output in outputs {
+        // Changes a snapshot install reports come just before its Synced: they are
+        // judged by the point-in-time oracle, not by the order of the followed stream.
+        let installed_through = outputs.iter().rposition(|output| {
+            matches!(output, client::Output::Event(client::Event::Synced { .. }))
+        });
+        for (position, output) in outputs.into_iter().enumerate() {
+            let from_snapshot = installed_through.is_some_and(|last| position < last);
             match output {
                 client::Output::SendSnapshotRequest { server, frames } => {
                     let incarnation = self.life(node).map_or(0, |life| life.incarnation);
@@ -1122,7 +1128,7 @@ impl World {
                         || format!("c{node} {event:?}"),
                         &(5u8, node, client_event_tag(&event)),
                     );
-                    self.client_event(node, event);
+                    self.client_event(node, event, from_snapshot);
                     if self.violation.is_some() {
                         return;
                     }
@@ -1480,7 +1486,7 @@ impl World {
         self.check_ttl_late();
     }
 
-    fn client_event(&mut self, node: NodeId, event: client::Event) {
+    fn client_event(&mut self, node: NodeId, event: client::Event, from_snapshot: bool) {
         let name = client_event_tag(&event);
         *self.coverage.client_events.entry(name).or_default() += 1;
         match event {
@@ -1494,7 +1500,7 @@ impl World {
                     .and_then(|slot| slot.machine.as_ref())
                     .map(|machine| machine.current_server().0);
                 let index = server.and_then(|server| {
-                    (sequence > 0)
+                    (sequence > 0 && !from_snapshot)
                         .then(|| self.history.publication_at(server, sequence, &value))
                         .flatten()
                 });
