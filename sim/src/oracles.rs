@@ -178,8 +178,9 @@ pub struct History {
     next_publication: PublicationIndex,
     /// Per server node: the last sequence it published since its last reset.
     pub last_published: BTreeMap<usize, i64>,
-    /// Per key: the ttl promise of its current ephemeral value.
-    pub ttl: BTreeMap<Vec<u8>, TtlExpectation>,
+    /// Per (server, key): the ttl promise of the ephemeral value that server holds.
+    /// Per server, because in a split brain each active holds its own publication.
+    pub ttl: BTreeMap<(usize, Vec<u8>), TtlExpectation>,
 }
 
 impl History {

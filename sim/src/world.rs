@@ -490,6 +490,7 @@ impl World {
         self.history.last_published.remove(&node);
         self.history.held.remove(&node);
         self.history.seen.remove(&node);
+        self.history.ttl.retain(|(holder, _), _| *holder != node);
         self.drain_server(node);
     }
 
@@ -694,9 +695,26 @@ impl World {
         let update_id = (update.uuid, update.body.is_empty());
         self.history.seen.entry(node).or_default().insert(update_id);
         let now = self.now;
-        if let Some(expectation) = self.history.ttl.get_mut(&update.key) {
-            if expectation.uuid == update.uuid {
-                expectation.followed_at.entry(node).or_insert(now);
+        let peer = 1 - node;
+        let inherited = self
+            .history
+            .ttl
+            .get(&(peer, update.key.clone()))
+            .filter(|expectation| {
+                !update.body.is_empty()
+                    && update.client_ttl().ok().flatten().is_some()
+                    && expectation.uuid == update.uuid
+            })
+            .cloned();
+        match inherited {
+            Some(mut expectation) => {
+                expectation.followed_at.insert(node, now);
+                self.history
+                    .ttl
+                    .insert((node, update.key.clone()), expectation);
+            }
+            None => {
+                self.history.ttl.remove(&(node, update.key.clone()));
             }
         }
         let index = self.history.update_index(update_id);
@@ -713,6 +731,17 @@ impl World {
 
     /// After a sync the passive holds exactly the active's map.
     fn rebuild_held(&mut self, node: NodeId) {
+        // The adopted snapshot carries absolute expiries: the peer's promises hold here.
+        let peer = 1 - node;
+        self.history.ttl.retain(|(holder, _), _| *holder != node);
+        for (key, uuid, _) in self.server_entries(node) {
+            if let Some(expectation) = self.history.ttl.get(&(peer, key.clone())) {
+                if expectation.uuid == uuid {
+                    let expectation = expectation.clone();
+                    self.history.ttl.insert((node, key), expectation);
+                }
+            }
+        }
         let held = self
             .server_entries(node)
             .into_iter()
@@ -1277,7 +1306,7 @@ impl World {
     fn check_ttl_publication(&mut self, node: NodeId, message: &KvMsg, wall: EpochMillis) {
         let allowance = self.clock_allowance();
         if message.body.is_empty() {
-            if let Some(expectation) = self.history.ttl.remove(&message.key) {
+            if let Some(expectation) = self.history.ttl.remove(&(node, message.key.clone())) {
                 let is_expiry = expectation.uuid.is_some() && expectation.uuid == message.uuid;
                 if is_expiry {
                     self.coverage.expiries += 1;
@@ -1302,7 +1331,7 @@ impl World {
         match message.client_ttl() {
             Ok(Some(ttl)) => {
                 self.history.ttl.insert(
-                    message.key.clone(),
+                    (node, message.key.clone()),
                     TtlExpectation {
                         value: message.body.clone(),
                         uuid: message.uuid,
@@ -1314,7 +1343,7 @@ impl World {
                 );
             }
             _ => {
-                self.history.ttl.remove(&message.key);
+                self.history.ttl.remove(&(node, message.key.clone()));
             }
         }
     }
@@ -1353,7 +1382,10 @@ impl World {
             .max(slot.active_since.unwrap_or(now));
         let undisturbed_wall = slot.life.clock.wall(undisturbed_since);
         let mut overdue = None;
-        for (key, expectation) in &self.history.ttl {
+        for ((holder, key), expectation) in &self.history.ttl {
+            if *holder != active {
+                continue;
+            }
             // A server that followed the KVPUB counts its relative ttl from arrival.
             let delivery_delay = expectation
                 .followed_at
