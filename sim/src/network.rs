@@ -176,6 +176,8 @@ pub struct NetworkStats {
     pub connections_broken: u64,
     /// Connections that came back.
     pub reconnects: u64,
+    /// When each route last dropped a message at its high-water mark.
+    pub last_high_water_drop: BTreeMap<Route, Instant>,
 }
 
 #[derive(Clone, Debug)]
@@ -332,6 +334,7 @@ impl Network {
             return self.drop_message(DropReason::SlowJoiner);
         }
         if connection.queued >= high_water_mark {
+            self.stats.last_high_water_drop.insert(route, now);
             return self.drop_message(DropReason::HighWaterMark);
         }
         if cut == Some(PartitionKind::Stall) {

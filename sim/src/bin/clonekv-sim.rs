@@ -150,6 +150,10 @@ fn print_summary(seeds: u64, failures: u64, elapsed: Duration, coverage: &Covera
         "  writes {}, messages delivered {}, ttl expiries {}, split-brain windows {}",
         coverage.writes, coverage.delivered, coverage.expiries, coverage.split_brain_windows
     );
+    println!(
+        "  subtree clients excused from liveness after a publisher high-water-mark drop: {}",
+        coverage.liveness_waived_high_water_drop
+    );
     println!("  binary star transitions:");
     for ((from, to), count) in &coverage.bstar_transitions {
         println!("    {from:>7} -> {to:<7} {count}");
