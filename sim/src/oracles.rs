@@ -132,6 +132,8 @@ pub struct Held {
     pub index: PublicationIndex,
     /// False when the key was deleted.
     pub present: bool,
+    /// World time the server received (or made) it.
+    pub received_at: Instant,
 }
 
 /// What a published ephemeral value promises.

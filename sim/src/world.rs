@@ -148,6 +148,8 @@ struct ServerSlot {
     ready_streams: BTreeSet<Vec<u8>>,
     /// World time since which the server has been active, if it is.
     active_since: Option<Instant>,
+    /// World time of its latest snapshot request to the peer.
+    sync_requested_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -318,6 +320,7 @@ impl World {
                 peer_dealer_epoch: 0,
                 ready_streams: BTreeSet::new(),
                 active_since: None,
+                sync_requested_at: None,
             });
             world.start_server(node);
         }
@@ -731,13 +734,14 @@ impl World {
                 crate::oracles::Held {
                     index,
                     present: !update.body.is_empty(),
+                    received_at: now,
                 },
             );
         }
     }
 
     /// After a sync the passive holds exactly the active's map.
-    fn rebuild_held(&mut self, node: NodeId) {
+    fn rebuild_held(&mut self, node: NodeId, answered_request: Option<Instant>) {
         // The adopted snapshot carries absolute expiries: the peer's promises hold here.
         let peer = 1 - node;
         self.history.ttl.retain(|(holder, _), _| *holder != node);
@@ -749,7 +753,9 @@ impl World {
                 }
             }
         }
-        let held = self
+        let now = self.now;
+        let requested_at = answered_request.unwrap_or(now);
+        let mut held: BTreeMap<Vec<u8>, crate::oracles::Held> = self
             .server_entries(node)
             .into_iter()
             .map(|(key, uuid, _)| {
@@ -764,10 +770,27 @@ impl World {
                     crate::oracles::Held {
                         index,
                         present: true,
+                        // As of the snapshot's point, which follows the request.
+                        received_at: requested_at,
                     },
                 )
             })
             .collect();
+        // What arrived after the request may be missing from the snapshot (buffered, or
+        // deferred to the next sync): it still counts as received.
+        if let Some(previous) = self.history.held.get(&node) {
+            for (key, received) in previous {
+                if received.received_at < requested_at {
+                    continue;
+                }
+                let newer = held
+                    .get(key)
+                    .is_none_or(|adopted| received.index > adopted.index);
+                if newer {
+                    held.insert(key.clone(), *received);
+                }
+            }
+        }
         self.history.held.insert(node, held);
     }
 
@@ -931,6 +954,11 @@ impl World {
             }
             state_before = slot.active_since.is_some();
         }
+        // The request this step's SyncCompleted answers (a new one may follow in it).
+        let answered_request = self
+            .servers
+            .get(node)
+            .and_then(|slot| slot.sync_requested_at);
         let mut became_active = false;
         let mut sync_completed = false;
         let mut published = Vec::new();
@@ -962,6 +990,7 @@ impl World {
                         continue;
                     };
                     slot.peer_dealer_epoch += 1;
+                    slot.sync_requested_at = Some(self.now);
                     let identity =
                         dealer_identity(node, slot.life.incarnation, slot.peer_dealer_epoch);
                     let mut message = vec![identity];
@@ -1007,7 +1036,7 @@ impl World {
             }
         }
         if sync_completed {
-            self.rebuild_held(node);
+            self.rebuild_held(node, answered_request);
         }
         self.record_publications(node, &published, became_active && !state_before);
         let active_now = self
@@ -1213,7 +1242,9 @@ impl World {
             Some(slot) => slot.life.clock.wall(now),
             None => return,
         };
-        if became_active {
+        // Oracle 5 needs TCP's order: over a reordering link a passive can adopt a
+        // snapshot whose KTHXBAI overtook entries (CHP cannot notice), as for oracle 2.
+        if became_active && !self.options.is_harsh() {
             // Oracle 5: everything the backup held from the old active survives.
             let held = self.history.held.get(&node).cloned().unwrap_or_default();
             let map = self.server_map(node);
@@ -1244,6 +1275,9 @@ impl World {
                     return;
                 }
             }
+        }
+        if became_active {
+            let map = self.server_map(node);
             let sequence = self
                 .servers
                 .get(node)
@@ -1298,6 +1332,7 @@ impl World {
                 crate::oracles::Held {
                     index,
                     present: !message.body.is_empty(),
+                    received_at: self.now,
                 },
             );
             if !became_active {
