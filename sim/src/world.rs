@@ -41,6 +41,40 @@ const EXPIRY_GRANULARITY: Duration = Duration::from_millis(100);
 /// Events kept for a failure report.
 const RECENT_EVENTS: usize = 40;
 
+/// One pinned step of a scripted scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scripted {
+    /// Client `client` (0-based) makes this write.
+    Write {
+        /// The client's index.
+        client: usize,
+        /// The write.
+        operation: Operation,
+    },
+    /// The node crashes and stays down until a `Restart` (or the heal phase).
+    Crash(NodeId),
+    /// A crashed node comes back with a fresh state machine.
+    Restart(NodeId),
+    /// Cuts `a ↔ b` (or only `a → b` when one-way).
+    Partition {
+        /// One side.
+        a: NodeId,
+        /// The other side.
+        b: NodeId,
+        /// Stall or break.
+        kind: PartitionKind,
+        /// Cut `a → b` only (stalls).
+        one_way: bool,
+    },
+    /// Removes the cuts between `a` and `b`.
+    Heal {
+        /// One side.
+        a: NodeId,
+        /// The other side.
+        b: NodeId,
+    },
+}
+
 /// How much of the run to write down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TraceMode {
@@ -117,6 +151,8 @@ pub struct RunReport {
     pub recent: Vec<String>,
     /// Simulated time reached.
     pub simulated: Duration,
+    /// The sole active server's map at the end, if there is one.
+    pub final_active_map: Option<BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
 #[derive(Debug)]
@@ -195,6 +231,7 @@ pub struct World {
     pair_connected_since: Option<Instant>,
     both_active_since: Option<Instant>,
     limits: Limits,
+    script: BTreeMap<(Instant, u64), Scripted>,
 }
 
 fn server_index(node: NodeId) -> ServerIndex {
@@ -304,6 +341,7 @@ impl World {
             pair_connected_since: Some(now),
             both_active_since: None,
             limits: Limits::default(),
+            script: BTreeMap::new(),
             workload,
             options,
         };
@@ -339,6 +377,16 @@ impl World {
             world.start_client(node);
         }
         world
+    }
+
+    /// Pins these steps into the world, each at its time from the start. A scripted
+    /// scenario pairs them with [`crate::options::FaultOptions::none`] and a quiet
+    /// workload, so that the schedule is exactly what the scenario says.
+    pub fn with_script(mut self, steps: impl IntoIterator<Item = (Duration, Scripted)>) -> World {
+        for (order, (at, step)) in steps.into_iter().enumerate() {
+            self.script.insert((Instant::ZERO + at, order as u64), step);
+        }
+        self
     }
 
     // --- Running ---------------------------------------------------------------------
@@ -387,7 +435,9 @@ impl World {
                 self.coverage.faults.insert(name, count);
             }
         }
+        let final_active_map = self.sole_active().map(|active| self.server_map(active));
         RunReport {
+            final_active_map,
             seed: self.seed,
             violation: self.violation,
             trace_hash: self.trace_hasher.finish(),
@@ -398,7 +448,11 @@ impl World {
     }
 
     fn next_time(&self, fault_end: Instant, end: Instant) -> Option<Instant> {
-        let mut candidates = vec![self.network.next_event(), Some(end)];
+        let mut candidates = vec![
+            self.network.next_event(),
+            Some(end),
+            self.script.keys().next().map(|(at, _)| *at),
+        ];
         if self.phase == Phase::Faults {
             candidates.push(self.workload.next_due());
             candidates.push(Some(self.next_fault_tick));
@@ -451,6 +505,7 @@ impl World {
         }
         self.restarts_and_resumes();
         self.heal_partitions_due();
+        self.run_script();
         while let Some(delivery) = self.network.pop_delivery(now) {
             self.deliver(delivery);
             if self.violation.is_some() {
@@ -1892,6 +1947,43 @@ impl World {
                 for delivery in held {
                     self.deliver(delivery);
                 }
+            }
+        }
+    }
+
+    fn run_script(&mut self) {
+        let now = self.now;
+        while let Some((&(at, order), _)) = self.script.first_key_value() {
+            if at > now {
+                break;
+            }
+            let Some(step) = self.script.remove(&(at, order)) else {
+                break;
+            };
+            self.trace(|| format!("script {step:?}"), &(14u8, order));
+            match step {
+                Scripted::Write { client, operation } => self.write(client, operation),
+                Scripted::Crash(node) => {
+                    if self.is_up(node) {
+                        // Down until restarted; the heal phase restarts it at the latest.
+                        self.crash(node, Instant::from_nanos(u64::MAX));
+                    }
+                }
+                Scripted::Restart(node) => {
+                    if let Some(life) = self.life_mut(node) {
+                        if life.restart_at.is_some() {
+                            life.restart_at = Some(now);
+                        }
+                    }
+                    self.restarts_and_resumes();
+                }
+                Scripted::Partition {
+                    a,
+                    b,
+                    kind,
+                    one_way,
+                } => self.network.partition(now, a, b, kind, one_way),
+                Scripted::Heal { a, b } => self.network.heal(now, a, b),
             }
         }
     }

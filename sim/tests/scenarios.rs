@@ -1,0 +1,240 @@
+//! Scripted scenarios: the schedule is pinned, not drawn, so each test names exactly
+//! the situation it puts the cluster in. Every oracle runs as in a swarm world; the
+//! assertions here add what the scenario is about.
+
+use std::time::Duration;
+
+use clonekv_sim::network::PartitionKind;
+use clonekv_sim::options::{FaultOptions, Options, WorkloadOptions};
+use clonekv_sim::ratio::Ratio;
+use clonekv_sim::workload::Operation;
+use clonekv_sim::world::{RunReport, Scripted, TraceMode, World, BACKUP, FIRST_CLIENT, PRIMARY};
+
+/// No random faults and no random writes: only what the script does.
+fn quiet(clients: usize) -> Options {
+    Options {
+        fault_phase: Duration::from_secs(30),
+        heal_phase: Duration::from_secs(30),
+        faults: FaultOptions::none(),
+        workload: WorkloadOptions {
+            clients,
+            write_interval: Duration::from_secs(1_000_000),
+            burst: Ratio::NEVER,
+            ..WorkloadOptions::default()
+        },
+        ..Options::default()
+    }
+}
+
+fn set(client: usize, key: &str, value: &str) -> Scripted {
+    Scripted::Write {
+        client,
+        operation: Operation::Set {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ttl: None,
+        },
+    }
+}
+
+fn at(millis: u64) -> Duration {
+    Duration::from_millis(millis)
+}
+
+fn run(name: &str, options: Options, script: Vec<(Duration, Scripted)>) -> RunReport {
+    let report = World::new(7, options, TraceMode::Recent)
+        .with_script(script)
+        .run();
+    if let Some(violation) = &report.violation {
+        panic!(
+            "scenario '{name}' broke {}: {}\nlast events:\n  {}",
+            violation.oracle,
+            violation.detail,
+            report.recent.join("\n  ")
+        );
+    }
+    report
+}
+
+fn final_value(report: &RunReport, key: &str) -> Option<String> {
+    report
+        .final_active_map
+        .as_ref()
+        .expect("one active server at the end")
+        .get(key.as_bytes())
+        .map(|value| String::from_utf8_lossy(value).into_owned())
+}
+
+#[test]
+fn failover_the_primary_crashes_while_the_backup_holds_pending_updates() {
+    let client = FIRST_CLIENT;
+    let script = vec![
+        // The client's path to the primary stalls: its writes reach only the backup.
+        (
+            at(2_000),
+            Scripted::Partition {
+                a: client,
+                b: PRIMARY,
+                kind: PartitionKind::Stall,
+                one_way: true,
+            },
+        ),
+        (at(2_500), set(0, "/k/a/1", "pending-1")),
+        (at(2_600), set(0, "/k/a/2", "pending-2")),
+        (at(4_000), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("primary crashes with pending updates", quiet(1), script);
+    assert!(report
+        .coverage
+        .server_events
+        .get("pending_replayed")
+        .is_some());
+    assert_eq!(final_value(&report, "/k/a/1").as_deref(), Some("pending-1"));
+    assert_eq!(final_value(&report, "/k/a/2").as_deref(), Some("pending-2"));
+}
+
+#[test]
+fn split_brain_a_server_partition_with_clients_on_both_sides_heals_without_an_outage() {
+    let (left, right) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let cut = |a, b| Scripted::Partition {
+        a,
+        b,
+        kind: PartitionKind::Break,
+        one_way: false,
+    };
+    let script = vec![
+        (at(2_000), cut(PRIMARY, BACKUP)),
+        (at(2_000), cut(right, PRIMARY)),
+        (at(2_000), cut(left, BACKUP)),
+        // The right client fails over to the backup, which takes over: two actives.
+        (at(12_000), set(0, "/k/a/left", "written-on-primary")),
+        (at(12_000), set(1, "/k/a/right", "written-on-backup")),
+        (
+            at(15_000),
+            Scripted::Heal {
+                a: PRIMARY,
+                b: BACKUP,
+            },
+        ),
+        (
+            at(15_000),
+            Scripted::Heal {
+                a: right,
+                b: PRIMARY,
+            },
+        ),
+        (at(15_000), Scripted::Heal { a: left, b: BACKUP }),
+    ];
+    let report = run(
+        "server partition with clients on both sides",
+        quiet(2),
+        script,
+    );
+    assert!(
+        report.coverage.split_brain_windows >= 1,
+        "{:?}",
+        report.coverage
+    );
+    assert!(report.coverage.server_events.get("dual_active").is_some());
+    assert_eq!(
+        final_value(&report, "/k/a/left").as_deref(),
+        Some("written-on-primary")
+    );
+    assert_eq!(
+        final_value(&report, "/k/a/right").as_deref(),
+        Some("written-on-backup"),
+        "the backup's split-time update was forwarded, not discarded"
+    );
+}
+
+#[test]
+fn slow_joiner_a_client_whose_subscription_lags_still_gets_every_update() {
+    let mut options = quiet(2);
+    options.network.subscribe_delay_max = Duration::from_secs(3);
+    let reader = FIRST_CLIENT + 1;
+    // The reader restarts: its new SUB takes up to 3 s to reach the publisher while the
+    // writer (long connected) keeps writing. It must not ask for its snapshot before
+    // its subscription is live, or the writes in between would be lost to it.
+    let mut script = vec![
+        (at(5_000), Scripted::Crash(reader)),
+        (at(5_010), Scripted::Restart(reader)),
+    ];
+    script.extend((0..40).map(|n| {
+        (
+            at(5_020 + n * 50),
+            set(0, &format!("/k/a/{n}"), &format!("v{n}")),
+        )
+    }));
+    let report = run("slow joiner", options, script);
+    for n in 0..40 {
+        assert_eq!(
+            final_value(&report, &format!("/k/a/{n}")),
+            Some(format!("v{n}"))
+        );
+    }
+}
+
+#[test]
+fn ttl_an_ephemeral_value_expires_on_time_across_a_failover() {
+    let script = vec![
+        (
+            at(2_000),
+            Scripted::Write {
+                client: 0,
+                operation: Operation::Set {
+                    key: b"/k/a/eph".to_vec(),
+                    value: b"short-lived".to_vec(),
+                    ttl: Some(Duration::from_secs(4)),
+                },
+            },
+        ),
+        (at(2_100), set(0, "/k/a/kept", "persistent")),
+        (at(3_000), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("ttl expiry across failover", quiet(1), script);
+    assert!(report.coverage.expiries >= 1, "{:?}", report.coverage);
+    assert_eq!(final_value(&report, "/k/a/eph"), None);
+    assert_eq!(
+        final_value(&report, "/k/a/kept").as_deref(),
+        Some("persistent")
+    );
+}
+
+#[test]
+fn snapshot_a_large_snapshot_streams_while_updates_arrive() {
+    let mut options = quiet(2);
+    // A small high-water mark makes the server stream the reply in many pulls.
+    options.network.high_water_mark = 20;
+    let mut script: Vec<(Duration, Scripted)> = (0..400)
+        .map(|n| {
+            (
+                at(1_000 + n * 5),
+                set(0, &format!("/k/a/{n:03}"), &format!("first{n}")),
+            )
+        })
+        .collect();
+    // The second client restarts and takes a new snapshot while the first keeps writing.
+    script.push((at(4_000), Scripted::Crash(FIRST_CLIENT + 1)));
+    script.push((at(4_100), Scripted::Restart(FIRST_CLIENT + 1)));
+    script.extend((0..200).map(|n| {
+        (
+            at(4_100 + n * 10),
+            set(0, &format!("/k/a/{n:03}"), &format!("second{n}")),
+        )
+    }));
+    let report = run("snapshot streamed while updates arrive", options, script);
+    assert!(
+        report
+            .coverage
+            .client_events
+            .get("synced")
+            .copied()
+            .unwrap_or(0)
+            >= 3
+    );
+    assert_eq!(final_value(&report, "/k/a/000").as_deref(), Some("second0"));
+    assert_eq!(
+        final_value(&report, "/k/a/399").as_deref(),
+        Some("first399")
+    );
+}
