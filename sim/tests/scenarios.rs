@@ -87,8 +87,7 @@ fn failover_the_primary_crashes_while_the_backup_holds_pending_updates() {
     assert!(report
         .coverage
         .server_events
-        .get("pending_replayed")
-        .is_some());
+        .contains_key("pending_replayed"));
     assert_eq!(final_value(&report, "/k/a/1").as_deref(), Some("pending-1"));
     assert_eq!(final_value(&report, "/k/a/2").as_deref(), Some("pending-2"));
 }
@@ -135,7 +134,7 @@ fn split_brain_a_server_partition_with_clients_on_both_sides_heals_without_an_ou
         "{:?}",
         report.coverage
     );
-    assert!(report.coverage.server_events.get("dual_active").is_some());
+    assert!(report.coverage.server_events.contains_key("dual_active"));
     assert_eq!(
         final_value(&report, "/k/a/left").as_deref(),
         Some("written-on-primary")
