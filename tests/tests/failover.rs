@@ -164,7 +164,12 @@ fn a_client_fails_over_to_the_backup_with_every_update_it_had_when_the_primary_i
             .unwrap_or_else(|_| panic!("unexpected key {text}"));
         assert_eq!(stored_value, value(n).as_bytes(), "{text}");
     }
-    assert!(committed.len() > 600, "the load kept committing");
+    // About 300 commits before the kill and 300 after it, less the few in flight then.
+    assert!(
+        committed.len() > 500,
+        "the load kept committing: {}",
+        committed.len()
+    );
 
     // The reader ends up with exactly the backup's map.
     wait_until("the reader to catch up with the backup", || {
