@@ -28,7 +28,9 @@
 //! ```
 //!
 //! The zmq fd is edge-triggered, and every send or receive can consume its edge, so the
-//! loop only sleeps after a full pass over every socket that received and sent nothing.
+//! loop only sleeps after a full pass over every socket that received and sent nothing
+//! (when the pass's only sends were refused, it looks at every socket once more: a
+//! refused send also enters libzmq).
 //! Snapshot replies are the only sends that can be refused: a full pipe pauses that one
 //! client's stream, with the refused message kept to be sent first on a later pass (the
 //! ROUTER's fd signals when a pipe drains); an unreachable client's streams are cancelled.
@@ -418,15 +420,27 @@ impl ServerHost {
                 self.server.handle_timeout(now, self.clock.wall());
                 self.drain_outputs();
             }
-            let mut moved = false;
-            for input in INPUTS {
-                moved |= self.receive_batch(input)?;
+            let mut moved = self.receive_pass()?;
+            let pumped = self.pump_snapshots();
+            moved |= pumped.sent;
+            if !moved && pumped.refused {
+                // A refused send still entered libzmq, which may have consumed the
+                // ROUTER's edge for a message that arrived meanwhile: look once more.
+                moved = self.receive_pass()?;
             }
-            moved |= self.pump_snapshots();
             if !moved {
                 return Ok(());
             }
         }
+    }
+
+    /// Up to a batch from every input socket; true if anything arrived.
+    fn receive_pass(&mut self) -> Result<bool, RunError> {
+        let mut received = false;
+        for input in INPUTS {
+            received |= self.receive_batch(input)?;
+        }
+        Ok(received)
     }
 
     /// Feeds up to [`BATCH`] waiting messages from one socket into the core.
@@ -537,9 +551,9 @@ impl ServerHost {
 
     /// Sends snapshot replies: for each client with an open stream, its held message
     /// first, then fresh ones from the core, up to [`BATCH`], until its pipe is full or
-    /// the stream ends. True if anything was sent.
-    fn pump_snapshots(&mut self) -> bool {
-        let mut sent_any = false;
+    /// the stream ends.
+    fn pump_snapshots(&mut self) -> Pumped {
+        let mut pumped = Pumped::default();
         let routing_ids: Vec<Vec<u8>> = self.streams.keys().cloned().collect();
         for routing_id in routing_ids {
             let mut held = self.streams.get_mut(&routing_id).and_then(Option::take);
@@ -559,17 +573,20 @@ impl ServerHost {
                 frames.push(&routing_id);
                 frames.extend(message.iter().map(Vec::as_slice));
                 match self.router.send(&frames) {
-                    Ok(SendOutcome::Sent) => sent_any = true,
+                    Ok(SendOutcome::Sent) => pumped.sent = true,
                     Ok(SendOutcome::WouldBlock) => {
+                        pumped.refused = true;
                         held = Some(message);
                         break;
                     }
                     Ok(SendOutcome::Unreachable) => {
+                        pumped.refused = true;
                         self.server.cancel_snapshot(&routing_id);
                         finished = true;
                         break;
                     }
                     Err(error) => {
+                        pumped.refused = true;
                         tracing::warn!(%error, "cannot send a snapshot reply; closing that stream");
                         self.server.cancel_snapshot(&routing_id);
                         finished = true;
@@ -584,8 +601,17 @@ impl ServerHost {
             }
             self.drain_outputs();
         }
-        sent_any
+        pumped
     }
+}
+
+/// What one round of snapshot sending did.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pumped {
+    /// At least one message went out.
+    sent: bool,
+    /// At least one send was refused (full pipe, gone client, error).
+    refused: bool,
 }
 
 fn new_socket(

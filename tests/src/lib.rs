@@ -206,6 +206,7 @@ pub struct Cluster {
     pub backup: Option<Daemon>,
     scratch: Scratch,
     starts: u32,
+    extra_args: Vec<String>,
 }
 
 impl Cluster {
@@ -217,6 +218,7 @@ impl Cluster {
             backup: None,
             scratch: Scratch::new(test),
             starts: 0,
+            extra_args: Vec::new(),
         }
     }
 
@@ -226,6 +228,13 @@ impl Cluster {
         cluster.start(Role::Primary);
         cluster.start(Role::Backup);
         cluster
+    }
+
+    /// Adds `clonekvd` flags for every server started from now on.
+    pub fn with_daemon_args(mut self, args: &[&str]) -> Cluster {
+        self.extra_args
+            .extend(args.iter().map(|arg| arg.to_string()));
+        self
     }
 
     /// The base port P of a server.
@@ -277,6 +286,7 @@ impl Cluster {
             args.push(flag.into());
             args.push(value);
         }
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 

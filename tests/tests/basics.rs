@@ -11,7 +11,14 @@ use clonekv_zmq::client::Event;
 fn set_get_delete_and_watch_work_across_two_clients() {
     let cluster = Cluster::pair("basics");
 
-    // Client one watches the subtree from its own process.
+    // A key that exists before anyone watches.
+    assert_success(
+        &cluster.cli(&["set", "/color/moon", "white", "--wait"]),
+        "set --wait",
+    );
+
+    // Client one watches the subtree from its own process: first what is there, then
+    // the changes.
     let mut watcher = cluster
         .cli_command(&["watch", "/color/"])
         .stdout(Stdio::piped())
@@ -19,6 +26,7 @@ fn set_get_delete_and_watch_work_across_two_clients() {
         .spawn()
         .expect("start clonekv watch");
     let mut watched = LineReader::new(watcher.stdout.take().expect("watch stdout"));
+    watched.wait_for("set /color/moon=white (sequence ");
     watched.wait_for("# synced from");
 
     // Client two writes with the CLI, waiting for each commit.
@@ -63,6 +71,10 @@ fn set_get_delete_and_watch_work_across_two_clients() {
     // Delete from the CLI: the watcher and the library see it go.
     let events = library.subscribe();
     assert_success(&cluster.cli(&["del", "/color/sky", "--wait"]), "del --wait");
+    assert_success(
+        &cluster.cli(&["del", "/color/moon", "--wait"]),
+        "del --wait",
+    );
     watched.wait_for("del /color/sky (sequence ");
     loop {
         match events.recv_timeout(PATIENCE).expect("delete event") {

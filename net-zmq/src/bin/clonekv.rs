@@ -102,7 +102,7 @@ enum Command {
         /// Key prefix.
         subtree: Option<String>,
     },
-    /// Print the keys under SUBTREE, then every change, until Ctrl-C.
+    /// Print the keys under SUBTREE, then every change as it happens, until Ctrl-C.
     Watch {
         /// Key prefix.
         subtree: Option<String>,
@@ -182,12 +182,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         builder = builder.server(server.clone());
     }
     let client = builder.connect().map_err(fail)?;
-    let events = match cli.command {
-        Command::Watch { .. } => Some(client.subscribe()),
-        _ => None,
-    };
     let timeout = cli.timeout.get();
-    client.wait_synced(timeout).map_err(fail)?;
+    let synced = client.wait_synced(timeout).map_err(fail)?;
 
     let mut out = Output::new(cli.json);
     let code = match &cli.command {
@@ -263,16 +259,41 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             }
             ExitCode::SUCCESS
         }
-        Command::Watch { .. } => {
+        Command::Watch { subtree } => {
             let stop = Arc::new(AtomicBool::new(false));
             for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(|error| {
                     Failure::new(EXIT_FAILURE, format!("cannot handle Ctrl-C: {error}"))
                 })?;
             }
-            let Some(events) = events else {
-                return Ok(ExitCode::SUCCESS);
-            };
+            // Subscribe, then read the map: the agent handles both in order, so every
+            // change is either in the listing or arrives as an event (a change in
+            // between may show in both). A big subtree's listing never goes through
+            // the bounded event queue.
+            let events = client.subscribe();
+            let entries = client
+                .dump(subtree.as_deref().unwrap_or(""))
+                .map_err(fail)?;
+            for (key, entry) in entries {
+                print_event(
+                    &mut out,
+                    &client,
+                    Event::Updated {
+                        key,
+                        value: entry.value,
+                        sequence: entry.sequence,
+                    },
+                );
+            }
+            print_event(
+                &mut out,
+                &client,
+                Event::Synced {
+                    server: synced.server,
+                    sequence: synced.sequence,
+                    keys: synced.keys,
+                },
+            );
             // Ctrl-C only sets the flag; check it between events.
             while !stop.load(Ordering::SeqCst) && !out.closed {
                 match events.recv_timeout(Duration::from_millis(100)) {
