@@ -152,6 +152,9 @@ pub struct TtlExpectation {
     /// World time at which another server applied the KVPUB: its relative ttl counts
     /// from then on that server (§5), so it expires that much later.
     pub followed_at: BTreeMap<usize, Instant>,
+    /// True only for the publisher's own copy: once the value has passed through
+    /// another server (which stores the expiry by its own clock), clock skew applies.
+    pub exact: bool,
 }
 
 /// Everything the oracles remember about a run.

@@ -774,6 +774,7 @@ impl World {
         match inherited {
             Some(mut expectation) => {
                 expectation.followed_at.insert(node, now);
+                expectation.exact = false;
                 self.history
                     .ttl
                     .insert((node, update.key.clone()), expectation);
@@ -803,7 +804,13 @@ impl World {
         for (key, uuid, _) in self.server_entries(node) {
             if let Some(expectation) = self.history.ttl.get(&(peer, key.clone())) {
                 if expectation.uuid == uuid {
-                    let expectation = expectation.clone();
+                    let mut expectation = expectation.clone();
+                    expectation.exact = false;
+                    // The peer stored the expiry when it received the KVPUB; a snapshot
+                    // passes that absolute time on unchanged.
+                    if let Some(received) = expectation.followed_at.get(&peer).copied() {
+                        expectation.followed_at.insert(node, received);
+                    }
                     self.history.ttl.insert((node, key), expectation);
                 }
             }
@@ -1407,7 +1414,7 @@ impl World {
                 let is_expiry = expectation.uuid.is_some() && expectation.uuid == message.uuid;
                 if is_expiry {
                     self.coverage.expiries += 1;
-                    let early_limit = if expectation.publisher == node {
+                    let early_limit = if expectation.publisher == node && expectation.exact {
                         expectation.expires_at
                     } else {
                         EpochMillis(expectation.expires_at.0.saturating_sub(millis(allowance)))
@@ -1436,6 +1443,7 @@ impl World {
                         publisher: node,
                         published_at: self.now,
                         followed_at: BTreeMap::new(),
+                        exact: true,
                     },
                 );
             }
