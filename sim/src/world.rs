@@ -161,6 +161,8 @@ struct Life {
     restart_at: Option<Instant>,
     paused_until: Option<Instant>,
     held: VecDeque<Delivery>,
+    /// Reconnects of the node's SUBs seen while it was paused (the monitor queues them).
+    held_reconnects: Vec<NodeId>,
     incarnation: u32,
     /// World time since which the node has run without a pause or restart.
     running_since: Instant,
@@ -305,6 +307,7 @@ impl World {
             restart_at: None,
             paused_until: None,
             held: VecDeque::new(),
+            held_reconnects: Vec::new(),
             incarnation: 0,
             running_since: now,
         };
@@ -489,17 +492,13 @@ impl World {
         for route in self.network.handle_reconnects(now) {
             self.trace(|| format!("reconnect {route:?}"), &(1u8, route));
             if route.link == Link::Updates && !World::is_server(route.to) {
-                // What libzmq's socket monitor tells the production host.
-                let local = self.life(route.to).map(|life| life.clock.local(now));
                 let paused = self.life(route.to).is_some_and(Life::is_paused);
-                if let (Some(local), false) = (local, paused) {
-                    if let Some(machine) = self
-                        .client_slot(route.to)
-                        .and_then(|slot| slot.machine.as_mut())
-                    {
-                        machine.handle_subscriber_reconnected(local, server_index(route.from));
+                if paused {
+                    if let Some(life) = self.life_mut(route.to) {
+                        life.held_reconnects.push(route.from);
                     }
-                    self.drain_client(route.to);
+                } else {
+                    self.report_reconnect(route.to, route.from);
                 }
             }
         }
@@ -1919,6 +1918,7 @@ impl World {
             life.restart_at = Some(restart_at);
             life.paused_until = None;
             life.held.clear();
+            life.held_reconnects.clear();
         }
         self.trace(|| format!("crash {node}"), &(8u8, node));
     }
@@ -1943,20 +1943,42 @@ impl World {
                     self.start_client(node);
                 }
             } else if life.paused_until.is_some_and(|at| at <= now) {
-                let held = match self.life_mut(node) {
+                let (held, reconnects) = match self.life_mut(node) {
                     Some(life) => {
                         life.paused_until = None;
                         life.running_since = now;
-                        std::mem::take(&mut life.held)
+                        (
+                            std::mem::take(&mut life.held),
+                            std::mem::take(&mut life.held_reconnects),
+                        )
                     }
                     None => continue,
                 };
                 self.trace(|| format!("resume {node}"), &(10u8, node));
+                for server in reconnects {
+                    self.report_reconnect(node, server);
+                }
                 for delivery in held {
                     self.deliver(delivery);
                 }
             }
         }
+    }
+
+    /// What libzmq's socket monitor tells the production host: `client`'s SUB to
+    /// `server` reconnected.
+    fn report_reconnect(&mut self, client: NodeId, server: NodeId) {
+        let now = self.now;
+        let Some(local) = self.life(client).map(|life| life.clock.local(now)) else {
+            return;
+        };
+        if let Some(machine) = self
+            .client_slot(client)
+            .and_then(|slot| slot.machine.as_mut())
+        {
+            machine.handle_subscriber_reconnected(local, server_index(server));
+        }
+        self.drain_client(client);
     }
 
     fn run_script(&mut self) {
