@@ -739,6 +739,11 @@ impl Server {
         if self.state() == BstarState::Active {
             return self.drop_input(source, DropReason::PeerUpdateWhileActive);
         }
+        // Published by the active, whether or not we can apply it now (we may be waiting
+        // for a snapshot that will only show its effect): a late copy must not apply it
+        // again. Found by the simulator (swarm seed 750): a delete seen while syncing,
+        // absent from the snapshot, was re-applied from a delayed client copy.
+        self.remember_published(update.uuid);
         let expires_at = if update.is_delete() {
             None
         } else {
@@ -1248,9 +1253,12 @@ impl Server {
             ..
         } = *sync;
         self.store = store;
-        // The history adopted is the active's: what this server published on its own
-        // (while split) is not part of it, and may be replayed if never echoed.
-        self.seen = seen;
+        // Remember the adopted history's updates too. What this server saw before stays
+        // remembered: a late copy of it must still not be applied again. (Replaying a
+        // stepped-down backup's forwarded updates does not consult this set.)
+        for uuid in seen.iter() {
+            self.seen.insert(uuid, self.config.dedupe_window);
+        }
         self.sequence = sequence;
         let store = &self.store;
         let (_echoed, superseded) = self.pending.settle_against_snapshot(pending_mark, |key| {

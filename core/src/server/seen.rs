@@ -35,6 +35,11 @@ impl SeenUpdates {
     pub(crate) fn contains(&self, uuid: &Uuid) -> bool {
         self.members.contains(uuid)
     }
+
+    /// The remembered uuids, oldest first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.oldest_first.iter().copied()
+    }
 }
 
 #[cfg(test)]

@@ -490,6 +490,27 @@ fn a_kvset_the_active_already_published_is_dropped_so_its_key_cannot_go_back() {
 }
 
 #[test]
+fn an_update_seen_from_the_active_while_syncing_is_never_applied_again() {
+    // Found by the simulator (swarm seed 750): a delete received while waiting for a
+    // snapshot (which shows it only as an absent key) was applied again after failover,
+    // from a client's copy delayed by a stalled connection.
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(kvpub(delete("/k", 7), 5));
+    harness.peer_update(KvMsg::hugz(5));
+    harness.peer_snapshot(kvpub(set("/k/other", "x", 8), 4));
+    harness.peer_snapshot(KvMsg::kthxbai(5, Vec::new()));
+    harness.drain();
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.drain();
+    harness.collect(delete("/k", 7));
+    assert!(harness.published().is_empty());
+    assert_eq!(harness.dropped(InputSource::Collector, "duplicate_uuid"), 1);
+}
+
+#[test]
 fn a_kvset_with_a_bad_ttl_is_dropped_and_counted() {
     let mut harness = Harness::active();
     for bad in ["-1", "soon", "1e3", ""] {
