@@ -188,6 +188,9 @@ struct ServerSlot {
     active_since: Option<Instant>,
     /// World time of its latest snapshot request to the peer.
     sync_requested_at: Option<Instant>,
+    /// The peer incarnation whose history this server last synced with: it follows that
+    /// history, not a restarted peer's new one.
+    synced_with: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -362,6 +365,7 @@ impl World {
                 ready_streams: BTreeSet::new(),
                 active_since: None,
                 sync_requested_at: None,
+                synced_with: None,
             });
             world.start_server(node);
         }
@@ -753,7 +757,12 @@ impl World {
             .get(node)
             .and_then(|slot| slot.machine.as_ref())
             .is_some_and(|machine| machine.state() == BstarState::Passive);
-        if !receives {
+        let peer = 1 - node;
+        let same_history = self.servers.get(node).and_then(|slot| slot.synced_with)
+            == self.life(peer).map(|life| life.incarnation);
+        if !receives || !same_history {
+            // A restarted peer's new history cannot be applied to the one this server
+            // follows; Binary Star resolves which history survives.
             return;
         }
         let update_id = (update.uuid, update.body.is_empty());
@@ -1097,6 +1106,10 @@ impl World {
             }
         }
         if sync_completed {
+            let peer_incarnation = self.life(peer).map(|life| life.incarnation);
+            if let Some(slot) = self.servers.get_mut(node) {
+                slot.synced_with = peer_incarnation;
+            }
             self.rebuild_held(node, answered_request);
         }
         self.record_publications(node, &published, became_active && !state_before);
