@@ -540,31 +540,29 @@ fn a_reconnected_subscriber_makes_the_client_take_a_fresh_snapshot() {
     assert!(contents(&client).is_empty());
 }
 
-fn sync_whole_map(client: &mut Client, sequence: i64) {
-    sub(client, ms(0), A, hugz(sequence));
+/// A client of the whole map (empty subtree), synced at `sequence` from one server.
+fn synced_whole_map_client(sequence: i64) -> Client {
+    let config = Config {
+        servers: 1,
+        subtree: Vec::new(),
+        ..Config::default()
+    };
+    let mut client = Client::new(config, ChaCha8Rng::seed_from_u64(1), ms(0)).unwrap();
+    sub(&mut client, ms(0), A, hugz(sequence));
     snap(
-        client,
+        &mut client,
         ms(0),
         A,
         frames(KvMsg::kthxbai(sequence, Vec::new())),
     );
     assert_eq!(client.state(), State::Active);
-    drain(client);
+    drain(&mut client);
+    client
 }
 
 #[test]
 fn a_whole_map_client_resyncs_on_a_gap_in_the_numbering() {
-    let mut client = Client::new(
-        Config {
-            servers: 1,
-            subtree: Vec::new(),
-            ..Config::default()
-        },
-        ChaCha8Rng::seed_from_u64(1),
-        ms(0),
-    )
-    .unwrap();
-    sync_whole_map(&mut client, 5);
+    let mut client = synced_whole_map_client(5);
     sub(&mut client, ms(10), A, kvpub("/a/x", "2", 6));
     assert_eq!(client.state(), State::Active, "6 follows 5");
     sub(&mut client, ms(20), A, kvpub("/a/x", "4", 8));
@@ -575,17 +573,7 @@ fn a_whole_map_client_resyncs_on_a_gap_in_the_numbering() {
 
 #[test]
 fn a_whole_map_client_resyncs_when_a_hugz_is_ahead_of_it() {
-    let mut client = Client::new(
-        Config {
-            servers: 1,
-            subtree: Vec::new(),
-            ..Config::default()
-        },
-        ChaCha8Rng::seed_from_u64(1),
-        ms(0),
-    )
-    .unwrap();
-    sync_whole_map(&mut client, 5);
+    let mut client = synced_whole_map_client(5);
     sub(&mut client, ms(1_000), A, hugz(5));
     assert_eq!(client.state(), State::Active);
     sub(&mut client, ms(2_000), A, hugz(9));
