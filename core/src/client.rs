@@ -511,6 +511,8 @@ struct Attempt {
     incoming: BTreeMap<Vec<u8>, Entry>,
     /// A snapshot entry was collected since the last KTHXBAI.
     reply_started: bool,
+    /// When the latest ICANHAZ? of this attempt was sent.
+    requested_at: Option<Instant>,
 }
 
 /// An own update awaiting its echo.
@@ -1016,11 +1018,24 @@ impl Client {
         }
         let old = mem::replace(&mut self.map, incoming);
         self.emit_differences(old, sequence);
-        // The snapshot replaced every provisional entry: updates still in flight can no
-        // longer leave the map wrong, so their echo is awaited for commit reports only.
-        self.echo_deadlines.clear();
-        for update in self.in_flight.values_mut() {
-            update.echo_deadline = None;
+        // The snapshot replaced every provisional entry of an update sent before it was
+        // requested: those can no longer leave the map wrong, so their echo is awaited
+        // for commit reports only. An update sent after the request may be missing from
+        // it (found by the simulator, swarm seed 107): its deadline stands.
+        let requested_at = self.attempt.requested_at.unwrap_or(self.clock);
+        let settled: Vec<(Instant, u64)> = self
+            .echo_deadlines
+            .keys()
+            // Sent before the request: its deadline (sent + echo_timeout) comes first.
+            .filter(|(deadline, _)| *deadline < requested_at + self.config.echo_timeout)
+            .copied()
+            .collect();
+        for key in settled {
+            if let Some(uuid) = self.echo_deadlines.remove(&key) {
+                if let Some(update) = self.in_flight.get_mut(&uuid) {
+                    update.echo_deadline = None;
+                }
+            }
         }
         self.sequence = sequence;
         self.state = State::Active;
@@ -1116,6 +1131,7 @@ impl Client {
         self.expiry = now + self.config.server_ttl;
         self.attempt.incoming.clear();
         self.attempt.reply_started = false;
+        self.attempt.requested_at = Some(now);
         self.outputs.push_back(Output::SendSnapshotRequest {
             server,
             frames: SnapshotRequest::new(self.config.subtree.clone()).encode(),

@@ -609,6 +609,31 @@ fn an_own_update_whose_echo_never_comes_makes_the_client_resync() {
 }
 
 #[test]
+fn a_snapshot_requested_before_an_own_update_does_not_settle_it() {
+    // Found by the simulator (swarm seed 107): the update's KVPUB was lost and the
+    // snapshot that completed next had been requested before the update was sent.
+    let mut client = client(1);
+    sync(&mut client, ms(0), A, 5, &[]);
+    drain(&mut client);
+    client.handle_subscriber_reconnected(ms(100), A);
+    sub(&mut client, ms(200), A, hugz(5));
+    assert_eq!(
+        requests(&drain(&mut client)),
+        [A],
+        "a snapshot requested at 200 ms"
+    );
+    client
+        .set(b"/a/x".to_vec(), b"after-request".to_vec(), None)
+        .unwrap();
+    sub(&mut client, ms(300), A, hugz(5));
+    snap(&mut client, ms(400), A, kthxbai(5));
+    assert_eq!(client.state(), State::Active);
+    // Nothing settled the update: at its deadline the client asks again.
+    client.handle_timeout(ms(300) + Duration::from_secs(5));
+    assert_eq!(client.stats().resyncs_after_lost_update, 1);
+}
+
+#[test]
 fn an_echo_in_time_clears_the_deadline() {
     let mut client = client(1);
     sync(&mut client, ms(0), A, 5, &[]);
