@@ -52,6 +52,26 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         203,
         "harsh network: KTHXBAI overtook its own reply (oracle scope)",
     ),
+    (
+        296,
+        "a SUB reconnect while the client was paused went unreported",
+    ),
+    (
+        599,
+        "an expiry stored by another server's clock came back through a snapshot",
+    ),
+    (
+        750,
+        "a delete seen while syncing was re-applied from a delayed client copy",
+    ),
+    (
+        107,
+        "a snapshot requested before an own update cleared its echo deadline",
+    ),
+    (
+        114,
+        "the oracle counted KVPUBs of a restarted peer's new history",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {
