@@ -6,7 +6,7 @@
 //! trial and the time it was sent; the body travels unchanged through a CHP server (and
 //! through the relay), so one receiver checks order, loss and latency for every route.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,13 @@ pub const BODY_HEADER: usize = 24;
 const SEQUENCE_LEN: usize = 8;
 /// Messages drained from one subscriber before looking at the others.
 const RECV_BATCH: usize = 1_024;
+/// A flood never runs more than this many messages ahead of the slowest subscriber:
+/// a closed loop that measures what the route can carry without filling (and dropping
+/// at) its high-water marks, and leaves little to drain afterwards.
+const FLOOD_WINDOW: u64 = 20_000;
+/// A paced trial fails as soon as the slowest subscriber is this far behind the
+/// publishers (a backlog is building inside the route): there is no point waiting.
+const LAG_LIMIT: Duration = Duration::from_millis(100);
 
 /// Where the publisher sends and where the subscribers listen.
 #[derive(Clone, Debug)]
@@ -69,7 +76,8 @@ impl Shape {
 /// How fast the publisher sends.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Pace {
-    /// As fast as it can.
+    /// As fast as the slowest subscriber takes them, within a window of
+    /// [`FLOOD_WINDOW`] messages in flight.
     Flood,
     /// This many messages per second, spread evenly (bursts of at most a few hundred
     /// microseconds' worth).
@@ -111,6 +119,8 @@ pub struct TrialResult {
     pub delivered_rate: f64,
     /// False when a backup was watched and did not reach the primary's sequence.
     pub backup_kept_up: bool,
+    /// True when the trial was cut short because a backlog built up in the route.
+    pub lagged: bool,
 }
 
 impl TrialResult {
@@ -118,13 +128,20 @@ impl TrialResult {
     /// the messages came out as fast as they went in (within 5 %, so a backlog growing
     /// inside the route counts as a failure, not as throughput).
     pub fn zero_loss(&self) -> bool {
-        self.gap.iter().all(|gap| !gap)
-            && self.received_in_order.iter().all(|&n| n == self.sent)
+        self.complete_in_order()
             && self.backup_kept_up
+            && !self.lagged
             && match self.offered_rate {
                 rate if rate.is_finite() => self.delivered_rate >= 0.95 * rate,
                 _ => true,
             }
+    }
+}
+
+impl TrialResult {
+    /// Every subscriber got every message in order (however late).
+    pub fn complete_in_order(&self) -> bool {
+        self.gap.iter().all(|gap| !gap) && self.received_in_order.iter().all(|&n| n == self.sent)
     }
 }
 
@@ -228,7 +245,14 @@ impl Session {
     /// everything sent before a subscription arrives), then lets the route go quiet.
     pub fn warm_up(&mut self, patience: Duration) -> Result<(), BenchError> {
         let count = (patience.as_secs_f64() * 50.0) as u64;
-        let result = self.run(Pace::Rate(50.0), count, Keys::Scattered, Goal::Any, None)?;
+        let result = self.run(
+            Pace::Rate(50.0),
+            count,
+            None,
+            Keys::Scattered,
+            Goal::Any,
+            None,
+        )?;
         if result.received_in_order.iter().all(|&n| n > 0) {
             Ok(())
         } else {
@@ -251,13 +275,27 @@ impl Session {
             Pace::Flood => Goal::Flood,
             Pace::Rate(_) => Goal::All,
         };
-        self.run(pace, count, keys, goal, latency)
+        self.run(pace, count, None, keys, goal, latency)
     }
 
+    /// A flood that stops sending after `duration` (or `count` messages).
+    pub fn flood_for(&mut self, duration: Duration, count: u64) -> Result<TrialResult, BenchError> {
+        self.run(
+            Pace::Flood,
+            count,
+            Some(duration),
+            Keys::Scattered,
+            Goal::Flood,
+            None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &mut self,
         pace: Pace,
         count: u64,
+        time_limit: Option<Duration>,
         keys: Keys,
         goal: Goal,
         latency: Option<&mut Histogram<u64>>,
@@ -274,6 +312,7 @@ impl Session {
         let started = Instant::now();
         let done = AtomicBool::new(false);
         let abort = AtomicBool::new(false);
+        let flow = Flow::default();
         let plans: Vec<SendPlan> = (0..publishers)
             .map(|publisher| SendPlan {
                 trial,
@@ -291,6 +330,7 @@ impl Session {
                 uuid_counter: self.uuid_counter,
                 shape: self.shape,
                 origin: self.origin,
+                time_limit,
             })
             .collect();
         let publisher_sockets = &mut self.publishers;
@@ -299,8 +339,8 @@ impl Session {
                 .iter_mut()
                 .zip(&plans)
                 .map(|(socket, plan)| {
-                    let abort = &abort;
-                    scope.spawn(move || plan.send(socket, abort))
+                    let (abort, flow) = (&abort, &flow);
+                    scope.spawn(move || plan.send(socket, abort, flow))
                 })
                 .collect();
             let waiter = scope.spawn(|| {
@@ -319,9 +359,16 @@ impl Session {
                     goal,
                     origin: self.origin,
                     drain: self.drain,
+                    lag_limit: match pace {
+                        Pace::Flood => None,
+                        Pace::Rate(rate) => {
+                            Some(((rate * LAG_LIMIT.as_secs_f64()) as u64).max(2_000))
+                        }
+                    },
                 },
                 &done,
                 &abort,
+                &flow,
                 latency,
             );
             // The publishers stop early once the receiver has what it needs (warm-up)
@@ -334,6 +381,15 @@ impl Session {
             total_sent += result.map_err(|_| BenchError::new("a publisher thread panicked"))??;
         }
         let receipt = receipt?;
+        if std::env::var_os("CLONEKV_BENCH_TRACE").is_some() {
+            eprintln!(
+                "trial {trial}: {pace:?} sent {total_sent} in {:.3}s, received {:?} lagged {} gap {:?}",
+                started.elapsed().as_secs_f64(),
+                receipt.in_order,
+                receipt.lagged,
+                receipt.gap
+            );
+        }
         self.key_cursor += share * publishers;
         self.uuid_counter += share;
         let slowest_last = receipt
@@ -360,6 +416,7 @@ impl Session {
             gap: receipt.gap,
             delivered_rate,
             backup_kept_up: receipt.backup_kept_up,
+            lagged: receipt.lagged,
         })
     }
 }
@@ -396,10 +453,25 @@ struct SendPlan {
     uuid_counter: u64,
     shape: Shape,
     origin: Instant,
+    time_limit: Option<Duration>,
+}
+
+/// What the publishers and the receiver tell each other during a trial.
+#[derive(Default)]
+struct Flow {
+    /// Messages sent, all publishers together.
+    sent: AtomicU64,
+    /// Messages the slowest subscriber has received.
+    received: AtomicU64,
 }
 
 impl SendPlan {
-    fn send(&self, socket: &zmq::Socket, abort: &AtomicBool) -> Result<u64, BenchError> {
+    fn send(
+        &self,
+        socket: &zmq::Socket,
+        abort: &AtomicBool,
+        flow: &Flow,
+    ) -> Result<u64, BenchError> {
         let mut key = Vec::with_capacity(self.shape.key_len.max(24));
         let mut body = vec![b'v'; self.shape.value_len.max(BODY_HEADER)];
         let mut uuid = [0u8; 16];
@@ -415,8 +487,24 @@ impl SendPlan {
             if abort.load(Ordering::Relaxed) {
                 break;
             }
+            if self
+                .time_limit
+                .is_some_and(|limit| started.elapsed() >= limit)
+            {
+                break;
+            }
             let due = match self.pace {
-                Pace::Flood => self.count,
+                Pace::Flood => {
+                    let in_flight = flow
+                        .sent
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(flow.received.load(Ordering::Relaxed));
+                    if in_flight >= FLOOD_WINDOW {
+                        thread::sleep(Duration::from_micros(50));
+                        continue;
+                    }
+                    (sent + 256).min(self.count)
+                }
                 Pace::Rate(rate) => {
                     ((started.elapsed().as_secs_f64() * rate) as u64 + 1).min(self.count)
                 }
@@ -437,6 +525,7 @@ impl SendPlan {
                 socket.send(&b""[..], zmq::SNDMORE).map_err(fail)?;
                 socket.send(&body[..], 0).map_err(fail)?;
                 sent += 1;
+                flow.sent.fetch_add(1, Ordering::Relaxed);
                 if sent % 4_096 == 0 && abort.load(Ordering::Relaxed) {
                     return Ok(sent);
                 }
@@ -472,6 +561,8 @@ struct Expect {
     goal: Goal,
     origin: Instant,
     drain: Duration,
+    /// Most messages the slowest subscriber may lag behind before the trial fails.
+    lag_limit: Option<u64>,
 }
 
 struct Receipt {
@@ -479,6 +570,7 @@ struct Receipt {
     gap: Vec<bool>,
     last_at: Vec<Instant>,
     backup_kept_up: bool,
+    lagged: bool,
 }
 
 /// One received message's fields of interest.
@@ -538,6 +630,7 @@ fn receive(
     expect: Expect,
     done: &AtomicBool,
     abort: &AtomicBool,
+    flow: &Flow,
     mut latency: Option<&mut Histogram<u64>>,
 ) -> Result<Receipt, BenchError> {
     let n = subscribers.len();
@@ -552,6 +645,7 @@ fn receive(
     let mut highest_sequence: i64 = 0;
     let mut backup_sequence: i64 = -1;
     let mut deadline: Option<Instant> = None;
+    let mut lagged = false;
     loop {
         let mut items: Vec<zmq::PollItem> = subscribers
             .iter()
@@ -604,14 +698,29 @@ fn receive(
                 }
             }
         }
-        let failed = gap.iter().any(|&g| g);
+        let slowest = in_order.iter().copied().min().unwrap_or(0);
+        flow.received.store(slowest, Ordering::Relaxed);
+        if let Some(limit) = expect.lag_limit {
+            if flow.sent.load(Ordering::Relaxed).saturating_sub(slowest) > limit {
+                lagged = true;
+            }
+        }
+        let failed = gap.iter().any(|&g| g) || lagged;
         if expect.goal == Goal::All && failed {
             // The trial has failed: stop the publishers early.
             abort.store(true, Ordering::Relaxed);
         }
         let data_complete = match expect.goal {
             Goal::Any => any.iter().all(|&a| a),
-            Goal::All | Goal::Flood => in_order.iter().all(|&k| k == total),
+            Goal::All => in_order.iter().all(|&k| k == total),
+            // A flood may stop early (its time limit): complete when all it sent is in.
+            Goal::Flood => {
+                in_order.iter().all(|&k| k == total)
+                    || (done.load(Ordering::SeqCst)
+                        && in_order
+                            .iter()
+                            .all(|&k| k == flow.sent.load(Ordering::Relaxed)))
+            }
         };
         if data_complete && expect.goal == Goal::Any {
             break;
@@ -634,12 +743,15 @@ fn receive(
         }
     }
     let backup_kept_up = backup.is_none() || backup_sequence >= highest_sequence;
+    // Stop the publishers before waiting for the route to go quiet.
+    abort.store(true, Ordering::SeqCst);
     settle(subscribers, backup, &mut frames)?;
     Ok(Receipt {
         in_order,
         gap,
         last_at,
         backup_kept_up,
+        lagged,
     })
 }
 
@@ -702,19 +814,14 @@ pub fn search(
 ) -> Result<Search, BenchError> {
     let seconds = plan.trial.as_secs_f64();
     // A flood of one trial's worth at a generous guess of the rate.
-    progress("flood");
-    let flood = session.trial(
-        Pace::Flood,
-        (seconds * 400_000.0) as u64,
-        Keys::Scattered,
-        None,
-    )?;
+    progress("closed-loop flood");
+    let flood = session.flood_for(plan.trial, u64::MAX / 4)?;
     let flood_rate = flood.delivered_rate;
     let mut trials = vec![flood];
     let mut low = 0.0f64;
-    let mut high = flood_rate.max(1_000.0) * 1.1;
+    let mut high = flood_rate.max(1_000.0) * 1.15;
     let mut best: Option<TrialResult> = None;
-    let mut rate = high * 0.6;
+    let mut rate = flood_rate.max(1_000.0) * 0.85;
     for step in 0..plan.steps {
         progress(&format!(
             "step {}/{} at {:.0}/s",
