@@ -1,6 +1,8 @@
 //! `clonekv`: the command-line client of a clonekv server pair, built on
 //! [`clonekv_zmq::client`]. See `clonekv --help`.
 
+mod bench;
+
 use std::io::{self, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,11 +111,46 @@ enum Command {
     },
     /// Show which server answers, its sequence and its heartbeat age.
     Status,
+    /// Measure a server's throughput, latency, snapshot, failover and memory against
+    /// the raw libzmq limits of this machine (see docs/PERFORMANCE.md).
+    Bench(bench::BenchArgs),
+    /// The raw relay the bench measures as a baseline (started by `bench`).
+    #[command(hide = true)]
+    BenchRelay {
+        /// Endpoint to bind the collector SUB on.
+        #[arg(long)]
+        collector: String,
+        /// Endpoint to bind the PUB on.
+        #[arg(long)]
+        publisher: String,
+        /// High-water mark of both sockets.
+        #[arg(long, default_value_t = 100_000)]
+        hwm: i32,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    clonekv_zmq::log::init("warn");
+    // The bench's clients fail over on purpose: their warnings would only clutter it.
+    let bench = matches!(cli.command, Command::Bench(_) | Command::BenchRelay { .. });
+    clonekv_zmq::log::init(if bench { "error" } else { "warn" });
+    match &cli.command {
+        Command::Bench(args) => return run_bench(args, cli.json),
+        Command::BenchRelay {
+            collector,
+            publisher,
+            hwm,
+        } => {
+            return match bench::run_relay(collector, publisher, *hwm) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("clonekv: {error}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        _ => {}
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(failure) => {
@@ -174,6 +211,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         // Status needs a snapshot (its KTHXBAI carries the server's sequence) but no
         // entries: `HUGZ` is a reserved key, so this subtree holds nothing in practice.
         Command::Status => "HUGZ".to_string(),
+        Command::Bench(_) | Command::BenchRelay { .. } => String::new(),
     };
     let mut builder = Client::builder()
         .subtree(subtree)
@@ -311,9 +349,37 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             print_status(&mut out, &status);
             ExitCode::SUCCESS
         }
+        // Dispatched in main before any client exists.
+        Command::Bench(_) | Command::BenchRelay { .. } => ExitCode::from(EXIT_USAGE),
     };
     client.shutdown().map_err(fail)?;
     Ok(code)
+}
+
+/// `clonekv bench`: the table (or one JSON object) on stdout, progress on stderr.
+fn run_bench(args: &bench::BenchArgs, json: bool) -> ExitCode {
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(std::path::Path::to_path_buf));
+    match bench::run(args, bin_dir) {
+        Ok(report) => {
+            let text = if json {
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            } else {
+                bench::render(&report)
+            };
+            println!("{text}");
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(error) => {
+            eprintln!("clonekv bench: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 fn report_update(out: &mut Output, verb: &str, key: &str, sequence: Option<i64>) {

@@ -1,0 +1,831 @@
+//! `clonekv bench`: measures a CHP server over real sockets and, in the same run and
+//! the same topology, the raw libzmq limits of this machine, so that every figure comes
+//! with a ratio that survives a noisy machine. See docs/PERFORMANCE.md for the method.
+
+mod failover;
+mod procs;
+mod relay;
+mod snapshot;
+mod traffic;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use clonekv_zmq::duration::HumanDuration;
+use procs::{Ports, Process, Scratch, ServerPorts, Timing};
+use traffic::{Keys, Pace, Route, SearchPlan, Session, Shape};
+
+pub use relay::run as run_relay;
+
+/// A failure of the bench itself (not a figure): one line for the user.
+#[derive(Debug)]
+pub struct BenchError(String);
+
+impl BenchError {
+    pub fn new(message: impl Into<String>) -> Self {
+        BenchError(message.into())
+    }
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `clonekv bench` options.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// A running CHP server to measure, by its base endpoint P (P+1 publishes, P+2
+    /// collects); any implementation of the protocol. Default: start clonekvd servers
+    /// on free ports of 127.0.0.1 (and measure failover and memory too).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// With --endpoint: its backup's base endpoint, to measure a primary with its backup
+    /// attached (updates go to both collectors, as a CHP client sends them).
+    #[arg(long, value_name = "ENDPOINT", requires = "endpoint")]
+    pub backup_endpoint: Option<String>,
+    /// With --endpoint: the server's process id, to read its memory (Linux /proc).
+    #[arg(long, value_name = "PID", requires = "endpoint")]
+    pub server_pid: Option<u32>,
+    /// The clonekvd executable to start [default: the one next to this clonekv].
+    #[arg(long, value_name = "PATH")]
+    pub clonekvd: Option<PathBuf>,
+    /// A run of about 30 seconds: shorter trials, fewer bisection steps.
+    #[arg(long)]
+    pub quick: bool,
+    /// Publishers sending updates (each its own PUB and thread).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub publishers: usize,
+    /// Subscriber counts to measure throughput with (comma-separated).
+    #[arg(
+        long,
+        value_name = "M,...",
+        value_delimiter = ',',
+        default_value = "1,10"
+    )]
+    pub subscribers: Vec<usize>,
+    /// Key length in bytes (keys are `key:` and digits; at least 11).
+    #[arg(long, value_name = "BYTES", default_value_t = 16)]
+    pub key_size: usize,
+    /// Value length in bytes (at least 24: the bench's header travels in it).
+    #[arg(long, value_name = "BYTES", default_value_t = 100)]
+    pub value_size: usize,
+    /// Keys in the snapshot and memory measurement.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub keys: u64,
+    /// High-water mark of every streaming socket (the bench's, the relay's and the
+    /// started servers' --hwm).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    pub hwm: i32,
+    /// Length of one throughput trial [default: 1s; --quick 0.4s].
+    #[arg(long, value_name = "DURATION")]
+    pub trial: Option<HumanDuration>,
+    /// Bisection steps per throughput search [default: 6; --quick 4].
+    #[arg(long, value_name = "N")]
+    pub steps: Option<u32>,
+    /// Parts to leave out (comma-separated): throughput, pair, latency, snapshot,
+    /// failover.
+    #[arg(long, value_name = "PART,...", value_delimiter = ',')]
+    pub skip: Vec<String>,
+}
+
+impl BenchArgs {
+    fn skips(&self, part: &str) -> bool {
+        self.skip.iter().any(|skip| skip == part)
+    }
+}
+
+/// One throughput figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct ThroughputRow {
+    pub route: &'static str,
+    pub subscribers: usize,
+    /// Zero-loss, in-order updates per second.
+    pub updates_per_s: f64,
+    /// Delivered rate of an unpaced flood (with losses): an upper bound.
+    pub flood_per_s: f64,
+    pub trials: usize,
+    /// This figure over the raw relay's with as many subscribers.
+    pub of_relay: Option<f64>,
+    /// This figure over raw PUB → SUB's with as many subscribers.
+    pub of_pub_sub: Option<f64>,
+}
+
+/// One latency figure, microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct LatencyRow {
+    pub route: &'static str,
+    pub rate_per_s: f64,
+    pub samples: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+/// The snapshot figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotRow {
+    pub keys_loaded: u64,
+    pub entries_received: u64,
+    pub complete: bool,
+    pub seconds: f64,
+    pub keys_per_s: f64,
+    pub mb_per_s: f64,
+}
+
+/// The memory figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryRow {
+    pub keys: u64,
+    pub rss_empty_bytes: u64,
+    pub rss_loaded_bytes: u64,
+    pub bytes_per_key: f64,
+}
+
+/// One failover figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailoverRow {
+    pub timing: &'static str,
+    pub heartbeat_ms: u64,
+    pub peer_expiry_beats: u32,
+    pub client_server_ttl_ms: u64,
+    #[serde(flatten)]
+    pub result: failover::FailoverResult,
+}
+
+/// Everything a run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub cpus: usize,
+    pub quick: bool,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub publishers: usize,
+    pub hwm: i32,
+    pub trial_seconds: f64,
+    pub throughput: Vec<ThroughputRow>,
+    pub latency: Vec<LatencyRow>,
+    pub snapshot: Option<SnapshotRow>,
+    pub memory: Option<MemoryRow>,
+    pub failover: Vec<FailoverRow>,
+    /// Parts that could not be measured, and why.
+    pub problems: Vec<String>,
+    pub elapsed_seconds: f64,
+}
+
+const ROUTE_PUB_SUB: &str = "raw PUB→SUB";
+const ROUTE_RELAY: &str = "raw relay";
+const ROUTE_SERVER: &str = "server";
+const ROUTE_PAIR: &str = "server + backup";
+
+/// How long to wait for a started server or a route to come up.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The servers a run measures: started here, or given by endpoint.
+struct Targets {
+    /// Throughput and latency.
+    lone: String,
+    lone_process: Option<Process>,
+    /// Snapshot and memory (a fresh server when started here).
+    loaded: String,
+    loaded_process: Option<Process>,
+    loaded_pid: Option<u32>,
+    /// Primary and backup endpoints for the pair throughput.
+    pair: Option<(String, String)>,
+    pair_processes: Vec<Process>,
+}
+
+/// Runs the bench and returns its report. Progress goes to stderr.
+pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchError> {
+    validate(args)?;
+    let began = Instant::now();
+    let trial = args.trial.map(HumanDuration::get).unwrap_or(if args.quick {
+        Duration::from_millis(400)
+    } else {
+        Duration::from_secs(1)
+    });
+    let steps = args.steps.unwrap_or(if args.quick { 4 } else { 6 });
+    let plan = SearchPlan { trial, steps };
+    let drain = Duration::from_millis(300);
+    let shape = Shape {
+        key_len: args.key_size,
+        value_len: args.value_size,
+        keyspace: args.keys.max(1),
+    };
+    let mut scratch = Scratch::new()?;
+    let mut ports = Ports::allocate(48)?;
+    let clonekvd = args
+        .clonekvd
+        .clone()
+        .or_else(|| bin_dir.map(|dir| dir.join("clonekvd")))
+        .unwrap_or_else(|| PathBuf::from("clonekvd"));
+
+    let searches_per_count = 3 + usize::from(!args.skips("pair"));
+    let throughput_steps = if args.skips("throughput") {
+        0
+    } else {
+        args.subscribers.len() * searches_per_count * (1 + steps as usize)
+    };
+    let bar = ProgressBar::new((throughput_steps + 8) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut report = Report {
+        target: args
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("clonekvd started by the bench ({})", clonekvd.display())),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        quick: args.quick,
+        key_size: args.key_size,
+        value_size: args.value_size,
+        publishers: args.publishers,
+        hwm: args.hwm,
+        trial_seconds: trial.as_secs_f64(),
+        throughput: Vec::new(),
+        latency: Vec::new(),
+        snapshot: None,
+        memory: None,
+        failover: Vec::new(),
+        problems: Vec::new(),
+        elapsed_seconds: 0.0,
+    };
+
+    bar.set_message("starting servers and the relay");
+    let dummy_peer = ServerPorts::take(&mut ports)?;
+    let mut targets = start_targets(args, &clonekvd, &mut ports, dummy_peer, &scratch)?;
+    let relay_collector = format!("tcp://127.0.0.1:{}", ports.take(1)?);
+    let relay_publisher = format!("tcp://127.0.0.1:{}", ports.take(1)?);
+    let direct = format!("tcp://127.0.0.1:{}", ports.take(1)?);
+    let self_exe = std::env::current_exe()
+        .map_err(|error| BenchError::new(format!("cannot find this executable: {error}")))?;
+    let mut relay_process = Process::spawn(
+        "relay",
+        &self_exe,
+        &[
+            "bench-relay".to_string(),
+            "--collector".to_string(),
+            relay_collector.clone(),
+            "--publisher".to_string(),
+            relay_publisher.clone(),
+            "--hwm".to_string(),
+            args.hwm.to_string(),
+        ],
+        &scratch.path,
+    )?;
+    bar.set_message("waiting for the servers to become active");
+    wait_active(&targets.lone, targets.lone_process.as_mut())?;
+    if targets.loaded != targets.lone {
+        wait_active(&targets.loaded, targets.loaded_process.as_mut())?;
+    }
+    if let Some((primary, _)) = &targets.pair {
+        wait_active(primary, None)?;
+    }
+    relay_process.check_running()?;
+    bar.inc(1);
+
+    let routes = |subscribe_to: &str, publish: Vec<String>, binds: bool| Route {
+        publish,
+        publisher_binds: binds,
+        subscribe: subscribe_to.to_string(),
+        backup_publisher: None,
+    };
+    let direct_route = routes(&direct, vec![direct.clone()], true);
+    let relay_route = routes(&relay_publisher, vec![relay_collector.clone()], false);
+    let server_route = routes(
+        &plus(&targets.lone, 1)?,
+        vec![plus(&targets.lone, 2)?],
+        false,
+    );
+    let pair_route = match &targets.pair {
+        Some((primary, backup)) => Some(Route {
+            publish: vec![plus(primary, 2)?, plus(backup, 2)?],
+            publisher_binds: false,
+            subscribe: plus(primary, 1)?,
+            backup_publisher: Some(plus(backup, 1)?),
+        }),
+        None => None,
+    };
+
+    // 1 and 6: throughput of the server, the pair and the baselines.
+    let mut server_max: Option<f64> = None;
+    if !args.skips("throughput") {
+        for &subscribers in &args.subscribers {
+            let mut rows = Vec::new();
+            let mut candidates = vec![
+                (ROUTE_PUB_SUB, Some(&direct_route)),
+                (ROUTE_RELAY, Some(&relay_route)),
+                (ROUTE_SERVER, Some(&server_route)),
+            ];
+            if !args.skips("pair") {
+                candidates.push((ROUTE_PAIR, pair_route.as_ref()));
+            }
+            for (name, route) in candidates {
+                let Some(route) = route else {
+                    continue;
+                };
+                let publishers = if name == ROUTE_PUB_SUB {
+                    1
+                } else {
+                    args.publishers
+                };
+                let label = format!("{name}, {subscribers} sub");
+                bar.set_message(format!("throughput: {label}"));
+                let outcome = (|| {
+                    let mut session =
+                        Session::open(route, publishers, subscribers, shape, args.hwm, drain)?;
+                    session.warm_up(PATIENCE)?;
+                    traffic::search(&mut session, plan, |step| {
+                        bar.set_message(format!("throughput: {label}: {step}"));
+                        bar.inc(1);
+                    })
+                })();
+                match outcome {
+                    Ok(search) => {
+                        if name == ROUTE_SERVER && subscribers == 1 {
+                            server_max = Some(search.rate());
+                        }
+                        rows.push(ThroughputRow {
+                            route: name,
+                            subscribers,
+                            updates_per_s: search.rate(),
+                            flood_per_s: search.flood_rate,
+                            trials: search.trials.len(),
+                            of_relay: None,
+                            of_pub_sub: None,
+                        });
+                    }
+                    Err(error) => report
+                        .problems
+                        .push(format!("throughput of {label}: {error}")),
+                }
+            }
+            let figure = |rows: &[ThroughputRow], route: &str| {
+                rows.iter()
+                    .find(|row| row.route == route)
+                    .map(|row| row.updates_per_s)
+                    .filter(|rate| *rate > 0.0)
+            };
+            let relay = figure(&rows, ROUTE_RELAY);
+            let pub_sub = figure(&rows, ROUTE_PUB_SUB);
+            for row in &mut rows {
+                row.of_relay = relay.map(|relay| row.updates_per_s / relay);
+                row.of_pub_sub = pub_sub.map(|pub_sub| row.updates_per_s / pub_sub);
+            }
+            report.throughput.extend(rows);
+        }
+    }
+    drop(targets.pair_processes.drain(..));
+
+    // 2: latency at half the server's zero-loss rate, and the relay's at that rate.
+    if !args.skips("latency") {
+        bar.set_message("latency");
+        let rate = server_max.map_or(20_000.0, |max| max / 2.0);
+        let seconds = if args.quick { 2.0 } else { 5.0 };
+        for (name, route) in [(ROUTE_RELAY, &relay_route), (ROUTE_SERVER, &server_route)] {
+            match latency(
+                route,
+                args.publishers,
+                shape,
+                args.hwm,
+                drain,
+                rate,
+                seconds,
+            ) {
+                Ok(row) => report.latency.push(LatencyRow { route: name, ..row }),
+                Err(error) => report.problems.push(format!("latency of {name}: {error}")),
+            }
+            bar.inc(1);
+        }
+    }
+    drop(relay_process);
+    drop(targets.lone_process.take());
+
+    // 3 and 5: load the map, read the memory, take the snapshot.
+    if !args.skips("snapshot") {
+        match load_and_snapshot(args, shape, &targets, &bar) {
+            Ok((snapshot, memory)) => {
+                report.snapshot = Some(snapshot);
+                report.memory = memory;
+            }
+            Err(error) => report.problems.push(format!("snapshot: {error}")),
+        }
+    }
+    drop(targets.loaded_process.take());
+
+    // 4: failover, only of a pair started here.
+    if args.endpoint.is_none() && !args.skips("failover") {
+        let timings = [
+            ("default", Timing::DEFAULT, Duration::from_secs(5)),
+            (
+                "aggressive",
+                Timing {
+                    heartbeat_ms: 100,
+                    peer_expiry_beats: 2,
+                },
+                Duration::from_millis(300),
+            ),
+        ];
+        for (name, timing, server_ttl) in timings {
+            bar.set_message(format!("failover, {name} timings"));
+            let outcome = (|| {
+                let primary_ports = ServerPorts::take(&mut ports)?;
+                let backup_ports = ServerPorts::take(&mut ports)?;
+                let (mut primary, mut backup) = start_pair(
+                    &clonekvd,
+                    primary_ports,
+                    backup_ports,
+                    timing,
+                    args.hwm,
+                    &scratch,
+                    name,
+                )?;
+                wait_active(&primary_ports.endpoint(), Some(&mut primary))?;
+                backup.check_running()?;
+                failover::measure(
+                    &mut primary,
+                    &[primary_ports.endpoint(), backup_ports.endpoint()],
+                    server_ttl,
+                    PATIENCE,
+                )
+            })();
+            match outcome {
+                Ok(result) => report.failover.push(FailoverRow {
+                    timing: name,
+                    heartbeat_ms: timing.heartbeat_ms,
+                    peer_expiry_beats: timing.peer_expiry_beats,
+                    client_server_ttl_ms: server_ttl.as_millis() as u64,
+                    result,
+                }),
+                Err(error) => report
+                    .problems
+                    .push(format!("failover with {name} timings: {error}")),
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    report.elapsed_seconds = began.elapsed().as_secs_f64();
+    scratch.keep = !report.problems.is_empty();
+    Ok(report)
+}
+
+fn validate(args: &BenchArgs) -> Result<(), BenchError> {
+    if args.key_size < 11 || args.key_size > 255 {
+        return Err(BenchError::new("--key-size must be 11..=255"));
+    }
+    if args.value_size < traffic::BODY_HEADER {
+        return Err(BenchError::new(format!(
+            "--value-size must be at least {}",
+            traffic::BODY_HEADER
+        )));
+    }
+    if args.publishers == 0 || args.subscribers.contains(&0) {
+        return Err(BenchError::new(
+            "--publishers and --subscribers must be at least 1",
+        ));
+    }
+    let digits = args.key_size - 4;
+    if digits < 20 && args.keys > 10u64.pow(digits as u32) {
+        return Err(BenchError::new("--keys does not fit in --key-size digits"));
+    }
+    Ok(())
+}
+
+/// `tcp://host:P` → `tcp://host:P+offset`.
+fn plus(endpoint: &str, offset: u16) -> Result<String, BenchError> {
+    let (head, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| BenchError::new(format!("{endpoint}: expected transport://host:port")))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| BenchError::new(format!("{endpoint}: the port is not a number")))?;
+    let port = port
+        .checked_add(offset)
+        .ok_or_else(|| BenchError::new(format!("{endpoint}: port out of range")))?;
+    Ok(format!("{head}:{port}"))
+}
+
+fn wait_active(endpoint: &str, process: Option<&mut Process>) -> Result<(), BenchError> {
+    let waited = snapshot::wait_active(endpoint, PATIENCE);
+    if let Some(process) = process {
+        process.check_running()?;
+    }
+    waited.map(|_| ())
+}
+
+fn start_targets(
+    args: &BenchArgs,
+    clonekvd: &std::path::Path,
+    ports: &mut Ports,
+    dummy_peer: ServerPorts,
+    scratch: &Scratch,
+) -> Result<Targets, BenchError> {
+    if let Some(endpoint) = &args.endpoint {
+        return Ok(Targets {
+            lone: endpoint.clone(),
+            lone_process: None,
+            loaded: endpoint.clone(),
+            loaded_process: None,
+            loaded_pid: args.server_pid,
+            pair: args
+                .backup_endpoint
+                .clone()
+                .map(|backup| (endpoint.clone(), backup)),
+            pair_processes: Vec::new(),
+        });
+    }
+    // A lone primary whose peer never answers: it becomes active on the first client
+    // request after two heartbeats.
+    let mut lone_server = |name: &str| -> Result<(String, Process), BenchError> {
+        let me = ServerPorts::take(ports)?;
+        let args = procs::server_args(me, dummy_peer, false, Timing::DEFAULT, args.hwm);
+        let process = Process::spawn(name, clonekvd, &args, &scratch.path)?;
+        Ok((me.endpoint(), process))
+    };
+    let (lone, lone_process) = lone_server("lone")?;
+    let (loaded, loaded_process) = lone_server("loaded")?;
+    let loaded_pid = Some(loaded_process.pid());
+    let pair = if args.skips("pair") || args.skips("throughput") {
+        None
+    } else {
+        let primary = ServerPorts::take(ports)?;
+        let backup = ServerPorts::take(ports)?;
+        // A short heartbeat only so that each trial learns the backup's sequence (from
+        // its HUGZ) quickly; it does not change the update path.
+        let timing = Timing {
+            heartbeat_ms: 250,
+            peer_expiry_beats: 4,
+        };
+        let (primary_process, backup_process) =
+            start_pair(clonekvd, primary, backup, timing, args.hwm, scratch, "pair")?;
+        Some((
+            (primary.endpoint(), backup.endpoint()),
+            vec![primary_process, backup_process],
+        ))
+    };
+    let (pair, pair_processes) = match pair {
+        Some((endpoints, processes)) => (Some(endpoints), processes),
+        None => (None, Vec::new()),
+    };
+    Ok(Targets {
+        lone,
+        lone_process: Some(lone_process),
+        loaded,
+        loaded_process: Some(loaded_process),
+        loaded_pid,
+        pair,
+        pair_processes,
+    })
+}
+
+fn start_pair(
+    clonekvd: &std::path::Path,
+    primary: ServerPorts,
+    backup: ServerPorts,
+    timing: Timing,
+    hwm: i32,
+    scratch: &Scratch,
+    name: &str,
+) -> Result<(Process, Process), BenchError> {
+    let primary_process = Process::spawn(
+        &format!("{name}-primary"),
+        clonekvd,
+        &procs::server_args(primary, backup, false, timing, hwm),
+        &scratch.path,
+    )?;
+    let backup_process = Process::spawn(
+        &format!("{name}-backup"),
+        clonekvd,
+        &procs::server_args(backup, primary, true, timing, hwm),
+        &scratch.path,
+    )?;
+    Ok((primary_process, backup_process))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn latency(
+    route: &Route,
+    publishers: usize,
+    shape: Shape,
+    hwm: i32,
+    drain: Duration,
+    rate: f64,
+    seconds: f64,
+) -> Result<LatencyRow, BenchError> {
+    let mut session = Session::open(route, publishers, 1, shape, hwm, drain)?;
+    session.warm_up(PATIENCE)?;
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
+        .map_err(|error| BenchError::new(format!("histogram: {error}")))?;
+    let count = (rate * seconds) as u64;
+    let result = session.trial(
+        Pace::Rate(rate),
+        count,
+        Keys::Scattered,
+        Some(&mut histogram),
+    )?;
+    if !result.complete_in_order() {
+        return Err(BenchError::new(format!(
+            "updates were lost at {rate:.0}/s ({} of {} arrived in order)",
+            result.received_in_order.first().copied().unwrap_or(0),
+            result.sent
+        )));
+    }
+    let us = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1_000.0;
+    Ok(LatencyRow {
+        route: "",
+        rate_per_s: rate,
+        samples: histogram.len(),
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+        max_us: histogram.max() as f64 / 1_000.0,
+    })
+}
+
+fn load_and_snapshot(
+    args: &BenchArgs,
+    shape: Shape,
+    targets: &Targets,
+    bar: &ProgressBar,
+) -> Result<(SnapshotRow, Option<MemoryRow>), BenchError> {
+    let keys = args.keys;
+    let rss = || targets.loaded_pid.and_then(procs::rss_of);
+    let route = Route {
+        publish: vec![plus(&targets.loaded, 2)?],
+        publisher_binds: false,
+        subscribe: plus(&targets.loaded, 1)?,
+        backup_publisher: None,
+    };
+    let mut session = Session::open(&route, 1, 1, shape, args.hwm, Duration::from_millis(300))?;
+    let rss_empty = rss();
+    session.warm_up(PATIENCE)?;
+    // Every key once, in chunks each confirmed in order by the subscriber, as fast as
+    // the server takes them (a closed-loop flood); a chunk that lost updates is sent
+    // again.
+    let chunk = 250_000u64;
+    let mut first = 0;
+    let mut failures = 0;
+    while first < keys {
+        let count = chunk.min(keys - first);
+        bar.set_message(format!("snapshot: loading keys {first}..{}", first + count));
+        let result = session.trial(Pace::Flood, count, Keys::Sequential { first }, None)?;
+        if result.zero_loss() {
+            first += count;
+        } else {
+            failures += 1;
+            if failures > 3 {
+                return Err(BenchError::new("loading the keys keeps losing updates"));
+            }
+        }
+    }
+    drop(session);
+    bar.inc(1);
+    // Let the server's queues empty and its allocator settle before reading memory.
+    std::thread::sleep(Duration::from_millis(500));
+    let memory = match (rss_empty, rss()) {
+        (Some(empty), Some(loaded)) => Some(MemoryRow {
+            keys,
+            rss_empty_bytes: empty,
+            rss_loaded_bytes: loaded,
+            bytes_per_key: loaded.saturating_sub(empty) as f64 / keys as f64,
+        }),
+        _ => None,
+    };
+    bar.set_message(format!("snapshot of {keys} keys"));
+    let taken = snapshot::take(&targets.loaded, keys, Duration::from_secs(10), |entries| {
+        bar.set_message(format!("snapshot: {entries} of {keys} entries"));
+    })?;
+    bar.inc(1);
+    let seconds = taken.elapsed.as_secs_f64();
+    Ok((
+        SnapshotRow {
+            keys_loaded: keys,
+            entries_received: taken.entries,
+            complete: taken.ended && taken.expected_present == keys,
+            seconds,
+            keys_per_s: taken.entries as f64 / seconds,
+            mb_per_s: taken.bytes as f64 / 1e6 / seconds,
+        },
+        memory,
+    ))
+}
+
+/// The report as a human-readable table.
+pub fn render(report: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let k = |rate: f64| format!("{:.0}k/s", rate / 1_000.0);
+    let ratio = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}"));
+    let _ = writeln!(
+        out,
+        "clonekv bench{}: {}; {} CPUs; {} B keys, {} B values, {} publisher(s), HWM {}; trials of {:.1} s",
+        if report.quick { " --quick" } else { "" },
+        report.target,
+        report.cpus,
+        report.key_size,
+        report.value_size,
+        report.publishers,
+        report.hwm,
+        report.trial_seconds,
+    );
+    if !report.throughput.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nupdate throughput (zero loss, in order)\n  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9}",
+            "route", "subs", "updates", "flood", "of relay", "of PUB→SUB"
+        );
+        for row in &report.throughput {
+            let _ = writeln!(
+                out,
+                "  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9}",
+                row.route,
+                row.subscribers,
+                k(row.updates_per_s),
+                k(row.flood_per_s),
+                ratio(row.of_relay),
+                ratio(row.of_pub_sub),
+            );
+        }
+    }
+    if !report.latency.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nupdate latency, KVSET sent → KVPUB received (1 subscriber)\n  {:<18} {:>11} {:>9} {:>9} {:>9} {:>9}",
+            "route", "rate", "p50", "p99", "p99.9", "max"
+        );
+        for row in &report.latency {
+            let _ = writeln!(
+                out,
+                "  {:<18} {:>11} {:>7.0}µs {:>7.0}µs {:>7.0}µs {:>7.0}µs",
+                row.route,
+                k(row.rate_per_s),
+                row.p50_us,
+                row.p99_us,
+                row.p999_us,
+                row.max_us
+            );
+        }
+    }
+    if let Some(snapshot) = &report.snapshot {
+        let _ = writeln!(
+            out,
+            "\nsnapshot of {} keys: {:.2} s, {:.0}k keys/s, {:.0} MB/s, {} ({} entries)",
+            snapshot.keys_loaded,
+            snapshot.seconds,
+            snapshot.keys_per_s / 1_000.0,
+            snapshot.mb_per_s,
+            if snapshot.complete {
+                "complete"
+            } else {
+                "INCOMPLETE"
+            },
+            snapshot.entries_received,
+        );
+    }
+    if let Some(memory) = &report.memory {
+        let _ = writeln!(
+            out,
+            "memory at {} keys: {:.0} B/key (server RSS {:.0} MB empty, {:.0} MB loaded)",
+            memory.keys,
+            memory.bytes_per_key,
+            memory.rss_empty_bytes as f64 / 1e6,
+            memory.rss_loaded_bytes as f64 / 1e6,
+        );
+    }
+    if !report.failover.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nfailover, SIGKILL of the active → first update through the backup"
+        );
+        for row in &report.failover {
+            let _ = writeln!(
+                out,
+                "  {:<10} (heartbeat {} ms × {}, client server ttl {} ms): {:.2} s (client moved {:.2} s, synced {:.2} s)",
+                row.timing,
+                row.heartbeat_ms,
+                row.peer_expiry_beats,
+                row.client_server_ttl_ms,
+                row.result.first_update_s,
+                row.result.server_changed_s,
+                row.result.synced_s,
+            );
+        }
+    }
+    for problem in &report.problems {
+        let _ = writeln!(out, "\nnot measured: {problem}");
+    }
+    let _ = writeln!(out, "\n({:.0} s)", report.elapsed_seconds);
+    out
+}

@@ -1,0 +1,226 @@
+//! The processes a bench run starts: `clonekvd` servers and the raw relay, on free ports
+//! of 127.0.0.1, each killed when its handle is dropped (also on error and on panic).
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::BenchError;
+
+/// Consecutive TCP ports that were free on 127.0.0.1 when allocated, handed out in
+/// order.
+pub struct Ports {
+    next: u16,
+    end: u16,
+}
+
+impl Ports {
+    /// Finds `count` consecutive free ports, starting at a place drawn from the process
+    /// id so that two runs at once are unlikely to collide.
+    pub fn allocate(count: u16) -> Result<Ports, BenchError> {
+        const FIRST: u32 = 20_000;
+        const LAST: u32 = 60_000;
+        let span = (LAST - FIRST) / u32::from(count);
+        let start = std::process::id().wrapping_mul(7_919);
+        for attempt in 0..span {
+            let index = start.wrapping_add(attempt.wrapping_mul(37)) % span;
+            let Ok(base) = u16::try_from(FIRST + index * u32::from(count)) else {
+                continue;
+            };
+            let all_free =
+                (base..base + count).all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok());
+            if all_free {
+                return Ok(Ports {
+                    next: base,
+                    end: base + count,
+                });
+            }
+        }
+        Err(BenchError::new("no block of free ports on 127.0.0.1"))
+    }
+
+    /// The next `count` ports, the first of them returned.
+    pub fn take(&mut self, count: u16) -> Result<u16, BenchError> {
+        let first = self.next;
+        if self.end - first < count {
+            return Err(BenchError::new("port block exhausted (a bench bug)"));
+        }
+        self.next += count;
+        Ok(first)
+    }
+}
+
+/// A `clonekvd` or relay child process; dropping it sends SIGKILL and reaps it.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args...` with stderr to `<dir>/<name>.log`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> Result<Process, BenchError> {
+        let log = dir.join(format!("{name}.log"));
+        let file = fs::File::create(&log).map_err(|error| {
+            BenchError::new(format!("cannot create {}: {error}", log.display()))
+        })?;
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .map_err(|error| {
+                BenchError::new(format!(
+                    "cannot start {} ({error}); build it with `cargo build --release -p clonekv-zmq` or pass --clonekvd",
+                    program.display()
+                ))
+            })?;
+        Ok(Process {
+            name: name.to_string(),
+            child,
+            log,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the process has exited (a port taken, a crash), quoting its log.
+    pub fn check_running(&mut self) -> Result<(), BenchError> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                let log = fs::read_to_string(&self.log).unwrap_or_default();
+                Err(BenchError::new(format!(
+                    "{} exited ({status}):\n{}",
+                    self.name,
+                    log.trim_end()
+                )))
+            }
+            Err(error) => Err(BenchError::new(format!("{}: {error}", self.name))),
+        }
+    }
+
+    /// SIGKILL, now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Resident set size of a process in bytes (`VmRSS`), Linux only.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Timings of a server started by the bench.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// `--heartbeat` in milliseconds.
+    pub heartbeat_ms: u64,
+    /// `--peer-expiry-beats`.
+    pub peer_expiry_beats: u32,
+}
+
+impl Timing {
+    /// clonekvd's defaults: 1 s heartbeat, peer dead after 2.
+    pub const DEFAULT: Timing = Timing {
+        heartbeat_ms: 1_000,
+        peer_expiry_beats: 2,
+    };
+}
+
+/// The ports of one server: base P (P, P+1, P+2) and its Binary Star state port.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerPorts {
+    pub base: u16,
+    pub state: u16,
+}
+
+impl ServerPorts {
+    pub fn take(ports: &mut Ports) -> Result<ServerPorts, BenchError> {
+        let base = ports.take(3)?;
+        let state = ports.take(1)?;
+        Ok(ServerPorts { base, state })
+    }
+
+    /// The snapshot endpoint P, as clients name a server.
+    pub fn endpoint(&self) -> String {
+        format!("tcp://127.0.0.1:{}", self.base)
+    }
+}
+
+/// The `clonekvd` command line of one server with every endpoint on 127.0.0.1.
+pub fn server_args(
+    me: ServerPorts,
+    peer: ServerPorts,
+    backup: bool,
+    timing: Timing,
+    hwm: i32,
+) -> Vec<String> {
+    let mut args = Vec::new();
+    if backup {
+        args.push("--backup".to_string());
+    }
+    for (flag, value) in [
+        ("--bind-host", "127.0.0.1".to_string()),
+        ("--port", me.base.to_string()),
+        ("--state-port", me.state.to_string()),
+        ("--peer-host", "127.0.0.1".to_string()),
+        ("--peer-port", peer.base.to_string()),
+        ("--peer-state-port", peer.state.to_string()),
+        ("--heartbeat", format!("{}ms", timing.heartbeat_ms)),
+        ("--peer-expiry-beats", timing.peer_expiry_beats.to_string()),
+        ("--hwm", hwm.to_string()),
+    ] {
+        args.push(flag.to_string());
+        args.push(value);
+    }
+    args
+}
+
+/// A scratch directory for the children's logs, removed at the end unless the run
+/// failed (then its path is printed).
+pub struct Scratch {
+    pub path: PathBuf,
+    pub keep: bool,
+}
+
+impl Scratch {
+    pub fn new() -> Result<Scratch, BenchError> {
+        let path = std::env::temp_dir().join(format!("clonekv-bench-{}", std::process::id()));
+        fs::create_dir_all(&path).map_err(|error| {
+            BenchError::new(format!("cannot create {}: {error}", path.display()))
+        })?;
+        Ok(Scratch { path, keep: false })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("clonekv bench: child logs kept in {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
