@@ -806,10 +806,22 @@ impl World {
 
     /// After a sync the passive holds exactly the active's map.
     fn rebuild_held(&mut self, node: NodeId, answered_request: Option<Instant>) {
-        // The adopted snapshot carries absolute expiries: the peer's promises hold here.
+        // The adopted snapshot carries absolute expiries: the peer's promises hold here,
+        // unless this server received the KVPUB itself (its own copy knows the delay).
         let peer = 1 - node;
+        let previous: BTreeMap<Vec<u8>, TtlExpectation> = self
+            .history
+            .ttl
+            .iter()
+            .filter(|((holder, _), _)| *holder == node)
+            .map(|((_, key), expectation)| (key.clone(), expectation.clone()))
+            .collect();
         self.history.ttl.retain(|(holder, _), _| *holder != node);
         for (key, uuid, _) in self.server_entries(node) {
+            if let Some(own) = previous.get(&key).filter(|own| own.uuid == uuid) {
+                self.history.ttl.insert((node, key), own.clone());
+                continue;
+            }
             if let Some(expectation) = self.history.ttl.get(&(peer, key.clone())) {
                 if expectation.uuid == uuid {
                     let mut expectation = expectation.clone();
