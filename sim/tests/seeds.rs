@@ -72,6 +72,14 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         114,
         "the oracle counted KVPUBs of a restarted peer's new history",
     ),
+    (
+        10497,
+        "a whole-map client applied a snapshot's buffered updates across a hole",
+    ),
+    (
+        12553,
+        "a passive's own ttl promise was dropped at its re-sync (oracle)",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

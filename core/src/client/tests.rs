@@ -572,6 +572,27 @@ fn a_whole_map_client_resyncs_on_a_gap_in_the_numbering() {
 }
 
 #[test]
+fn a_whole_map_client_resyncs_on_a_gap_among_the_updates_buffered_during_its_snapshot() {
+    let config = Config {
+        servers: 1,
+        subtree: Vec::new(),
+        ..Config::default()
+    };
+    let mut client = Client::new(config, ChaCha8Rng::seed_from_u64(1), ms(0)).unwrap();
+    sub(&mut client, ms(0), A, hugz(5));
+    sub(&mut client, ms(1), A, kvpub("/a/x", "6", 6));
+    sub(&mut client, ms(2), A, kvpub("/a/x", "8", 8)); // 7 was dropped by the publisher
+    snap(&mut client, ms(3), A, frames(KvMsg::kthxbai(5, Vec::new())));
+    assert_eq!(
+        client.state(),
+        State::Initial,
+        "the buffer has a hole: start over"
+    );
+    assert_eq!(client.sequence(), 6);
+    assert_eq!(client.stats().resyncs_after_gap, 1);
+}
+
+#[test]
 fn a_whole_map_client_resyncs_when_a_hugz_is_ahead_of_it() {
     let mut client = synced_whole_map_client(5);
     sub(&mut client, ms(1_000), A, hugz(5));
