@@ -134,6 +134,9 @@ pub struct Held {
     pub present: bool,
     /// World time the server received (or made) it.
     pub received_at: Instant,
+    /// Received from the active it follows (not published by itself, not adopted from
+    /// a snapshot).
+    pub from_active: bool,
 }
 
 /// What a published ephemeral value promises.

@@ -799,6 +799,7 @@ impl World {
                     index,
                     present: !update.body.is_empty(),
                     received_at: now,
+                    from_active: true,
                 },
             );
         }
@@ -854,6 +855,7 @@ impl World {
                         present: true,
                         // As of the snapshot's point, which follows the request.
                         received_at: requested_at,
+                        from_active: false,
                     },
                 )
             })
@@ -862,7 +864,9 @@ impl World {
         // deferred to the next sync): it still counts as received.
         if let Some(previous) = self.history.held.get(&node) {
             for (key, received) in previous {
-                if received.received_at < requested_at {
+                // Only what came from the active: a stepped-down server's own split-time
+                // values are not part of the history it adopts.
+                if received.received_at < requested_at || !received.from_active {
                     continue;
                 }
                 let newer = held
@@ -1419,6 +1423,7 @@ impl World {
                     index,
                     present: !message.body.is_empty(),
                     received_at: self.now,
+                    from_active: false,
                 },
             );
             if !became_active {
