@@ -132,6 +132,17 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time (user + system) a process has used so far, Linux only.
+pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; the fields after its closing paren do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the file: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // The kernel reports clock ticks of USER_HZ, 100 on every Linux we run on.
+    Some(std::time::Duration::from_millis(ticks * 10))
+}
+
 /// Timings of a server started by the bench.
 #[derive(Clone, Copy, Debug)]
 pub struct Timing {

@@ -102,6 +102,8 @@ enum Goal {
     Any,
     /// Whatever arrives until the route is drained (a flood, where losses are expected).
     Flood,
+    /// Like `All`, but never cut short by a lagging subscriber.
+    Latency,
 }
 
 /// One trial's outcome.
@@ -278,6 +280,24 @@ impl Session {
         self.run(pace, count, None, keys, goal, latency)
     }
 
+    /// A paced trial that runs to its end however far the subscribers lag (a latency
+    /// measurement: a backlog shows in the percentiles instead of ending the trial).
+    pub fn latency_trial(
+        &mut self,
+        rate: f64,
+        count: u64,
+        latency: &mut Histogram<u64>,
+    ) -> Result<TrialResult, BenchError> {
+        self.run(
+            Pace::Rate(rate),
+            count,
+            None,
+            Keys::Scattered,
+            Goal::Latency,
+            Some(latency),
+        )
+    }
+
     /// A flood that stops sending after `duration` (or `count` messages).
     pub fn flood_for(&mut self, duration: Duration, count: u64) -> Result<TrialResult, BenchError> {
         self.run(
@@ -359,9 +379,9 @@ impl Session {
                     goal,
                     origin: self.origin,
                     drain: self.drain,
-                    lag_limit: match pace {
-                        Pace::Flood => None,
-                        Pace::Rate(rate) => {
+                    lag_limit: match (pace, goal) {
+                        (Pace::Flood, _) | (_, Goal::Latency) => None,
+                        (Pace::Rate(rate), _) => {
                             Some(((rate * LAG_LIMIT.as_secs_f64()) as u64).max(2_000))
                         }
                     },
@@ -706,13 +726,13 @@ fn receive(
             }
         }
         let failed = gap.iter().any(|&g| g) || lagged;
-        if expect.goal == Goal::All && failed {
+        if matches!(expect.goal, Goal::All | Goal::Latency) && failed {
             // The trial has failed: stop the publishers early.
             abort.store(true, Ordering::Relaxed);
         }
         let data_complete = match expect.goal {
             Goal::Any => any.iter().all(|&a| a),
-            Goal::All => in_order.iter().all(|&k| k == total),
+            Goal::All | Goal::Latency => in_order.iter().all(|&k| k == total),
             // A flood may stop early (its time limit): complete when all it sent is in.
             Goal::Flood => {
                 in_order.iter().all(|&k| k == total)
