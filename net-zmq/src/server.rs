@@ -50,7 +50,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
 use crate::log::RateLimiter;
-use crate::socket::{SendOutcome, ZmqSocket};
+use crate::socket::{Frames, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
 /// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
@@ -281,6 +281,8 @@ pub struct ServerHost {
     /// client's full pipe refused (sent first when the stream resumes).
     streams: BTreeMap<Vec<u8>, Option<[Vec<u8>; FRAME_COUNT]>>,
     limiter: RateLimiter,
+    /// The last message received, in libzmq's buffers, reused for the next one.
+    frames: Frames,
 }
 
 impl ServerHost {
@@ -344,6 +346,7 @@ impl ServerHost {
             context,
             streams: BTreeMap::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
+            frames: Frames::default(),
         })
     }
 
@@ -457,9 +460,14 @@ impl ServerHost {
                     None => return Ok(received),
                 },
             };
-            let frames = match socket.try_recv() {
-                Ok(Some(frames)) => frames,
-                Ok(None) => return Ok(received),
+            let mut frames = std::mem::take(&mut self.frames);
+            let outcome = socket.try_recv_into(&mut frames);
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.frames = frames;
+                    return Ok(received);
+                }
                 Err(error) => {
                     return Err(RunError::Receive {
                         socket: socket.name(),
@@ -468,13 +476,14 @@ impl ServerHost {
                 }
             };
             received = true;
-            self.feed(input, &frames);
+            self.feed(input, frames.get());
+            self.frames = frames;
             self.drain_outputs();
         }
         Ok(received)
     }
 
-    fn feed(&mut self, input: Input, frames: &[Vec<u8>]) {
+    fn feed<F: AsRef<[u8]>>(&mut self, input: Input, frames: &[F]) {
         let (now, wall) = (self.clock.now(), self.clock.wall());
         match input {
             Input::SnapshotRequests => {
@@ -482,7 +491,7 @@ impl ServerHost {
                 // empty message cannot arrive, but it costs nothing to be sure.
                 if let Some((routing_id, request)) = frames.split_first() {
                     self.server
-                        .handle_snapshot_request(now, wall, routing_id, request);
+                        .handle_snapshot_request(now, wall, routing_id.as_ref(), request);
                 }
             }
             Input::Collector => self.server.handle_collected(now, wall, frames),
