@@ -8,9 +8,85 @@ use imbl::OrdMap;
 use crate::kvmsg::{KvMsg, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 
-/// A stored key. Shared so that copying a B-tree node (when a snapshot holds the old
-/// version) bumps reference counts instead of copying bytes.
-pub(crate) type Key = Arc<[u8]>;
+/// Keys up to this long are stored inline in the map's nodes.
+const INLINE_KEY: usize = 22;
+
+/// A stored key. Short keys (most: the zguide's are 12–16 bytes) live inline, with no
+/// allocation of their own; longer ones are shared, so that copying a B-tree node (when
+/// a snapshot holds the old version) bumps reference counts instead of copying bytes.
+/// Either way it is 24 bytes, and it orders, compares and borrows as its bytes.
+#[derive(Clone)]
+pub(crate) enum Key {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Shared(Arc<[u8]>),
+}
+
+impl Key {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
+            Key::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(key: &[u8]) -> Self {
+        let mut bytes = [0; INLINE_KEY];
+        match (bytes.get_mut(..key.len()), u8::try_from(key.len())) {
+            (Some(prefix), Ok(len)) => {
+                prefix.copy_from_slice(key);
+                Key::Inline { len, bytes }
+            }
+            _ => Key::Shared(Arc::from(key)),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Key {
+    fn from(key: Vec<u8>) -> Self {
+        Key::from(key.as_slice())
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
 
 /// The persistent map: cloning it is O(1) and later writes do not disturb the clone.
 pub(crate) type Map = OrdMap<Key, Arc<Entry>>;
@@ -220,6 +296,33 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_are_their_bytes_inline_or_shared() {
+        let short = Key::from(&b"/weather/london"[..]);
+        let exact = Key::from(&[7u8; INLINE_KEY][..]);
+        let long = Key::from(vec![b'x'; INLINE_KEY + 1]);
+        assert!(matches!(short, Key::Inline { .. }));
+        assert!(matches!(exact, Key::Inline { .. }));
+        assert!(matches!(long, Key::Shared(_)));
+        assert_eq!(&*short, b"/weather/london");
+        assert_eq!(exact.as_bytes(), &[7u8; INLINE_KEY]);
+        assert_eq!(long.len(), INLINE_KEY + 1);
+        assert_eq!(&*Key::from(&b""[..]), b"");
+        // Ordered by bytes whatever the representation.
+        let mut keys = [
+            long.clone(),
+            short.clone(),
+            Key::from(&b"/a"[..]),
+            exact.clone(),
+        ];
+        keys.sort();
+        let sorted: Vec<&[u8]> = keys.iter().map(Key::as_bytes).collect();
+        let mut expected = vec![long.as_bytes(), short.as_bytes(), b"/a", exact.as_bytes()];
+        expected.sort();
+        assert_eq!(sorted, expected);
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+    }
 
     #[test]
     fn an_entry_stays_small() {
