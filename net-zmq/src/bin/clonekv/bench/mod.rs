@@ -682,7 +682,7 @@ fn load_and_snapshot(
     while first < keys {
         let count = chunk.min(keys - first);
         bar.set_message(format!("snapshot: loading keys {first}..{}", first + count));
-        let result = session.trial(Pace::Flood, count, Keys::Sequential { first }, None)?;
+        let result = session.trial(Pace::Flood, count, Keys::Load { first }, None)?;
         if result.zero_loss() {
             first += count;
         } else {
