@@ -27,6 +27,9 @@
 //! }
 //! ```
 //!
+//! A pass reads only the input sockets that may have something: those whose fd signalled
+//! since, or that were used for anything but a receive that found nothing (a receive
+//! that finds nothing costs libzmq a command check, a `poll()` syscall, per socket).
 //! The zmq fd is edge-triggered, and every send or receive can consume its edge, so the
 //! loop only sleeps after a full pass over every socket that received and sent nothing
 //! (when the pass's only sends were refused, it looks at every socket once more: a
@@ -237,14 +240,27 @@ const SIGNALS: Token = Token(6);
 /// flood on one cannot starve the others.
 const BATCH: usize = 256;
 
-/// The sockets that deliver input, in the order a pass visits them.
+/// The sockets that deliver input, in the order a pass visits them (the discriminant
+/// is the index in [`INPUTS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Input {
-    SnapshotRequests,
-    Collector,
-    PeerState,
-    PeerUpdates,
-    PeerSnapshot,
+    SnapshotRequests = 0,
+    Collector = 1,
+    PeerState = 2,
+    PeerUpdates = 3,
+    PeerSnapshot = 4,
+}
+
+/// The input socket registered under `token`, if any.
+fn input_of(token: Token) -> Option<Input> {
+    match token {
+        ROUTER => Some(Input::SnapshotRequests),
+        COLLECTOR => Some(Input::Collector),
+        PEER_STATE => Some(Input::PeerState),
+        PEER_UPDATES => Some(Input::PeerUpdates),
+        PEER_SNAPSHOT => Some(Input::PeerSnapshot),
+        _ => None,
+    }
 }
 
 const INPUTS: [Input; 5] = [
@@ -283,6 +299,10 @@ pub struct ServerHost {
     limiter: RateLimiter,
     /// The last message received, in libzmq's buffers, reused for the next one.
     frames: Frames,
+    /// Per input socket (indexed like [`INPUTS`]): true when it may have something to
+    /// read: its fd signalled, or it was last used for anything but a receive that
+    /// found nothing. A pass reads only these; see [`ServerHost::turn`].
+    maybe_readable: [bool; INPUTS.len()],
 }
 
 impl ServerHost {
@@ -347,6 +367,7 @@ impl ServerHost {
             streams: BTreeMap::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
             frames: Frames::default(),
+            maybe_readable: [true; INPUTS.len()],
         })
     }
 
@@ -397,6 +418,9 @@ impl ServerHost {
                 Err(error) => return Err(RunError::Io(error)),
             }
             for event in events.iter() {
+                if let Some(input) = input_of(event.token()) {
+                    self.maybe_readable[input as usize] = true;
+                }
                 if event.token() == SIGNALS {
                     if let Some(signals) = self.signals.as_mut() {
                         for signal in signals.pending() {
@@ -449,6 +473,11 @@ impl ServerHost {
     /// Feeds up to [`BATCH`] waiting messages from one socket into the core.
     fn receive_batch(&mut self, input: Input) -> Result<bool, RunError> {
         let mut received = false;
+        if !self.maybe_readable[input as usize] {
+            // Untouched since a receive found it empty, and its fd has not signalled:
+            // asking libzmq again would only cost a command check (a poll() syscall).
+            return Ok(false);
+        }
         for _ in 0..BATCH {
             let socket = match input {
                 Input::SnapshotRequests => &self.router,
@@ -466,6 +495,7 @@ impl ServerHost {
                 Ok(true) => {}
                 Ok(false) => {
                     self.frames = frames;
+                    self.maybe_readable[input as usize] = false;
                     return Ok(received);
                 }
                 Err(error) => {
@@ -548,6 +578,7 @@ impl ServerHost {
         };
         send_or_log(&dealer, frames, &mut self.limiter);
         self.peer_snapshot = Some(dealer);
+        self.maybe_readable[Input::PeerSnapshot as usize] = true;
     }
 
     fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
@@ -578,9 +609,12 @@ impl ServerHost {
                         }
                     },
                 };
-                let mut frames: Vec<&[u8]> = Vec::with_capacity(FRAME_COUNT + 1);
-                frames.push(&routing_id);
-                frames.extend(message.iter().map(Vec::as_slice));
+                let [key, sequence, uuid, properties, body] = &message;
+                let frames: [&[u8]; FRAME_COUNT + 1] =
+                    [&routing_id, key, sequence, uuid, properties, body];
+                // Any send, even a refused one, enters libzmq and may consume the
+                // ROUTER's edge for a request that arrived meanwhile: read it again.
+                self.maybe_readable[Input::SnapshotRequests as usize] = true;
                 match self.router.send(&frames) {
                     Ok(SendOutcome::Sent) => pumped.sent = true,
                     Ok(SendOutcome::WouldBlock) => {
