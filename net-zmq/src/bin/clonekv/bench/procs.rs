@@ -20,7 +20,9 @@ impl Ports {
     /// id so that two runs at once are unlikely to collide.
     pub fn allocate(count: u16) -> Result<Ports, BenchError> {
         const FIRST: u32 = 20_000;
-        const LAST: u32 = 60_000;
+        // Below Linux's ephemeral range (32768 and up by default), from which outgoing
+        // connections take their local ports and could take one of ours.
+        const LAST: u32 = 32_000;
         let span = (LAST - FIRST) / u32::from(count);
         let start = std::process::id().wrapping_mul(7_919);
         for attempt in 0..span {
