@@ -275,12 +275,22 @@ impl Properties {
                 }
             }
         }
-        let mut encoded = Vec::with_capacity(body.len() + 1);
-        if !frame.is_empty() {
-            encoded.extend_from_slice(body);
-            encoded.push(b'\n');
+        if frame.is_empty() {
+            // No allocation for the common case: most updates carry no properties.
+            return Ok(Properties::new());
         }
+        let mut encoded = Vec::with_capacity(body.len() + 1);
+        encoded.extend_from_slice(body);
+        encoded.push(b'\n');
         Ok(Properties { encoded })
+    }
+
+    /// Properties from a frame that was validated (and normalised) before: a stored
+    /// entry's copy of one.
+    pub(crate) fn from_valid_frame(frame: &[u8]) -> Self {
+        Properties {
+            encoded: frame.to_vec(),
+        }
     }
 
     /// The frame as sent on the wire.

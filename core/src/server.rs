@@ -1172,7 +1172,7 @@ impl Server {
                         key,
                         sequence: 0,
                         uuid: entry.uuid(),
-                        properties: entry.properties().clone(),
+                        properties: entry.properties(),
                         body: entry.body().to_vec(),
                     };
                     if let Some(expires_at) = entry.expires_at() {

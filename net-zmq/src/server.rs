@@ -27,6 +27,9 @@
 //! }
 //! ```
 //!
+//! A pass reads only the input sockets that may have something: those whose fd signalled
+//! since, or that were used for anything but a receive that found nothing (a receive
+//! that finds nothing costs libzmq a command check, a `poll()` syscall, per socket).
 //! The zmq fd is edge-triggered, and every send or receive can consume its edge, so the
 //! loop only sleeps after a full pass over every socket that received and sent nothing
 //! (when the pass's only sends were refused, it looks at every socket once more: a
@@ -50,7 +53,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
 use crate::log::RateLimiter;
-use crate::socket::{SendOutcome, ZmqSocket};
+use crate::socket::{Frames, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
 /// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
@@ -237,14 +240,27 @@ const SIGNALS: Token = Token(6);
 /// flood on one cannot starve the others.
 const BATCH: usize = 256;
 
-/// The sockets that deliver input, in the order a pass visits them.
+/// The sockets that deliver input, in the order a pass visits them (the discriminant
+/// is the index in [`INPUTS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Input {
-    SnapshotRequests,
-    Collector,
-    PeerState,
-    PeerUpdates,
-    PeerSnapshot,
+    SnapshotRequests = 0,
+    Collector = 1,
+    PeerState = 2,
+    PeerUpdates = 3,
+    PeerSnapshot = 4,
+}
+
+/// The input socket registered under `token`, if any.
+fn input_of(token: Token) -> Option<Input> {
+    match token {
+        ROUTER => Some(Input::SnapshotRequests),
+        COLLECTOR => Some(Input::Collector),
+        PEER_STATE => Some(Input::PeerState),
+        PEER_UPDATES => Some(Input::PeerUpdates),
+        PEER_SNAPSHOT => Some(Input::PeerSnapshot),
+        _ => None,
+    }
 }
 
 const INPUTS: [Input; 5] = [
@@ -281,6 +297,12 @@ pub struct ServerHost {
     /// client's full pipe refused (sent first when the stream resumes).
     streams: BTreeMap<Vec<u8>, Option<[Vec<u8>; FRAME_COUNT]>>,
     limiter: RateLimiter,
+    /// The last message received, in libzmq's buffers, reused for the next one.
+    frames: Frames,
+    /// Per input socket (indexed like [`INPUTS`]): true when it may have something to
+    /// read: its fd signalled, or it was last used for anything but a receive that
+    /// found nothing. A pass reads only these; see [`ServerHost::turn`].
+    maybe_readable: [bool; INPUTS.len()],
 }
 
 impl ServerHost {
@@ -344,6 +366,8 @@ impl ServerHost {
             context,
             streams: BTreeMap::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
+            frames: Frames::default(),
+            maybe_readable: [true; INPUTS.len()],
         })
     }
 
@@ -394,6 +418,9 @@ impl ServerHost {
                 Err(error) => return Err(RunError::Io(error)),
             }
             for event in events.iter() {
+                if let Some(input) = input_of(event.token()) {
+                    self.maybe_readable[input as usize] = true;
+                }
                 if event.token() == SIGNALS {
                     if let Some(signals) = self.signals.as_mut() {
                         for signal in signals.pending() {
@@ -446,6 +473,11 @@ impl ServerHost {
     /// Feeds up to [`BATCH`] waiting messages from one socket into the core.
     fn receive_batch(&mut self, input: Input) -> Result<bool, RunError> {
         let mut received = false;
+        if !self.maybe_readable[input as usize] {
+            // Untouched since a receive found it empty, and its fd has not signalled:
+            // asking libzmq again would only cost a command check (a poll() syscall).
+            return Ok(false);
+        }
         for _ in 0..BATCH {
             let socket = match input {
                 Input::SnapshotRequests => &self.router,
@@ -457,9 +489,15 @@ impl ServerHost {
                     None => return Ok(received),
                 },
             };
-            let frames = match socket.try_recv() {
-                Ok(Some(frames)) => frames,
-                Ok(None) => return Ok(received),
+            let mut frames = std::mem::take(&mut self.frames);
+            let outcome = socket.try_recv_into(&mut frames);
+            match outcome {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.frames = frames;
+                    self.maybe_readable[input as usize] = false;
+                    return Ok(received);
+                }
                 Err(error) => {
                     return Err(RunError::Receive {
                         socket: socket.name(),
@@ -468,13 +506,14 @@ impl ServerHost {
                 }
             };
             received = true;
-            self.feed(input, &frames);
+            self.feed(input, frames.get());
+            self.frames = frames;
             self.drain_outputs();
         }
         Ok(received)
     }
 
-    fn feed(&mut self, input: Input, frames: &[Vec<u8>]) {
+    fn feed<F: AsRef<[u8]>>(&mut self, input: Input, frames: &[F]) {
         let (now, wall) = (self.clock.now(), self.clock.wall());
         match input {
             Input::SnapshotRequests => {
@@ -482,7 +521,7 @@ impl ServerHost {
                 // empty message cannot arrive, but it costs nothing to be sure.
                 if let Some((routing_id, request)) = frames.split_first() {
                     self.server
-                        .handle_snapshot_request(now, wall, routing_id, request);
+                        .handle_snapshot_request(now, wall, routing_id.as_ref(), request);
                 }
             }
             Input::Collector => self.server.handle_collected(now, wall, frames),
@@ -539,6 +578,7 @@ impl ServerHost {
         };
         send_or_log(&dealer, frames, &mut self.limiter);
         self.peer_snapshot = Some(dealer);
+        self.maybe_readable[Input::PeerSnapshot as usize] = true;
     }
 
     fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
@@ -569,9 +609,12 @@ impl ServerHost {
                         }
                     },
                 };
-                let mut frames: Vec<&[u8]> = Vec::with_capacity(FRAME_COUNT + 1);
-                frames.push(&routing_id);
-                frames.extend(message.iter().map(Vec::as_slice));
+                let [key, sequence, uuid, properties, body] = &message;
+                let frames: [&[u8]; FRAME_COUNT + 1] =
+                    [&routing_id, key, sequence, uuid, properties, body];
+                // Any send, even a refused one, enters libzmq and may consume the
+                // ROUTER's edge for a request that arrived meanwhile: read it again.
+                self.maybe_readable[Input::SnapshotRequests as usize] = true;
                 match self.router.send(&frames) {
                     Ok(SendOutcome::Sent) => pumped.sent = true,
                     Ok(SendOutcome::WouldBlock) => {

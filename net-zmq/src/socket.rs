@@ -5,8 +5,11 @@
 //! waiting. So after every wakeup, and after every send or receive on the socket, the
 //! caller must ask `ZMQ_EVENTS` again and keep receiving until `POLLIN` is gone;
 //! reading one message per wakeup hangs, and replying without re-checking loses wakeups.
-//! [`ZmqSocket::try_recv`] is the only way to read, and it always asks `ZMQ_EVENTS`
-//! first; the event loop calls it until it returns `None` for every socket.
+//! [`ZmqSocket::try_recv`] and [`ZmqSocket::try_recv_into`] are the only ways to read;
+//! the event loop calls them until they report nothing waiting for every socket.
+//! `try_recv` asks `ZMQ_EVENTS` first; `try_recv_into` (the server's hot path) relies on
+//! a non-blocking receive instead, which tells the same thing: on `EAGAIN` libzmq has
+//! just processed the socket's pending commands, exactly as a `ZMQ_EVENTS` query does.
 
 use std::io;
 
@@ -79,6 +82,35 @@ impl ZmqSocket {
         }
     }
 
+    /// The next whole message, if one is waiting, received into `frames` without
+    /// allocating or copying: each frame keeps libzmq's own buffer, and the buffers of
+    /// the previous message are reused. Returns false when nothing is waiting (see the
+    /// module docs for why no `ZMQ_EVENTS` query is needed).
+    pub fn try_recv_into(&self, frames: &mut Frames) -> Result<bool, zmq::Error> {
+        frames.len = 0;
+        loop {
+            if frames.len == frames.slots.len() {
+                frames.slots.push(Frame(zmq::Message::new()));
+            }
+            let Some(Frame(slot)) = frames.slots.get_mut(frames.len) else {
+                // Unreachable: a slot was just pushed if none was left.
+                return Ok(frames.len > 0);
+            };
+            // Only the first frame can be missing; the rest of a message arrives with it.
+            let flags = if frames.len == 0 { zmq::DONTWAIT } else { 0 };
+            match self.socket.recv(slot, flags) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) if frames.len == 0 => return Ok(false),
+                Err(error) => return Err(error),
+            }
+            let more = slot.get_more();
+            frames.len += 1;
+            if !more {
+                return Ok(true);
+            }
+        }
+    }
+
     /// True when a message could be sent now without blocking.
     pub fn is_writable(&self) -> Result<bool, zmq::Error> {
         Ok(self.socket.get_events()?.contains(zmq::POLLOUT))
@@ -102,6 +134,30 @@ impl ZmqSocket {
             }
         }
         Ok(SendOutcome::Sent)
+    }
+}
+
+/// One received frame, in libzmq's own buffer.
+pub struct Frame(zmq::Message);
+
+impl AsRef<[u8]> for Frame {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The frames of the last message [`ZmqSocket::try_recv_into`] received; reused from
+/// one message to the next.
+#[derive(Default)]
+pub struct Frames {
+    slots: Vec<Frame>,
+    len: usize,
+}
+
+impl Frames {
+    /// The frames of the last message received.
+    pub fn get(&self) -> &[Frame] {
+        self.slots.get(..self.len).unwrap_or_default()
     }
 }
 
@@ -140,6 +196,38 @@ mod tests {
         assert_eq!(received.len(), 5);
         assert_eq!(received[4], vec![vec![4], vec![4]]);
         assert_eq!(pull.try_recv().unwrap(), None);
+    }
+
+    #[test]
+    fn receiving_into_reused_frames_sees_every_message_whole() {
+        let context = zmq::Context::new();
+        let (pull, push) = pair(&context, "inproc://into");
+        let mut poll = Poll::new().unwrap();
+        pull.register(poll.registry(), Token(0)).unwrap();
+        // Messages of different lengths, so a reused slot must not keep old frames.
+        push.send(&[&b"a"[..], b"bb", b"ccc"]).unwrap();
+        push.send(&[&b"d"[..]]).unwrap();
+        push.send(&[&b"e"[..], b""]).unwrap();
+        let mut frames = Frames::default();
+        let mut received: Vec<Vec<Vec<u8>>> = Vec::new();
+        let mut events = Events::with_capacity(4);
+        while received.len() < 3 {
+            poll.poll(&mut events, Some(Duration::from_secs(5)))
+                .unwrap();
+            while pull.try_recv_into(&mut frames).unwrap() {
+                received.push(frames.get().iter().map(|f| f.as_ref().to_vec()).collect());
+            }
+        }
+        assert_eq!(
+            received,
+            vec![
+                vec![b"a".to_vec(), b"bb".to_vec(), b"ccc".to_vec()],
+                vec![b"d".to_vec()],
+                vec![b"e".to_vec(), Vec::new()],
+            ]
+        );
+        assert!(!pull.try_recv_into(&mut frames).unwrap());
+        assert!(frames.get().is_empty());
     }
 
     #[test]

@@ -12,15 +12,22 @@ use std::collections::{BTreeSet, VecDeque};
 
 use crate::kvmsg::Uuid;
 
+/// Uuids are held as `u128`: the set is searched on every update, and comparing two
+/// integers is several times cheaper than comparing two byte arrays (a `memcmp` call).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct SeenUpdates {
-    members: BTreeSet<Uuid>,
-    oldest_first: VecDeque<Uuid>,
+    members: BTreeSet<u128>,
+    oldest_first: VecDeque<u128>,
+}
+
+fn as_int(uuid: &Uuid) -> u128 {
+    u128::from_be_bytes(*uuid.as_bytes())
 }
 
 impl SeenUpdates {
     /// Remembers `uuid`, forgetting the oldest beyond `window`.
     pub(crate) fn insert(&mut self, uuid: Uuid, window: usize) {
+        let uuid = as_int(&uuid);
         if !self.members.insert(uuid) {
             return;
         }
@@ -33,12 +40,14 @@ impl SeenUpdates {
     }
 
     pub(crate) fn contains(&self, uuid: &Uuid) -> bool {
-        self.members.contains(uuid)
+        self.members.contains(&as_int(uuid))
     }
 
     /// The remembered uuids, oldest first.
     pub(crate) fn iter(&self) -> impl Iterator<Item = Uuid> + '_ {
-        self.oldest_first.iter().copied()
+        self.oldest_first
+            .iter()
+            .map(|bits| Uuid::from_bytes(bits.to_be_bytes()))
     }
 }
 

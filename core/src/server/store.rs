@@ -8,21 +8,104 @@ use imbl::OrdMap;
 use crate::kvmsg::{KvMsg, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 
-/// A stored key. Shared so that copying a B-tree node (when a snapshot holds the old
-/// version) bumps reference counts instead of copying bytes.
-pub(crate) type Key = Arc<[u8]>;
+/// Keys up to this long are stored inline in the map's nodes.
+const INLINE_KEY: usize = 22;
+
+/// A stored key. Short keys (most: the zguide's are 12–16 bytes) live inline, with no
+/// allocation of their own; longer ones are shared, so that copying a B-tree node (when
+/// a snapshot holds the old version) bumps reference counts instead of copying bytes.
+/// Either way it is 24 bytes, and it orders, compares and borrows as its bytes.
+#[derive(Clone)]
+pub(crate) enum Key {
+    Inline { len: u8, bytes: [u8; INLINE_KEY] },
+    Shared(Arc<[u8]>),
+}
+
+impl Key {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => bytes.get(..usize::from(*len)).unwrap_or_default(),
+            Key::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(key: &[u8]) -> Self {
+        let mut bytes = [0; INLINE_KEY];
+        match (bytes.get_mut(..key.len()), u8::try_from(key.len())) {
+            (Some(prefix), Ok(len)) => {
+                prefix.copy_from_slice(key);
+                Key::Inline { len, bytes }
+            }
+            _ => Key::Shared(Arc::from(key)),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Key {
+    fn from(key: Vec<u8>) -> Self {
+        Key::from(key.as_slice())
+    }
+}
+
+impl std::ops::Deref for Key {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.as_bytes()))
+    }
+}
 
 /// The persistent map: cloning it is O(1) and later writes do not disturb the clone.
 pub(crate) type Map = OrdMap<Key, Arc<Entry>>;
 
 /// One stored value: exactly what a KVSYNC carries for its key.
+///
+/// Compact, because a million of them make up most of a server's memory: the
+/// properties frame and the body share one allocation (no allocation at all for the
+/// properties of most updates, which have none), and "no expiry" is the epoch itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     sequence: i64,
+    /// Absolute expiry in epoch milliseconds; 0 when the value is persistent.
+    expires_at: u64,
     uuid: Option<Uuid>,
-    properties: Properties,
-    body: Vec<u8>,
-    expires_at: Option<EpochMillis>,
+    /// Bytes of `data` that are the properties frame; the rest is the body.
+    properties_len: u32,
+    /// The properties frame followed by the body.
+    data: Box<[u8]>,
 }
 
 impl Entry {
@@ -40,14 +123,29 @@ impl Entry {
             properties,
             body,
         } = update;
+        let properties = properties.as_frame();
+        // The decoder bounds the properties frame far below 4 GiB; a larger one could
+        // only come from a misconfigured limit, and is then stored without properties
+        // rather than mis-split.
+        let (properties_len, data) = match u32::try_from(properties.len()) {
+            Ok(0) | Err(_) => (0, body.into_boxed_slice()),
+            Ok(len) => {
+                let mut data = Vec::with_capacity(properties.len() + body.len());
+                data.extend_from_slice(properties);
+                data.extend_from_slice(&body);
+                (len, data.into_boxed_slice())
+            }
+        };
         (
             Key::from(key),
             Entry {
                 sequence,
+                // 0 means persistent, so an expiry at the epoch itself (long past)
+                // is kept as 1 ms after it.
+                expires_at: expires_at.map_or(0, |at| at.0.max(1)),
                 uuid,
-                properties,
-                body,
-                expires_at,
+                properties_len,
+                data,
             },
         )
     }
@@ -63,18 +161,27 @@ impl Entry {
     }
 
     /// Its properties, with `ttl` as absolute epoch milliseconds when it expires.
-    pub fn properties(&self) -> &Properties {
-        &self.properties
+    pub fn properties(&self) -> Properties {
+        Properties::from_valid_frame(self.properties_frame())
+    }
+
+    /// The properties frame as stored (and sent in a KVSYNC).
+    pub(crate) fn properties_frame(&self) -> &[u8] {
+        self.data
+            .get(..self.properties_len as usize)
+            .unwrap_or_default()
     }
 
     /// The value.
     pub fn body(&self) -> &[u8] {
-        &self.body
+        self.data
+            .get(self.properties_len as usize..)
+            .unwrap_or_default()
     }
 
     /// When it expires, if it is ephemeral.
     pub fn expires_at(&self) -> Option<EpochMillis> {
-        self.expires_at
+        (self.expires_at != 0).then_some(EpochMillis(self.expires_at))
     }
 
     /// The five frames of this entry as a message with `sequence` and `body` (a KVSYNC
@@ -86,14 +193,14 @@ impl Entry {
             self.uuid
                 .map(|uuid| uuid.as_bytes().to_vec())
                 .unwrap_or_default(),
-            self.properties.as_frame().to_vec(),
+            self.properties_frame().to_vec(),
             body.to_vec(),
         ]
     }
 
     /// The KVSYNC frames for this entry.
     pub(crate) fn kvsync_frames(&self, key: &[u8]) -> [Vec<u8>; FRAME_COUNT] {
-        self.frames(key, self.sequence, &self.body)
+        self.frames(key, self.sequence, self.body())
     }
 }
 
@@ -120,7 +227,7 @@ impl Store {
 
     /// Stores `entry` under `key`, replacing (and unindexing) any previous value.
     pub(crate) fn insert(&mut self, key: Key, entry: Entry) {
-        if let Some(expires_at) = entry.expires_at {
+        if let Some(expires_at) = entry.expires_at() {
             self.expiries.insert((expires_at, key.clone()));
         }
         if let Some(previous) = self.map.insert(key.clone(), Arc::new(entry)) {
@@ -145,10 +252,10 @@ impl Store {
     }
 
     fn unindex(&mut self, key: &Key, entry: &Entry) {
-        if let Some(expires_at) = entry.expires_at {
+        if let Some(expires_at) = entry.expires_at() {
             // The index may already hold the new entry's (expiry, key) when the
             // replacement expires at the same instant; only drop the old one.
-            if self.map.get(&**key).and_then(|now| now.expires_at) != Some(expires_at) {
+            if self.map.get(&**key).and_then(|now| now.expires_at()) != Some(expires_at) {
                 self.expiries.remove(&(expires_at, key.clone()));
             }
         }
@@ -183,5 +290,68 @@ impl Store {
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &Arc<Entry>)> + '_ {
         self.map.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_their_bytes_inline_or_shared() {
+        let short = Key::from(&b"/weather/london"[..]);
+        let exact = Key::from(&[7u8; INLINE_KEY][..]);
+        let long = Key::from(vec![b'x'; INLINE_KEY + 1]);
+        assert!(matches!(short, Key::Inline { .. }));
+        assert!(matches!(exact, Key::Inline { .. }));
+        assert!(matches!(long, Key::Shared(_)));
+        assert_eq!(&*short, b"/weather/london");
+        assert_eq!(exact.as_bytes(), &[7u8; INLINE_KEY]);
+        assert_eq!(long.len(), INLINE_KEY + 1);
+        assert_eq!(&*Key::from(&b""[..]), b"");
+        // Ordered by bytes whatever the representation.
+        let mut keys = [
+            long.clone(),
+            short.clone(),
+            Key::from(&b"/a"[..]),
+            exact.clone(),
+        ];
+        keys.sort();
+        let sorted: Vec<&[u8]> = keys.iter().map(Key::as_bytes).collect();
+        let mut expected = vec![long.as_bytes(), short.as_bytes(), b"/a", exact.as_bytes()];
+        expected.sort();
+        assert_eq!(sorted, expected);
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+    }
+
+    #[test]
+    fn an_entry_stays_small() {
+        // 72 bytes with the Arc's counts: an 80-byte allocation per key, plus its data.
+        assert!(std::mem::size_of::<Entry>() <= 56);
+    }
+
+    #[test]
+    fn properties_and_body_are_split_back_exactly() {
+        let update = KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), Uuid::from_bytes([1; 16]))
+            .with_ttl(std::time::Duration::from_secs(5));
+        let (key, entry) = Entry::from_update(update, Some(EpochMillis(1_700_000_005_000)));
+        assert_eq!(&*key, b"/k");
+        assert_eq!(entry.body(), b"value");
+        assert_eq!(entry.properties_frame(), b"ttl=1700000005000\n");
+        assert_eq!(entry.properties().get("ttl"), Some(&b"1700000005000"[..]));
+        assert_eq!(entry.expires_at(), Some(EpochMillis(1_700_000_005_000)));
+
+        let plain = KvMsg::kvset(b"/p".to_vec(), b"v".to_vec(), Uuid::from_bytes([2; 16]));
+        let (_, entry) = Entry::from_update(plain, None);
+        assert_eq!(entry.body(), b"v");
+        assert!(entry.properties().is_empty());
+        assert_eq!(entry.expires_at(), None);
+    }
+
+    #[test]
+    fn an_expiry_at_the_epoch_still_expires() {
+        let update = KvMsg::kvset(b"/e".to_vec(), b"v".to_vec(), Uuid::from_bytes([3; 16]));
+        let (_, entry) = Entry::from_update(update, Some(EpochMillis(0)));
+        assert!(entry.expires_at().is_some());
     }
 }

@@ -134,6 +134,11 @@ pub struct LatencyRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotRow {
     pub keys_loaded: u64,
+    /// Loading the keys (a closed-loop flood, each confirmed by a subscriber).
+    pub load_seconds: f64,
+    /// Server CPU time (user + system, all its threads) per update while loading:
+    /// a figure much less sensitive to a busy machine than a rate.
+    pub load_cpu_us_per_update: Option<f64>,
     pub entries_received: u64,
     pub complete: bool,
     pub seconds: f64,
@@ -629,12 +634,7 @@ fn latency(
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|error| BenchError::new(format!("histogram: {error}")))?;
     let count = (rate * seconds) as u64;
-    let result = session.trial(
-        Pace::Rate(rate),
-        count,
-        Keys::Scattered,
-        Some(&mut histogram),
-    )?;
+    let result = session.latency_trial(rate, count, &mut histogram)?;
     if !result.complete_in_order() {
         return Err(BenchError::new(format!(
             "updates were lost at {rate:.0}/s ({} of {} arrived in order)",
@@ -676,11 +676,13 @@ fn load_and_snapshot(
     // again.
     let chunk = 250_000u64;
     let mut first = 0;
+    let load_began = Instant::now();
+    let cpu_before = targets.loaded_pid.and_then(procs::cpu_time_of);
     let mut failures = 0;
     while first < keys {
         let count = chunk.min(keys - first);
         bar.set_message(format!("snapshot: loading keys {first}..{}", first + count));
-        let result = session.trial(Pace::Flood, count, Keys::Sequential { first }, None)?;
+        let result = session.trial(Pace::Flood, count, Keys::Load { first }, None)?;
         if result.zero_loss() {
             first += count;
         } else {
@@ -690,6 +692,14 @@ fn load_and_snapshot(
             }
         }
     }
+    let load_seconds = load_began.elapsed().as_secs_f64();
+    let load_cpu_us_per_update = match (cpu_before, targets.loaded_pid.and_then(procs::cpu_time_of))
+    {
+        (Some(before), Some(after)) => {
+            Some(after.saturating_sub(before).as_secs_f64() * 1e6 / keys as f64)
+        }
+        _ => None,
+    };
     drop(session);
     bar.inc(1);
     // Let the server's queues empty and its allocator settle before reading memory.
@@ -712,6 +722,8 @@ fn load_and_snapshot(
     Ok((
         SnapshotRow {
             keys_loaded: keys,
+            load_seconds,
+            load_cpu_us_per_update,
             entries_received: taken.entries,
             complete: taken.ended && taken.expected_present == keys,
             seconds,
@@ -792,6 +804,17 @@ pub fn render(report: &Report) -> String {
                 "INCOMPLETE"
             },
             snapshot.entries_received,
+        );
+    }
+    if let Some(snapshot) = &report.snapshot {
+        let cpu = snapshot.load_cpu_us_per_update.map_or(String::new(), |us| {
+            format!(", server CPU {us:.1} µs/update")
+        });
+        let _ = writeln!(
+            out,
+            "loading them: {:.2} s, {:.0}k updates/s{cpu}",
+            snapshot.load_seconds,
+            snapshot.keys_loaded as f64 / snapshot.load_seconds / 1_000.0,
         );
     }
     if let Some(memory) = &report.memory {

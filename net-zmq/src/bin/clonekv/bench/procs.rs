@@ -20,7 +20,9 @@ impl Ports {
     /// id so that two runs at once are unlikely to collide.
     pub fn allocate(count: u16) -> Result<Ports, BenchError> {
         const FIRST: u32 = 20_000;
-        const LAST: u32 = 60_000;
+        // Below Linux's ephemeral range (32768 and up by default), from which outgoing
+        // connections take their local ports and could take one of ours.
+        const LAST: u32 = 32_000;
         let span = (LAST - FIRST) / u32::from(count);
         let start = std::process::id().wrapping_mul(7_919);
         for attempt in 0..span {
@@ -130,6 +132,17 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// CPU time (user + system) a process has used so far, Linux only.
+pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; the fields after its closing paren do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the file: 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // The kernel reports clock ticks of USER_HZ, 100 on every Linux we run on.
+    Some(std::time::Duration::from_millis(ticks * 10))
 }
 
 /// Timings of a server started by the bench.

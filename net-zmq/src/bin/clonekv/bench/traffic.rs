@@ -89,8 +89,11 @@ pub enum Pace {
 pub enum Keys {
     /// A scattered walk over the keyspace that continues across trials.
     Scattered,
-    /// Keys `first + index` (loading a map with every key once).
-    Sequential { first: u64 },
+    /// The keys at positions `first + index` of a scattered walk over the keyspace:
+    /// trials covering positions `0..keyspace` write every key exactly once, in an
+    /// order that is not sorted (a map loaded in key order would be unrealistically
+    /// compact or loose, depending on how its B-tree splits).
+    Load { first: u64 },
 }
 
 /// What the receiver waits for.
@@ -102,6 +105,8 @@ enum Goal {
     Any,
     /// Whatever arrives until the route is drained (a flood, where losses are expected).
     Flood,
+    /// Like `All`, but never cut short by a lagging subscriber.
+    Latency,
 }
 
 /// One trial's outcome.
@@ -278,6 +283,24 @@ impl Session {
         self.run(pace, count, None, keys, goal, latency)
     }
 
+    /// A paced trial that runs to its end however far the subscribers lag (a latency
+    /// measurement: a backlog shows in the percentiles instead of ending the trial).
+    pub fn latency_trial(
+        &mut self,
+        rate: f64,
+        count: u64,
+        latency: &mut Histogram<u64>,
+    ) -> Result<TrialResult, BenchError> {
+        self.run(
+            Pace::Rate(rate),
+            count,
+            None,
+            Keys::Scattered,
+            Goal::Latency,
+            Some(latency),
+        )
+    }
+
     /// A flood that stops sending after `duration` (or `count` messages).
     pub fn flood_for(&mut self, duration: Duration, count: u64) -> Result<TrialResult, BenchError> {
         self.run(
@@ -321,7 +344,7 @@ impl Session {
                 pace: share_pace,
                 keys: match keys {
                     Keys::Scattered => Keys::Scattered,
-                    Keys::Sequential { first } => Keys::Sequential {
+                    Keys::Load { first } => Keys::Load {
                         first: first + publisher * share,
                     },
                 },
@@ -359,9 +382,9 @@ impl Session {
                     goal,
                     origin: self.origin,
                     drain: self.drain,
-                    lag_limit: match pace {
-                        Pace::Flood => None,
-                        Pace::Rate(rate) => {
+                    lag_limit: match (pace, goal) {
+                        (Pace::Flood, _) | (_, Goal::Latency) => None,
+                        (Pace::Rate(rate), _) => {
                             Some(((rate * LAG_LIMIT.as_secs_f64()) as u64).max(2_000))
                         }
                     },
@@ -383,11 +406,12 @@ impl Session {
         let receipt = receipt?;
         if std::env::var_os("CLONEKV_BENCH_TRACE").is_some() {
             eprintln!(
-                "trial {trial}: {pace:?} sent {total_sent} in {:.3}s, received {:?} lagged {} gap {:?}",
+                "trial {trial}: {pace:?} sent {total_sent} in {:.3}s, received {:?} lagged {} gap {:?} backup ok {}",
                 started.elapsed().as_secs_f64(),
                 receipt.in_order,
                 receipt.lagged,
-                receipt.gap
+                receipt.gap,
+                receipt.backup_kept_up
             );
         }
         self.key_cursor += share * publishers;
@@ -512,7 +536,7 @@ impl SendPlan {
             while sent < due {
                 let key_index = match self.keys {
                     Keys::Scattered => scatter(self.key_cursor + sent, self.shape.keyspace),
-                    Keys::Sequential { first } => first + sent,
+                    Keys::Load { first } => scatter(first + sent, self.shape.keyspace),
                 };
                 self.shape.key(key_index, &mut key);
                 uuid[8..].copy_from_slice(&(self.uuid_counter + sent).to_be_bytes());
@@ -546,11 +570,22 @@ impl SendPlan {
     }
 }
 
-/// The `n`-th key of a walk that visits the keyspace in a scattered order.
+/// The `n`-th key of a walk that visits the keyspace in a scattered order: every key
+/// once per lap, consecutive steps far apart.
 fn scatter(n: u64, keyspace: u64) -> u64 {
-    // 7 777 777 = 7 · 239 · 4649: coprime with powers of 2 and 10, so the walk visits
-    // every key of a keyspace like 10^6 once per lap.
-    (n % keyspace.max(1)).wrapping_mul(7_777_777) % keyspace.max(1)
+    let keyspace = keyspace.max(1);
+    let mut step = 7_777_777 % keyspace;
+    while gcd(step, keyspace) != 1 {
+        step += 1;
+    }
+    ((u128::from(n % keyspace) * u128::from(step)) % u128::from(keyspace)) as u64
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 struct Expect {
@@ -706,13 +741,13 @@ fn receive(
             }
         }
         let failed = gap.iter().any(|&g| g) || lagged;
-        if expect.goal == Goal::All && failed {
+        if matches!(expect.goal, Goal::All | Goal::Latency) && failed {
             // The trial has failed: stop the publishers early.
             abort.store(true, Ordering::Relaxed);
         }
         let data_complete = match expect.goal {
             Goal::Any => any.iter().all(|&a| a),
-            Goal::All => in_order.iter().all(|&k| k == total),
+            Goal::All | Goal::Latency => in_order.iter().all(|&k| k == total),
             // A flood may stop early (its time limit): complete when all it sent is in.
             Goal::Flood => {
                 in_order.iter().all(|&k| k == total)
@@ -745,7 +780,13 @@ fn receive(
     let backup_kept_up = backup.is_none() || backup_sequence >= highest_sequence;
     // Stop the publishers before waiting for the route to go quiet.
     abort.store(true, Ordering::SeqCst);
-    settle(subscribers, backup, &mut frames)?;
+    settle(
+        subscribers,
+        backup,
+        &mut frames,
+        highest_sequence,
+        backup_sequence,
+    )?;
     Ok(Receipt {
         in_order,
         gap,
@@ -756,20 +797,37 @@ fn receive(
 }
 
 /// Drains whatever is still arriving until the route has been quiet for 50 ms, so a
-/// trial's leftovers do not load the next one.
+/// trial's leftovers do not load the next one; with a backup, also until the backup's
+/// heartbeat shows it has applied everything the primary published (a backup that fell
+/// behind during a failed trial re-syncs, and must not fail the next one).
 fn settle(
     subscribers: &[zmq::Socket],
     backup: Option<&zmq::Socket>,
     frames: &mut [zmq::Message; 5],
+    mut primary_sequence: i64,
+    mut backup_sequence: i64,
 ) -> Result<(), BenchError> {
     let quiet = Duration::from_millis(50);
-    let give_up = Instant::now() + Duration::from_secs(30);
+    let give_up = Instant::now() + Duration::from_secs(15);
     let mut last_seen = Instant::now();
-    while last_seen.elapsed() < quiet && Instant::now() < give_up {
+    loop {
+        let caught_up = backup.is_none() || backup_sequence >= primary_sequence;
+        if (last_seen.elapsed() >= quiet && caught_up) || Instant::now() >= give_up {
+            return Ok(());
+        }
         let mut got = false;
-        for socket in subscribers.iter().chain(backup) {
-            while read_message(socket, frames)?.is_some() {
+        for socket in subscribers {
+            while let Some(message) = read_message(socket, frames)? {
+                // Updates and the primary's heartbeats carry its sequence.
+                primary_sequence = primary_sequence.max(message.sequence);
                 got = true;
+            }
+        }
+        if let Some(socket) = backup {
+            while let Some(message) = read_message(socket, frames)? {
+                if message.is_hugz {
+                    backup_sequence = backup_sequence.max(message.sequence);
+                }
             }
         }
         if got {
@@ -778,7 +836,6 @@ fn settle(
             thread::sleep(Duration::from_millis(1));
         }
     }
-    Ok(())
 }
 
 /// The highest zero-loss rate found by a search, and the trials that found it.
@@ -881,12 +938,14 @@ mod tests {
 
     #[test]
     fn the_scattered_walk_visits_every_key_once_per_lap() {
-        let keyspace = 10_000;
-        let mut seen = vec![false; keyspace as usize];
-        for n in 0..keyspace {
-            seen[scatter(n, keyspace) as usize] = true;
+        // Keyspaces that share factors with 7 777 777 = 7 · 239 · 4649 too.
+        for keyspace in [10_000, 239 * 4_649, 239 * 5, 1] {
+            let mut seen = vec![false; keyspace as usize];
+            for n in 0..keyspace {
+                seen[scatter(n, keyspace) as usize] = true;
+            }
+            assert!(seen.iter().all(|&s| s), "keyspace {keyspace}");
         }
-        assert!(seen.iter().all(|&s| s));
     }
 
     #[test]
