@@ -82,8 +82,8 @@ use rand_core::SeedableRng;
 pub use clonekv_core::client::Entry;
 
 use crate::clock::Clock;
-use crate::log::RateLimiter;
-use crate::socket::{SendOutcome, ZmqSocket};
+use crate::log::{send_or_log, RateLimiter};
+use crate::socket::ZmqSocket;
 
 /// The servers a client uses when none are given: the reference primary and backup on
 /// this host.
@@ -1135,26 +1135,6 @@ fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), ClientError> {
             endpoint: endpoint.to_string(),
             error,
         })
-}
-
-/// Sends on a socket that drops rather than refuses (PUB) or queues (a connecting
-/// DEALER); a refusal is logged and the core's timers recover (a lost ICANHAZ? is asked
-/// again after the server ttl).
-fn send_or_log<F: AsRef<[u8]>>(socket: &ZmqSocket, frames: &[F], limiter: &mut RateLimiter) {
-    let problem = match socket.send(frames) {
-        Ok(SendOutcome::Sent) => return,
-        Ok(other) => format!("{other:?}"),
-        Err(error) => error.to_string(),
-    };
-    let key = format!("send/{}", socket.name());
-    if let Some(allowed) = limiter.check(&key, StdInstant::now()) {
-        tracing::warn!(
-            socket = socket.name(),
-            problem,
-            suppressed = allowed.suppressed,
-            "message not sent"
-        );
-    }
 }
 
 #[cfg(test)]

@@ -80,6 +80,30 @@ impl RateLimiter {
     }
 }
 
+/// Sends on a socket that drops rather than refuses (PUB) or queues (a connecting or
+/// fresh DEALER): a refusal is rare, so it is logged (rate-limited per socket) and the
+/// core's timers recover (a lost ICANHAZ? is asked again after the server ttl).
+pub(crate) fn send_or_log<F: AsRef<[u8]>>(
+    socket: &crate::socket::ZmqSocket,
+    frames: &[F],
+    limiter: &mut RateLimiter,
+) {
+    let problem = match socket.send(frames) {
+        Ok(crate::socket::SendOutcome::Sent) => return,
+        Ok(other) => format!("{other:?}"),
+        Err(error) => error.to_string(),
+    };
+    let key = format!("send/{}", socket.name());
+    if let Some(allowed) = limiter.check(&key, Instant::now()) {
+        tracing::warn!(
+            socket = socket.name(),
+            problem,
+            suppressed = allowed.suppressed,
+            "message not sent"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,7 @@ use clonekv_core::server::{
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
-use crate::log::RateLimiter;
+use crate::log::{send_or_log, RateLimiter};
 use crate::socket::{Frames, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
@@ -698,25 +698,6 @@ fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), StartError> {
             endpoint: endpoint.to_string(),
             error,
         })
-}
-
-/// Sends on a socket that never refuses (PUB, or a fresh DEALER); logs the rare failure.
-fn send_or_log<F: AsRef<[u8]>>(socket: &ZmqSocket, frames: &[F], limiter: &mut RateLimiter) {
-    let outcome = socket.send(frames);
-    let problem = match outcome {
-        Ok(SendOutcome::Sent) => return,
-        Ok(other) => format!("{other:?}"),
-        Err(error) => error.to_string(),
-    };
-    let key = format!("send/{}", socket.name());
-    if let Some(allowed) = limiter.check(&key, StdInstant::now()) {
-        tracing::warn!(
-            socket = socket.name(),
-            problem,
-            suppressed = allowed.suppressed,
-            "message not sent"
-        );
-    }
 }
 
 /// One log line per fact worth a line; floods of dropped input are rate-limited per
