@@ -141,6 +141,8 @@ pub struct SnapshotRow {
     pub load_cpu_us_per_update: Option<f64>,
     pub entries_received: u64,
     pub complete: bool,
+    /// Server CPU time (user + system, all threads) per entry sent.
+    pub cpu_us_per_entry: Option<f64>,
     pub seconds: f64,
     pub keys_per_s: f64,
     pub mb_per_s: f64,
@@ -171,6 +173,10 @@ pub struct FailoverRow {
 pub struct Report {
     pub target: String,
     pub cpus: usize,
+    /// The 1-minute load average when the run started and when it ended (Linux): above
+    /// the CPU count, something else competed for the machine and the rates (not the
+    /// ratios) are low.
+    pub load_average: (Option<f64>, Option<f64>),
     pub quick: bool,
     pub key_size: usize,
     pub value_size: usize,
@@ -252,6 +258,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
             .clone()
             .unwrap_or_else(|| format!("clonekvd started by the bench ({})", clonekvd.display())),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_average: (load_average(), None),
         quick: args.quick,
         key_size: args.key_size,
         value_size: args.value_size,
@@ -481,9 +488,16 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         }
     }
     bar.finish_and_clear();
+    report.load_average.1 = load_average();
     report.elapsed_seconds = began.elapsed().as_secs_f64();
     scratch.keep = !report.problems.is_empty();
     Ok(report)
+}
+
+/// The 1-minute load average, from `/proc/loadavg` (Linux).
+fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 fn validate(args: &BenchArgs) -> Result<(), BenchError> {
@@ -714,10 +728,17 @@ fn load_and_snapshot(
         _ => None,
     };
     bar.set_message(format!("snapshot of {keys} keys"));
+    let cpu_before = targets.loaded_pid.and_then(procs::cpu_time_of);
     let taken = snapshot::take(&targets.loaded, keys, Duration::from_secs(10), |entries| {
         bar.set_message(format!("snapshot: {entries} of {keys} entries"));
     })?;
     bar.inc(1);
+    let cpu_us_per_entry = match (cpu_before, targets.loaded_pid.and_then(procs::cpu_time_of)) {
+        (Some(before), Some(after)) => {
+            Some(after.saturating_sub(before).as_secs_f64() * 1e6 / taken.entries.max(1) as f64)
+        }
+        _ => None,
+    };
     let seconds = taken.elapsed.as_secs_f64();
     Ok((
         SnapshotRow {
@@ -725,6 +746,7 @@ fn load_and_snapshot(
             load_seconds,
             load_cpu_us_per_update,
             entries_received: taken.entries,
+            cpu_us_per_entry,
             complete: taken.ended && taken.expected_present == keys,
             seconds,
             keys_per_s: taken.entries as f64 / seconds,
@@ -791,9 +813,12 @@ pub fn render(report: &Report) -> String {
         }
     }
     if let Some(snapshot) = &report.snapshot {
+        let cpu = snapshot
+            .cpu_us_per_entry
+            .map_or(String::new(), |us| format!(", server CPU {us:.1} µs/entry"));
         let _ = writeln!(
             out,
-            "\nsnapshot of {} keys: {:.2} s, {:.0}k keys/s, {:.0} MB/s, {} ({} entries)",
+            "\nsnapshot of {} keys: {:.2} s, {:.0}k keys/s, {:.0} MB/s{cpu}, {} ({} entries)",
             snapshot.keys_loaded,
             snapshot.seconds,
             snapshot.keys_per_s / 1_000.0,
@@ -845,6 +870,19 @@ pub fn render(report: &Report) -> String {
                 row.result.synced_s,
             );
         }
+    }
+    if let (Some(start), end) = report.load_average {
+        let end = end.map_or(String::new(), |end| format!(" → {end:.1}"));
+        let _ = writeln!(
+            out,
+            "\nload average {start:.1}{end} on {} CPUs{}",
+            report.cpus,
+            if start > report.cpus as f64 {
+                ": the machine was busy, compare ratios, not rates"
+            } else {
+                ""
+            }
+        );
     }
     for problem in &report.problems {
         let _ = writeln!(out, "\nnot measured: {problem}");
