@@ -112,6 +112,10 @@ pub struct ThroughputRow {
     /// Delivered rate of an unpaced flood (with losses): an upper bound.
     pub flood_per_s: f64,
     pub trials: usize,
+    /// CPU time (user + system, all threads) of the relay or server processes (both
+    /// servers of a pair) over the search, per update sent: the cost of an update,
+    /// far steadier than a rate on a busy machine.
+    pub cpu_us_per_update: Option<f64>,
     /// This figure over the raw relay's with as many subscribers.
     pub of_relay: Option<f64>,
     /// This figure over raw PUB → SUB's with as many subscribers.
@@ -354,14 +358,41 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
                 };
                 let label = format!("{name}, {subscribers} sub");
                 bar.set_message(format!("throughput: {label}"));
+                let pids: Vec<u32> = match name {
+                    ROUTE_RELAY => vec![relay_process.pid()],
+                    ROUTE_SERVER => targets
+                        .lone_process
+                        .as_ref()
+                        .map(Process::pid)
+                        .or(args.server_pid)
+                        .into_iter()
+                        .collect(),
+                    ROUTE_PAIR => targets.pair_processes.iter().map(Process::pid).collect(),
+                    _ => Vec::new(),
+                };
+                let cpu = || -> Option<Duration> {
+                    if pids.is_empty() {
+                        return None;
+                    }
+                    pids.iter().map(|&pid| procs::cpu_time_of(pid)).sum()
+                };
+                let mut cpu_us_per_update = None;
                 let outcome = (|| {
                     let mut session =
                         Session::open(route, publishers, subscribers, shape, args.hwm, drain)?;
                     session.warm_up(PATIENCE)?;
-                    traffic::search(&mut session, plan, |step| {
+                    let before = cpu();
+                    let search = traffic::search(&mut session, plan, |step| {
                         bar.set_message(format!("throughput: {label}: {step}"));
                         bar.inc(1);
-                    })
+                    })?;
+                    let sent: u64 = search.trials.iter().map(|trial| trial.sent).sum();
+                    if let (Some(before), Some(after)) = (before, cpu()) {
+                        cpu_us_per_update = Some(
+                            after.saturating_sub(before).as_secs_f64() * 1e6 / sent.max(1) as f64,
+                        );
+                    }
+                    Ok::<_, BenchError>(search)
                 })();
                 match outcome {
                     Ok(search) => {
@@ -374,6 +405,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
                             updates_per_s: search.rate(),
                             flood_per_s: search.flood_rate,
                             trials: search.trials.len(),
+                            cpu_us_per_update,
                             of_relay: None,
                             of_pub_sub: None,
                         });
@@ -777,19 +809,23 @@ pub fn render(report: &Report) -> String {
     if !report.throughput.is_empty() {
         let _ = writeln!(
             out,
-            "\nupdate throughput (zero loss, in order)\n  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9}",
-            "route", "subs", "updates", "flood", "of relay", "of PUB→SUB"
+            "\nupdate throughput (zero loss, in order)\n  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
+            "route", "subs", "updates", "flood", "of relay", "of PUB→SUB", "CPU/update"
         );
         for row in &report.throughput {
+            let cpu = row
+                .cpu_us_per_update
+                .map_or("-".to_string(), |us| format!("{us:.1} µs"));
             let _ = writeln!(
                 out,
-                "  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9}",
+                "  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
                 row.route,
                 row.subscribers,
                 k(row.updates_per_s),
                 k(row.flood_per_s),
                 ratio(row.of_relay),
                 ratio(row.of_pub_sub),
+                cpu,
             );
         }
     }
