@@ -450,6 +450,11 @@ prop_compose! {
 
 proptest! {
     #[test]
+    fn uuids_order_as_their_bytes(a in any::<[u8; 16]>(), b in any::<[u8; 16]>()) {
+        prop_assert_eq!(Uuid::from_bytes(a).cmp(&Uuid::from_bytes(b)), a.cmp(&b));
+    }
+
+    #[test]
     fn decode_inverts_encode_for_any_message_within_limits(message in messages()) {
         let decoded = KvMsg::decode(&message.encode(), &limits());
         prop_assert_eq!(decoded, Ok(message));

@@ -17,7 +17,7 @@
 //!   echo but never replayed, so a replay cannot overwrite a newer value or bring back
 //!   a deleted key.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::kvmsg::{KvMsg, Uuid};
@@ -100,8 +100,10 @@ pub(crate) struct PendingList {
     by_uuid: BTreeMap<Uuid, Held>,
     /// Arrival number → uuid: oldest first, for eviction and replay order.
     by_arrival: BTreeMap<u64, Uuid>,
-    /// (key, arrival) of client copies not superseded yet, to supersede by key.
-    live_copies_by_key: BTreeSet<(Vec<u8>, u64)>,
+    /// Key → arrivals (ascending) of its client copies not superseded yet, to supersede
+    /// by key. Looked up by `&[u8]`, so the per-update paths allocate nothing here
+    /// except when a key gets its first live copy.
+    live_copies_by_key: BTreeMap<Vec<u8>, Vec<u64>>,
     next_arrival: u64,
 }
 
@@ -138,8 +140,13 @@ impl PendingList {
         }
         let evicted = self.make_room(max_len);
         let arrival = self.next_arrival();
-        self.live_copies_by_key
-            .insert((update.key.clone(), arrival));
+        match self.live_copies_by_key.get_mut(update.key.as_slice()) {
+            Some(arrivals) => arrivals.push(arrival),
+            None => {
+                self.live_copies_by_key
+                    .insert(update.key.clone(), vec![arrival]);
+            }
+        }
         self.insert(
             uuid,
             Held {
@@ -190,14 +197,10 @@ impl PendingList {
     }
 
     fn supersede(&mut self, key: &[u8]) {
-        let range = (key.to_vec(), 0)..=(key.to_vec(), u64::MAX);
-        let arrivals: Vec<u64> = self
-            .live_copies_by_key
-            .range(range)
-            .map(|(_, arrival)| *arrival)
-            .collect();
+        let Some(arrivals) = self.live_copies_by_key.remove(key) else {
+            return;
+        };
         for arrival in arrivals {
-            self.live_copies_by_key.remove(&(key.to_vec(), arrival));
             let held = self
                 .by_arrival
                 .get(&arrival)
@@ -238,8 +241,12 @@ impl PendingList {
         let earlier: Vec<(Vec<u8>, u64)> = self
             .live_copies_by_key
             .iter()
-            .filter(|(_, arrival)| *arrival < mark)
-            .cloned()
+            .flat_map(|(key, arrivals)| {
+                arrivals
+                    .iter()
+                    .filter(|&&arrival| arrival < mark)
+                    .map(|&arrival| (key.clone(), arrival))
+            })
             .collect();
         let (mut echoed, mut superseded_count) = (0, 0);
         for (key, arrival) in earlier {
@@ -263,7 +270,7 @@ impl PendingList {
             {
                 *superseded = true;
                 superseded_count += 1;
-                self.live_copies_by_key.remove(&(key, arrival));
+                self.unlink_live_copy(&key, arrival);
             }
         }
         (echoed, superseded_count)
@@ -362,9 +369,17 @@ impl PendingList {
         let held = self.by_uuid.remove(uuid)?;
         self.by_arrival.remove(&held.arrival);
         if let Kind::ClientCopy { update, .. } = &held.kind {
-            self.live_copies_by_key
-                .remove(&(update.key.clone(), held.arrival));
+            self.unlink_live_copy(&update.key, held.arrival);
         }
         Some(held.kind)
+    }
+
+    fn unlink_live_copy(&mut self, key: &[u8], arrival: u64) {
+        if let Some(arrivals) = self.live_copies_by_key.get_mut(key) {
+            arrivals.retain(|&other| other != arrival);
+            if arrivals.is_empty() {
+                self.live_copies_by_key.remove(key);
+            }
+        }
     }
 }

@@ -112,6 +112,10 @@ pub struct ThroughputRow {
     /// Delivered rate of an unpaced flood (with losses): an upper bound.
     pub flood_per_s: f64,
     pub trials: usize,
+    /// CPU time (user + system, all threads) of the relay or server processes (both
+    /// servers of a pair) over the search, per update sent: the cost of an update,
+    /// far steadier than a rate on a busy machine.
+    pub cpu_us_per_update: Option<f64>,
     /// This figure over the raw relay's with as many subscribers.
     pub of_relay: Option<f64>,
     /// This figure over raw PUB → SUB's with as many subscribers.
@@ -141,6 +145,8 @@ pub struct SnapshotRow {
     pub load_cpu_us_per_update: Option<f64>,
     pub entries_received: u64,
     pub complete: bool,
+    /// Server CPU time (user + system, all threads) per entry sent.
+    pub cpu_us_per_entry: Option<f64>,
     pub seconds: f64,
     pub keys_per_s: f64,
     pub mb_per_s: f64,
@@ -171,6 +177,10 @@ pub struct FailoverRow {
 pub struct Report {
     pub target: String,
     pub cpus: usize,
+    /// The 1-minute load average when the run started and when it ended (Linux): above
+    /// the CPU count, something else competed for the machine and the rates (not the
+    /// ratios) are low.
+    pub load_average: (Option<f64>, Option<f64>),
     pub quick: bool,
     pub key_size: usize,
     pub value_size: usize,
@@ -252,6 +262,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
             .clone()
             .unwrap_or_else(|| format!("clonekvd started by the bench ({})", clonekvd.display())),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load_average: (load_average(), None),
         quick: args.quick,
         key_size: args.key_size,
         value_size: args.value_size,
@@ -347,14 +358,41 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
                 };
                 let label = format!("{name}, {subscribers} sub");
                 bar.set_message(format!("throughput: {label}"));
+                let pids: Vec<u32> = match name {
+                    ROUTE_RELAY => vec![relay_process.pid()],
+                    ROUTE_SERVER => targets
+                        .lone_process
+                        .as_ref()
+                        .map(Process::pid)
+                        .or(args.server_pid)
+                        .into_iter()
+                        .collect(),
+                    ROUTE_PAIR => targets.pair_processes.iter().map(Process::pid).collect(),
+                    _ => Vec::new(),
+                };
+                let cpu = || -> Option<Duration> {
+                    if pids.is_empty() {
+                        return None;
+                    }
+                    pids.iter().map(|&pid| procs::cpu_time_of(pid)).sum()
+                };
+                let mut cpu_us_per_update = None;
                 let outcome = (|| {
                     let mut session =
                         Session::open(route, publishers, subscribers, shape, args.hwm, drain)?;
                     session.warm_up(PATIENCE)?;
-                    traffic::search(&mut session, plan, |step| {
+                    let before = cpu();
+                    let search = traffic::search(&mut session, plan, |step| {
                         bar.set_message(format!("throughput: {label}: {step}"));
                         bar.inc(1);
-                    })
+                    })?;
+                    let sent: u64 = search.trials.iter().map(|trial| trial.sent).sum();
+                    if let (Some(before), Some(after)) = (before, cpu()) {
+                        cpu_us_per_update = Some(
+                            after.saturating_sub(before).as_secs_f64() * 1e6 / sent.max(1) as f64,
+                        );
+                    }
+                    Ok::<_, BenchError>(search)
                 })();
                 match outcome {
                     Ok(search) => {
@@ -367,6 +405,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
                             updates_per_s: search.rate(),
                             flood_per_s: search.flood_rate,
                             trials: search.trials.len(),
+                            cpu_us_per_update,
                             of_relay: None,
                             of_pub_sub: None,
                         });
@@ -481,9 +520,16 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         }
     }
     bar.finish_and_clear();
+    report.load_average.1 = load_average();
     report.elapsed_seconds = began.elapsed().as_secs_f64();
     scratch.keep = !report.problems.is_empty();
     Ok(report)
+}
+
+/// The 1-minute load average, from `/proc/loadavg` (Linux).
+fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 fn validate(args: &BenchArgs) -> Result<(), BenchError> {
@@ -714,10 +760,17 @@ fn load_and_snapshot(
         _ => None,
     };
     bar.set_message(format!("snapshot of {keys} keys"));
+    let cpu_before = targets.loaded_pid.and_then(procs::cpu_time_of);
     let taken = snapshot::take(&targets.loaded, keys, Duration::from_secs(10), |entries| {
         bar.set_message(format!("snapshot: {entries} of {keys} entries"));
     })?;
     bar.inc(1);
+    let cpu_us_per_entry = match (cpu_before, targets.loaded_pid.and_then(procs::cpu_time_of)) {
+        (Some(before), Some(after)) => {
+            Some(after.saturating_sub(before).as_secs_f64() * 1e6 / taken.entries.max(1) as f64)
+        }
+        _ => None,
+    };
     let seconds = taken.elapsed.as_secs_f64();
     Ok((
         SnapshotRow {
@@ -725,6 +778,7 @@ fn load_and_snapshot(
             load_seconds,
             load_cpu_us_per_update,
             entries_received: taken.entries,
+            cpu_us_per_entry,
             complete: taken.ended && taken.expected_present == keys,
             seconds,
             keys_per_s: taken.entries as f64 / seconds,
@@ -755,19 +809,23 @@ pub fn render(report: &Report) -> String {
     if !report.throughput.is_empty() {
         let _ = writeln!(
             out,
-            "\nupdate throughput (zero loss, in order)\n  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9}",
-            "route", "subs", "updates", "flood", "of relay", "of PUB→SUB"
+            "\nupdate throughput (zero loss, in order)\n  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
+            "route", "subs", "updates", "flood", "of relay", "of PUB→SUB", "CPU/update"
         );
         for row in &report.throughput {
+            let cpu = row
+                .cpu_us_per_update
+                .map_or("-".to_string(), |us| format!("{us:.1} µs"));
             let _ = writeln!(
                 out,
-                "  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9}",
+                "  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
                 row.route,
                 row.subscribers,
                 k(row.updates_per_s),
                 k(row.flood_per_s),
                 ratio(row.of_relay),
                 ratio(row.of_pub_sub),
+                cpu,
             );
         }
     }
@@ -791,9 +849,12 @@ pub fn render(report: &Report) -> String {
         }
     }
     if let Some(snapshot) = &report.snapshot {
+        let cpu = snapshot
+            .cpu_us_per_entry
+            .map_or(String::new(), |us| format!(", server CPU {us:.1} µs/entry"));
         let _ = writeln!(
             out,
-            "\nsnapshot of {} keys: {:.2} s, {:.0}k keys/s, {:.0} MB/s, {} ({} entries)",
+            "\nsnapshot of {} keys: {:.2} s, {:.0}k keys/s, {:.0} MB/s{cpu}, {} ({} entries)",
             snapshot.keys_loaded,
             snapshot.seconds,
             snapshot.keys_per_s / 1_000.0,
@@ -845,6 +906,19 @@ pub fn render(report: &Report) -> String {
                 row.result.synced_s,
             );
         }
+    }
+    if let (Some(start), end) = report.load_average {
+        let end = end.map_or(String::new(), |end| format!(" → {end:.1}"));
+        let _ = writeln!(
+            out,
+            "\nload average {start:.1}{end} on {} CPUs{}",
+            report.cpus,
+            if start > report.cpus as f64 {
+                ": the machine was busy, compare ratios, not rates"
+            } else {
+                ""
+            }
+        );
     }
     for problem in &report.problems {
         let _ = writeln!(out, "\nnot measured: {problem}");
