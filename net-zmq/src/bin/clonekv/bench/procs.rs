@@ -5,6 +5,7 @@ use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, Once};
 
 use super::BenchError;
 
@@ -53,6 +54,35 @@ impl Ports {
     }
 }
 
+/// Process ids of the children still running, for the signal handler.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// On SIGINT, SIGTERM or SIGHUP, kills every child still running, then exits: a signal
+/// ends the process without running destructors, and the children must not outlive it.
+fn kill_children_on_signals() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let pids = CHILDREN.lock().map(|pids| pids.clone()).unwrap_or_default();
+                for pid in pids {
+                    let _ = Command::new("kill")
+                        .arg("-KILL")
+                        .arg(pid.to_string())
+                        .stderr(Stdio::null())
+                        .status();
+                }
+                eprintln!("clonekv bench: stopped by signal {signal}");
+                std::process::exit(128 + signal);
+            }
+        });
+    });
+}
+
 /// A `clonekvd` or relay child process; dropping it sends SIGKILL and reaps it.
 pub struct Process {
     name: String,
@@ -85,6 +115,10 @@ impl Process {
                     program.display()
                 ))
             })?;
+        kill_children_on_signals();
+        if let Ok(mut pids) = CHILDREN.lock() {
+            pids.push(child.id());
+        }
         Ok(Process {
             name: name.to_string(),
             child,
@@ -117,6 +151,9 @@ impl Process {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Ok(mut pids) = CHILDREN.lock() {
+            pids.retain(|&pid| pid != self.child.id());
+        }
     }
 }
 
