@@ -829,6 +829,12 @@ pub fn render(report: &Report) -> String {
             );
         }
     }
+    if report.publishers > 1 && !report.throughput.is_empty() {
+        let _ = writeln!(
+            out,
+            "  (raw PUB→SUB always has 1 publisher: it binds the endpoint)"
+        );
+    }
     if !report.latency.is_empty() {
         let _ = writeln!(
             out,
