@@ -191,6 +191,9 @@ struct ServerSlot {
     /// The peer incarnation whose history this server last synced with: it follows that
     /// history, not a restarted peer's new one.
     synced_with: Option<u32>,
+    /// The peer incarnation its current snapshot request went to: what that peer
+    /// publishes meanwhile is buffered for the same history (oracle 5 counts it).
+    syncing_with: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -203,8 +206,12 @@ struct ClientSlot {
     mirror: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Per key, the publication index of the newest value seen since the last sync.
     newest_seen: BTreeMap<Vec<u8>, u64>,
-    /// World time of the client's last completed snapshot.
+    /// World time at which the client's last completed sync began (its first snapshot
+    /// request of that attempt): updates dropped after it may be missing from the
+    /// updates it buffered during the snapshot.
     last_synced_at: Option<Instant>,
+    /// World time of the first snapshot request of the sync under way, if any.
+    sync_requested_at: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -366,6 +373,7 @@ impl World {
                 active_since: None,
                 sync_requested_at: None,
                 synced_with: None,
+                syncing_with: None,
             });
             world.start_server(node);
         }
@@ -380,6 +388,7 @@ impl World {
                 mirror: BTreeMap::new(),
                 newest_seen: BTreeMap::new(),
                 last_synced_at: None,
+                sync_requested_at: None,
             });
             world.start_client(node);
         }
@@ -555,6 +564,10 @@ impl World {
                 return;
             }
         }
+        if let Some(slot) = self.servers.get_mut(node) {
+            slot.synced_with = None;
+            slot.syncing_with = None;
+        }
         self.history.last_published.remove(&node);
         self.history.held.remove(&node);
         self.history.seen.remove(&node);
@@ -580,6 +593,7 @@ impl World {
         let local = slot.life.clock.local(now);
         slot.mirror.clear();
         slot.newest_seen.clear();
+        slot.sync_requested_at = None;
         match Client::new(config, rng, local) {
             Ok(machine) => slot.machine = Some(machine),
             Err(error) => {
@@ -758,8 +772,11 @@ impl World {
             .and_then(|slot| slot.machine.as_ref())
             .is_some_and(|machine| machine.state() == BstarState::Passive);
         let peer = 1 - node;
-        let same_history = self.servers.get(node).and_then(|slot| slot.synced_with)
-            == self.life(peer).map(|life| life.incarnation);
+        let peer_incarnation = self.life(peer).map(|life| life.incarnation);
+        let same_history = self.servers.get(node).is_some_and(|slot| {
+            peer_incarnation.is_some()
+                && (slot.synced_with == peer_incarnation || slot.syncing_with == peer_incarnation)
+        });
         if !receives || !same_history {
             // A restarted peer's new history cannot be applied to the one this server
             // follows; Binary Star resolves which history survives.
@@ -1113,6 +1130,12 @@ impl World {
                         self.history.last_published.remove(&node);
                         sync_completed = true;
                     }
+                    if matches!(event, server::Event::SyncStarted { .. }) {
+                        let peer_incarnation = self.life(peer).map(|life| life.incarnation);
+                        if let Some(slot) = self.servers.get_mut(node) {
+                            slot.syncing_with = peer_incarnation;
+                        }
+                    }
                     self.count_server_event(&event);
                     self.trace(
                         || format!("s{node} {event:?}"),
@@ -1254,6 +1277,10 @@ impl World {
             let from_snapshot = installed_through.is_some_and(|last| position < last);
             match output {
                 client::Output::SendSnapshotRequest { server, frames } => {
+                    let now = self.now;
+                    if let Some(slot) = self.client_slot(node) {
+                        slot.sync_requested_at.get_or_insert(now);
+                    }
                     let incarnation = self.life(node).map_or(0, |life| life.incarnation);
                     let mut message = vec![dealer_identity(node, incarnation, 0)];
                     message.extend(frames);
@@ -1701,7 +1728,7 @@ impl World {
             } => {
                 let now = self.now;
                 if let Some(slot) = self.client_slot(node) {
-                    slot.last_synced_at = Some(now);
+                    slot.last_synced_at = Some(slot.sync_requested_at.take().unwrap_or(now));
                 }
                 self.check_snapshot(node, server.0, sequence);
             }
