@@ -501,6 +501,12 @@ struct SyncInProgress {
     store: Store,
     backlog: Vec<(KvMsg, Option<EpochMillis>)>,
     backlog_overflowed: bool,
+    /// What earlier attempts buffered before they timed out. A completed snapshot
+    /// makes it moot: it was published before this attempt's request, so the snapshot
+    /// has it, unless the silence was the peer restarting, and then it belongs to a
+    /// history that no longer exists. Only a failover mid-sync uses it: it is then
+    /// the newest this server has of the dead active's history.
+    unconfirmed: Vec<(KvMsg, Option<EpochMillis>)>,
     last_activity: Instant,
     /// Pending-list arrivals before this mark preceded the request.
     pending_mark: u64,
@@ -883,11 +889,26 @@ impl Server {
                 self.outputs.push_back(Output::Event(Event::SyncStarted {
                     reason: SyncReason::Timeout,
                 }));
-                let backlog = match std::mem::replace(&mut self.follow, Follow::Not) {
-                    Follow::Syncing(sync) => sync.backlog,
+                let mut unconfirmed = match std::mem::replace(&mut self.follow, Follow::Not) {
+                    Follow::Syncing(sync) => {
+                        let SyncInProgress {
+                            mut unconfirmed,
+                            backlog,
+                            ..
+                        } = *sync;
+                        unconfirmed.extend(backlog);
+                        unconfirmed
+                    }
                     _ => Vec::new(),
                 };
-                self.request_peer_snapshot(now, backlog);
+                let excess = unconfirmed
+                    .len()
+                    .saturating_sub(self.config.sync_backlog_max);
+                unconfirmed.drain(..excess);
+                self.request_peer_snapshot(now, Vec::new());
+                if let Follow::Syncing(sync) = &mut self.follow {
+                    sync.unconfirmed = unconfirmed;
+                }
             }
         }
     }
@@ -1356,7 +1377,12 @@ impl Server {
             }
         }
         let mut applied_updates = 0;
-        for (update, expires_at) in sync.backlog {
+        let SyncInProgress {
+            unconfirmed,
+            backlog,
+            ..
+        } = *sync;
+        for (update, expires_at) in unconfirmed.into_iter().chain(backlog) {
             let newer = self
                 .store
                 .get(&update.key)

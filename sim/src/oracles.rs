@@ -125,6 +125,10 @@ impl Reign {
     }
 }
 
+/// A point in a run: world time, and a counter that orders the steps of one instant
+/// (several deliveries can share a nanosecond, and their order matters to oracle 5).
+pub type Moment = (Instant, u64);
+
 /// What a server holds for a key, in publication order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Held {
@@ -132,11 +136,14 @@ pub struct Held {
     pub index: PublicationIndex,
     /// False when the key was deleted.
     pub present: bool,
-    /// World time the server received (or made) it.
-    pub received_at: Instant,
+    /// The sequence it carried from the active it follows (or, for a value adopted from
+    /// a snapshot, the snapshot's sequence): what a later snapshot already accounts for.
+    pub sequence: i64,
+    /// When the server received (or made) it.
+    pub received_at: Moment,
     /// Received from the active it follows (not published by itself, not adopted from
-    /// a snapshot).
-    pub from_active: bool,
+    /// a snapshot): the incarnation of that active, whose history it belongs to.
+    pub from_active: Option<u32>,
 }
 
 /// What a published ephemeral value promises.

@@ -23,7 +23,7 @@ use rand::RngExt;
 use crate::clock::NodeClock;
 use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
 use crate::options::{streams, Options};
-use crate::oracles::{History, Oracle, TtlExpectation, Violation};
+use crate::oracles::{History, Moment, Oracle, TtlExpectation, Violation};
 use crate::workload::{Operation, Workload};
 use crate::{derive_rng, SimRng};
 
@@ -160,7 +160,9 @@ struct Life {
     clock: NodeClock,
     restart_at: Option<Instant>,
     paused_until: Option<Instant>,
-    held: VecDeque<Delivery>,
+    /// Deliveries that reached it while paused, each with its sender's incarnation
+    /// then (the sender may crash and restart before this node reads them).
+    held: VecDeque<(Delivery, Option<u32>)>,
     /// Reconnects of the node's SUBs seen while it was paused (the monitor queues them).
     held_reconnects: Vec<NodeId>,
     incarnation: u32,
@@ -186,8 +188,8 @@ struct ServerSlot {
     ready_streams: BTreeSet<Vec<u8>>,
     /// World time since which the server has been active, if it is.
     active_since: Option<Instant>,
-    /// World time of its latest snapshot request to the peer.
-    sync_requested_at: Option<Instant>,
+    /// When it last sent a snapshot request to the peer.
+    sync_requested_at: Option<Moment>,
     /// The peer incarnation whose history this server last synced with: it follows that
     /// history, not a restarted peer's new one.
     synced_with: Option<u32>,
@@ -234,6 +236,8 @@ pub struct World {
     next_fault_tick: Instant,
     heals: BTreeMap<(Instant, NodeId, NodeId), ()>,
     history: History,
+    /// Orders the moments of one instant (see [`Moment`]).
+    moments: u64,
     coverage: Coverage,
     trace_mode: TraceMode,
     trace_hasher: DefaultHasher,
@@ -346,6 +350,7 @@ impl World {
             next_fault_tick: now + options.faults.tick,
             heals: BTreeMap::new(),
             history: History::default(),
+            moments: 0,
             coverage: Coverage::default(),
             trace_mode,
             trace_hasher: DefaultHasher::new(),
@@ -648,6 +653,13 @@ impl World {
     // --- Delivering ------------------------------------------------------------------
 
     fn deliver(&mut self, delivery: Delivery) {
+        // A crash breaks the sender's connections and loses what was in flight, so
+        // whatever arrives was sent by its current incarnation.
+        let sender = self.life(delivery.route.from).map(|life| life.incarnation);
+        self.deliver_sent_by(delivery, sender);
+    }
+
+    fn deliver_sent_by(&mut self, delivery: Delivery, sender: Option<u32>) {
         let to = delivery.route.to;
         self.trace(
             || {
@@ -666,12 +678,12 @@ impl World {
         }
         if let Some(life) = self.life_mut(to) {
             if life.is_paused() {
-                life.held.push_back(delivery);
+                life.held.push_back((delivery, sender));
                 return;
             }
         }
         if World::is_server(to) {
-            self.deliver_to_server(delivery);
+            self.deliver_to_server(delivery, sender);
         } else {
             self.deliver_to_client(delivery);
         }
@@ -712,7 +724,7 @@ impl World {
             && self.is_up(node)
     }
 
-    fn deliver_to_server(&mut self, delivery: Delivery) {
+    fn deliver_to_server(&mut self, delivery: Delivery, sender: Option<u32>) {
         let node = delivery.route.to;
         let route = delivery.route;
         let now = self.now;
@@ -757,7 +769,7 @@ impl World {
         }
         self.after_server_step(node);
         if let Some(update) = followed {
-            self.note_followed(node, &update);
+            self.note_followed(node, &update, sender);
         }
     }
 
@@ -765,17 +777,14 @@ impl World {
     /// re-syncing to follow), what it received for the key is what oracle 5 protects at
     /// failover, whether it applied the update at once or buffered it. A server still
     /// deciding (just restarted, memory lost) follows nothing yet.
-    fn note_followed(&mut self, node: NodeId, update: &KvMsg) {
+    fn note_followed(&mut self, node: NodeId, update: &KvMsg, sender: Option<u32>) {
         let receives = self
             .servers
             .get(node)
             .and_then(|slot| slot.machine.as_ref())
             .is_some_and(|machine| machine.state() == BstarState::Passive);
-        let peer = 1 - node;
-        let peer_incarnation = self.life(peer).map(|life| life.incarnation);
         let same_history = self.servers.get(node).is_some_and(|slot| {
-            peer_incarnation.is_some()
-                && (slot.synced_with == peer_incarnation || slot.syncing_with == peer_incarnation)
+            sender.is_some() && (slot.synced_with == sender || slot.syncing_with == sender)
         });
         if !receives || !same_history {
             // A restarted peer's new history cannot be applied to the one this server
@@ -810,20 +819,27 @@ impl World {
         }
         let index = self.history.update_index(update_id);
         if let Some(index) = index {
+            let received_at = self.moment();
             self.history.held.entry(node).or_default().insert(
                 update.key.clone(),
                 crate::oracles::Held {
                     index,
                     present: !update.body.is_empty(),
-                    received_at: now,
-                    from_active: true,
+                    sequence: update.sequence,
+                    received_at,
+                    from_active: sender,
                 },
             );
         }
     }
 
     /// After a sync the passive holds exactly the active's map.
-    fn rebuild_held(&mut self, node: NodeId, answered_request: Option<Instant>) {
+    fn rebuild_held(
+        &mut self,
+        node: NodeId,
+        answered_request: Option<Moment>,
+        snapshot_sequence: i64,
+    ) {
         // The adopted snapshot carries absolute expiries: the peer's promises hold here,
         // unless this server received the KVPUB itself (its own copy knows the delay).
         let peer = 1 - node;
@@ -853,8 +869,9 @@ impl World {
                 }
             }
         }
-        let now = self.now;
+        let now = self.moment();
         let requested_at = answered_request.unwrap_or(now);
+        let synced_with = self.servers.get(node).and_then(|slot| slot.synced_with);
         let mut held: BTreeMap<Vec<u8>, crate::oracles::Held> = self
             .server_entries(node)
             .into_iter()
@@ -870,20 +887,26 @@ impl World {
                     crate::oracles::Held {
                         index,
                         present: true,
+                        sequence: snapshot_sequence,
                         // As of the snapshot's point, which follows the request.
                         received_at: requested_at,
-                        from_active: false,
+                        from_active: None,
                     },
                 )
             })
             .collect();
-        // What arrived after the request may be missing from the snapshot (buffered, or
-        // deferred to the next sync): it still counts as received.
+        // What the active published after the snapshot's point is missing from it
+        // (buffered, or deferred to the next sync): it still counts as received. What it
+        // published before is in the snapshot, or was replaced or deleted there.
         if let Some(previous) = self.history.held.get(&node) {
             for (key, received) in previous {
                 // Only what came from the active: a stepped-down server's own split-time
                 // values are not part of the history it adopts.
-                if received.received_at < requested_at || !received.from_active {
+                let after_the_snapshot = received.received_at > requested_at
+                    && received.sequence > snapshot_sequence
+                    && received.from_active.is_some()
+                    && received.from_active == synced_with;
+                if !after_the_snapshot {
                     continue;
                 }
                 let newer = held
@@ -895,6 +918,12 @@ impl World {
             }
         }
         self.history.held.insert(node, held);
+    }
+
+    /// Now, ordered after every moment taken before it.
+    fn moment(&mut self) -> Moment {
+        self.moments += 1;
+        (self.now, self.moments)
     }
 
     /// `(key, uuid, value)` of every entry a server holds, in key order.
@@ -1063,7 +1092,7 @@ impl World {
             .get(node)
             .and_then(|slot| slot.sync_requested_at);
         let mut became_active = false;
-        let mut sync_completed = false;
+        let mut sync_completed = None;
         let mut published = Vec::new();
         for output in outputs {
             match output {
@@ -1089,11 +1118,12 @@ impl World {
                     vec![frame],
                 ),
                 server::Output::RequestPeerSnapshot(frames) => {
+                    let moment = self.moment();
                     let Some(slot) = self.servers.get_mut(node) else {
                         continue;
                     };
                     slot.peer_dealer_epoch += 1;
-                    slot.sync_requested_at = Some(self.now);
+                    slot.sync_requested_at = Some(moment);
                     let identity =
                         dealer_identity(node, slot.life.incarnation, slot.peer_dealer_epoch);
                     let mut message = vec![identity];
@@ -1126,9 +1156,9 @@ impl World {
                             became_active = true;
                         }
                     }
-                    if matches!(event, server::Event::SyncCompleted { .. }) {
+                    if let server::Event::SyncCompleted { sequence, .. } = &event {
                         self.history.last_published.remove(&node);
-                        sync_completed = true;
+                        sync_completed = Some(*sequence);
                     }
                     if matches!(event, server::Event::SyncStarted { .. }) {
                         let peer_incarnation = self.life(peer).map(|life| life.incarnation);
@@ -1144,12 +1174,12 @@ impl World {
                 }
             }
         }
-        if sync_completed {
+        if let Some(snapshot_sequence) = sync_completed {
             let peer_incarnation = self.life(peer).map(|life| life.incarnation);
             if let Some(slot) = self.servers.get_mut(node) {
                 slot.synced_with = peer_incarnation;
             }
-            self.rebuild_held(node, answered_request);
+            self.rebuild_held(node, answered_request, snapshot_sequence);
         }
         self.record_publications(node, &published, became_active && !state_before);
         let active_now = self
@@ -1444,13 +1474,15 @@ impl World {
             self.history
                 .number_publication(node, message.sequence, &message.body);
             self.history.seen.entry(node).or_default().insert(update_id);
+            let received_at = self.moment();
             self.history.held.entry(node).or_default().insert(
                 message.key.clone(),
                 crate::oracles::Held {
                     index,
                     present: !message.body.is_empty(),
-                    received_at: self.now,
-                    from_active: false,
+                    sequence: message.sequence,
+                    received_at,
+                    from_active: None,
                 },
             );
             if !became_active {
@@ -2015,8 +2047,8 @@ impl World {
                 for server in reconnects {
                     self.report_reconnect(node, server);
                 }
-                for delivery in held {
-                    self.deliver(delivery);
+                for (delivery, sender) in held {
+                    self.deliver_sent_by(delivery, sender);
                 }
             }
         }

@@ -73,6 +73,30 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "the oracle counted KVPUBs of a restarted peer's new history",
     ),
     (
+        657,
+        "the oracle ignored what a restarted passive received while re-syncing",
+    ),
+    (
+        721,
+        "the subtree HWM waiver began at KTHXBAI, not at the snapshot request",
+    ),
+    (
+        10321,
+        "the oracle kept a value received after the request that the snapshot deleted",
+    ),
+    (
+        11413,
+        "the oracle ignored KVPUBs read after a pause from a since-restarted active",
+    ),
+    (
+        16385,
+        "a timed-out sync applied the dead active's backlog over a new history",
+    ),
+    (
+        80,
+        "dropping that backlog instead lost it at a failover mid-sync",
+    ),
+    (
         10497,
         "a whole-map client applied a snapshot's buffered updates across a hole",
     ),

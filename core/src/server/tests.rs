@@ -1047,6 +1047,51 @@ fn a_sync_without_reply_is_requested_again_after_the_timeout() {
 }
 
 #[test]
+fn a_sync_that_times_out_forgets_its_backlog_so_a_restarted_actives_history_is_not_mixed_in() {
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(0));
+    // Buffered from the active before it went silent (and, unseen, restarted).
+    harness.peer_update(kvpub(delete("/kept", 1), 85));
+    harness.drain();
+    for _ in 0..5 {
+        harness.advance(1_000);
+        harness.peer_state(BstarState::Active);
+        harness.timeout();
+    }
+    assert!(harness.drain().contains(&Output::Event(Event::SyncStarted {
+        reason: SyncReason::Timeout
+    })));
+    // The restarted active's history: its snapshot is all there is.
+    harness.peer_snapshot(kvpub(set("/kept", "new", 2), 44));
+    harness.peer_snapshot(KvMsg::kthxbai(44, Vec::new()));
+    assert_eq!(harness.value("/kept"), Some(&b"new"[..]));
+    assert_eq!(harness.server.sequence(), 44);
+    assert!(
+        !harness.server.is_syncing(),
+        "no old update was left to look like a gap"
+    );
+}
+
+#[test]
+fn a_failover_after_a_sync_timed_out_keeps_what_the_timed_out_attempt_buffered() {
+    let mut harness = Harness::passive_at(10);
+    harness.peer_update(kvpub(set("/a", "1", 1), 13));
+    assert!(harness.server.is_syncing());
+    harness.advance(5_000);
+    harness.timeout();
+    assert!(harness.drain().contains(&Output::Event(Event::SyncStarted {
+        reason: SyncReason::Timeout
+    })));
+    // No snapshot ever comes: the active is gone, and a client asks this server.
+    harness.advance(5_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+    assert_eq!(harness.server.sequence(), 13);
+}
+
+#[test]
 fn a_backlog_overflow_installs_the_snapshot_and_requests_a_fresh_one() {
     let mut config = Config::backup();
     config.sync_backlog_max = 2;
