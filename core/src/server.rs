@@ -76,7 +76,7 @@ mod seen;
 mod snapshot;
 mod store;
 
-use pending::{ClientCopyFate, CopyOrigin, Evicted, PendingList};
+use pending::{ClientCopyFate, Evicted, PendingList};
 use seen::SeenUpdates;
 use snapshot::{Pulled, SnapshotStreams};
 pub use store::Entry;
@@ -713,7 +713,6 @@ impl Server {
                 uuid,
                 update,
                 expires_at,
-                CopyOrigin::Client,
                 self.config.pending_max_len,
             );
             self.report_eviction(evicted, EvictionReason::Size);
@@ -1221,7 +1220,6 @@ impl Server {
                     uuid,
                     kvset,
                     expires_at,
-                    CopyOrigin::Forwarded,
                     self.config.pending_max_len,
                 );
                 self.report_eviction(evicted, EvictionReason::Size);

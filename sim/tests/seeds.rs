@@ -97,6 +97,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "dropping that backlog instead lost it at a failover mid-sync",
     ),
     (
+        14014,
+        "a forward the primary had superseded was replayed at a later failover",
+    ),
+    (
         10497,
         "a whole-map client applied a snapshot's buffered updates across a hole",
     ),

@@ -32,8 +32,6 @@ enum Kind {
         expires_at: Option<EpochMillis>,
         /// The active published a later update of the same key since this arrived.
         superseded: bool,
-        /// Where the copy came from.
-        origin: CopyOrigin,
     },
     /// The active's echo arrived before the client's copy; it cancels that copy.
     Echo,
@@ -44,17 +42,6 @@ struct Held {
     arrival: u64,
     arrived_at: Instant,
     kind: Kind,
-}
-
-/// Where a held copy came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum CopyOrigin {
-    /// A client sent it to our collector.
-    Client,
-    /// We accepted it while split and forwarded it to the primary when stepping down.
-    /// The forward races the snapshot we request at the same moment, so only its echo
-    /// (or a later update of its key) settles it, never that snapshot.
-    Forwarded,
 }
 
 /// What became of a client's copy handed to [`PendingList::hold_client_copy`].
@@ -125,7 +112,6 @@ impl PendingList {
         uuid: Uuid,
         update: KvMsg,
         expires_at: Option<EpochMillis>,
-        origin: CopyOrigin,
         max_len: usize,
     ) -> (ClientCopyFate, Evicted) {
         match self.by_uuid.get(&uuid).map(|held| &held.kind) {
@@ -156,7 +142,6 @@ impl PendingList {
                     update,
                     expires_at,
                     superseded: false,
-                    origin,
                 },
             },
         );
@@ -231,8 +216,11 @@ impl PendingList {
     /// the snapshot stores for its key is its echo (removed); any other is older than
     /// what the snapshot shows for its key, present or absent (superseded). Found by the
     /// simulator: a restarted backup held a copy whose echo it never saw, re-synced
-    /// past it, and replayed it at failover over a newer value. Returns
-    /// `(echoed, superseded)`.
+    /// past it, and replayed it at failover over a newer value. Copies a stepped-down
+    /// backup forwarded are settled the same way (swarm 14014: the primary had already
+    /// published and replaced the forwarded update, dropped the forward as a duplicate,
+    /// and the backup replayed it at a later failover); see DECISIONS.md for the window
+    /// this leaves. Returns `(echoed, superseded)`.
     pub(crate) fn settle_against_snapshot(
         &mut self,
         mark: u64,
@@ -259,12 +247,7 @@ impl PendingList {
                 continue;
             }
             if let Some(Held {
-                kind:
-                    Kind::ClientCopy {
-                        superseded,
-                        origin: CopyOrigin::Client,
-                        ..
-                    },
+                kind: Kind::ClientCopy { superseded, .. },
                 ..
             }) = self.by_uuid.get_mut(&uuid)
             {
