@@ -110,6 +110,9 @@ pub struct Coverage {
     /// Subtree clients excused from liveness: their server's publisher dropped updates
     /// for them at its high-water mark, which a subtree client cannot detect.
     pub liveness_waived_high_water_drop: u64,
+    /// Servers that became active while their peer still was, missing something they
+    /// had received from it: checked again when one of the two stops being active.
+    pub failover_checks_deferred: u64,
 }
 
 impl Coverage {
@@ -133,6 +136,7 @@ impl Coverage {
         self.expiries += other.expiries;
         self.split_brain_windows += other.split_brain_windows;
         self.liveness_waived_high_water_drop += other.liveness_waived_high_water_drop;
+        self.failover_checks_deferred += other.failover_checks_deferred;
     }
 }
 
@@ -246,6 +250,11 @@ pub struct World {
     /// World time since which the pair has been able to talk both ways, if it can.
     pair_connected_since: Option<Instant>,
     both_active_since: Option<Instant>,
+    /// Oracle 5 findings of a server that became active while its peer still was (a
+    /// split brain, not a failover): they stand only if the peer stops being active
+    /// while this one still is; if this one steps down, the peer's history wins and
+    /// nothing it held from the peer is lost.
+    deferred_failover_checks: BTreeMap<NodeId, String>,
     limits: Limits,
     script: BTreeMap<(Instant, u64), Scripted>,
 }
@@ -358,6 +367,7 @@ impl World {
             violation: None,
             pair_connected_since: Some(now),
             both_active_since: None,
+            deferred_failover_checks: BTreeMap::new(),
             limits: Limits::default(),
             script: BTreeMap::new(),
             workload,
@@ -1416,8 +1426,13 @@ impl World {
                         String::from_utf8_lossy(key),
                         held.index,
                         held.present,
-                        map.get(key).map(|value| String::from_utf8_lossy(value).into_owned())
+                        map.get(key).map(|value| String::from_utf8_lossy(value).into_owned()),
                     );
+                    if self.server_is_active(1 - node) {
+                        self.coverage.failover_checks_deferred += 1;
+                        self.deferred_failover_checks.insert(node, detail);
+                        break;
+                    }
                     self.fail(Oracle::FailoverKeepsUpdates, detail);
                     return;
                 }
@@ -1654,7 +1669,34 @@ impl World {
     }
 
     /// Oracle 4, and the late side of oracle 6.
+    fn server_is_active(&self, node: NodeId) -> bool {
+        self.servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+            .is_some_and(|machine| machine.state() == BstarState::Active)
+    }
+
+    /// Settles the oracle 5 findings deferred by a split brain (see
+    /// `deferred_failover_checks`).
+    fn check_deferred_failovers(&mut self) {
+        let nodes: Vec<NodeId> = self.deferred_failover_checks.keys().copied().collect();
+        for node in nodes {
+            if !self.server_is_active(node) {
+                self.deferred_failover_checks.remove(&node);
+            } else if !self.server_is_active(1 - node) {
+                if let Some(detail) = self.deferred_failover_checks.remove(&node) {
+                    let detail = format!(
+                        "{detail}, found when it became active while its peer still was; the peer has since stopped being active"
+                    );
+                    self.fail(Oracle::FailoverKeepsUpdates, detail);
+                    return;
+                }
+            }
+        }
+    }
+
     fn check_pair(&mut self) {
+        self.check_deferred_failovers();
         let now = self.now;
         let both_active = self.servers.iter().all(|slot| slot.active_since.is_some());
         if both_active {

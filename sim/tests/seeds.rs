@@ -101,6 +101,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "a forward the primary had superseded was replayed at a later failover",
     ),
     (
+        32991,
+        "oracle 5 judged a promotion while the peer was still active (split brain)",
+    ),
+    (
         10497,
         "a whole-map client applied a snapshot's buffered updates across a hole",
     ),

@@ -154,6 +154,10 @@ fn print_summary(seeds: u64, failures: u64, elapsed: Duration, coverage: &Covera
         "  subtree clients excused from liveness after a publisher high-water-mark drop: {}",
         coverage.liveness_waived_high_water_drop
     );
+    println!(
+        "  promotions while the peer was still active, oracle 5 deferred to the split's end: {}",
+        coverage.failover_checks_deferred
+    );
     println!("  binary star transitions:");
     for ((from, to), count) in &coverage.bstar_transitions {
         println!("    {from:>7} -> {to:<7} {count}");
