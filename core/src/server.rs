@@ -1356,45 +1356,65 @@ impl Server {
     }
 
     /// Became active mid-sync (the active died while sending its snapshot): keep what
-    /// arrived. Snapshot entries and buffered updates are merged into the current map,
-    /// the newer sequence winning per key, and numbering continues after the highest.
+    /// arrived. Whatever came from the peer during the sync is newer than this server's
+    /// own map (that is why it was syncing): the updates earlier attempts buffered, then
+    /// the snapshot's entries (taken after those), then this attempt's buffered updates
+    /// unless the key already has a newer one from the peer. Sequences are compared only
+    /// among the peer's own messages: this server's map may carry another history's
+    /// numbers (its own while split, or a restarted peer's), and comparing those with
+    /// the peer's let stale values win (found by the simulator, swarm 32681).
+    /// Numbering continues after the highest sequence seen.
     fn abandon_sync(&mut self) {
         let Follow::Syncing(sync) = std::mem::replace(&mut self.follow, Follow::Not) else {
             return;
         };
-        let mut merged_entries = 0;
-        for (key, entry) in sync.store.iter() {
-            let newer = self
-                .store
-                .get(key)
-                .is_none_or(|current| current.sequence() < entry.sequence());
-            if newer {
-                self.store.insert(key.clone(), (**entry).clone());
-                self.sequence = self.sequence.max(entry.sequence());
-                merged_entries += 1;
-            }
-        }
-        let mut applied_updates = 0;
         let SyncInProgress {
+            store: snapshot,
             unconfirmed,
             backlog,
             ..
         } = *sync;
-        for (update, expires_at) in unconfirmed.into_iter().chain(backlog) {
-            let newer = self
-                .store
-                .get(&update.key)
-                .is_none_or(|current| current.sequence() < update.sequence);
-            if newer && update.sequence > 0 {
-                self.sequence = self.sequence.max(update.sequence);
-                self.store.apply(update, expires_at);
-                applied_updates += 1;
-            }
+        let mut from_peer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        let mut applied_updates = 0;
+        for (update, expires_at) in unconfirmed {
+            applied_updates +=
+                usize::from(self.merge_peer_update(&mut from_peer, update, expires_at));
+        }
+        let mut merged_entries = 0;
+        for (key, entry) in snapshot.iter() {
+            from_peer.insert(key.to_vec(), entry.sequence());
+            self.sequence = self.sequence.max(entry.sequence());
+            self.store.insert(key.clone(), (**entry).clone());
+            merged_entries += 1;
+        }
+        for (update, expires_at) in backlog {
+            applied_updates +=
+                usize::from(self.merge_peer_update(&mut from_peer, update, expires_at));
         }
         self.outputs.push_back(Output::Event(Event::SyncAbandoned {
             merged_entries,
             applied_updates,
         }));
+    }
+
+    /// Applies one of the peer's updates kept by an abandoned sync unless the peer's
+    /// data for its key is already newer. Returns whether it was applied.
+    fn merge_peer_update(
+        &mut self,
+        from_peer: &mut BTreeMap<Vec<u8>, i64>,
+        update: KvMsg,
+        expires_at: Option<EpochMillis>,
+    ) -> bool {
+        let newer = from_peer
+            .get(update.key.as_slice())
+            .is_none_or(|sequence| *sequence < update.sequence);
+        if !newer || update.sequence <= 0 {
+            return false;
+        }
+        from_peer.insert(update.key.clone(), update.sequence);
+        self.sequence = self.sequence.max(update.sequence);
+        self.store.apply(update, expires_at);
+        true
     }
 }
 

@@ -101,6 +101,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "a forward the primary had superseded was replayed at a later failover",
     ),
     (
+        32681,
+        "a failover mid-sync kept the backup's split-time entry over the primary's newer update",
+    ),
+    (
         32991,
         "oracle 5 judged a promotion while the peer was still active (split brain)",
     ),

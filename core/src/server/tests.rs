@@ -1482,6 +1482,22 @@ fn becoming_active_mid_sync_keeps_what_arrived_of_the_snapshot_and_the_buffered_
 }
 
 #[test]
+fn becoming_active_mid_sync_prefers_the_peers_updates_to_its_own_map_whatever_the_numbers() {
+    // Found by the simulator (swarm 32681): a backup that stepped down after a split
+    // kept its own split-time entry, numbered in its own (higher) history, over the
+    // primary's newer update buffered during the re-sync.
+    let mut harness = Harness::passive_at(500);
+    harness.peer_update(kvpub(set("/k", "own", 1), 501));
+    harness.peer_update(KvMsg::hugz(40)); // the active numbers a lower history
+    assert!(harness.server.is_syncing());
+    harness.peer_update(kvpub(set("/k", "peer's newer", 2), 41));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/k"), Some(&b"peer's newer"[..]));
+}
+
+#[test]
 fn a_passive_takes_over_when_the_peer_restarts() {
     let mut harness = Harness::passive_at(3);
     harness.peer_update(kvpub(set("/a", "1", 1), 4));
