@@ -862,7 +862,15 @@ impl World {
             .collect();
         self.history.ttl.retain(|(holder, _), _| *holder != node);
         for (key, uuid, _) in self.server_entries(node) {
-            if let Some(own) = previous.get(&key).filter(|own| own.uuid == uuid) {
+            // Its own publication of the same update (made while split) is not what
+            // the snapshot brought: the snapshot's entry carries the peer's expiry.
+            let own_publication_replaced = |own: &TtlExpectation| {
+                own.publisher == node && self.history.ttl.contains_key(&(peer, key.clone()))
+            };
+            if let Some(own) = previous
+                .get(&key)
+                .filter(|own| own.uuid == uuid && !own_publication_replaced(own))
+            {
                 self.history.ttl.insert((node, key), own.clone());
                 continue;
             }

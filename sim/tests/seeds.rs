@@ -105,6 +105,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "a failover mid-sync kept the backup's split-time entry over the primary's newer update",
     ),
     (
+        40918,
+        "the oracle kept a split-time ttl promise the adopted snapshot had replaced",
+    ),
+    (
         32991,
         "oracle 5 judged a promotion while the peer was still active (split brain)",
     ),
