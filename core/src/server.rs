@@ -507,6 +507,10 @@ struct SyncInProgress {
     /// history that no longer exists. Only a failover mid-sync uses it: it is then
     /// the newest this server has of the dead active's history.
     unconfirmed: Vec<(KvMsg, Option<EpochMillis>)>,
+    /// The sequence of the last update buffered (by this attempt or the ones it
+    /// continues): one publisher's sequences only rise, so a lower one means the peer
+    /// restarted and numbers a new history, to which nothing buffered belongs.
+    last_buffered: Option<i64>,
     last_activity: Instant,
     /// Pending-list arrivals before this mark preceded the request.
     pending_mark: u64,
@@ -777,6 +781,18 @@ impl Server {
                 self.request_peer_snapshot(now, vec![(update, expires_at)]);
             }
             Follow::Syncing(sync) => {
+                if let Some(last) = sync.last_buffered.filter(|last| update.sequence < *last) {
+                    // Found by the simulator (swarm 42617): a failover mid-sync merged
+                    // the restarted peer's new updates under its old history's.
+                    self.outputs.push_back(Output::Event(Event::SyncStarted {
+                        reason: SyncReason::SequenceGap {
+                            expected: last.saturating_add(1),
+                            received: update.sequence,
+                        },
+                    }));
+                    return self.request_peer_snapshot(now, vec![(update, expires_at)]);
+                }
+                sync.last_buffered = Some(update.sequence);
                 if sync.backlog_overflowed {
                     // Everything after the overflow is fetched by the next snapshot.
                 } else if sync.backlog.len() < self.config.sync_backlog_max {
@@ -888,18 +904,20 @@ impl Server {
                 self.outputs.push_back(Output::Event(Event::SyncStarted {
                     reason: SyncReason::Timeout,
                 }));
-                let mut unconfirmed = match std::mem::replace(&mut self.follow, Follow::Not) {
-                    Follow::Syncing(sync) => {
-                        let SyncInProgress {
-                            mut unconfirmed,
-                            backlog,
-                            ..
-                        } = *sync;
-                        unconfirmed.extend(backlog);
-                        unconfirmed
-                    }
-                    _ => Vec::new(),
-                };
+                let (mut unconfirmed, last_buffered) =
+                    match std::mem::replace(&mut self.follow, Follow::Not) {
+                        Follow::Syncing(sync) => {
+                            let SyncInProgress {
+                                mut unconfirmed,
+                                backlog,
+                                last_buffered,
+                                ..
+                            } = *sync;
+                            unconfirmed.extend(backlog);
+                            (unconfirmed, last_buffered)
+                        }
+                        _ => (Vec::new(), None),
+                    };
                 let excess = unconfirmed
                     .len()
                     .saturating_sub(self.config.sync_backlog_max);
@@ -907,6 +925,7 @@ impl Server {
                 self.request_peer_snapshot(now, Vec::new());
                 if let Follow::Syncing(sync) = &mut self.follow {
                     sync.unconfirmed = unconfirmed;
+                    sync.last_buffered = last_buffered;
                 }
             }
         }
@@ -1250,6 +1269,7 @@ impl Server {
             SnapshotRequest::new(Vec::new()).encode(),
         ));
         self.follow = Follow::Syncing(Box::new(SyncInProgress {
+            last_buffered: backlog.last().map(|(update, _)| update.sequence),
             backlog,
             last_activity: now,
             pending_mark: self.pending.arrival_mark(),
@@ -1297,7 +1317,10 @@ impl Server {
             match &mut self.follow {
                 Follow::Following => self.apply_followed(now, update, expires_at),
                 // A gap in the backlog started another sync: the rest is its backlog.
-                Follow::Syncing(next) => next.backlog.push((update, expires_at)),
+                Follow::Syncing(next) => {
+                    next.last_buffered = Some(update.sequence);
+                    next.backlog.push((update, expires_at));
+                }
                 Follow::Not | Follow::AwaitingPublisher => {}
             }
         }

@@ -109,6 +109,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "the oracle kept a split-time ttl promise the adopted snapshot had replaced",
     ),
     (
+        42617,
+        "a failover mid-sync merged a restarted active's new updates under its old history's",
+    ),
+    (
         32991,
         "oracle 5 judged a promotion while the peer was still active (split brain)",
     ),

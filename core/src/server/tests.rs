@@ -1498,6 +1498,31 @@ fn becoming_active_mid_sync_prefers_the_peers_updates_to_its_own_map_whatever_th
 }
 
 #[test]
+fn a_lower_sequence_while_syncing_means_a_new_history_so_the_sync_starts_over_from_it() {
+    let mut harness = Harness::passive_at(1_600);
+    harness.peer_update(kvpub(set("/k", "old history", 1), 1_642)); // a gap: sync
+    assert!(harness.server.is_syncing());
+    harness.drain();
+    // The active restarted, took over again and numbers from 1.
+    harness.peer_update(kvpub(set("/k", "new history", 2), 13));
+    let outputs = harness.drain();
+    assert!(outputs.contains(&Output::Event(Event::SyncStarted {
+        reason: SyncReason::SequenceGap {
+            expected: 1_643,
+            received: 13
+        }
+    })));
+    assert!(outputs
+        .iter()
+        .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
+    // It dies before answering: the failover keeps the new history's update.
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/k"), Some(&b"new history"[..]));
+}
+
+#[test]
 fn a_passive_takes_over_when_the_peer_restarts() {
     let mut harness = Harness::passive_at(3);
     harness.peer_update(kvpub(set("/a", "1", 1), 4));
