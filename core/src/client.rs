@@ -500,9 +500,13 @@ struct ServerBook {
 /// What the client has gathered from the current server since it became current.
 #[derive(Debug, Default)]
 struct Attempt {
-    /// Sequence of the first subscriber message of the attempt: `Some` once the
-    /// subscription is live. Every update above it reaches `buffer`.
+    /// The lowest sequence from which every update reaches `buffer`: the first
+    /// subscriber message of the attempt (one past it for a HUGZ, which follows the
+    /// update it counts). `Some` once the subscription is live.
     live_from: Option<i64>,
+    /// Sequence of the latest subscriber message of the attempt. One server's
+    /// sequences never fall, so a lower one means it restarted with a new history.
+    last_heard: Option<i64>,
     /// Subscriber updates received before the snapshot completes.
     buffer: VecDeque<KvMsg>,
     /// Highest sequence pushed out of a full `buffer`.
@@ -862,8 +866,30 @@ impl Client {
             self.stats.resyncs_after_gap += 1;
             self.start_over(now, server, false);
         }
+        let syncing = matches!(self.state, State::Initial | State::Syncing);
+        if syncing
+            && self
+                .attempt
+                .last_heard
+                .is_some_and(|last| message.sequence < last)
+        {
+            // The server restarted while we waited for its snapshot (found by the
+            // simulator, swarm 52010: evidence from the old history, numbered far
+            // above the new one, made every new snapshot look stale for good).
+            // What was buffered belongs to the old history.
+            self.stats.resyncs_after_restart += 1;
+            self.attempt.live_from = None;
+            self.attempt.buffer.clear();
+            self.attempt.overflow_through = None;
+        }
+        self.attempt.last_heard = Some(message.sequence);
         if self.attempt.live_from.is_none() {
-            self.attempt.live_from = Some(message.sequence);
+            let first_buffered = if message.is_hugz() {
+                message.sequence.saturating_add(1)
+            } else {
+                message.sequence
+            };
+            self.attempt.live_from = Some(first_buffered);
         }
         if !message.is_hugz() {
             // Published by the current server: whatever happens to it here, it is
@@ -994,7 +1020,9 @@ impl Client {
         } else if self
             .attempt
             .live_from
-            .is_none_or(|live_from| sequence < live_from)
+            // The buffer holds every update from `live_from` on: a snapshot just below
+            // it leaves no hole.
+            .is_none_or(|live_from| sequence.saturating_add(1) < live_from)
         {
             Some(DropReason::StaleReply)
         } else if self

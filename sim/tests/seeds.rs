@@ -113,6 +113,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "a failover mid-sync merged a restarted active's new updates under its old history's",
     ),
     (
+        52010,
+        "a client syncing across its server's restart took old-history evidence as current",
+    ),
+    (
         32991,
         "oracle 5 judged a promotion while the peer was still active (split brain)",
     ),

@@ -897,6 +897,41 @@ fn a_late_reply_that_is_not_older_than_the_subscription_is_used() {
 }
 
 #[test]
+fn a_snapshot_just_below_the_first_buffered_update_is_used_with_it() {
+    let mut client = client(1);
+    sub(&mut client, ms(0), A, kvpub("/a/y", "2", 54)); // overtook the reply
+    snap(&mut client, ms(1), A, kvsync("/a/x", "1", 50));
+    snap(&mut client, ms(1), A, kthxbai(53));
+    assert_eq!(client.state(), State::Active);
+    assert_eq!(contents(&client), ["/a/x=1@50", "/a/y=2@54"]);
+    assert_eq!(client.stats().dropped("stale_reply"), 0);
+}
+
+#[test]
+fn a_snapshot_below_a_first_hugz_is_still_stale() {
+    // The HUGZ follows the update it counts: update 4 is not in the buffer.
+    let mut client = client(1);
+    sub(&mut client, ms(0), A, hugz(4));
+    snap(&mut client, ms(1), A, kthxbai(3));
+    assert_eq!(client.state(), State::Syncing);
+    assert_eq!(client.stats().dropped("stale_reply"), 1);
+}
+
+#[test]
+fn a_server_that_restarts_while_the_client_syncs_is_followed_into_its_new_history() {
+    // Found by the simulator (swarm 52010): the first message of the attempt came from
+    // the old history (12321); the restarted server numbers from 1, so every one of its
+    // snapshots looked stale, for ever.
+    let mut client = client(1);
+    sub(&mut client, ms(0), A, kvpub("/a/old", "x", 12_321));
+    sub(&mut client, ms(1_000), A, hugz(52));
+    snap(&mut client, ms(1_001), A, kvsync("/a/new", "y", 50));
+    snap(&mut client, ms(1_001), A, kthxbai(53));
+    assert_eq!(client.state(), State::Active);
+    assert_eq!(contents(&client), ["/a/new=y@50"]);
+}
+
+#[test]
 fn a_reply_whose_start_was_missed_is_discarded() {
     // The client leaves A in the middle of a reply, and comes back (a single server)
     // while the rest of it is still arriving.
