@@ -237,3 +237,57 @@ fn snapshot_a_large_snapshot_streams_while_updates_arrive() {
         Some("first399")
     );
 }
+
+#[test]
+fn split_brain_a_forward_the_primary_already_replaced_is_not_replayed_at_a_later_failover() {
+    // Found by the simulator (swarm 14014). Both servers publish "older" while split
+    // (its writer reaches both); only the primary then gets "newer". At the heal the
+    // backup steps down and forwards "older", which the primary drops as already
+    // published: no echo ever comes. When the primary then dies, the backup must keep
+    // "newer", not replay its forward over it.
+    let (on_backup, on_primary) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let cut = |a, b| Scripted::Partition {
+        a,
+        b,
+        kind: PartitionKind::Break,
+        one_way: false,
+    };
+    let script = vec![
+        (at(2_000), cut(PRIMARY, BACKUP)),
+        (at(2_000), cut(on_backup, PRIMARY)),
+        (at(2_000), cut(on_primary, BACKUP)),
+        // on_backup fails over to the backup, which takes over; then its writes reach
+        // both servers again.
+        (
+            at(11_000),
+            Scripted::Heal {
+                a: on_backup,
+                b: PRIMARY,
+            },
+        ),
+        (at(12_000), set(0, "/k/a/x", "older")),
+        (at(13_000), set(1, "/k/a/x", "newer")),
+        (
+            at(15_000),
+            Scripted::Heal {
+                a: PRIMARY,
+                b: BACKUP,
+            },
+        ),
+        (
+            at(15_000),
+            Scripted::Heal {
+                a: on_primary,
+                b: BACKUP,
+            },
+        ),
+        (at(20_000), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("forward superseded at the primary", quiet(2), script);
+    assert!(report.coverage.server_events.contains_key("dual_active"));
+    assert!(report
+        .coverage
+        .server_events
+        .contains_key("split_updates_forwarded"));
+    assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
+}
