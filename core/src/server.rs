@@ -285,6 +285,10 @@ pub enum SyncReason {
     Timeout,
     /// More updates arrived during the snapshot than [`Config::sync_backlog_max`].
     BacklogOverflow,
+    /// The subscription to the active's publisher reconnected: messages may have been
+    /// lost with the old connection, and the active may have restarted with a new
+    /// history whose numbers happen to continue ours.
+    PublisherReconnected,
 }
 
 /// Why pending entries were dropped without being replayed.
@@ -723,6 +727,19 @@ impl Server {
             if fate == ClientCopyFate::Duplicate {
                 self.drop_input(source, DropReason::DuplicateUuid);
             }
+        }
+    }
+
+    /// The host's SUB on the peer's publisher reconnected (libzmq's socket monitor
+    /// reports it). A passive that was following re-syncs once the new subscription is
+    /// live: found by the simulator (swarm 1147), a primary restarted while cut off,
+    /// took over with a new history, and its numbers reached the backup's just as the
+    /// connection came back, so the backup applied the new history's updates over the
+    /// old map without ever seeing a gap.
+    pub fn handle_peer_publisher_reconnected(&mut self, now: Instant, wall: EpochMillis) {
+        self.begin(now, wall);
+        if matches!(self.follow, Follow::Following) {
+            self.start_sync(SyncReason::PublisherReconnected);
         }
     }
 

@@ -65,7 +65,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -83,7 +82,7 @@ pub use clonekv_core::client::Entry;
 
 use crate::clock::Clock;
 use crate::log::{send_or_log, RateLimiter};
-use crate::socket::ZmqSocket;
+use crate::socket::{ReconnectMonitor, ZmqSocket};
 
 /// The servers a client uses when none are given: the reference primary and backup on
 /// this host.
@@ -450,26 +449,14 @@ impl ClientBuilder {
                 socket.set_subscribe(&subtree)?;
                 socket.set_subscribe(clonekv_core::kvmsg::HUGZ)
             })?;
-            // libzmq's socket monitor is the only way to learn that the SUB's TCP
-            // connection broke and came back: what was published in between is lost.
-            let monitor_endpoint = format!(
-                "inproc://clonekv-sub-monitor-{}-{index}",
-                MONITOR_IDS.fetch_add(1, Ordering::Relaxed)
-            );
-            subscriber
-                .inner()
-                .monitor(
-                    &monitor_endpoint,
-                    i32::from(zmq::SocketEvent::CONNECTED.to_raw())
-                        | i32::from(zmq::SocketEvent::DISCONNECTED.to_raw()),
-                )
-                .map_err(|error| ClientError::Socket {
+            // What was published while the SUB's connection was down is lost to it.
+            let monitor = ReconnectMonitor::new(&context, &subscriber).map_err(|error| {
+                ClientError::Socket {
                     socket: "subscriber monitor",
                     endpoint: address.publisher.clone(),
                     error,
-                })?;
-            let monitor = new_socket(&context, zmq::PAIR, "subscriber monitor", &monitor_endpoint)?;
-            connect(&monitor, &monitor_endpoint)?;
+                }
+            })?;
             connect(&subscriber, &address.publisher)?;
             snapshot.register(poll.registry(), snapshot_token(index))?;
             subscriber.register(poll.registry(), subscriber_token(index))?;
@@ -478,7 +465,6 @@ impl ClientBuilder {
                 snapshot,
                 subscriber,
                 monitor,
-                disconnected: false,
                 last_heard: None,
             });
         }
@@ -745,9 +731,6 @@ fn monitor_token(index: usize) -> Token {
     Token(1_000_000 + index)
 }
 
-/// Makes each client's monitor endpoints unique within the process.
-static MONITOR_IDS: AtomicU64 = AtomicU64::new(0);
-
 /// Messages taken from one socket per pass, so that a flood on one socket cannot starve
 /// the others or the application's commands.
 const BATCH: usize = 256;
@@ -755,10 +738,8 @@ const BATCH: usize = 256;
 struct ServerLink {
     snapshot: ZmqSocket,
     subscriber: ZmqSocket,
-    /// Connection events of `subscriber` (a PAIR on its monitor endpoint).
-    monitor: ZmqSocket,
-    /// The SUB's connection went down since it last connected.
-    disconnected: bool,
+    /// Connection events of `subscriber`.
+    monitor: ReconnectMonitor,
     last_heard: Option<StdInstant>,
 }
 
@@ -951,35 +932,20 @@ impl Agent {
     /// Turns the SUB's monitor events into the core's reconnect input: a connect that
     /// follows a disconnect means messages may have been lost in between.
     fn receive_monitor_events(&mut self, index: usize) -> Result<bool, zmq::Error> {
-        let mut received = false;
-        loop {
-            let Some(link) = self.links.get_mut(index) else {
-                return Ok(received);
-            };
-            let Some(frames) = link.monitor.try_recv()? else {
-                return Ok(received);
-            };
-            received = true;
-            let event = frames
-                .first()
-                .and_then(|frame| frame.get(..2))
-                .and_then(|bytes| <[u8; 2]>::try_from(bytes).ok())
-                .map(u16::from_le_bytes);
-            match event.map(zmq::SocketEvent::from_raw) {
-                Some(zmq::SocketEvent::DISCONNECTED) => link.disconnected = true,
-                Some(zmq::SocketEvent::CONNECTED) if link.disconnected => {
-                    link.disconnected = false;
-                    tracing::info!(
-                        server = %self.addresses.get(index).map(|a| a.publisher.as_str()).unwrap_or("?"),
-                        "subscription reconnected: taking a fresh snapshot"
-                    );
-                    self.core
-                        .handle_subscriber_reconnected(self.clock.now(), ServerIndex(index));
-                    self.drain_outputs();
-                }
-                _ => {}
-            }
+        let Some(link) = self.links.get_mut(index) else {
+            return Ok(false);
+        };
+        let poll = link.monitor.poll_reconnected()?;
+        if poll.reconnected {
+            tracing::info!(
+                server = %self.addresses.get(index).map(|a| a.publisher.as_str()).unwrap_or("?"),
+                "subscription reconnected: taking a fresh snapshot"
+            );
+            self.core
+                .handle_subscriber_reconnected(self.clock.now(), ServerIndex(index));
+            self.drain_outputs();
         }
+        Ok(poll.received)
     }
 
     fn receive_batch(&mut self, index: usize, channel: Channel) -> Result<bool, zmq::Error> {

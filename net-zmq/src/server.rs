@@ -53,7 +53,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
 use crate::log::{send_or_log, RateLimiter};
-use crate::socket::{Frames, SendOutcome, ZmqSocket};
+use crate::socket::{Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
 /// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
@@ -235,6 +235,7 @@ const PEER_UPDATES: Token = Token(3);
 const PEER_SNAPSHOT: Token = Token(4);
 const WAKER: Token = Token(5);
 const SIGNALS: Token = Token(6);
+const PEER_UPDATES_MONITOR: Token = Token(7);
 
 /// Messages taken from one socket, or one client's snapshot stream, per pass, so that a
 /// flood on one cannot starve the others.
@@ -290,6 +291,10 @@ pub struct ServerHost {
     state_publisher: ZmqSocket,
     peer_state: ZmqSocket,
     peer_updates: ZmqSocket,
+    /// Connection events of `peer_updates`: a passive re-syncs when it reconnects.
+    peer_updates_monitor: ReconnectMonitor,
+    /// The monitor's fd signalled since its events were last read.
+    peer_updates_monitor_readable: bool,
     peer_collector: ZmqSocket,
     peer_snapshot: Option<ZmqSocket>,
     context: zmq::Context,
@@ -335,6 +340,11 @@ impl ServerHost {
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
         configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
         configure(&peer_updates, |socket| socket.set_subscribe(b""))?;
+        let peer_updates_monitor =
+            ReconnectMonitor::new(&context, &peer_updates).map_err(|error| StartError::Socket {
+                socket: "peer publisher monitor",
+                error,
+            })?;
         connect(&peer_updates, &endpoints.peer_publisher)?;
         let peer_collector = new_socket(&context, zmq::PUB, "peer collector")?;
         configure(&peer_collector, |socket| socket.set_sndhwm(options.hwm))?;
@@ -345,6 +355,7 @@ impl ServerHost {
         collector.register(registry, COLLECTOR)?;
         peer_state.register(registry, PEER_STATE)?;
         peer_updates.register(registry, PEER_UPDATES)?;
+        peer_updates_monitor.register(registry, PEER_UPDATES_MONITOR)?;
 
         Ok(ServerHost {
             clock,
@@ -361,6 +372,8 @@ impl ServerHost {
             state_publisher,
             peer_state,
             peer_updates,
+            peer_updates_monitor,
+            peer_updates_monitor_readable: true,
             peer_collector,
             peer_snapshot: None,
             context,
@@ -421,6 +434,9 @@ impl ServerHost {
                 if let Some(input) = input_of(event.token()) {
                     self.maybe_readable[input as usize] = true;
                 }
+                if event.token() == PEER_UPDATES_MONITOR {
+                    self.peer_updates_monitor_readable = true;
+                }
                 if event.token() == SIGNALS {
                     if let Some(signals) = self.signals.as_mut() {
                         for signal in signals.pending() {
@@ -447,7 +463,8 @@ impl ServerHost {
                 self.server.handle_timeout(now, self.clock.wall());
                 self.drain_outputs();
             }
-            let mut moved = self.receive_pass()?;
+            let mut moved = self.receive_peer_updates_monitor()?;
+            moved |= self.receive_pass()?;
             let pumped = self.pump_snapshots();
             moved |= pumped.sent;
             if !moved && pumped.refused {
@@ -459,6 +476,32 @@ impl ServerHost {
                 return Ok(());
             }
         }
+    }
+
+    /// Feeds a reconnect of the SUB on the peer's publisher to the core; true if any
+    /// monitor event arrived.
+    fn receive_peer_updates_monitor(&mut self) -> Result<bool, RunError> {
+        if !self.peer_updates_monitor_readable {
+            return Ok(false);
+        }
+        self.peer_updates_monitor_readable = false;
+        let poll = self
+            .peer_updates_monitor
+            .poll_reconnected()
+            .map_err(|error| RunError::Receive {
+                socket: "peer publisher monitor",
+                error,
+            })?;
+        if poll.reconnected {
+            tracing::info!(
+                peer = %self.endpoints.peer_publisher,
+                "subscription to the peer's publisher reconnected"
+            );
+            self.server
+                .handle_peer_publisher_reconnected(self.clock.now(), self.clock.wall());
+            self.drain_outputs();
+        }
+        Ok(poll.received)
     }
 
     /// Up to a batch from every input socket; true if anything arrived.

@@ -253,3 +253,72 @@ mod tests {
         assert_eq!(outcome, SendOutcome::Unreachable);
     }
 }
+
+/// Makes monitor endpoints unique within the process.
+static MONITOR_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Watches one connecting socket's TCP connection with libzmq's socket monitor: the only
+/// way to learn that it broke and came back, losing whatever was sent in between.
+pub struct ReconnectMonitor {
+    /// A PAIR on the monitor's inproc endpoint, receiving connection events.
+    events: ZmqSocket,
+    /// The connection went down since it last came up.
+    disconnected: bool,
+}
+
+/// What [`ReconnectMonitor::poll_reconnected`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonitorPoll {
+    /// At least one event was read (the loop made progress).
+    pub received: bool,
+    /// The connection came back after going down.
+    pub reconnected: bool,
+}
+
+impl ReconnectMonitor {
+    /// Starts monitoring `socket` (before it connects, so that no event is missed).
+    pub fn new(context: &zmq::Context, socket: &ZmqSocket) -> Result<ReconnectMonitor, zmq::Error> {
+        let endpoint = format!(
+            "inproc://clonekv-monitor-{}",
+            MONITOR_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        socket.inner().monitor(
+            &endpoint,
+            i32::from(zmq::SocketEvent::CONNECTED.to_raw())
+                | i32::from(zmq::SocketEvent::DISCONNECTED.to_raw()),
+        )?;
+        let events = ZmqSocket::new(context, zmq::PAIR, "monitor")?;
+        events.inner().connect(&endpoint)?;
+        Ok(ReconnectMonitor {
+            events,
+            disconnected: false,
+        })
+    }
+
+    /// Registers the event socket with mio (see [`ZmqSocket::register`]).
+    pub fn register(&self, registry: &Registry, token: Token) -> io::Result<()> {
+        self.events.register(registry, token)
+    }
+
+    /// Reads every waiting event (the fd is edge-triggered).
+    pub fn poll_reconnected(&mut self) -> Result<MonitorPoll, zmq::Error> {
+        let mut poll = MonitorPoll::default();
+        while let Some(frames) = self.events.try_recv()? {
+            poll.received = true;
+            let event = frames
+                .first()
+                .and_then(|frame| frame.get(..2))
+                .and_then(|bytes| <[u8; 2]>::try_from(bytes).ok())
+                .map(u16::from_le_bytes);
+            match event.map(zmq::SocketEvent::from_raw) {
+                Some(zmq::SocketEvent::DISCONNECTED) => self.disconnected = true,
+                Some(zmq::SocketEvent::CONNECTED) if self.disconnected => {
+                    self.disconnected = false;
+                    poll.reconnected = true;
+                }
+                _ => {}
+            }
+        }
+        Ok(poll)
+    }
+}

@@ -519,7 +519,7 @@ impl World {
         let now = self.now;
         for route in self.network.handle_reconnects(now) {
             self.trace(|| format!("reconnect {route:?}"), &(1u8, route));
-            if route.link == Link::Updates && !World::is_server(route.to) {
+            if route.link == Link::Updates {
                 let paused = self.life(route.to).is_some_and(Life::is_paused);
                 if paused {
                     if let Some(life) = self.life_mut(route.to) {
@@ -2105,9 +2105,20 @@ impl World {
     }
 
     /// What libzmq's socket monitor tells the production host: `client`'s SUB to
-    /// `server` reconnected.
+    /// `server` reconnected (or, for a server, its SUB to the peer's publisher).
     fn report_reconnect(&mut self, client: NodeId, server: NodeId) {
         let now = self.now;
+        if World::is_server(client) {
+            let Some(slot) = self.servers.get_mut(client) else {
+                return;
+            };
+            let (local, wall) = (slot.life.clock.local(now), slot.life.clock.wall(now));
+            if let Some(machine) = slot.machine.as_mut() {
+                machine.handle_peer_publisher_reconnected(local, wall);
+            }
+            self.after_server_step(client);
+            return;
+        }
         let Some(local) = self.life(client).map(|life| life.clock.local(now)) else {
             return;
         };

@@ -117,6 +117,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "a client syncing across its server's restart took old-history evidence as current",
     ),
     (
+        1147,
+        "a backup applied a restarted primary's new history over its old map: no gap showed",
+    ),
+    (
         32991,
         "oracle 5 judged a promotion while the peer was still active (split brain)",
     ),

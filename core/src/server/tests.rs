@@ -168,6 +168,10 @@ impl Harness {
         self.server.get(key.as_bytes()).map(Entry::body)
     }
 
+    fn stored_keys(&self) -> Vec<Vec<u8>> {
+        self.server.iter().map(|(key, _)| key.to_vec()).collect()
+    }
+
     fn dropped(&self, source: InputSource, reason: &str) -> u64 {
         self.server.counters().dropped(source, reason)
     }
@@ -955,14 +959,7 @@ fn the_snapshot_replaces_the_passives_map_so_stale_keys_do_not_survive() {
     assert!(harness.server.is_syncing());
     harness.peer_snapshot(kvpub(set("/fresh", "y", 2), 6));
     harness.peer_snapshot(KvMsg::kthxbai(7, Vec::new()));
-    assert_eq!(
-        harness
-            .server
-            .iter()
-            .map(|(key, _)| key.to_vec())
-            .collect::<Vec<_>>(),
-        [b"/fresh".to_vec()]
-    );
+    assert_eq!(harness.stored_keys(), [b"/fresh".to_vec()]);
     assert_eq!(harness.server.sequence(), 7);
 }
 
@@ -1017,6 +1014,34 @@ fn a_hugz_with_another_sequence_than_ours_makes_the_passive_resync() {
     assert!(!harness.server.is_syncing());
     harness.peer_update(KvMsg::hugz(12));
     assert!(harness.server.is_syncing());
+}
+
+#[test]
+fn a_passive_whose_subscription_to_the_active_reconnected_resyncs_once_it_is_live() {
+    let mut harness = Harness::passive_at(5);
+    harness.drain();
+    harness
+        .server
+        .handle_peer_publisher_reconnected(harness.now, harness.wall);
+    let outputs = harness.drain();
+    assert!(outputs.contains(&Output::Event(Event::SyncStarted {
+        reason: SyncReason::PublisherReconnected
+    })));
+    assert!(
+        !outputs
+            .iter()
+            .any(|output| matches!(output, Output::RequestPeerSnapshot(_))),
+        "not before the new subscription is live"
+    );
+    // The active restarted: its new history has reached 6 as well.
+    harness.peer_update(kvpub(set("/new", "1", 1), 6));
+    assert!(harness
+        .drain()
+        .iter()
+        .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
+    harness.peer_snapshot(kvpub(set("/new", "1", 1), 6));
+    harness.peer_snapshot(KvMsg::kthxbai(6, Vec::new()));
+    assert_eq!(harness.stored_keys(), [b"/new".to_vec()]);
 }
 
 #[test]
