@@ -29,8 +29,20 @@ impl NodeClock {
     }
 
     fn local_nanos(&self, world: Instant) -> i128 {
-        let world = i128::from(world.as_nanos());
-        world + world * i128::from(self.drift_ppm) / PPM + self.offset.as_nanos() as i128
+        // The simulator asks this millions of times a second: 64-bit division is several
+        // times cheaper than 128-bit, and exact for any run shorter than a century.
+        let fast = i64::try_from(world.as_nanos()).ok().and_then(|world| {
+            let drift = world.checked_mul(i64::from(self.drift_ppm))? / 1_000_000;
+            let offset = i64::try_from(self.offset.as_nanos()).ok()?;
+            world.checked_add(drift)?.checked_add(offset)
+        });
+        match fast {
+            Some(nanos) => i128::from(nanos),
+            None => {
+                let world = i128::from(world.as_nanos());
+                world + world * i128::from(self.drift_ppm) / PPM + self.offset.as_nanos() as i128
+            }
+        }
     }
 
     /// The node's monotonic time when the world's time is `world`.
@@ -44,7 +56,10 @@ impl NodeClock {
     /// node's `Instant` origin lies; it does not move the wall clock.
     pub fn wall(&self, world: Instant) -> EpochMillis {
         let elapsed = self.local_nanos(world) - self.offset.as_nanos() as i128;
-        let elapsed_millis = u64::try_from(elapsed.max(0) / 1_000_000).unwrap_or(u64::MAX);
+        let elapsed_millis = match u64::try_from(elapsed.max(0)) {
+            Ok(nanos) => nanos / 1_000_000,
+            Err(_) => u64::MAX,
+        };
         EpochMillis(self.wall_at_start.0.saturating_add(elapsed_millis))
     }
 
@@ -56,7 +71,11 @@ impl NodeClock {
             return Instant::ZERO;
         }
         let rate = PPM + i128::from(self.drift_ppm);
-        let mut estimate = (target * PPM / rate).max(0);
+        let mut estimate = match (i64::try_from(target * PPM), i64::try_from(rate)) {
+            (Ok(scaled), Ok(rate)) if rate > 0 => i128::from(scaled / rate),
+            _ => target * PPM / rate,
+        }
+        .max(0);
         // Integer division can land a few nanoseconds short; step to the first instant
         // that really is at or past the deadline.
         while self.local_nanos(to_instant(estimate)) < i128::from(local.as_nanos()) {

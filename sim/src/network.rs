@@ -213,6 +213,9 @@ pub struct Network {
     options: NetworkOptions,
     rng: SimRng,
     connections: BTreeMap<Route, Connection>,
+    /// Every connection that is down with a reconnect time, by that time: the
+    /// simulator asks for the next one at every step.
+    reconnects: BTreeSet<(Instant, Route)>,
     in_flight: BTreeMap<(Instant, u64), InFlight>,
     send_counter: u64,
     /// Directed cuts: `(from, to)` → kind.
@@ -233,6 +236,7 @@ impl Network {
             options,
             rng,
             connections: BTreeMap::new(),
+            reconnects: BTreeSet::new(),
             in_flight: BTreeMap::new(),
             send_counter: 0,
             cuts: BTreeMap::new(),
@@ -396,14 +400,7 @@ impl Network {
     /// When the next message or reconnection is due.
     pub fn next_event(&self) -> Option<Instant> {
         let delivery = self.in_flight.keys().next().map(|(at, _)| *at);
-        let reconnect = self
-            .connections
-            .values()
-            .filter_map(|connection| match connection.state {
-                ConnectionState::Down { reconnect_at } => reconnect_at,
-                ConnectionState::Up { .. } => None,
-            })
-            .min();
+        let reconnect = self.reconnects.first().map(|(at, _)| *at);
         match (delivery, reconnect) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -413,14 +410,16 @@ impl Network {
     /// Brings back connections whose reconnect time has come; returns the routes that
     /// reconnected (their receivers see a new peer).
     pub fn handle_reconnects(&mut self, now: Instant) -> Vec<Route> {
-        let due: Vec<Route> = self
-            .connections
-            .iter()
-            .filter(|(_, connection)| {
-                matches!(connection.state, ConnectionState::Down { reconnect_at: Some(at) } if at <= now)
-            })
-            .map(|(route, _)| *route)
-            .collect();
+        let mut due = Vec::new();
+        while let Some(&(at, route)) = self.reconnects.first() {
+            if at > now {
+                break;
+            }
+            self.reconnects.pop_first();
+            due.push(route);
+        }
+        // In route order, as the connections map iterates.
+        due.sort_unstable();
         for route in &due {
             let live_at = self.live_at(now, route.link);
             if let Some(connection) = self.connections.get_mut(route) {
@@ -527,10 +526,15 @@ impl Network {
             return;
         };
         match connection.state {
-            ConnectionState::Down { .. } => {
+            ConnectionState::Down { reconnect_at } => {
+                if let Some(at) = reconnect_at {
+                    self.reconnects.remove(&(at, route));
+                }
+                let at = now + reconnect_delay;
                 connection.state = ConnectionState::Down {
-                    reconnect_at: Some(now + reconnect_delay),
+                    reconnect_at: Some(at),
                 };
+                self.reconnects.insert((at, route));
             }
             ConnectionState::Up { .. } => {
                 let stalled: Vec<Vec<Vec<u8>>> = connection.stalled.drain(..).collect();
@@ -549,8 +553,14 @@ impl Network {
             if !affected(route) {
                 continue;
             }
-            if matches!(connection.state, ConnectionState::Up { .. }) {
-                self.stats.connections_broken += 1;
+            match connection.state {
+                ConnectionState::Up { .. } => self.stats.connections_broken += 1,
+                ConnectionState::Down {
+                    reconnect_at: Some(at),
+                } => {
+                    self.reconnects.remove(&(at, *route));
+                }
+                ConnectionState::Down { reconnect_at: None } => {}
             }
             connection.state = ConnectionState::Down { reconnect_at: None };
             lost += connection.stalled.len() as u64;

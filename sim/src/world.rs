@@ -11,7 +11,7 @@
 //! is `[primary, backup]`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 use clonekv_core::client::{self, Channel, Client, ServerIndex};
@@ -244,7 +244,7 @@ pub struct World {
     moments: u64,
     coverage: Coverage,
     trace_mode: TraceMode,
-    trace_hasher: DefaultHasher,
+    trace_hasher: TraceHasher,
     recent: VecDeque<String>,
     violation: Option<Violation>,
     /// World time since which the pair has been able to talk both ways, if it can.
@@ -362,7 +362,7 @@ impl World {
             moments: 0,
             coverage: Coverage::default(),
             trace_mode,
-            trace_hasher: DefaultHasher::new(),
+            trace_hasher: TraceHasher::default(),
             recent: VecDeque::new(),
             violation: None,
             pair_connected_since: Some(now),
@@ -479,40 +479,40 @@ impl World {
     }
 
     fn next_time(&self, fault_end: Instant, end: Instant) -> Option<Instant> {
-        let mut candidates = vec![
-            self.network.next_event(),
-            Some(end),
-            self.script.keys().next().map(|(at, _)| *at),
-        ];
+        // Asked at every step: a running minimum, no allocation.
+        let mut next = end;
+        let mut consider = |candidate: Option<Instant>| {
+            if let Some(at) = candidate {
+                next = next.min(at);
+            }
+        };
+        consider(self.network.next_event());
+        consider(self.script.keys().next().map(|(at, _)| *at));
         if self.phase == Phase::Faults {
-            candidates.push(self.workload.next_due());
-            candidates.push(Some(self.next_fault_tick));
-            candidates.push(Some(fault_end));
-            candidates.push(self.heals.keys().next().map(|(at, _, _)| *at));
+            consider(self.workload.next_due());
+            consider(Some(self.next_fault_tick));
+            consider(Some(fault_end));
+            consider(self.heals.keys().next().map(|(at, _, _)| *at));
         }
-        for slot in &self.servers {
-            candidates.push(slot.life.restart_at);
-            candidates.push(slot.life.paused_until);
-            if let (Some(machine), false) = (&slot.machine, slot.life.is_paused()) {
-                candidates.push(
-                    machine
-                        .poll_timeout()
-                        .map(|local| slot.life.clock.world_deadline(local)),
-                );
+        let lives = self
+            .servers
+            .iter()
+            .map(|slot| {
+                let timeout = slot.machine.as_ref().and_then(Server::poll_timeout);
+                (&slot.life, timeout)
+            })
+            .chain(self.clients.iter().map(|slot| {
+                let timeout = slot.machine.as_ref().and_then(Client::poll_timeout);
+                (&slot.life, timeout)
+            }));
+        for (life, timeout) in lives {
+            consider(life.restart_at);
+            consider(life.paused_until);
+            if !life.is_paused() {
+                consider(timeout.map(|local| life.clock.world_deadline(local)));
             }
         }
-        for slot in &self.clients {
-            candidates.push(slot.life.restart_at);
-            candidates.push(slot.life.paused_until);
-            if let (Some(machine), false) = (&slot.machine, slot.life.is_paused()) {
-                candidates.push(
-                    machine
-                        .poll_timeout()
-                        .map(|local| slot.life.clock.world_deadline(local)),
-                );
-            }
-        }
-        candidates.into_iter().flatten().min()
+        Some(next)
     }
 
     fn step(&mut self) {
@@ -2312,5 +2312,39 @@ fn client_event_tag(event: &client::Event) -> &'static str {
         client::Event::Dropped { .. } => "dropped",
         #[allow(unreachable_patterns)]
         _ => "other",
+    }
+}
+
+/// The trace hash: FxHash's mixing, a word at a time, over every traced event.
+/// Deterministic across runs and builds (std's `DefaultHasher` promises neither) and a
+/// fraction of SipHash's cost on the simulator's hottest path; it only has to tell two
+/// runs of one seed apart, not resist an adversary.
+#[derive(Clone, Copy, Debug, Default)]
+struct TraceHasher(u64);
+
+impl TraceHasher {
+    fn mix(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for TraceHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for word in &mut words {
+            let mut buffer = [0u8; 8];
+            buffer.copy_from_slice(word);
+            self.mix(u64::from_le_bytes(buffer));
+        }
+        let mut tail = [0u8; 8];
+        let rest = words.remainder();
+        if let Some(prefix) = tail.get_mut(..rest.len()) {
+            prefix.copy_from_slice(rest);
+        }
+        self.mix(u64::from_le_bytes(tail) ^ ((rest.len() as u64) << 56));
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
