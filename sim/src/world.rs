@@ -2273,11 +2273,21 @@ fn describe(frames: &[Vec<u8>]) -> String {
                     return format!("#{}", i64::from_be_bytes(bytes));
                 }
             }
-            let text = String::from_utf8_lossy(frame);
+            // The uuid, as the first 8 hex digits: enough to follow one update.
+            if sequence_frame.map(|sequence| sequence + 1) == Some(index) && frame.len() == 16 {
+                let hex: String = frame
+                    .iter()
+                    .take(4)
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect();
+                return format!("u{hex}");
+            }
+            // Properties end each line with a newline; keep one message on one line.
+            let text = String::from_utf8_lossy(frame).replace('\n', " ");
             if text.chars().count() > 24 {
                 format!("{}…", text.chars().take(24).collect::<String>())
             } else {
-                text.into_owned()
+                text
             }
         })
         .collect();
