@@ -291,3 +291,72 @@ fn split_brain_a_forward_the_primary_already_replaced_is_not_replayed_at_a_later
         .contains_key("split_updates_forwarded"));
     assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
 }
+
+#[test]
+fn restart_a_primary_restarted_while_cut_off_whose_numbers_catch_up_is_still_followed() {
+    // Found by the simulator (swarm 1147): the primary restarted (memory lost) while cut
+    // off from the backup, took over again with a new history, and had numbered exactly
+    // as many updates as the old one by the time the link healed, so the backup saw no
+    // gap and kept the old map. The reconnect of its subscription must make it re-sync.
+    let cut = Scripted::Partition {
+        a: PRIMARY,
+        b: BACKUP,
+        kind: PartitionKind::Break,
+        one_way: false,
+    };
+    let mut script: Vec<(Duration, Scripted)> = (0..5)
+        .map(|n| (at(1_500 + n * 100), set(0, &format!("/k/a/old{n}"), "old")))
+        .collect();
+    // The client can reach only the primary: it makes the restarted primary take over.
+    let client_cut = Scripted::Partition {
+        a: FIRST_CLIENT,
+        b: BACKUP,
+        kind: PartitionKind::Break,
+        one_way: false,
+    };
+    // Its link to the primary comes back only once the restarted primary has heard
+    // nothing from its peer for two heartbeats: the client's re-sync then makes it
+    // take over.
+    script.extend([
+        (at(2_500), cut),
+        (at(2_500), client_cut),
+        (
+            at(2_500),
+            Scripted::Partition {
+                a: FIRST_CLIENT,
+                b: PRIMARY,
+                kind: PartitionKind::Break,
+                one_way: false,
+            },
+        ),
+        (at(3_000), Scripted::Crash(PRIMARY)),
+        (at(3_100), Scripted::Restart(PRIMARY)),
+        (
+            at(5_500),
+            Scripted::Heal {
+                a: FIRST_CLIENT,
+                b: PRIMARY,
+            },
+        ),
+    ]);
+    script.extend((0..5).map(|n| (at(9_000 + n * 100), set(0, &format!("/k/a/new{n}"), "new"))));
+    script.extend([
+        (
+            at(12_000),
+            Scripted::Heal {
+                a: PRIMARY,
+                b: BACKUP,
+            },
+        ),
+        (
+            at(12_000),
+            Scripted::Heal {
+                a: FIRST_CLIENT,
+                b: BACKUP,
+            },
+        ),
+    ]);
+    let report = run("restarted primary caught up", quiet(1), script);
+    assert_eq!(final_value(&report, "/k/a/new0").as_deref(), Some("new"));
+    assert_eq!(final_value(&report, "/k/a/old0"), None);
+}
