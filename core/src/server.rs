@@ -505,16 +505,20 @@ struct SyncInProgress {
     store: Store,
     backlog: Vec<(KvMsg, Option<EpochMillis>)>,
     backlog_overflowed: bool,
-    /// What earlier attempts buffered before they timed out. A completed snapshot
-    /// makes it moot: it was published before this attempt's request, so the snapshot
-    /// has it, unless the silence was the peer restarting, and then it belongs to a
-    /// history that no longer exists. Only a failover mid-sync uses it: it is then
-    /// the newest this server has of the dead active's history.
-    unconfirmed: Vec<(KvMsg, Option<EpochMillis>)>,
-    /// The sequence of the last update buffered (by this attempt or the ones it
-    /// continues): one publisher's sequences only rise, so a lower one means the peer
-    /// restarted and numbers a new history, to which nothing buffered belongs.
-    last_buffered: Option<i64>,
+    /// What earlier attempts buffered before they timed out: older than this
+    /// attempt's snapshot, one layer per subscriber connection, oldest first.
+    unconfirmed: Vec<Vec<(KvMsg, Option<EpochMillis>)>>,
+    /// What this attempt buffered before the subscription reconnected, one layer per
+    /// connection, oldest first; `backlog` is the current connection's.
+    ///
+    /// A completed snapshot makes all of it moot except the backlog: the snapshot was
+    /// taken after `unconfirmed` (or belongs to a new history, the peer having
+    /// restarted), and what it lacks of `reconnected` a gap in the backlog reveals, so
+    /// another sync fetches it. Only a failover mid-sync merges it, connection by
+    /// connection: sequences are compared only within one connection's layer, because
+    /// across a reconnect they may number two histories (found by the simulator, swarm
+    /// 42617).
+    reconnected: Vec<Vec<(KvMsg, Option<EpochMillis>)>>,
     last_activity: Instant,
     /// Pending-list arrivals before this mark preceded the request.
     pending_mark: u64,
@@ -736,10 +740,49 @@ impl Server {
     /// took over with a new history, and its numbers reached the backup's just as the
     /// connection came back, so the backup applied the new history's updates over the
     /// old map without ever seeing a gap.
+    /// A passive already syncing keeps waiting for its reply, but sets what it buffered
+    /// so far aside (see `SyncInProgress::unconfirmed`): the new connection may carry a
+    /// restarted active's new history, numbered anew.
     pub fn handle_peer_publisher_reconnected(&mut self, now: Instant, wall: EpochMillis) {
         self.begin(now, wall);
-        if matches!(self.follow, Follow::Following) {
-            self.start_sync(SyncReason::PublisherReconnected);
+        match &mut self.follow {
+            Follow::Following => self.start_sync(SyncReason::PublisherReconnected),
+            Follow::Syncing(sync) => {
+                let backlog = std::mem::take(&mut sync.backlog);
+                sync.backlog_overflowed = false;
+                if !backlog.is_empty() {
+                    sync.reconnected.push(backlog);
+                }
+                let mut sync = std::mem::take(sync);
+                self.bound_set_aside(&mut sync);
+                self.follow = Follow::Syncing(sync);
+            }
+            Follow::Not | Follow::AwaitingPublisher => {}
+        }
+    }
+
+    /// Keeps the newest [`Config::sync_backlog_max`] updates over all the layers a
+    /// sync has set aside.
+    fn bound_set_aside(&self, sync: &mut SyncInProgress) {
+        let total: usize = sync
+            .unconfirmed
+            .iter()
+            .chain(&sync.reconnected)
+            .map(Vec::len)
+            .sum();
+        let mut excess = total.saturating_sub(self.config.sync_backlog_max);
+        for layers in [&mut sync.unconfirmed, &mut sync.reconnected] {
+            while excess > 0 {
+                let Some(oldest) = layers.first_mut() else {
+                    break;
+                };
+                let dropped = excess.min(oldest.len());
+                oldest.drain(..dropped);
+                excess -= dropped;
+                if oldest.is_empty() {
+                    layers.remove(0);
+                }
+            }
         }
     }
 
@@ -798,18 +841,6 @@ impl Server {
                 self.request_peer_snapshot(now, vec![(update, expires_at)]);
             }
             Follow::Syncing(sync) => {
-                if let Some(last) = sync.last_buffered.filter(|last| update.sequence < *last) {
-                    // Found by the simulator (swarm 42617): a failover mid-sync merged
-                    // the restarted peer's new updates under its old history's.
-                    self.outputs.push_back(Output::Event(Event::SyncStarted {
-                        reason: SyncReason::SequenceGap {
-                            expected: last.saturating_add(1),
-                            received: update.sequence,
-                        },
-                    }));
-                    return self.request_peer_snapshot(now, vec![(update, expires_at)]);
-                }
-                sync.last_buffered = Some(update.sequence);
                 if sync.backlog_overflowed {
                     // Everything after the overflow is fetched by the next snapshot.
                 } else if sync.backlog.len() < self.config.sync_backlog_max {
@@ -921,28 +952,28 @@ impl Server {
                 self.outputs.push_back(Output::Event(Event::SyncStarted {
                     reason: SyncReason::Timeout,
                 }));
-                let (mut unconfirmed, last_buffered) =
-                    match std::mem::replace(&mut self.follow, Follow::Not) {
-                        Follow::Syncing(sync) => {
-                            let SyncInProgress {
-                                mut unconfirmed,
-                                backlog,
-                                last_buffered,
-                                ..
-                            } = *sync;
-                            unconfirmed.extend(backlog);
-                            (unconfirmed, last_buffered)
-                        }
-                        _ => (Vec::new(), None),
-                    };
-                let excess = unconfirmed
-                    .len()
-                    .saturating_sub(self.config.sync_backlog_max);
-                unconfirmed.drain(..excess);
+                // Everything buffered so far precedes the new request.
+                let mut unconfirmed = match std::mem::replace(&mut self.follow, Follow::Not) {
+                    Follow::Syncing(sync) => {
+                        let SyncInProgress {
+                            mut unconfirmed,
+                            reconnected,
+                            backlog,
+                            ..
+                        } = *sync;
+                        unconfirmed.extend(reconnected);
+                        unconfirmed.push(backlog);
+                        unconfirmed.retain(|layer| !layer.is_empty());
+                        unconfirmed
+                    }
+                    _ => Vec::new(),
+                };
                 self.request_peer_snapshot(now, Vec::new());
                 if let Follow::Syncing(sync) = &mut self.follow {
-                    sync.unconfirmed = unconfirmed;
-                    sync.last_buffered = last_buffered;
+                    sync.unconfirmed = std::mem::take(&mut unconfirmed);
+                    let mut sync = std::mem::take(sync);
+                    self.bound_set_aside(&mut sync);
+                    self.follow = Follow::Syncing(sync);
                 }
             }
         }
@@ -1286,7 +1317,6 @@ impl Server {
             SnapshotRequest::new(Vec::new()).encode(),
         ));
         self.follow = Follow::Syncing(Box::new(SyncInProgress {
-            last_buffered: backlog.last().map(|(update, _)| update.sequence),
             backlog,
             last_activity: now,
             pending_mark: self.pending.arrival_mark(),
@@ -1334,10 +1364,7 @@ impl Server {
             match &mut self.follow {
                 Follow::Following => self.apply_followed(now, update, expires_at),
                 // A gap in the backlog started another sync: the rest is its backlog.
-                Follow::Syncing(next) => {
-                    next.last_buffered = Some(update.sequence);
-                    next.backlog.push((update, expires_at));
-                }
+                Follow::Syncing(next) => next.backlog.push((update, expires_at)),
                 Follow::Not | Follow::AwaitingPublisher => {}
             }
         }
@@ -1398,11 +1425,12 @@ impl Server {
     /// Became active mid-sync (the active died while sending its snapshot): keep what
     /// arrived. Whatever came from the peer during the sync is newer than this server's
     /// own map (that is why it was syncing): the updates earlier attempts buffered, then
-    /// the snapshot's entries (taken after those), then this attempt's buffered updates
-    /// unless the key already has a newer one from the peer. Sequences are compared only
-    /// among the peer's own messages: this server's map may carry another history's
-    /// numbers (its own while split, or a restarted peer's), and comparing those with
-    /// the peer's let stale values win (found by the simulator, swarm 32681).
+    /// the snapshot's entries (taken after those), then this attempt's buffered updates,
+    /// connection by connection, unless the key already has a newer one from the same
+    /// connection. Sequences are compared only among the peer's own messages: this
+    /// server's map may carry another history's numbers (its own while split, or a
+    /// restarted peer's), and comparing those with the peer's let stale values win
+    /// (found by the simulator, swarm 32681).
     /// Numbering continues after the highest sequence seen.
     fn abandon_sync(&mut self) {
         let Follow::Syncing(sync) = std::mem::replace(&mut self.follow, Follow::Not) else {
@@ -1411,15 +1439,19 @@ impl Server {
         let SyncInProgress {
             store: snapshot,
             unconfirmed,
+            reconnected,
             backlog,
             ..
         } = *sync;
-        let mut from_peer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
         let mut applied_updates = 0;
-        for (update, expires_at) in unconfirmed {
-            applied_updates +=
-                usize::from(self.merge_peer_update(&mut from_peer, update, expires_at));
+        for layer in unconfirmed {
+            let mut from_layer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+            for (update, expires_at) in layer {
+                applied_updates +=
+                    usize::from(self.merge_peer_update(&mut from_layer, update, expires_at));
+            }
         }
+        let mut from_peer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
         let mut merged_entries = 0;
         for (key, entry) in snapshot.iter() {
             from_peer.insert(key.to_vec(), entry.sequence());
@@ -1427,9 +1459,16 @@ impl Server {
             self.store.insert(key.clone(), (**entry).clone());
             merged_entries += 1;
         }
-        for (update, expires_at) in backlog {
-            applied_updates +=
-                usize::from(self.merge_peer_update(&mut from_peer, update, expires_at));
+        // The connection the request went out on numbers like the snapshot; each later
+        // one is compared only with itself.
+        for (index, layer) in reconnected.into_iter().chain([backlog]).enumerate() {
+            if index > 0 {
+                from_peer.clear();
+            }
+            for (update, expires_at) in layer {
+                applied_updates +=
+                    usize::from(self.merge_peer_update(&mut from_peer, update, expires_at));
+            }
         }
         self.outputs.push_back(Output::Event(Event::SyncAbandoned {
             merged_entries,

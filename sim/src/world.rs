@@ -2113,8 +2113,17 @@ impl World {
                 return;
             };
             let (local, wall) = (slot.life.clock.local(now), slot.life.clock.wall(now));
+            let mut still_syncing = false;
             if let Some(machine) = slot.machine.as_mut() {
                 machine.handle_peer_publisher_reconnected(local, wall);
+                still_syncing = machine.is_syncing();
+            }
+            if still_syncing {
+                // What it buffers from now on comes from the peer as it is now.
+                let peer_incarnation = self.life(server).map(|life| life.incarnation);
+                if let Some(slot) = self.servers.get_mut(client) {
+                    slot.syncing_with = peer_incarnation;
+                }
             }
             self.after_server_step(client);
             return;

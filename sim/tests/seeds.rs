@@ -121,6 +121,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "a backup applied a restarted primary's new history over its old map: no gap showed",
     ),
     (
+        19211,
+        "harsh network: a reordered KVPUB was taken for a restarted active's new history",
+    ),
+    (
         32991,
         "oracle 5 judged a promotion while the peer was still active (split brain)",
     ),
