@@ -111,7 +111,7 @@ fn main() {
             drain(&mut server);
             concurrent += 1;
         }
-        last_sequence = i64::from_be_bytes(frames[1].as_slice().try_into().expect("8 bytes"));
+        last_sequence = i64::from_be_bytes(frames[1].as_bytes().try_into().expect("8 bytes"));
     }
     let elapsed = began.elapsed();
     assert_eq!(messages, KEYS + 1, "every key plus KTHXBAI");

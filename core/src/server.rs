@@ -63,6 +63,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bstar::{self, Bstar, Cause, Role, Verdict};
@@ -71,16 +72,52 @@ use crate::kvmsg::{
 };
 use crate::time::{EpochMillis, Instant};
 
+/// Derefs, compares and orders a type with an `as_bytes(&self) -> &[u8]` exactly as
+/// those bytes (the stored keys and the outgoing frames).
+macro_rules! bytes_like {
+    ($type:ty) => {
+        impl std::ops::Deref for $type {
+            type Target = [u8];
+            fn deref(&self) -> &[u8] {
+                self.as_bytes()
+            }
+        }
+
+        impl PartialEq for $type {
+            fn eq(&self, other: &Self) -> bool {
+                self.as_bytes() == other.as_bytes()
+            }
+        }
+
+        impl Eq for $type {}
+
+        impl PartialOrd for $type {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+
+        impl Ord for $type {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.as_bytes().cmp(other.as_bytes())
+            }
+        }
+    };
+}
+use bytes_like;
+
+mod frame;
 mod pending;
 mod seen;
 mod snapshot;
 mod store;
 
+pub use frame::Frame;
 use pending::{ClientCopyFate, CopyOrigin, Evicted, PendingList};
 use seen::SeenUpdates;
 use snapshot::{Pulled, SnapshotStreams};
 pub use store::Entry;
-use store::Store;
+use store::{uuid_frame, Store};
 
 pub use crate::bstar::ConfigError;
 
@@ -397,8 +434,9 @@ pub enum Event {
 /// An effect for the host to carry out, or an event to log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Send these frames on the PUB at P+1 (KVPUB or HUGZ).
-    Publish([Vec<u8>; FRAME_COUNT]),
+    /// Send these frames on the PUB at P+1 (KVPUB or HUGZ). A KVPUB's body is shared
+    /// with the stored entry, not copied.
+    Publish([Frame; FRAME_COUNT]),
     /// A snapshot stream for this routing id has messages: pull them with
     /// [`Server::poll_snapshot`].
     SnapshotReady {
@@ -862,7 +900,9 @@ impl Server {
         self.drain_bstar(now, wall);
         if now >= self.next_hugz {
             self.outputs.push_back(Output::Publish(
-                KvMsg::hugz_from(self.state(), self.sequence).encode(),
+                KvMsg::hugz_from(self.state(), self.sequence)
+                    .encode()
+                    .map(Frame::from),
             ));
             self.next_hugz = now + self.config.bstar.heartbeat;
         }
@@ -939,7 +979,7 @@ impl Server {
         &mut self,
         now: Instant,
         routing_id: &[u8],
-    ) -> Option<[Vec<u8>; FRAME_COUNT]> {
+    ) -> Option<[Frame; FRAME_COUNT]> {
         match self
             .snapshots
             .next_message(now, routing_id, self.config.snapshot_batch)?
@@ -1070,10 +1110,25 @@ impl Server {
         self.highest_published = sequence;
         let update = update.with_sequence(sequence);
         self.remember_published(update.uuid);
-        self.outputs.push_back(Output::Publish(update.encode()));
         self.counters.published += 1;
         self.record_split(now, &update.key, update.uuid);
-        self.store.apply(update, expires_at);
+        // The KVPUB is the client's message with the new sequence: its properties as
+        // sent (a relative ttl), its body shared with the stored entry.
+        let key = Frame::from(update.key.as_slice());
+        let uuid = uuid_frame(update.uuid);
+        let properties = Frame::from(update.properties.as_frame());
+        let body = if update.is_delete() {
+            self.store.remove(&update.key);
+            Frame::EMPTY
+        } else {
+            let (stored_key, entry) = Entry::from_update(update, expires_at);
+            let entry = Arc::new(entry);
+            let body = Frame::body_of(&entry);
+            self.store.insert_shared(stored_key, entry);
+            body
+        };
+        let frames = [key, Frame::sequence(sequence), uuid, properties, body];
+        self.outputs.push_back(Output::Publish(frames));
     }
 
     /// Removes every key whose ttl has passed, publishing a delete for each: the key, a
@@ -1088,7 +1143,7 @@ impl Server {
             };
             self.sequence = sequence;
             self.highest_published = sequence;
-            let frames = entry.frames(&key, sequence, &[]);
+            let frames = Entry::expiry_frames(&entry, &key, sequence);
             self.counters.published += 1;
             self.counters.expired += 1;
             self.record_split(now, &key, entry.uuid());

@@ -47,7 +47,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
-    AbandonReason, Config, ConfigError, Counters, DropReason, Event, Output, Server,
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, Frame, Output, Server,
 };
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -295,7 +295,7 @@ pub struct ServerHost {
     context: zmq::Context,
     /// Snapshot streams with messages to send, by routing id, each with the message the
     /// client's full pipe refused (sent first when the stream resumes).
-    streams: BTreeMap<Vec<u8>, Option<[Vec<u8>; FRAME_COUNT]>>,
+    streams: BTreeMap<Vec<u8>, Option<[Frame; FRAME_COUNT]>>,
     limiter: RateLimiter,
     /// The last message received, in libzmq's buffers, reused for the next one.
     frames: Frames,
@@ -610,8 +610,14 @@ impl ServerHost {
                     },
                 };
                 let [key, sequence, uuid, properties, body] = &message;
-                let frames: [&[u8]; FRAME_COUNT + 1] =
-                    [&routing_id, key, sequence, uuid, properties, body];
+                let frames: [&[u8]; FRAME_COUNT + 1] = [
+                    &routing_id,
+                    key.as_bytes(),
+                    sequence.as_bytes(),
+                    uuid.as_bytes(),
+                    properties.as_bytes(),
+                    body.as_bytes(),
+                ];
                 // Any send, even a refused one, enters libzmq and may consume the
                 // ROUTER's edge for a request that arrived meanwhile: read it again.
                 self.maybe_readable[Input::SnapshotRequests as usize] = true;

@@ -13,6 +13,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::frame::Frame;
 use super::store::{Entry, Key, Map};
 use crate::kvmsg::{KvMsg, FRAME_COUNT};
 use crate::time::Instant;
@@ -35,10 +36,12 @@ impl Stream {
             self.refill(batch_size);
         }
         match self.batch.pop_front() {
-            Some((key, entry)) => Pulled::Message(entry.kvsync_frames(&key)),
+            Some((key, entry)) => Pulled::Message(Entry::kvsync_frames(&entry, &key)),
             // Sent once: the caller drops the stream after this.
             None => Pulled::Finished(
-                KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree)).encode(),
+                KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree))
+                    .encode()
+                    .map(Frame::from),
             ),
         }
     }
@@ -77,9 +80,9 @@ struct ClientStreams {
 /// What [`SnapshotStreams::next_message`] produced.
 pub(crate) enum Pulled {
     /// A KVSYNC.
-    Message([Vec<u8>; FRAME_COUNT]),
+    Message([Frame; FRAME_COUNT]),
     /// The KTHXBAI that ends a stream.
-    Finished([Vec<u8>; FRAME_COUNT]),
+    Finished([Frame; FRAME_COUNT]),
 }
 
 #[derive(Clone, Debug, Default)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
+use super::frame::Frame;
 use crate::kvmsg::{KvMsg, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 
@@ -49,38 +50,13 @@ impl From<Vec<u8>> for Key {
     }
 }
 
-impl std::ops::Deref for Key {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
 impl std::borrow::Borrow<[u8]> for Key {
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for Key {}
-
-impl PartialOrd for Key {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Key {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
-    }
-}
+super::bytes_like!(Key);
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -184,24 +160,38 @@ impl Entry {
         (self.expires_at != 0).then_some(EpochMillis(self.expires_at))
     }
 
-    /// The five frames of this entry as a message with `sequence` and `body` (a KVSYNC
-    /// uses the entry's own; an expiry delete uses a new sequence and an empty body).
-    pub(crate) fn frames(&self, key: &[u8], sequence: i64, body: &[u8]) -> [Vec<u8>; FRAME_COUNT] {
+    /// The KVSYNC for this entry under `key`: every frame as stored, the body and
+    /// properties shared with the entry (no copy).
+    pub(crate) fn kvsync_frames(entry: &Arc<Entry>, key: &[u8]) -> [Frame; FRAME_COUNT] {
         [
-            key.to_vec(),
-            sequence.to_be_bytes().to_vec(),
-            self.uuid
-                .map(|uuid| uuid.as_bytes().to_vec())
-                .unwrap_or_default(),
-            self.properties_frame().to_vec(),
-            body.to_vec(),
+            Frame::from(key),
+            Frame::sequence(entry.sequence),
+            uuid_frame(entry.uuid),
+            Frame::properties_of(entry),
+            Frame::body_of(entry),
         ]
     }
 
-    /// The KVSYNC frames for this entry.
-    pub(crate) fn kvsync_frames(&self, key: &[u8]) -> [Vec<u8>; FRAME_COUNT] {
-        self.frames(key, self.sequence, self.body())
+    /// The delete published when `entry` expires: its key, a new `sequence`, its uuid
+    /// and stored properties, an empty body.
+    pub(crate) fn expiry_frames(
+        entry: &Arc<Entry>,
+        key: &[u8],
+        sequence: i64,
+    ) -> [Frame; FRAME_COUNT] {
+        [
+            Frame::from(key),
+            Frame::sequence(sequence),
+            uuid_frame(entry.uuid),
+            Frame::properties_of(entry),
+            Frame::EMPTY,
+        ]
     }
+}
+
+/// The uuid frame: 16 bytes, or empty.
+pub(crate) fn uuid_frame(uuid: Option<Uuid>) -> Frame {
+    uuid.map_or(Frame::EMPTY, |uuid| Frame::from(uuid.as_bytes().as_slice()))
 }
 
 /// The map plus an ordered index of expiries, so that finding what is due costs
@@ -227,10 +217,15 @@ impl Store {
 
     /// Stores `entry` under `key`, replacing (and unindexing) any previous value.
     pub(crate) fn insert(&mut self, key: Key, entry: Entry) {
+        self.insert_shared(key, Arc::new(entry));
+    }
+
+    /// Stores a shared `entry` (one whose frames are also being sent) under `key`.
+    pub(crate) fn insert_shared(&mut self, key: Key, entry: Arc<Entry>) {
         if let Some(expires_at) = entry.expires_at() {
             self.expiries.insert((expires_at, key.clone()));
         }
-        if let Some(previous) = self.map.insert(key.clone(), Arc::new(entry)) {
+        if let Some(previous) = self.map.insert(key.clone(), entry) {
             self.unindex(&key, &previous);
         }
     }
