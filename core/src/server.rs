@@ -68,7 +68,8 @@ use std::time::Duration;
 
 use crate::bstar::{self, Bstar, Cause, Role, Verdict};
 use crate::kvmsg::{
-    BstarState, DecodeError, KvMsg, Limits, SnapshotRequest, Ttl, TtlError, Uuid, FRAME_COUNT,
+    BstarState, DecodeError, KvMsg, KvMsgRef, Limits, SnapshotRequest, Ttl, TtlError, Uuid,
+    FRAME_COUNT,
 };
 use crate::time::{EpochMillis, Instant};
 
@@ -714,7 +715,7 @@ impl Server {
     ) {
         self.begin(now, wall);
         let source = InputSource::Collector;
-        let update = match KvMsg::decode(frames, &self.config.limits) {
+        let update = match KvMsgRef::decode(frames, &self.config.limits) {
             Ok(update) => update,
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
@@ -738,12 +739,12 @@ impl Server {
             .filter(|_| !update.is_delete())
             .map(|ttl| wall.saturating_add(ttl));
         if self.state() == BstarState::Active {
-            self.publish_update(now, update, expires_at);
+            self.publish_update(now, &update, expires_at);
         } else {
             let (fate, evicted) = self.pending.hold_client_copy(
                 now,
                 uuid,
-                update,
+                update.to_kvmsg(),
                 expires_at,
                 CopyOrigin::Client,
                 self.config.pending_max_len,
@@ -764,7 +765,7 @@ impl Server {
     ) {
         self.begin(now, wall);
         let source = InputSource::PeerUpdate;
-        let update = match KvMsg::decode(frames, &self.config.limits) {
+        let update = match KvMsgRef::decode(frames, &self.config.limits) {
             Ok(update) => update,
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
@@ -794,11 +795,11 @@ impl Server {
         // matched long ago: remembering it as an echo would only clog the list.
         let is_expiry_delete = update.is_delete()
             && update.uuid.is_some()
-            && self.store.get(&update.key).map(|entry| entry.uuid()) == Some(update.uuid);
+            && self.store.get(update.key).map(|entry| entry.uuid()) == Some(update.uuid);
         let evicted = self.pending.observe_active_update(
             now,
             update.uuid,
-            &update.key,
+            update.key,
             !is_expiry_delete,
             self.config.pending_max_len,
         );
@@ -807,19 +808,19 @@ impl Server {
             // Still PRIMARY / BACKUP: the sync starts on becoming passive.
             Follow::Not => {}
             Follow::AwaitingPublisher => {
-                self.request_peer_snapshot(now, vec![(update, expires_at)]);
+                self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
             }
             Follow::Syncing(sync) => {
                 if sync.backlog_overflowed {
                     // Everything after the overflow is fetched by the next snapshot.
                 } else if sync.backlog.len() < self.config.sync_backlog_max {
-                    sync.backlog.push((update, expires_at));
+                    sync.backlog.push((update.to_kvmsg(), expires_at));
                 } else {
                     sync.backlog = Vec::new();
                     sync.backlog_overflowed = true;
                 }
             }
-            Follow::Following => self.apply_followed(now, update, expires_at),
+            Follow::Following => self.apply_followed(now, &update, expires_at),
         }
     }
 
@@ -864,7 +865,7 @@ impl Server {
     ) {
         self.begin(now, wall);
         let source = InputSource::PeerSnapshot;
-        let entry = match KvMsg::decode(frames, &self.config.limits) {
+        let entry = match KvMsgRef::decode(frames, &self.config.limits) {
             Ok(entry) => entry,
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
@@ -889,7 +890,7 @@ impl Server {
         if let Some(uuid) = entry.uuid {
             sync.seen.insert(uuid, self.config.dedupe_window);
         }
-        sync.store.apply(entry, expires_at);
+        sync.store.apply(&entry, expires_at);
     }
 
     /// Fires whatever is due: heartbeats, ttl expiries (active only), pending-list age
@@ -1102,26 +1103,29 @@ impl Server {
     /// Numbers, publishes and stores one update (§6 active). The KVPUB carries the
     /// properties as given (the client's relative ttl); the store keeps the absolute
     /// expiry.
-    fn publish_update(&mut self, now: Instant, update: KvMsg, expires_at: Option<EpochMillis>) {
+    fn publish_update(&mut self, now: Instant, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
         let Some(sequence) = self.sequence.checked_add(1) else {
             return self.drop_input(InputSource::Collector, DropReason::SequenceExhausted);
         };
         self.sequence = sequence;
         self.highest_published = sequence;
-        let update = update.with_sequence(sequence);
+        let update = KvMsgRef {
+            sequence,
+            ..*update
+        };
         self.remember_published(update.uuid);
         self.counters.published += 1;
-        self.record_split(now, &update.key, update.uuid);
+        self.record_split(now, update.key, update.uuid);
         // The KVPUB is the client's message with the new sequence: its properties as
         // sent (a relative ttl), its body shared with the stored entry.
-        let key = Frame::from(update.key.as_slice());
+        let key = Frame::from(update.key);
         let uuid = uuid_frame(update.uuid);
-        let properties = Frame::from(update.properties.as_frame());
+        let properties = Frame::from(&*update.normalized_properties());
         let body = if update.is_delete() {
-            self.store.remove(&update.key);
+            self.store.remove(update.key);
             Frame::EMPTY
         } else {
-            let (stored_key, entry) = Entry::from_update(update, expires_at);
+            let (stored_key, entry) = Entry::from_update(&update, expires_at);
             let entry = Arc::new(entry);
             let body = Frame::body_of(&entry);
             self.store.insert_shared(stored_key, entry);
@@ -1174,7 +1178,7 @@ impl Server {
                 update.set_ttl_relative(wall.saturating_duration_until(expires_at));
             }
             replayed += 1;
-            self.publish_update(now, update, entry.expires_at);
+            self.publish_update(now, &update.as_msg_ref(), entry.expires_at);
         }
         self.counters.pending_replayed += replayed as u64;
         self.counters.pending_superseded += skipped as u64;
@@ -1331,7 +1335,7 @@ impl Server {
                 continue;
             }
             match &mut self.follow {
-                Follow::Following => self.apply_followed(now, update, expires_at),
+                Follow::Following => self.apply_followed(now, &update.as_msg_ref(), expires_at),
                 // A gap in the backlog started another sync: the rest is its backlog.
                 Follow::Syncing(next) => next.backlog.push((update, expires_at)),
                 Follow::Not | Follow::AwaitingPublisher => {}
@@ -1347,7 +1351,7 @@ impl Server {
 
     /// An update from the active while following: applied when it is the next one; a
     /// gap means updates were missed, so re-sync.
-    fn apply_followed(&mut self, now: Instant, update: KvMsg, expires_at: Option<EpochMillis>) {
+    fn apply_followed(&mut self, now: Instant, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
         let expected = self.sequence.saturating_add(1);
         if update.sequence < expected {
             return self.drop_input(InputSource::PeerUpdate, DropReason::StaleSequence);
@@ -1359,7 +1363,7 @@ impl Server {
                     received: update.sequence,
                 },
             }));
-            return self.request_peer_snapshot(now, vec![(update, expires_at)]);
+            return self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
         }
         self.sequence = update.sequence;
         self.remember_published(update.uuid);
@@ -1418,7 +1422,7 @@ impl Server {
                 .is_none_or(|current| current.sequence() < update.sequence);
             if newer && update.sequence > 0 {
                 self.sequence = self.sequence.max(update.sequence);
-                self.store.apply(update, expires_at);
+                self.store.apply(&update.as_msg_ref(), expires_at);
                 applied_updates += 1;
             }
         }

@@ -168,7 +168,8 @@ mod tests {
     fn shared_frames_read_the_stored_entry() {
         let update = KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), Uuid::from_bytes([1; 16]))
             .with_ttl(std::time::Duration::from_secs(5));
-        let (_, entry) = Entry::from_update(update, Some(EpochMillis(1_700_000_005_000)));
+        let (_, entry) =
+            Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(1_700_000_005_000)));
         let entry = Arc::new(entry);
         assert_eq!(Frame::body_of(&entry), b"value".to_vec());
         assert_eq!(
@@ -176,7 +177,7 @@ mod tests {
             b"ttl=1700000005000\n".to_vec()
         );
         let plain = KvMsg::kvset(b"/p".to_vec(), Vec::new(), Uuid::from_bytes([2; 16]));
-        let (_, empty) = Entry::from_update(plain, None);
+        let (_, empty) = Entry::from_update(&plain.as_msg_ref(), None);
         let empty = Arc::new(empty);
         assert!(matches!(
             Frame::body_of(&empty).0,

@@ -1,12 +1,13 @@
 //! The stored map and its expiry index.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use imbl::OrdMap;
 
 use super::frame::Frame;
-use crate::kvmsg::{KvMsg, Properties, Uuid, FRAME_COUNT};
+use crate::kvmsg::{KvMsgRef, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 
 /// Keys up to this long are stored inline in the map's nodes.
@@ -85,43 +86,38 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Builds the stored form of an update: the ttl property, if the value expires, is
-    /// rewritten to the absolute expiry in epoch milliseconds (§5).
-    pub(crate) fn from_update(update: KvMsg, expires_at: Option<EpochMillis>) -> (Key, Entry) {
-        let mut update = update;
-        if let Some(expires_at) = expires_at {
-            update.set_ttl_expires_at(expires_at);
-        }
-        let KvMsg {
-            key,
-            sequence,
-            uuid,
-            properties,
-            body,
-        } = update;
-        let properties = properties.as_frame();
+    /// Builds the stored form of an update, copying its key (inline when short) and
+    /// its properties and body (one allocation): the ttl property, if the value
+    /// expires, is rewritten to the absolute expiry in epoch milliseconds (§5).
+    pub(crate) fn from_update(update: &KvMsgRef, expires_at: Option<EpochMillis>) -> (Key, Entry) {
+        let properties = match expires_at {
+            Some(expires_at) => {
+                let mut properties = Properties::from_valid_frame(update.properties);
+                properties.set_ttl_expires_at(expires_at);
+                Cow::Owned(properties.as_frame().to_vec())
+            }
+            None => update.normalized_properties(),
+        };
         // The decoder bounds the properties frame far below 4 GiB; a larger one could
         // only come from a misconfigured limit, and is then stored without properties
         // rather than mis-split.
-        let (properties_len, data) = match u32::try_from(properties.len()) {
-            Ok(0) | Err(_) => (0, body.into_boxed_slice()),
-            Ok(len) => {
-                let mut data = Vec::with_capacity(properties.len() + body.len());
-                data.extend_from_slice(properties);
-                data.extend_from_slice(&body);
-                (len, data.into_boxed_slice())
-            }
+        let (properties_len, properties) = match u32::try_from(properties.len()) {
+            Ok(len) => (len, &*properties),
+            Err(_) => (0, &[][..]),
         };
+        let mut data = Vec::with_capacity(properties.len() + update.body.len());
+        data.extend_from_slice(properties);
+        data.extend_from_slice(update.body);
         (
-            Key::from(key),
+            Key::from(update.key),
             Entry {
-                sequence,
+                sequence: update.sequence,
                 // 0 means persistent, so an expiry at the epoch itself (long past)
                 // is kept as 1 ms after it.
                 expires_at: expires_at.map_or(0, |at| at.0.max(1)),
-                uuid,
+                uuid: update.uuid,
                 properties_len,
-                data,
+                data: data.into_boxed_slice(),
             },
         )
     }
@@ -231,9 +227,9 @@ impl Store {
     }
 
     /// Stores the update's value, or removes the key when the update is a delete.
-    pub(crate) fn apply(&mut self, update: KvMsg, expires_at: Option<EpochMillis>) {
+    pub(crate) fn apply(&mut self, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
         if update.is_delete() {
-            self.remove(&update.key);
+            self.remove(update.key);
         } else {
             let (key, entry) = Entry::from_update(update, expires_at);
             self.insert(key, entry);
@@ -291,6 +287,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kvmsg::KvMsg;
 
     #[test]
     fn keys_are_their_bytes_inline_or_shared() {
@@ -329,7 +326,8 @@ mod tests {
     fn properties_and_body_are_split_back_exactly() {
         let update = KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), Uuid::from_bytes([1; 16]))
             .with_ttl(std::time::Duration::from_secs(5));
-        let (key, entry) = Entry::from_update(update, Some(EpochMillis(1_700_000_005_000)));
+        let (key, entry) =
+            Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(1_700_000_005_000)));
         assert_eq!(&*key, b"/k");
         assert_eq!(entry.body(), b"value");
         assert_eq!(entry.properties_frame(), b"ttl=1700000005000\n");
@@ -337,7 +335,7 @@ mod tests {
         assert_eq!(entry.expires_at(), Some(EpochMillis(1_700_000_005_000)));
 
         let plain = KvMsg::kvset(b"/p".to_vec(), b"v".to_vec(), Uuid::from_bytes([2; 16]));
-        let (_, entry) = Entry::from_update(plain, None);
+        let (_, entry) = Entry::from_update(&plain.as_msg_ref(), None);
         assert_eq!(entry.body(), b"v");
         assert!(entry.properties().is_empty());
         assert_eq!(entry.expires_at(), None);
@@ -346,7 +344,7 @@ mod tests {
     #[test]
     fn an_expiry_at_the_epoch_still_expires() {
         let update = KvMsg::kvset(b"/e".to_vec(), b"v".to_vec(), Uuid::from_bytes([3; 16]));
-        let (_, entry) = Entry::from_update(update, Some(EpochMillis(0)));
+        let (_, entry) = Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(0)));
         assert!(entry.expires_at().is_some());
     }
 }
