@@ -52,7 +52,7 @@ use clonekv_core::server::{
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
-use crate::log::{send_or_log, RateLimiter};
+use crate::log::{send_or_log, send_or_log_reusing, RateLimiter};
 use crate::socket::{Frames, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
@@ -507,8 +507,8 @@ impl ServerHost {
             };
             received = true;
             self.feed(input, frames.get());
+            self.drain_outputs_reusing(Some(&mut frames));
             self.frames = frames;
-            self.drain_outputs();
         }
         Ok(received)
     }
@@ -533,10 +533,23 @@ impl ServerHost {
 
     /// Carries out every queued output of the core.
     fn drain_outputs(&mut self) {
+        self.drain_outputs_reusing(None);
+    }
+
+    /// Carries out every queued output of the core. `received` is the message just fed
+    /// to it: a published body with the same bytes as the received one (a KVPUB is the
+    /// KVSET with a new sequence) is sent as that received frame, by reference, instead
+    /// of being copied into a new libzmq message. Which bytes go out is the core's
+    /// decision alone; this only chooses the cheapest buffer that holds them.
+    fn drain_outputs_reusing(&mut self, mut received: Option<&mut Frames>) {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Publish(frames) => {
-                    send_or_log(&self.publisher, &frames, &mut self.limiter);
+                    let [.., body] = &frames;
+                    let last = received
+                        .as_deref_mut()
+                        .and_then(|received| received.take_if_equal(FRAME_COUNT - 1, body));
+                    send_or_log_reusing(&self.publisher, &frames, last, &mut self.limiter);
                 }
                 Output::SnapshotReady { routing_id } => {
                     self.streams.entry(routing_id).or_insert(None);
