@@ -15,9 +15,13 @@ use std::hash::BuildHasherDefault;
 
 use crate::kvmsg::Uuid;
 
-/// A hash set with a fixed (zero) SipHash key: deterministic, and never iterated (the
-/// window's order is `oldest_first`'s), so its order cannot reach an output or a trace.
-type Members = HashSet<u128, BuildHasherDefault<DefaultHasher>>;
+/// Hashing with a fixed (zero) SipHash key: deterministic, no OS randomness. For sets
+/// and maps that are only looked up, never iterated, so that their order cannot reach
+/// an output or a trace.
+pub(crate) type FixedState = BuildHasherDefault<DefaultHasher>;
+
+/// The window's members; its order is `oldest_first`'s.
+type Members = HashSet<u128, FixedState>;
 
 /// Uuids are held as `u128`s. The set is searched on every update and changed twice per
 /// published update (one in, the oldest out): a hash set does both in a few hundred
