@@ -63,7 +63,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::bstar::{self, Bstar, Cause, Role, Verdict};
@@ -624,12 +623,12 @@ impl Server {
 
     /// The stored entry for `key`.
     pub fn get(&self, key: &[u8]) -> Option<&Entry> {
-        self.store.get(key).map(|entry| &**entry)
+        self.store.get(key)
     }
 
     /// Every stored entry, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> + '_ {
-        self.store.iter().map(|(key, entry)| (&**key, &**entry))
+        self.store.iter().map(|(key, entry)| (&**key, entry))
     }
 
     /// Number of stored keys.
@@ -1125,11 +1124,7 @@ impl Server {
             self.store.remove(update.key);
             Frame::EMPTY
         } else {
-            let (stored_key, entry) = Entry::from_update(&update, expires_at);
-            let entry = Arc::new(entry);
-            let body = Frame::body_of(&entry);
-            self.store.insert_shared(stored_key, entry);
-            body
+            Frame::body_of(&self.store.store_value(&update, expires_at))
         };
         let frames = [key, Frame::sequence(sequence), uuid, properties, body];
         self.outputs.push_back(Output::Publish(frames));
@@ -1141,7 +1136,6 @@ impl Server {
         while let Some((key, entry)) = self.store.pop_expired(wall) {
             let Some(sequence) = self.sequence.checked_add(1) else {
                 // Cannot number the delete; keep the key rather than diverge silently.
-                let (key, entry) = (key, (*entry).clone());
                 self.store.insert(key, entry);
                 return;
             };
@@ -1409,7 +1403,7 @@ impl Server {
                 .get(key)
                 .is_none_or(|current| current.sequence() < entry.sequence());
             if newer {
-                self.store.insert(key.clone(), (**entry).clone());
+                self.store.insert(key.clone(), entry.clone());
                 self.sequence = self.sequence.max(entry.sequence());
                 merged_entries += 1;
             }

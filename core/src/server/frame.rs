@@ -7,11 +7,9 @@
 //! stored entry for its body or properties: a reference-count increment, no copy. The
 //! host reads every frame as `&[u8]` and hands it to its socket.
 
+use super::store::Entry;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-
-use super::store::Entry;
 
 /// Frames up to this long are kept inline: keys of the usual size, the sequence, the
 /// uuid, a `ttl=…\n` property.
@@ -31,9 +29,9 @@ enum Repr {
     },
     Owned(Box<[u8]>),
     /// The body of a stored entry.
-    Body(Arc<Entry>),
+    Body(Entry),
     /// The (stored) properties frame of an entry.
-    Properties(Arc<Entry>),
+    Properties(Entry),
 }
 
 impl Frame {
@@ -44,19 +42,19 @@ impl Frame {
     });
 
     /// The body of `entry`, shared.
-    pub(crate) fn body_of(entry: &Arc<Entry>) -> Frame {
+    pub(crate) fn body_of(entry: &Entry) -> Frame {
         if entry.body().is_empty() {
             return Frame::EMPTY;
         }
-        Frame(Repr::Body(Arc::clone(entry)))
+        Frame(Repr::Body(entry.clone()))
     }
 
     /// The stored properties frame of `entry`, shared.
-    pub(crate) fn properties_of(entry: &Arc<Entry>) -> Frame {
+    pub(crate) fn properties_of(entry: &Entry) -> Frame {
         if entry.properties_frame().is_empty() {
             return Frame::EMPTY;
         }
-        Frame(Repr::Properties(Arc::clone(entry)))
+        Frame(Repr::Properties(entry.clone()))
     }
 
     /// A sequence frame: 8 bytes, big-endian.
@@ -168,17 +166,18 @@ mod tests {
     fn shared_frames_read_the_stored_entry() {
         let update = KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), Uuid::from_bytes([1; 16]))
             .with_ttl(std::time::Duration::from_secs(5));
-        let (_, entry) =
-            Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(1_700_000_005_000)));
-        let entry = Arc::new(entry);
+        let (_, entry) = Entry::from_update(
+            &update.as_msg_ref(),
+            Some(EpochMillis(1_700_000_005_000)),
+            &mut Vec::new(),
+        );
         assert_eq!(Frame::body_of(&entry), b"value".to_vec());
         assert_eq!(
             Frame::properties_of(&entry),
             b"ttl=1700000005000\n".to_vec()
         );
         let plain = KvMsg::kvset(b"/p".to_vec(), Vec::new(), Uuid::from_bytes([2; 16]));
-        let (_, empty) = Entry::from_update(&plain.as_msg_ref(), None);
-        let empty = Arc::new(empty);
+        let (_, empty) = Entry::from_update(&plain.as_msg_ref(), None, &mut Vec::new());
         assert!(matches!(
             Frame::body_of(&empty).0,
             Repr::Inline { len: 0, .. }

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::frame::Frame;
@@ -26,7 +25,7 @@ struct Stream {
     sequence: i64,
     /// The last key read from `map`; the next batch starts after it.
     cursor: Option<Key>,
-    batch: VecDeque<(Key, Arc<Entry>)>,
+    batch: VecDeque<(Key, Entry)>,
     entries_exhausted: bool,
 }
 
