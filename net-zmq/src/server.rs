@@ -611,10 +611,12 @@ impl ServerHost {
         for routing_id in routing_ids {
             let mut held = self.streams.get_mut(&routing_id).and_then(Option::take);
             let mut finished = false;
+            // One reading per batch: the core only uses it for the stall timer.
+            let now = self.clock.now();
             for _ in 0..BATCH {
                 let message = match held.take() {
                     Some(message) => message,
-                    None => match self.server.poll_snapshot(self.clock.now(), &routing_id) {
+                    None => match self.server.poll_snapshot(now, &routing_id) {
                         Some(message) => message,
                         None => {
                             finished = true;
