@@ -4,6 +4,9 @@
 //!    active server, draining every output as a host would.
 //! 2. Streams a snapshot of the resulting 1 M-key map through `poll_snapshot`, while a
 //!    trickle of updates keeps arriving (they must not disturb the open snapshot).
+//! 3. Follows 1 M updates as a passive backup does: each client copy on the collector,
+//!    then, 1 000 updates later, the active's KVPUB of it (pending list in and out, then
+//!    the map).
 //!
 //! Prints operations per second and resident memory per key (VmRSS / VmHWM from
 //! /proc/self/status, Linux only). Run with `cargo bench -p clonekv-core --bench server`.
@@ -46,6 +49,41 @@ fn kvset_frames(i: u64) -> [Vec<u8>; 5] {
     let mut uuid = [0u8; 16];
     uuid[..8].copy_from_slice(&i.to_be_bytes());
     KvMsg::kvset(key(i), vec![b'v'; BODY_LEN], Uuid::from_bytes(uuid)).encode()
+}
+
+/// Phase 3: a passive server that holds each client copy until the active's echo.
+#[inline(never)]
+fn follow_as_passive(wall: EpochMillis) {
+    let now = Instant::ZERO;
+    let mut backup = Server::new(now, wall, Config::backup()).expect("default config");
+    backup.handle_peer_state(now, wall, &[BstarState::Active.encode()]);
+    backup.handle_peer_update(now, wall, &KvMsg::hugz(0).encode());
+    backup.handle_peer_snapshot(now, wall, &KvMsg::kthxbai(0, Vec::new()).encode());
+    drain(&mut backup);
+    assert!(!backup.is_syncing(), "following the active");
+    // Client copies run this far ahead of their echoes, as they do for a backup that
+    // receives a burst on its collector while the active's KVPUBs trail behind.
+    const IN_FLIGHT: u64 = 1_000;
+    let began = wall_clock();
+    for i in 0..KEYS + IN_FLIGHT {
+        if i < KEYS {
+            backup.handle_collected(now, wall, &kvset_frames(i));
+        }
+        if let Some(echoed) = i.checked_sub(IN_FLIGHT) {
+            let mut echo = kvset_frames(echoed);
+            echo[1] = (echoed as i64 + 1).to_be_bytes().to_vec();
+            backup.handle_peer_update(now, wall, &echo);
+        }
+        drain(&mut backup);
+    }
+    let elapsed = began.elapsed();
+    assert_eq!(backup.sequence() as u64, KEYS);
+    assert_eq!(backup.pending_len(), 0, "every copy matched by its echo");
+    println!(
+        "follow  {KEYS} client copies + echoes ({IN_FLIGHT} in flight) as a passive: {:.2} s, {:.0} updates/s",
+        elapsed.as_secs_f64(),
+        KEYS as f64 / elapsed.as_secs_f64(),
+    );
 }
 
 fn drain(server: &mut Server) -> u64 {
@@ -111,7 +149,7 @@ fn main() {
             drain(&mut server);
             concurrent += 1;
         }
-        last_sequence = i64::from_be_bytes(frames[1].as_slice().try_into().expect("8 bytes"));
+        last_sequence = i64::from_be_bytes(frames[1].as_bytes().try_into().expect("8 bytes"));
     }
     let elapsed = began.elapsed();
     assert_eq!(messages, KEYS + 1, "every key plus KTHXBAI");
@@ -134,4 +172,6 @@ fn main() {
             hwm as f64 / KEYS as f64,
         );
     }
+    drop(server);
+    follow_as_passive(wall);
 }

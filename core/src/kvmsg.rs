@@ -270,42 +270,21 @@ impl Properties {
 
     /// Parses a properties frame. A final record without its `\n` is accepted.
     pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
-        let body = frame.strip_suffix(b"\n").unwrap_or(frame);
-        if !frame.is_empty() {
-            for (record, line) in body.split(|&byte| byte == b'\n').enumerate() {
-                match line.iter().position(|&byte| byte == b'=') {
-                    None => {
-                        return Err(DecodeError::PropertyRecord {
-                            record,
-                            problem: PropertyProblem::MissingEquals,
-                        })
-                    }
-                    Some(0) => {
-                        return Err(DecodeError::PropertyRecord {
-                            record,
-                            problem: PropertyProblem::EmptyName,
-                        })
-                    }
-                    Some(_) => {}
-                }
-            }
-        }
+        validate_properties(frame)?;
+        Ok(Properties::from_valid_frame(frame))
+    }
+
+    /// Properties from a frame that was validated before, normalised to end in `\n`.
+    pub(crate) fn from_valid_frame(frame: &[u8]) -> Self {
         if frame.is_empty() {
             // No allocation for the common case: most updates carry no properties.
-            return Ok(Properties::new());
+            return Properties::new();
         }
+        let body = frame.strip_suffix(b"\n").unwrap_or(frame);
         let mut encoded = Vec::with_capacity(body.len() + 1);
         encoded.extend_from_slice(body);
         encoded.push(b'\n');
-        Ok(Properties { encoded })
-    }
-
-    /// Properties from a frame that was validated (and normalised) before: a stored
-    /// entry's copy of one.
-    pub(crate) fn from_valid_frame(frame: &[u8]) -> Self {
-        Properties {
-            encoded: frame.to_vec(),
-        }
+        Properties { encoded }
     }
 
     /// The frame as sent on the wire.
@@ -320,17 +299,12 @@ impl Properties {
 
     /// The records in order, as `(name, value)`.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let body = self.encoded.strip_suffix(b"\n").unwrap_or(&self.encoded);
-        body.split(|&byte| byte == b'\n')
-            .filter(|line| !line.is_empty())
-            .filter_map(split_record)
+        records(&self.encoded)
     }
 
     /// The value of the first record named `name`.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|(record_name, _)| *record_name == name.as_bytes())
-            .map(|(_, value)| value)
+        property(&self.encoded, name)
     }
 
     /// Sets `name` to `value`: replaces the first record of that name in place, or
@@ -377,6 +351,58 @@ impl Properties {
             }
         }
         self.encoded = rebuilt;
+    }
+}
+
+/// Checks a properties frame (§2): every record is `name=value` with a non-empty name;
+/// a final record without its `\n` is accepted.
+fn validate_properties(frame: &[u8]) -> Result<(), DecodeError> {
+    if frame.is_empty() {
+        return Ok(());
+    }
+    let body = frame.strip_suffix(b"\n").unwrap_or(frame);
+    for (record, line) in body.split(|&byte| byte == b'\n').enumerate() {
+        match line.iter().position(|&byte| byte == b'=') {
+            None => {
+                return Err(DecodeError::PropertyRecord {
+                    record,
+                    problem: PropertyProblem::MissingEquals,
+                })
+            }
+            Some(0) => {
+                return Err(DecodeError::PropertyRecord {
+                    record,
+                    problem: PropertyProblem::EmptyName,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The records of a properties frame, in order, as `(name, value)`.
+fn records(frame: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+    let body = frame.strip_suffix(b"\n").unwrap_or(frame);
+    body.split(|&byte| byte == b'\n')
+        .filter(|line| !line.is_empty())
+        .filter_map(split_record)
+}
+
+/// The value of the first record named `name` in a properties frame.
+fn property<'a>(frame: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    records(frame)
+        .find(|(record_name, _)| *record_name == name.as_bytes())
+        .map(|(_, value)| value)
+}
+
+impl Properties {
+    /// Sets `ttl` to an absolute expiry in epoch milliseconds (the stored form).
+    pub(crate) fn set_ttl_expires_at(&mut self, expires_at: EpochMillis) {
+        // Digits are always a valid value.
+        if self.set(TTL, expires_at.0.to_string().as_bytes()).is_err() {
+            debug_assert!(false, "ttl {expires_at:?} rejected");
+        }
     }
 }
 
@@ -578,23 +604,23 @@ impl KvMsg {
 
     /// True for a HUGZ heartbeat.
     pub fn is_hugz(&self) -> bool {
-        self.key == HUGZ
+        self.as_msg_ref().is_hugz()
     }
 
     /// True for the KTHXBAI that ends a snapshot.
     pub fn is_kthxbai(&self) -> bool {
-        self.key == KTHXBAI
+        self.as_msg_ref().is_kthxbai()
     }
 
     /// True when the key is one the protocol reserves (`HUGZ`, `KTHXBAI`): a client
     /// cannot set it.
     pub fn has_reserved_key(&self) -> bool {
-        self.is_hugz() || self.is_kthxbai()
+        self.as_msg_ref().has_reserved_key()
     }
 
     /// True when this update deletes its key (empty body).
     pub fn is_delete(&self) -> bool {
-        self.body.is_empty()
+        self.as_msg_ref().is_delete()
     }
 
     /// The five frames, in order.
@@ -612,6 +638,78 @@ impl KvMsg {
 
     /// Parses five frames. Sizes are checked against `limits` before anything is copied.
     pub fn decode<F: AsRef<[u8]>>(frames: &[F], limits: &Limits) -> Result<Self, DecodeError> {
+        KvMsgRef::decode(frames, limits).map(|message| message.to_kvmsg())
+    }
+
+    /// This message, borrowed.
+    pub fn as_msg_ref(&self) -> KvMsgRef<'_> {
+        KvMsgRef {
+            key: &self.key,
+            sequence: self.sequence,
+            uuid: self.uuid,
+            properties: self.properties.as_frame(),
+            body: &self.body,
+        }
+    }
+
+    /// The `ttl` property as a client sent it (§5): decimal seconds, `0` or absent means
+    /// persistent (`Ok(None)`); anything else is an error and the message is rejected.
+    pub fn client_ttl(&self) -> Result<Option<Duration>, TtlError> {
+        self.as_msg_ref().client_ttl()
+    }
+
+    /// The `ttl` property as read from a peer server (§5): a value ≥ 10^11 is epoch
+    /// milliseconds; a value with a `.` and ≥ 10^9 is epoch seconds (the Python
+    /// reference); otherwise relative seconds. `0` or absent means persistent.
+    pub fn peer_ttl(&self) -> Result<Option<Ttl>, TtlError> {
+        self.as_msg_ref().peer_ttl()
+    }
+
+    /// Sets the ttl in the client form: decimal seconds. A zero ttl removes the property
+    /// (persistent).
+    pub fn set_ttl_relative(&mut self, ttl: Duration) {
+        if ttl.is_zero() {
+            self.properties.remove(TTL);
+        } else {
+            self.set_ttl_text(&format_ttl_seconds(ttl));
+        }
+    }
+
+    /// Sets the ttl in the stored form: absolute Unix epoch milliseconds, as the
+    /// reference writes it into KVSYNC entries.
+    pub fn set_ttl_expires_at(&mut self, expires_at: EpochMillis) {
+        self.properties.set_ttl_expires_at(expires_at);
+    }
+
+    fn set_ttl_text(&mut self, text: &str) {
+        // Our own ttl text is digits and at most one '.', always a valid value.
+        if self.properties.set(TTL, text.as_bytes()).is_err() {
+            debug_assert!(false, "ttl text {text:?} rejected");
+        }
+    }
+}
+
+/// A five-frame message decoded in place: validated exactly as [`KvMsg::decode`] does,
+/// its key, properties and body borrowed from the received frames. A server reads every
+/// update this way and copies only what it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvMsgRef<'a> {
+    /// Frame 0: the key (or `HUGZ` / `KTHXBAI`).
+    pub key: &'a [u8],
+    /// Frame 1: the sequence number (0 in a KVSET).
+    pub sequence: i64,
+    /// Frame 2: the update's uuid, if any.
+    pub uuid: Option<Uuid>,
+    /// Frame 3: the properties frame as received (valid; its last record may lack the
+    /// `\n` that [`KvMsgRef::normalized_properties`] adds).
+    pub properties: &'a [u8],
+    /// Frame 4: the value; empty means delete.
+    pub body: &'a [u8],
+}
+
+impl<'a> KvMsgRef<'a> {
+    /// Parses five frames without copying. Sizes are checked against `limits`.
+    pub fn decode<F: AsRef<[u8]>>(frames: &'a [F], limits: &Limits) -> Result<Self, DecodeError> {
         let [key, sequence, uuid, properties, body] = frames else {
             return Err(DecodeError::FrameCount {
                 expected: FRAME_COUNT,
@@ -658,31 +756,69 @@ impl KvMsg {
                 max: limits.max_body_len,
             });
         }
-        let properties = Properties::decode(properties)?;
-        Ok(KvMsg {
-            key: key.to_vec(),
+        validate_properties(properties)?;
+        Ok(KvMsgRef {
+            key,
             sequence: i64::from_be_bytes(sequence),
             uuid,
             properties,
-            body: body.to_vec(),
+            body,
         })
     }
 
-    /// The `ttl` property as a client sent it (§5): decimal seconds, `0` or absent means
-    /// persistent (`Ok(None)`); anything else is an error and the message is rejected.
+    /// An owned copy.
+    pub fn to_kvmsg(&self) -> KvMsg {
+        KvMsg {
+            key: self.key.to_vec(),
+            sequence: self.sequence,
+            uuid: self.uuid,
+            properties: Properties::from_valid_frame(self.properties),
+            body: self.body.to_vec(),
+        }
+    }
+
+    /// The properties frame as [`KvMsg`] holds and sends it: ending in `\n` unless
+    /// empty. Borrowed unless the last record lacked its `\n`.
+    pub fn normalized_properties(&self) -> std::borrow::Cow<'a, [u8]> {
+        if self.properties.is_empty() || self.properties.ends_with(b"\n") {
+            std::borrow::Cow::Borrowed(self.properties)
+        } else {
+            std::borrow::Cow::Owned(Properties::from_valid_frame(self.properties).encoded)
+        }
+    }
+
+    /// True for a HUGZ heartbeat.
+    pub fn is_hugz(&self) -> bool {
+        self.key == HUGZ
+    }
+
+    /// True for the KTHXBAI that ends a snapshot.
+    pub fn is_kthxbai(&self) -> bool {
+        self.key == KTHXBAI
+    }
+
+    /// True when the key is one the protocol reserves (`HUGZ`, `KTHXBAI`).
+    pub fn has_reserved_key(&self) -> bool {
+        self.is_hugz() || self.is_kthxbai()
+    }
+
+    /// True when this update deletes its key (empty body).
+    pub fn is_delete(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// See [`KvMsg::client_ttl`].
     pub fn client_ttl(&self) -> Result<Option<Duration>, TtlError> {
-        let Some(text) = self.properties.get(TTL) else {
+        let Some(text) = property(self.properties, TTL) else {
             return Ok(None);
         };
         let decimal = parse_decimal(text)?;
         Ok((!decimal.is_zero()).then(|| decimal.as_duration()))
     }
 
-    /// The `ttl` property as read from a peer server (§5): a value ≥ 10^11 is epoch
-    /// milliseconds; a value with a `.` and ≥ 10^9 is epoch seconds (the Python
-    /// reference); otherwise relative seconds. `0` or absent means persistent.
+    /// See [`KvMsg::peer_ttl`].
     pub fn peer_ttl(&self) -> Result<Option<Ttl>, TtlError> {
-        let Some(text) = self.properties.get(TTL) else {
+        let Some(text) = property(self.properties, TTL) else {
             return Ok(None);
         };
         let decimal = parse_decimal(text)?;
@@ -702,29 +838,6 @@ impl KvMsg {
             Ttl::Relative(decimal.as_duration())
         };
         Ok(Some(ttl))
-    }
-
-    /// Sets the ttl in the client form: decimal seconds. A zero ttl removes the property
-    /// (persistent).
-    pub fn set_ttl_relative(&mut self, ttl: Duration) {
-        if ttl.is_zero() {
-            self.properties.remove(TTL);
-        } else {
-            self.set_ttl_text(&format_ttl_seconds(ttl));
-        }
-    }
-
-    /// Sets the ttl in the stored form: absolute Unix epoch milliseconds, as the
-    /// reference writes it into KVSYNC entries.
-    pub fn set_ttl_expires_at(&mut self, expires_at: EpochMillis) {
-        self.set_ttl_text(&expires_at.0.to_string());
-    }
-
-    fn set_ttl_text(&mut self, text: &str) {
-        // Our own ttl text is digits and at most one '.', always a valid value.
-        if self.properties.set(TTL, text.as_bytes()).is_err() {
-            debug_assert!(false, "ttl text {text:?} rejected");
-        }
     }
 }
 

@@ -67,20 +67,57 @@ use std::time::Duration;
 
 use crate::bstar::{self, Bstar, Cause, Role, Verdict};
 use crate::kvmsg::{
-    BstarState, DecodeError, KvMsg, Limits, SnapshotRequest, Ttl, TtlError, Uuid, FRAME_COUNT,
+    BstarState, DecodeError, KvMsg, KvMsgRef, Limits, SnapshotRequest, Ttl, TtlError, Uuid,
+    FRAME_COUNT,
 };
 use crate::time::{EpochMillis, Instant};
 
+/// Derefs, compares and orders a type with an `as_bytes(&self) -> &[u8]` exactly as
+/// those bytes (the stored keys and the outgoing frames).
+macro_rules! bytes_like {
+    ($type:ty) => {
+        impl std::ops::Deref for $type {
+            type Target = [u8];
+            fn deref(&self) -> &[u8] {
+                self.as_bytes()
+            }
+        }
+
+        impl PartialEq for $type {
+            fn eq(&self, other: &Self) -> bool {
+                self.as_bytes() == other.as_bytes()
+            }
+        }
+
+        impl Eq for $type {}
+
+        impl PartialOrd for $type {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+
+        impl Ord for $type {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.as_bytes().cmp(other.as_bytes())
+            }
+        }
+    };
+}
+use bytes_like;
+
+mod frame;
 mod pending;
 mod seen;
 mod snapshot;
 mod store;
 
+pub use frame::Frame;
 use pending::{ClientCopyFate, Evicted, PendingList};
 use seen::SeenUpdates;
 use snapshot::{Pulled, SnapshotStreams};
 pub use store::Entry;
-use store::Store;
+use store::{uuid_frame, Store};
 
 pub use crate::bstar::ConfigError;
 
@@ -401,8 +438,9 @@ pub enum Event {
 /// An effect for the host to carry out, or an event to log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Send these frames on the PUB at P+1 (KVPUB or HUGZ).
-    Publish([Vec<u8>; FRAME_COUNT]),
+    /// Send these frames on the PUB at P+1 (KVPUB or HUGZ). A KVPUB's body is shared
+    /// with the stored entry, not copied.
+    Publish([Frame; FRAME_COUNT]),
     /// A snapshot stream for this routing id has messages: pull them with
     /// [`Server::poll_snapshot`].
     SnapshotReady {
@@ -603,12 +641,12 @@ impl Server {
 
     /// The stored entry for `key`.
     pub fn get(&self, key: &[u8]) -> Option<&Entry> {
-        self.store.get(key).map(|entry| &**entry)
+        self.store.get(key)
     }
 
     /// Every stored entry, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> + '_ {
-        self.store.iter().map(|(key, entry)| (&**key, &**entry))
+        self.store.iter().map(|(key, entry)| (&**key, entry))
     }
 
     /// Number of stored keys.
@@ -694,7 +732,7 @@ impl Server {
     ) {
         self.begin(now, wall);
         let source = InputSource::Collector;
-        let update = match KvMsg::decode(frames, &self.config.limits) {
+        let update = match KvMsgRef::decode(frames, &self.config.limits) {
             Ok(update) => update,
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
@@ -718,12 +756,12 @@ impl Server {
             .filter(|_| !update.is_delete())
             .map(|ttl| wall.saturating_add(ttl));
         if self.state() == BstarState::Active {
-            self.publish_update(now, update, expires_at);
+            self.publish_update(now, &update, expires_at);
         } else {
             let (fate, evicted) = self.pending.hold_client_copy(
                 now,
                 uuid,
-                update,
+                update.to_kvmsg(),
                 expires_at,
                 self.config.pending_max_len,
             );
@@ -795,7 +833,7 @@ impl Server {
     ) {
         self.begin(now, wall);
         let source = InputSource::PeerUpdate;
-        let update = match KvMsg::decode(frames, &self.config.limits) {
+        let update = match KvMsgRef::decode(frames, &self.config.limits) {
             Ok(update) => update,
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
@@ -825,11 +863,11 @@ impl Server {
         // matched long ago: remembering it as an echo would only clog the list.
         let is_expiry_delete = update.is_delete()
             && update.uuid.is_some()
-            && self.store.get(&update.key).map(|entry| entry.uuid()) == Some(update.uuid);
+            && self.store.get(update.key).map(|entry| entry.uuid()) == Some(update.uuid);
         let evicted = self.pending.observe_active_update(
             now,
             update.uuid,
-            &update.key,
+            update.key,
             !is_expiry_delete,
             self.config.pending_max_len,
         );
@@ -838,19 +876,19 @@ impl Server {
             // Still PRIMARY / BACKUP: the sync starts on becoming passive.
             Follow::Not => {}
             Follow::AwaitingPublisher => {
-                self.request_peer_snapshot(now, vec![(update, expires_at)]);
+                self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
             }
             Follow::Syncing(sync) => {
                 if sync.backlog_overflowed {
                     // Everything after the overflow is fetched by the next snapshot.
                 } else if sync.backlog.len() < self.config.sync_backlog_max {
-                    sync.backlog.push((update, expires_at));
+                    sync.backlog.push((update.to_kvmsg(), expires_at));
                 } else {
                     sync.backlog = Vec::new();
                     sync.backlog_overflowed = true;
                 }
             }
-            Follow::Following => self.apply_followed(now, update, expires_at),
+            Follow::Following => self.apply_followed(now, &update, expires_at),
         }
     }
 
@@ -895,7 +933,7 @@ impl Server {
     ) {
         self.begin(now, wall);
         let source = InputSource::PeerSnapshot;
-        let entry = match KvMsg::decode(frames, &self.config.limits) {
+        let entry = match KvMsgRef::decode(frames, &self.config.limits) {
             Ok(entry) => entry,
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
@@ -920,7 +958,7 @@ impl Server {
         if let Some(uuid) = entry.uuid {
             sync.seen.insert(uuid, self.config.dedupe_window);
         }
-        sync.store.apply(entry, expires_at);
+        sync.store.apply(&entry, expires_at);
     }
 
     /// Fires whatever is due: heartbeats, ttl expiries (active only), pending-list age
@@ -931,7 +969,9 @@ impl Server {
         self.drain_bstar(now, wall);
         if now >= self.next_hugz {
             self.outputs.push_back(Output::Publish(
-                KvMsg::hugz_from(self.state(), self.sequence).encode(),
+                KvMsg::hugz_from(self.state(), self.sequence)
+                    .encode()
+                    .map(Frame::from),
             ));
             self.next_hugz = now + self.config.bstar.heartbeat;
         }
@@ -1026,7 +1066,7 @@ impl Server {
         &mut self,
         now: Instant,
         routing_id: &[u8],
-    ) -> Option<[Vec<u8>; FRAME_COUNT]> {
+    ) -> Option<[Frame; FRAME_COUNT]> {
         match self
             .snapshots
             .next_message(now, routing_id, self.config.snapshot_batch)?
@@ -1149,18 +1189,32 @@ impl Server {
     /// Numbers, publishes and stores one update (§6 active). The KVPUB carries the
     /// properties as given (the client's relative ttl); the store keeps the absolute
     /// expiry.
-    fn publish_update(&mut self, now: Instant, update: KvMsg, expires_at: Option<EpochMillis>) {
+    fn publish_update(&mut self, now: Instant, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
         let Some(sequence) = self.sequence.checked_add(1) else {
             return self.drop_input(InputSource::Collector, DropReason::SequenceExhausted);
         };
         self.sequence = sequence;
         self.highest_published = sequence;
-        let update = update.with_sequence(sequence);
+        let update = KvMsgRef {
+            sequence,
+            ..*update
+        };
         self.remember_published(update.uuid);
-        self.outputs.push_back(Output::Publish(update.encode()));
         self.counters.published += 1;
-        self.record_split(now, &update.key, update.uuid);
-        self.store.apply(update, expires_at);
+        self.record_split(now, update.key, update.uuid);
+        // The KVPUB is the client's message with the new sequence: its properties as
+        // sent (a relative ttl), its body shared with the stored entry.
+        let key = Frame::from(update.key);
+        let uuid = uuid_frame(update.uuid);
+        let properties = Frame::from(&*update.normalized_properties());
+        let body = if update.is_delete() {
+            self.store.remove(update.key);
+            Frame::EMPTY
+        } else {
+            Frame::body_of(&self.store.store_value(&update, expires_at))
+        };
+        let frames = [key, Frame::sequence(sequence), uuid, properties, body];
+        self.outputs.push_back(Output::Publish(frames));
     }
 
     /// Removes every key whose ttl has passed, publishing a delete for each: the key, a
@@ -1169,13 +1223,12 @@ impl Server {
         while let Some((key, entry)) = self.store.pop_expired(wall) {
             let Some(sequence) = self.sequence.checked_add(1) else {
                 // Cannot number the delete; keep the key rather than diverge silently.
-                let (key, entry) = (key, (*entry).clone());
                 self.store.insert(key, entry);
                 return;
             };
             self.sequence = sequence;
             self.highest_published = sequence;
-            let frames = entry.frames(&key, sequence, &[]);
+            let frames = Entry::expiry_frames(&entry, &key, sequence);
             self.counters.published += 1;
             self.counters.expired += 1;
             self.record_split(now, &key, entry.uuid());
@@ -1206,7 +1259,7 @@ impl Server {
                 update.set_ttl_relative(wall.saturating_duration_until(expires_at));
             }
             replayed += 1;
-            self.publish_update(now, update, entry.expires_at);
+            self.publish_update(now, &update.as_msg_ref(), entry.expires_at);
         }
         self.counters.pending_replayed += replayed as u64;
         self.counters.pending_superseded += skipped as u64;
@@ -1362,7 +1415,7 @@ impl Server {
                 continue;
             }
             match &mut self.follow {
-                Follow::Following => self.apply_followed(now, update, expires_at),
+                Follow::Following => self.apply_followed(now, &update.as_msg_ref(), expires_at),
                 // A gap in the backlog started another sync: the rest is its backlog.
                 Follow::Syncing(next) => next.backlog.push((update, expires_at)),
                 Follow::Not | Follow::AwaitingPublisher => {}
@@ -1378,7 +1431,7 @@ impl Server {
 
     /// An update from the active while following: applied when it is the next one; a
     /// gap means updates were missed, so re-sync.
-    fn apply_followed(&mut self, now: Instant, update: KvMsg, expires_at: Option<EpochMillis>) {
+    fn apply_followed(&mut self, now: Instant, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
         let expected = self.sequence.saturating_add(1);
         if update.sequence < expected {
             return self.drop_input(InputSource::PeerUpdate, DropReason::StaleSequence);
@@ -1390,7 +1443,7 @@ impl Server {
                     received: update.sequence,
                 },
             }));
-            return self.request_peer_snapshot(now, vec![(update, expires_at)]);
+            return self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
         }
         self.sequence = update.sequence;
         self.remember_published(update.uuid);
@@ -1456,7 +1509,7 @@ impl Server {
         for (key, entry) in snapshot.iter() {
             from_peer.insert(key.to_vec(), entry.sequence());
             self.sequence = self.sequence.max(entry.sequence());
-            self.store.insert(key.clone(), (**entry).clone());
+            self.store.insert(key.clone(), entry.clone());
             merged_entries += 1;
         }
         // The connection the request went out on numbers like the snapshot; each later
@@ -1492,7 +1545,7 @@ impl Server {
         }
         from_peer.insert(update.key.clone(), update.sequence);
         self.sequence = self.sequence.max(update.sequence);
-        self.store.apply(update, expires_at);
+        self.store.apply(&update.as_msg_ref(), expires_at);
         true
     }
 }

@@ -21,7 +21,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// One message on one line: key, sequence, short uuid, properties, body.
-fn message(frames: &[Vec<u8>]) -> String {
+fn message<F: AsRef<[u8]> + std::fmt::Debug>(frames: &[F]) -> String {
     let Ok(message) = KvMsg::decode(frames, &Limits::default()) else {
         return format!("<undecodable {frames:?}>");
     };

@@ -88,7 +88,20 @@ pub(crate) fn send_or_log<F: AsRef<[u8]>>(
     frames: &[F],
     limiter: &mut RateLimiter,
 ) {
-    let problem = match socket.send(frames) {
+    send_or_log_reusing(socket, frames, None, limiter);
+}
+
+/// [`send_or_log`], sending `last` (a received frame holding the same bytes as the last
+/// of `frames`) in place of a copy of that frame; see [`ZmqSocket::send_reusing`].
+///
+/// [`ZmqSocket::send_reusing`]: crate::socket::ZmqSocket::send_reusing
+pub(crate) fn send_or_log_reusing<F: AsRef<[u8]>>(
+    socket: &crate::socket::ZmqSocket,
+    frames: &[F],
+    last: Option<zmq::Message>,
+    limiter: &mut RateLimiter,
+) {
+    let problem = match socket.send_reusing(frames, last) {
         Ok(crate::socket::SendOutcome::Sent) => return,
         Ok(other) => format!("{other:?}"),
         Err(error) => error.to_string(),

@@ -47,12 +47,12 @@ use std::time::{Duration, Instant as StdInstant};
 
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
-    AbandonReason, Config, ConfigError, Counters, DropReason, Event, Output, Server,
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, Frame, Output, Server,
 };
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
-use crate::log::{send_or_log, RateLimiter};
+use crate::log::{send_or_log, send_or_log_reusing, RateLimiter};
 use crate::socket::{Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
@@ -300,7 +300,7 @@ pub struct ServerHost {
     context: zmq::Context,
     /// Snapshot streams with messages to send, by routing id, each with the message the
     /// client's full pipe refused (sent first when the stream resumes).
-    streams: BTreeMap<Vec<u8>, Option<[Vec<u8>; FRAME_COUNT]>>,
+    streams: BTreeMap<Vec<u8>, Option<[Frame; FRAME_COUNT]>>,
     limiter: RateLimiter,
     /// The last message received, in libzmq's buffers, reused for the next one.
     frames: Frames,
@@ -550,8 +550,8 @@ impl ServerHost {
             };
             received = true;
             self.feed(input, frames.get());
+            self.drain_outputs_reusing(Some(&mut frames));
             self.frames = frames;
-            self.drain_outputs();
         }
         Ok(received)
     }
@@ -576,10 +576,23 @@ impl ServerHost {
 
     /// Carries out every queued output of the core.
     fn drain_outputs(&mut self) {
+        self.drain_outputs_reusing(None);
+    }
+
+    /// Carries out every queued output of the core. `received` is the message just fed
+    /// to it: a published body with the same bytes as the received one (a KVPUB is the
+    /// KVSET with a new sequence) is sent as that received frame, by reference, instead
+    /// of being copied into a new libzmq message. Which bytes go out is the core's
+    /// decision alone; this only chooses the cheapest buffer that holds them.
+    fn drain_outputs_reusing(&mut self, mut received: Option<&mut Frames>) {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Publish(frames) => {
-                    send_or_log(&self.publisher, &frames, &mut self.limiter);
+                    let [.., body] = &frames;
+                    let last = received
+                        .as_deref_mut()
+                        .and_then(|received| received.take_if_equal(FRAME_COUNT - 1, body));
+                    send_or_log_reusing(&self.publisher, &frames, last, &mut self.limiter);
                 }
                 Output::SnapshotReady { routing_id } => {
                     self.streams.entry(routing_id).or_insert(None);
@@ -641,10 +654,12 @@ impl ServerHost {
         for routing_id in routing_ids {
             let mut held = self.streams.get_mut(&routing_id).and_then(Option::take);
             let mut finished = false;
+            // One reading per batch: the core only uses it for the stall timer.
+            let now = self.clock.now();
             for _ in 0..BATCH {
                 let message = match held.take() {
                     Some(message) => message,
-                    None => match self.server.poll_snapshot(self.clock.now(), &routing_id) {
+                    None => match self.server.poll_snapshot(now, &routing_id) {
                         Some(message) => message,
                         None => {
                             finished = true;
@@ -653,8 +668,14 @@ impl ServerHost {
                     },
                 };
                 let [key, sequence, uuid, properties, body] = &message;
-                let frames: [&[u8]; FRAME_COUNT + 1] =
-                    [&routing_id, key, sequence, uuid, properties, body];
+                let frames: [&[u8]; FRAME_COUNT + 1] = [
+                    &routing_id,
+                    key.as_bytes(),
+                    sequence.as_bytes(),
+                    uuid.as_bytes(),
+                    properties.as_bytes(),
+                    body.as_bytes(),
+                ];
                 // Any send, even a refused one, enters libzmq and may consume the
                 // ROUTER's edge for a request that arrived meanwhile: read it again.
                 self.maybe_readable[Input::SnapshotRequests as usize] = true;

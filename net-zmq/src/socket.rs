@@ -119,14 +119,33 @@ impl ZmqSocket {
     /// Sends one multi-frame message without blocking. libzmq queues all parts of a
     /// message or none, and only the first part can hit the high-water mark.
     pub fn send<F: AsRef<[u8]>>(&self, frames: &[F]) -> Result<SendOutcome, zmq::Error> {
-        let last = frames.len().saturating_sub(1);
+        self.send_reusing(frames, None)
+    }
+
+    /// [`ZmqSocket::send`], except that `last`, when given, is sent in place of the
+    /// last of `frames`: a frame received earlier that holds the same bytes (checked
+    /// by the caller, see [`Frames::take_if_equal`]). libzmq then passes its buffer on
+    /// by reference, as a proxy does, instead of allocating and copying a new one.
+    pub fn send_reusing<F: AsRef<[u8]>>(
+        &self,
+        frames: &[F],
+        mut last: Option<zmq::Message>,
+    ) -> Result<SendOutcome, zmq::Error> {
+        let final_index = frames.len().saturating_sub(1);
         for (index, frame) in frames.iter().enumerate() {
-            let flags = if index < last {
+            let flags = if index < final_index {
                 zmq::DONTWAIT | zmq::SNDMORE
             } else {
                 zmq::DONTWAIT
             };
-            match self.socket.send(frame.as_ref(), flags) {
+            let sent = match last.take() {
+                Some(message) if index == final_index => self.socket.send(message, flags),
+                other => {
+                    last = other;
+                    self.socket.send(frame.as_ref(), flags)
+                }
+            };
+            match sent {
                 Ok(()) => {}
                 Err(zmq::Error::EAGAIN) if index == 0 => return Ok(SendOutcome::WouldBlock),
                 Err(zmq::Error::EHOSTUNREACH) if index == 0 => return Ok(SendOutcome::Unreachable),
@@ -159,7 +178,22 @@ impl Frames {
     pub fn get(&self) -> &[Frame] {
         self.slots.get(..self.len).unwrap_or_default()
     }
+
+    /// Takes frame `index` of the last message out (leaving an empty frame in its
+    /// place) if it holds exactly `bytes` and is longer than libzmq copies inline: a
+    /// frame that is about to be sent again need not be copied.
+    pub fn take_if_equal(&mut self, index: usize, bytes: &[u8]) -> Option<zmq::Message> {
+        let Frame(message) = self.slots.get_mut(..self.len)?.get_mut(index)?;
+        if bytes.len() <= INLINE_SIZE || **message != *bytes {
+            return None;
+        }
+        Some(std::mem::replace(message, zmq::Message::new()))
+    }
 }
+
+/// libzmq keeps messages up to this size inside the message itself (`ZMQ_MAX_VSM_SIZE`):
+/// copying one costs no allocation, so it is not worth passing on by reference.
+const INLINE_SIZE: usize = 33;
 
 #[cfg(test)]
 mod tests {
@@ -228,6 +262,31 @@ mod tests {
         );
         assert!(!pull.try_recv_into(&mut frames).unwrap());
         assert!(frames.get().is_empty());
+    }
+
+    #[test]
+    fn a_received_frame_is_sent_on_only_when_it_holds_the_same_bytes() {
+        let context = zmq::Context::new();
+        let (pull, push) = pair(&context, "inproc://reuse");
+        let (forward_pull, forward_push) = pair(&context, "inproc://reuse-out");
+        let long = vec![b'v'; 100];
+        push.send(&[&b"k"[..], &long]).unwrap();
+        let mut frames = Frames::default();
+        while !pull.try_recv_into(&mut frames).unwrap() {}
+        // Short frames and different bytes are copied, not taken.
+        assert!(frames.take_if_equal(0, b"k").is_none());
+        assert!(frames.take_if_equal(1, &[b'w'; 100]).is_none());
+        assert!(frames.take_if_equal(2, &long).is_none());
+        let taken = frames.take_if_equal(1, &long).unwrap();
+        assert!(frames.get()[1].as_ref().is_empty());
+        let outcome = forward_push
+            .send_reusing(&[&b"k2"[..], &long], Some(taken))
+            .unwrap();
+        assert_eq!(outcome, SendOutcome::Sent);
+        let mut forwarded = Frames::default();
+        while !forward_pull.try_recv_into(&mut forwarded).unwrap() {}
+        let bytes: Vec<&[u8]> = forwarded.get().iter().map(AsRef::as_ref).collect();
+        assert_eq!(bytes, vec![&b"k2"[..], &long[..]]);
     }
 
     #[test]

@@ -1115,6 +1115,7 @@ impl World {
         for output in outputs {
             match output {
                 server::Output::Publish(frames) => {
+                    let frames = frames.map(|frame| frame.to_vec());
                     self.trace(
                         || format!("s{node} publish {}", describe(&frames)),
                         &(13u8, node, &frames),
@@ -1296,7 +1297,7 @@ impl World {
                         break;
                     };
                     let mut message = vec![routing_id.clone()];
-                    message.extend(frames);
+                    message.extend(frames.iter().map(|frame| frame.to_vec()));
                     self.send(route, message);
                 }
             }

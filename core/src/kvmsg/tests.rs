@@ -490,3 +490,25 @@ proptest! {
         prop_assert_eq!(message.client_ttl(), Ok(Some(ttl)));
     }
 }
+
+#[test]
+fn a_borrowed_decode_reads_what_an_owned_one_does_without_copying() {
+    let frames: [&[u8]; 5] = [b"/k", &7i64.to_be_bytes(), &[9; 16], b"ttl=5\nx=1", b"v"];
+    let view = KvMsgRef::decode(&frames, &Limits::default()).unwrap();
+    let owned = KvMsg::decode(&frames, &Limits::default()).unwrap();
+    assert_eq!(view.to_kvmsg(), owned);
+    assert_eq!(owned.as_msg_ref().to_kvmsg(), owned);
+    assert!(std::ptr::eq(view.body, frames[4]));
+    // The last record lacked its newline: normalised as the owned form holds it.
+    assert_eq!(&*view.normalized_properties(), owned.properties.as_frame());
+    assert!(matches!(
+        view.normalized_properties(),
+        std::borrow::Cow::Owned(_)
+    ));
+    assert!(matches!(
+        owned.as_msg_ref().normalized_properties(),
+        std::borrow::Cow::Borrowed(_)
+    ));
+    assert_eq!(view.client_ttl(), owned.client_ttl());
+    assert_eq!(view.peer_ttl(), owned.peer_ttl());
+}

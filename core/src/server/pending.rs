@@ -17,9 +17,12 @@
 //!   echo but never replayed, so a replay cannot overwrite a newer value or bring back
 //!   a deleted key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::time::Duration;
 
+use super::seen::FixedState;
+use super::store::Key;
 use crate::kvmsg::{KvMsg, Uuid};
 use crate::time::{EpochMillis, Instant};
 
@@ -82,16 +85,71 @@ pub(crate) struct Replay {
     pub(crate) expires_at: Option<EpochMillis>,
 }
 
-#[derive(Clone, Debug, Default)]
+/// The held entries, by uuid. Only looked up, never iterated (arrival order is
+/// `by_arrival`'s): a hash map finds and removes an entry far faster than an ordered
+/// map whose nodes hold these large values.
+type ByUuid = HashMap<Uuid, Held, FixedState>;
+
+#[derive(Clone, Default)]
 pub(crate) struct PendingList {
-    by_uuid: BTreeMap<Uuid, Held>,
+    by_uuid: ByUuid,
     /// Arrival number → uuid: oldest first, for eviction and replay order.
     by_arrival: BTreeMap<u64, Uuid>,
     /// Key → arrivals (ascending) of its client copies not superseded yet, to supersede
-    /// by key. Looked up by `&[u8]`, so the per-update paths allocate nothing here
-    /// except when a key gets its first live copy.
-    live_copies_by_key: BTreeMap<Vec<u8>, Vec<u64>>,
+    /// by key. Looked up by `&[u8]`; short keys are stored inline and a key's first
+    /// arrival needs no vector, so the per-update paths usually allocate nothing here.
+    live_copies_by_key: BTreeMap<Key, Arrivals>,
     next_arrival: u64,
+}
+
+impl fmt::Debug for PendingList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // In arrival order, never the hash map's.
+        let held: Vec<(&u64, Option<&Held>)> = self
+            .by_arrival
+            .iter()
+            .map(|(arrival, uuid)| (arrival, self.by_uuid.get(uuid)))
+            .collect();
+        f.debug_struct("PendingList")
+            .field("held", &held)
+            .field("live_copies_by_key", &self.live_copies_by_key)
+            .field("next_arrival", &self.next_arrival)
+            .finish()
+    }
+}
+
+/// The arrivals of one key's live client copies, ascending; almost always one.
+#[derive(Clone, Debug)]
+enum Arrivals {
+    One(u64),
+    Many(Vec<u64>),
+}
+
+impl Arrivals {
+    fn push(&mut self, arrival: u64) {
+        match self {
+            Arrivals::One(first) => *self = Arrivals::Many(vec![*first, arrival]),
+            Arrivals::Many(arrivals) => arrivals.push(arrival),
+        }
+    }
+
+    fn as_slice(&self) -> &[u64] {
+        match self {
+            Arrivals::One(arrival) => std::slice::from_ref(arrival),
+            Arrivals::Many(arrivals) => arrivals,
+        }
+    }
+
+    /// Removes `arrival`; true when none is left.
+    fn remove(&mut self, arrival: u64) -> bool {
+        match self {
+            Arrivals::One(only) => *only == arrival,
+            Arrivals::Many(arrivals) => {
+                arrivals.retain(|&other| other != arrival);
+                arrivals.is_empty()
+            }
+        }
+    }
 }
 
 impl PendingList {
@@ -130,7 +188,7 @@ impl PendingList {
             Some(arrivals) => arrivals.push(arrival),
             None => {
                 self.live_copies_by_key
-                    .insert(update.key.clone(), vec![arrival]);
+                    .insert(Key::from(update.key.as_slice()), Arrivals::One(arrival));
             }
         }
         self.insert(
@@ -185,7 +243,7 @@ impl PendingList {
         let Some(arrivals) = self.live_copies_by_key.remove(key) else {
             return;
         };
-        for arrival in arrivals {
+        for &arrival in arrivals.as_slice() {
             let held = self
                 .by_arrival
                 .get(&arrival)
@@ -231,9 +289,10 @@ impl PendingList {
             .iter()
             .flat_map(|(key, arrivals)| {
                 arrivals
+                    .as_slice()
                     .iter()
                     .filter(|&&arrival| arrival < mark)
-                    .map(|&arrival| (key.clone(), arrival))
+                    .map(|&arrival| (key.to_vec(), arrival))
             })
             .collect();
         let (mut echoed, mut superseded_count) = (0, 0);
@@ -359,8 +418,7 @@ impl PendingList {
 
     fn unlink_live_copy(&mut self, key: &[u8], arrival: u64) {
         if let Some(arrivals) = self.live_copies_by_key.get_mut(key) {
-            arrivals.retain(|&other| other != arrival);
-            if arrivals.is_empty() {
+            if arrivals.remove(arrival) {
                 self.live_copies_by_key.remove(key);
             }
         }

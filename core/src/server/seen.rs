@@ -8,16 +8,34 @@
 //! older than the window that comes again is indistinguishable from a new write, as it is
 //! in the protocol itself (CHP carries no write order).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::hash::BuildHasherDefault;
 
 use crate::kvmsg::Uuid;
 
-/// Uuids are held as `u128`: the set is searched on every update, and comparing two
-/// integers is several times cheaper than comparing two byte arrays (a `memcmp` call).
-#[derive(Clone, Debug, Default)]
+/// Hashing with a fixed (zero) SipHash key: deterministic, no OS randomness. For sets
+/// and maps that are only looked up, never iterated, so that their order cannot reach
+/// an output or a trace.
+pub(crate) type FixedState = BuildHasherDefault<DefaultHasher>;
+
+/// The window's members; its order is `oldest_first`'s.
+type Members = HashSet<u128, FixedState>;
+
+/// Uuids are held as `u128`s. The set is searched on every update and changed twice per
+/// published update (one in, the oldest out): a hash set does both in a few hundred
+/// instructions, where an ordered set of 100 000 uuids took about 2 000.
+#[derive(Clone, Default)]
 pub(crate) struct SeenUpdates {
-    members: BTreeSet<u128>,
+    members: Members,
     oldest_first: VecDeque<u128>,
+}
+
+impl fmt::Debug for SeenUpdates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 fn as_int(uuid: &Uuid) -> u128 {

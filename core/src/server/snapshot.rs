@@ -10,9 +10,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
-use std::sync::Arc;
 use std::time::Duration;
 
+use super::frame::Frame;
 use super::store::{Entry, Key, Map};
 use crate::kvmsg::{KvMsg, FRAME_COUNT};
 use crate::time::Instant;
@@ -25,7 +25,7 @@ struct Stream {
     sequence: i64,
     /// The last key read from `map`; the next batch starts after it.
     cursor: Option<Key>,
-    batch: VecDeque<(Key, Arc<Entry>)>,
+    batch: VecDeque<(Key, Entry)>,
     entries_exhausted: bool,
 }
 
@@ -35,10 +35,12 @@ impl Stream {
             self.refill(batch_size);
         }
         match self.batch.pop_front() {
-            Some((key, entry)) => Pulled::Message(entry.kvsync_frames(&key)),
+            Some((key, entry)) => Pulled::Message(Entry::kvsync_frames(&entry, &key)),
             // Sent once: the caller drops the stream after this.
             None => Pulled::Finished(
-                KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree)).encode(),
+                KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree))
+                    .encode()
+                    .map(Frame::from),
             ),
         }
     }
@@ -77,9 +79,9 @@ struct ClientStreams {
 /// What [`SnapshotStreams::next_message`] produced.
 pub(crate) enum Pulled {
     /// A KVSYNC.
-    Message([Vec<u8>; FRAME_COUNT]),
+    Message([Frame; FRAME_COUNT]),
     /// The KTHXBAI that ends a stream.
-    Finished([Vec<u8>; FRAME_COUNT]),
+    Finished([Frame; FRAME_COUNT]),
 }
 
 #[derive(Clone, Debug, Default)]

@@ -1,11 +1,13 @@
 //! The stored map and its expiry index.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use imbl::OrdMap;
 
-use crate::kvmsg::{KvMsg, Properties, Uuid, FRAME_COUNT};
+use super::frame::Frame;
+use crate::kvmsg::{KvMsgRef, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 
 /// Keys up to this long are stored inline in the map's nodes.
@@ -49,38 +51,13 @@ impl From<Vec<u8>> for Key {
     }
 }
 
-impl std::ops::Deref for Key {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
 impl std::borrow::Borrow<[u8]> for Key {
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
-impl PartialEq for Key {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for Key {}
-
-impl PartialOrd for Key {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Key {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
-    }
-}
+super::bytes_like!(Key);
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,75 +66,108 @@ impl std::fmt::Debug for Key {
 }
 
 /// The persistent map: cloning it is O(1) and later writes do not disturb the clone.
-pub(crate) type Map = OrdMap<Key, Arc<Entry>>;
+pub(crate) type Map = OrdMap<Key, Entry>;
+
+/// Where each field of an entry's header lies in its buffer.
+mod header {
+    use std::ops::Range;
+    pub(super) const SEQUENCE: Range<usize> = 0..8;
+    pub(super) const EXPIRES_AT: Range<usize> = 8..16;
+    /// 1 when the uuid is present.
+    pub(super) const HAS_UUID: usize = 16;
+    pub(super) const UUID: Range<usize> = 17..33;
+    pub(super) const PROPERTIES_LEN: Range<usize> = 33..37;
+    pub(super) const LEN: usize = 37;
+}
 
 /// One stored value: exactly what a KVSYNC carries for its key.
 ///
-/// Compact, because a million of them make up most of a server's memory: the
-/// properties frame and the body share one allocation (no allocation at all for the
-/// properties of most updates, which have none), and "no expiry" is the epoch itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    sequence: i64,
-    /// Absolute expiry in epoch milliseconds; 0 when the value is persistent.
-    expires_at: u64,
-    uuid: Option<Uuid>,
-    /// Bytes of `data` that are the properties frame; the rest is the body.
-    properties_len: u32,
-    /// The properties frame followed by the body.
-    data: Box<[u8]>,
-}
+/// Compact, because a million of them make up most of a server's memory: one shared
+/// allocation holds a fixed header (sequence, expiry, uuid, the properties frame's
+/// length), the properties frame and the body, so a stored update costs a single
+/// allocation, and cloning an entry (into a snapshot's batch, or into a frame being
+/// sent) is a reference-count increment. "No expiry" is the epoch itself.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Entry(Arc<[u8]>);
 
 impl Entry {
-    /// Builds the stored form of an update: the ttl property, if the value expires, is
+    /// Builds the stored form of an update, copying its key (inline when short) and
+    /// the rest into one allocation: the ttl property, if the value expires, is
     /// rewritten to the absolute expiry in epoch milliseconds (§5).
-    pub(crate) fn from_update(update: KvMsg, expires_at: Option<EpochMillis>) -> (Key, Entry) {
-        let mut update = update;
-        if let Some(expires_at) = expires_at {
-            update.set_ttl_expires_at(expires_at);
-        }
-        let KvMsg {
-            key,
-            sequence,
-            uuid,
-            properties,
-            body,
-        } = update;
-        let properties = properties.as_frame();
+    /// `scratch` is a buffer reused from one call to the next (its contents do not
+    /// matter), so that the entry is assembled without an allocation of its own and
+    /// then copied once into its shared allocation.
+    pub(crate) fn from_update(
+        update: &KvMsgRef,
+        expires_at: Option<EpochMillis>,
+        scratch: &mut Vec<u8>,
+    ) -> (Key, Entry) {
+        let properties = match expires_at {
+            Some(expires_at) => {
+                let mut properties = Properties::from_valid_frame(update.properties);
+                properties.set_ttl_expires_at(expires_at);
+                Cow::Owned(properties.as_frame().to_vec())
+            }
+            None => update.normalized_properties(),
+        };
         // The decoder bounds the properties frame far below 4 GiB; a larger one could
         // only come from a misconfigured limit, and is then stored without properties
         // rather than mis-split.
-        let (properties_len, data) = match u32::try_from(properties.len()) {
-            Ok(0) | Err(_) => (0, body.into_boxed_slice()),
-            Ok(len) => {
-                let mut data = Vec::with_capacity(properties.len() + body.len());
-                data.extend_from_slice(properties);
-                data.extend_from_slice(&body);
-                (len, data.into_boxed_slice())
-            }
+        let (properties_len, properties) = match u32::try_from(properties.len()) {
+            Ok(len) => (len, &*properties),
+            Err(_) => (0, &[][..]),
         };
-        (
-            Key::from(key),
-            Entry {
-                sequence,
-                // 0 means persistent, so an expiry at the epoch itself (long past)
-                // is kept as 1 ms after it.
-                expires_at: expires_at.map_or(0, |at| at.0.max(1)),
-                uuid,
-                properties_len,
-                data,
-            },
-        )
+        let mut head = [0u8; header::LEN];
+        let fields: [(std::ops::Range<usize>, &[u8]); 3] = [
+            (header::SEQUENCE, &update.sequence.to_be_bytes()),
+            // 0 means persistent, so an expiry at the epoch itself (long past) is kept
+            // as 1 ms after it.
+            (
+                header::EXPIRES_AT,
+                &expires_at.map_or(0, |at| at.0.max(1)).to_be_bytes(),
+            ),
+            (header::PROPERTIES_LEN, &properties_len.to_be_bytes()),
+        ];
+        for (range, bytes) in fields {
+            if let Some(field) = head.get_mut(range) {
+                field.copy_from_slice(bytes);
+            }
+        }
+        if let Some(uuid) = update.uuid {
+            if let Some(flag) = head.get_mut(header::HAS_UUID) {
+                *flag = 1;
+            }
+            if let Some(field) = head.get_mut(header::UUID) {
+                field.copy_from_slice(uuid.as_bytes());
+            }
+        }
+        scratch.clear();
+        scratch.extend_from_slice(&head);
+        scratch.extend_from_slice(properties);
+        scratch.extend_from_slice(update.body);
+        (Key::from(update.key), Entry(Arc::from(scratch.as_slice())))
+    }
+
+    fn field<const N: usize>(&self, range: std::ops::Range<usize>) -> [u8; N] {
+        self.0
+            .get(range)
+            .and_then(|bytes| bytes.try_into().ok())
+            .unwrap_or([0; N])
+    }
+
+    fn properties_len(&self) -> usize {
+        u32::from_be_bytes(self.field(header::PROPERTIES_LEN)) as usize
     }
 
     /// The sequence at which the key was last written.
     pub fn sequence(&self) -> i64 {
-        self.sequence
+        i64::from_be_bytes(self.field(header::SEQUENCE))
     }
 
     /// The uuid of the update that wrote it.
     pub fn uuid(&self) -> Option<Uuid> {
-        self.uuid
+        (self.0.get(header::HAS_UUID) == Some(&1))
+            .then(|| Uuid::from_bytes(self.field(header::UUID)))
     }
 
     /// Its properties, with `ttl` as absolute epoch milliseconds when it expires.
@@ -167,41 +177,65 @@ impl Entry {
 
     /// The properties frame as stored (and sent in a KVSYNC).
     pub(crate) fn properties_frame(&self) -> &[u8] {
-        self.data
-            .get(..self.properties_len as usize)
+        let start = header::LEN;
+        self.0
+            .get(start..start.saturating_add(self.properties_len()))
             .unwrap_or_default()
     }
 
     /// The value.
     pub fn body(&self) -> &[u8] {
-        self.data
-            .get(self.properties_len as usize..)
+        self.0
+            .get(header::LEN.saturating_add(self.properties_len())..)
             .unwrap_or_default()
     }
 
     /// When it expires, if it is ephemeral.
     pub fn expires_at(&self) -> Option<EpochMillis> {
-        (self.expires_at != 0).then_some(EpochMillis(self.expires_at))
+        let expires_at = u64::from_be_bytes(self.field(header::EXPIRES_AT));
+        (expires_at != 0).then_some(EpochMillis(expires_at))
     }
 
-    /// The five frames of this entry as a message with `sequence` and `body` (a KVSYNC
-    /// uses the entry's own; an expiry delete uses a new sequence and an empty body).
-    pub(crate) fn frames(&self, key: &[u8], sequence: i64, body: &[u8]) -> [Vec<u8>; FRAME_COUNT] {
+    /// The KVSYNC for this entry under `key`: every frame as stored, the body and
+    /// properties shared with the entry (no copy).
+    pub(crate) fn kvsync_frames(entry: &Entry, key: &[u8]) -> [Frame; FRAME_COUNT] {
         [
-            key.to_vec(),
-            sequence.to_be_bytes().to_vec(),
-            self.uuid
-                .map(|uuid| uuid.as_bytes().to_vec())
-                .unwrap_or_default(),
-            self.properties_frame().to_vec(),
-            body.to_vec(),
+            Frame::from(key),
+            Frame::sequence(entry.sequence()),
+            uuid_frame(entry.uuid()),
+            Frame::properties_of(entry),
+            Frame::body_of(entry),
         ]
     }
 
-    /// The KVSYNC frames for this entry.
-    pub(crate) fn kvsync_frames(&self, key: &[u8]) -> [Vec<u8>; FRAME_COUNT] {
-        self.frames(key, self.sequence, self.body())
+    /// The delete published when `entry` expires: its key, a new `sequence`, its uuid
+    /// and stored properties, an empty body.
+    pub(crate) fn expiry_frames(entry: &Entry, key: &[u8], sequence: i64) -> [Frame; FRAME_COUNT] {
+        [
+            Frame::from(key),
+            Frame::sequence(sequence),
+            uuid_frame(entry.uuid()),
+            Frame::properties_of(entry),
+            Frame::EMPTY,
+        ]
     }
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("sequence", &self.sequence())
+            .field("expires_at", &self.expires_at())
+            .field("uuid", &self.uuid())
+            .field("properties", &self.properties())
+            .field("body", &String::from_utf8_lossy(self.body()))
+            .finish()
+    }
+}
+
+/// The uuid frame: 16 bytes, or empty.
+pub(crate) fn uuid_frame(uuid: Option<Uuid>) -> Frame {
+    uuid.map_or(Frame::EMPTY, |uuid| Frame::from(uuid.as_bytes().as_slice()))
 }
 
 /// The map plus an ordered index of expiries, so that finding what is due costs
@@ -210,6 +244,17 @@ impl Entry {
 pub(crate) struct Store {
     map: Map,
     expiries: BTreeSet<(EpochMillis, Key)>,
+    scratch: Scratch,
+}
+
+/// The buffer in which entries are assembled; see [`Entry::from_update`].
+#[derive(Clone, Default)]
+struct Scratch(Vec<u8>);
+
+impl std::fmt::Debug for Scratch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scratch")
+    }
 }
 
 impl Store {
@@ -221,7 +266,7 @@ impl Store {
         self.map.len()
     }
 
-    pub(crate) fn get(&self, key: &[u8]) -> Option<&Arc<Entry>> {
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Entry> {
         self.map.get(key)
     }
 
@@ -230,22 +275,33 @@ impl Store {
         if let Some(expires_at) = entry.expires_at() {
             self.expiries.insert((expires_at, key.clone()));
         }
-        if let Some(previous) = self.map.insert(key.clone(), Arc::new(entry)) {
+        if let Some(previous) = self.map.insert(key.clone(), entry) {
             self.unindex(&key, &previous);
         }
     }
 
     /// Stores the update's value, or removes the key when the update is a delete.
-    pub(crate) fn apply(&mut self, update: KvMsg, expires_at: Option<EpochMillis>) {
+    pub(crate) fn apply(&mut self, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
         if update.is_delete() {
-            self.remove(&update.key);
+            self.remove(update.key);
         } else {
-            let (key, entry) = Entry::from_update(update, expires_at);
-            self.insert(key, entry);
+            self.store_value(update, expires_at);
         }
     }
 
-    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<(Key, Arc<Entry>)> {
+    /// Stores the value of an update that is not a delete; returns the stored entry
+    /// (shared: a clone is a reference count).
+    pub(crate) fn store_value(
+        &mut self,
+        update: &KvMsgRef,
+        expires_at: Option<EpochMillis>,
+    ) -> Entry {
+        let (key, entry) = Entry::from_update(update, expires_at, &mut self.scratch.0);
+        self.insert(key, entry.clone());
+        entry
+    }
+
+    pub(crate) fn remove(&mut self, key: &[u8]) -> Option<(Key, Entry)> {
         let (key, entry) = self.map.remove_with_key(key)?;
         self.unindex(&key, &entry);
         Some((key, entry))
@@ -273,7 +329,7 @@ impl Store {
     }
 
     /// Removes and returns one entry whose expiry is at or before `wall`.
-    pub(crate) fn pop_expired(&mut self, wall: EpochMillis) -> Option<(Key, Arc<Entry>)> {
+    pub(crate) fn pop_expired(&mut self, wall: EpochMillis) -> Option<(Key, Entry)> {
         loop {
             let (expires_at, key) = self.expiries.first()?.clone();
             if expires_at > wall {
@@ -288,7 +344,7 @@ impl Store {
         }
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &Arc<Entry>)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &Entry)> + '_ {
         self.map.iter()
     }
 }
@@ -296,6 +352,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kvmsg::KvMsg;
 
     #[test]
     fn keys_are_their_bytes_inline_or_shared() {
@@ -325,16 +382,33 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_stays_small() {
-        // 72 bytes with the Arc's counts: an 80-byte allocation per key, plus its data.
-        assert!(std::mem::size_of::<Entry>() <= 56);
+    fn an_entry_is_one_shared_allocation() {
+        // A fat pointer in the map's nodes; one allocation of the Arc's counts, the
+        // header, the properties frame and the body.
+        assert_eq!(std::mem::size_of::<Entry>(), 16);
+        let update = KvMsg::kvset(b"/k".to_vec(), vec![b'v'; 100], Uuid::from_bytes([9; 16]));
+        let (_, entry) = Entry::from_update(&update.as_msg_ref(), None, &mut Vec::new());
+        assert_eq!(entry.0.len(), header::LEN + 100);
+        assert_eq!(entry.uuid(), Some(Uuid::from_bytes([9; 16])));
+        assert_eq!(entry.sequence(), 0);
+        let anonymous = KvMsg {
+            uuid: None,
+            ..update.with_sequence(-7)
+        };
+        let (_, entry) = Entry::from_update(&anonymous.as_msg_ref(), None, &mut Vec::new());
+        assert_eq!(entry.uuid(), None);
+        assert_eq!(entry.sequence(), -7);
     }
 
     #[test]
     fn properties_and_body_are_split_back_exactly() {
         let update = KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), Uuid::from_bytes([1; 16]))
             .with_ttl(std::time::Duration::from_secs(5));
-        let (key, entry) = Entry::from_update(update, Some(EpochMillis(1_700_000_005_000)));
+        let (key, entry) = Entry::from_update(
+            &update.as_msg_ref(),
+            Some(EpochMillis(1_700_000_005_000)),
+            &mut Vec::new(),
+        );
         assert_eq!(&*key, b"/k");
         assert_eq!(entry.body(), b"value");
         assert_eq!(entry.properties_frame(), b"ttl=1700000005000\n");
@@ -342,7 +416,7 @@ mod tests {
         assert_eq!(entry.expires_at(), Some(EpochMillis(1_700_000_005_000)));
 
         let plain = KvMsg::kvset(b"/p".to_vec(), b"v".to_vec(), Uuid::from_bytes([2; 16]));
-        let (_, entry) = Entry::from_update(plain, None);
+        let (_, entry) = Entry::from_update(&plain.as_msg_ref(), None, &mut Vec::new());
         assert_eq!(entry.body(), b"v");
         assert!(entry.properties().is_empty());
         assert_eq!(entry.expires_at(), None);
@@ -351,7 +425,8 @@ mod tests {
     #[test]
     fn an_expiry_at_the_epoch_still_expires() {
         let update = KvMsg::kvset(b"/e".to_vec(), b"v".to_vec(), Uuid::from_bytes([3; 16]));
-        let (_, entry) = Entry::from_update(update, Some(EpochMillis(0)));
+        let (_, entry) =
+            Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(0)), &mut Vec::new());
         assert!(entry.expires_at().is_some());
     }
 }

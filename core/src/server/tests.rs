@@ -38,7 +38,7 @@ fn kvpub(message: KvMsg, sequence: i64) -> KvMsg {
     message.with_sequence(sequence)
 }
 
-fn decode(frames: &[Vec<u8>]) -> KvMsg {
+fn decode<F: AsRef<[u8]>>(frames: &[F]) -> KvMsg {
     KvMsg::decode(frames, &Limits::default()).unwrap()
 }
 
@@ -443,7 +443,7 @@ fn every_server_sends_hugz_with_its_current_sequence_every_heartbeat_and_a_passi
     assert_eq!(expected.hugz_state(), Some(BstarState::Passive));
     assert!(passive
         .drain()
-        .contains(&Output::Publish(expected.encode())));
+        .contains(&Output::Publish(expected.encode().map(Frame::from))));
 }
 
 #[test]
@@ -1767,7 +1767,9 @@ fn on_dual_passive_the_primary_takes_over_and_replays_its_pending_list() {
     assert_eq!(harness.server.state(), BstarState::Active);
     let outputs = harness.drain();
     assert!(outputs.contains(&Output::Event(Event::DualPassive { took_over: true })));
-    assert!(outputs.contains(&Output::Publish(kvpub(set("/held", "v", 1), 1).encode())));
+    assert!(outputs.contains(&Output::Publish(
+        kvpub(set("/held", "v", 1), 1).encode().map(Frame::from)
+    )));
 }
 
 #[test]
