@@ -978,7 +978,9 @@ mod tests {
             )
             .unwrap();
         assert_eq!(result.sent, 2_000);
-        assert!(result.zero_loss(), "{result:?}");
+        // Completeness and order only: whether the route kept pace is a rate, and a
+        // test on a busy machine must not depend on one.
+        assert!(result.complete_in_order(), "{result:?}");
         assert_eq!(histogram.len(), 2_000);
     }
 }
