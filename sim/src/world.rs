@@ -200,6 +200,9 @@ struct ServerSlot {
     /// The peer incarnation its current snapshot request went to: what that peer
     /// publishes meanwhile is buffered for the same history (oracle 5 counts it).
     syncing_with: Option<u32>,
+    /// The peer incarnation and sequence of the last snapshot it adopted: a KVPUB of
+    /// that incarnation numbered at or below it arrives late and is dropped as stale.
+    adopted_through: Option<(u32, i64)>,
 }
 
 #[derive(Debug)]
@@ -389,6 +392,7 @@ impl World {
                 sync_requested_at: None,
                 synced_with: None,
                 syncing_with: None,
+                adopted_through: None,
             });
             world.start_server(node);
         }
@@ -582,6 +586,7 @@ impl World {
         if let Some(slot) = self.servers.get_mut(node) {
             slot.synced_with = None;
             slot.syncing_with = None;
+            slot.adopted_through = None;
         }
         self.history.last_published.remove(&node);
         self.history.held.remove(&node);
@@ -799,6 +804,19 @@ impl World {
         if !receives || !same_history {
             // A restarted peer's new history cannot be applied to the one this server
             // follows; Binary Star resolves which history survives.
+            return;
+        }
+        // A late KVPUB that the adopted snapshot already covers is dropped as stale
+        // (found in swarm 45316: it overtook nothing, it was merely slower than the
+        // snapshot's reply).
+        let covered = self
+            .servers
+            .get(node)
+            .and_then(|slot| slot.adopted_through)
+            .is_some_and(|(incarnation, sequence)| {
+                sender == Some(incarnation) && update.sequence <= sequence
+            });
+        if covered {
             return;
         }
         let update_id = (update.uuid, update.body.is_empty());
@@ -1197,6 +1215,8 @@ impl World {
             let peer_incarnation = self.life(peer).map(|life| life.incarnation);
             if let Some(slot) = self.servers.get_mut(node) {
                 slot.synced_with = peer_incarnation;
+                slot.adopted_through =
+                    peer_incarnation.map(|incarnation| (incarnation, snapshot_sequence));
             }
             self.rebuild_held(node, answered_request, snapshot_sequence);
         }

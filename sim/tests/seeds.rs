@@ -125,6 +125,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "harsh network: a reordered KVPUB was taken for a restarted active's new history",
     ),
     (
+        45316,
+        "the oracle counted a late KVPUB the adopted snapshot already covered",
+    ),
+    (
         32991,
         "oracle 5 judged a promotion while the peer was still active (split brain)",
     ),
