@@ -41,6 +41,20 @@ fn at(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
+/// Breaks both directions between `a` and `b`.
+fn cut(a: usize, b: usize) -> Scripted {
+    Scripted::Partition {
+        a,
+        b,
+        kind: PartitionKind::Break,
+        one_way: false,
+    }
+}
+
+fn heal(a: usize, b: usize) -> Scripted {
+    Scripted::Heal { a, b }
+}
+
 fn run(name: &str, options: Options, script: Vec<(Duration, Scripted)>) -> RunReport {
     let report = World::new(7, options, TraceMode::Recent)
         .with_script(script)
@@ -95,12 +109,6 @@ fn failover_the_primary_crashes_while_the_backup_holds_pending_updates() {
 #[test]
 fn split_brain_a_server_partition_with_clients_on_both_sides_heals_without_an_outage() {
     let (left, right) = (FIRST_CLIENT, FIRST_CLIENT + 1);
-    let cut = |a, b| Scripted::Partition {
-        a,
-        b,
-        kind: PartitionKind::Break,
-        one_way: false,
-    };
     let script = vec![
         (at(2_000), cut(PRIMARY, BACKUP)),
         (at(2_000), cut(right, PRIMARY)),
@@ -108,21 +116,9 @@ fn split_brain_a_server_partition_with_clients_on_both_sides_heals_without_an_ou
         // The right client fails over to the backup, which takes over: two actives.
         (at(12_000), set(0, "/k/a/left", "written-on-primary")),
         (at(12_000), set(1, "/k/a/right", "written-on-backup")),
-        (
-            at(15_000),
-            Scripted::Heal {
-                a: PRIMARY,
-                b: BACKUP,
-            },
-        ),
-        (
-            at(15_000),
-            Scripted::Heal {
-                a: right,
-                b: PRIMARY,
-            },
-        ),
-        (at(15_000), Scripted::Heal { a: left, b: BACKUP }),
+        (at(15_000), heal(PRIMARY, BACKUP)),
+        (at(15_000), heal(right, PRIMARY)),
+        (at(15_000), heal(left, BACKUP)),
     ];
     let report = run(
         "server partition with clients on both sides",
@@ -246,41 +242,17 @@ fn split_brain_a_forward_the_primary_already_replaced_is_not_replayed_at_a_later
     // published: no echo ever comes. When the primary then dies, the backup must keep
     // "newer", not replay its forward over it.
     let (on_backup, on_primary) = (FIRST_CLIENT, FIRST_CLIENT + 1);
-    let cut = |a, b| Scripted::Partition {
-        a,
-        b,
-        kind: PartitionKind::Break,
-        one_way: false,
-    };
     let script = vec![
         (at(2_000), cut(PRIMARY, BACKUP)),
         (at(2_000), cut(on_backup, PRIMARY)),
         (at(2_000), cut(on_primary, BACKUP)),
         // on_backup fails over to the backup, which takes over; then its writes reach
         // both servers again.
-        (
-            at(11_000),
-            Scripted::Heal {
-                a: on_backup,
-                b: PRIMARY,
-            },
-        ),
+        (at(11_000), heal(on_backup, PRIMARY)),
         (at(12_000), set(0, "/k/a/x", "older")),
         (at(13_000), set(1, "/k/a/x", "newer")),
-        (
-            at(15_000),
-            Scripted::Heal {
-                a: PRIMARY,
-                b: BACKUP,
-            },
-        ),
-        (
-            at(15_000),
-            Scripted::Heal {
-                a: on_primary,
-                b: BACKUP,
-            },
-        ),
+        (at(15_000), heal(PRIMARY, BACKUP)),
+        (at(15_000), heal(on_primary, BACKUP)),
         (at(20_000), Scripted::Crash(PRIMARY)),
     ];
     let report = run("forward superseded at the primary", quiet(2), script);
@@ -298,63 +270,25 @@ fn restart_a_primary_restarted_while_cut_off_whose_numbers_catch_up_is_still_fol
     // off from the backup, took over again with a new history, and had numbered exactly
     // as many updates as the old one by the time the link healed, so the backup saw no
     // gap and kept the old map. The reconnect of its subscription must make it re-sync.
-    let cut = Scripted::Partition {
-        a: PRIMARY,
-        b: BACKUP,
-        kind: PartitionKind::Break,
-        one_way: false,
-    };
     let mut script: Vec<(Duration, Scripted)> = (0..5)
         .map(|n| (at(1_500 + n * 100), set(0, &format!("/k/a/old{n}"), "old")))
         .collect();
     // The client can reach only the primary: it makes the restarted primary take over.
-    let client_cut = Scripted::Partition {
-        a: FIRST_CLIENT,
-        b: BACKUP,
-        kind: PartitionKind::Break,
-        one_way: false,
-    };
     // Its link to the primary comes back only once the restarted primary has heard
     // nothing from its peer for two heartbeats: the client's re-sync then makes it
     // take over.
     script.extend([
-        (at(2_500), cut),
-        (at(2_500), client_cut),
-        (
-            at(2_500),
-            Scripted::Partition {
-                a: FIRST_CLIENT,
-                b: PRIMARY,
-                kind: PartitionKind::Break,
-                one_way: false,
-            },
-        ),
+        (at(2_500), cut(PRIMARY, BACKUP)),
+        (at(2_500), cut(FIRST_CLIENT, BACKUP)),
+        (at(2_500), cut(FIRST_CLIENT, PRIMARY)),
         (at(3_000), Scripted::Crash(PRIMARY)),
         (at(3_100), Scripted::Restart(PRIMARY)),
-        (
-            at(5_500),
-            Scripted::Heal {
-                a: FIRST_CLIENT,
-                b: PRIMARY,
-            },
-        ),
+        (at(5_500), heal(FIRST_CLIENT, PRIMARY)),
     ]);
     script.extend((0..5).map(|n| (at(9_000 + n * 100), set(0, &format!("/k/a/new{n}"), "new"))));
     script.extend([
-        (
-            at(12_000),
-            Scripted::Heal {
-                a: PRIMARY,
-                b: BACKUP,
-            },
-        ),
-        (
-            at(12_000),
-            Scripted::Heal {
-                a: FIRST_CLIENT,
-                b: BACKUP,
-            },
-        ),
+        (at(12_000), heal(PRIMARY, BACKUP)),
+        (at(12_000), heal(FIRST_CLIENT, BACKUP)),
     ]);
     let report = run("restarted primary caught up", quiet(1), script);
     assert_eq!(final_value(&report, "/k/a/new0").as_deref(), Some("new"));
