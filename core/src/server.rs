@@ -748,8 +748,9 @@ impl Server {
         };
         if self.seen.contains(&uuid) {
             // Already published: applying it again would regress its key. (A passive
-            // also forgets the early echo it kept for this copy.)
-            self.pending.cancel(&uuid);
+            // also forgets the early echo it kept for this copy, and will not replay
+            // the older copies of its key.)
+            self.pending.cancel_published(&uuid, update.key);
             return self.drop_input(source, DropReason::DuplicateUuid);
         }
         let expires_at = ttl
@@ -1164,11 +1165,15 @@ impl Server {
     ) {
         match to {
             BstarState::Active => {
+                // A new reign's split log starts here, before the replay: a backup
+                // taking over while the primary may live must forward what it replays,
+                // too (swarm 25704: a client copy only the backup had was replayed,
+                // left out of the log, and lost when the primary's snapshot won).
+                self.split_log.clear();
+                self.split_lost = 0;
                 self.abandon_sync();
                 self.sequence = self.sequence.max(self.highest_published);
                 self.replay_pending(now, wall);
-                self.split_log.clear();
-                self.split_lost = 0;
                 self.expire_due(now, wall);
             }
             BstarState::Passive => {
@@ -1241,7 +1246,10 @@ impl Server {
     /// our clock. A copy whose ttl ran out while it waited is not replayed at all:
     /// publishing it would show clients a value already past its expiry (and with a
     /// ttl shorter than the one its writer asked for); it is exactly as if it had been
-    /// set and expired.
+    /// set and expired. So where the store still holds an older value of its key, that
+    /// value is deleted (with the copy's uuid, as its expiry would have been): found by
+    /// the simulator (swarm 93922), a failover mid-sync merged the peer's older value,
+    /// and the newer copy's expiry left it standing.
     fn replay_pending(&mut self, now: Instant, wall: EpochMillis) {
         let (replay, skipped) = self.pending.take_replay();
         if replay.is_empty() && skipped == 0 {
@@ -1254,6 +1262,18 @@ impl Server {
             if let Some(expires_at) = entry.expires_at {
                 if expires_at <= wall {
                     expired += 1;
+                    let older_value = self
+                        .store
+                        .get(&update.key)
+                        .is_some_and(|entry| entry.uuid() != update.uuid);
+                    if older_value {
+                        let delete = KvMsg {
+                            key: update.key,
+                            uuid: update.uuid,
+                            ..KvMsg::default()
+                        };
+                        self.publish_update(now, &delete.as_msg_ref(), None);
+                    }
                     continue;
                 }
                 update.set_ttl_relative(wall.saturating_duration_until(expires_at));

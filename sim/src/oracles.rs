@@ -196,6 +196,12 @@ pub struct History {
     /// Per (server, key): the ttl promise of the ephemeral value that server holds.
     /// Per server, because in a split brain each active holds its own publication.
     pub ttl: BTreeMap<(usize, Vec<u8>), TtlExpectation>,
+    /// The promises `ttl` held for a server when it last crashed: the entries it sent
+    /// before, merged by a passive that abandons its sync, still carry them.
+    pub ttl_before_crash: BTreeMap<(usize, Vec<u8>), TtlExpectation>,
+    /// Per ephemeral update: the earliest expiry any publication of it promised, and
+    /// the servers that published it.
+    pub ttl_publications: BTreeMap<Uuid, (EpochMillis, std::collections::BTreeSet<usize>)>,
 }
 
 impl History {

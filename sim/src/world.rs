@@ -591,7 +591,14 @@ impl World {
         self.history.last_published.remove(&node);
         self.history.held.remove(&node);
         self.history.seen.remove(&node);
-        self.history.ttl.retain(|(holder, _), _| *holder != node);
+        let (lost, kept) = std::mem::take(&mut self.history.ttl)
+            .into_iter()
+            .partition(|((holder, _), _)| *holder == node);
+        self.history.ttl = kept;
+        self.history
+            .ttl_before_crash
+            .retain(|(holder, _), _| *holder != node);
+        self.history.ttl_before_crash.extend(lost);
         self.drain_server(node);
     }
 
@@ -798,8 +805,16 @@ impl World {
             .get(node)
             .and_then(|slot| slot.machine.as_ref())
             .is_some_and(|machine| machine.state() == BstarState::Passive);
+        // A KVPUB its peer's previous incarnation published before dying, read only
+        // now (this server was paused) while re-syncing with the next one: a failover
+        // mid-sync merges it too (swarm 66756: a client's delete of a key this server
+        // had set while split).
+        let earlier_incarnation = |slot: &ServerSlot| matches!((sender, slot.syncing_with), (Some(sender), Some(syncing)) if sender < syncing);
         let same_history = self.servers.get(node).is_some_and(|slot| {
-            sender.is_some() && (slot.synced_with == sender || slot.syncing_with == sender)
+            sender.is_some()
+                && (slot.synced_with == sender
+                    || slot.syncing_with == sender
+                    || earlier_incarnation(slot))
         });
         if !receives || !same_history {
             // A restarted peer's new history cannot be applied to the one this server
@@ -868,43 +883,7 @@ impl World {
         answered_request: Option<Moment>,
         snapshot_sequence: i64,
     ) {
-        // The adopted snapshot carries absolute expiries: the peer's promises hold here,
-        // unless this server received the KVPUB itself (its own copy knows the delay).
-        let peer = 1 - node;
-        let previous: BTreeMap<Vec<u8>, TtlExpectation> = self
-            .history
-            .ttl
-            .iter()
-            .filter(|((holder, _), _)| *holder == node)
-            .map(|((_, key), expectation)| (key.clone(), expectation.clone()))
-            .collect();
-        self.history.ttl.retain(|(holder, _), _| *holder != node);
-        for (key, uuid, _) in self.server_entries(node) {
-            // Its own publication of the same update (made while split) is not what
-            // the snapshot brought: the snapshot's entry carries the peer's expiry.
-            let own_publication_replaced = |own: &TtlExpectation| {
-                own.publisher == node && self.history.ttl.contains_key(&(peer, key.clone()))
-            };
-            if let Some(own) = previous
-                .get(&key)
-                .filter(|own| own.uuid == uuid && !own_publication_replaced(own))
-            {
-                self.history.ttl.insert((node, key), own.clone());
-                continue;
-            }
-            if let Some(expectation) = self.history.ttl.get(&(peer, key.clone())) {
-                if expectation.uuid == uuid {
-                    let mut expectation = expectation.clone();
-                    expectation.exact = false;
-                    // The peer stored the expiry when it received the KVPUB; a snapshot
-                    // passes that absolute time on unchanged.
-                    if let Some(received) = expectation.followed_at.get(&peer).copied() {
-                        expectation.followed_at.insert(node, received);
-                    }
-                    self.history.ttl.insert((node, key), expectation);
-                }
-            }
-        }
+        self.adopt_peer_ttl_promises(node);
         let now = self.moment();
         let requested_at = answered_request.unwrap_or(now);
         let synced_with = self.servers.get(node).and_then(|slot| slot.synced_with);
@@ -956,6 +935,71 @@ impl World {
         self.history.held.insert(node, held);
     }
 
+    /// Oracle 6 after a server took in the peer's entries (a completed sync, or the part
+    /// of an abandoned one it merged): those carry absolute expiries, so the peer's
+    /// promises hold here, unless this server received the KVPUB itself (its own copy
+    /// knows the delay). Swarm 90737: a passive merged an abandoned sync's entry over
+    /// its own split-time publication of the same update, then expired it by the
+    /// peer's expiry, early by the clocks' skew.
+    fn adopt_peer_ttl_promises(&mut self, node: NodeId) {
+        let peer = 1 - node;
+        let previous: BTreeMap<Vec<u8>, TtlExpectation> = self
+            .history
+            .ttl
+            .iter()
+            .filter(|((holder, _), _)| *holder == node)
+            .map(|((_, key), expectation)| (key.clone(), expectation.clone()))
+            .collect();
+        self.history.ttl.retain(|(holder, _), _| *holder != node);
+        for (key, uuid, _) in self.server_entries(node) {
+            let stored = self.stored_expiry(node, &key);
+            let own = previous.get(&key).filter(|own| own.uuid == uuid);
+            // A KVPUB it followed itself knows its own delay; its own publication
+            // counts only while the entry still carries the expiry it made (one made
+            // while split is replaced by the peer's entry for the same update).
+            if let Some(own) =
+                own.filter(|own| own.publisher != node || stored == Some(own.expires_at))
+            {
+                self.history.ttl.insert((node, key), own.clone());
+                continue;
+            }
+            // The peer's promise. An abandoned sync merges entries a peer sent before
+            // it crashed: its promise then counts where the entry is the one it sent
+            // (same absolute expiry, or one it followed), not one this server applied
+            // from a KVPUB since, counting the ttl from its own receipt.
+            let sent_before_crash = || {
+                self.history
+                    .ttl_before_crash
+                    .get(&(peer, key.clone()))
+                    .filter(|promise| {
+                        stored == Some(promise.expires_at)
+                            || promise.followed_at.contains_key(&peer)
+                    })
+            };
+            let peer_promise = self
+                .history
+                .ttl
+                .get(&(peer, key.clone()))
+                .or_else(sent_before_crash)
+                .filter(|promise| promise.uuid == uuid)
+                .cloned();
+            if let Some(mut expectation) = peer_promise {
+                expectation.exact = false;
+                // The peer stored the expiry when it received the KVPUB; a snapshot
+                // passes that absolute time on unchanged.
+                if let Some(received) = expectation.followed_at.get(&peer).copied() {
+                    expectation.followed_at.insert(node, received);
+                }
+                self.history.ttl.insert((node, key), expectation);
+            } else if let Some(own) = own {
+                // The same update, its expiry from elsewhere: the clocks' skew applies.
+                let mut own = own.clone();
+                own.exact = false;
+                self.history.ttl.insert((node, key), own);
+            }
+        }
+    }
+
     /// Now, ordered after every moment taken before it.
     fn moment(&mut self) -> Moment {
         self.moments += 1;
@@ -963,6 +1007,15 @@ impl World {
     }
 
     /// `(key, uuid, value)` of every entry a server holds, in key order.
+    /// The absolute expiry a server stores for `key`.
+    fn stored_expiry(&self, node: NodeId, key: &[u8]) -> Option<EpochMillis> {
+        self.servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+            .and_then(|machine| machine.get(key))
+            .and_then(|entry| entry.expires_at())
+    }
+
     fn server_entries(&self, node: NodeId) -> Vec<(Vec<u8>, Option<Uuid>, Vec<u8>)> {
         self.servers
             .get(node)
@@ -1129,6 +1182,7 @@ impl World {
             .and_then(|slot| slot.sync_requested_at);
         let mut became_active = false;
         let mut sync_completed = None;
+        let mut sync_abandoned = false;
         let mut published = Vec::new();
         for output in outputs {
             match output {
@@ -1197,6 +1251,9 @@ impl World {
                         self.history.last_published.remove(&node);
                         sync_completed = Some(*sequence);
                     }
+                    if matches!(event, server::Event::SyncAbandoned { .. }) {
+                        sync_abandoned = true;
+                    }
                     if matches!(event, server::Event::SyncStarted { .. }) {
                         let peer_incarnation = self.life(peer).map(|life| life.incarnation);
                         if let Some(slot) = self.servers.get_mut(node) {
@@ -1219,6 +1276,9 @@ impl World {
                     peer_incarnation.map(|incarnation| (incarnation, snapshot_sequence));
             }
             self.rebuild_held(node, answered_request, snapshot_sequence);
+        }
+        if sync_abandoned {
+            self.adopt_peer_ttl_promises(node);
         }
         self.record_publications(node, &published, became_active && !state_before);
         let active_now = self
@@ -1546,11 +1606,26 @@ impl World {
                 let is_expiry = expectation.uuid.is_some() && expectation.uuid == message.uuid;
                 if is_expiry {
                     self.coverage.expiries += 1;
-                    let early_limit = if expectation.publisher == node && expectation.exact {
-                        expectation.expires_at
-                    } else {
-                        EpochMillis(expectation.expires_at.0.saturating_sub(millis(allowance)))
-                    };
+                    // When both servers published the update (a split brain), each
+                    // promised its own expiry; the earliest one is the update's ttl.
+                    let (earliest, sole_publisher) = expectation
+                        .uuid
+                        .and_then(|uuid| self.history.ttl_publications.get(&uuid))
+                        .map_or((expectation.expires_at, true), |(earliest, publishers)| {
+                            (*earliest, publishers.len() == 1)
+                        });
+                    let early_limit =
+                        if expectation.publisher == node && expectation.exact && sole_publisher {
+                            expectation.expires_at
+                        } else {
+                            EpochMillis(
+                                expectation
+                                    .expires_at
+                                    .min(earliest)
+                                    .0
+                                    .saturating_sub(millis(allowance)),
+                            )
+                        };
                     if wall < early_limit {
                         let detail = format!(
                             "{} expired at {} by server {node}'s clock, before its ttl at {}",
@@ -1566,6 +1641,16 @@ impl World {
         }
         match message.client_ttl() {
             Ok(Some(ttl)) => {
+                if let Some(uuid) = message.uuid {
+                    let promise = wall.saturating_add(ttl);
+                    let (earliest, publishers) = self
+                        .history
+                        .ttl_publications
+                        .entry(uuid)
+                        .or_insert((promise, BTreeSet::new()));
+                    *earliest = (*earliest).min(promise);
+                    publishers.insert(node);
+                }
                 self.history.ttl.insert(
                     (node, message.key.clone()),
                     TtlExpectation {

@@ -140,6 +140,32 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         12553,
         "a passive's own ttl promise was dropped at its re-sync (oracle)",
     ),
+    (
+        90737,
+        "a client's older copy was replayed: the echo of its newer one had come first",
+    ),
+    (75661, "harsh network: the same older-copy replay as 90737"),
+    (
+        91791,
+        "the oracle held a split-time ttl promise a failover mid-sync had replaced",
+    ),
+    (
+        47684,
+        "both servers published one update; the oracle took the later of two ttl promises",
+    ),
+    (
+        25704,
+        "a backup's takeover replay was left out of its split log, so never forwarded",
+    ),
+    (44202, "the same unforwarded takeover replay as 25704"),
+    (
+        66756,
+        "the oracle ignored a dead active's KVPUBs read after a pause, while re-syncing",
+    ),
+    (
+        93922,
+        "a pending copy's expiry left the key's older merged value standing",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

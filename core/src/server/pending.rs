@@ -174,7 +174,7 @@ impl PendingList {
     ) -> (ClientCopyFate, Evicted) {
         match self.by_uuid.get(&uuid).map(|held| &held.kind) {
             Some(Kind::Echo) => {
-                self.remove(&uuid);
+                self.cancel_published(&uuid, &update.key);
                 return (ClientCopyFate::CancelledByEcho, Evicted::default());
             }
             Some(Kind::ClientCopy { .. }) => {
@@ -258,9 +258,15 @@ impl PendingList {
         }
     }
 
-    /// Forgets whatever is held for `uuid` (an early echo, or a copy).
-    pub(crate) fn cancel(&mut self, uuid: &Uuid) {
+    /// A client's copy of an update the active already published (its echo came
+    /// first) arrived: forgets whatever is held for `uuid` (the early echo, or a copy),
+    /// and supersedes the copies of `key` held now. They arrived before this copy, so
+    /// the active ordered them before the update it published: replaying one would put
+    /// the key back to an older value (swarm 90737: the echo came first, then an older
+    /// and this newer copy from one client; the older was replayed at failover).
+    pub(crate) fn cancel_published(&mut self, uuid: &Uuid, key: &[u8]) {
         self.remove(uuid);
+        self.supersede(key);
     }
 
     /// A mark that orders later arrivals after this moment: see

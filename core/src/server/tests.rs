@@ -1457,6 +1457,48 @@ fn a_pending_update_never_overwrites_a_newer_value_applied_from_the_active() {
 }
 
 #[test]
+fn a_copy_whose_echo_came_first_supersedes_the_older_copies_of_its_key() {
+    // Found by the simulator (swarm 90737): the active's echo of a client's newer
+    // update came before both of that client's copies; the older copy, never published,
+    // was replayed at failover over the newer value.
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/k", "newer", 2), 1));
+    harness.collect(set("/k", "older", 1));
+    harness.collect(set("/k", "newer", 2)); // dropped: already published
+    harness.collect(set("/other", "x", 3));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(keys(&harness.published()), ["/other"]);
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+    assert_eq!(harness.server.counters().pending_superseded, 1);
+}
+
+#[test]
+fn a_latest_copy_that_expired_while_it_waited_still_removes_the_older_value_of_its_key() {
+    // Found by the simulator (swarm 93922): a failover mid-sync merged the peer's older
+    // value of a key whose newer (ephemeral) copy had expired on the pending list; the
+    // older value stood. The newer value came and went: the key ends without a value.
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/k", "older", 1), 1));
+    harness.collect(with_ttl_text(set("/k", "newer", 2), "0.5"));
+    harness.drain();
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    let published = harness.published();
+    assert_eq!(keys(&published), ["/k"]);
+    assert!(published[0].is_delete());
+    assert_eq!(
+        published[0].uuid,
+        Some(uuid(2)),
+        "the expired copy's own uuid"
+    );
+    assert!(harness.value("/k").is_none());
+    assert_eq!(harness.server.counters().pending_expired, 1);
+}
+
+#[test]
 fn a_superseded_pending_update_is_still_cancelled_by_its_own_echo() {
     let mut harness = Harness::passive_at(0);
     harness.collect(set("/k", "a", 1));
@@ -1697,6 +1739,31 @@ fn a_forwarded_update_the_primarys_snapshot_supersedes_is_not_replayed_at_a_late
     assert_eq!(harness.server.state(), BstarState::Active);
     assert!(harness.published().is_empty());
     assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+}
+
+#[test]
+fn a_backup_forwards_what_it_replayed_on_taking_over_when_it_steps_down() {
+    // Found by the simulator (swarm 25704): the split log was cleared after the
+    // takeover's replay, so a client copy only the backup had received was never
+    // forwarded, and the primary's snapshot replaced it at the next failover.
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/only-here", "v", 1));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(keys(&harness.published()), ["/only-here"]);
+    harness.advance(2_000);
+    harness.peer_state(BstarState::Active); // dual active: step down
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    let forwarded: Vec<KvMsg> = harness
+        .drain()
+        .iter()
+        .filter_map(|output| match output {
+            Output::ForwardToPeerCollector(frames) => Some(decode(frames)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forwarded, [set("/only-here", "v", 1)]);
 }
 
 #[test]
