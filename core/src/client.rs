@@ -473,6 +473,9 @@ pub struct Stats {
     /// Times an own update's echo did not come within `echo_timeout`, so the client took
     /// a fresh snapshot.
     pub resyncs_after_lost_update: u64,
+    /// Times the host reported a server's DEALER reconnected, so the replies to the
+    /// requests sent to it before were written off.
+    pub snapshot_reconnects: u64,
     dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -693,6 +696,31 @@ impl Client {
         }
         self.stats.resyncs_after_reconnect += 1;
         self.start_over(now, server, false);
+    }
+
+    /// The host saw the DEALER to `server` reconnect (libzmq's socket monitor). A
+    /// server answers on the connection a request came in on, and the lost connection
+    /// took with it whatever part of a reply had not arrived: the requests sent before
+    /// are written off. Found by the simulator (swarm 74799): a client left a server
+    /// mid-reply, the server crashed, and when the client came back its first reply
+    /// was (rightly) discarded as possibly cut, but it then kept waiting for the
+    /// dead server's reply instead of asking again.
+    /// While collecting from `server`, the client asks again at once; a reply that had
+    /// started may still have its tail queued here, so it counts as cut.
+    pub fn handle_snapshot_reconnected(&mut self, now: Instant, server: ServerIndex) {
+        self.clock = self.clock.max(now);
+        if server.0 >= self.config.servers {
+            return;
+        }
+        self.stats.snapshot_reconnects += 1;
+        self.book(server).outstanding = 0;
+        if server != self.current || self.state != State::Syncing {
+            return;
+        }
+        if self.attempt.reply_started {
+            self.book(server).reply_cut = true;
+        }
+        self.request_snapshot(now);
     }
 
     /// Time has passed: at the expiry, the client gives up on the current server and

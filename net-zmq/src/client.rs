@@ -439,6 +439,15 @@ impl ClientBuilder {
         let mut links = Vec::with_capacity(addresses.len());
         for (index, address) in addresses.iter().enumerate() {
             let snapshot = new_socket(&context, zmq::DEALER, "snapshot", &address.snapshot)?;
+            // A reply's unsent part is lost with its connection (the server answers on
+            // the connection the request came in on).
+            let snapshot_monitor = ReconnectMonitor::new(&context, &snapshot).map_err(|error| {
+                ClientError::Socket {
+                    socket: "snapshot monitor",
+                    endpoint: address.snapshot.clone(),
+                    error,
+                }
+            })?;
             connect(&snapshot, &address.snapshot)?;
             let subscriber = new_socket(&context, zmq::SUB, "subscriber", &address.publisher)?;
             let subtree = core.subtree().to_vec();
@@ -461,10 +470,12 @@ impl ClientBuilder {
             snapshot.register(poll.registry(), snapshot_token(index))?;
             subscriber.register(poll.registry(), subscriber_token(index))?;
             monitor.register(poll.registry(), monitor_token(index))?;
+            snapshot_monitor.register(poll.registry(), snapshot_monitor_token(index))?;
             links.push(ServerLink {
                 snapshot,
                 subscriber,
                 monitor,
+                snapshot_monitor,
                 last_heard: None,
             });
         }
@@ -731,6 +742,10 @@ fn monitor_token(index: usize) -> Token {
     Token(1_000_000 + index)
 }
 
+fn snapshot_monitor_token(index: usize) -> Token {
+    Token(2_000_000 + index)
+}
+
 /// Messages taken from one socket per pass, so that a flood on one socket cannot starve
 /// the others or the application's commands.
 const BATCH: usize = 256;
@@ -740,6 +755,8 @@ struct ServerLink {
     subscriber: ZmqSocket,
     /// Connection events of `subscriber`.
     monitor: ReconnectMonitor,
+    /// Connection events of `snapshot`.
+    snapshot_monitor: ReconnectMonitor,
     last_heard: Option<StdInstant>,
 }
 
@@ -929,14 +946,25 @@ impl Agent {
         }
     }
 
-    /// Turns the SUB's monitor events into the core's reconnect input: a connect that
-    /// follows a disconnect means messages may have been lost in between.
+    /// Turns the monitor events of the SUB and the DEALER into the core's reconnect
+    /// inputs: a connect that follows a disconnect means messages may have been lost in
+    /// between.
     fn receive_monitor_events(&mut self, index: usize) -> Result<bool, zmq::Error> {
         let Some(link) = self.links.get_mut(index) else {
             return Ok(false);
         };
-        let poll = link.monitor.poll_reconnected()?;
-        if poll.reconnected {
+        let subscriber = link.monitor.poll_reconnected()?;
+        let snapshot = link.snapshot_monitor.poll_reconnected()?;
+        if snapshot.reconnected {
+            tracing::info!(
+                server = %self.addresses.get(index).map(|a| a.snapshot.as_str()).unwrap_or("?"),
+                "snapshot connection reconnected: replies in flight are written off"
+            );
+            self.core
+                .handle_snapshot_reconnected(self.clock.now(), ServerIndex(index));
+            self.drain_outputs();
+        }
+        if subscriber.reconnected {
             tracing::info!(
                 server = %self.addresses.get(index).map(|a| a.publisher.as_str()).unwrap_or("?"),
                 "subscription reconnected: taking a fresh snapshot"
@@ -945,7 +973,7 @@ impl Agent {
                 .handle_subscriber_reconnected(self.clock.now(), ServerIndex(index));
             self.drain_outputs();
         }
-        Ok(poll.received)
+        Ok(subscriber.received || snapshot.received)
     }
 
     fn receive_batch(&mut self, index: usize, channel: Channel) -> Result<bool, zmq::Error> {

@@ -167,8 +167,9 @@ struct Life {
     /// Deliveries that reached it while paused, each with its sender's incarnation
     /// then (the sender may crash and restart before this node reads them).
     held: VecDeque<(Delivery, Option<u32>)>,
-    /// Reconnects of the node's SUBs seen while it was paused (the monitor queues them).
-    held_reconnects: Vec<NodeId>,
+    /// Reconnects of the node's monitored sockets seen while it was paused (the monitor
+    /// queues them): the peer at the other end, and the route's link.
+    held_reconnects: Vec<(NodeId, Link)>,
     incarnation: u32,
     /// World time since which the node has run without a pause or restart.
     running_since: Instant,
@@ -523,14 +524,18 @@ impl World {
         let now = self.now;
         for route in self.network.handle_reconnects(now) {
             self.trace(|| format!("reconnect {route:?}"), &(1u8, route));
-            if route.link == Link::Updates {
+            // The monitors the hosts run: every SUB's, and a client's DEALER's (its
+            // replies come back on the SnapshotReply route).
+            let monitored = route.link == Link::Updates
+                || (route.link == Link::SnapshotReply && !World::is_server(route.to));
+            if monitored {
                 let paused = self.life(route.to).is_some_and(Life::is_paused);
                 if paused {
                     if let Some(life) = self.life_mut(route.to) {
-                        life.held_reconnects.push(route.from);
+                        life.held_reconnects.push((route.from, route.link));
                     }
                 } else {
-                    self.report_reconnect(route.to, route.from);
+                    self.report_reconnect(route.to, route.from, route.link);
                 }
             }
         }
@@ -2200,8 +2205,8 @@ impl World {
                     None => continue,
                 };
                 self.trace(|| format!("resume {node}"), &(10u8, node));
-                for server in reconnects {
-                    self.report_reconnect(node, server);
+                for (server, link) in reconnects {
+                    self.report_reconnect(node, server, link);
                 }
                 for (delivery, sender) in held {
                     self.deliver_sent_by(delivery, sender);
@@ -2211,8 +2216,9 @@ impl World {
     }
 
     /// What libzmq's socket monitor tells the production host: `client`'s SUB to
-    /// `server` reconnected (or, for a server, its SUB to the peer's publisher).
-    fn report_reconnect(&mut self, client: NodeId, server: NodeId) {
+    /// `server` reconnected (`Link::Updates`; for a server, its SUB to the peer's
+    /// publisher), or the client's DEALER to it (`Link::SnapshotReply`).
+    fn report_reconnect(&mut self, client: NodeId, server: NodeId, link: Link) {
         let now = self.now;
         if World::is_server(client) {
             let Some(slot) = self.servers.get_mut(client) else {
@@ -2241,7 +2247,11 @@ impl World {
             .client_slot(client)
             .and_then(|slot| slot.machine.as_mut())
         {
-            machine.handle_subscriber_reconnected(local, server_index(server));
+            if link == Link::SnapshotReply {
+                machine.handle_snapshot_reconnected(local, server_index(server));
+            } else {
+                machine.handle_subscriber_reconnected(local, server_index(server));
+            }
         }
         self.drain_client(client);
     }

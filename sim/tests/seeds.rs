@@ -166,6 +166,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         93922,
         "a pending copy's expiry left the key's older merged value standing",
     ),
+    (
+        74799,
+        "a client waited for a crashed server's reply after its DEALER reconnected",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

@@ -540,6 +540,62 @@ fn a_reconnected_subscriber_makes_the_client_take_a_fresh_snapshot() {
     assert!(contents(&client).is_empty());
 }
 
+#[test]
+fn a_reconnected_dealer_writes_off_the_replies_it_was_waiting_for() {
+    // Found by the simulator (swarm 74799): the client left A mid-reply, A crashed and
+    // restarted, and when the client came back A's (complete) reply was discarded as
+    // possibly cut. It then waited for the dead A's reply instead of asking again,
+    // until it timed out and left a healthy server.
+    let mut client = client(2);
+    sub(&mut client, ms(0), A, hugz(5));
+    snap(&mut client, ms(1), A, kvsync("/a/x", "1", 3));
+    fail_over(&mut client, ms(5_001)); // to B, A's reply cut
+    drain(&mut client);
+    // A crashed and restarted: the DEALER to it reconnected.
+    client.handle_snapshot_reconnected(ms(6_000), A);
+    assert_eq!(client.stats().snapshot_reconnects, 1);
+    fail_over(&mut client, ms(10_002)); // back to A
+    sub(&mut client, ms(10_003), A, hugz(2));
+    assert_eq!(requests(&drain(&mut client)), [A]);
+    snap(&mut client, ms(10_004), A, kvsync("/a/y", "2", 2));
+    snap(&mut client, ms(10_004), A, kthxbai(2));
+    assert_eq!(
+        client.state(),
+        State::Syncing,
+        "discarded: it may be the cut reply"
+    );
+    assert_eq!(
+        requests(&drain(&mut client)),
+        [A],
+        "no earlier reply can come any more: it asks again at once"
+    );
+    snap(&mut client, ms(10_005), A, kvsync("/a/y", "2", 2));
+    snap(&mut client, ms(10_005), A, kthxbai(2));
+    assert_eq!(client.state(), State::Active);
+    assert_eq!(contents(&client), ["/a/y=2@2"]);
+}
+
+#[test]
+fn a_dealer_reconnect_while_collecting_asks_again_and_distrusts_the_started_reply() {
+    let mut client = client(2);
+    sub(&mut client, ms(0), A, hugz(5));
+    assert_eq!(requests(&drain(&mut client)), [A]);
+    snap(&mut client, ms(1), A, kvsync("/a/x", "1", 3));
+    client.handle_snapshot_reconnected(ms(2), A);
+    assert_eq!(requests(&drain(&mut client)), [A]);
+    // The old reply's tail was still queued: it is incomplete, so it is discarded...
+    snap(&mut client, ms(3), A, kvsync("/a/z", "3", 4));
+    snap(&mut client, ms(3), A, kthxbai(5));
+    assert_eq!(client.state(), State::Syncing);
+    drain(&mut client);
+    // ... and the reply to the new request is used.
+    snap(&mut client, ms(4), A, kvsync("/a/x", "1", 3));
+    snap(&mut client, ms(4), A, kvsync("/a/z", "3", 4));
+    snap(&mut client, ms(4), A, kthxbai(5));
+    assert_eq!(client.state(), State::Active);
+    assert_eq!(contents(&client), ["/a/x=1@3", "/a/z=3@4"]);
+}
+
 /// A client of the whole map (empty subtree), synced at `sequence` from one server.
 fn synced_whole_map_client(sequence: i64) -> Client {
     let config = Config {
