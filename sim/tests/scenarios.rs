@@ -294,3 +294,94 @@ fn restart_a_primary_restarted_while_cut_off_whose_numbers_catch_up_is_still_fol
     assert_eq!(final_value(&report, "/k/a/new0").as_deref(), Some("new"));
     assert_eq!(final_value(&report, "/k/a/old0"), None);
 }
+
+/// One-way stall of `from → to`: what `from` sends waits until the heal.
+fn stall(from: usize, to: usize) -> Scripted {
+    Scripted::Partition {
+        a: from,
+        b: to,
+        kind: PartitionKind::Stall,
+        one_way: true,
+    }
+}
+
+#[test]
+fn split_brain_what_the_backup_replays_on_taking_over_is_forwarded_when_it_steps_down() {
+    // Found by the simulator (swarms 25704, 44202): the backup's split log was cleared
+    // after its takeover replayed the pending list, so a client update that only the
+    // backup had received was published, never forwarded, and lost when the primary's
+    // snapshot won at the heal.
+    let client = FIRST_CLIENT;
+    let script = vec![
+        (at(2_000), cut(PRIMARY, BACKUP)),
+        (at(2_000), cut(client, PRIMARY)),
+        // Reaches only the (still passive) backup: it waits on its pending list until
+        // the client, giving up on the primary, makes the backup take over.
+        (at(2_500), set(0, "/k/a/x", "only-the-backup-had-it")),
+        (at(15_000), heal(PRIMARY, BACKUP)),
+        (at(15_000), heal(client, PRIMARY)),
+    ];
+    let report = run("takeover replay forwarded", quiet(1), script);
+    assert!(report
+        .coverage
+        .server_events
+        .contains_key("pending_replayed"));
+    assert!(report.coverage.server_events.contains_key("dual_active"));
+    assert_eq!(
+        final_value(&report, "/k/a/x").as_deref(),
+        Some("only-the-backup-had-it")
+    );
+}
+
+#[test]
+fn failover_an_older_copy_whose_newer_twin_was_echoed_first_is_not_replayed() {
+    // Found by the simulator (swarms 90737, 75661). The client writes a key twice
+    // before the primary is active; the primary publishes only the newer value. The
+    // client's copies reach the backup late, after that echo: the older one must not be
+    // replayed over the newer one when the primary dies.
+    let client = FIRST_CLIENT;
+    let script = vec![
+        (at(0), stall(client, BACKUP)),
+        (at(300), set(0, "/k/a/x", "older")),
+        (at(350), set(0, "/k/a/x", "newer")),
+        (at(4_000), heal(client, BACKUP)),
+        (at(6_000), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("older copy after the echo", quiet(1), script);
+    assert!(report
+        .coverage
+        .server_events
+        .contains_key("pending_replayed"));
+    assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
+}
+
+#[test]
+fn failover_an_ephemeral_copy_that_expired_on_the_pending_list_still_replaces_the_older_value() {
+    // Found by the simulator (swarm 93922): the backup held an older value of a key
+    // and, on its pending list, a newer ephemeral value that reached only it. The
+    // newer value's ttl ran out before the failover: it was not replayed, and the older
+    // value stood, as if the newer write had never happened.
+    let client = FIRST_CLIENT;
+    let script = vec![
+        (at(2_000), set(0, "/k/a/x", "older")),
+        (at(3_000), cut(client, PRIMARY)),
+        (
+            at(3_500),
+            Scripted::Write {
+                client: 0,
+                operation: Operation::Set {
+                    key: b"/k/a/x".to_vec(),
+                    value: b"newer-short-lived".to_vec(),
+                    ttl: Some(Duration::from_millis(500)),
+                },
+            },
+        ),
+        (at(4_000), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("expired pending copy", quiet(1), script);
+    assert!(report
+        .coverage
+        .server_events
+        .contains_key("pending_replayed"));
+    assert_eq!(final_value(&report, "/k/a/x"), None);
+}
