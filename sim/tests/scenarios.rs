@@ -385,3 +385,45 @@ fn failover_an_ephemeral_copy_that_expired_on_the_pending_list_still_replaces_th
         .contains_key("pending_replayed"));
     assert_eq!(final_value(&report, "/k/a/x"), None);
 }
+
+#[test]
+fn snapshot_a_client_whose_reply_a_broken_connection_cut_asks_again_instead_of_waiting() {
+    // Found by the simulator (swarm 74799): a client's reply was cut by a broken
+    // connection. Its next reply was (rightly) discarded as possibly the cut one, and it
+    // then waited for a reply the broken connection had lost, until it timed out and
+    // left a healthy server.
+    let mut options = quiet(2);
+    options.network.high_water_mark = 20;
+    let reader = FIRST_CLIENT + 1;
+    let mut script: Vec<(Duration, Scripted)> = (0..400)
+        .map(|n| {
+            (
+                at(1_000 + n * 5),
+                set(0, &format!("/k/c/{n:03}"), &format!("v{n}")),
+            )
+        })
+        .collect();
+    script.extend([
+        (at(4_000), Scripted::Crash(reader)),
+        (at(4_100), Scripted::Restart(reader)),
+        // Mid-reply: the reader's connections to the primary break, and come back
+        // before its server timeout.
+        (at(5_100), cut(reader, PRIMARY)),
+        (at(8_000), heal(reader, PRIMARY)),
+    ]);
+    options.network.delay_min = Duration::from_millis(10);
+    options.network.delay_max = Duration::from_millis(10);
+    let report = run("left mid-reply, DEALER reconnected", options, script);
+    let changes = report
+        .coverage
+        .client_events
+        .get("server_changed")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        changes, 0,
+        "it stays on the primary, which serves it: {:?}",
+        report.coverage.client_events
+    );
+    assert_eq!(final_value(&report, "/k/c/399").as_deref(), Some("v399"));
+}
