@@ -146,6 +146,17 @@ pub struct Held {
     pub from_active: Option<u32>,
 }
 
+/// A client's copy of an update, as a server that was not active received it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientCopy {
+    /// The update.
+    pub update: UpdateId,
+    /// When it arrived.
+    pub arrived: Moment,
+    /// Its expiry by the receiving server's clock, if it is ephemeral.
+    pub expires_at: Option<EpochMillis>,
+}
+
 /// What a published ephemeral value promises.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TtlExpectation {
@@ -199,6 +210,11 @@ pub struct History {
     /// The promises `ttl` held for a server when it last crashed: the entries it sent
     /// before, merged by a passive that abandons its sync, still carry them.
     pub ttl_before_crash: BTreeMap<(usize, Vec<u8>), TtlExpectation>,
+    /// Per key: the update published last, by any server.
+    pub last_published_of_key: BTreeMap<Vec<u8>, UpdateId>,
+    /// Per server node, per key: the latest client copy it received while not active
+    /// (oracle 5 counts it; see `World::held_through_copies`).
+    pub client_copies: BTreeMap<usize, BTreeMap<Vec<u8>, ClientCopy>>,
     /// Per ephemeral update: the earliest expiry any publication of it promised, and
     /// the servers that published it.
     pub ttl_publications: BTreeMap<Uuid, (EpochMillis, std::collections::BTreeSet<usize>)>,

@@ -204,6 +204,8 @@ struct ServerSlot {
     /// The peer incarnation and sequence of the last snapshot it adopted: a KVPUB of
     /// that incarnation numbered at or below it arrives late and is dropped as stale.
     adopted_through: Option<(u32, i64)>,
+    /// When it asked for the last snapshot it adopted.
+    adopted_request: Option<Moment>,
 }
 
 #[derive(Debug)]
@@ -394,6 +396,7 @@ impl World {
                 synced_with: None,
                 syncing_with: None,
                 adopted_through: None,
+                adopted_request: None,
             });
             world.start_server(node);
         }
@@ -592,9 +595,11 @@ impl World {
             slot.synced_with = None;
             slot.syncing_with = None;
             slot.adopted_through = None;
+            slot.adopted_request = None;
         }
         self.history.last_published.remove(&node);
         self.history.held.remove(&node);
+        self.history.client_copies.remove(&node);
         self.history.seen.remove(&node);
         let (lost, kept) = std::mem::take(&mut self.history.ttl)
             .into_iter()
@@ -767,6 +772,13 @@ impl World {
         } else {
             None
         };
+        if let Some(update) = &followed {
+            // The active's update of a key settles every copy of it the server holds:
+            // the echo, or a later value (the pending list supersedes the copy).
+            if let Some(copies) = self.history.client_copies.get_mut(&node) {
+                copies.remove(&update.key);
+            }
+        }
         let Some(slot) = self.servers.get_mut(node) else {
             return;
         };
@@ -782,7 +794,17 @@ impl World {
                     machine.handle_snapshot_request(local, wall, &routing_id, &frames);
                 }
             }
-            Link::Collector => machine.handle_collected(local, wall, &delivery.frames),
+            Link::Collector => {
+                // Only a passive follows a history whose updates it must keep; a server
+                // still deciding (just restarted, memory lost) holds nothing yet.
+                let passive = machine.state() == BstarState::Passive;
+                machine.handle_collected(local, wall, &delivery.frames);
+                if passive {
+                    self.note_client_copy(node, &delivery.frames, wall);
+                }
+                self.after_server_step(node);
+                return;
+            }
             Link::Updates => machine.handle_peer_update(local, wall, &delivery.frames),
             Link::State => machine.handle_peer_state(local, wall, &delivery.frames),
             Link::SnapshotReply => {
@@ -879,6 +901,83 @@ impl World {
                 },
             );
         }
+    }
+
+    /// A passive server received a client's KVSET: it holds it (pending list) until the
+    /// active's echo, to replay it if the active dies first.
+    fn note_client_copy(&mut self, node: NodeId, frames: &[Vec<u8>], wall: EpochMillis) {
+        let Ok(update) = KvMsg::decode(frames, &self.limits) else {
+            return;
+        };
+        let expires_at = match update.client_ttl() {
+            Ok(Some(ttl)) if !update.body.is_empty() => Some(wall.saturating_add(ttl)),
+            _ => None,
+        };
+        let arrived = self.moment();
+        self.history.client_copies.entry(node).or_default().insert(
+            update.key.clone(),
+            crate::oracles::ClientCopy {
+                update: (update.uuid, update.body.is_empty()),
+                arrived,
+                expires_at,
+            },
+        );
+    }
+
+    /// What oracle 5 protects at `node`'s takeover: what it held from the old active,
+    /// and each key whose latest news at `node` was a client's copy of the very update
+    /// the old active published last for that key. The pending list exists for these:
+    /// the echo never came, but the update reached the backup. Left out, as the
+    /// pending list's documented windows (DECISIONS.md): a copy that arrived before the
+    /// snapshot request of the sync it adopted since, a copy whose ttl ran out, and
+    /// copies on a list that evicted entries (age or size).
+    fn held_through_copies(
+        &mut self,
+        node: NodeId,
+        wall: EpochMillis,
+    ) -> BTreeMap<Vec<u8>, crate::oracles::Held> {
+        let mut held = self.history.held.get(&node).cloned().unwrap_or_default();
+        let Some(slot) = self.servers.get(node) else {
+            return held;
+        };
+        let evicted = slot
+            .machine
+            .as_ref()
+            .is_some_and(|machine| machine.counters().pending_evicted > 0);
+        if evicted {
+            return held;
+        }
+        let adopted_request = slot.adopted_request;
+        let copies = self
+            .history
+            .client_copies
+            .get(&node)
+            .cloned()
+            .unwrap_or_default();
+        for (key, copy) in copies {
+            let after_adopted_request = adopted_request.is_none_or(|at| copy.arrived > at);
+            let latest_news = held
+                .get(&key)
+                .is_none_or(|received| received.received_at < copy.arrived);
+            let published_last = self.history.last_published_of_key.get(&key) == Some(&copy.update);
+            let live = copy.expires_at.is_none_or(|expires_at| expires_at > wall);
+            let Some(index) = self.history.update_index(copy.update) else {
+                continue;
+            };
+            if after_adopted_request && latest_news && published_last && live {
+                held.insert(
+                    key,
+                    crate::oracles::Held {
+                        index,
+                        present: !copy.update.1,
+                        sequence: 0,
+                        received_at: copy.arrived,
+                        from_active: None,
+                    },
+                );
+            }
+        }
+        held
     }
 
     /// After a sync the passive holds exactly the active's map.
@@ -1279,6 +1378,7 @@ impl World {
                 slot.synced_with = peer_incarnation;
                 slot.adopted_through =
                     peer_incarnation.map(|incarnation| (incarnation, snapshot_sequence));
+                slot.adopted_request = answered_request;
             }
             self.rebuild_held(node, answered_request, snapshot_sequence);
         }
@@ -1497,7 +1597,7 @@ impl World {
         // snapshot whose KTHXBAI overtook entries (CHP cannot notice), as for oracle 2.
         if became_active && !self.options.is_harsh() {
             // Oracle 5: everything the backup held from the old active survives.
-            let held = self.history.held.get(&node).cloned().unwrap_or_default();
+            let held = self.held_through_copies(node, wall);
             let map = self.server_map(node);
             let uuids: BTreeMap<Vec<u8>, Option<Uuid>> = self
                 .server_entries(node)
@@ -1580,6 +1680,9 @@ impl World {
                 }
             }
             let index = self.history.publish(update_id, &message.body);
+            self.history
+                .last_published_of_key
+                .insert(message.key.clone(), update_id);
             self.history
                 .number_publication(node, message.sequence, &message.body);
             self.history.seen.entry(node).or_default().insert(update_id);
