@@ -32,16 +32,25 @@ impl Key {
     }
 }
 
-impl From<&[u8]> for Key {
-    fn from(key: &[u8]) -> Self {
+impl Key {
+    /// The key, if it is short enough to be stored inline: a key to look up an ordered
+    /// index with, at no allocation and with the cheap comparisons of [`Key::cmp`]
+    /// instead of a `memcmp` per step. A longer key is looked up by its bytes.
+    pub(crate) fn inline(key: &[u8]) -> Option<Key> {
         let mut bytes = [0; INLINE_KEY];
         match (bytes.get_mut(..key.len()), u8::try_from(key.len())) {
             (Some(prefix), Ok(len)) => {
                 prefix.copy_from_slice(key);
-                Key::Inline { len, bytes }
+                Some(Key::Inline { len, bytes })
             }
-            _ => Key::Shared(Arc::from(key)),
+            _ => None,
         }
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(key: &[u8]) -> Self {
+        Key::inline(key).unwrap_or_else(|| Key::Shared(Arc::from(key)))
     }
 }
 
