@@ -327,19 +327,26 @@ impl PendingList {
     ) -> Evicted {
         let mut evicted = Evicted::default();
         if let Some(uuid) = uuid {
-            if self.by_uuid.contains_key(&uuid) {
-                self.remove(&uuid);
-            } else if remember_echo {
-                evicted = self.make_room(max_len);
-                let arrival = self.next_arrival();
-                self.insert(
-                    uuid,
-                    Held {
-                        arrival,
-                        arrived_at: now,
-                        kind: Kind::Echo,
-                    },
-                );
+            match self.remove_unlinking(&uuid) {
+                Some((Kind::ClientCopy { update, .. }, true)) if update.key() == key => {
+                    // The echo of the key's only live copy (the usual case): nothing
+                    // is left to supersede, so skip looking for it.
+                    return evicted;
+                }
+                Some(_) => {}
+                None if remember_echo => {
+                    evicted = self.make_room(max_len);
+                    let arrival = self.next_arrival();
+                    self.insert(
+                        uuid,
+                        Held {
+                            arrival,
+                            arrived_at: now,
+                            kind: Kind::Echo,
+                        },
+                    );
+                }
+                None => {}
             }
         }
         self.supersede(key);
@@ -516,20 +523,34 @@ impl PendingList {
     }
 
     fn remove(&mut self, uuid: &Uuid) -> Option<Kind> {
-        let held = self.by_uuid.remove(uuid)?;
-        self.by_arrival.remove(&held.arrival);
-        if let Kind::ClientCopy { update, .. } = &held.kind {
-            self.unlink_live_copy(update.key(), held.arrival);
-        }
-        Some(held.kind)
+        self.remove_unlinking(uuid).map(|(kind, _)| kind)
     }
 
-    fn unlink_live_copy(&mut self, key: &[u8], arrival: u64) {
+    /// Removes the entry for `uuid`; with it, whether it was a client copy whose key
+    /// is left with no live copy in the index.
+    fn remove_unlinking(&mut self, uuid: &Uuid) -> Option<(Kind, bool)> {
+        let held = self.by_uuid.remove(uuid)?;
+        self.by_arrival.remove(&held.arrival);
+        let key_left_without_copies = match &held.kind {
+            Kind::ClientCopy { update, .. } => self.unlink_live_copy(update.key(), held.arrival),
+            Kind::Echo => false,
+        };
+        Some((held.kind, key_left_without_copies))
+    }
+
+    /// Takes `arrival` off `key`'s live copies; true when the key has none left.
+    fn unlink_live_copy(&mut self, key: &[u8], arrival: u64) -> bool {
         // One search whether or not others are left (almost always none are).
-        if let Some((key, mut arrivals)) = self.remove_live_copies(key) {
-            if !arrivals.remove(arrival) {
-                self.live_copies_by_key.insert(key, arrivals);
+        match self.remove_live_copies(key) {
+            Some((key, mut arrivals)) => {
+                if arrivals.remove(arrival) {
+                    true
+                } else {
+                    self.live_copies_by_key.insert(key, arrivals);
+                    false
+                }
             }
+            None => true,
         }
     }
 
