@@ -762,7 +762,7 @@ impl Server {
             let (fate, evicted) = self.pending.hold_client_copy(
                 now,
                 uuid,
-                update.to_kvmsg(),
+                &update,
                 expires_at,
                 self.config.pending_max_len,
             );
@@ -1358,7 +1358,7 @@ impl Server {
                 let (_, evicted) = self.pending.hold_client_copy(
                     now,
                     uuid,
-                    kvset,
+                    &kvset.as_msg_ref(),
                     expires_at,
                     self.config.pending_max_len,
                 );

@@ -142,7 +142,12 @@ impl ZmqSocket {
                 Some(message) if index == final_index => self.socket.send(message, flags),
                 other => {
                     last = other;
-                    self.socket.send(frame.as_ref(), flags)
+                    match frame.as_ref() {
+                        // An empty message needs no size, no buffer and no copy (most
+                        // properties frames, every delete's body).
+                        [] => self.socket.send(zmq::Message::new(), flags),
+                        bytes => self.socket.send(bytes, flags),
+                    }
                 }
             };
             match sent {

@@ -17,20 +17,118 @@
 //!   echo but never replayed, so a replay cannot overwrite a newer value or bring back
 //!   a deleted key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
 use super::seen::FixedState;
 use super::store::Key;
-use crate::kvmsg::{KvMsg, Uuid};
+use crate::kvmsg::{KvMsg, KvMsgRef, Properties, Uuid};
 use crate::time::{EpochMillis, Instant};
+
+/// A held client copy: its sequence frame, key, properties frame and body in one
+/// allocation (a header of the sequence and the two lengths, then the bytes), instead of
+/// an owned [`KvMsg`]'s two or three. Its uuid is the list's key. Turned back into a
+/// [`KvMsg`] only to be replayed.
+#[derive(Clone, PartialEq, Eq)]
+struct HeldUpdate(Box<[u8]>);
+
+/// Where each field of a [`HeldUpdate`]'s header lies.
+mod header {
+    use std::ops::Range;
+    pub(super) const SEQUENCE: Range<usize> = 0..8;
+    pub(super) const KEY_LEN: Range<usize> = 8..12;
+    pub(super) const PROPERTIES_LEN: Range<usize> = 12..16;
+    pub(super) const LEN: usize = 16;
+}
+
+impl HeldUpdate {
+    /// The copy of `update`, with its properties frame as an owned [`KvMsg`] holds it
+    /// (normalised to end in `\n`). The decoder bounds every frame far below 4 GiB; a
+    /// longer key or properties frame could only come from a misconfigured limit and
+    /// is then held empty rather than mis-split.
+    fn new(update: &KvMsgRef) -> Self {
+        let properties = update.normalized_properties();
+        let (key_len, key) = match u32::try_from(update.key.len()) {
+            Ok(len) => (len, update.key),
+            Err(_) => (0, &[][..]),
+        };
+        let (properties_len, properties) = match u32::try_from(properties.len()) {
+            Ok(len) => (len, &*properties),
+            Err(_) => (0, &[][..]),
+        };
+        let mut bytes =
+            Vec::with_capacity(header::LEN + key.len() + properties.len() + update.body.len());
+        bytes.extend_from_slice(&update.sequence.to_be_bytes());
+        bytes.extend_from_slice(&key_len.to_be_bytes());
+        bytes.extend_from_slice(&properties_len.to_be_bytes());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(properties);
+        bytes.extend_from_slice(update.body);
+        HeldUpdate(bytes.into_boxed_slice())
+    }
+
+    fn field<const N: usize>(&self, range: std::ops::Range<usize>) -> [u8; N] {
+        self.0
+            .get(range)
+            .and_then(|bytes| bytes.try_into().ok())
+            .unwrap_or([0; N])
+    }
+
+    fn len_at(&self, range: std::ops::Range<usize>) -> usize {
+        u32::from_be_bytes(self.field(range)) as usize
+    }
+
+    fn sequence(&self) -> i64 {
+        i64::from_be_bytes(self.field(header::SEQUENCE))
+    }
+
+    fn key(&self) -> &[u8] {
+        let end = header::LEN.saturating_add(self.len_at(header::KEY_LEN));
+        self.0.get(header::LEN..end).unwrap_or_default()
+    }
+
+    fn properties(&self) -> &[u8] {
+        let start = header::LEN.saturating_add(self.len_at(header::KEY_LEN));
+        let end = start.saturating_add(self.len_at(header::PROPERTIES_LEN));
+        self.0.get(start..end).unwrap_or_default()
+    }
+
+    fn body(&self) -> &[u8] {
+        let start = header::LEN
+            .saturating_add(self.len_at(header::KEY_LEN))
+            .saturating_add(self.len_at(header::PROPERTIES_LEN));
+        self.0.get(start..).unwrap_or_default()
+    }
+
+    /// The owned message, as [`KvMsgRef::to_kvmsg`] would have made it on arrival.
+    fn to_kvmsg(&self, uuid: Uuid) -> KvMsg {
+        KvMsg {
+            key: self.key().to_vec(),
+            sequence: self.sequence(),
+            uuid: Some(uuid),
+            properties: Properties::from_valid_frame(self.properties()),
+            body: self.body().to_vec(),
+        }
+    }
+}
+
+impl fmt::Debug for HeldUpdate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeldUpdate")
+            .field("key", &String::from_utf8_lossy(self.key()))
+            .field("sequence", &self.sequence())
+            .field("properties", &String::from_utf8_lossy(self.properties()))
+            .field("body", &String::from_utf8_lossy(self.body()))
+            .finish()
+    }
+}
 
 #[derive(Clone, Debug)]
 enum Kind {
     /// A client's update that the active has not echoed yet.
     ClientCopy {
-        update: KvMsg,
+        update: HeldUpdate,
         /// The ttl converted to an absolute time by our clock when the copy arrived.
         expires_at: Option<EpochMillis>,
         /// The active published a later update of the same key since this arrived.
@@ -163,12 +261,13 @@ impl PendingList {
         self.by_uuid.get(uuid).map(|held| held.arrived_at)
     }
 
-    /// A client's update seen while not active. `update.uuid` must be set.
+    /// A client's update seen while not active, under its `uuid` (which replay gives
+    /// back as the update's uuid).
     pub(crate) fn hold_client_copy(
         &mut self,
         now: Instant,
         uuid: Uuid,
-        update: KvMsg,
+        update: &KvMsgRef,
         expires_at: Option<EpochMillis>,
         max_len: usize,
     ) -> (ClientCopyFate, Evicted) {
@@ -184,12 +283,20 @@ impl PendingList {
         }
         let evicted = self.make_room(max_len);
         let arrival = self.next_arrival();
-        match self.live_copies_by_key.get_mut(update.key.as_slice()) {
-            Some(arrivals) => arrivals.push(arrival),
-            None => {
-                self.live_copies_by_key
-                    .insert(Key::from(update.key.as_slice()), Arrivals::One(arrival));
-            }
+        match Key::inline(update.key) {
+            Some(key) => match self.live_copies_by_key.entry(key) {
+                btree_map::Entry::Occupied(mut arrivals) => arrivals.get_mut().push(arrival),
+                btree_map::Entry::Vacant(vacant) => {
+                    vacant.insert(Arrivals::One(arrival));
+                }
+            },
+            None => match self.live_copies_by_key.get_mut(update.key) {
+                Some(arrivals) => arrivals.push(arrival),
+                None => {
+                    self.live_copies_by_key
+                        .insert(Key::from(update.key), Arrivals::One(arrival));
+                }
+            },
         }
         self.insert(
             uuid,
@@ -197,7 +304,7 @@ impl PendingList {
                 arrival,
                 arrived_at: now,
                 kind: Kind::ClientCopy {
-                    update,
+                    update: HeldUpdate::new(update),
                     expires_at,
                     superseded: false,
                 },
@@ -220,19 +327,26 @@ impl PendingList {
     ) -> Evicted {
         let mut evicted = Evicted::default();
         if let Some(uuid) = uuid {
-            if self.by_uuid.contains_key(&uuid) {
-                self.remove(&uuid);
-            } else if remember_echo {
-                evicted = self.make_room(max_len);
-                let arrival = self.next_arrival();
-                self.insert(
-                    uuid,
-                    Held {
-                        arrival,
-                        arrived_at: now,
-                        kind: Kind::Echo,
-                    },
-                );
+            match self.remove_unlinking(&uuid) {
+                Some((Kind::ClientCopy { update, .. }, true)) if update.key() == key => {
+                    // The echo of the key's only live copy (the usual case): nothing
+                    // is left to supersede, so skip looking for it.
+                    return evicted;
+                }
+                Some(_) => {}
+                None if remember_echo => {
+                    evicted = self.make_room(max_len);
+                    let arrival = self.next_arrival();
+                    self.insert(
+                        uuid,
+                        Held {
+                            arrival,
+                            arrived_at: now,
+                            kind: Kind::Echo,
+                        },
+                    );
+                }
+                None => {}
             }
         }
         self.supersede(key);
@@ -240,7 +354,7 @@ impl PendingList {
     }
 
     fn supersede(&mut self, key: &[u8]) {
-        let Some(arrivals) = self.live_copies_by_key.remove(key) else {
+        let Some((_, arrivals)) = self.remove_live_copies(key) else {
             return;
         };
         for &arrival in arrivals.as_slice() {
@@ -365,6 +479,7 @@ impl PendingList {
                     skipped += 1;
                     continue;
                 }
+                let update = update.to_kvmsg(*uuid);
                 let key = update.key.clone();
                 if latest
                     .insert(key, (*arrival, Replay { update, expires_at }))
@@ -414,19 +529,75 @@ impl PendingList {
     }
 
     fn remove(&mut self, uuid: &Uuid) -> Option<Kind> {
-        let held = self.by_uuid.remove(uuid)?;
-        self.by_arrival.remove(&held.arrival);
-        if let Kind::ClientCopy { update, .. } = &held.kind {
-            self.unlink_live_copy(&update.key, held.arrival);
-        }
-        Some(held.kind)
+        self.remove_unlinking(uuid).map(|(kind, _)| kind)
     }
 
-    fn unlink_live_copy(&mut self, key: &[u8], arrival: u64) {
-        if let Some(arrivals) = self.live_copies_by_key.get_mut(key) {
-            if arrivals.remove(arrival) {
-                self.live_copies_by_key.remove(key);
+    /// Removes the entry for `uuid`; with it, whether it was a client copy whose key
+    /// is left with no live copy in the index.
+    fn remove_unlinking(&mut self, uuid: &Uuid) -> Option<(Kind, bool)> {
+        let held = self.by_uuid.remove(uuid)?;
+        self.by_arrival.remove(&held.arrival);
+        let key_left_without_copies = match &held.kind {
+            Kind::ClientCopy { update, .. } => self.unlink_live_copy(update.key(), held.arrival),
+            Kind::Echo => false,
+        };
+        Some((held.kind, key_left_without_copies))
+    }
+
+    /// Takes `arrival` off `key`'s live copies; true when the key has none left.
+    fn unlink_live_copy(&mut self, key: &[u8], arrival: u64) -> bool {
+        // One search whether or not others are left (almost always none are).
+        match self.remove_live_copies(key) {
+            Some((key, mut arrivals)) => {
+                if arrivals.remove(arrival) {
+                    true
+                } else {
+                    self.live_copies_by_key.insert(key, arrivals);
+                    false
+                }
             }
+            None => true,
+        }
+    }
+
+    /// Removes `key`'s entry from the index, looked up as a [`Key`] when it is short.
+    fn remove_live_copies(&mut self, key: &[u8]) -> Option<(Key, Arrivals)> {
+        match Key::inline(key) {
+            Some(key) => self.live_copies_by_key.remove_entry(&key),
+            None => self.live_copies_by_key.remove_entry(key),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvmsg::Limits;
+
+    #[test]
+    fn a_held_copy_gives_back_the_message_an_owned_copy_would_have_been() {
+        let uuid = Uuid::from_bytes([5; 16]);
+        let cases: Vec<[Vec<u8>; 5]> = vec![
+            KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), uuid).encode(),
+            KvMsg::kvset_delete(b"/deleted".to_vec(), uuid).encode(),
+            KvMsg::kvset(vec![b'x'; 200], vec![7; 1000], uuid)
+                .with_ttl(Duration::from_secs(5))
+                .with_sequence(-3)
+                .encode(),
+            // A last property record without its `\n`: held normalised, as KvMsg is.
+            [
+                b"/p".to_vec(),
+                9i64.to_be_bytes().to_vec(),
+                uuid.as_bytes().to_vec(),
+                b"ttl=5\nowner=me".to_vec(),
+                b"v".to_vec(),
+            ],
+        ];
+        for frames in cases {
+            let update = KvMsgRef::decode(&frames, &Limits::default()).expect("valid");
+            let held = HeldUpdate::new(&update);
+            assert_eq!(held.key(), update.key);
+            assert_eq!(held.to_kvmsg(uuid), update.to_kvmsg());
         }
     }
 }
