@@ -273,7 +273,7 @@ impl PendingList {
     ) -> (ClientCopyFate, Evicted) {
         match self.by_uuid.get(&uuid).map(|held| &held.kind) {
             Some(Kind::Echo) => {
-                self.cancel_published(&uuid, &update.key);
+                self.cancel_published(&uuid, update.key);
                 return (ClientCopyFate::CancelledByEcho, Evicted::default());
             }
             Some(Kind::ClientCopy { .. }) => {
