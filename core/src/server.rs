@@ -586,6 +586,14 @@ pub struct Server {
     /// the map is forwarded as its stored entry, an absent one as a delete.
     split_log: BTreeMap<Vec<u8>, Option<Uuid>>,
     split_lost: u64,
+    /// The active's updates received while this server was still deciding (PRIMARY or
+    /// BACKUP, just started): the sync it starts on becoming passive asks for a
+    /// snapshot that holds them, but a failover before that sync completes merges them
+    /// (see `SyncInProgress::unconfirmed`). Found by the simulator (swarm 7609): a
+    /// restarted backup saw an update's KVPUB while deciding, then its client copy
+    /// (cancelled by that echo) while syncing; the active died mid-sync and the update
+    /// was lost.
+    before_passive: VecDeque<(KvMsg, Option<EpochMillis>)>,
     next_hugz: Instant,
     /// The latest (monotonic, wall) pair seen, to place wall-clock expiries on the
     /// monotonic timeline in `poll_timeout`.
@@ -610,6 +618,7 @@ impl Server {
             follow: Follow::Not,
             split_log: BTreeMap::new(),
             split_lost: 0,
+            before_passive: VecDeque::new(),
             next_hugz: now,
             clock: (now, wall),
             outputs: VecDeque::new(),
@@ -875,7 +884,14 @@ impl Server {
         self.report_eviction(evicted, EvictionReason::Size);
         match &mut self.follow {
             // Still PRIMARY / BACKUP: the sync starts on becoming passive.
-            Follow::Not => {}
+            Follow::Not => {
+                if self.before_passive.len() >= self.config.sync_backlog_max {
+                    // The newest count: the oldest are the likeliest to be settled.
+                    self.before_passive.pop_front();
+                }
+                self.before_passive
+                    .push_back((update.to_kvmsg(), expires_at));
+            }
             Follow::AwaitingPublisher => {
                 self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
             }
@@ -1389,8 +1405,14 @@ impl Server {
         self.outputs.push_back(Output::RequestPeerSnapshot(
             SnapshotRequest::new(Vec::new()).encode(),
         ));
+        let before_passive: Vec<_> = std::mem::take(&mut self.before_passive).into();
         self.follow = Follow::Syncing(Box::new(SyncInProgress {
             backlog,
+            unconfirmed: if before_passive.is_empty() {
+                Vec::new()
+            } else {
+                vec![before_passive]
+            },
             last_activity: now,
             pending_mark: self.pending.arrival_mark(),
             ..SyncInProgress::default()
@@ -1506,8 +1528,15 @@ impl Server {
     /// (found by the simulator, swarm 32681).
     /// Numbering continues after the highest sequence seen.
     fn abandon_sync(&mut self) {
-        let Follow::Syncing(sync) = std::mem::replace(&mut self.follow, Follow::Not) else {
-            return;
+        let before_passive = std::mem::take(&mut self.before_passive);
+        let sync = match std::mem::replace(&mut self.follow, Follow::Not) {
+            Follow::Syncing(sync) => *sync,
+            // Passive, but its sync had not begun: only what it saw before counts.
+            Follow::AwaitingPublisher if !before_passive.is_empty() => SyncInProgress {
+                unconfirmed: vec![before_passive.into()],
+                ..SyncInProgress::default()
+            },
+            _ => return,
         };
         let SyncInProgress {
             store: snapshot,
@@ -1515,7 +1544,7 @@ impl Server {
             reconnected,
             backlog,
             ..
-        } = *sync;
+        } = sync;
         let mut applied_updates = 0;
         for layer in unconfirmed {
             let mut from_layer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();

@@ -1499,6 +1499,44 @@ fn a_latest_copy_that_expired_while_it_waited_still_removes_the_older_value_of_i
 }
 
 #[test]
+fn what_a_backup_saw_while_deciding_survives_a_failover_before_its_sync_completes() {
+    // Found by the simulator (swarm 7609): a restarted backup saw an update's KVPUB
+    // while still deciding, then its client copy (cancelled by that echo) once
+    // passive; the active died before the backup's sync completed, and the update was
+    // lost.
+    for sync_began in [false, true] {
+        let mut harness = Harness::new(Config::backup());
+        harness.peer_update(kvpub(set("/k", "v", 1), 15));
+        harness.peer_state(BstarState::Active);
+        assert_eq!(harness.server.state(), BstarState::Passive);
+        if sync_began {
+            harness.peer_update(KvMsg::hugz(15));
+            assert!(harness.server.is_syncing());
+        }
+        harness.collect(set("/k", "v", 1)); // cancelled by the echo
+        harness.drain();
+        harness.advance(2_000);
+        harness.request("client", "");
+        assert_eq!(harness.server.state(), BstarState::Active);
+        assert_eq!(
+            harness.value("/k"),
+            Some(&b"v"[..]),
+            "sync began: {sync_began}"
+        );
+    }
+}
+
+#[test]
+fn what_a_primary_saw_while_deciding_is_dropped_when_it_takes_over() {
+    // The peer's updates seen before the pair decided belong to the reign that lost.
+    let mut harness = Harness::new(Config::primary());
+    harness.peer_update(kvpub(set("/k", "v", 1), 15));
+    harness.peer_state(BstarState::Backup);
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert!(harness.value("/k").is_none());
+}
+
+#[test]
 fn a_superseded_pending_update_is_still_cancelled_by_its_own_echo() {
     let mut harness = Harness::passive_at(0);
     harness.collect(set("/k", "a", 1));
