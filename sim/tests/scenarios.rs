@@ -427,3 +427,35 @@ fn snapshot_a_client_whose_reply_a_broken_connection_cut_asks_again_instead_of_w
     );
     assert_eq!(final_value(&report, "/k/c/399").as_deref(), Some("v399"));
 }
+
+#[test]
+fn failover_a_restarted_backup_keeps_what_it_saw_while_deciding_when_its_sync_cannot_complete() {
+    // Found by the simulator (swarm 7609): a restarted backup saw an update's KVPUB
+    // while still deciding, then its client copy (cancelled by that echo) once passive;
+    // the primary died before the backup's sync completed, and the update was lost.
+    let mut options = quiet(1);
+    options.network.delay_min = Duration::from_millis(2);
+    options.network.delay_max = Duration::from_millis(2);
+    options.network.delay_spike = Ratio::NEVER;
+    options.network.reconnect_delay_max = Duration::from_millis(50);
+    options.network.subscribe_delay_max = Duration::from_millis(10);
+    let client = FIRST_CLIENT;
+    let script = vec![
+        (at(3_000), Scripted::Crash(BACKUP)),
+        (at(3_100), Scripted::Restart(BACKUP)),
+        // The client's copy reaches the backup only once it is passive.
+        (at(3_500), stall(client, BACKUP)),
+        (at(3_600), set(0, "/k/a/x", "seen-while-deciding")),
+        // The primary's state makes the backup passive at 4.002 s; its snapshot reply
+        // is held, and the primary dies.
+        (at(4_003), stall(PRIMARY, BACKUP)),
+        (at(4_200), heal(client, BACKUP)),
+        (at(4_300), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("backup saw it while deciding", options, script);
+    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
+    assert_eq!(
+        final_value(&report, "/k/a/x").as_deref(),
+        Some("seen-while-deciding")
+    );
+}
