@@ -859,6 +859,15 @@ impl World {
                 sender == Some(incarnation) && update.sequence <= sequence
             });
         if covered {
+            // Oracle 6, late side: the server may still apply it (a failover mid-sync
+            // merges what a later sync buffered), counting its relative ttl from this
+            // receipt (swarm 24559).
+            let now = self.now;
+            if let Some(expectation) = self.history.ttl.get_mut(&(node, update.key.clone())) {
+                if expectation.uuid == update.uuid && !update.body.is_empty() {
+                    expectation.followed_at.insert(node, now);
+                }
+            }
             return;
         }
         let update_id = (update.uuid, update.body.is_empty());

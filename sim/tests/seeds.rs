@@ -174,6 +174,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         7609,
         "a restarted backup lost an update it saw while deciding, at a failover mid-sync",
     ),
+    (
+        24559,
+        "the ttl oracle ignored a late KVPUB's receipt that a failover mid-sync applied",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {
