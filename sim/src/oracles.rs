@@ -210,8 +210,9 @@ pub struct History {
     /// The promises `ttl` held for a server when it last crashed: the entries it sent
     /// before, merged by a passive that abandons its sync, still carry them.
     pub ttl_before_crash: BTreeMap<(usize, Vec<u8>), TtlExpectation>,
-    /// Per key: the update published last, by any server.
-    pub last_published_of_key: BTreeMap<Vec<u8>, UpdateId>,
+    /// Per key: the update published last, by any server, with that server's node and
+    /// incarnation (whose history it belongs to).
+    pub last_published_of_key: BTreeMap<Vec<u8>, (UpdateId, usize, u32)>,
     /// Per server node, per key: the latest client copy it received while not active
     /// (oracle 5 counts it; see `World::held_through_copies`).
     pub client_copies: BTreeMap<usize, BTreeMap<Vec<u8>, ClientCopy>>,

@@ -935,7 +935,7 @@ impl World {
 
     /// What oracle 5 protects at `node`'s takeover: what it held from the old active,
     /// and each key whose latest news at `node` was a client's copy of the very update
-    /// the old active published last for that key. The pending list exists for these:
+    /// the old active (the peer incarnation it synced with) published last for that key. The pending list exists for these:
     /// the echo never came, but the update reached the backup. Left out, as the
     /// pending list's documented windows (DECISIONS.md): a copy that arrived before the
     /// snapshot request of the sync it adopted since, a copy whose ttl ran out, and
@@ -957,6 +957,8 @@ impl World {
             return held;
         }
         let adopted_request = slot.adopted_request;
+        let synced_with = slot.synced_with;
+        let peer = 1 - node;
         let copies = self
             .history
             .client_copies
@@ -968,7 +970,14 @@ impl World {
             let latest_news = held
                 .get(&key)
                 .is_none_or(|received| received.received_at < copy.arrived);
-            let published_last = self.history.last_published_of_key.get(&key) == Some(&copy.update);
+            // By the peer incarnation whose history this server follows: a restarted
+            // peer's new history does not hold what its previous one published (swarm
+            // 32551: the backup dropped the late copy of such an update as already
+            // published, and the amnesiac primary won the dual-active resolution).
+            let published_last = self.history.last_published_of_key.get(&key)
+                == synced_with
+                    .map(|incarnation| (copy.update, peer, incarnation))
+                    .as_ref();
             let live = copy.expires_at.is_none_or(|expires_at| expires_at > wall);
             let Some(index) = self.history.update_index(copy.update) else {
                 continue;
@@ -1689,9 +1698,10 @@ impl World {
                 }
             }
             let index = self.history.publish(update_id, &message.body);
+            let incarnation = self.life(node).map_or(0, |life| life.incarnation);
             self.history
                 .last_published_of_key
-                .insert(message.key.clone(), update_id);
+                .insert(message.key.clone(), (update_id, node, incarnation));
             self.history
                 .number_publication(node, message.sequence, &message.body);
             self.history.seen.entry(node).or_default().insert(update_id);

@@ -178,6 +178,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         24559,
         "the ttl oracle ignored a late KVPUB's receipt that a failover mid-sync applied",
     ),
+    (
+        32551,
+        "oracle 5 protected a client copy of an update from a restarted peer's lost history",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {
