@@ -1112,6 +1112,14 @@ impl World {
                 if let Some(received) = expectation.followed_at.get(&peer).copied() {
                     expectation.followed_at.insert(node, received);
                 }
+                if stored != Some(expectation.expires_at)
+                    && !expectation.followed_at.contains_key(&node)
+                {
+                    // Not the peer's absolute expiry: this server applied the KVPUB
+                    // itself, counting the ttl from a receipt the oracle no longer knows;
+                    // it came before now (swarms 36280, 87070).
+                    expectation.followed_at.insert(node, self.now);
+                }
                 self.history.ttl.insert((node, key), expectation);
             } else if let Some(own) = own {
                 // The same update, its expiry from elsewhere: the clocks' skew applies.

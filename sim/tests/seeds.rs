@@ -182,6 +182,11 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         32551,
         "oracle 5 protected a client copy of an update from a restarted peer's lost history",
     ),
+    (
+        36280,
+        "the ttl oracle lost a follower's receipt time, then judged by the peer's expiry",
+    ),
+    (87070, "the same lost receipt time as 36280"),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {
