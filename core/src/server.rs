@@ -558,6 +558,14 @@ struct SyncInProgress {
     /// 42617).
     reconnected: Vec<Vec<(KvMsg, Option<EpochMillis>)>>,
     last_activity: Instant,
+    /// While the subscription is the one the map was followed on (the sync began from
+    /// following, and no reconnect since): the map's sequence then. An update numbered
+    /// at or below it on that connection is a late copy of what the map already holds
+    /// (found by the simulator, swarm 48374: a late HUGZ started a needless re-sync, late
+    /// KVPUBs older than the adopted snapshot were buffered, and a failover mid-sync
+    /// merged one over the newer value). A restarted active's new history comes on a
+    /// new connection, which the host reports (`handle_peer_publisher_reconnected`).
+    stale_through: Option<i64>,
     /// Pending-list arrivals before this mark preceded the request.
     pending_mark: u64,
     /// Uuids of the snapshot's entries: the history being adopted.
@@ -796,6 +804,7 @@ impl Server {
         match &mut self.follow {
             Follow::Following => self.start_sync(SyncReason::PublisherReconnected),
             Follow::Syncing(sync) => {
+                sync.stale_through = None;
                 let backlog = std::mem::take(&mut sync.backlog);
                 sync.backlog_overflowed = false;
                 if !backlog.is_empty() {
@@ -896,6 +905,12 @@ impl Server {
                 self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
             }
             Follow::Syncing(sync) => {
+                if sync
+                    .stale_through
+                    .is_some_and(|through| update.sequence <= through)
+                {
+                    return self.drop_input(source, DropReason::StaleSequence);
+                }
                 if sync.backlog_overflowed {
                     // Everything after the overflow is fetched by the next snapshot.
                 } else if sync.backlog.len() < self.config.sync_backlog_max {
@@ -1010,23 +1025,27 @@ impl Server {
                     reason: SyncReason::Timeout,
                 }));
                 // Everything buffered so far precedes the new request.
-                let mut unconfirmed = match std::mem::replace(&mut self.follow, Follow::Not) {
-                    Follow::Syncing(sync) => {
-                        let SyncInProgress {
-                            mut unconfirmed,
-                            reconnected,
-                            backlog,
-                            ..
-                        } = *sync;
-                        unconfirmed.extend(reconnected);
-                        unconfirmed.push(backlog);
-                        unconfirmed.retain(|layer| !layer.is_empty());
-                        unconfirmed
-                    }
-                    _ => Vec::new(),
-                };
+                let (mut unconfirmed, stale_through) =
+                    match std::mem::replace(&mut self.follow, Follow::Not) {
+                        Follow::Syncing(sync) => {
+                            let SyncInProgress {
+                                mut unconfirmed,
+                                reconnected,
+                                backlog,
+                                stale_through,
+                                ..
+                            } = *sync;
+                            unconfirmed.extend(reconnected);
+                            unconfirmed.push(backlog);
+                            unconfirmed.retain(|layer| !layer.is_empty());
+                            (unconfirmed, stale_through)
+                        }
+                        _ => (Vec::new(), None),
+                    };
                 self.request_peer_snapshot(now, Vec::new());
                 if let Follow::Syncing(sync) = &mut self.follow {
+                    // Same subscription: what the map held is still stale on it.
+                    sync.stale_through = stale_through;
                     sync.unconfirmed = std::mem::take(&mut unconfirmed);
                     let mut sync = std::mem::take(sync);
                     self.bound_set_aside(&mut sync);
@@ -1485,11 +1504,20 @@ impl Server {
                     received: update.sequence,
                 },
             }));
-            return self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
+            self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
+            return self.buffer_on_followed_connection(expected.saturating_sub(1));
         }
         self.sequence = update.sequence;
         self.remember_published(update.uuid);
         self.store.apply(update, expires_at);
+    }
+
+    /// The sync just requested buffers on the connection the map (at `sequence`) was
+    /// followed on: see `SyncInProgress::stale_through`.
+    fn buffer_on_followed_connection(&mut self, sequence: i64) {
+        if let Follow::Syncing(sync) = &mut self.follow {
+            sync.stale_through = Some(sequence);
+        }
     }
 
     fn remember_published(&mut self, uuid: Option<Uuid>) {
@@ -1512,6 +1540,7 @@ impl Server {
                     },
                 }));
                 self.request_peer_snapshot(now, Vec::new());
+                self.buffer_on_followed_connection(self.sequence);
             }
             Follow::Not | Follow::Syncing(_) | Follow::Following => {}
         }

@@ -187,6 +187,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "the ttl oracle lost a follower's receipt time, then judged by the peer's expiry",
     ),
     (87070, "the same lost receipt time as 36280"),
+    (
+        48374,
+        "a late HUGZ's re-sync buffered stale KVPUBs, merged over newer values at a failover",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

@@ -1537,6 +1537,46 @@ fn what_a_primary_saw_while_deciding_is_dropped_when_it_takes_over() {
 }
 
 #[test]
+fn a_late_update_on_the_followed_connection_is_not_merged_over_the_map_at_a_failover() {
+    // Found by the simulator (swarm 48374): a late HUGZ made a passive re-sync; late
+    // KVPUBs older than its map were buffered, and a failover mid-sync merged one over
+    // the newer value.
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/k", "older", 1), 1));
+    harness.peer_update(kvpub(set("/k", "newer", 2), 2));
+    harness.peer_update(KvMsg::hugz(1)); // late: sent before the KVPUB numbered 2
+    assert!(harness.server.is_syncing());
+    harness.peer_update(kvpub(set("/k", "older", 1), 1)); // late too
+    assert_eq!(
+        harness.dropped(InputSource::PeerUpdate, "stale_sequence"),
+        1
+    );
+    harness.drain();
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+}
+
+#[test]
+fn after_a_reconnect_low_numbers_are_a_new_history_and_are_merged_at_a_failover() {
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/k", "old history", 1), 1));
+    harness.peer_update(kvpub(set("/k", "old history, later", 2), 2));
+    harness.peer_update(KvMsg::hugz(3)); // a gap: re-sync on the same connection
+    assert!(harness.server.is_syncing());
+    // The active restarted: a new connection, numbered from 1 again.
+    harness
+        .server
+        .handle_peer_publisher_reconnected(harness.now, harness.wall);
+    harness.peer_update(kvpub(set("/k", "new history", 3), 1));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/k"), Some(&b"new history"[..]));
+}
+
+#[test]
 fn a_superseded_pending_update_is_still_cancelled_by_its_own_echo() {
     let mut harness = Harness::passive_at(0);
     harness.collect(set("/k", "a", 1));
@@ -1591,9 +1631,16 @@ fn becoming_active_mid_sync_prefers_the_peers_updates_to_its_own_map_whatever_th
     // Found by the simulator (swarm 32681): a backup that stepped down after a split
     // kept its own split-time entry, numbered in its own (higher) history, over the
     // primary's newer update buffered during the re-sync.
+    // The backup took over at 500 and numbers its own updates above it.
     let mut harness = Harness::passive_at(500);
-    harness.peer_update(kvpub(set("/k", "own", 1), 501));
-    harness.peer_update(KvMsg::hugz(40)); // the active numbers a lower history
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.collect(set("/k", "own", 1));
+    harness.drain();
+    harness.advance(1_000);
+    harness.peer_state(BstarState::Active); // dual active: step down
+    harness.peer_update(KvMsg::hugz(40)); // the primary numbers a lower history
     assert!(harness.server.is_syncing());
     harness.peer_update(kvpub(set("/k", "peer's newer", 2), 41));
     harness.advance(2_000);
