@@ -220,6 +220,9 @@ pub struct Network {
     send_counter: u64,
     /// Directed cuts: `(from, to)` → kind.
     cuts: BTreeMap<(NodeId, NodeId), PartitionKind>,
+    /// Single routes stalled by a script (one socket pair, one direction): a slow
+    /// connection beside healthy ones between the same two nodes.
+    stalled_routes: BTreeSet<Route>,
     down_nodes: BTreeSet<NodeId>,
     stats: NetworkStats,
 }
@@ -240,6 +243,7 @@ impl Network {
             in_flight: BTreeMap::new(),
             send_counter: 0,
             cuts: BTreeMap::new(),
+            stalled_routes: BTreeSet::new(),
             down_nodes: BTreeSet::new(),
             stats: NetworkStats::default(),
         };
@@ -341,7 +345,7 @@ impl Network {
             self.stats.last_high_water_drop.insert(route, now);
             return self.drop_message(DropReason::HighWaterMark);
         }
-        if cut == Some(PartitionKind::Stall) {
+        if cut == Some(PartitionKind::Stall) || self.stalled_routes.contains(&route) {
             if let Some(connection) = self.connections.get_mut(&route) {
                 connection.queued += 1;
                 connection.stalled.push_back(frames);
@@ -496,8 +500,26 @@ impl Network {
         }
     }
 
+    /// Stalls one route (one direction of one socket pair): what is sent on it waits,
+    /// in order, until [`Network::release_route`] or the heal phase. Cuts and heals of
+    /// the pair leave it stalled.
+    pub fn stall_route(&mut self, route: Route) {
+        self.stalled_routes.insert(route);
+    }
+
+    /// Ends a [`Network::stall_route`]: what waited flows again, in order.
+    pub fn release_route(&mut self, now: Instant, route: Route) {
+        if self.stalled_routes.remove(&route) {
+            self.restore(now, route);
+        }
+    }
+
     /// Removes every cut.
     pub fn heal_all(&mut self, now: Instant) {
+        let routes: Vec<Route> = self.stalled_routes.iter().copied().collect();
+        for route in routes {
+            self.release_route(now, route);
+        }
         let pairs: Vec<(NodeId, NodeId)> = self.cuts.keys().copied().collect();
         for (a, b) in pairs {
             self.heal(now, a, b);
@@ -506,7 +528,7 @@ impl Network {
 
     /// True when any cut is in force.
     pub fn is_partitioned(&self) -> bool {
-        !self.cuts.is_empty()
+        !self.cuts.is_empty() || !self.stalled_routes.is_empty()
     }
 
     /// True when `from → to` is cut.
@@ -518,7 +540,7 @@ impl Network {
         if self.down_nodes.contains(&route.from) || self.down_nodes.contains(&route.to) {
             return;
         }
-        if self.cuts.contains_key(&(route.from, route.to)) {
+        if self.cuts.contains_key(&(route.from, route.to)) || self.stalled_routes.contains(&route) {
             return;
         }
         let reconnect_delay = self.random_duration(self.options.reconnect_delay_max);

@@ -66,12 +66,25 @@ pub enum Scripted {
         /// Cut `a → b` only (stalls).
         one_way: bool,
     },
-    /// Removes the cuts between `a` and `b`.
+    /// Removes the cuts between `a` and `b` (not a [`Scripted::StallRoute`]).
     Heal {
         /// One side.
         a: NodeId,
         /// The other side.
         b: NodeId,
+    },
+    /// Stalls one direction of one socket pair: what is sent on it waits until
+    /// [`Scripted::ReleaseRoute`] (a slow connection beside healthy ones).
+    StallRoute(Route),
+    /// Ends a [`Scripted::StallRoute`]: what waited flows again, in order.
+    ReleaseRoute(Route),
+    /// The node stops reading and running (a long GC, a stopped process) for this
+    /// long; what reaches it meanwhile, and its monitors' reconnect notices, wait.
+    Pause {
+        /// The node.
+        node: NodeId,
+        /// How long.
+        duration: Duration,
     },
 }
 
@@ -2419,6 +2432,15 @@ impl World {
                     one_way,
                 } => self.network.partition(now, a, b, kind, one_way),
                 Scripted::Heal { a, b } => self.network.heal(now, a, b),
+                Scripted::StallRoute(route) => self.network.stall_route(route),
+                Scripted::ReleaseRoute(route) => self.network.release_route(now, route),
+                Scripted::Pause { node, duration } => {
+                    if let Some(life) = self.life_mut(node) {
+                        if life.restart_at.is_none() {
+                            life.paused_until = Some(now + duration);
+                        }
+                    }
+                }
             }
         }
     }

@@ -55,10 +55,15 @@ fn heal(a: usize, b: usize) -> Scripted {
     Scripted::Heal { a, b }
 }
 
+/// Runs the scenario; with `SCENARIO_TRACE=1` in the environment it prints every event
+/// (run one test with `--nocapture` to read why it does what it does).
 fn run(name: &str, options: Options, script: Vec<(Duration, Scripted)>) -> RunReport {
-    let report = World::new(7, options, TraceMode::Recent)
-        .with_script(script)
-        .run();
+    let trace = if std::env::var_os("SCENARIO_TRACE").is_some() {
+        TraceMode::Print
+    } else {
+        TraceMode::Recent
+    };
+    let report = World::new(7, options, trace).with_script(script).run();
     if let Some(violation) = &report.violation {
         panic!(
             "scenario '{name}' broke {}: {}\nlast events:\n  {}",
@@ -458,4 +463,47 @@ fn failover_a_restarted_backup_keeps_what_it_saw_while_deciding_when_its_sync_ca
         final_value(&report, "/k/a/x").as_deref(),
         Some("seen-while-deciding")
     );
+}
+
+#[test]
+fn restart_a_client_that_reads_its_servers_old_history_after_the_reconnect_still_follows_the_new_one(
+) {
+    // Found by the simulator (swarm 52010): a client's first subscriber message of an
+    // attempt came from its server's old history; the server had restarted and numbered
+    // anew, so every snapshot it sent looked stale and the client never synced. Here
+    // the client is paused while both servers restart: when it runs again it hears of
+    // the reconnects first, then reads what the old history had sent it.
+    let reader = FIRST_CLIENT + 1;
+    let mut script: Vec<(Duration, Scripted)> = (0..20)
+        .map(|n| (at(1_000 + n * 25), set(0, &format!("/k/c/old{n}"), "old")))
+        .collect();
+    script.push((
+        at(2_000),
+        Scripted::Pause {
+            node: reader,
+            duration: Duration::from_secs(3),
+        },
+    ));
+    script.extend((0..5).map(|n| (at(2_100 + n * 50), set(0, &format!("/k/c/late{n}"), "old"))));
+    script.extend([
+        (at(2_500), Scripted::Crash(PRIMARY)),
+        (at(2_500), Scripted::Crash(BACKUP)),
+        (at(2_600), Scripted::Restart(PRIMARY)),
+        (at(2_600), Scripted::Restart(BACKUP)),
+        (at(8_000), set(0, "/k/c/new", "new")),
+    ]);
+    let report = run("old history read after the reconnect", quiet(2), script);
+    assert!(
+        report
+            .coverage
+            .client_events
+            .get("synced")
+            .copied()
+            .unwrap_or(0)
+            >= 4,
+        "{:?}",
+        report.coverage.client_events
+    );
+    assert_eq!(final_value(&report, "/k/c/new").as_deref(), Some("new"));
+    assert_eq!(final_value(&report, "/k/c/old0"), None);
 }
