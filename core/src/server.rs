@@ -542,6 +542,17 @@ enum Follow {
 struct SyncInProgress {
     store: Store,
     backlog: Vec<(KvMsg, Option<EpochMillis>)>,
+    /// How many of the backlog's first updates reached this server before the request
+    /// left (the update that made it ask, and the rest of a backlog whose gap started
+    /// this attempt). The peer published them before taking the snapshot, so the
+    /// snapshot holds them, unless they belong to another history of the peer (read
+    /// late from a connection since replaced, the peer having restarted). Either way a
+    /// completed snapshot makes them moot; a failover mid-sync still merges them.
+    /// Found by the simulator (the scripted scenario for swarm 16385's case): a paused
+    /// backup read its restarted primary's old KVPUBs after the reconnect notice;
+    /// applied after the new history's snapshot, each one's gap started another sync,
+    /// which buffered them again, for ever.
+    before_request: usize,
     backlog_overflowed: bool,
     /// What earlier attempts buffered before they timed out: older than this
     /// attempt's snapshot, one layer per subscriber connection, oldest first.
@@ -806,6 +817,7 @@ impl Server {
             Follow::Syncing(sync) => {
                 sync.stale_through = None;
                 let backlog = std::mem::take(&mut sync.backlog);
+                sync.before_request = 0;
                 sync.backlog_overflowed = false;
                 if !backlog.is_empty() {
                     sync.reconnected.push(backlog);
@@ -917,6 +929,7 @@ impl Server {
                     sync.backlog.push((update.to_kvmsg(), expires_at));
                 } else {
                     sync.backlog = Vec::new();
+                    sync.before_request = 0;
                     sync.backlog_overflowed = true;
                 }
             }
@@ -1418,7 +1431,8 @@ impl Server {
     }
 
     /// Sends ICANHAZ? with an empty subtree (the whole map) to the peer and starts
-    /// buffering the active's updates behind `backlog`.
+    /// buffering the active's updates behind `backlog`, which came before the request
+    /// (see `SyncInProgress::before_request`).
     fn request_peer_snapshot(&mut self, now: Instant, backlog: Vec<(KvMsg, Option<EpochMillis>)>) {
         self.counters.syncs_started += 1;
         self.outputs.push_back(Output::RequestPeerSnapshot(
@@ -1426,6 +1440,7 @@ impl Server {
         ));
         let before_passive: Vec<_> = std::mem::take(&mut self.before_passive).into();
         self.follow = Follow::Syncing(Box::new(SyncInProgress {
+            before_request: backlog.len(),
             backlog,
             unconfirmed: if before_passive.is_empty() {
                 Vec::new()
@@ -1447,6 +1462,7 @@ impl Server {
         let SyncInProgress {
             store,
             backlog,
+            before_request,
             backlog_overflowed,
             pending_mark,
             seen,
@@ -1470,15 +1486,19 @@ impl Server {
             sequence,
             keys: self.store.len(),
         }));
-        for (update, expires_at) in backlog {
+        for (update, expires_at) in backlog.into_iter().skip(before_request) {
             if update.sequence <= self.sequence {
                 // Already in the snapshot.
                 continue;
             }
             match &mut self.follow {
                 Follow::Following => self.apply_followed(now, &update.as_msg_ref(), expires_at),
-                // A gap in the backlog started another sync: the rest is its backlog.
-                Follow::Syncing(next) => next.backlog.push((update, expires_at)),
+                // A gap in the backlog started another sync: the rest is its backlog,
+                // and came before its request.
+                Follow::Syncing(next) => {
+                    next.backlog.push((update, expires_at));
+                    next.before_request = next.backlog.len();
+                }
                 Follow::Not | Follow::AwaitingPublisher => {}
             }
         }

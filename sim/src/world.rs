@@ -2157,6 +2157,18 @@ impl World {
             self.fail(Oracle::Liveness, detail);
             return;
         }
+        let passive_syncing = self
+            .servers
+            .get(passive)
+            .and_then(|slot| slot.machine.as_ref())
+            .is_some_and(Server::is_syncing);
+        if passive_syncing {
+            // Thirty quiet seconds are ample for a snapshot: still syncing means stuck,
+            // or a storm of syncs that each start another.
+            let detail = format!("after healing the passive (server {passive}) is still syncing");
+            self.fail(Oracle::Liveness, detail);
+            return;
+        }
         let passive_map = self.server_map(passive);
         if passive_map != active_map || passive_state.map(|(_, seq)| seq) != Some(active_sequence) {
             let detail = format!(

@@ -507,3 +507,49 @@ fn restart_a_client_that_reads_its_servers_old_history_after_the_reconnect_still
     assert_eq!(final_value(&report, "/k/c/new").as_deref(), Some("new"));
     assert_eq!(final_value(&report, "/k/c/old0"), None);
 }
+
+#[test]
+fn restart_a_paused_backup_that_reads_its_restarted_primarys_old_history_late_follows_the_new_one()
+{
+    // Swarm 16385's case (a dead active's updates applied over its restarted
+    // successor's history), which this scenario found a new way into: the backup is
+    // paused while the primary restarts with a new history; when it runs again it hears
+    // of the reconnect first, then reads the old history's last messages. Its request
+    // went out on the first of them, so the rest were buffered as if they followed the
+    // new history's snapshot: every completed sync found a gap and started another.
+    let mut script: Vec<(Duration, Scripted)> = (0..20)
+        .map(|n| (at(1_000 + n * 25), set(0, &format!("/k/a/old{n}"), "old")))
+        .collect();
+    script.push((
+        at(2_000),
+        Scripted::Pause {
+            node: BACKUP,
+            duration: Duration::from_secs(14),
+        },
+    ));
+    // Read by the backup only once it runs again.
+    script.extend((0..5).map(|n| (at(2_100 + n * 50), set(0, &format!("/k/a/late{n}"), "old"))));
+    script.extend([
+        // The restarted primary takes over (its peer is silent), on the client's
+        // request, before it can reach the backup: the backup never hears it as PRIMARY.
+        (at(2_400), cut(PRIMARY, BACKUP)),
+        (at(2_400), cut(FIRST_CLIENT, BACKUP)),
+        (at(2_500), Scripted::Crash(PRIMARY)),
+        (at(2_600), Scripted::Restart(PRIMARY)),
+        (at(15_000), heal(PRIMARY, BACKUP)),
+        (at(15_000), heal(FIRST_CLIENT, BACKUP)),
+        (at(15_800), set(0, "/k/a/new", "new")),
+        (at(20_000), set(0, "/k/a/newer", "new")),
+    ]);
+    let report = run("paused backup reads old history", quiet(1), script);
+    let syncs = report
+        .coverage
+        .server_events
+        .get("sync_started")
+        .copied()
+        .unwrap_or(0);
+    assert!(syncs <= 10, "{syncs} syncs: a storm");
+    assert_eq!(final_value(&report, "/k/a/new").as_deref(), Some("new"));
+    assert_eq!(final_value(&report, "/k/a/newer").as_deref(), Some("new"));
+    assert_eq!(final_value(&report, "/k/a/old0"), None, "the new history");
+}

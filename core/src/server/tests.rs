@@ -997,14 +997,44 @@ fn a_gap_in_the_actives_sequence_makes_the_passive_resync() {
     assert!(outputs
         .iter()
         .any(|output| matches!(output, Output::RequestPeerSnapshot(_))));
-    harness.peer_snapshot(kvpub(set("/z", "1", 2), 12));
-    harness.peer_snapshot(KvMsg::kthxbai(12, Vec::new()));
+    // Published after the update that made it ask: buffered behind the snapshot.
+    harness.peer_update(kvpub(set("/b", "2", 3), 14));
+    // The snapshot was taken after the request, so it holds update 13.
+    harness.peer_snapshot(kvpub(set("/a", "1", 1), 13));
+    harness.peer_snapshot(KvMsg::kthxbai(13, Vec::new()));
     assert_eq!(
         harness.server.sequence(),
-        13,
+        14,
         "the buffered update follows the snapshot"
     );
     assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+    assert_eq!(harness.value("/b"), Some(&b"2"[..]));
+    assert!(!harness.server.is_syncing());
+}
+
+#[test]
+fn updates_that_came_before_the_request_are_not_applied_over_another_historys_snapshot() {
+    // Found by the simulator (the scripted scenario for swarm 16385's case): a paused
+    // backup read its restarted primary's old KVPUBs after the reconnect notice. Its
+    // request went out on the old history's first message; the new history's snapshot
+    // is numbered below the rest, whose gap made every completed sync start another.
+    let mut harness = Harness::passive_at(20);
+    harness
+        .server
+        .handle_peer_publisher_reconnected(harness.now, harness.wall);
+    harness.peer_update(KvMsg::hugz(20)); // the old history: the request leaves
+    harness.peer_update(kvpub(set("/old", "1", 1), 21)); // the old history, late
+    harness.peer_update(kvpub(set("/old", "2", 2), 22));
+    // The new history's snapshot: a gap before 21, so another sync. The old updates
+    // came before its request: they are not a gap after its snapshot.
+    harness.peer_snapshot(kvpub(set("/new", "1", 3), 1));
+    harness.peer_snapshot(KvMsg::kthxbai(1, Vec::new()));
+    assert!(harness.server.is_syncing());
+    harness.peer_snapshot(kvpub(set("/new", "1", 3), 1));
+    harness.peer_snapshot(KvMsg::kthxbai(1, Vec::new()));
+    assert!(!harness.server.is_syncing(), "no sync storm");
+    assert_eq!(harness.server.sequence(), 1);
+    assert_eq!(harness.stored_keys(), [b"/new".to_vec()]);
 }
 
 #[test]
