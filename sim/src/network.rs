@@ -540,7 +540,7 @@ impl Network {
         if self.down_nodes.contains(&route.from) || self.down_nodes.contains(&route.to) {
             return;
         }
-        if self.cuts.contains_key(&(route.from, route.to)) || self.stalled_routes.contains(&route) {
+        if self.cuts.contains_key(&(route.from, route.to)) {
             return;
         }
         let reconnect_delay = self.random_duration(self.options.reconnect_delay_max);
@@ -558,6 +558,8 @@ impl Network {
                 };
                 self.reconnects.insert((at, route));
             }
+            // A stalled route reconnects (TCP is up), but what waits on it stays.
+            ConnectionState::Up { .. } if self.stalled_routes.contains(&route) => {}
             ConnectionState::Up { .. } => {
                 let stalled: Vec<Vec<Vec<u8>>> = connection.stalled.drain(..).collect();
                 connection.queued = connection.queued.saturating_sub(stalled.len());

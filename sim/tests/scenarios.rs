@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use clonekv_sim::network::PartitionKind;
+use clonekv_sim::network::{Link, PartitionKind, Route};
 use clonekv_sim::options::{FaultOptions, Options, WorkloadOptions};
 use clonekv_sim::ratio::Ratio;
 use clonekv_sim::workload::Operation;
@@ -552,4 +552,50 @@ fn restart_a_paused_backup_that_reads_its_restarted_primarys_old_history_late_fo
     assert_eq!(final_value(&report, "/k/a/new").as_deref(), Some("new"));
     assert_eq!(final_value(&report, "/k/a/newer").as_deref(), Some("new"));
     assert_eq!(final_value(&report, "/k/a/old0"), None, "the new history");
+}
+
+/// The route `from → to` of `link`.
+fn route(from: usize, to: usize, link: Link) -> Route {
+    Route { from, to, link }
+}
+
+#[test]
+fn resync_a_late_heartbeat_does_not_make_the_passive_merge_updates_its_map_already_holds() {
+    // Found by the simulator (swarm 48374): a passive completed a sync while its
+    // subscription lagged; a late HUGZ, numbered below the snapshot, started a needless
+    // re-sync, which buffered late KVPUBs older than the map; the active died before
+    // the re-sync completed and the failover merged one over the newer value.
+    let mut options = quiet(1);
+    options.network.delay_min = Duration::from_millis(2);
+    options.network.delay_max = Duration::from_millis(2);
+    options.network.delay_spike = Ratio::NEVER;
+    options.network.reconnect_delay_max = Duration::from_millis(50);
+    options.network.subscribe_delay_max = Duration::from_millis(10);
+    // Two messages queued on a route: a third is dropped (ZMQ_SNDHWM).
+    options.network.high_water_mark = 2;
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let updates = route(PRIMARY, BACKUP, Link::Updates);
+    let mut script: Vec<(Duration, Scripted)> = (0..10)
+        .map(|n| (at(1_000 + n * 50), set(0, &format!("/k/a/{n}"), "v")))
+        .collect();
+    script.extend([
+        // A reconnect makes the backup re-sync; its request waits.
+        (at(2_100), Scripted::StallRoute(request)),
+        (at(2_200), cut(PRIMARY, BACKUP)),
+        (at(2_300), heal(PRIMARY, BACKUP)),
+        // Its subscription lags: the next HUGZ (numbered 10) and the update numbered
+        // 11 wait; the update numbered 12 is dropped at the high-water mark.
+        (at(3_100), Scripted::StallRoute(updates)),
+        (at(4_100), set(0, "/k/a/x", "older")),
+        (at(4_200), set(0, "/k/a/x", "newer")),
+        // The request goes through: the snapshot (at 12) holds "newer".
+        (at(4_300), Scripted::ReleaseRoute(request)),
+        (at(4_400), Scripted::StallRoute(request)),
+        // The late HUGZ, then "older".
+        (at(4_500), Scripted::ReleaseRoute(updates)),
+        (at(4_600), Scripted::Crash(PRIMARY)),
+    ]);
+    let report = run("late heartbeat", options, script);
+    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
+    assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
 }
