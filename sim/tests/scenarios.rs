@@ -310,6 +310,17 @@ fn stall(from: usize, to: usize) -> Scripted {
     }
 }
 
+/// Fixed, small delays: the scenario's timing is the script's.
+fn pinned(clients: usize) -> Options {
+    let mut options = quiet(clients);
+    options.network.delay_min = Duration::from_millis(2);
+    options.network.delay_max = Duration::from_millis(2);
+    options.network.delay_spike = Ratio::NEVER;
+    options.network.reconnect_delay_max = Duration::from_millis(50);
+    options.network.subscribe_delay_max = Duration::from_millis(10);
+    options
+}
+
 #[test]
 fn split_brain_what_the_backup_replays_on_taking_over_is_forwarded_when_it_steps_down() {
     // Found by the simulator (swarms 25704, 44202): the backup's split log was cleared
@@ -438,12 +449,7 @@ fn failover_a_restarted_backup_keeps_what_it_saw_while_deciding_when_its_sync_ca
     // Found by the simulator (swarm 7609): a restarted backup saw an update's KVPUB
     // while still deciding, then its client copy (cancelled by that echo) once passive;
     // the primary died before the backup's sync completed, and the update was lost.
-    let mut options = quiet(1);
-    options.network.delay_min = Duration::from_millis(2);
-    options.network.delay_max = Duration::from_millis(2);
-    options.network.delay_spike = Ratio::NEVER;
-    options.network.reconnect_delay_max = Duration::from_millis(50);
-    options.network.subscribe_delay_max = Duration::from_millis(10);
+    let options = pinned(1);
     let client = FIRST_CLIENT;
     let script = vec![
         (at(3_000), Scripted::Crash(BACKUP)),
@@ -565,12 +571,7 @@ fn resync_a_late_heartbeat_does_not_make_the_passive_merge_updates_its_map_alrea
     // subscription lagged; a late HUGZ, numbered below the snapshot, started a needless
     // re-sync, which buffered late KVPUBs older than the map; the active died before
     // the re-sync completed and the failover merged one over the newer value.
-    let mut options = quiet(1);
-    options.network.delay_min = Duration::from_millis(2);
-    options.network.delay_max = Duration::from_millis(2);
-    options.network.delay_spike = Ratio::NEVER;
-    options.network.reconnect_delay_max = Duration::from_millis(50);
-    options.network.subscribe_delay_max = Duration::from_millis(10);
+    let mut options = pinned(1);
     // Two messages queued on a route: a third is dropped (ZMQ_SNDHWM).
     options.network.high_water_mark = 2;
     let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
@@ -598,4 +599,38 @@ fn resync_a_late_heartbeat_does_not_make_the_passive_merge_updates_its_map_alrea
     let report = run("late heartbeat", options, script);
     assert!(report.coverage.server_events.contains_key("sync_abandoned"));
     assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
+}
+
+#[test]
+fn split_brain_a_backup_that_stepped_down_keeps_the_primarys_newer_update_at_a_failover_mid_sync() {
+    // Found by the simulator (swarm 32681): a backup that stepped down after a split
+    // kept its own split-time value, numbered in its own (higher) history, over the
+    // primary's newer update buffered during its re-sync, when the primary died before
+    // the re-sync completed.
+    let (on_primary, on_backup) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let mut script: Vec<(Duration, Scripted)> = (0..5)
+        .map(|n| (at(1_000 + n * 50), set(0, &format!("/k/a/{n}"), "v")))
+        .collect();
+    script.extend([
+        (at(2_000), cut(PRIMARY, BACKUP)),
+        (at(2_000), cut(on_backup, PRIMARY)),
+        (at(2_000), cut(on_primary, BACKUP)),
+    ]);
+    // The backup takes over for on_backup and numbers its own updates far ahead.
+    script.extend((0..10).map(|n| (at(12_000 + n * 50), set(1, "/k/a/x", &format!("own{n}")))));
+    script.extend([
+        // At the heal the backup steps down; its re-sync's request waits.
+        (at(14_000), Scripted::StallRoute(request)),
+        (at(15_000), heal(PRIMARY, BACKUP)),
+        (at(17_000), set(0, "/k/a/x", "primarys-newer")),
+        (at(17_500), Scripted::Crash(PRIMARY)),
+    ]);
+    let report = run("stepped-down backup, failover mid-sync", pinned(2), script);
+    assert!(report.coverage.server_events.contains_key("dual_active"));
+    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
+    assert_eq!(
+        final_value(&report, "/k/a/x").as_deref(),
+        Some("primarys-newer")
+    );
 }
