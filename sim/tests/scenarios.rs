@@ -634,3 +634,54 @@ fn split_brain_a_backup_that_stepped_down_keeps_the_primarys_newer_update_at_a_f
         Some("primarys-newer")
     );
 }
+
+#[test]
+fn restart_a_failover_mid_sync_compares_numbers_only_within_one_connection() {
+    // Found by the simulator (swarm 42617): the active restarted while the backup
+    // synced, and took over again with a new history numbered from 1. Its update was
+    // buffered behind the old history's and lost to their higher numbers when the
+    // backup took over before its sync completed.
+    let client = FIRST_CLIENT;
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let state = route(PRIMARY, BACKUP, Link::State);
+    let mut script: Vec<(Duration, Scripted)> = (0..10)
+        .map(|n| (at(1_000 + n * 50), set(0, "/k/a/x", &format!("old{n}"))))
+        .collect();
+    script.extend([
+        // A reconnect makes the backup re-sync; its request waits for good.
+        (at(2_000), Scripted::StallRoute(request)),
+        (at(2_100), cut(PRIMARY, BACKUP)),
+        (at(2_200), heal(PRIMARY, BACKUP)),
+        // Buffered from the old history.
+        (at(3_100), set(0, "/k/a/x", "old-buffered")),
+        // The backup is paused, and the restarted primary's state waits for a while.
+        (at(3_200), Scripted::StallRoute(state)),
+        (
+            at(3_300),
+            Scripted::Pause {
+                node: BACKUP,
+                duration: Duration::from_millis(3_700),
+            },
+        ),
+        (at(3_400), Scripted::Crash(PRIMARY)),
+        (at(3_500), Scripted::Restart(PRIMARY)),
+        // The client asks the restarted primary again once it may take over (its peer
+        // silent for two heartbeats); its copy of the next write never reaches the
+        // backup.
+        (at(5_900), cut(client, BACKUP)),
+        (at(6_000), cut(client, PRIMARY)),
+        (at(6_000), heal(client, PRIMARY)),
+        (at(6_500), set(0, "/k/a/x", "new-history")),
+        // When the backup runs again it reads the reconnect notice, the new history's
+        // update, then the restarted primary's state: it takes over mid-sync.
+        (at(6_600), Scripted::ReleaseRoute(state)),
+        (at(6_700), Scripted::Crash(PRIMARY)),
+        (at(7_500), heal(client, BACKUP)),
+    ]);
+    let report = run("failover mid-sync across a reconnect", pinned(1), script);
+    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
+    assert_eq!(
+        final_value(&report, "/k/a/x").as_deref(),
+        Some("new-history")
+    );
+}
