@@ -685,3 +685,45 @@ fn restart_a_failover_mid_sync_compares_numbers_only_within_one_connection() {
         Some("new-history")
     );
 }
+
+#[test]
+fn restart_a_failover_mid_sync_keeps_an_update_that_followed_the_partial_snapshot_on_a_lost_connection(
+) {
+    // Found by the simulator (swarm 657): the snapshot's partial reply held an older
+    // value than an update buffered later on the same connection, which then
+    // reconnected; the active died before the reply completed, and the older value won.
+    let mut options = pinned(1);
+    options.network.high_water_mark = 20;
+    let reply = route(PRIMARY, BACKUP, Link::SnapshotReply);
+    let mut script: Vec<(Duration, Scripted)> = (0..100)
+        .map(|n| {
+            (
+                at(1_000 + n * 5),
+                set(0, &format!("/k/a/{n:03}"), "snapshot"),
+            )
+        })
+        .collect();
+    script.extend([
+        // A reconnect makes the backup re-sync; the reply waits, then only its first
+        // entries arrive.
+        (at(2_000), cut(PRIMARY, BACKUP)),
+        (at(2_100), heal(PRIMARY, BACKUP)),
+        (at(2_500), Scripted::StallRoute(reply)),
+        (at(3_500), Scripted::ReleaseRoute(reply)),
+        (at(3_501), Scripted::StallRoute(reply)),
+        // Published after the snapshot was taken: buffered.
+        (at(3_600), set(0, "/k/a/000", "buffered")),
+        // The subscription reconnects; then the primary restarts, which makes the
+        // backup take over before its sync completes.
+        (at(3_700), cut(PRIMARY, BACKUP)),
+        (at(3_700), heal(PRIMARY, BACKUP)),
+        (at(3_900), Scripted::Crash(PRIMARY)),
+        (at(4_000), Scripted::Restart(PRIMARY)),
+    ]);
+    let report = run("partial snapshot, then a reconnect", options, script);
+    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
+    assert_eq!(
+        final_value(&report, "/k/a/000").as_deref(),
+        Some("buffered")
+    );
+}
