@@ -84,6 +84,21 @@ fn final_value(report: &RunReport, key: &str) -> Option<String> {
         .map(|value| String::from_utf8_lossy(value).into_owned())
 }
 
+/// Asserts the active server's map ends with `key` at `expected` (`None`: absent).
+fn assert_final_value(report: &RunReport, key: &str, expected: Option<&str>) {
+    assert_eq!(final_value(report, key).as_deref(), expected, "{key}");
+}
+
+/// Asserts the run's servers reported `event` (the situation the scenario is about
+/// happened).
+fn assert_server_event(report: &RunReport, event: &str) {
+    assert!(
+        report.coverage.server_events.contains_key(event),
+        "no {event}: {:?}",
+        report.coverage.server_events
+    );
+}
+
 #[test]
 fn failover_the_primary_crashes_while_the_backup_holds_pending_updates() {
     let client = FIRST_CLIENT;
@@ -103,12 +118,9 @@ fn failover_the_primary_crashes_while_the_backup_holds_pending_updates() {
         (at(4_000), Scripted::Crash(PRIMARY)),
     ];
     let report = run("primary crashes with pending updates", quiet(1), script);
-    assert!(report
-        .coverage
-        .server_events
-        .contains_key("pending_replayed"));
-    assert_eq!(final_value(&report, "/k/a/1").as_deref(), Some("pending-1"));
-    assert_eq!(final_value(&report, "/k/a/2").as_deref(), Some("pending-2"));
+    assert_server_event(&report, "pending_replayed");
+    assert_final_value(&report, "/k/a/1", Some("pending-1"));
+    assert_final_value(&report, "/k/a/2", Some("pending-2"));
 }
 
 #[test]
@@ -135,11 +147,8 @@ fn split_brain_a_server_partition_with_clients_on_both_sides_heals_without_an_ou
         "{:?}",
         report.coverage
     );
-    assert!(report.coverage.server_events.contains_key("dual_active"));
-    assert_eq!(
-        final_value(&report, "/k/a/left").as_deref(),
-        Some("written-on-primary")
-    );
+    assert_server_event(&report, "dual_active");
+    assert_final_value(&report, "/k/a/left", Some("written-on-primary"));
     assert_eq!(
         final_value(&report, "/k/a/right").as_deref(),
         Some("written-on-backup"),
@@ -194,10 +203,7 @@ fn ttl_an_ephemeral_value_expires_on_time_across_a_failover() {
     let report = run("ttl expiry across failover", quiet(1), script);
     assert!(report.coverage.expiries >= 1, "{:?}", report.coverage);
     assert_eq!(final_value(&report, "/k/a/eph"), None);
-    assert_eq!(
-        final_value(&report, "/k/a/kept").as_deref(),
-        Some("persistent")
-    );
+    assert_final_value(&report, "/k/a/kept", Some("persistent"));
 }
 
 #[test]
@@ -232,11 +238,8 @@ fn snapshot_a_large_snapshot_streams_while_updates_arrive() {
             .unwrap_or(0)
             >= 3
     );
-    assert_eq!(final_value(&report, "/k/a/000").as_deref(), Some("second0"));
-    assert_eq!(
-        final_value(&report, "/k/a/399").as_deref(),
-        Some("first399")
-    );
+    assert_final_value(&report, "/k/a/000", Some("second0"));
+    assert_final_value(&report, "/k/a/399", Some("first399"));
 }
 
 #[test]
@@ -261,12 +264,9 @@ fn split_brain_a_forward_the_primary_already_replaced_is_not_replayed_at_a_later
         (at(20_000), Scripted::Crash(PRIMARY)),
     ];
     let report = run("forward superseded at the primary", quiet(2), script);
-    assert!(report.coverage.server_events.contains_key("dual_active"));
-    assert!(report
-        .coverage
-        .server_events
-        .contains_key("split_updates_forwarded"));
-    assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
+    assert_server_event(&report, "dual_active");
+    assert_server_event(&report, "split_updates_forwarded");
+    assert_final_value(&report, "/k/a/x", Some("newer"));
 }
 
 #[test]
@@ -296,7 +296,7 @@ fn restart_a_primary_restarted_while_cut_off_whose_numbers_catch_up_is_still_fol
         (at(12_000), heal(FIRST_CLIENT, BACKUP)),
     ]);
     let report = run("restarted primary caught up", quiet(1), script);
-    assert_eq!(final_value(&report, "/k/a/new0").as_deref(), Some("new"));
+    assert_final_value(&report, "/k/a/new0", Some("new"));
     assert_eq!(final_value(&report, "/k/a/old0"), None);
 }
 
@@ -338,15 +338,9 @@ fn split_brain_what_the_backup_replays_on_taking_over_is_forwarded_when_it_steps
         (at(15_000), heal(client, PRIMARY)),
     ];
     let report = run("takeover replay forwarded", quiet(1), script);
-    assert!(report
-        .coverage
-        .server_events
-        .contains_key("pending_replayed"));
-    assert!(report.coverage.server_events.contains_key("dual_active"));
-    assert_eq!(
-        final_value(&report, "/k/a/x").as_deref(),
-        Some("only-the-backup-had-it")
-    );
+    assert_server_event(&report, "pending_replayed");
+    assert_server_event(&report, "dual_active");
+    assert_final_value(&report, "/k/a/x", Some("only-the-backup-had-it"));
 }
 
 #[test]
@@ -364,11 +358,8 @@ fn failover_an_older_copy_whose_newer_twin_was_echoed_first_is_not_replayed() {
         (at(6_000), Scripted::Crash(PRIMARY)),
     ];
     let report = run("older copy after the echo", quiet(1), script);
-    assert!(report
-        .coverage
-        .server_events
-        .contains_key("pending_replayed"));
-    assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
+    assert_server_event(&report, "pending_replayed");
+    assert_final_value(&report, "/k/a/x", Some("newer"));
 }
 
 #[test]
@@ -395,10 +386,7 @@ fn failover_an_ephemeral_copy_that_expired_on_the_pending_list_still_replaces_th
         (at(4_000), Scripted::Crash(PRIMARY)),
     ];
     let report = run("expired pending copy", quiet(1), script);
-    assert!(report
-        .coverage
-        .server_events
-        .contains_key("pending_replayed"));
+    assert_server_event(&report, "pending_replayed");
     assert_eq!(final_value(&report, "/k/a/x"), None);
 }
 
@@ -441,7 +429,7 @@ fn snapshot_a_client_whose_reply_a_broken_connection_cut_asks_again_instead_of_w
         "it stays on the primary, which serves it: {:?}",
         report.coverage.client_events
     );
-    assert_eq!(final_value(&report, "/k/c/399").as_deref(), Some("v399"));
+    assert_final_value(&report, "/k/c/399", Some("v399"));
 }
 
 #[test]
@@ -464,11 +452,8 @@ fn failover_a_restarted_backup_keeps_what_it_saw_while_deciding_when_its_sync_ca
         (at(4_300), Scripted::Crash(PRIMARY)),
     ];
     let report = run("backup saw it while deciding", options, script);
-    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
-    assert_eq!(
-        final_value(&report, "/k/a/x").as_deref(),
-        Some("seen-while-deciding")
-    );
+    assert_server_event(&report, "sync_abandoned");
+    assert_final_value(&report, "/k/a/x", Some("seen-while-deciding"));
 }
 
 #[test]
@@ -510,7 +495,7 @@ fn restart_a_client_that_reads_its_servers_old_history_after_the_reconnect_still
         "{:?}",
         report.coverage.client_events
     );
-    assert_eq!(final_value(&report, "/k/c/new").as_deref(), Some("new"));
+    assert_final_value(&report, "/k/c/new", Some("new"));
     assert_eq!(final_value(&report, "/k/c/old0"), None);
 }
 
@@ -555,8 +540,8 @@ fn restart_a_paused_backup_that_reads_its_restarted_primarys_old_history_late_fo
         .copied()
         .unwrap_or(0);
     assert!(syncs <= 10, "{syncs} syncs: a storm");
-    assert_eq!(final_value(&report, "/k/a/new").as_deref(), Some("new"));
-    assert_eq!(final_value(&report, "/k/a/newer").as_deref(), Some("new"));
+    assert_final_value(&report, "/k/a/new", Some("new"));
+    assert_final_value(&report, "/k/a/newer", Some("new"));
     assert_eq!(final_value(&report, "/k/a/old0"), None, "the new history");
 }
 
@@ -597,8 +582,8 @@ fn resync_a_late_heartbeat_does_not_make_the_passive_merge_updates_its_map_alrea
         (at(4_600), Scripted::Crash(PRIMARY)),
     ]);
     let report = run("late heartbeat", options, script);
-    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
-    assert_eq!(final_value(&report, "/k/a/x").as_deref(), Some("newer"));
+    assert_server_event(&report, "sync_abandoned");
+    assert_final_value(&report, "/k/a/x", Some("newer"));
 }
 
 #[test]
@@ -627,12 +612,9 @@ fn split_brain_a_backup_that_stepped_down_keeps_the_primarys_newer_update_at_a_f
         (at(17_500), Scripted::Crash(PRIMARY)),
     ]);
     let report = run("stepped-down backup, failover mid-sync", pinned(2), script);
-    assert!(report.coverage.server_events.contains_key("dual_active"));
-    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
-    assert_eq!(
-        final_value(&report, "/k/a/x").as_deref(),
-        Some("primarys-newer")
-    );
+    assert_server_event(&report, "dual_active");
+    assert_server_event(&report, "sync_abandoned");
+    assert_final_value(&report, "/k/a/x", Some("primarys-newer"));
 }
 
 #[test]
@@ -679,11 +661,8 @@ fn restart_a_failover_mid_sync_compares_numbers_only_within_one_connection() {
         (at(7_500), heal(client, BACKUP)),
     ]);
     let report = run("failover mid-sync across a reconnect", pinned(1), script);
-    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
-    assert_eq!(
-        final_value(&report, "/k/a/x").as_deref(),
-        Some("new-history")
-    );
+    assert_server_event(&report, "sync_abandoned");
+    assert_final_value(&report, "/k/a/x", Some("new-history"));
 }
 
 #[test]
@@ -721,9 +700,6 @@ fn restart_a_failover_mid_sync_keeps_an_update_that_followed_the_partial_snapsho
         (at(4_000), Scripted::Restart(PRIMARY)),
     ]);
     let report = run("partial snapshot, then a reconnect", options, script);
-    assert!(report.coverage.server_events.contains_key("sync_abandoned"));
-    assert_eq!(
-        final_value(&report, "/k/a/000").as_deref(),
-        Some("buffered")
-    );
+    assert_server_event(&report, "sync_abandoned");
+    assert_final_value(&report, "/k/a/000", Some("buffered"));
 }
