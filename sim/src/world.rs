@@ -2512,6 +2512,16 @@ impl World {
             .server_events
             .entry(event_tag(event))
             .or_default() += 1;
+        if let server::Event::PendingReplayed {
+            skipped_expired, ..
+        } = event
+        {
+            *self
+                .coverage
+                .server_events
+                .entry("pending_expired_not_replayed")
+                .or_default() += *skipped_expired as u64;
+        }
     }
 }
 

@@ -703,3 +703,40 @@ fn restart_a_failover_mid_sync_keeps_an_update_that_followed_the_partial_snapsho
     assert_server_event(&report, "sync_abandoned");
     assert_final_value(&report, "/k/a/000", Some("buffered"));
 }
+
+#[test]
+fn failover_an_ephemeral_copy_that_expired_on_the_pending_list_is_not_published() {
+    // Found by the simulator (seed 0): the failover replayed a client copy whose ttl
+    // had run out while it waited on the pending list: it published an already
+    // expired value, with a 1 ms ttl, and deleted it in the same step.
+    let client = FIRST_CLIENT;
+    let script = vec![
+        (at(3_000), cut(client, PRIMARY)),
+        (
+            at(3_500),
+            Scripted::Write {
+                client: 0,
+                operation: Operation::Set {
+                    key: b"/k/a/eph".to_vec(),
+                    value: b"short-lived".to_vec(),
+                    ttl: Some(Duration::from_millis(500)),
+                },
+            },
+        ),
+        (at(4_000), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("expired pending copy, no older value", pinned(1), script);
+    assert_server_event(&report, "pending_replayed");
+    // The delete that followed hid it from every oracle: nobody held it past its
+    // expiry. What the scenario checks is that it was not published at all.
+    assert_eq!(
+        report
+            .coverage
+            .server_events
+            .get("pending_expired_not_replayed"),
+        Some(&1),
+        "{:?}",
+        report.coverage.server_events
+    );
+    assert_final_value(&report, "/k/a/eph", None);
+}
