@@ -740,3 +740,44 @@ fn failover_an_ephemeral_copy_that_expired_on_the_pending_list_is_not_published(
     );
     assert_final_value(&report, "/k/a/eph", None);
 }
+
+#[test]
+fn failover_a_delete_seen_while_syncing_is_not_replayed_from_a_late_client_copy() {
+    // Found by the simulator (seed 750): a delete the backup received while waiting for
+    // a snapshot (which shows it only as an absent key) was applied again after the
+    // failover, from its writer's copy delayed by a stalled connection, over a newer
+    // value.
+    let (deleter, writer) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let script = vec![
+        (at(1_000), set(0, "/k/a/x", "first")),
+        // A reconnect makes the backup re-sync; its request waits.
+        (at(2_000), Scripted::StallRoute(request)),
+        (at(2_100), cut(PRIMARY, BACKUP)),
+        (at(2_200), heal(PRIMARY, BACKUP)),
+        // The deleter's copy to the backup is delayed; the writer's never arrives.
+        (at(3_100), stall(deleter, BACKUP)),
+        (
+            at(3_200),
+            Scripted::Write {
+                client: 0,
+                operation: Operation::Delete {
+                    key: b"/k/a/x".to_vec(),
+                },
+            },
+        ),
+        (at(3_300), cut(writer, BACKUP)),
+        (at(3_400), set(1, "/k/a/x", "newer")),
+        // The snapshot shows "newer".
+        (at(3_500), Scripted::ReleaseRoute(request)),
+        (at(4_000), heal(writer, BACKUP)),
+        // The delete's copy arrives after the pending list has forgotten its echo
+        // (pending_max_age): only the record of what the active published stops it.
+        (at(40_000), heal(deleter, BACKUP)),
+        (at(41_000), Scripted::Crash(PRIMARY)),
+    ];
+    let mut options = pinned(2);
+    options.fault_phase = Duration::from_secs(60);
+    let report = run("late copy of a delete seen while syncing", options, script);
+    assert_final_value(&report, "/k/a/x", Some("newer"));
+}
