@@ -2513,14 +2513,17 @@ impl World {
             .entry(event_tag(event))
             .or_default() += 1;
         if let server::Event::PendingReplayed {
-            skipped_expired, ..
+            skipped_superseded,
+            skipped_expired,
+            ..
         } = event
         {
-            *self
-                .coverage
-                .server_events
-                .entry("pending_expired_not_replayed")
-                .or_default() += *skipped_expired as u64;
+            for (name, count) in [
+                ("pending_superseded_not_replayed", skipped_superseded),
+                ("pending_expired_not_replayed", skipped_expired),
+            ] {
+                *self.coverage.server_events.entry(name).or_default() += *count as u64;
+            }
         }
     }
 }

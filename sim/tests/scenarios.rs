@@ -781,3 +781,48 @@ fn failover_a_delete_seen_while_syncing_is_not_replayed_from_a_late_client_copy(
     let report = run("late copy of a delete seen while syncing", options, script);
     assert_final_value(&report, "/k/a/x", Some("newer"));
 }
+
+#[test]
+fn failover_only_the_latest_pending_copy_of_a_key_is_replayed() {
+    // Found by the simulator (seed 22): the backup held three copies of one key (A, B,
+    // then a delete) without their echoes; the old active had published B but not A.
+    // Replaying every copy in order published A over B, then B, then the delete.
+    let client = FIRST_CLIENT;
+    let updates = route(PRIMARY, BACKUP, Link::Updates);
+    let script = vec![
+        (at(1_000), set(0, "/k/a/x", "first")),
+        // A reaches only the backup.
+        (at(2_000), cut(client, PRIMARY)),
+        (at(2_100), set(0, "/k/a/x", "A")),
+        (at(2_200), heal(client, PRIMARY)),
+        // B reaches both, but its echo never reaches the backup.
+        (at(2_300), Scripted::StallRoute(updates)),
+        (at(2_400), set(0, "/k/a/x", "B")),
+        // The delete reaches only the backup.
+        (at(2_500), stall(client, PRIMARY)),
+        (
+            at(2_600),
+            Scripted::Write {
+                client: 0,
+                operation: Operation::Delete {
+                    key: b"/k/a/x".to_vec(),
+                },
+            },
+        ),
+        (at(3_000), Scripted::Crash(PRIMARY)),
+    ];
+    let report = run("three pending copies of one key", pinned(1), script);
+    assert_server_event(&report, "pending_replayed");
+    // Every client syncs with the new active after its replay, so no oracle can see A
+    // published over B: the scenario checks that A and B were not replayed at all.
+    assert_eq!(
+        report
+            .coverage
+            .server_events
+            .get("pending_superseded_not_replayed"),
+        Some(&2),
+        "{:?}",
+        report.coverage.server_events
+    );
+    assert_final_value(&report, "/k/a/x", None);
+}
