@@ -136,6 +136,9 @@ pub struct WorkloadOptions {
     pub ttl_max: Duration,
     /// Longest value body, in bytes.
     pub value_len_max: usize,
+    /// Subtrees a scripted world pins, by client index (`Some(b"")`: the whole map);
+    /// the others are drawn. Swarm worlds pin none.
+    pub subtrees: Vec<Option<Vec<u8>>>,
 }
 
 impl Default for WorkloadOptions {
@@ -151,6 +154,7 @@ impl Default for WorkloadOptions {
             weight_ephemeral: 2,
             ttl_max: Duration::from_secs(10),
             value_len_max: 64,
+            subtrees: Vec::new(),
         }
     }
 }
@@ -276,6 +280,7 @@ impl Options {
             weight_ephemeral: rng.random_range(0..=5),
             ttl_max: duration_between(rng, Duration::from_millis(200), Duration::from_secs(20)),
             value_len_max: rng.random_range(1..=256),
+            subtrees: Vec::new(),
         };
         Options {
             fault_phase: Duration::from_secs(60),

@@ -66,9 +66,14 @@ impl Workload {
     pub fn new(options: WorkloadOptions, mut rng: SimRng, start: Instant) -> Workload {
         let subtree_choices: [&[u8]; 6] = [b"", b"/k/", b"/k/a/", b"/k/b/", b"/k/a/1", b"/k/c/"];
         let subtrees = (0..options.clients)
-            .map(|_| {
+            .map(|index| {
+                // Drawn even when pinned: the rest of the workload's draws stay the same.
                 let pick = rng.random_range(0..subtree_choices.len());
-                subtree_choices.get(pick).copied().unwrap_or(b"").to_vec()
+                let drawn = subtree_choices.get(pick).copied().unwrap_or(b"").to_vec();
+                match options.subtrees.get(index) {
+                    Some(Some(pinned)) => pinned.clone(),
+                    _ => drawn,
+                }
             })
             .collect();
         let mut workload = Workload {
