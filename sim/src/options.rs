@@ -139,6 +139,9 @@ pub struct WorkloadOptions {
     /// Subtrees a scripted world pins, by client index (`Some(b"")`: the whole map);
     /// the others are drawn. Swarm worlds pin none.
     pub subtrees: Vec<Option<Vec<u8>>>,
+    /// Scripted worlds: each client watches the commit of every write it makes, so
+    /// the coverage counts what it was told (`committed`, `lost`). Swarm worlds do not.
+    pub watch_commits: bool,
 }
 
 impl Default for WorkloadOptions {
@@ -155,6 +158,7 @@ impl Default for WorkloadOptions {
             ttl_max: Duration::from_secs(10),
             value_len_max: 64,
             subtrees: Vec::new(),
+            watch_commits: false,
         }
     }
 }
@@ -281,6 +285,7 @@ impl Options {
             ttl_max: duration_between(rng, Duration::from_millis(200), Duration::from_secs(20)),
             value_len_max: rng.random_range(1..=256),
             subtrees: Vec::new(),
+            watch_commits: false,
         };
         Options {
             fault_phase: Duration::from_secs(60),

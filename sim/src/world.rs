@@ -1206,6 +1206,7 @@ impl World {
             || format!("write c{node} {operation:?}"),
             &(3u8, node, operation.key()),
         );
+        let watch = self.options.workload.watch_commits;
         let Some(slot) = self.client_slot(node) else {
             return;
         };
@@ -1216,8 +1217,13 @@ impl World {
             return;
         };
         let result = match operation {
-            Operation::Set { key, value, ttl } => machine.set(key, value, ttl).map(|_| ()),
-            Operation::Delete { key } => machine.delete(key).map(|_| ()),
+            Operation::Set { key, value, ttl } => machine.set(key, value, ttl),
+            Operation::Delete { key } => machine.delete(key),
+        };
+        let result = match result {
+            Ok(uuid) if watch => machine.watch_commit(uuid),
+            Ok(_) => Ok(()),
+            Err(error) => Err(error),
         };
         if let Err(error) = result {
             self.fail(

@@ -855,3 +855,41 @@ fn snapshot_a_whole_map_client_whose_buffer_has_a_hole_takes_another_snapshot() 
     let report = run("a hole in the buffer", options, script);
     assert_final_value(&report, "/k/a/w1-2", Some("v"));
 }
+
+#[test]
+fn snapshot_an_update_the_client_sent_after_its_request_still_waits_for_its_echo() {
+    // Found by the simulator (swarm seed 107): a client settled the echo deadlines of
+    // all its updates when its snapshot arrived. One sent after the request, and lost
+    // on its way, was missing from that snapshot; then it left its provisional value in
+    // the map for good. The map no longer keeps it, but without the deadline the
+    // writer is never told the update was lost.
+    let mut options = pinned(1);
+    options.network.high_water_mark = 3;
+    options.workload.watch_commits = true;
+    let writer = FIRST_CLIENT;
+    let reply = route(PRIMARY, writer, Link::SnapshotReply);
+    let mut script = vec![
+        (at(1_000), set(0, "/k/c/first", "v")),
+        // The client restarts; the reply to its request waits.
+        (at(2_000), Scripted::Crash(writer)),
+        (at(2_050), Scripted::StallRoute(reply)),
+        (at(2_100), Scripted::Restart(writer)),
+    ];
+    // Four writes at once after the request: the fourth is dropped at the high-water
+    // mark on the way to both servers.
+    script.extend((0..4).map(|n| (at(3_500), set(0, &format!("/k/c/{n}"), "v"))));
+    script.push((at(3_700), Scripted::ReleaseRoute(reply)));
+    let report = run("an update sent after the request, lost", options, script);
+    // The snapshot wipes its provisional value from the map either way; what the
+    // deadline gives is the answer to the writer: lost, not a wait for ever.
+    let told = |event| report.coverage.client_events.get(event).copied();
+    assert_eq!(told("lost"), Some(1), "{:?}", report.coverage.client_events);
+    assert_eq!(
+        told("committed"),
+        Some(4),
+        "{:?}",
+        report.coverage.client_events
+    );
+    assert_final_value(&report, "/k/c/2", Some("v"));
+    assert_final_value(&report, "/k/c/3", None);
+}
