@@ -514,6 +514,18 @@ impl Network {
         }
     }
 
+    /// Ends a [`Network::stall_route`] delivering what waited newest first: the harsh
+    /// network's reordering within a connection (which TCP never does), pinned.
+    pub fn release_route_newest_first(&mut self, now: Instant, route: Route) {
+        if !self.stalled_routes.contains(&route) {
+            return;
+        }
+        if let Some(connection) = self.connections.get_mut(&route) {
+            connection.stalled.make_contiguous().reverse();
+        }
+        self.release_route(now, route);
+    }
+
     /// Removes every cut.
     pub fn heal_all(&mut self, now: Instant) {
         let routes: Vec<Route> = self.stalled_routes.iter().copied().collect();

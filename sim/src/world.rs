@@ -78,6 +78,9 @@ pub enum Scripted {
     StallRoute(Route),
     /// Ends a [`Scripted::StallRoute`]: what waited flows again, in order.
     ReleaseRoute(Route),
+    /// Ends a [`Scripted::StallRoute`] delivering what waited newest first (the harsh
+    /// network's reordering within a connection, pinned).
+    ReleaseRouteNewestFirst(Route),
     /// The node stops reading and running (a long GC, a stopped process) for this
     /// long; what reaches it meanwhile, and its monitors' reconnect notices, wait.
     Pause {
@@ -2452,6 +2455,9 @@ impl World {
                 Scripted::Heal { a, b } => self.network.heal(now, a, b),
                 Scripted::StallRoute(route) => self.network.stall_route(route),
                 Scripted::ReleaseRoute(route) => self.network.release_route(now, route),
+                Scripted::ReleaseRouteNewestFirst(route) => {
+                    self.network.release_route_newest_first(now, route);
+                }
                 Scripted::Pause { node, duration } => {
                     if let Some(life) = self.life_mut(node) {
                         if life.restart_at.is_none() {
