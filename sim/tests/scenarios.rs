@@ -550,6 +550,18 @@ fn route(from: usize, to: usize, link: Link) -> Route {
     Route { from, to, link }
 }
 
+/// The backup re-syncs on a reconnect of its subscription (cut at 2.1 s, healed at
+/// 2.2 s: it asks on the next HUGZ, at 3 s), while its snapshot request waits on the
+/// route from 2 s until a `ReleaseRoute`, or for good.
+fn backup_resyncs_with_its_request_held() -> [(Duration, Scripted); 3] {
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    [
+        (at(2_000), Scripted::StallRoute(request)),
+        (at(2_100), cut(PRIMARY, BACKUP)),
+        (at(2_200), heal(PRIMARY, BACKUP)),
+    ]
+}
+
 #[test]
 fn resync_a_late_heartbeat_does_not_make_the_passive_merge_updates_its_map_already_holds() {
     // Found by the simulator (swarm 48374): a passive completed a sync while its
@@ -624,16 +636,11 @@ fn restart_a_failover_mid_sync_compares_numbers_only_within_one_connection() {
     // buffered behind the old history's and lost to their higher numbers when the
     // backup took over before its sync completed.
     let client = FIRST_CLIENT;
-    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
     let state = route(PRIMARY, BACKUP, Link::State);
     let mut script: Vec<(Duration, Scripted)> = (0..10)
         .map(|n| (at(1_000 + n * 50), set(0, "/k/a/x", &format!("old{n}"))))
         .collect();
     script.extend([
-        // A reconnect makes the backup re-sync; its request waits for good.
-        (at(2_000), Scripted::StallRoute(request)),
-        (at(2_100), cut(PRIMARY, BACKUP)),
-        (at(2_200), heal(PRIMARY, BACKUP)),
         // Buffered from the old history.
         (at(3_100), set(0, "/k/a/x", "old-buffered")),
         // The backup is paused, and the restarted primary's state waits for a while.
@@ -660,6 +667,8 @@ fn restart_a_failover_mid_sync_compares_numbers_only_within_one_connection() {
         (at(6_700), Scripted::Crash(PRIMARY)),
         (at(7_500), heal(client, BACKUP)),
     ]);
+    // A reconnect makes the backup re-sync; its request waits for good.
+    script.extend(backup_resyncs_with_its_request_held());
     let report = run("failover mid-sync across a reconnect", pinned(1), script);
     assert_server_event(&report, "sync_abandoned");
     assert_final_value(&report, "/k/a/x", Some("new-history"));
@@ -749,12 +758,8 @@ fn failover_a_delete_seen_while_syncing_is_not_replayed_from_a_late_client_copy(
     // value.
     let (deleter, writer) = (FIRST_CLIENT, FIRST_CLIENT + 1);
     let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
-    let script = vec![
+    let mut script = vec![
         (at(1_000), set(0, "/k/a/x", "first")),
-        // A reconnect makes the backup re-sync; its request waits.
-        (at(2_000), Scripted::StallRoute(request)),
-        (at(2_100), cut(PRIMARY, BACKUP)),
-        (at(2_200), heal(PRIMARY, BACKUP)),
         // The deleter's copy to the backup is delayed; the writer's never arrives.
         (at(3_100), stall(deleter, BACKUP)),
         (
@@ -776,6 +781,8 @@ fn failover_a_delete_seen_while_syncing_is_not_replayed_from_a_late_client_copy(
         (at(40_000), heal(deleter, BACKUP)),
         (at(41_000), Scripted::Crash(PRIMARY)),
     ];
+    // A reconnect makes the backup re-sync; its request waits.
+    script.extend(backup_resyncs_with_its_request_held());
     let mut options = pinned(2);
     options.fault_phase = Duration::from_secs(60);
     let report = run("late copy of a delete seen while syncing", options, script);
@@ -900,14 +907,9 @@ fn harsh_a_reordered_update_while_syncing_does_not_discard_the_newer_ones_buffer
     // a connection): a rule of the time took a lower number while syncing for a
     // restarted active and discarded what it had buffered, newer updates included;
     // the failover before the sync completed kept the older value.
-    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
     let updates = route(PRIMARY, BACKUP, Link::Updates);
-    let script = vec![
+    let mut script = vec![
         (at(1_000), set(0, "/k/a/x", "first")),
-        // A reconnect makes the backup re-sync; its request waits for good.
-        (at(2_000), Scripted::StallRoute(request)),
-        (at(2_100), cut(PRIMARY, BACKUP)),
-        (at(2_200), heal(PRIMARY, BACKUP)),
         (at(3_100), Scripted::StallRoute(updates)),
         (at(3_200), set(0, "/k/a/x", "older")),
         (at(3_300), set(0, "/k/a/x", "newer")),
@@ -915,6 +917,8 @@ fn harsh_a_reordered_update_while_syncing_does_not_discard_the_newer_ones_buffer
         (at(3_400), Scripted::ReleaseRouteNewestFirst(updates)),
         (at(3_500), Scripted::Crash(PRIMARY)),
     ];
+    // A reconnect makes the backup re-sync; its request waits.
+    script.extend(backup_resyncs_with_its_request_held());
     // Oracle 5 assumes TCP's order (it is off in harsh worlds): the final value is
     // what this scenario checks.
     let report = run("a reordered update while syncing", pinned(1), script);
