@@ -49,6 +49,7 @@ use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
     AbandonReason, Config, ConfigError, Counters, DropReason, Event, Frame, Output, Server,
 };
+use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
@@ -513,7 +514,12 @@ impl ServerHost {
         Ok(received)
     }
 
-    /// Feeds up to [`BATCH`] waiting messages from one socket into the core.
+    /// Feeds up to [`BATCH`] waiting messages from one socket into the core, all with
+    /// the time read when the batch began. A batch is short (under a millisecond on an
+    /// idle core) next to the timers and ttls, which count in milliseconds and span
+    /// seconds, and time still never goes backwards; two clock readings per message
+    /// were ~280 of the ~9 600 instructions an update costs this thread
+    /// (docs/PERFORMANCE.md).
     fn receive_batch(&mut self, input: Input) -> Result<bool, RunError> {
         let mut received = false;
         if !self.maybe_readable[input as usize] {
@@ -521,6 +527,7 @@ impl ServerHost {
             // asking libzmq again would only cost a command check (a poll() syscall).
             return Ok(false);
         }
+        let time = (self.clock.now(), self.clock.wall());
         for _ in 0..BATCH {
             let socket = match input {
                 Input::SnapshotRequests => &self.router,
@@ -549,15 +556,19 @@ impl ServerHost {
                 }
             };
             received = true;
-            self.feed(input, frames.get());
+            self.feed(time, input, frames.get());
             self.drain_outputs_reusing(Some(&mut frames));
             self.frames = frames;
         }
         Ok(received)
     }
 
-    fn feed<F: AsRef<[u8]>>(&mut self, input: Input, frames: &[F]) {
-        let (now, wall) = (self.clock.now(), self.clock.wall());
+    fn feed<F: AsRef<[u8]>>(
+        &mut self,
+        (now, wall): (Instant, EpochMillis),
+        input: Input,
+        frames: &[F],
+    ) {
         match input {
             Input::SnapshotRequests => {
                 // The ROUTER prepends the sender's routing id; it always does, so an

@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// Bisection steps per throughput search [default: 6; --quick 4].
     #[arg(long, value_name = "N")]
     pub steps: Option<u32>,
+    /// Updates per second of the latency measurement [default: half the server's
+    /// zero-loss rate, or 20000 when throughput is skipped].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub latency_rate: Option<u32>,
     /// Parts to leave out (comma-separated): throughput, pair, latency, snapshot,
     /// failover.
     #[arg(long, value_name = "PART,...", value_delimiter = ',')]
@@ -435,7 +439,10 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
     // 2: latency at half the server's zero-loss rate, and the relay's at that rate.
     if !args.skips("latency") {
         bar.set_message("latency");
-        let rate = server_max.map_or(20_000.0, |max| max / 2.0);
+        let rate = match args.latency_rate {
+            Some(rate) => f64::from(rate),
+            None => server_max.map_or(20_000.0, |max| max / 2.0),
+        };
         let seconds = if args.quick { 2.0 } else { 5.0 };
         for (name, route) in [(ROUTE_RELAY, &relay_route), (ROUTE_SERVER, &server_route)] {
             match latency(
