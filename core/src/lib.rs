@@ -22,6 +22,9 @@
 //! A host drives every state machine the same way: feed an input with `handle_*(now, …)`,
 //! then drain `poll_output()` until it returns `None`, then sleep until `poll_timeout()`
 //! and call `handle_timeout(now)`.
+// The workspace denies `unsafe`; the sans-IO core forbids it outright (only the libzmq
+// adapter has one audited call, DECISIONS.md).
+#![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)

@@ -14,6 +14,8 @@
 use std::io;
 
 use mio::unix::SourceFd;
+
+use crate::ffi::HandledSocket;
 use mio::{Interest, Registry, Token};
 
 /// What happened to a non-blocking send.
@@ -30,7 +32,7 @@ pub enum SendOutcome {
 
 /// One libzmq socket and its mio registration.
 pub struct ZmqSocket {
-    socket: zmq::Socket,
+    socket: HandledSocket,
     name: &'static str,
 }
 
@@ -44,12 +46,13 @@ impl ZmqSocket {
         let socket = context.socket(kind)?;
         // Never block at shutdown on unsent messages.
         socket.set_linger(0)?;
+        let socket = HandledSocket::new(socket).ok_or(zmq::Error::EFAULT)?;
         Ok(ZmqSocket { socket, name })
     }
 
     /// The libzmq socket, for options, bind and connect.
     pub fn inner(&self) -> &zmq::Socket {
-        &self.socket
+        self.socket.socket()
     }
 
     /// The name given at creation.
@@ -60,22 +63,22 @@ impl ZmqSocket {
     /// Registers the socket's `ZMQ_FD` with mio. It is only ever registered for
     /// READABLE: libzmq signals writability through the same fd and `ZMQ_EVENTS`.
     pub fn register(&self, registry: &Registry, token: Token) -> io::Result<()> {
-        let fd = self.socket.get_fd().map_err(io::Error::other)?;
+        let fd = self.socket.socket().get_fd().map_err(io::Error::other)?;
         registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
     }
 
     /// Removes the mio registration.
     pub fn deregister(&self, registry: &Registry) -> io::Result<()> {
-        let fd = self.socket.get_fd().map_err(io::Error::other)?;
+        let fd = self.socket.socket().get_fd().map_err(io::Error::other)?;
         registry.deregister(&mut SourceFd(&fd))
     }
 
     /// The next whole message if one is waiting, without blocking.
     pub fn try_recv(&self) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
-        if !self.socket.get_events()?.contains(zmq::POLLIN) {
+        if !self.socket.socket().get_events()?.contains(zmq::POLLIN) {
             return Ok(None);
         }
-        match self.socket.recv_multipart(zmq::DONTWAIT) {
+        match self.socket.socket().recv_multipart(zmq::DONTWAIT) {
             Ok(frames) => Ok(Some(frames)),
             Err(zmq::Error::EAGAIN) => Ok(None),
             Err(error) => Err(error),
@@ -98,7 +101,7 @@ impl ZmqSocket {
             };
             // Only the first frame can be missing; the rest of a message arrives with it.
             let flags = if frames.len == 0 { zmq::DONTWAIT } else { 0 };
-            match self.socket.recv(slot, flags) {
+            match self.socket.socket().recv(slot, flags) {
                 Ok(()) => {}
                 Err(zmq::Error::EAGAIN) if frames.len == 0 => return Ok(false),
                 Err(error) => return Err(error),
@@ -113,7 +116,7 @@ impl ZmqSocket {
 
     /// True when a message could be sent now without blocking.
     pub fn is_writable(&self) -> Result<bool, zmq::Error> {
-        Ok(self.socket.get_events()?.contains(zmq::POLLOUT))
+        Ok(self.socket.socket().get_events()?.contains(zmq::POLLOUT))
     }
 
     /// Sends one multi-frame message without blocking. libzmq queues all parts of a
@@ -139,14 +142,14 @@ impl ZmqSocket {
                 zmq::DONTWAIT
             };
             let sent = match last.take() {
-                Some(message) if index == final_index => self.socket.send(message, flags),
+                Some(message) if index == final_index => self.socket.socket().send(message, flags),
                 other => {
                     last = other;
                     match frame.as_ref() {
                         // An empty message needs no size, no buffer and no copy (most
                         // properties frames, every delete's body).
-                        [] => self.socket.send(zmq::Message::new(), flags),
-                        bytes => self.socket.send(bytes, flags),
+                        [] => self.socket.socket().send(zmq::Message::new(), flags),
+                        bytes => self.socket.send_copy(bytes, flags),
                     }
                 }
             };

@@ -14,6 +14,7 @@
 //! Determinism rules: every random draw comes from a [`SimRng`] derived from the world
 //! seed with [`derive_rng`], one stream per node and subsystem, so that one more draw in
 //! one place does not shift every other; collections that feed the trace are ordered.
+#![forbid(unsafe_code)]
 
 use rand::SeedableRng;
 
