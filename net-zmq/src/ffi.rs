@@ -77,11 +77,12 @@ mod tests {
         sender.socket().connect("inproc://send-copy").unwrap();
         let mut buffer = vec![b'k'; 40];
         sender.send_copy(b"key", zmq::SNDMORE).unwrap();
+        sender.send_copy(b"", zmq::SNDMORE).unwrap();
         sender.send_copy(&buffer, 0).unwrap();
         // The bytes were copied: changing the buffer now changes nothing sent.
         buffer.fill(b'x');
         let frames = receiver.recv_multipart(0).unwrap();
-        assert_eq!(frames, vec![b"key".to_vec(), vec![b'k'; 40]]);
+        assert_eq!(frames, vec![b"key".to_vec(), Vec::new(), vec![b'k'; 40]]);
 
         let router = context.socket(zmq::ROUTER).unwrap();
         router.set_router_mandatory(true).unwrap();

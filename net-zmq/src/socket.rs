@@ -145,12 +145,9 @@ impl ZmqSocket {
                 Some(message) if index == final_index => self.socket.socket().send(message, flags),
                 other => {
                     last = other;
-                    match frame.as_ref() {
-                        // An empty message needs no size, no buffer and no copy (most
-                        // properties frames, every delete's body).
-                        [] => self.socket.socket().send(zmq::Message::new(), flags),
-                        bytes => self.socket.send_copy(bytes, flags),
-                    }
+                    // Short frames and empty ones (most properties frames, every
+                    // delete's body) go inline in libzmq's message: no allocation.
+                    self.socket.send_copy(frame.as_ref(), flags)
                 }
             };
             match sent {
