@@ -801,6 +801,14 @@ fn log_event(event: &Event, limiter: &mut RateLimiter) {
             }
         }
         Event::InputDropped { source, reason } => {
+            let routine = matches!(
+                reason,
+                DropReason::DuplicateUuid | DropReason::StaleSequence
+            );
+            if routine && !tracing::enabled!(tracing::Level::DEBUG) {
+                // Counted by the core; nothing to log, so no key to build.
+                return;
+            }
             let key = format!("{source}/{}", reason.as_str());
             let Some(allowed) = limiter.check(&key, StdInstant::now()) else {
                 return;
@@ -817,6 +825,11 @@ fn log_event(event: &Event, limiter: &mut RateLimiter) {
                 ),
                 DropReason::StaleSequence => {
                     tracing::debug!(%source, suppressed, "dropped an update this server already has")
+                }
+                // Routine in a pair: a client's copy that reaches the passive after the
+                // active's echo, a forward the primary already published, a retry.
+                DropReason::DuplicateUuid => {
+                    tracing::debug!(%source, suppressed, "dropped an update already published (same uuid)")
                 }
                 other => tracing::warn!(%source, reason = %other, suppressed, "dropped input"),
             }
