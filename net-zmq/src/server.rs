@@ -518,7 +518,7 @@ impl ServerHost {
     /// the time read when the batch began. A batch is short (under a millisecond on an
     /// idle core) next to the timers and ttls, which count in milliseconds and span
     /// seconds, and time still never goes backwards; two clock readings per message
-    /// were ~280 of the ~9 600 instructions an update costs this thread
+    /// were ~465 of the ~9 600 instructions an update cost this thread
     /// (docs/PERFORMANCE.md).
     fn receive_batch(&mut self, input: Input) -> Result<bool, RunError> {
         let mut received = false;

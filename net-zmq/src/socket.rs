@@ -14,9 +14,9 @@
 use std::io;
 
 use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
 
 use crate::ffi::HandledSocket;
-use mio::{Interest, Registry, Token};
 
 /// What happened to a non-blocking send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,8 +145,9 @@ impl ZmqSocket {
                 Some(message) if index == final_index => self.socket.socket().send(message, flags),
                 other => {
                     last = other;
-                    // Short frames and empty ones (most properties frames, every
-                    // delete's body) go inline in libzmq's message: no allocation.
+                    // Copied into libzmq in one call (see `ffi`); frames of up to 33
+                    // bytes (keys, sequences, uuids, most properties frames, empty
+                    // bodies) go inline in libzmq's message, without an allocation.
                     self.socket.send_copy(frame.as_ref(), flags)
                 }
             };
