@@ -150,6 +150,12 @@ pub struct Config {
     /// sent was lost on its way (§8 applies it locally at once): the client takes a
     /// fresh snapshot so that the local map cannot keep a value no server has.
     pub echo_timeout: Duration,
+    /// While a snapshot request has no answer and its server's latest HUGZ said it is
+    /// not active, the request is repeated this often. A passive drops requests, and takes
+    /// over at the first request after its peer has been silent for two heartbeats: the
+    /// repeat lets that happen within this long of the peer's expiry, not at the next
+    /// server change.
+    pub request_retry: Duration,
 }
 
 impl Default for Config {
@@ -162,6 +168,7 @@ impl Default for Config {
             max_buffered_updates: 100_000,
             max_in_flight: 10_000,
             echo_timeout: Duration::from_secs(5),
+            request_retry: Duration::from_millis(200),
         }
     }
 }
@@ -177,6 +184,9 @@ impl Config {
         }
         if self.echo_timeout.is_zero() {
             return Err(Error::ZeroEchoTimeout);
+        }
+        if self.request_retry.is_zero() {
+            return Err(Error::ZeroRequestRetry);
         }
         for (name, value) in [
             ("limits.max_key_len", self.limits.max_key_len),
@@ -211,6 +221,9 @@ pub enum Error {
     /// `echo_timeout` is zero.
     #[error("echo_timeout must be greater than zero")]
     ZeroEchoTimeout,
+    /// `request_retry` is zero.
+    #[error("request_retry must be greater than zero")]
+    ZeroRequestRetry,
     /// A size limit is zero.
     #[error("{name} must be at least 1")]
     ZeroLimit {
@@ -476,6 +489,16 @@ pub struct Stats {
     /// Times the host reported a server's DEALER reconnected, so the replies to the
     /// requests sent to it before were written off.
     pub snapshot_reconnects: u64,
+    /// Times the host reported the current server's connection gone, so the client
+    /// moved on without waiting for `server_ttl`.
+    pub left_disconnected_server: u64,
+    /// Times the client left a server that was not serving for a better one: one that
+    /// speaks when the current one is gone, or one that announced itself active when
+    /// the current one is not active or unheard since it became current.
+    pub moved_to_better_server: u64,
+    /// Snapshot requests repeated to a server that said it is not active
+    /// (`request_retry`).
+    pub requests_repeated: u64,
     dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -491,13 +514,44 @@ impl Stats {
     }
 }
 
-/// Per-server bookkeeping of snapshot requests, kept across failovers.
+/// What the client knows of one server, kept across failovers: its snapshot requests,
+/// and what its own messages and the host's connection notices say about it.
 #[derive(Clone, Copy, Debug, Default)]
 struct ServerBook {
     /// Requests sent whose KTHXBAI has not arrived (capped, see the module docs).
     outstanding: u8,
     /// Part of the reply now streaming from this server was not collected.
     reply_cut: bool,
+    /// Requests written off to stay within [`MAX_OUTSTANDING_REQUESTS`] whose replies
+    /// may still come: a server that answers them is working through a queue of our
+    /// requests, and asking again would only lengthen it.
+    written_off: u8,
+    /// Sequence of the latest message its SUB delivered since the subscription was last
+    /// made (connect or reconnect). `Some` proves the subscription live: every later
+    /// message reaches the client, current server or not, and this one was seen.
+    heard: Option<i64>,
+    /// The Binary Star state its latest HUGZ announced (servers that add the marker),
+    /// and when it arrived.
+    announced: Option<(BstarState, Instant)>,
+    /// The host reported its connection gone, and nothing was heard from it since.
+    down: bool,
+}
+
+/// The client's timers. Each deadline is computed from the state in one place,
+/// [`Client::deadline`]; [`Client::poll_timeout`] is the earliest of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    /// The current server has been silent for `server_ttl`: move to the next.
+    ServerSilence,
+    /// An own update's echo is overdue: take a fresh snapshot.
+    LostEcho,
+    /// A snapshot request went unanswered by a server that says it is not active: ask
+    /// again.
+    RequestRetry,
+}
+
+impl Timer {
+    const ALL: [Timer; 3] = [Timer::ServerSilence, Timer::LostEcho, Timer::RequestRetry];
 }
 
 /// What the client has gathered from the current server since it became current.
@@ -518,8 +572,13 @@ struct Attempt {
     incoming: BTreeMap<Vec<u8>, Entry>,
     /// A snapshot entry was collected since the last KTHXBAI.
     reply_started: bool,
-    /// When the latest ICANHAZ? of this attempt was sent.
+    /// When the latest ICANHAZ? of this attempt that was not a repeat was sent.
     requested_at: Option<Instant>,
+    /// When the latest ICANHAZ? of this attempt was sent, repeats included.
+    last_request_at: Option<Instant>,
+    /// A reply was discarded that asking again at once would only bring back (it named
+    /// another subtree): ask again at the `request_retry` pace.
+    ask_again: bool,
 }
 
 /// An own update awaiting its echo.
@@ -691,6 +750,11 @@ impl Client {
     /// snapshot from it once the subscription is live again.
     pub fn handle_subscriber_reconnected(&mut self, now: Instant, server: ServerIndex) {
         self.clock = self.clock.max(now);
+        if server.0 >= self.config.servers {
+            return;
+        }
+        // The subscription is made anew on the new connection: nothing proves it live.
+        self.book(server).heard = None;
         if server != self.current || self.state == State::Initial {
             return;
         }
@@ -713,7 +777,9 @@ impl Client {
             return;
         }
         self.stats.snapshot_reconnects += 1;
-        self.book(server).outstanding = 0;
+        let book = self.book(server);
+        book.outstanding = 0;
+        book.written_off = 0;
         if server != self.current || self.state != State::Syncing {
             return;
         }
@@ -723,32 +789,119 @@ impl Client {
         self.request_snapshot(now);
     }
 
-    /// Time has passed: at the expiry, the client gives up on the current server and
-    /// moves to the next one.
-    pub fn handle_timeout(&mut self, now: Instant) {
+    /// The host saw a connection to `server` go down (libzmq's socket monitor: the SUB
+    /// or the DEALER disconnected, or a connect attempt failed). Its subscription is
+    /// gone until it reconnects; if it is the current server, the client moves on at
+    /// once instead of waiting out `server_ttl` (Binary Star still decides, at the
+    /// server, whether the backup may take over).
+    pub fn handle_server_disconnected(&mut self, now: Instant, server: ServerIndex) {
         self.clock = self.clock.max(now);
-        if now >= self.expiry {
-            self.fail_over(now);
+        if server.0 >= self.config.servers {
             return;
         }
-        let lost_echo = self
-            .echo_deadlines
-            .first_key_value()
-            .is_some_and(|((deadline, _), _)| *deadline <= now);
-        if self.state == State::Active && lost_echo {
-            // One of our own updates never came back: the local map may hold a value no
-            // server has. Start over on the same server; its snapshot settles the map.
-            self.stats.resyncs_after_lost_update += 1;
-            self.start_over(now, self.current, false);
+        let book = self.book(server);
+        let was_down = book.down;
+        book.down = true;
+        book.heard = None;
+        if server == self.current && !was_down {
+            self.stats.left_disconnected_server += 1;
+            self.fail_over(now);
         }
     }
 
-    /// Leaves the current server for the next one in the list, in [`State::Initial`].
+    /// Time has passed: fires every timer that is due (see [`Timer`]).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
+        for timer in Timer::ALL {
+            if self.deadline(timer).is_some_and(|deadline| deadline <= now) {
+                self.fire(now, timer);
+            }
+        }
+    }
+
+    fn fire(&mut self, now: Instant, timer: Timer) {
+        match timer {
+            Timer::ServerSilence => self.fail_over(now),
+            Timer::LostEcho => {
+                // One of our own updates never came back: the local map may hold a
+                // value no server has. Start over on the same server; its snapshot
+                // settles the map.
+                self.stats.resyncs_after_lost_update += 1;
+                self.start_over(now, self.current, false);
+            }
+            Timer::RequestRetry => {
+                self.stats.requests_repeated += 1;
+                self.send_snapshot_request(now);
+            }
+        }
+    }
+
+    /// When `timer` is due, if it is armed.
+    fn deadline(&self, timer: Timer) -> Option<Instant> {
+        match timer {
+            Timer::ServerSilence => Some(self.expiry),
+            Timer::LostEcho => self
+                .echo_deadlines
+                .first_key_value()
+                .filter(|_| self.state == State::Active)
+                .map(|((deadline, _), _)| *deadline),
+            Timer::RequestRetry => self
+                .attempt
+                .last_request_at
+                .filter(|_| {
+                    self.state == State::Syncing
+                        && !self.attempt.reply_started
+                        && (self.attempt.ask_again
+                            || self.announced_inactive(self.clock, self.current))
+                })
+                .map(|requested_at| requested_at + self.config.request_retry),
+        }
+    }
+
+    /// Leaves the current server for the best next one, in [`State::Initial`].
     fn fail_over(&mut self, now: Instant) {
-        let from = self.current;
-        let to = ServerIndex((from.0 + 1) % self.config.servers);
+        let to = self.successor(now, self.current);
         self.stats.failovers += 1;
         self.start_over(now, to, true);
+    }
+
+    /// The server to try after `from`: in list order from the one after it, the first
+    /// that announced itself active recently, else the first whose connection is not
+    /// known to be down, else simply the next.
+    fn successor(&self, now: Instant, from: ServerIndex) -> ServerIndex {
+        let servers = self.config.servers;
+        let others: Vec<ServerIndex> = (1..=servers)
+            .map(|step| ServerIndex((from.0 + step) % servers))
+            .filter(|&server| server != from || servers == 1)
+            .collect();
+        let up = |server: &ServerIndex| !self.servers.get(server).is_some_and(|book| book.down);
+        others
+            .iter()
+            .copied()
+            .find(|&server| up(&server) && self.recently_announced(now, server, true))
+            .or_else(|| others.iter().copied().find(up))
+            .unwrap_or(ServerIndex((from.0 + 1) % servers))
+    }
+
+    /// True when `server`'s latest HUGZ, at most `server_ttl` old, announced a state
+    /// that is active (`active`) or one that is not (`!active`).
+    fn recently_announced(&self, now: Instant, server: ServerIndex, active: bool) -> bool {
+        self.servers
+            .get(&server)
+            .and_then(|book| book.announced)
+            .is_some_and(|(state, at)| {
+                (state == BstarState::Active) == active
+                    && now.saturating_duration_since(at) < self.config.server_ttl
+            })
+    }
+
+    /// True when `server`'s latest HUGZ, at most `server_ttl` old, announced a state that
+    /// is not active: it drops
+    /// snapshot requests, and takes over at one that comes once its peer is silent.
+    /// (Only then are requests repeated: an active server answers each one with a
+    /// whole snapshot, and a server whose state is unknown may be active.)
+    fn announced_inactive(&self, now: Instant, server: ServerIndex) -> bool {
+        self.recently_announced(now, server, false)
     }
 
     /// Starts a new attempt on `server` in [`State::Initial`] (announced as a
@@ -766,6 +919,13 @@ impl Client {
         self.expiry = now + self.config.server_ttl;
         if announce {
             self.emit(Event::ServerChanged { from, to: server });
+        }
+        if let Some(heard) = self.book(server).heard {
+            // Its subscription is already live, and every message from it after `heard`
+            // reaches the buffer from now on: ask for the snapshot at once.
+            self.attempt.live_from = Some(heard.saturating_add(1));
+            self.attempt.last_heard = Some(heard);
+            self.request_snapshot(now);
         }
         // The update's echo would have come from the history we left.
         let in_flight = mem::take(&mut self.in_flight);
@@ -788,14 +948,12 @@ impl Client {
         self.outputs.pop_front()
     }
 
-    /// When [`Client::handle_timeout`] must be called next: the current server's expiry.
+    /// When [`Client::handle_timeout`] must be called next: the earliest armed timer.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let echo = self
-            .echo_deadlines
-            .first_key_value()
-            .filter(|_| self.state == State::Active)
-            .map(|((deadline, _), _)| *deadline);
-        Some(echo.map_or(self.expiry, |echo| echo.min(self.expiry)))
+        Timer::ALL
+            .into_iter()
+            .filter_map(|timer| self.deadline(timer))
+            .min()
     }
 
     // --- Application commands ----------------------------------------------------------
@@ -862,14 +1020,61 @@ impl Client {
     }
 
     fn on_subscriber(&mut self, now: Instant, server: ServerIndex, message: KvMsg) {
-        if server != self.current {
-            self.drop_message(server, Channel::Subscriber, DropReason::NotCurrentServer);
-            return;
-        }
         if message.is_kthxbai() {
             self.drop_message(server, Channel::Subscriber, DropReason::WrongChannel);
             return;
         }
+        let sequence = message.sequence;
+        let announced = message.hugz_state();
+        if server != self.current {
+            let current_gone = self.book(self.current).down;
+            self.note_heard(now, server, sequence, announced);
+            let better = current_gone
+                || (announced == Some(BstarState::Active) && !self.current_is_serving(now));
+            if better {
+                self.stats.moved_to_better_server += 1;
+                self.stats.failovers += 1;
+                self.start_over(now, server, true);
+            } else {
+                self.drop_message(server, Channel::Subscriber, DropReason::NotCurrentServer);
+            }
+            return;
+        }
+        // A new attempt that starts on the way (a restart, a gap) receives this message
+        // as its first: it needs no earlier proof of the subscription, and the one it
+        // would find may belong to a history the server no longer has.
+        self.book(server).heard = None;
+        self.on_current_subscriber(now, server, message);
+        self.note_heard(now, server, sequence, announced);
+    }
+
+    /// Records a message from `server`'s SUB: its subscription is live, and what the
+    /// message announced of its Binary Star state.
+    fn note_heard(
+        &mut self,
+        now: Instant,
+        server: ServerIndex,
+        sequence: i64,
+        announced: Option<BstarState>,
+    ) {
+        let book = self.book(server);
+        book.heard = Some(sequence);
+        book.down = false;
+        if let Some(state) = announced {
+            book.announced = Some((state, now));
+        }
+    }
+
+    /// False when the current server is gone, announced itself not active, or has said
+    /// nothing since it became current while the client waits for its subscription:
+    /// then a server that announces itself active is worth moving to at once.
+    fn current_is_serving(&self, now: Instant) -> bool {
+        let book = self.servers.get(&self.current).copied().unwrap_or_default();
+        let unheard = self.state == State::Initial && book.heard.is_none();
+        !(book.down || unheard || self.recently_announced(now, self.current, false))
+    }
+
+    fn on_current_subscriber(&mut self, now: Instant, server: ServerIndex, message: KvMsg) {
         if message.is_hugz() && self.state == State::Active && self.abandons_history(&message) {
             if message
                 .hugz_state()
@@ -994,7 +1199,11 @@ impl Client {
         let book = self.book(server);
         let expected = book.outstanding > 0;
         if message.is_kthxbai() {
-            book.outstanding = book.outstanding.saturating_sub(1);
+            if book.outstanding > 0 {
+                book.outstanding -= 1;
+            } else {
+                book.written_off = book.written_off.saturating_sub(1);
+            }
             let cut = mem::take(&mut book.reply_cut);
             if collecting {
                 self.finish_snapshot(now, message, cut);
@@ -1043,7 +1252,7 @@ impl Client {
         self.attempt.reply_started = false;
         let rejection = if cut {
             Some(DropReason::StaleReply)
-        } else if kthxbai.body != self.config.subtree {
+        } else if !names_subtree(&kthxbai.body, &self.config.subtree) {
             Some(DropReason::SubtreeMismatch)
         } else if self
             .attempt
@@ -1064,6 +1273,7 @@ impl Client {
         };
         if let Some(reason) = rejection {
             self.stats.snapshots_discarded += 1;
+            let mismatch = reason == DropReason::SubtreeMismatch;
             self.drop_message(server, Channel::Snapshot, reason);
             // Ask again when no other reply is coming. The buffer keeps running, so the
             // subscription evidence of this attempt stays valid. After a cut reply the
@@ -1071,8 +1281,13 @@ impl Client {
             // a broken connection, and the reply we discarded may be the one to our
             // latest request (found by the simulator, swarm 74799: the client waited
             // for a reply that never came until it timed out and left a healthy
-            // server). At worst one snapshot too many is sent.
-            if cut || self.book(server).outstanding == 0 {
+            // server). At worst one snapshot too many is sent. A reply for another
+            // subtree would come again: the request is repeated at the retry pace only.
+            let book = self.book(server);
+            let none_coming = book.outstanding == 0 && book.written_off == 0;
+            if mismatch {
+                self.attempt.ask_again = true;
+            } else if cut || none_coming {
                 self.request_snapshot(now);
             }
             return;
@@ -1183,7 +1398,16 @@ impl Client {
         }
     }
 
+    /// Asks the current server for a snapshot, giving it `server_ttl` to answer.
     fn request_snapshot(&mut self, now: Instant) {
+        self.expiry = now + self.config.server_ttl;
+        self.attempt.requested_at = Some(now);
+        self.send_snapshot_request(now);
+    }
+
+    /// Sends an ICANHAZ? to the current server; a repeat keeps the deadline and the
+    /// request time of the first (its reply may still be the one that comes).
+    fn send_snapshot_request(&mut self, now: Instant) {
         let server = self.current;
         let book = self.book(server);
         if book.outstanding >= MAX_OUTSTANDING_REQUESTS {
@@ -1191,16 +1415,17 @@ impl Client {
             // keep the client from ever making it take over. The reply rules of the
             // module docs stay safe if a written-off reply turns up after all.
             book.outstanding -= 1;
+            book.written_off = book.written_off.saturating_add(1);
             self.stats.requests_written_off += 1;
         }
         let book = self.book(server);
         book.outstanding += 1;
         self.stats.snapshot_requests += 1;
         self.state = State::Syncing;
-        self.expiry = now + self.config.server_ttl;
         self.attempt.incoming.clear();
         self.attempt.reply_started = false;
-        self.attempt.requested_at = Some(now);
+        self.attempt.last_request_at = Some(now);
+        self.attempt.ask_again = false;
         self.outputs.push_back(Output::SendSnapshotRequest {
             server,
             frames: SnapshotRequest::new(self.config.subtree.clone()).encode(),
@@ -1311,6 +1536,13 @@ impl Client {
     fn emit(&mut self, event: Event) {
         self.outputs.push_back(Output::Event(event));
     }
+}
+
+/// True when a KTHXBAI's body fits the client's subtree: it names it (RFC 12, the Python
+/// server) or is empty (the zguide C server never fills it in). A reply naming another
+/// subtree answers someone else's request and is not used.
+fn names_subtree(kthxbai_body: &[u8], subtree: &[u8]) -> bool {
+    kthxbai_body.is_empty() || kthxbai_body == subtree
 }
 
 fn updated(key: &[u8], entry: &Entry) -> Event {

@@ -546,13 +546,12 @@ impl KvMsg {
         }
     }
 
-    /// A HUGZ from a server that is not active and so serves no updates: marked with its
-    /// state, so that a client following it knows to look elsewhere.
+    /// A HUGZ marked with the server's Binary Star state: a client following a server
+    /// that is not active knows to look elsewhere, and one looking for the active
+    /// server knows where to go. (The references' HUGZ carry no mark.)
     pub fn hugz_from(state: BstarState, sequence: i64) -> Self {
         let mut hugz = KvMsg::hugz(sequence);
-        if state != BstarState::Active {
-            hugz.set_state_text(state);
-        }
+        hugz.set_state_text(state);
         hugz
     }
 

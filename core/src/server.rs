@@ -251,9 +251,10 @@ pub enum DropReason {
     /// A client tried to set `HUGZ` or `KTHXBAI`, or a command came where a key update
     /// belongs.
     ReservedKey,
-    /// A KVSET without a uuid: it could never be matched on the pending list, so a
-    /// failover could apply it twice or lose it.
-    MissingUuid,
+    /// A passive's copy of a KVSET without a uuid (valid on the wire): it cannot be
+    /// matched against the active's echo, so holding it could apply it twice at a
+    /// failover. The passive relies on the active's KVPUB for it instead.
+    UnmatchableCopy,
     /// The `ttl` property is not a valid number of seconds.
     InvalidTtl(TtlError),
     /// A passive server already holds a client update with this uuid.
@@ -280,7 +281,7 @@ impl DropReason {
         match self {
             DropReason::Malformed(error) => error.reason(),
             DropReason::ReservedKey => "reserved_key",
-            DropReason::MissingUuid => "missing_uuid",
+            DropReason::UnmatchableCopy => "unmatchable_copy",
             DropReason::InvalidTtl(_) => "invalid_ttl",
             DropReason::DuplicateUuid => "duplicate_uuid",
             DropReason::NotActive => "not_active",
@@ -471,6 +472,9 @@ pub struct Counters {
     pub expired: u64,
     /// Snapshot streams opened.
     pub snapshots_opened: u64,
+    /// Streams replaced before they started by a newer request from the same client
+    /// (at most one waits behind the stream being sent).
+    pub snapshots_superseded: u64,
     /// Snapshot streams that reached their KTHXBAI.
     pub snapshots_completed: u64,
     /// Snapshot streams closed early.
@@ -738,7 +742,7 @@ impl Server {
         if self.snapshots.len() >= self.config.max_snapshot_streams {
             return self.drop_input(source, DropReason::TooManySnapshotStreams);
         }
-        self.snapshots.open(
+        let replaced = self.snapshots.open(
             now,
             routing_id,
             self.store.map().clone(),
@@ -746,6 +750,9 @@ impl Server {
             self.sequence,
         );
         self.counters.snapshots_opened += 1;
+        if replaced {
+            self.counters.snapshots_superseded += 1;
+        }
         self.outputs.push_back(Output::SnapshotReady {
             routing_id: routing_id.to_vec(),
         });
@@ -767,14 +774,11 @@ impl Server {
         if update.has_reserved_key() {
             return self.drop_input(source, DropReason::ReservedKey);
         }
-        let Some(uuid) = update.uuid else {
-            return self.drop_input(source, DropReason::MissingUuid);
-        };
         let ttl = match update.client_ttl() {
             Ok(ttl) => ttl,
             Err(error) => return self.drop_input(source, DropReason::InvalidTtl(error)),
         };
-        if self.seen.contains(&uuid) {
+        if let Some(uuid) = update.uuid.filter(|uuid| self.seen.contains(uuid)) {
             // Already published: applying it again would regress its key. (A passive
             // also forgets the early echo it kept for this copy, and will not replay
             // the older copies of its key.)
@@ -787,6 +791,9 @@ impl Server {
         if self.state() == BstarState::Active {
             self.publish_update(now, &update, expires_at);
         } else {
+            let Some(uuid) = update.uuid else {
+                return self.drop_input(source, DropReason::UnmatchableCopy);
+            };
             let (fate, evicted) = self.pending.hold_client_copy(
                 now,
                 uuid,

@@ -955,6 +955,15 @@ impl Agent {
         };
         let subscriber = link.monitor.poll_reconnected()?;
         let snapshot = link.snapshot_monitor.poll_reconnected()?;
+        if subscriber.disconnected || snapshot.disconnected {
+            tracing::debug!(
+                server = %self.endpoint(ServerIndex(index)),
+                "connection to the server is down"
+            );
+            self.core
+                .handle_server_disconnected(self.clock.now(), ServerIndex(index));
+            self.drain_outputs();
+        }
         if snapshot.reconnected {
             tracing::info!(
                 server = %self.addresses.get(index).map(|a| a.snapshot.as_str()).unwrap_or("?"),

@@ -338,6 +338,9 @@ pub struct MonitorPoll {
     pub received: bool,
     /// The connection came back after going down.
     pub reconnected: bool,
+    /// The connection went down, or an attempt to make it failed (refused, unreachable),
+    /// before `reconnected` if both happened.
+    pub disconnected: bool,
 }
 
 impl ReconnectMonitor {
@@ -350,7 +353,8 @@ impl ReconnectMonitor {
         socket.inner().monitor(
             &endpoint,
             i32::from(zmq::SocketEvent::CONNECTED.to_raw())
-                | i32::from(zmq::SocketEvent::DISCONNECTED.to_raw()),
+                | i32::from(zmq::SocketEvent::DISCONNECTED.to_raw())
+                | i32::from(zmq::SocketEvent::CONNECT_RETRIED.to_raw()),
         )?;
         let events = ZmqSocket::new(context, zmq::PAIR, "monitor")?;
         events.inner().connect(&endpoint)?;
@@ -376,7 +380,14 @@ impl ReconnectMonitor {
                 .and_then(|bytes| <[u8; 2]>::try_from(bytes).ok())
                 .map(u16::from_le_bytes);
             match event.map(zmq::SocketEvent::from_raw) {
-                Some(zmq::SocketEvent::DISCONNECTED) => self.disconnected = true,
+                Some(zmq::SocketEvent::DISCONNECTED) => {
+                    self.disconnected = true;
+                    // Reported only when it precedes any reconnect in this batch.
+                    poll.disconnected |= !poll.reconnected;
+                }
+                Some(zmq::SocketEvent::CONNECT_RETRIED) => {
+                    poll.disconnected |= !poll.reconnected;
+                }
                 Some(zmq::SocketEvent::CONNECTED) if self.disconnected => {
                     self.disconnected = false;
                     poll.reconnected = true;

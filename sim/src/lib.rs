@@ -1,7 +1,7 @@
 //! # clonekv-sim
 //!
 //! Deterministic simulation testing of a whole clonekv cluster (see
-//! `shared/spec/SIMULATION.md`): the real `clonekv-core` state machines of a primary, a
+//! `docs/SIMULATION.md`): the real `clonekv-core` state machines of a primary, a
 //! backup and several clients run in one thread under a world decided entirely by one
 //! `u64` seed — delays, partitions, crashes, clock skew, the workload and every uuid —
 //! with the safety oracles checked after every step.

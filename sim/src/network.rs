@@ -143,6 +143,10 @@ pub struct NetworkOptions {
     pub duplicate: Ratio,
     /// Harsh mode: a message may overtake earlier ones on its own route.
     pub reorder: Ratio,
+    /// A connection that breaks (a crash, a reset) is reported at once to the socket
+    /// monitor of the side that receives on it, as TCP and libzmq do. Off models hosts
+    /// without a monitor (the zguide's clients): they learn only from silence.
+    pub report_disconnects: bool,
 }
 
 impl Default for NetworkOptions {
@@ -157,6 +161,7 @@ impl Default for NetworkOptions {
             reconnect_delay_max: Duration::from_millis(500),
             duplicate: Ratio::NEVER,
             reorder: Ratio::NEVER,
+            report_disconnects: true,
         }
     }
 }
@@ -224,6 +229,9 @@ pub struct Network {
     /// connection beside healthy ones between the same two nodes.
     stalled_routes: BTreeSet<Route>,
     down_nodes: BTreeSet<NodeId>,
+    /// Connections that broke since the last [`Network::take_disconnects`], in the
+    /// order they broke: their receivers' monitors see them go.
+    disconnects: Vec<Route>,
     stats: NetworkStats,
 }
 
@@ -245,6 +253,7 @@ impl Network {
             cuts: BTreeMap::new(),
             stalled_routes: BTreeSet::new(),
             down_nodes: BTreeSet::new(),
+            disconnects: Vec::new(),
             stats: NetworkStats::default(),
         };
         for route in routes {
@@ -403,12 +412,22 @@ impl Network {
 
     /// When the next message or reconnection is due.
     pub fn next_event(&self) -> Option<Instant> {
+        if !self.disconnects.is_empty() {
+            // Reported at the next step, which may be now.
+            return Some(Instant::ZERO);
+        }
         let delivery = self.in_flight.keys().next().map(|(at, _)| *at);
         let reconnect = self.reconnects.first().map(|(at, _)| *at);
         match (delivery, reconnect) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The connections that broke since the last call, in the order they broke (a
+    /// crash or a broken partition: TCP reports it at once; a stall does not).
+    pub fn take_disconnects(&mut self) -> Vec<Route> {
+        std::mem::take(&mut self.disconnects)
     }
 
     /// Brings back connections whose reconnect time has come; returns the routes that
@@ -590,7 +609,12 @@ impl Network {
                 continue;
             }
             match connection.state {
-                ConnectionState::Up { .. } => self.stats.connections_broken += 1,
+                ConnectionState::Up { .. } => {
+                    self.stats.connections_broken += 1;
+                    if self.options.report_disconnects {
+                        self.disconnects.push(*route);
+                    }
+                }
                 ConnectionState::Down {
                     reconnect_at: Some(at),
                 } => {
@@ -768,6 +792,11 @@ mod tests {
         });
         network.send(Instant::ZERO, UPDATES, numbered(1)).unwrap();
         network.partition(Instant::ZERO, 0, 2, PartitionKind::Break, false);
+        assert_eq!(
+            network.take_disconnects(),
+            [UPDATES, REQUESTS],
+            "the receivers' monitors see them go"
+        );
         assert!(drain(&mut network, Instant::from_millis(1_000)).is_empty());
         assert_eq!(
             network.send(Instant::from_millis(1_000), UPDATES, numbered(2)),
@@ -789,6 +818,7 @@ mod tests {
     fn a_crashed_node_stays_unreachable_until_it_restarts() {
         let mut network = network(NetworkOptions::default());
         network.crash(Instant::ZERO, 0);
+        assert_eq!(network.take_disconnects(), [UPDATES, REQUESTS]);
         network.heal_all(Instant::ZERO);
         assert_eq!(network.next_event(), None);
         network.restart(Instant::from_millis(100), 0);

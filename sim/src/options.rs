@@ -241,6 +241,7 @@ impl Options {
             } else {
                 Ratio::NEVER
             },
+            report_disconnects: true,
         };
         let faults = FaultOptions {
             tick: Duration::from_millis(100),
@@ -286,6 +287,11 @@ impl Options {
             value_len_max: rng.random_range(1..=256),
             subtrees: Vec::new(),
             watch_commits: false,
+        };
+        // Drawn last, so the knobs above keep the values older seeds gave them.
+        let network = NetworkOptions {
+            report_disconnects: rng.random_ratio(3, 4),
+            ..network
         };
         Options {
             fault_phase: Duration::from_secs(60),

@@ -175,6 +175,15 @@ pub struct RunReport {
     pub final_active_map: Option<BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
+/// What a socket monitor reports about a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Notice {
+    /// The connection broke (a crash or a broken partition; a stall is silent).
+    Disconnected,
+    /// The connection came back after a break.
+    Reconnected,
+}
+
 #[derive(Debug)]
 struct Life {
     clock: NodeClock,
@@ -183,9 +192,9 @@ struct Life {
     /// Deliveries that reached it while paused, each with its sender's incarnation
     /// then (the sender may crash and restart before this node reads them).
     held: VecDeque<(Delivery, Option<u32>)>,
-    /// Reconnects of the node's monitored sockets seen while it was paused (the monitor
-    /// queues them): the peer at the other end, and the route's link.
-    held_reconnects: Vec<(NodeId, Link)>,
+    /// What the node's socket monitors saw while it was paused (the monitor queues
+    /// it), in order: the peer at the other end, the route's link, and the notice.
+    held_notices: Vec<(NodeId, Link, Notice)>,
     incarnation: u32,
     /// World time since which the node has run without a pause or restart.
     running_since: Instant,
@@ -352,7 +361,7 @@ impl World {
             restart_at: None,
             paused_until: None,
             held: VecDeque::new(),
-            held_reconnects: Vec::new(),
+            held_notices: Vec::new(),
             incarnation: 0,
             running_since: now,
         };
@@ -541,21 +550,32 @@ impl World {
 
     fn step(&mut self) {
         let now = self.now;
-        for route in self.network.handle_reconnects(now) {
-            self.trace(|| format!("reconnect {route:?}"), &(1u8, route));
+        let disconnects = self.network.take_disconnects();
+        let reconnects = self.network.handle_reconnects(now);
+        let notices = disconnects
+            .into_iter()
+            .map(|route| (route, Notice::Disconnected))
+            .chain(
+                reconnects
+                    .into_iter()
+                    .map(|route| (route, Notice::Reconnected)),
+            );
+        for (route, notice) in notices {
+            self.trace(|| format!("{notice:?} {route:?}"), &(1u8, route, notice));
             // The monitors the hosts run: every SUB's, and a client's DEALER's (its
             // replies come back on the SnapshotReply route).
             let monitored = route.link == Link::Updates
                 || (route.link == Link::SnapshotReply && !World::is_server(route.to));
-            if monitored {
-                let paused = self.life(route.to).is_some_and(Life::is_paused);
-                if paused {
-                    if let Some(life) = self.life_mut(route.to) {
-                        life.held_reconnects.push((route.from, route.link));
-                    }
-                } else {
-                    self.report_reconnect(route.to, route.from, route.link);
+            if !monitored || !self.is_up(route.to) {
+                continue;
+            }
+            let paused = self.life(route.to).is_some_and(Life::is_paused);
+            if paused {
+                if let Some(life) = self.life_mut(route.to) {
+                    life.held_notices.push((route.from, route.link, notice));
                 }
+            } else {
+                self.report_notice(route.to, route.from, route.link, notice);
             }
         }
         self.restarts_and_resumes();
@@ -2332,7 +2352,7 @@ impl World {
             life.restart_at = Some(restart_at);
             life.paused_until = None;
             life.held.clear();
-            life.held_reconnects.clear();
+            life.held_notices.clear();
         }
         self.trace(|| format!("crash {node}"), &(8u8, node));
     }
@@ -2357,20 +2377,20 @@ impl World {
                     self.start_client(node);
                 }
             } else if life.paused_until.is_some_and(|at| at <= now) {
-                let (held, reconnects) = match self.life_mut(node) {
+                let (held, notices) = match self.life_mut(node) {
                     Some(life) => {
                         life.paused_until = None;
                         life.running_since = now;
                         (
                             std::mem::take(&mut life.held),
-                            std::mem::take(&mut life.held_reconnects),
+                            std::mem::take(&mut life.held_notices),
                         )
                     }
                     None => continue,
                 };
                 self.trace(|| format!("resume {node}"), &(10u8, node));
-                for (server, link) in reconnects {
-                    self.report_reconnect(node, server, link);
+                for (server, link, notice) in notices {
+                    self.report_notice(node, server, link, notice);
                 }
                 for (delivery, sender) in held {
                     self.deliver_sent_by(delivery, sender);
@@ -2379,9 +2399,33 @@ impl World {
         }
     }
 
-    /// What libzmq's socket monitor tells the production host: `client`'s SUB to
-    /// `server` reconnected (`Link::Updates`; for a server, its SUB to the peer's
-    /// publisher), or the client's DEALER to it (`Link::SnapshotReply`).
+    /// What libzmq's socket monitor tells the production host about `client`'s SUB to
+    /// `server` (`Link::Updates`; for a server, its SUB to the peer's publisher) or the
+    /// client's DEALER to it (`Link::SnapshotReply`).
+    fn report_notice(&mut self, client: NodeId, server: NodeId, link: Link, notice: Notice) {
+        match notice {
+            Notice::Reconnected => self.report_reconnect(client, server, link),
+            Notice::Disconnected => self.report_disconnect(client, server),
+        }
+    }
+
+    /// A client's connection to `server` went down (servers take no such notice).
+    fn report_disconnect(&mut self, client: NodeId, server: NodeId) {
+        if World::is_server(client) {
+            return;
+        }
+        let Some(local) = self.life(client).map(|life| life.clock.local(self.now)) else {
+            return;
+        };
+        if let Some(machine) = self
+            .client_slot(client)
+            .and_then(|slot| slot.machine.as_mut())
+        {
+            machine.handle_server_disconnected(local, server_index(server));
+        }
+        self.drain_client(client);
+    }
+
     fn report_reconnect(&mut self, client: NodeId, server: NodeId, link: Link) {
         let now = self.now;
         if World::is_server(client) {

@@ -650,14 +650,17 @@ fn a_whole_map_client_resyncs_on_a_gap_among_the_updates_buffered_during_its_sna
     sub(&mut client, ms(0), A, hugz(5));
     sub(&mut client, ms(1), A, kvpub("/a/x", "6", 6));
     sub(&mut client, ms(2), A, kvpub("/a/x", "8", 8)); // 7 was dropped by the publisher
+    drain(&mut client);
     snap(&mut client, ms(3), A, frames(KvMsg::kthxbai(5, Vec::new())));
-    assert_eq!(
-        client.state(),
-        State::Initial,
-        "the buffer has a hole: start over"
-    );
     assert_eq!(client.sequence(), 6);
     assert_eq!(client.stats().resyncs_after_gap, 1);
+    // The subscription is known live (8 was heard): it asks again at once.
+    assert_eq!(
+        client.state(),
+        State::Syncing,
+        "the buffer has a hole: ask again"
+    );
+    assert_eq!(requests(&drain(&mut client)), [A]);
 }
 
 #[test]
@@ -684,7 +687,7 @@ fn an_own_update_whose_echo_never_comes_makes_the_client_resync() {
     assert_eq!(client.poll_timeout(), Some(ms(5_000)), "the echo deadline");
     sub(&mut client, ms(4_000), A, hugz(5));
     client.handle_timeout(ms(5_000));
-    assert_eq!(client.state(), State::Initial);
+    assert_eq!(client.state(), State::Syncing, "a fresh snapshot, at once");
     assert_eq!(client.stats().resyncs_after_lost_update, 1);
     assert!(events(&mut client).contains(&Event::Lost {
         uuid,
@@ -771,11 +774,53 @@ fn updates_outside_the_subtree_are_dropped_and_reported() {
 // --- Expiry and failover ----------------------------------------------------------------
 
 #[test]
-fn poll_timeout_is_the_current_server_expiry() {
+fn poll_timeout_is_the_current_server_expiry_or_a_request_retry_when_earlier() {
     let mut client = client(2);
     assert_eq!(client.poll_timeout(), Some(ms(5_000)));
     sub(&mut client, ms(1_000), A, hugz(0));
+    // A HUGZ without a state mark (the references'): the server may be active, and
+    // an active server answers every request with a whole snapshot: no repeat.
     assert_eq!(client.poll_timeout(), Some(ms(6_000)));
+    sub(
+        &mut client,
+        ms(1_100),
+        A,
+        frames(KvMsg::hugz_from(BstarState::Passive, 0)),
+    );
+    assert_eq!(
+        client.poll_timeout(),
+        Some(ms(1_200)),
+        "a passive drops requests"
+    );
+}
+
+#[test]
+fn a_request_unanswered_by_a_server_not_known_active_is_repeated_until_the_expiry() {
+    let mut client = client(2);
+    sub(
+        &mut client,
+        ms(0),
+        A,
+        frames(KvMsg::hugz_from(BstarState::Passive, 0)),
+    );
+    assert_eq!(requests(&drain(&mut client)), [A]);
+    for step in 1..25 {
+        client.handle_timeout(ms(step * 200));
+        assert_eq!(requests(&drain(&mut client)), [A], "repeat {step}");
+        assert_eq!(client.current_server(), A);
+    }
+    assert!(client.outstanding_requests(A) <= MAX_OUTSTANDING_REQUESTS);
+    assert_eq!(client.stats().requests_repeated, 24);
+    // Repeats do not extend the server's time: at its expiry the client moves on.
+    client.handle_timeout(ms(5_000));
+    assert_eq!(client.current_server(), B);
+    // A reply that has started is not asked for again.
+    let mut streaming = self::client(1);
+    sub(&mut streaming, ms(0), A, hugz(1));
+    drain(&mut streaming);
+    snap(&mut streaming, ms(100), A, kvsync("/a/x", "1", 1));
+    streaming.handle_timeout(ms(300));
+    assert!(requests(&drain(&mut streaming)).is_empty());
 }
 
 #[test]
@@ -907,12 +952,10 @@ fn at_most_two_snapshot_requests_are_outstanding_per_server() {
     }
     assert_eq!(client.outstanding_requests(A), 2);
     assert_eq!(client.outstanding_requests(B), 2);
-    assert_eq!(
-        client.stats().snapshot_requests,
-        8,
-        "every attempt asks: a passive may take over"
-    );
-    assert_eq!(client.stats().requests_written_off, 4);
+    // Every attempt asks (a passive may take over); from the third attempt on, the
+    // subscription is known live and the request goes out with the move.
+    assert_eq!(client.stats().snapshot_requests, 9);
+    assert_eq!(client.stats().requests_written_off, 5);
 }
 
 #[test]
@@ -921,10 +964,11 @@ fn a_late_reply_from_an_earlier_attempt_is_not_taken_for_the_new_one() {
     // First attempt at A: the request is answered only much later, at sequence 3.
     sub(&mut client, ms(0), A, hugz(3));
     fail_over(&mut client, ms(5_000));
+    // While the client is at B, A's map moves on: its subscriber says 5.
+    sub(&mut client, ms(6_000), A, hugz(5));
     fail_over(&mut client, ms(10_000));
     assert_eq!(client.current_server(), A);
-    // Back at A, whose map has moved on: the subscriber's first message is at 5.
-    sub(&mut client, ms(10_100), A, hugz(5));
+    // Back at A, the request goes out at once: every update after 5 will be buffered.
     assert_eq!(client.outstanding_requests(A), 2);
     drain(&mut client);
     // The late reply to the first request: a snapshot at 3 when the buffer starts at 5.
@@ -1050,9 +1094,10 @@ fn a_passive_server_that_never_answers_does_not_block_later_requests() {
         fail_over(&mut client, ms(round * 10_000 + 5_000));
         fail_over(&mut client, ms(round * 10_000 + 10_000));
     }
-    drain(&mut client);
+    // The move back to A asked it at once (its subscription was known live).
+    assert_eq!(requests(&drain(&mut client)).last(), Some(&A));
+    assert!(client.outstanding_requests(A) <= MAX_OUTSTANDING_REQUESTS);
     sub(&mut client, ms(20_100), A, hugz(1));
-    assert_eq!(requests(&drain(&mut client)), vec![A]);
     snap(&mut client, ms(20_200), A, kvsync("/a/x", "1", 1));
     snap(&mut client, ms(20_200), A, kthxbai(1));
     assert_eq!(client.state(), State::Active);
@@ -1072,7 +1117,7 @@ fn an_unsolicited_snapshot_reply_is_reported_and_ignored() {
 }
 
 #[test]
-fn a_kthxbai_for_another_subtree_is_discarded_and_asked_again() {
+fn a_kthxbai_for_another_subtree_is_discarded_and_asked_again_at_the_retry_pace() {
     let mut client = client(1);
     sub(&mut client, ms(0), A, hugz(1));
     drain(&mut client);
@@ -1091,7 +1136,29 @@ fn a_kthxbai_for_another_subtree_is_discarded_and_asked_again() {
         channel: Channel::Snapshot,
         reason: DropReason::SubtreeMismatch
     })));
-    assert_eq!(requests(&outputs), vec![A]);
+    // Not at once: the same server would answer the same way, as fast as it can.
+    assert!(requests(&outputs).is_empty());
+    assert_eq!(client.poll_timeout(), Some(ms(200)));
+    client.handle_timeout(ms(200));
+    assert_eq!(requests(&drain(&mut client)), vec![A]);
+    assert_eq!(client.poll_timeout(), Some(ms(5_010)), "once per discard");
+}
+
+#[test]
+fn a_kthxbai_with_an_empty_body_ends_the_snapshot_as_the_zguide_c_server_sends_it() {
+    let mut client = client(1);
+    sub(&mut client, ms(0), A, hugz(1));
+    drain(&mut client);
+    snap(&mut client, ms(10), A, kvsync("/a/x", "1", 1));
+    snap(
+        &mut client,
+        ms(10),
+        A,
+        frames(KvMsg::kthxbai(1, Vec::new())),
+    );
+    assert_eq!(client.state(), State::Active);
+    assert_eq!(client.get(b"/a/x"), Some(&b"1"[..]));
+    assert_eq!(client.stats().snapshots_applied, 1);
 }
 
 #[test]
@@ -1602,8 +1669,9 @@ struct Link {
     snapshot: VecDeque<Frames>,
     /// ICANHAZ? received, not yet answered or rejected.
     requests: u32,
-    /// The SUB delivered something since this server became current.
-    delivered_since_current: bool,
+    /// The SUB delivered something: its subscription is live (this model never
+    /// reconnects), whether or not the server was current then.
+    delivered: bool,
 }
 
 impl World {
@@ -1770,9 +1838,7 @@ impl Run {
             Step::Subscribe(server) => world.links[server].subscribed = true,
             Step::DeliverSubscriber(server) => {
                 if let Some(message) = world.links[server].subscriber.pop_front() {
-                    if ServerIndex(server) == self.client.current_server() {
-                        world.links[server].delivered_since_current = true;
-                    }
+                    world.links[server].delivered = true;
                     self.client.handle_message(
                         self.now,
                         ServerIndex(server),
@@ -1811,7 +1877,7 @@ impl Run {
                 Output::SendSnapshotRequest { server, .. } => {
                     let link = &mut self.world.links[server.0];
                     assert!(
-                        link.delivered_since_current,
+                        link.delivered,
                         "ICANHAZ? to {server} before its SUB was live"
                     );
                     link.requests += 1;
@@ -1828,9 +1894,7 @@ impl Run {
                     Event::Deleted { key, .. } => {
                         self.mirror.remove(&key);
                     }
-                    Event::ServerChanged { to, .. } => {
-                        self.world.links[to.0].delivered_since_current = false;
-                    }
+                    Event::ServerChanged { .. } => {}
                     Event::Committed { uuid, sequence } => {
                         assert_eq!(
                             self.world.published_at.get(&uuid),

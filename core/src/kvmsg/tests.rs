@@ -394,20 +394,20 @@ fn ttls_are_written_as_clients_and_servers_write_them() {
 }
 
 #[test]
-fn only_a_server_that_is_not_active_marks_its_hugz() {
-    assert_eq!(
-        KvMsg::hugz_from(BstarState::Active, 5).encode(),
-        KvMsg::hugz(5).encode(),
-        "the active's HUGZ is the reference's, byte for byte"
-    );
+fn a_server_marks_its_hugz_with_its_binary_star_state() {
+    let active = KvMsg::hugz_from(BstarState::Active, 5);
+    assert_eq!(active.encode()[3], b"state=active\n");
+    assert_eq!(active.hugz_state(), Some(BstarState::Active));
     let passive = KvMsg::hugz_from(BstarState::Passive, 5);
     assert_eq!(passive.encode()[3], b"state=passive\n");
     assert_eq!(passive.hugz_state(), Some(BstarState::Passive));
+    // The references' HUGZ carry no mark: their state is unknown.
     assert_eq!(KvMsg::hugz(5).hugz_state(), None);
     let mut odd = KvMsg::hugz(5);
     odd.properties.set(STATE, b"confused").unwrap();
     assert_eq!(odd.hugz_state(), None);
     insta::assert_snapshot!("hugz_passive", dump(&passive.encode()));
+    insta::assert_snapshot!("hugz_active", dump(&active.encode()));
 }
 
 #[test]

@@ -100,7 +100,11 @@ impl SnapshotStreams {
         self.by_client.keys().map(Vec::as_slice)
     }
 
-    /// Opens a stream of `map` restricted to `subtree`, taken at `sequence`.
+    /// Opens a stream of `map` restricted to `subtree`, taken at `sequence`. A client
+    /// has at most one stream waiting behind the one being sent: a newer request
+    /// replaces the waiting one, whose snapshot it makes obsolete (the client gets one
+    /// reply fewer than it asked for, as when a passive drops a request). Returns true
+    /// when a waiting stream was replaced.
     pub(crate) fn open(
         &mut self,
         now: Instant,
@@ -108,7 +112,7 @@ impl SnapshotStreams {
         map: Map,
         subtree: Vec<u8>,
         sequence: i64,
-    ) {
+    ) -> bool {
         let client = self
             .by_client
             .entry(routing_id.to_vec())
@@ -116,6 +120,10 @@ impl SnapshotStreams {
                 queue: VecDeque::new(),
                 last_pulled: now,
             });
+        let replaced = client.queue.len() >= 2 && client.queue.pop_back().is_some();
+        if replaced {
+            self.open -= 1;
+        }
         client.queue.push_back(Stream {
             map,
             subtree,
@@ -125,6 +133,7 @@ impl SnapshotStreams {
             entries_exhausted: false,
         });
         self.open += 1;
+        replaced
     }
 
     /// The next message for `routing_id`, if it has an open stream.

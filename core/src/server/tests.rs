@@ -418,7 +418,7 @@ fn expiry_cost_does_not_depend_on_the_map_size() {
 }
 
 #[test]
-fn every_server_sends_hugz_with_its_current_sequence_every_heartbeat_and_a_passive_marks_it() {
+fn every_server_sends_hugz_with_its_current_sequence_and_state_every_heartbeat() {
     let mut harness = Harness::active();
     harness.collect(set("/a", "1", 1));
     harness.drain();
@@ -432,7 +432,7 @@ fn every_server_sends_hugz_with_its_current_sequence_every_heartbeat_and_a_passi
             _ => None,
         })
         .collect();
-    assert_eq!(hugz, [KvMsg::hugz(1)]);
+    assert_eq!(hugz, [KvMsg::hugz_from(BstarState::Active, 1)]);
 
     // A passive says so in its HUGZ, so that a client still following it (a backup
     // that stepped down, a primary that restarted) knows to fail over.
@@ -526,13 +526,62 @@ fn a_kvset_with_a_bad_ttl_is_dropped_and_counted() {
 }
 
 #[test]
-fn a_kvset_without_a_uuid_is_dropped_and_counted() {
+fn a_newer_request_replaces_the_snapshot_waiting_behind_the_one_being_sent() {
+    let mut harness = Harness::active();
+    harness.collect(set("/a", "1", 1));
+    harness.request("client", "");
+    harness.collect(set("/a", "2", 2));
+    harness.request("client", "");
+    harness.collect(set("/a", "3", 3));
+    harness.request("client", "");
+    assert_eq!(harness.server.counters().snapshots_superseded, 1);
+    let replies = harness.pull_all("client");
+    let ends: Vec<i64> = replies
+        .iter()
+        .filter(|message| message.is_kthxbai())
+        .map(|message| message.sequence)
+        .collect();
+    // The first, then the newest: the one at 2 was obsolete before it started.
+    assert_eq!(ends, [1, 3]);
+}
+
+#[test]
+fn the_active_publishes_a_kvset_without_a_uuid_like_any_other() {
     let mut harness = Harness::active();
     let mut anonymous = set("/a", "1", 1);
     anonymous.uuid = None;
-    harness.collect(anonymous);
-    assert_eq!(harness.dropped(InputSource::Collector, "missing_uuid"), 1);
+    harness.collect(anonymous.clone());
+    assert_eq!(harness.published(), vec![kvpub(anonymous.clone(), 1)]);
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+    // Nothing identifies a second copy of it: each is a new update (RFC 12 lets a
+    // client leave the uuid out, and then it cannot be deduplicated).
+    harness.collect(anonymous.clone());
+    assert_eq!(harness.published(), vec![kvpub(anonymous, 2)]);
+}
+
+#[test]
+fn a_passive_applies_a_uuid_less_update_once_from_the_actives_kvpub_and_never_replays_it() {
+    let mut harness = Harness::passive_at(0);
+    let mut anonymous = set("/a", "1", 1);
+    anonymous.uuid = None;
+    harness.collect(anonymous.clone());
+    assert_eq!(
+        harness.dropped(InputSource::Collector, "unmatchable_copy"),
+        1
+    );
+    assert_eq!(
+        harness.server.pending_len(),
+        0,
+        "it cannot be matched: not held"
+    );
+    harness.peer_update(kvpub(anonymous, 1));
+    assert_eq!(harness.value("/a"), Some(&b"1"[..]));
+    // At the failover nothing is replayed, so the update is applied exactly once.
+    harness.advance(3_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
     assert!(harness.published().is_empty());
+    assert_eq!(harness.server.sequence(), 1);
 }
 
 #[test]

@@ -67,6 +67,11 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Show the client library's log on stderr: -v warnings, -vv info, -vvv debug
+    /// (RUST_LOG, when set, decides instead).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -131,9 +136,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The bench's clients fail over on purpose: their warnings would only clutter it.
-    let bench = matches!(cli.command, Command::Bench(_) | Command::BenchRelay { .. });
-    clonekv_zmq::log::init(if bench { "error" } else { "warn" });
+    // An error is one line of the CLI's own; the library's log is for -v (or RUST_LOG).
+    clonekv_zmq::log::init(match cli.verbose {
+        0 => "off",
+        1 => "warn",
+        2 => "info",
+        _ => "debug",
+    });
     match &cli.command {
         Command::Bench(args) => return run_bench(args, cli.json),
         Command::BenchRelay {
