@@ -535,6 +535,23 @@ struct ServerBook {
     announced: Option<(BstarState, Instant)>,
     /// The host reported its connection gone, and nothing was heard from it since.
     down: bool,
+    /// The number of keys its latest HUGZ said its map holds.
+    keys: Option<u64>,
+}
+
+/// What a client knows of one server (see [`Client::server_view`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerView {
+    /// Sequence of the latest message its SUB delivered since the subscription was
+    /// last made; `None` if nothing since.
+    pub heard: Option<i64>,
+    /// The Binary Star state its latest HUGZ announced (`None`: never, or a server
+    /// that does not mark its HUGZ, such as the zguide's).
+    pub announced: Option<BstarState>,
+    /// The host reported its connection gone, and nothing was heard from it since.
+    pub down: bool,
+    /// The number of keys its latest HUGZ said its map holds (`None`: not said).
+    pub keys: Option<u64>,
 }
 
 /// The client's timers. Each deadline is computed from the state in one place,
@@ -701,6 +718,18 @@ impl Client {
     /// current (§4).
     pub fn is_subscription_live(&self) -> bool {
         self.attempt.live_from.is_some()
+    }
+
+    /// What the client has learned of `server` from its messages and the host's
+    /// connection notices.
+    pub fn server_view(&self, server: ServerIndex) -> ServerView {
+        let book = self.servers.get(&server).copied().unwrap_or_default();
+        ServerView {
+            heard: book.heard,
+            announced: book.announced.map(|(state, _)| state),
+            down: book.down,
+            keys: book.keys,
+        }
     }
 
     /// Snapshot requests to `server` whose reply has not ended.
@@ -1026,6 +1055,9 @@ impl Client {
         }
         let sequence = message.sequence;
         let announced = message.hugz_state();
+        if let Some(keys) = message.hugz_keys() {
+            self.book(server).keys = Some(keys);
+        }
         if server != self.current {
             let current_gone = self.book(self.current).down;
             self.note_heard(now, server, sequence, announced);

@@ -39,10 +39,11 @@ pub const KTHXBAI: &[u8] = b"KTHXBAI";
 pub const ICANHAZ: &[u8] = b"ICANHAZ?";
 /// Name of the ttl property (§5).
 pub const TTL: &str = "ttl";
-/// Name of the property in which a server that is not active marks its HUGZ with its
-/// Binary Star state (`state=passive`). The active's HUGZ carries no properties, byte
-/// for byte as the reference sends it; reference clients ignore HUGZ properties.
+/// Name of the property in which a server marks its HUGZ with its Binary Star state
+/// (`state=active`, `state=passive`, ...). Reference clients ignore HUGZ properties.
 pub const STATE: &str = "state";
+/// Name of the HUGZ property that carries the number of keys in the server's map.
+pub const KEYS: &str = "keys";
 
 /// A ttl value this large (or larger) is absolute Unix epoch milliseconds (§5).
 const EPOCH_MILLIS_THRESHOLD: u64 = 100_000_000_000;
@@ -565,6 +566,27 @@ impl KvMsg {
             b"passive" => Some(BstarState::Passive),
             _ => None,
         }
+    }
+
+    /// This HUGZ, also saying how many keys the server's map holds.
+    pub fn with_keys(mut self, keys: usize) -> Self {
+        // Decimal digits are a valid property value.
+        if self
+            .properties
+            .set(KEYS, keys.to_string().as_bytes())
+            .is_err()
+        {
+            debug_assert!(false, "keys property rejected");
+        }
+        self
+    }
+
+    /// The number of keys a HUGZ says its server holds, if it says.
+    pub fn hugz_keys(&self) -> Option<u64> {
+        std::str::from_utf8(self.properties.get(KEYS)?)
+            .ok()?
+            .parse()
+            .ok()
     }
 
     fn set_state_text(&mut self, state: BstarState) {

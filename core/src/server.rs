@@ -1022,6 +1022,7 @@ impl Server {
         if now >= self.next_hugz {
             self.outputs.push_back(Output::Publish(
                 KvMsg::hugz_from(self.state(), self.sequence)
+                    .with_keys(self.store.len())
                     .encode()
                     .map(Frame::from),
             ));

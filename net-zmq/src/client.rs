@@ -73,7 +73,7 @@ use std::time::{Duration, Instant as StdInstant};
 use clonekv_core::client::{
     self as core_client, Channel, Client as CoreClient, LostReason, Output, ServerIndex, State,
 };
-use clonekv_core::kvmsg::{Limits, Uuid};
+use clonekv_core::kvmsg::{BstarState, Limits, Uuid};
 use mio::{Events as MioEvents, Poll, Token, Waker};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -278,6 +278,34 @@ pub struct Status {
     /// Time since the current server's publisher last delivered anything (a heartbeat
     /// or an update): the heartbeat age. `None` if nothing has arrived yet.
     pub last_heard: Option<Duration>,
+    /// Every server of the list, in order.
+    pub servers: Vec<ServerStatus>,
+}
+
+/// What the client knows of one server of its list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerStatus {
+    /// Its snapshot endpoint.
+    pub endpoint: String,
+    /// The client follows it.
+    pub current: bool,
+    /// The connection to its publisher is up.
+    pub connected: bool,
+    /// That connection has been up at least once.
+    pub ever_connected: bool,
+    /// Connection attempts that failed since the last one that succeeded (refused,
+    /// unreachable).
+    pub connects_failed: u64,
+    /// The Binary Star state its latest heartbeat announced (`None`: not heard yet, or a
+    /// server that does not say, such as the zguide's).
+    pub announced: Option<BstarState>,
+    /// Sequence of its latest message (heartbeat or update), if heard since the
+    /// connection was made.
+    pub sequence: Option<i64>,
+    /// Keys in its map, as its latest heartbeat said (`None`: not said).
+    pub keys: Option<u64>,
+    /// Time since its publisher last delivered anything.
+    pub last_heard: Option<Duration>,
 }
 
 impl Status {
@@ -477,6 +505,9 @@ impl ClientBuilder {
                 monitor,
                 snapshot_monitor,
                 last_heard: None,
+                connected: false,
+                ever_connected: false,
+                connects_failed: 0,
             });
         }
         let publisher = new_socket(&context, zmq::PUB, "publisher", "")?;
@@ -758,6 +789,12 @@ struct ServerLink {
     /// Connection events of `snapshot`.
     snapshot_monitor: ReconnectMonitor,
     last_heard: Option<StdInstant>,
+    /// The SUB's connection is up (libzmq's monitor).
+    connected: bool,
+    /// The SUB's connection has been up at least once.
+    ever_connected: bool,
+    /// Failed connection attempts of the SUB and the DEALER since the last success.
+    connects_failed: u64,
 }
 
 struct Subscriber {
@@ -943,6 +980,26 @@ impl Agent {
                 .get(server)
                 .and_then(|link| link.last_heard)
                 .map(|heard| heard.elapsed()),
+            servers: self
+                .addresses
+                .iter()
+                .zip(&self.links)
+                .enumerate()
+                .map(|(index, (address, link))| {
+                    let view = self.core.server_view(ServerIndex(index));
+                    ServerStatus {
+                        endpoint: address.snapshot.clone(),
+                        current: index == server,
+                        connected: link.connected,
+                        ever_connected: link.ever_connected,
+                        connects_failed: link.connects_failed,
+                        announced: view.announced,
+                        sequence: view.heard,
+                        keys: view.keys,
+                        last_heard: link.last_heard.map(|heard| heard.elapsed()),
+                    }
+                })
+                .collect(),
         }
     }
 
@@ -955,6 +1012,14 @@ impl Agent {
         };
         let subscriber = link.monitor.poll_reconnected()?;
         let snapshot = link.snapshot_monitor.poll_reconnected()?;
+        if let Some(up) = subscriber.up {
+            link.connected = up;
+            link.ever_connected |= up;
+        }
+        if subscriber.up == Some(true) || snapshot.up == Some(true) {
+            link.connects_failed = 0;
+        }
+        link.connects_failed += subscriber.connects_failed + snapshot.connects_failed;
         if subscriber.disconnected || snapshot.disconnected {
             tracing::debug!(
                 server = %self.endpoint(ServerIndex(index)),

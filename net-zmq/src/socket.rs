@@ -341,6 +341,11 @@ pub struct MonitorPoll {
     /// The connection went down, or an attempt to make it failed (refused, unreachable),
     /// before `reconnected` if both happened.
     pub disconnected: bool,
+    /// Connection attempts that failed (libzmq retries them).
+    pub connects_failed: u64,
+    /// The state of the connection after these events: `Some(true)` if the last one
+    /// brought it up, `Some(false)` if it took it down, `None` if neither.
+    pub up: Option<bool>,
 }
 
 impl ReconnectMonitor {
@@ -384,13 +389,18 @@ impl ReconnectMonitor {
                     self.disconnected = true;
                     // Reported only when it precedes any reconnect in this batch.
                     poll.disconnected |= !poll.reconnected;
+                    poll.up = Some(false);
                 }
                 Some(zmq::SocketEvent::CONNECT_RETRIED) => {
                     poll.disconnected |= !poll.reconnected;
+                    poll.connects_failed += 1;
                 }
-                Some(zmq::SocketEvent::CONNECTED) if self.disconnected => {
-                    self.disconnected = false;
-                    poll.reconnected = true;
+                Some(zmq::SocketEvent::CONNECTED) => {
+                    poll.up = Some(true);
+                    if self.disconnected {
+                        self.disconnected = false;
+                        poll.reconnected = true;
+                    }
                 }
                 _ => {}
             }

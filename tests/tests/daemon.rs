@@ -107,7 +107,7 @@ fn the_cli_says_in_one_line_when_no_server_answers() {
     let ports = PortBlock::allocate();
     let nobody = format!("tcp://127.0.0.1:{}", ports.port(0));
     let output = Command::new(binary("clonekv"))
-        .args(["--server", &nobody, "--timeout", "500ms", "get", "/x"])
+        .args(["--server", &nobody, "--timeout", "30s", "get", "/x"])
         .env_remove("CLONEKV_SERVERS")
         .output()
         .expect("run clonekv");
@@ -115,7 +115,9 @@ fn the_cli_says_in_one_line_when_no_server_answers() {
     let message = stderr(&output);
     assert_eq!(message.lines().count(), 1, "{message}");
     assert!(
-        message.starts_with("clonekv: no server answered within 500ms (tried tcp://127.0.0.1:"),
+        message.starts_with(&format!(
+            "clonekv: cannot reach {nobody}: connection refused"
+        )),
         "{message}"
     );
 }

@@ -432,14 +432,15 @@ fn every_server_sends_hugz_with_its_current_sequence_and_state_every_heartbeat()
             _ => None,
         })
         .collect();
-    assert_eq!(hugz, [KvMsg::hugz_from(BstarState::Active, 1)]);
+    assert_eq!(hugz, [KvMsg::hugz_from(BstarState::Active, 1).with_keys(1)]);
+    assert_eq!(hugz[0].hugz_keys(), Some(1), "and how many keys it holds");
 
     // A passive says so in its HUGZ, so that a client still following it (a backup
     // that stepped down, a primary that restarted) knows to fail over.
     let mut passive = Harness::passive_at(9);
     passive.advance(1_000);
     passive.timeout();
-    let expected = KvMsg::hugz_from(BstarState::Passive, 9);
+    let expected = KvMsg::hugz_from(BstarState::Passive, 9).with_keys(0);
     assert_eq!(expected.hugz_state(), Some(BstarState::Passive));
     assert!(passive
         .drain()

@@ -2,6 +2,8 @@
 //! [`clonekv_zmq::client`]. See `clonekv --help`.
 
 mod bench;
+mod reach;
+mod show;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -9,11 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use clonekv_zmq::client::{Client, ClientError, Event, Status, DEFAULT_SERVERS};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clonekv_zmq::client::{Client, ClientError, Event, ServerAddress, Status, DEFAULT_SERVERS};
 use clonekv_zmq::core::client::State;
+use clonekv_zmq::core::kvmsg::{Limits, HUGZ, KTHXBAI};
 use clonekv_zmq::duration::HumanDuration;
-use serde_json::json;
+use serde_json::{json, Map, Value};
+
+use crate::show::{put_bytes, remaining_ttl, text};
 
 /// Exit status: the key does not exist (`get`).
 const EXIT_NOT_FOUND: u8 = 1;
@@ -76,19 +81,35 @@ struct Cli {
     command: Command,
 }
 
+/// Shells `clonekv completions` knows.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the value of KEY (exit status 1 if it does not exist).
     Get {
         /// The key.
         key: String,
+        /// Print the value's bytes exactly, without a newline (text output escapes bytes
+        /// that are not UTF-8 as \xNN; --json gives them as base64).
+        #[arg(long, conflicts_with = "json")]
+        raw: bool,
     },
-    /// Set KEY to VALUE on every server.
+    /// Set KEY to VALUE on every server (VALUE `-` reads it from stdin).
     Set {
         /// The key.
         key: String,
-        /// The value (must not be empty: use `del` to delete).
-        value: String,
+        /// The value (must not be empty: use `del` to delete); `-` reads it from stdin.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        value: Option<String>,
+        /// Read the value from this file (any bytes, up to the server's body limit).
+        #[arg(long, value_name = "PATH")]
+        file: Option<std::path::PathBuf>,
         /// Expire the key after this long.
         #[arg(long, value_name = "DURATION")]
         ttl: Option<HumanDuration>,
@@ -108,14 +129,26 @@ enum Command {
     Dump {
         /// Key prefix.
         subtree: Option<String>,
+        /// Also show each key's sequence and remaining ttl.
+        #[arg(short, long)]
+        long: bool,
     },
     /// Print the keys under SUBTREE, then every change as it happens, until Ctrl-C.
     Watch {
         /// Key prefix.
         subtree: Option<String>,
     },
-    /// Show which server answers, its sequence and its heartbeat age.
+    /// Show the pair: each server's endpoint, Binary Star state, sequence, keys,
+    /// heartbeat age and whether it answered.
     Status,
+    /// Print a shell completion script (e.g. `clonekv completions bash >
+    /// /etc/bash_completion.d/clonekv`).
+    Completions {
+        /// The shell.
+        shell: Shell,
+    },
+    /// Print the manual page (roff), e.g. `clonekv man | man -l -`.
+    Man,
     /// Measure a server's throughput, latency, snapshot, failover and memory against
     /// the raw libzmq limits of this machine (see docs/PERFORMANCE.md).
     Bench(bench::BenchArgs),
@@ -145,6 +178,8 @@ fn main() -> ExitCode {
     });
     match &cli.command {
         Command::Bench(args) => return run_bench(args, cli.json),
+        Command::Completions { shell } => return print_completions(*shell),
+        Command::Man => return print_man_page(),
         Command::BenchRelay {
             collector,
             publisher,
@@ -208,10 +243,35 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         cli.servers.clone()
     };
     let fail = |error: ClientError| client_failure(error, &servers);
+    let limits = Limits::default();
+    // Arguments are checked before anything connects, and named in the error.
+    let value = match &cli.command {
+        Command::Get { key, .. } | Command::Del { key, .. } => {
+            check_key(key, &limits)?;
+            None
+        }
+        Command::Set {
+            key, value, file, ..
+        } => {
+            check_key(key, &limits)?;
+            Some(read_value(value.as_deref(), file.as_deref(), &limits)?)
+        }
+        _ => None,
+    };
+    for server in &servers {
+        ServerAddress::from_base(server).map_err(fail)?;
+    }
+    let unresolvable = reach::unresolvable(&servers);
+    if unresolvable.len() == servers.len() {
+        return Err(Failure::new(
+            EXIT_UNAVAILABLE,
+            format!("cannot reach {}", unresolvable.join("; ")),
+        ));
+    }
     let subtree = match &cli.command {
         // A get only needs its own key: the snapshot is the entries starting with it.
-        Command::Get { key } => key.clone(),
-        Command::Dump { subtree } | Command::Watch { subtree } => {
+        Command::Get { key, .. } => key.clone(),
+        Command::Dump { subtree, .. } | Command::Watch { subtree } => {
             subtree.clone().unwrap_or_default()
         }
         // The subtree only needs to contain the key, so that the echo (the commit)
@@ -220,7 +280,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         // Status needs a snapshot (its KTHXBAI carries the server's sequence) but no
         // entries: `HUGZ` is a reserved key, so this subtree holds nothing in practice.
         Command::Status => "HUGZ".to_string(),
-        Command::Bench(_) | Command::BenchRelay { .. } => String::new(),
+        _ => String::new(),
     };
     let mut builder = Client::builder()
         .subtree(subtree)
@@ -230,18 +290,31 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     }
     let client = builder.connect().map_err(fail)?;
     let timeout = cli.timeout.get();
-    let synced = client.wait_synced(timeout).map_err(fail)?;
+    let synced = match reach::wait_for_server(&client, timeout).map_err(fail)? {
+        reach::Outcome::Synced(status) => status,
+        reach::Outcome::Unavailable(message) => {
+            if matches!(cli.command, Command::Status) {
+                // Status still shows what it heard of each server.
+                let status = client.status().map_err(fail)?;
+                let mut out = Output::new(cli.json);
+                print_status(&mut out, &status, false);
+            }
+            return Err(Failure::new(EXIT_UNAVAILABLE, message));
+        }
+    };
 
     let mut out = Output::new(cli.json);
     let code = match &cli.command {
-        Command::Get { key } => match client.entry(key).map_err(fail)? {
+        Command::Get { key, raw } => match client.entry(key).map_err(fail)? {
             Some(entry) => {
                 if cli.json {
-                    out.json(json!({
-                        "key": key,
-                        "value": text(&entry.value),
-                        "sequence": entry.sequence,
-                    }));
+                    let mut object = Map::new();
+                    put_bytes(&mut object, "key", key.as_bytes());
+                    put_bytes(&mut object, "value", &entry.value);
+                    object.insert("sequence".into(), entry.sequence.into());
+                    out.json(Value::Object(object));
+                } else if *raw {
+                    out.bytes(&entry.value);
                 } else {
                     out.line(&text(&entry.value));
                 }
@@ -256,12 +329,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                 }
             }
         },
-        Command::Set {
-            key,
-            value,
-            ttl,
-            wait,
-        } => {
+        Command::Set { key, ttl, wait, .. } => {
+            let value = value.unwrap_or_default();
             let ttl = ttl.map(HumanDuration::get);
             let sequence = if *wait {
                 Some(
@@ -286,17 +355,33 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             report_update(&mut out, "del", key, sequence);
             ExitCode::SUCCESS
         }
-        Command::Dump { subtree } => {
+        Command::Dump { subtree, long } => {
             let entries = client
                 .dump(subtree.as_deref().unwrap_or(""))
                 .map_err(fail)?;
             for (key, entry) in entries {
+                let ttl = remaining_ttl(&entry);
                 if cli.json {
-                    out.json(json!({
-                        "key": text(&key),
-                        "value": text(&entry.value),
-                        "sequence": entry.sequence,
-                    }));
+                    let mut object = Map::new();
+                    put_bytes(&mut object, "key", &key);
+                    put_bytes(&mut object, "value", &entry.value);
+                    object.insert("sequence".into(), entry.sequence.into());
+                    object.insert(
+                        "ttl_seconds".into(),
+                        ttl.map_or(Value::Null, |ttl| ttl.as_secs_f64().into()),
+                    );
+                    out.json(Value::Object(object));
+                } else if *long {
+                    let ttl = ttl.map_or_else(
+                        || "-".to_string(),
+                        |ttl| format!("{:.1}s", ttl.as_secs_f64()),
+                    );
+                    out.line(&format!(
+                        "{}={}\tsequence={}\tttl={ttl}",
+                        text(&key),
+                        text(&entry.value),
+                        entry.sequence
+                    ));
                 } else {
                     out.line(&format!("{}={}", text(&key), text(&entry.value)));
                 }
@@ -354,15 +439,128 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             ExitCode::SUCCESS
         }
         Command::Status => {
+            // One heartbeat interval, so that every live server has been heard.
+            std::thread::sleep(STATUS_LISTEN);
             let status = client.status().map_err(fail)?;
-            print_status(&mut out, &status);
+            print_status(&mut out, &status, true);
             ExitCode::SUCCESS
         }
         // Dispatched in main before any client exists.
-        Command::Bench(_) | Command::BenchRelay { .. } => ExitCode::from(EXIT_USAGE),
+        Command::Bench(_)
+        | Command::BenchRelay { .. }
+        | Command::Completions { .. }
+        | Command::Man => ExitCode::from(EXIT_USAGE),
     };
     client.shutdown().map_err(fail)?;
     Ok(code)
+}
+
+/// How long `status` listens after its snapshot, so that every live server's heartbeat
+/// (one a second) has arrived.
+const STATUS_LISTEN: Duration = Duration::from_millis(1_100);
+
+/// A key argument the servers would accept, or a usage error that names it.
+fn check_key(key: &str, limits: &Limits) -> Result<(), Failure> {
+    if key.is_empty() {
+        return Err(Failure::new(EXIT_USAGE, "KEY must not be empty"));
+    }
+    if key.len() > limits.max_key_len {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!(
+                "KEY is {} bytes; the limit is {} bytes",
+                key.len(),
+                limits.max_key_len
+            ),
+        ));
+    }
+    if key.as_bytes() == HUGZ || key.as_bytes() == KTHXBAI {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!("KEY {key:?} is reserved by the protocol"),
+        ));
+    }
+    Ok(())
+}
+
+/// The value of `set`: the argument, stdin (`-`) or a file, within the body limit.
+fn read_value(
+    argument: Option<&str>,
+    file: Option<&std::path::Path>,
+    limits: &Limits,
+) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let max = limits.max_body_len;
+    // One byte past the limit is enough to know it is too large.
+    let cap = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    let (value, source) = match (argument, file) {
+        (_, Some(path)) => {
+            let opened = std::fs::File::open(path).map_err(|error| {
+                Failure::new(
+                    EXIT_USAGE,
+                    format!("cannot read --file {}: {error}", path.display()),
+                )
+            })?;
+            let mut value = Vec::new();
+            opened.take(cap).read_to_end(&mut value).map_err(|error| {
+                Failure::new(
+                    EXIT_USAGE,
+                    format!("cannot read --file {}: {error}", path.display()),
+                )
+            })?;
+            (value, format!("--file {}", path.display()))
+        }
+        (Some("-"), None) => {
+            let mut value = Vec::new();
+            io::stdin()
+                .lock()
+                .take(cap)
+                .read_to_end(&mut value)
+                .map_err(|error| {
+                    Failure::new(
+                        EXIT_USAGE,
+                        format!("cannot read the value from stdin: {error}"),
+                    )
+                })?;
+            (value, "the value from stdin".to_string())
+        }
+        (Some(argument), None) => (argument.as_bytes().to_vec(), "VALUE".to_string()),
+        (None, None) => return Err(Failure::new(EXIT_USAGE, "give VALUE, - (stdin) or --file")),
+    };
+    if value.is_empty() {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!("{source} is empty (an empty value means delete: use `clonekv del`)"),
+        ));
+    }
+    if value.len() > max {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!("{source} is over the servers' limit of {max} bytes per value"),
+        ));
+    }
+    Ok(value)
+}
+
+fn print_completions(shell: Shell) -> ExitCode {
+    let mut command = Cli::command();
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut command, "clonekv", &mut io::stdout());
+    ExitCode::SUCCESS
+}
+
+fn print_man_page() -> ExitCode {
+    match clap_mangen::Man::new(Cli::command()).render(&mut io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("clonekv: cannot write the manual page: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 /// `clonekv bench`: the table (or one JSON object) on stdout, progress on stderr.
@@ -418,10 +616,19 @@ fn print_event(out: &mut Output, client: &Client, event: Event) {
                 value,
                 sequence,
             } => {
-                json!({"event": "set", "key": text(&key), "value": text(&value), "sequence": sequence})
+                let mut object = Map::new();
+                object.insert("event".into(), "set".into());
+                put_bytes(&mut object, "key", &key);
+                put_bytes(&mut object, "value", &value);
+                object.insert("sequence".into(), sequence.into());
+                Value::Object(object)
             }
             Event::Deleted { key, sequence } => {
-                json!({"event": "del", "key": text(&key), "sequence": sequence})
+                let mut object = Map::new();
+                object.insert("event".into(), "del".into());
+                put_bytes(&mut object, "key", &key);
+                object.insert("sequence".into(), sequence.into());
+                Value::Object(object)
             }
             Event::Synced {
                 server,
@@ -455,7 +662,7 @@ fn print_event(out: &mut Output, client: &Client, event: Event) {
                 endpoint(server)
             ),
             Event::ServerChanged { from, to } => {
-                format!("# {} went silent; trying {}", endpoint(from), endpoint(to))
+                format!("# left {}; now following {}", endpoint(from), endpoint(to))
             }
             Event::Lagged { missed } => {
                 format!("# fell behind: {missed} events missed")
@@ -465,35 +672,72 @@ fn print_event(out: &mut Output, client: &Client, event: Event) {
     }
 }
 
-fn print_status(out: &mut Output, status: &Status) {
+fn print_status(out: &mut Output, status: &Status, answered: bool) {
     let state = match status.state {
         State::Initial => "connecting",
         State::Syncing => "syncing",
-        State::Active => "active",
+        State::Active => "following",
     };
-    let age = status.last_heard.map(|age| age.as_secs_f64());
+    let age = |age: Option<Duration>| age.map(|age| age.as_secs_f64());
     if out.json_mode {
+        let servers: Vec<Value> = status
+            .servers
+            .iter()
+            .map(|server| {
+                json!({
+                    "endpoint": server.endpoint,
+                    "current": server.current,
+                    "connected": server.connected,
+                    "answered": answered && server.current,
+                    "state": server.announced.map(|state| state.to_string()),
+                    "sequence": server.sequence,
+                    "keys": server.keys,
+                    "heartbeat_age_seconds": age(server.last_heard),
+                })
+            })
+            .collect();
         out.json(json!({
             "server": status.endpoint,
             "server_index": status.server,
-            "state": state,
+            "client_state": state,
             "sequence": status.sequence,
-            "heartbeat_age_seconds": age,
+            "heartbeat_age_seconds": age(status.last_heard),
+            "servers": servers,
         }));
-    } else {
-        out.line(&format!("server: {}", status.endpoint));
-        out.line(&format!("state: {state}"));
-        out.line(&format!("sequence: {}", status.sequence));
-        match age {
-            Some(age) => out.line(&format!("heartbeat age: {age:.3}s")),
-            None => out.line("heartbeat age: none yet"),
-        }
+        return;
     }
-}
-
-/// Keys and values are bytes; show them as text, replacing invalid UTF-8.
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    out.line(&format!(
+        "{:<28} {:<9} {:>10} {:>9} {:>10}  {}",
+        "SERVER", "STATE", "SEQUENCE", "KEYS", "HEARTBEAT", "ANSWERED"
+    ));
+    for server in &status.servers {
+        let state = server
+            .announced
+            .map_or_else(|| "-".to_string(), |state| state.to_string());
+        let sequence = server
+            .sequence
+            .map_or_else(|| "-".to_string(), |sequence| sequence.to_string());
+        let keys = server
+            .keys
+            .map_or_else(|| "-".to_string(), |keys| keys.to_string());
+        let heartbeat = server.last_heard.map_or_else(
+            || "never".to_string(),
+            |age| format!("{:.1}s ago", age.as_secs_f64()),
+        );
+        let answered = if server.current && answered {
+            "yes (snapshot)".to_string()
+        } else if server.sequence.is_some() {
+            "heartbeats only".to_string()
+        } else if server.connected {
+            "connected, silent".to_string()
+        } else {
+            "no".to_string()
+        };
+        out.line(&format!(
+            "{:<28} {:<9} {:>10} {:>9} {:>10}  {answered}",
+            server.endpoint, state, sequence, keys, heartbeat
+        ));
+    }
 }
 
 /// Writes lines to stdout; once stdout is closed (`clonekv watch | head`) it stops
@@ -522,6 +766,18 @@ impl Output {
             .and_then(|()| lock.flush())
             .is_err()
         {
+            self.closed = true;
+        }
+    }
+
+    /// Writes bytes as they are (`get --raw`, so that `clonekv get --raw k > file`
+    /// gives back what `set --file` stored).
+    fn bytes(&mut self, bytes: &[u8]) {
+        if self.closed {
+            return;
+        }
+        let mut lock = self.stdout.lock();
+        if lock.write_all(bytes).and_then(|()| lock.flush()).is_err() {
             self.closed = true;
         }
     }

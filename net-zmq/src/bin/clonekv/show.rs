@@ -1,0 +1,82 @@
+//! How keys, values and ttls are shown: text that never mangles bytes, JSON that
+//! round-trips them.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use clonekv_zmq::core::client::Entry;
+use clonekv_zmq::core::kvmsg::{KvMsg, Ttl};
+use serde_json::{Map, Value};
+
+/// Bytes as text: valid UTF-8 as it is, every other byte as `\xNN`.
+pub fn text(bytes: &[u8]) -> String {
+    let mut shown = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        shown.push_str(chunk.valid());
+        for byte in chunk.invalid() {
+            let _ = write!(shown, "\\x{byte:02x}");
+        }
+    }
+    shown
+}
+
+/// Adds `bytes` to a JSON object under `name` when they are UTF-8, else base64 under
+/// `name_base64`: the marker is in the field's name, so a reader never has to guess.
+pub fn put_bytes(object: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            object.insert(name.to_string(), Value::from(text));
+        }
+        Err(_) => {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+            object.insert(format!("{name}_base64"), Value::from(encoded));
+        }
+    }
+}
+
+/// How long an entry has left before its server deletes it; `None` if it never expires.
+pub fn remaining_ttl(entry: &Entry) -> Option<Duration> {
+    let message = KvMsg {
+        properties: entry.properties.clone(),
+        ..KvMsg::default()
+    };
+    match message.peer_ttl().ok().flatten()? {
+        // Received just now (an update applied after the snapshot).
+        Ttl::Relative(ttl) => Some(ttl),
+        Ttl::ExpiresAt(at) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                });
+            Some(Duration::from_millis(at.0.saturating_sub(now)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_escapes_only_what_is_not_utf8() {
+        assert_eq!(text("snö".as_bytes()), "snö");
+        assert_eq!(text(b"a\xff\x00b"), "a\\xff\u{0}b");
+        assert_eq!(text(b"\xc3"), "\\xc3");
+    }
+
+    #[test]
+    fn json_marks_bytes_that_are_not_utf8_and_they_round_trip() {
+        let mut object = Map::new();
+        put_bytes(&mut object, "key", b"/k");
+        put_bytes(&mut object, "value", b"\xff\xfe\x00");
+        assert_eq!(object["key"], "/k");
+        assert!(!object.contains_key("value"));
+        let encoded = object["value_base64"].as_str().unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert_eq!(decoded, b"\xff\xfe\x00");
+    }
+}
