@@ -1072,12 +1072,27 @@ impl Client {
             }
             return;
         }
+        // A server that was not active dropped every request it got; now that it says
+        // it is active, the one it will answer must be sent.
+        let became_active = announced == Some(BstarState::Active)
+            && self
+                .book(server)
+                .announced
+                .is_some_and(|(state, _)| state != BstarState::Active);
         // A new attempt that starts on the way (a restart, a gap) receives this message
         // as its first: it needs no earlier proof of the subscription, and the one it
         // would find may belong to a history the server no longer has.
         self.book(server).heard = None;
         self.on_current_subscriber(now, server, message);
         self.note_heard(now, server, sequence, announced);
+        if became_active
+            && self.current == server
+            && self.state == State::Syncing
+            && !self.attempt.reply_started
+        {
+            self.stats.requests_repeated += 1;
+            self.request_snapshot(now);
+        }
     }
 
     /// Records a message from `server`'s SUB: its subscription is live, and what the

@@ -121,6 +121,11 @@ use store::{uuid_frame, Store};
 
 pub use crate::bstar::ConfigError;
 
+/// The shortest time between two HUGZ that new subscribers pull forward
+/// ([`Server::handle_subscriber_joined`]): a crowd of clients connecting at once costs one
+/// heartbeat per interval, not one each.
+pub const WELCOME_HUGZ_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Server configuration. Defaults from PROTOCOL.md; every limit is a field so that the
 /// simulator can push it to extremes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,6 +477,8 @@ pub struct Counters {
     pub expired: u64,
     /// Snapshot streams opened.
     pub snapshots_opened: u64,
+    /// Subscriptions to HUGZ the host reported (each pulls the next HUGZ forward).
+    pub subscribers_joined: u64,
     /// Streams replaced before they started by a newer request from the same client
     /// (at most one waits behind the stream being sent).
     pub snapshots_superseded: u64,
@@ -618,6 +625,8 @@ pub struct Server {
     /// was lost.
     before_passive: VecDeque<(KvMsg, Option<EpochMillis>)>,
     next_hugz: Instant,
+    /// When the latest HUGZ went out.
+    last_hugz: Option<Instant>,
     /// The latest (monotonic, wall) pair seen, to place wall-clock expiries on the
     /// monotonic timeline in `poll_timeout`.
     clock: (Instant, EpochMillis),
@@ -643,6 +652,7 @@ impl Server {
             split_lost: 0,
             before_passive: VecDeque::new(),
             next_hugz: now,
+            last_hugz: None,
             clock: (now, wall),
             outputs: VecDeque::new(),
             counters: Counters::default(),
@@ -806,6 +816,19 @@ impl Server {
                 self.drop_input(source, DropReason::DuplicateUuid);
             }
         }
+    }
+
+    /// A subscriber of this server's publisher subscribed to HUGZ (the host sees it on
+    /// its XPUB): a client proves its subscription live by the first message it gets,
+    /// so the next HUGZ goes out now rather than at the next heartbeat, at most one per
+    /// [`WELCOME_HUGZ_INTERVAL`] however many subscribers arrive.
+    pub fn handle_subscriber_joined(&mut self, now: Instant, wall: EpochMillis) {
+        self.begin(now, wall);
+        let earliest = self
+            .last_hugz
+            .map_or(now, |last| (last + WELCOME_HUGZ_INTERVAL).max(now));
+        self.next_hugz = self.next_hugz.min(earliest);
+        self.counters.subscribers_joined += 1;
     }
 
     /// The host's SUB on the peer's publisher reconnected (libzmq's socket monitor
@@ -1027,6 +1050,7 @@ impl Server {
                     .map(Frame::from),
             ));
             self.next_hugz = now + self.config.bstar.heartbeat;
+            self.last_hugz = Some(now);
         }
         if self.pending_ages_out() {
             let evicted = self

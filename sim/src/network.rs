@@ -147,6 +147,10 @@ pub struct NetworkOptions {
     /// monitor of the side that receives on it, as TCP and libzmq do. Off models hosts
     /// without a monitor (the zguide's clients): they learn only from silence.
     pub report_disconnects: bool,
+    /// A publisher's host sees each update subscription arrive (clonekvd's XPUB) and
+    /// tells its server, which sends a HUGZ at once. Off models the zguide's servers,
+    /// whose first HUGZ comes at the next heartbeat.
+    pub report_joins: bool,
 }
 
 impl Default for NetworkOptions {
@@ -162,6 +166,7 @@ impl Default for NetworkOptions {
             duplicate: Ratio::NEVER,
             reorder: Ratio::NEVER,
             report_disconnects: true,
+            report_joins: true,
         }
     }
 }
@@ -232,6 +237,9 @@ pub struct Network {
     /// Connections that broke since the last [`Network::take_disconnects`], in the
     /// order they broke: their receivers' monitors see them go.
     disconnects: Vec<Route>,
+    /// When each update subscription takes effect at its publisher, by that time: the
+    /// publisher's host sees the subscription arrive (an XPUB) and tells its server.
+    joins: BTreeSet<(Instant, Route)>,
     stats: NetworkStats,
 }
 
@@ -254,10 +262,12 @@ impl Network {
             stalled_routes: BTreeSet::new(),
             down_nodes: BTreeSet::new(),
             disconnects: Vec::new(),
+            joins: BTreeSet::new(),
             stats: NetworkStats::default(),
         };
         for route in routes {
             let live_at = network.live_at(now, route.link);
+            network.note_join(route, live_at);
             network.connections.insert(
                 route,
                 Connection {
@@ -418,10 +428,30 @@ impl Network {
         }
         let delivery = self.in_flight.keys().next().map(|(at, _)| *at);
         let reconnect = self.reconnects.first().map(|(at, _)| *at);
-        match (delivery, reconnect) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let join = self.joins.first().map(|(at, _)| *at);
+        [delivery, reconnect, join].into_iter().flatten().min()
+    }
+
+    fn note_join(&mut self, route: Route, live_at: Instant) {
+        if route.link == Link::Updates && self.options.report_joins {
+            self.joins.insert((live_at, route));
         }
+    }
+
+    /// The update subscriptions that took effect at or before `now` and are still
+    /// live, in time order: their publishers' hosts see them arrive.
+    pub fn take_joins(&mut self, now: Instant) -> Vec<Route> {
+        let mut joined = Vec::new();
+        while let Some(&(at, route)) = self.joins.first() {
+            if at > now {
+                break;
+            }
+            self.joins.pop_first();
+            if self.is_live(route, now) {
+                joined.push(route);
+            }
+        }
+        joined
     }
 
     /// The connections that broke since the last call, in the order they broke (a
@@ -445,6 +475,7 @@ impl Network {
         due.sort_unstable();
         for route in &due {
             let live_at = self.live_at(now, route.link);
+            self.note_join(*route, live_at);
             if let Some(connection) = self.connections.get_mut(route) {
                 connection.state = ConnectionState::Up { live_at };
                 connection.incarnation += 1;
@@ -803,6 +834,8 @@ mod tests {
             Err(DropReason::Disconnected)
         );
         network.heal(Instant::from_millis(2_000), 0, 2);
+        // The subscription made at start took effect before the break.
+        assert_eq!(network.take_joins(Instant::from_millis(2_000)), []);
         assert!(network.next_event().unwrap() > Instant::from_millis(2_000));
         let back = Instant::from_millis(2_000) + network.options().reconnect_delay_max;
         assert!(network.handle_reconnects(back).contains(&UPDATES));
@@ -820,6 +853,10 @@ mod tests {
         network.crash(Instant::ZERO, 0);
         assert_eq!(network.take_disconnects(), [UPDATES, REQUESTS]);
         network.heal_all(Instant::ZERO);
+        assert!(
+            network.take_joins(Instant::from_millis(60_000)).is_empty(),
+            "the subscription made at start broke before it took effect, or is gone"
+        );
         assert_eq!(network.next_event(), None);
         network.restart(Instant::from_millis(100), 0);
         let back = Instant::from_millis(100) + network.options().reconnect_delay_max;

@@ -242,6 +242,7 @@ impl Options {
                 Ratio::NEVER
             },
             report_disconnects: true,
+            report_joins: true,
         };
         let faults = FaultOptions {
             tick: Duration::from_millis(100),
@@ -291,6 +292,7 @@ impl Options {
         // Drawn last, so the knobs above keep the values older seeds gave them.
         let network = NetworkOptions {
             report_disconnects: rng.random_ratio(3, 4),
+            report_joins: rng.random_ratio(3, 4),
             ..network
         };
         Options {

@@ -578,6 +578,9 @@ impl World {
                 self.report_notice(route.to, route.from, route.link, notice);
             }
         }
+        for route in self.network.take_joins(now) {
+            self.report_join(route.from);
+        }
         self.restarts_and_resumes();
         self.heal_partitions_due();
         self.run_script();
@@ -2407,6 +2410,25 @@ impl World {
             Notice::Reconnected => self.report_reconnect(client, server, link),
             Notice::Disconnected => self.report_disconnect(client, server),
         }
+    }
+
+    /// A subscription to `server`'s publisher took effect (its host's XPUB sees it).
+    fn report_join(&mut self, server: NodeId) {
+        if !World::is_server(server) || self.life(server).is_none_or(Life::is_paused) {
+            return;
+        }
+        let Some(slot) = self.servers.get_mut(server) else {
+            return;
+        };
+        let (local, wall) = (
+            slot.life.clock.local(self.now),
+            slot.life.clock.wall(self.now),
+        );
+        let Some(machine) = slot.machine.as_mut() else {
+            return;
+        };
+        machine.handle_subscriber_joined(local, wall);
+        self.after_server_step(server);
     }
 
     /// A client's connection to `server` went down (servers take no such notice).

@@ -448,6 +448,52 @@ fn every_server_sends_hugz_with_its_current_sequence_and_state_every_heartbeat()
 }
 
 #[test]
+fn a_new_subscriber_gets_a_hugz_at_once_but_a_crowd_gets_one_per_interval() {
+    let mut harness = Harness::active();
+    harness.run_to_next_timeout();
+    harness.drain();
+    let heartbeat_due = harness.server.poll_timeout().unwrap();
+    harness.advance(100);
+    harness
+        .server
+        .handle_subscriber_joined(harness.now, harness.wall);
+    assert_eq!(
+        harness.server.poll_timeout(),
+        Some(harness.now),
+        "a HUGZ now"
+    );
+    harness.timeout();
+    assert_eq!(hugz_count(harness.drain()), 1);
+    // Two more subscribers right after: one HUGZ, after the welcome interval.
+    harness.advance(10);
+    harness
+        .server
+        .handle_subscriber_joined(harness.now, harness.wall);
+    harness
+        .server
+        .handle_subscriber_joined(harness.now, harness.wall);
+    let next = harness.server.poll_timeout().unwrap();
+    assert_eq!(
+        next,
+        harness.now + (WELCOME_HUGZ_INTERVAL - Duration::from_millis(10))
+    );
+    assert!(next < heartbeat_due);
+    harness.run_to_next_timeout();
+    assert_eq!(hugz_count(harness.drain()), 1);
+    assert_eq!(harness.server.counters().subscribers_joined, 3);
+}
+
+fn hugz_count(outputs: Vec<Output>) -> usize {
+    outputs
+        .into_iter()
+        .filter(|output| match output {
+            Output::Publish(frames) => decode(frames).is_hugz(),
+            _ => false,
+        })
+        .count()
+}
+
+#[test]
 fn the_binary_star_state_goes_to_the_peer_every_heartbeat() {
     let mut harness = Harness::active();
     harness.advance(1_000);
