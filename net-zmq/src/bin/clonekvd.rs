@@ -278,15 +278,24 @@ impl Settings {
 fn read_config_file(path: &Path) -> Result<Settings, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read config file {}: {error}", path.display()))?;
-    toml::from_str(&text).map_err(|error| {
-        let message = error.message().to_string();
-        let line = error
-            .span()
-            .map(|span| text.get(..span.start).unwrap_or("").lines().count().max(1));
-        match line {
-            Some(line) => format!("config file {}, line {line}: {message}", path.display()),
-            None => format!("config file {}: {message}", path.display()),
-        }
+    parse_config(&text).map_err(|(line, message)| match line {
+        Some(line) => format!("config file {}, line {line}: {message}", path.display()),
+        None => format!("config file {}: {message}", path.display()),
+    })
+}
+
+/// The settings of a config file's text, or the line (from 1) of the error and its
+/// message.
+fn parse_config(text: &str) -> Result<Settings, (Option<usize>, String)> {
+    toml::from_str(text).map_err(|error| {
+        // The line of the span's first byte is one more than the newlines before it
+        // (`lines()` of the text before it would miss the last one when the span starts
+        // a line, as an unknown key does).
+        let line = error.span().map(|span| {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            before.iter().filter(|byte| **byte == b'\n').count() + 1
+        });
+        (line, error.message().to_string())
     })
 }
 
@@ -389,6 +398,17 @@ mod tests {
     #[test]
     fn a_typo_in_the_config_file_is_an_error() {
         assert!(toml::from_str::<Settings>("prot = 1").is_err());
+    }
+
+    #[test]
+    fn config_errors_name_the_line_they_are_on() {
+        let line = |text: &str| parse_config(text).err().and_then(|(line, _)| line);
+        assert_eq!(line("prot = 1"), Some(1));
+        // An unknown key starts its line.
+        assert_eq!(line("port = 1\n\nprot = 1\n"), Some(3));
+        // A bad value is in the middle of its line.
+        assert_eq!(line("port = 1\n# note\nheartbeat = \"soon\"\n"), Some(3));
+        assert_eq!(line("port = 1\r\nrole = \"boss\"\r\n"), Some(2));
     }
 
     #[test]
