@@ -55,6 +55,7 @@ use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
+use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
 use crate::socket::{Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
 
@@ -117,6 +118,26 @@ impl ServerEndpoints {
     pub fn backup() -> Self {
         ServerEndpoints::with_ports("*", 5566, 5004, "localhost", 5556, 5003)
     }
+
+    /// Checks that no two sockets share a port, that no peer endpoint is one of this
+    /// server's own, and that every peer host resolves (see [`crate::endpoint::check`]).
+    /// [`ServerHost::start`] does it before making any socket.
+    pub fn check(&self) -> Result<(), EndpointError> {
+        crate::endpoint::check(
+            &[
+                ("snapshot", &self.snapshot),
+                ("publisher", &self.publisher),
+                ("collector", &self.collector),
+                ("state", &self.state),
+            ],
+            &[
+                ("peer snapshot", &self.peer_snapshot),
+                ("peer publisher", &self.peer_publisher),
+                ("peer collector", &self.peer_collector),
+                ("peer state", &self.peer_state),
+            ],
+        )
+    }
 }
 
 /// Everything a [`ServerHost`] needs.
@@ -164,8 +185,15 @@ pub enum StartError {
     /// The core rejected the configuration.
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
-    /// A socket could not bind (the address is in use, or the endpoint is invalid).
-    #[error("cannot bind the {socket} socket to {endpoint}: {error}")]
+    /// The endpoints clash, or a peer host does not resolve.
+    #[error("invalid configuration: {0}")]
+    Endpoints(#[from] EndpointError),
+    /// A socket could not bind (the address is in use, is not this host's, or the
+    /// endpoint is invalid).
+    #[error(
+        "cannot bind the {socket} socket to {endpoint}: {}",
+        bind_failure(error)
+    )]
     Bind {
         /// Which socket.
         socket: &'static str,
@@ -195,6 +223,23 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the event loop: {0}")]
     Io(#[from] io::Error),
+}
+
+/// What a bind error means, with libzmq's errno and text.
+fn bind_failure(error: &zmq::Error) -> String {
+    let (meaning, errno) = match error {
+        zmq::Error::EADDRINUSE => ("the address is in use by another process", "EADDRINUSE"),
+        zmq::Error::EADDRNOTAVAIL => (
+            "the address is not available on this host: no interface has it",
+            "EADDRNOTAVAIL",
+        ),
+        zmq::Error::ENODEV => (
+            "no interface or address of this host has that name",
+            "ENODEV",
+        ),
+        other => return other.to_string(),
+    };
+    format!("{meaning} ({errno}: {error})")
 }
 
 /// Why a running server stopped with an error.
@@ -319,6 +364,7 @@ impl ServerHost {
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
         let server = Server::new(clock.now(), clock.wall(), options.config)?;
+        options.endpoints.check()?;
         let endpoints = options.endpoints;
         let context = zmq::Context::new();
         let poll = Poll::new()?;

@@ -1,5 +1,6 @@
 //! What an operator sees: a daemon that is loud about misconfiguration (two servers of
-//! one role) and quiet otherwise (a flood costs a few lines that still count every
+//! one role, ports that clash, addresses that are not this host's, peer hosts that do
+//! not resolve) and quiet otherwise (a flood costs a few lines that still count every
 //! occurrence).
 
 use std::process::{Command, Output};
@@ -18,6 +19,20 @@ fn with_flag(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
         None => args.extend([flag.to_string(), value.to_string()]),
     }
     args
+}
+
+/// Runs `clonekvd args...` that must refuse to start; returns its one-line message
+/// after checking the status and the line's shape.
+fn refused(args: &[String], status: i32) -> String {
+    let output = Command::new(binary("clonekvd"))
+        .args(args)
+        .output()
+        .expect("run clonekvd");
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(status), "{message}");
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.starts_with("clonekvd: "), "{message}");
+    message
 }
 
 /// The number after `field=` in `line`.
@@ -103,6 +118,84 @@ fn two_servers_configured_with_one_role_log_an_error_that_names_the_fix() {
             "{log}"
         );
     }
+}
+
+#[test]
+fn ports_that_clash_are_refused_at_start_with_both_sockets_named() {
+    let cluster = Cluster::new("clash");
+    let base = cluster.base_port(Role::Primary);
+    let args = cluster.daemon_args(Role::Primary);
+
+    // Our own state port on our publisher port (P+1).
+    let own = with_flag(args.clone(), "--state-port", &(base + 1).to_string());
+    let message = refused(&own, 2);
+    assert!(
+        message.contains(&format!("publisher endpoint tcp://127.0.0.1:{}", base + 1))
+            && message.contains(&format!("state endpoint tcp://127.0.0.1:{}", base + 1))
+            && message.contains("same port"),
+        "{message}"
+    );
+
+    // The peer's state port on our publisher port, on this host.
+    let peer = with_flag(args.clone(), "--peer-state-port", &(base + 1).to_string());
+    let message = refused(&peer, 2);
+    assert!(
+        message.contains(&format!(
+            "peer state endpoint tcp://127.0.0.1:{} is this server's own publisher endpoint",
+            base + 1
+        )),
+        "{message}"
+    );
+
+    // Two of the peer's ports on one.
+    let peer_state = cluster.base_port(Role::Backup);
+    let peers = with_flag(args, "--peer-state-port", &peer_state.to_string());
+    let message = refused(&peers, 2);
+    assert!(
+        message.contains("peer snapshot endpoint") && message.contains("peer state endpoint"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_bind_address_says_whether_it_is_in_use_or_not_this_hosts() {
+    let mut cluster = Cluster::new("bind-errors");
+    let args = cluster.daemon_args(Role::Primary);
+
+    // 192.0.2.1 is reserved for documentation: no host has it.
+    let elsewhere = with_flag(args.clone(), "--bind-host", "192.0.2.1");
+    let message = refused(&elsewhere, 2);
+    assert!(
+        message.contains("cannot bind the snapshot socket to tcp://192.0.2.1:")
+            && message.contains("not available on this host")
+            && message.contains("EADDRNOTAVAIL"),
+        "{message}"
+    );
+
+    cluster
+        .start(Role::Primary)
+        .wait_for_log("clonekvd started");
+    let message = refused(&args, 1);
+    assert!(
+        message.contains("the address is in use") && message.contains("EADDRINUSE"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_peer_host_that_does_not_resolve_is_an_error_at_start() {
+    let cluster = Cluster::new("unresolvable");
+    let args = with_flag(
+        cluster.daemon_args(Role::Primary),
+        "--peer-host",
+        "no-such-host.invalid",
+    );
+    let message = refused(&args, 2);
+    assert!(
+        message.starts_with("clonekvd: invalid configuration: the peer ")
+            && message.contains("\"no-such-host.invalid\" does not resolve"),
+        "{message}"
+    );
 }
 
 #[test]
