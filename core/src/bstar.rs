@@ -24,6 +24,12 @@
 //! dual active and dual passive; here both resolve by role, and are reported loudly
 //! through [`Output::DualActive`] and [`Output::DualPassive`].
 //!
+//! Only a primary ever announces PRIMARY, and only a backup BACKUP. A primary that hears
+//! PEER_PRIMARY, or a backup that hears PEER_BACKUP, is paired with a server of its own
+//! role: a misconfiguration the table cannot resolve (two undecided servers reject every
+//! client for ever). It changes nothing, and is reported with
+//! [`Output::RoleConflict`] on every such message, for the host to log at its own rate.
+//!
 //! The machine sends its state at start, on every change, and every heartbeat
 //! ([`Output::SendState`]). Drain [`Bstar::poll_output`] after every call.
 //!
@@ -215,6 +221,14 @@ pub enum Output {
         /// True on the primary, which became active; false on the backup.
         took_over: bool,
     },
+    /// The peer announced the initial state of this server's own role (PRIMARY to a
+    /// primary, BACKUP to a backup): both servers are configured with the same role.
+    /// Emitted for every such state message (one per peer heartbeat while it lasts).
+    /// Log loudly: while both are undecided, no client is ever served.
+    RoleConflict {
+        /// The role both servers have.
+        role: Role,
+    },
 }
 
 /// The Binary Star state machine of one server.
@@ -279,11 +293,21 @@ impl Bstar {
         now < self.peer_expiry
     }
 
+    /// True when the peer's last state message was the initial state of this server's
+    /// own role: both servers are configured with the same role (see
+    /// [`Output::RoleConflict`]).
+    pub fn role_conflict(&self) -> bool {
+        self.peer_state == Some(self.config.role.initial_state())
+    }
+
     /// A state message from the peer (events PEER_PRIMARY … PEER_PASSIVE).
     pub fn handle_peer_state(&mut self, now: Instant, peer: BstarState) {
         self.peer_state = Some(peer);
         self.peer_expiry = now + self.config.peer_expiry();
         let role = self.config.role;
+        if peer == role.initial_state() {
+            self.outputs.push_back(Output::RoleConflict { role });
+        }
         match (self.state, peer) {
             (BstarState::Primary, BstarState::Backup) => {
                 self.change(BstarState::Active, Cause::PeerIsBackup);

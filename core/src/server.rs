@@ -385,6 +385,14 @@ pub enum Event {
         /// True on the primary, which became active.
         took_over: bool,
     },
+    /// The peer announced the initial state of this server's own role: both servers
+    /// are configured as `role`. One event per such state message (a peer heartbeat);
+    /// rate-limit the log line. While both are undecided no client is served; say
+    /// how to fix it (start one with the other role).
+    RoleConflict {
+        /// The role both servers have.
+        role: Role,
+    },
     /// A snapshot was requested from the peer (or will be, once its publisher is heard).
     SyncStarted {
         /// Why.
@@ -505,6 +513,9 @@ pub struct Counters {
     pub split_forwarded: u64,
     /// Updates of a split that could not be recorded for forwarding.
     pub split_lost: u64,
+    /// State messages from a peer configured with this server's own role
+    /// ([`Event::RoleConflict`]).
+    pub role_conflicts: u64,
 }
 
 impl Counters {
@@ -1231,6 +1242,11 @@ impl Server {
                 bstar::Output::DualPassive { took_over } => {
                     self.outputs
                         .push_back(Output::Event(Event::DualPassive { took_over }));
+                }
+                bstar::Output::RoleConflict { role } => {
+                    self.counters.role_conflicts += 1;
+                    self.outputs
+                        .push_back(Output::Event(Event::RoleConflict { role }));
                 }
             }
         }

@@ -1,6 +1,11 @@
 //! Durations as people type them on a command line or in a config file: `250ms`, `1s`,
-//! `1.5s`, `2m`, `1h`. A bare number is seconds, like a ttl on the wire.
+//! `1.5s`, `2m`, `1h`, `1h 30m`. A bare number is seconds, like a ttl on the wire.
+//!
+//! Parsing is humantime's (its units: `ns`, `us`/`µs`, `ms`, `s`/`sec`, `m`/`min`,
+//! `h`/`hr`, `d`, `w`, ...; whole numbers or decimal fractions, several terms summed);
+//! this module only adds a bare number as seconds and a leading `.` (`.5s`).
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,62 +24,45 @@ impl HumanDuration {
 
 /// Why a duration did not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {text:?}: expected a number with a unit, like 250ms, 1.5s, 2m or 1h")]
+#[error(
+    "invalid duration {text:?} ({reason}): expected a number with a unit, like 250ms, 1.5s, \
+     2m or 1h"
+)]
 pub struct DurationError {
     text: String,
+    reason: String,
 }
 
 impl FromStr for HumanDuration {
     type Err = DurationError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        parse(text.trim())
+        humantime::parse_duration(&humantime_text(text.trim()))
             .map(HumanDuration)
-            .ok_or_else(|| DurationError {
+            .map_err(|error| DurationError {
                 text: text.to_string(),
+                reason: error.to_string(),
             })
     }
 }
 
-fn parse(text: &str) -> Option<Duration> {
-    let number_end = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(number_end);
-    let nanos_per_unit: u128 = match unit.trim() {
-        "ns" => 1,
-        "us" | "µs" => 1_000,
-        "ms" => 1_000_000,
-        "" | "s" => 1_000_000_000,
-        "m" | "min" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        _ => return None,
-    };
-    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-    if whole.is_empty() && fraction.is_empty() {
-        return None;
-    }
-    if !whole
-        .chars()
-        .chain(fraction.chars())
-        .all(|c| c.is_ascii_digit())
-    {
-        return None;
-    }
-    let whole: u128 = if whole.is_empty() {
-        0
+/// `text` in humantime's grammar: a bare number (`2`, `1.5`) gets the unit `s`, and a
+/// number that starts with its decimal point (`.5s`) a leading zero.
+fn humantime_text(text: &str) -> Cow<'_, str> {
+    let is_number = text
+        .bytes()
+        .all(|byte| byte.is_ascii_digit() || byte == b'.')
+        && text.bytes().any(|byte| byte.is_ascii_digit());
+    let text: Cow<'_, str> = if text.starts_with('.') {
+        format!("0{text}").into()
     } else {
-        whole.parse().ok()?
+        text.into()
     };
-    let mut nanos = whole.checked_mul(nanos_per_unit)?;
-    // Each fraction digit is worth a tenth of the previous one; beyond nanoseconds
-    // nothing is left to add.
-    let mut place = nanos_per_unit;
-    for digit in fraction.bytes() {
-        place /= 10;
-        nanos = nanos.checked_add(u128::from(digit - b'0') * place)?;
+    if is_number {
+        format!("{text}s").into()
+    } else {
+        text
     }
-    Some(Duration::from_nanos(u64::try_from(nanos).ok()?))
 }
 
 impl fmt::Display for HumanDuration {
@@ -141,6 +129,23 @@ mod tests {
     }
 
     #[test]
+    fn humantime_adds_its_units_and_sums() {
+        assert_eq!(parse("1h 30m"), Some(Duration::from_secs(5_400)));
+        assert_eq!(parse("1 s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse("2min"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("1.5"), Some(Duration::from_millis(1_500)));
+        assert_eq!(parse(" 3s "), Some(Duration::from_secs(3)));
+        assert_eq!(parse("1.25ms"), Some(Duration::from_micros(1_250)));
+    }
+
+    #[test]
+    fn an_error_says_why_and_what_is_expected() {
+        let error = "soon".parse::<HumanDuration>().unwrap_err().to_string();
+        assert!(error.starts_with("invalid duration \"soon\" ("), "{error}");
+        assert!(error.ends_with("like 250ms, 1.5s, 2m or 1h"), "{error}");
+    }
+
+    #[test]
     fn garbage_is_refused() {
         for text in [
             "",
@@ -151,6 +156,9 @@ mod tests {
             "1.2.3s",
             "1e3s",
             "99999999999999999999h",
+            ".s",
+            "1.",
+            "5 apples",
         ] {
             assert_eq!(parse(text), None, "{text:?}");
         }

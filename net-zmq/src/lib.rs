@@ -50,6 +50,7 @@
 pub mod client;
 pub mod clock;
 pub mod duration;
+pub mod endpoint;
 mod ffi;
 pub mod log;
 pub mod server;

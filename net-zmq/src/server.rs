@@ -45,15 +45,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
+use clonekv_core::bstar::Role;
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
-    AbandonReason, Config, ConfigError, Counters, DropReason, Event, Frame, Output, Server,
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame, Output,
+    Server, SyncReason,
 };
 use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
-use crate::log::{send_or_log, send_or_log_reusing, RateLimiter};
+use crate::endpoint::EndpointError;
+use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
 use crate::socket::{Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
@@ -115,6 +118,26 @@ impl ServerEndpoints {
     pub fn backup() -> Self {
         ServerEndpoints::with_ports("*", 5566, 5004, "localhost", 5556, 5003)
     }
+
+    /// Checks that no two sockets share a port, that no peer endpoint is one of this
+    /// server's own, and that every peer host resolves (see [`crate::endpoint::check`]).
+    /// [`ServerHost::start`] does it before making any socket.
+    pub fn check(&self) -> Result<(), EndpointError> {
+        crate::endpoint::check(
+            &[
+                ("snapshot", &self.snapshot),
+                ("publisher", &self.publisher),
+                ("collector", &self.collector),
+                ("state", &self.state),
+            ],
+            &[
+                ("peer snapshot", &self.peer_snapshot),
+                ("peer publisher", &self.peer_publisher),
+                ("peer collector", &self.peer_collector),
+                ("peer state", &self.peer_state),
+            ],
+        )
+    }
 }
 
 /// Everything a [`ServerHost`] needs.
@@ -162,8 +185,15 @@ pub enum StartError {
     /// The core rejected the configuration.
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
-    /// A socket could not bind (the address is in use, or the endpoint is invalid).
-    #[error("cannot bind the {socket} socket to {endpoint}: {error}")]
+    /// The endpoints clash, or a peer host does not resolve.
+    #[error("invalid configuration: {0}")]
+    Endpoints(#[from] EndpointError),
+    /// A socket could not bind (the address is in use, is not this host's, or the
+    /// endpoint is invalid).
+    #[error(
+        "cannot bind the {socket} socket to {endpoint}: {}",
+        bind_failure(error)
+    )]
     Bind {
         /// Which socket.
         socket: &'static str,
@@ -193,6 +223,23 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the event loop: {0}")]
     Io(#[from] io::Error),
+}
+
+/// What a bind error means, with libzmq's errno and text.
+fn bind_failure(error: &zmq::Error) -> String {
+    let (meaning, errno) = match error {
+        zmq::Error::EADDRINUSE => ("the address is in use by another process", "EADDRINUSE"),
+        zmq::Error::EADDRNOTAVAIL => (
+            "the address is not available on this host: no interface has it",
+            "EADDRNOTAVAIL",
+        ),
+        zmq::Error::ENODEV => (
+            "no interface or address of this host has that name",
+            "ENODEV",
+        ),
+        other => return other.to_string(),
+    };
+    format!("{meaning} ({errno}: {error})")
 }
 
 /// Why a running server stopped with an error.
@@ -317,6 +364,7 @@ impl ServerHost {
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
         let server = Server::new(clock.now(), clock.wall(), options.config)?;
+        options.endpoints.check()?;
         let endpoints = options.endpoints;
         let context = zmq::Context::new();
         let poll = Poll::new()?;
@@ -448,7 +496,8 @@ impl ServerHost {
                 }
             }
         }
-        log_counters(self.server.counters());
+        log_summaries(self.limiter.all_summaries());
+        log_counters(self.server.counters(), self.server.bstar().role());
         Ok(())
     }
 
@@ -463,6 +512,9 @@ impl ServerHost {
             if self.server.poll_timeout().is_some_and(|due| due <= now) {
                 self.server.handle_timeout(now, self.clock.wall());
                 self.drain_outputs();
+                // The core's timers fire at least every heartbeat: often enough to give
+                // out the counts of lines suppressed an interval ago.
+                log_summaries(self.limiter.due_summaries(StdInstant::now()));
             }
             let mut moved = self.receive_peer_updates_monitor()?;
             moved |= self.receive_pass()?;
@@ -494,9 +546,12 @@ impl ServerHost {
                 error,
             })?;
         if poll.reconnected {
-            tracing::info!(
-                peer = %self.endpoints.peer_publisher,
-                "subscription to the peer's publisher reconnected"
+            log_limited!(
+                self.limiter,
+                "peer_publisher_reconnected",
+                tracing::Level::INFO,
+                "subscription to the peer's publisher reconnected",
+                peer = %self.endpoints.peer_publisher
             );
             self.server
                 .handle_peer_publisher_reconnected(self.clock.now(), self.clock.wall());
@@ -621,7 +676,8 @@ impl ServerHost {
                         // message we were holding for it too.
                         self.streams.remove(routing_id);
                     }
-                    log_event(&event, &mut self.limiter);
+                    let role_conflict = self.server.bstar().role_conflict();
+                    log_event(&event, &mut self.limiter, role_conflict);
                 }
             }
         }
@@ -632,14 +688,26 @@ impl ServerHost {
     fn request_peer_snapshot(&mut self, frames: &[Vec<u8>; 2]) {
         if let Some(old) = self.peer_snapshot.take() {
             if let Err(error) = old.deregister(self.poll.registry()) {
-                tracing::warn!(%error, "cannot deregister the old peer snapshot socket");
+                log_limited!(
+                    self.limiter,
+                    "peer_snapshot/deregister",
+                    tracing::Level::WARN,
+                    "cannot deregister the old peer snapshot socket",
+                    %error
+                );
             }
         }
         let dealer = match self.new_peer_dealer() {
             Ok(dealer) => dealer,
             Err(error) => {
                 // The core asks again after peer_sync_timeout.
-                tracing::error!(%error, "cannot open a socket to request the peer's snapshot");
+                log_limited!(
+                    self.limiter,
+                    "peer_snapshot/open",
+                    tracing::Level::ERROR,
+                    "cannot open a socket to request the peer's snapshot",
+                    %error
+                );
                 return;
             }
         };
@@ -705,7 +773,13 @@ impl ServerHost {
                     }
                     Err(error) => {
                         pumped.refused = true;
-                        tracing::warn!(%error, "cannot send a snapshot reply; closing that stream");
+                        log_limited!(
+                            self.limiter,
+                            "snapshot_reply/send",
+                            tracing::Level::WARN,
+                            "cannot send a snapshot reply; closing that stream",
+                            %error
+                        );
                         self.server.cancel_snapshot(&routing_id);
                         finished = true;
                         break;
@@ -775,136 +849,236 @@ fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), StartError> {
         })
 }
 
-/// One log line per fact worth a line; floods of dropped input are rate-limited per
-/// source and reason.
-fn log_event(event: &Event, limiter: &mut RateLimiter) {
+/// One log line per fact worth a line. Every line that input or a condition can repeat
+/// goes through the rate limiter (one line per key per interval, then a summary with
+/// the count), keyed by the kind of fact and never by anything a client chooses.
+/// `role_conflict` is whether this server's peer has its role (see
+/// [`Event::RoleConflict`]), to say why clients are rejected.
+fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
+    use tracing::Level;
     match event {
         Event::StateChanged { from, to, cause } => {
+            let key = format!("state_changed/{from}/{to}");
             if *from == BstarState::Passive && *to == BstarState::Active {
-                tracing::warn!(%from, %to, %cause, "failover: this server is now active");
+                log_limited!(limiter, key, Level::WARN, "failover: this server is now active", %from, %to, %cause);
             } else {
-                tracing::info!(%from, %to, %cause, "state changed");
+                log_limited!(limiter, key, Level::INFO, "state changed", %from, %to, %cause);
             }
         }
-        Event::DualActive { stepped_down } => {
-            if *stepped_down {
-                tracing::error!("dual active (split brain healed): this backup steps down, forwards its updates to the primary and re-syncs");
-            } else {
-                tracing::error!("dual active (split brain healed): the backup was active too; this primary keeps serving");
-            }
-        }
-        Event::DualPassive { took_over } => {
-            if *took_over {
-                tracing::error!("dual passive: both servers were passive; this primary takes over");
-            } else {
-                tracing::error!("dual passive: both servers were passive; the primary takes over");
-            }
-        }
+        Event::DualActive { stepped_down: true } => log_limited!(
+            limiter,
+            "dual_active/stepped_down",
+            Level::ERROR,
+            "dual active (split brain healed): this backup steps down, forwards its updates to the primary and re-syncs"
+        ),
+        Event::DualActive { stepped_down: false } => log_limited!(
+            limiter,
+            "dual_active/stays",
+            Level::ERROR,
+            "dual active (split brain healed): the backup was active too; this primary keeps serving"
+        ),
+        Event::DualPassive { took_over: true } => log_limited!(
+            limiter,
+            "dual_passive/took_over",
+            Level::ERROR,
+            "dual passive: both servers were passive; this primary takes over"
+        ),
+        Event::DualPassive { took_over: false } => log_limited!(
+            limiter,
+            "dual_passive/stays",
+            Level::ERROR,
+            "dual passive: both servers were passive; the primary takes over"
+        ),
+        Event::RoleConflict { role: Role::Primary } => log_limited!(
+            limiter,
+            "role_conflict",
+            Level::ERROR,
+            "both servers are configured as primary: start one of them with --backup (until then neither serves any client)",
+            role = %Role::Primary
+        ),
+        Event::RoleConflict { role: Role::Backup } => log_limited!(
+            limiter,
+            "role_conflict",
+            Level::ERROR,
+            "both servers are configured as backup: start one of them without --backup, as the primary (until then neither serves any client)",
+            role = %Role::Backup
+        ),
         Event::InputDropped { source, reason } => {
             let routine = matches!(
                 reason,
                 DropReason::DuplicateUuid | DropReason::StaleSequence
             );
-            if routine && !tracing::enabled!(tracing::Level::DEBUG) {
+            if routine && !tracing::enabled!(Level::DEBUG) {
                 // Counted by the core; nothing to log, so no key to build.
                 return;
             }
             let key = format!("{source}/{}", reason.as_str());
-            let Some(allowed) = limiter.check(&key, StdInstant::now()) else {
-                return;
-            };
-            let suppressed = allowed.suppressed;
             match reason {
-                DropReason::NotActive => tracing::info!(
-                    suppressed,
+                DropReason::NotActive if role_conflict => log_limited!(
+                    limiter,
+                    key,
+                    Level::INFO,
+                    "client rejected: this server is not active, and cannot become active while its peer has the same role (see the ERROR above)"
+                ),
+                DropReason::NotActive => log_limited!(
+                    limiter,
+                    key,
+                    Level::INFO,
                     "client rejected: this server is not active (or is passive while the active is alive)"
                 ),
-                DropReason::TooManySnapshotStreams => tracing::warn!(
-                    suppressed,
+                DropReason::TooManySnapshotStreams => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
                     "client rejected: too many snapshot streams open (see --max-snapshot-streams)"
                 ),
-                DropReason::StaleSequence => {
-                    tracing::debug!(%source, suppressed, "dropped an update this server already has")
-                }
+                DropReason::StaleSequence => log_limited!(
+                    limiter,
+                    key,
+                    Level::DEBUG,
+                    "dropped an update this server already has",
+                    %source
+                ),
                 // Routine in a pair: a client's copy that reaches the passive after the
                 // active's echo, a forward the primary already published, a retry.
-                DropReason::DuplicateUuid => {
-                    tracing::debug!(%source, suppressed, "dropped an update already published (same uuid)")
-                }
-                other => tracing::warn!(%source, reason = %other, suppressed, "dropped input"),
+                DropReason::DuplicateUuid => log_limited!(
+                    limiter,
+                    key,
+                    Level::DEBUG,
+                    "dropped an update already published (same uuid)",
+                    %source
+                ),
+                other => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "dropped input",
+                    %source,
+                    reason = %other
+                ),
             }
         }
         Event::SyncStarted { reason } => {
-            tracing::info!(reason = ?reason, "syncing from the active peer")
+            let key = match reason {
+                SyncReason::BecamePassive => "sync_started/became_passive",
+                SyncReason::PeerBecameActive => "sync_started/peer_became_active",
+                SyncReason::SequenceGap { .. } => "sync_started/sequence_gap",
+                SyncReason::Timeout => "sync_started/timeout",
+                SyncReason::BacklogOverflow => "sync_started/backlog_overflow",
+                SyncReason::PublisherReconnected => "sync_started/publisher_reconnected",
+            };
+            log_limited!(limiter, key, Level::INFO, "syncing from the active peer", reason = ?reason)
         }
-        Event::SyncCompleted { sequence, keys } => {
-            tracing::info!(sequence, keys, "synced from the active peer; following it")
-        }
+        Event::SyncCompleted { sequence, keys } => log_limited!(
+            limiter,
+            "sync_completed",
+            Level::INFO,
+            "synced from the active peer; following it",
+            sequence,
+            keys
+        ),
         Event::SyncAbandoned {
             merged_entries,
             applied_updates,
-        } => tracing::warn!(
+        } => log_limited!(
+            limiter,
+            "sync_abandoned",
+            Level::WARN,
+            "became active in the middle of a sync; kept what had arrived",
             merged_entries,
-            applied_updates,
-            "became active in the middle of a sync; kept what had arrived"
+            applied_updates
         ),
         Event::PendingReplayed {
             replayed,
             skipped_superseded,
             skipped_expired,
-        } => tracing::warn!(
+        } => log_limited!(
+            limiter,
+            "pending_replayed",
+            Level::WARN,
+            "replayed pending client updates after failover",
             replayed,
             skipped_superseded,
-            skipped_expired,
-            "replayed pending client updates after failover"
+            skipped_expired
         ),
         Event::PendingEvicted {
             client_copies,
             echoes,
             reason,
-        } => tracing::warn!(
-            client_copies,
-            echoes,
-            reason = ?reason,
-            "pending list bound reached: entries dropped without replay"
-        ),
-        Event::SplitUpdatesForwarded { forwarded, lost } => tracing::error!(
+        } => {
+            let key = match reason {
+                EvictionReason::Size => "pending_evicted/size",
+                EvictionReason::Age => "pending_evicted/age",
+            };
+            log_limited!(
+                limiter,
+                key,
+                Level::WARN,
+                "pending list bound reached: entries dropped without replay",
+                client_copies,
+                echoes,
+                reason = ?reason
+            )
+        }
+        Event::SplitUpdatesForwarded { forwarded, lost } => log_limited!(
+            limiter,
+            "split_updates_forwarded",
+            Level::ERROR,
+            "forwarded updates accepted while split to the primary",
             forwarded,
-            lost,
-            "forwarded updates accepted while split to the primary"
+            lost
         ),
         Event::SnapshotStreamAbandoned { routing_id, reason } => {
             let client = hex(routing_id);
             match reason {
-                AbandonReason::Stalled => tracing::warn!(
-                    client,
-                    "snapshot stream closed: the client took nothing for too long"
+                AbandonReason::Stalled => log_limited!(
+                    limiter,
+                    "snapshot_abandoned/stalled",
+                    Level::WARN,
+                    "snapshot stream closed: the client took nothing for too long",
+                    client
                 ),
-                AbandonReason::Cancelled => {
-                    tracing::info!(client, "snapshot stream closed: the client disconnected")
-                }
-                AbandonReason::NoLongerActive => {
-                    tracing::info!(
-                        client,
-                        "snapshot stream closed: this server is no longer active"
-                    )
-                }
+                AbandonReason::Cancelled => log_limited!(
+                    limiter,
+                    "snapshot_abandoned/cancelled",
+                    Level::INFO,
+                    "snapshot stream closed: the client disconnected",
+                    client
+                ),
+                AbandonReason::NoLongerActive => log_limited!(
+                    limiter,
+                    "snapshot_abandoned/no_longer_active",
+                    Level::INFO,
+                    "snapshot stream closed: this server is no longer active",
+                    client
+                ),
             }
         }
         other => tracing::debug!(event = ?other, "server event"),
     }
 }
 
-fn log_counters(counters: &Counters) {
+/// The totals since start, at shutdown.
+fn log_counters(counters: &Counters, role: Role) {
     tracing::info!(
         published = counters.published,
         expired = counters.expired,
         snapshots = counters.snapshots_completed,
         dropped = counters.dropped_total(),
+        pending_evicted = counters.pending_evicted,
+        split_lost = counters.split_lost,
+        role_conflicts = counters.role_conflicts,
         "stopped"
     );
     for (source, reason, count) in counters.dropped_by_reason() {
         tracing::info!(%source, reason, count, "inputs dropped since start");
+    }
+    if counters.role_conflicts > 0 {
+        tracing::error!(
+            role_conflicts = counters.role_conflicts,
+            %role,
+            "the peer announced this server's own role: both servers were configured as {role}"
+        );
     }
 }
 

@@ -2680,6 +2680,7 @@ fn event_tag(event: &server::Event) -> &'static str {
         server::Event::StateChanged { .. } => "state_changed",
         server::Event::DualActive { .. } => "dual_active",
         server::Event::DualPassive { .. } => "dual_passive",
+        server::Event::RoleConflict { .. } => "role_conflict",
         server::Event::SyncStarted { .. } => "sync_started",
         server::Event::SyncCompleted { .. } => "sync_completed",
         server::Event::SyncAbandoned { .. } => "sync_abandoned",

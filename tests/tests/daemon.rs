@@ -100,6 +100,23 @@ fn clonekvd_reads_a_toml_config_file_and_flags_win_over_it() {
     let message = stderr(&output);
     assert!(message.starts_with("clonekvd: config file "), "{message}");
     assert!(message.contains("line 1"), "{message}");
+
+    // An error further down names its own line, not the one before it.
+    let bad = scratch.path().join("bad-line-3.toml");
+    std::fs::write(
+        &bad,
+        "port = 5556\nheartbeat = \"1s\"\nprot = 5556\nrole = \"backup\"\n",
+    )
+    .expect("write bad config");
+    let output = Command::new(binary("clonekvd"))
+        .args(["--config", &bad.display().to_string()])
+        .output()
+        .expect("run clonekvd");
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(message.contains("line 3:"), "{message}");
+    assert!(message.contains("prot"), "{message}");
 }
 
 #[test]

@@ -101,6 +101,7 @@ fn parse_rows() -> Vec<Row> {
             }),
             "dual-passive:took-over" => Some(Output::DualPassive { took_over: true }),
             "dual-passive:stays" => Some(Output::DualPassive { took_over: false }),
+            "role-conflict" => Some(Output::RoleConflict { role }),
             "-" => None,
             other => panic!("line {line_number}: unknown signal {other:?}"),
         };
@@ -156,7 +157,9 @@ fn every_row_of_the_transition_table_holds() {
             .filter(|output| {
                 matches!(
                     output,
-                    Output::DualActive { .. } | Output::DualPassive { .. }
+                    Output::DualActive { .. }
+                        | Output::DualPassive { .. }
+                        | Output::RoleConflict { .. }
                 )
             })
             .collect();
@@ -172,7 +175,9 @@ fn every_row_of_the_transition_table_holds() {
             .filter(|output| {
                 !matches!(
                     output,
-                    Output::DualActive { .. } | Output::DualPassive { .. }
+                    Output::DualActive { .. }
+                        | Output::DualPassive { .. }
+                        | Output::RoleConflict { .. }
                 )
             })
             .collect();
@@ -228,6 +233,68 @@ fn the_transition_table_covers_every_reachable_state_and_event_exactly_once() {
         }
     }
     assert_eq!(seen, expected);
+}
+
+#[test]
+fn two_servers_of_one_role_never_serve_and_say_so_at_every_state_message() {
+    for role in [Role::Primary, Role::Backup] {
+        let mut one = Bstar::new(START, config(role)).unwrap();
+        let mut other = Bstar::new(START, config(role)).unwrap();
+        let mut now = START;
+        let mut conflicts = 0;
+        for _ in 0..10 {
+            now += Duration::from_secs(1);
+            let from_one = announce(&mut one, now);
+            let from_other = announce(&mut other, now);
+            for state in from_one {
+                other.handle_peer_state(now, state);
+            }
+            for state in from_other {
+                one.handle_peer_state(now, state);
+            }
+            for machine in [&mut one, &mut other] {
+                assert_eq!(machine.handle_client_request(now), Verdict::Reject);
+                assert!(machine.role_conflict());
+                conflicts += drain(machine)
+                    .iter()
+                    .filter(|output| **output == Output::RoleConflict { role })
+                    .count();
+            }
+        }
+        assert_eq!(
+            one.state(),
+            role.initial_state(),
+            "{role}: undecided for ever"
+        );
+        assert_eq!(other.state(), role.initial_state());
+        // One report per state message heard: each side heard ten heartbeats.
+        assert_eq!(conflicts, 20, "{role}");
+    }
+}
+
+/// Fires the machine's heartbeat and returns the states it sent.
+fn announce(machine: &mut Bstar, now: Instant) -> Vec<BstarState> {
+    machine.handle_timeout(now);
+    drain(machine)
+        .into_iter()
+        .filter_map(|output| match output {
+            Output::SendState(state) => Some(state),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_proper_pair_reports_no_role_conflict() {
+    let mut primary = Bstar::new(START, Config::primary()).unwrap();
+    let mut backup = Bstar::new(START, Config::backup()).unwrap();
+    primary.handle_peer_state(START, BstarState::Backup);
+    backup.handle_peer_state(START, BstarState::Active);
+    assert!(!primary.role_conflict() && !backup.role_conflict());
+    let outputs = [drain(&mut primary), drain(&mut backup)].concat();
+    assert!(outputs
+        .iter()
+        .all(|output| !matches!(output, Output::RoleConflict { .. })));
 }
 
 // --- Timing -----------------------------------------------------------------------

@@ -2036,6 +2036,44 @@ fn a_split_log_past_its_limit_reports_the_updates_it_could_not_keep() {
 }
 
 #[test]
+fn two_servers_of_one_role_report_the_conflict_count_it_and_serve_no_one() {
+    for (config, peer, role) in [
+        (Config::primary(), BstarState::Primary, Role::Primary),
+        (Config::backup(), BstarState::Backup, Role::Backup),
+    ] {
+        let mut harness = Harness::new(config);
+        for _ in 0..3 {
+            harness.advance(1_000);
+            harness.peer_state(peer);
+            assert_eq!(harness.events(), [Event::RoleConflict { role }]);
+            harness.request("client", "");
+            assert_eq!(
+                harness.events(),
+                [Event::InputDropped {
+                    source: InputSource::SnapshotRequest,
+                    reason: DropReason::NotActive
+                }]
+            );
+        }
+        assert_eq!(harness.server.state(), role.initial_state());
+        assert_eq!(harness.server.counters().role_conflicts, 3);
+        assert!(harness.server.bstar().role_conflict());
+    }
+}
+
+#[test]
+fn a_proper_peer_is_no_role_conflict() {
+    let mut harness = Harness::new(Config::primary());
+    harness.peer_state(BstarState::Backup);
+    harness.peer_state(BstarState::Passive);
+    assert!(!harness
+        .events()
+        .iter()
+        .any(|event| matches!(event, Event::RoleConflict { .. })));
+    assert_eq!(harness.server.counters().role_conflicts, 0);
+}
+
+#[test]
 fn on_dual_passive_the_primary_takes_over_and_replays_its_pending_list() {
     let mut harness = Harness::new(Config::primary());
     harness.peer_state(BstarState::Active);

@@ -12,9 +12,11 @@ use clap::{Args, Parser, ValueEnum};
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
 use clonekv_zmq::duration::HumanDuration;
+use clonekv_zmq::endpoint::EndpointError;
 use clonekv_zmq::server::{ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM};
 
-/// Exit status when the configuration (flags or file) is unusable.
+/// Exit status when the configuration (flags or file) is unusable, on any host or on
+/// this one.
 const EXIT_CONFIG: u8 = 2;
 /// Exit status when the server cannot start (a port is taken) or its loop fails.
 const EXIT_FAILURE: u8 = 1;
@@ -36,7 +38,8 @@ request once its peer has been silent for two heartbeats.",
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
 Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.\n\
 Exit status: 0 after SIGINT/SIGTERM, 1 when it cannot start (a port is taken) or fails, \
-2 for a bad option or config file."
+2 for a bad option or config file, ports that clash, a peer host that does not resolve, \
+or a --bind-host that is not this host's."
 )]
 struct Cli {
     /// Start as the backup (same as `--role backup`).
@@ -278,15 +281,24 @@ impl Settings {
 fn read_config_file(path: &Path) -> Result<Settings, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read config file {}: {error}", path.display()))?;
-    toml::from_str(&text).map_err(|error| {
-        let message = error.message().to_string();
-        let line = error
-            .span()
-            .map(|span| text.get(..span.start).unwrap_or("").lines().count().max(1));
-        match line {
-            Some(line) => format!("config file {}, line {line}: {message}", path.display()),
-            None => format!("config file {}: {message}", path.display()),
-        }
+    parse_config(&text).map_err(|(line, message)| match line {
+        Some(line) => format!("config file {}, line {line}: {message}", path.display()),
+        None => format!("config file {}: {message}", path.display()),
+    })
+}
+
+/// The settings of a config file's text, or the line (from 1) of the error and its
+/// message.
+fn parse_config(text: &str) -> Result<Settings, (Option<usize>, String)> {
+    toml::from_str(text).map_err(|error| {
+        // The line of the span's first byte is one more than the newlines before it
+        // (`lines()` of the text before it would miss the last one when the span starts
+        // a line, as an unknown key does).
+        let line = error.span().map(|span| {
+            let before = &text.as_bytes()[..span.start.min(text.len())];
+            before.iter().filter(|byte| **byte == b'\n').count() + 1
+        });
+        (line, error.message().to_string())
     })
 }
 
@@ -314,13 +326,8 @@ fn main() -> ExitCode {
     let mut host = match ServerHost::start(options) {
         Ok(host) => host,
         Err(error) => {
-            let hint = match &error {
-                StartError::Bind { .. } => {
-                    " (is another clonekvd running? choose other ports with --port / --state-port)"
-                }
-                _ => "",
-            };
-            return fail(EXIT_FAILURE, &format!("cannot start: {error}{hint}"));
+            let (status, message) = start_failure(&error);
+            return fail(status, &message);
         }
     };
     if let Err(error) = host.stop_on_signals() {
@@ -343,6 +350,55 @@ fn main() -> ExitCode {
     match host.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(EXIT_FAILURE, &format!("stopped: {error}")),
+    }
+}
+
+/// The exit status and one-line message for a server that could not start: a
+/// configuration that cannot work on this host is status 2 (starting again cannot fix
+/// it), a port taken or a name server that did not answer is status 1.
+fn start_failure(error: &StartError) -> (u8, String) {
+    match error {
+        StartError::Endpoints(EndpointError::Unresolvable {
+            temporary: true, ..
+        }) => (
+            EXIT_FAILURE,
+            format!("cannot start: {error} (the name server did not answer; try again)"),
+        ),
+        StartError::Endpoints(clash) => {
+            let hint = match clash {
+                EndpointError::BindClash { .. } => {
+                    "set --port and --state-port so that P, P+1, P+2 and the state port differ"
+                }
+                EndpointError::PeerIsSelf { .. } => {
+                    "a peer on this host needs ports of its own: see --peer-port and --peer-state-port"
+                }
+                EndpointError::PeerClash { .. } => "see --peer-port and --peer-state-port",
+                _ => "check --peer-host",
+            };
+            (EXIT_CONFIG, format!("{error} ({hint})"))
+        }
+        StartError::Config(_) => (EXIT_CONFIG, error.to_string()),
+        StartError::Bind {
+            error: zmq::Error::EADDRINUSE,
+            ..
+        } => (
+            EXIT_FAILURE,
+            format!(
+                "cannot start: {error} (is another clonekvd running? choose other ports with \
+                 --port / --state-port)"
+            ),
+        ),
+        StartError::Bind {
+            error: zmq::Error::EADDRNOTAVAIL | zmq::Error::ENODEV,
+            ..
+        } => (
+            EXIT_CONFIG,
+            format!(
+                "cannot start: {error} (--bind-host must be an address of this host, or * for \
+                 every interface)"
+            ),
+        ),
+        _ => (EXIT_FAILURE, format!("cannot start: {error}")),
     }
 }
 
@@ -392,6 +448,17 @@ mod tests {
     }
 
     #[test]
+    fn config_errors_name_the_line_they_are_on() {
+        let line = |text: &str| parse_config(text).err().and_then(|(line, _)| line);
+        assert_eq!(line("prot = 1"), Some(1));
+        // An unknown key starts its line.
+        assert_eq!(line("port = 1\n\nprot = 1\n"), Some(3));
+        // A bad value is in the middle of its line.
+        assert_eq!(line("port = 1\n# note\nheartbeat = \"soon\"\n"), Some(3));
+        assert_eq!(line("port = 1\r\nrole = \"boss\"\r\n"), Some(2));
+    }
+
+    #[test]
     fn a_zero_heartbeat_is_refused() {
         let cli = Cli::try_parse_from(["clonekvd", "--heartbeat", "0s"]).unwrap();
         let error = cli
@@ -400,6 +467,35 @@ mod tests {
             .into_options()
             .unwrap_err();
         assert!(error.contains("heartbeat"), "{error}");
+    }
+
+    #[test]
+    fn what_no_restart_fixes_exits_2_and_what_may_fix_itself_exits_1() {
+        let unresolvable = |temporary| {
+            StartError::Endpoints(EndpointError::Unresolvable {
+                socket: "peer state",
+                endpoint: "tcp://kv1:5004".into(),
+                host: "kv1".into(),
+                reason: "lookup failed".into(),
+                temporary,
+            })
+        };
+        let bind = |error| StartError::Bind {
+            socket: "snapshot",
+            endpoint: "tcp://10.9.9.9:5556".into(),
+            error,
+        };
+        let status = |error: StartError| start_failure(&error).0;
+        assert_eq!(status(unresolvable(false)), EXIT_CONFIG);
+        assert_eq!(status(unresolvable(true)), EXIT_FAILURE);
+        assert_eq!(status(bind(zmq::Error::EADDRNOTAVAIL)), EXIT_CONFIG);
+        assert_eq!(status(bind(zmq::Error::ENODEV)), EXIT_CONFIG);
+        assert_eq!(status(bind(zmq::Error::EADDRINUSE)), EXIT_FAILURE);
+        let (_, message) = start_failure(&bind(zmq::Error::EADDRINUSE));
+        assert!(
+            message.contains("in use") && message.contains("EADDRINUSE"),
+            "{message}"
+        );
     }
 
     #[test]
