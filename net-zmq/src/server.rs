@@ -6,7 +6,7 @@
 //! | socket | endpoint (primary default) | core call / output |
 //! |--------|----------------------------|--------------------|
 //! | ROUTER, bound, `ROUTER_MANDATORY` | `tcp://*:5556` (P) | `handle_snapshot_request`; `poll_snapshot` replies |
-//! | PUB, bound | `tcp://*:5557` (P+1) | `Output::Publish` |
+//! | XPUB (verbose), bound | `tcp://*:5557` (P+1) | `Output::Publish`; each subscription to `HUGZ` → `handle_subscriber_joined` |
 //! | SUB ``""``, bound | `tcp://*:5558` (P+2, collector) | `handle_collected` |
 //! | PUB, bound | `tcp://*:5003` (Binary Star state) | `Output::SendStateToPeer` |
 //! | SUB ``""``, connected | `tcp://localhost:5004` (peer state) | `handle_peer_state` |
@@ -284,6 +284,7 @@ const PEER_SNAPSHOT: Token = Token(4);
 const WAKER: Token = Token(5);
 const SIGNALS: Token = Token(6);
 const PEER_UPDATES_MONITOR: Token = Token(7);
+const PUBLISHER: Token = Token(8);
 
 /// Messages taken from one socket, or one client's snapshot stream, per pass, so that a
 /// flood on one cannot starve the others.
@@ -298,6 +299,8 @@ enum Input {
     PeerState = 2,
     PeerUpdates = 3,
     PeerSnapshot = 4,
+    /// Subscription messages on the publisher (an XPUB).
+    Subscriptions = 5,
 }
 
 /// The input socket registered under `token`, if any.
@@ -308,16 +311,18 @@ fn input_of(token: Token) -> Option<Input> {
         PEER_STATE => Some(Input::PeerState),
         PEER_UPDATES => Some(Input::PeerUpdates),
         PEER_SNAPSHOT => Some(Input::PeerSnapshot),
+        PUBLISHER => Some(Input::Subscriptions),
         _ => None,
     }
 }
 
-const INPUTS: [Input; 5] = [
+const INPUTS: [Input; 6] = [
     Input::SnapshotRequests,
     Input::Collector,
     Input::PeerState,
     Input::PeerUpdates,
     Input::PeerSnapshot,
+    Input::Subscriptions,
 ];
 
 /// One server of the pair: the core state machine, its sockets and the loop between
@@ -373,8 +378,11 @@ impl ServerHost {
         let router = new_socket(&context, zmq::ROUTER, "snapshot")?;
         configure(&router, |socket| socket.set_router_mandatory(true))?;
         bind(&router, &endpoints.snapshot)?;
-        let publisher = new_socket(&context, zmq::PUB, "publisher")?;
+        // An XPUB that passes every subscription up (verbose), so that each new
+        // subscriber can be sent a HUGZ at once instead of at the next heartbeat.
+        let publisher = new_socket(&context, zmq::XPUB, "publisher")?;
         configure(&publisher, |socket| socket.set_sndhwm(options.hwm))?;
+        configure(&publisher, |socket| socket.set_xpub_verbose(true))?;
         bind(&publisher, &endpoints.publisher)?;
         let collector = new_socket(&context, zmq::SUB, "collector")?;
         configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
@@ -404,6 +412,7 @@ impl ServerHost {
         collector.register(registry, COLLECTOR)?;
         peer_state.register(registry, PEER_STATE)?;
         peer_updates.register(registry, PEER_UPDATES)?;
+        publisher.register(registry, PUBLISHER)?;
         peer_updates_monitor.register(registry, PEER_UPDATES_MONITOR)?;
 
         Ok(ServerHost {
@@ -593,6 +602,7 @@ impl ServerHost {
                     Some(socket) => socket,
                     None => return Ok(received),
                 },
+                Input::Subscriptions => &self.publisher,
             };
             let mut frames = std::mem::take(&mut self.frames);
             let outcome = socket.try_recv_into(&mut frames);
@@ -637,6 +647,11 @@ impl ServerHost {
             Input::PeerState => self.server.handle_peer_state(now, wall, frames),
             Input::PeerUpdates => self.server.handle_peer_update(now, wall, frames),
             Input::PeerSnapshot => self.server.handle_peer_snapshot(now, wall, frames),
+            Input::Subscriptions => {
+                if subscribes_to_hugz(frames) {
+                    self.server.handle_subscriber_joined(now, wall);
+                }
+            }
         }
     }
 
@@ -659,6 +674,9 @@ impl ServerHost {
                         .as_deref_mut()
                         .and_then(|received| received.take_if_equal(FRAME_COUNT - 1, body));
                     send_or_log_reusing(&self.publisher, &frames, last, &mut self.limiter);
+                    // A send may have taken the fd's edge for a subscription that
+                    // arrived meanwhile (the zmq fd is edge-triggered).
+                    self.maybe_readable[Input::Subscriptions as usize] = true;
                 }
                 Output::SnapshotReady { routing_id } => {
                     self.streams.entry(routing_id).or_insert(None);
@@ -1084,4 +1102,34 @@ fn log_counters(counters: &Counters, role: Role) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// True for an XPUB subscription message (`1` then the topic) whose topic a HUGZ
+/// matches: `HUGZ` itself or any prefix of it, the empty topic (everything) included.
+fn subscribes_to_hugz<F: AsRef<[u8]>>(frames: &[F]) -> bool {
+    match frames.first().map(AsRef::as_ref) {
+        Some([1, topic @ ..]) => HUGZ_KEY.starts_with(topic),
+        _ => false,
+    }
+}
+
+const HUGZ_KEY: &[u8] = clonekv_core::kvmsg::HUGZ;
+
+#[cfg(test)]
+mod tests {
+    use super::subscribes_to_hugz;
+
+    #[test]
+    fn a_subscription_that_a_hugz_matches_is_a_join() {
+        for topic in [&b"HUGZ"[..], b"", b"HU"] {
+            let mut message = vec![1u8];
+            message.extend_from_slice(topic);
+            assert!(subscribes_to_hugz(&[message]), "{topic:?}");
+        }
+        // A subtree subscription, an unsubscription, garbage.
+        assert!(!subscribes_to_hugz(&[b"\x01/weather/".to_vec()]));
+        assert!(!subscribes_to_hugz(&[b"\x00HUGZ".to_vec()]));
+        assert!(!subscribes_to_hugz::<Vec<u8>>(&[]));
+        assert!(!subscribes_to_hugz(&[Vec::new()]));
+    }
 }
