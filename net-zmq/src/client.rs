@@ -82,7 +82,7 @@ pub use clonekv_core::client::Entry;
 
 use crate::clock::Clock;
 use crate::log::{send_or_log, RateLimiter};
-use crate::socket::{ReconnectMonitor, ZmqSocket};
+use crate::socket::{largest_legal_frame, ReconnectMonitor, ZmqSocket};
 
 /// The servers a client uses when none are given: the reference primary and backup on
 /// this host.
@@ -476,11 +476,16 @@ impl ClientBuilder {
                     error,
                 }
             })?;
+            let largest = largest_legal_frame(&core.config().limits);
+            configure(&snapshot, &address.snapshot, |socket| {
+                socket.set_maxmsgsize(largest)
+            })?;
             connect(&snapshot, &address.snapshot)?;
             let subscriber = new_socket(&context, zmq::SUB, "subscriber", &address.publisher)?;
             let subtree = core.subtree().to_vec();
             configure(&subscriber, &address.publisher, |socket| {
                 socket.set_rcvhwm(self.hwm)?;
+                socket.set_maxmsgsize(largest)?;
                 // The subtree first, then HUGZ: once a HUGZ arrives, the subtree
                 // subscription is known to be in effect too (PROTOCOL.md §4).
                 socket.set_subscribe(&subtree)?;

@@ -57,7 +57,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::clock::Clock;
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
-use crate::socket::{Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
+use crate::socket::{largest_legal_frame, Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
 /// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
@@ -375,7 +375,11 @@ impl ServerHost {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
 
+        let limits = options.config.limits;
         let router = new_socket(&context, zmq::ROUTER, "snapshot")?;
+        configure(&router, |socket| {
+            socket.set_maxmsgsize(largest_legal_frame(&limits))
+        })?;
         configure(&router, |socket| socket.set_router_mandatory(true))?;
         bind(&router, &endpoints.snapshot)?;
         // An XPUB that passes every subscription up (verbose), so that each new
@@ -383,19 +387,31 @@ impl ServerHost {
         let publisher = new_socket(&context, zmq::XPUB, "publisher")?;
         configure(&publisher, |socket| socket.set_sndhwm(options.hwm))?;
         configure(&publisher, |socket| socket.set_xpub_verbose(true))?;
+        configure(&publisher, |socket| {
+            socket.set_maxmsgsize(largest_legal_frame(&limits))
+        })?;
         bind(&publisher, &endpoints.publisher)?;
         let collector = new_socket(&context, zmq::SUB, "collector")?;
         configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&collector, |socket| {
+            socket.set_maxmsgsize(largest_legal_frame(&limits))
+        })?;
         configure(&collector, |socket| socket.set_subscribe(b""))?;
         bind(&collector, &endpoints.collector)?;
         let state_publisher = new_socket(&context, zmq::PUB, "state")?;
         bind(&state_publisher, &endpoints.state)?;
 
         let peer_state = new_socket(&context, zmq::SUB, "peer state")?;
+        configure(&peer_state, |socket| {
+            socket.set_maxmsgsize(largest_legal_frame(&limits))
+        })?;
         configure(&peer_state, |socket| socket.set_subscribe(b""))?;
         connect(&peer_state, &endpoints.peer_state)?;
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
         configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&peer_updates, |socket| {
+            socket.set_maxmsgsize(largest_legal_frame(&limits))
+        })?;
         configure(&peer_updates, |socket| socket.set_subscribe(b""))?;
         let peer_updates_monitor =
             ReconnectMonitor::new(&context, &peer_updates).map_err(|error| StartError::Socket {
@@ -737,6 +753,8 @@ impl ServerHost {
     fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
         let dealer = new_socket(&self.context, zmq::DEALER, "peer snapshot")?;
         configure(&dealer, |socket| socket.set_rcvhwm(self.hwm))?;
+        let largest = largest_legal_frame(&self.server.config().limits);
+        configure(&dealer, |socket| socket.set_maxmsgsize(largest))?;
         connect(&dealer, &self.endpoints.peer_snapshot)?;
         dealer.register(self.poll.registry(), PEER_SNAPSHOT)?;
         Ok(dealer)

@@ -16,6 +16,8 @@ use std::io;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
+use clonekv_core::kvmsg::{Limits, FRAME_COUNT};
+
 use crate::ffi::HandledSocket;
 
 /// What happened to a non-blocking send.
@@ -28,6 +30,23 @@ pub enum SendOutcome {
     /// A ROUTER with `ZMQ_ROUTER_MANDATORY` has no peer with that routing id
     /// (`EHOSTUNREACH`): it disconnected.
     Unreachable,
+}
+
+/// Frames kept of one received message, at most: the protocol's five and a ROUTER's
+/// routing id, plus one so that the decoder still sees a message that had too many.
+pub const MAX_STORED_FRAMES: usize = FRAME_COUNT + 2;
+
+/// The largest frame a valid message can carry under `limits` (a body, a properties
+/// frame or a key), as libzmq's `ZMQ_MAXMSGSIZE` takes it: set on every receiving
+/// socket, so that libzmq refuses a longer frame (and drops its sender) before it
+/// allocates it; without it a peer that announces a 100 MiB frame gets 100 MiB.
+pub fn largest_legal_frame(limits: &Limits) -> i64 {
+    let largest = limits
+        .max_body_len
+        .max(limits.max_properties_len)
+        .max(limits.max_key_len)
+        .max(16);
+    i64::try_from(largest).unwrap_or(i64::MAX)
 }
 
 /// One libzmq socket and its mio registration.
@@ -78,10 +97,24 @@ impl ZmqSocket {
         if !self.socket.socket().get_events()?.contains(zmq::POLLIN) {
             return Ok(None);
         }
-        match self.socket.socket().recv_multipart(zmq::DONTWAIT) {
-            Ok(frames) => Ok(Some(frames)),
-            Err(zmq::Error::EAGAIN) => Ok(None),
-            Err(error) => Err(error),
+        let socket = self.socket.socket();
+        let mut frames = Vec::new();
+        let mut part = zmq::Message::new();
+        loop {
+            let flags = if frames.is_empty() { zmq::DONTWAIT } else { 0 };
+            match socket.recv(&mut part, flags) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) if frames.is_empty() => return Ok(None),
+                Err(error) => return Err(error),
+            }
+            // Past the most any message may have, frames are read and let go: the
+            // decoder rejects the message for its count all the same.
+            if frames.len() < MAX_STORED_FRAMES {
+                frames.push(part.to_vec());
+            }
+            if !part.get_more() {
+                return Ok(Some(frames));
+            }
         }
     }
 
@@ -92,10 +125,13 @@ impl ZmqSocket {
     pub fn try_recv_into(&self, frames: &mut Frames) -> Result<bool, zmq::Error> {
         frames.len = 0;
         loop {
-            if frames.len == frames.slots.len() {
+            // Past the most any message may have, the last slot is reused: the frames
+            // are read and let go, and the decoder still sees one too many.
+            if frames.len == frames.slots.len() && frames.len < MAX_STORED_FRAMES {
                 frames.slots.push(Frame(zmq::Message::new()));
             }
-            let Some(Frame(slot)) = frames.slots.get_mut(frames.len) else {
+            let index = frames.len.min(MAX_STORED_FRAMES - 1);
+            let Some(Frame(slot)) = frames.slots.get_mut(index) else {
                 // Unreachable: a slot was just pushed if none was left.
                 return Ok(frames.len > 0);
             };
@@ -107,7 +143,7 @@ impl ZmqSocket {
                 Err(error) => return Err(error),
             }
             let more = slot.get_more();
-            frames.len += 1;
+            frames.len = (frames.len + 1).min(MAX_STORED_FRAMES);
             if !more {
                 return Ok(true);
             }
