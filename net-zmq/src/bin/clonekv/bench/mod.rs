@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use comfy_table::{presets, CellAlignment, Table};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -894,27 +895,34 @@ pub fn render(report: &Report) -> String {
         report.trial_seconds,
     );
     if !report.throughput.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nupdate throughput (zero loss, in order)\n  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
-            "route", "subs", "updates", "flood", "of relay", "of PUB→SUB", "CPU/update"
-        );
-        for row in &report.throughput {
-            let cpu = row
-                .cpu_us_per_update
-                .map_or("-".to_string(), |us| format!("{us:.1} µs"));
-            let _ = writeln!(
-                out,
-                "  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
-                row.route,
-                row.subscribers,
+        let rows = report.throughput.iter().map(|row| {
+            vec![
+                row.route.to_string(),
+                row.subscribers.to_string(),
                 k(row.updates_per_s),
                 k(row.flood_per_s),
                 ratio(row.of_relay),
                 ratio(row.of_pub_sub),
-                cpu,
-            );
-        }
+                row.cpu_us_per_update
+                    .map_or("-".to_string(), |us| format!("{us:.1} µs")),
+            ]
+        });
+        let _ = writeln!(
+            out,
+            "\nupdate throughput (zero loss, in order)\n{}",
+            table(
+                &[
+                    "route",
+                    "subs",
+                    "updates",
+                    "flood",
+                    "of relay",
+                    "of PUB→SUB",
+                    "CPU/update"
+                ],
+                rows
+            )
+        );
     }
     if report.publishers > 1 && !report.throughput.is_empty() {
         let _ = writeln!(
@@ -923,23 +931,22 @@ pub fn render(report: &Report) -> String {
         );
     }
     if !report.latency.is_empty() {
+        let us = |micros: f64| format!("{micros:.0}µs");
+        let rows = report.latency.iter().map(|row| {
+            vec![
+                row.route.to_string(),
+                k(row.rate_per_s),
+                us(row.p50_us),
+                us(row.p99_us),
+                us(row.p999_us),
+                us(row.max_us),
+            ]
+        });
         let _ = writeln!(
             out,
-            "\nupdate latency, KVSET sent → KVPUB received (1 subscriber)\n  {:<18} {:>11} {:>9} {:>9} {:>9} {:>9}",
-            "route", "rate", "p50", "p99", "p99.9", "max"
+            "\nupdate latency, KVSET sent → KVPUB received (1 subscriber)\n{}",
+            table(&["route", "rate", "p50", "p99", "p99.9", "max"], rows)
         );
-        for row in &report.latency {
-            let _ = writeln!(
-                out,
-                "  {:<18} {:>11} {:>7.0}µs {:>7.0}µs {:>7.0}µs {:>7.0}µs",
-                row.route,
-                k(row.rate_per_s),
-                row.p50_us,
-                row.p99_us,
-                row.p999_us,
-                row.max_us
-            );
-        }
         let rounds: Vec<String> = report
             .latency
             .iter()
@@ -1044,6 +1051,26 @@ pub fn render(report: &Report) -> String {
     out
 }
 
+/// A borderless table indented by two spaces like the rest of the report: the first
+/// column left-aligned, the others right-aligned, two spaces between columns.
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut table = Table::new();
+    table
+        .load_style(presets::NOTHING)
+        .set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    for column in table.column_iter_mut() {
+        if column.index == 0 {
+            column.set_padding((2, 1));
+        } else {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.trim_fmt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1071,5 +1098,78 @@ mod tests {
         assert!(row.p99_us < 101.0, "{row:?}");
         assert!(row.p999_us > 49_000.0, "{row:?}");
         assert!(row.max_us > 49_000.0, "{row:?}");
+    }
+
+    /// A report with every kind of row, for the renderer.
+    fn sample() -> Report {
+        let throughput = |route, subscribers, rate: f64, cpu, of_relay, of_pub_sub| ThroughputRow {
+            route,
+            subscribers,
+            updates_per_s: rate,
+            flood_per_s: rate * 1.2,
+            trials: 7,
+            cpu_us_per_update: cpu,
+            of_relay,
+            of_pub_sub,
+        };
+        let latency = |route, p50| LatencyRow {
+            route,
+            rate_per_s: 77_000.0,
+            samples: 100,
+            p50_us: p50,
+            p99_us: 1690.4,
+            p999_us: 4800.0,
+            max_us: 6800.0,
+            round_p99_us: vec![900.0, 1200.0, 2000.0],
+        };
+        Report {
+            target: "clonekvd started by the bench (x)".to_string(),
+            cpus: 2,
+            load_average: (Some(1.5), Some(2.25)),
+            quick: true,
+            key_size: 16,
+            value_size: 100,
+            publishers: 1,
+            hwm: 100_000,
+            trial_seconds: 0.4,
+            throughput: vec![
+                throughput(ROUTE_PUB_SUB, 1, 423_000.0, None, Some(1.7), Some(1.0)),
+                throughput(ROUTE_RELAY, 1, 249_000.0, Some(3.2), Some(1.0), Some(0.59)),
+                throughput(
+                    ROUTE_SERVER,
+                    1,
+                    154_000.0,
+                    Some(5.7),
+                    Some(0.62),
+                    Some(0.36),
+                ),
+                throughput(ROUTE_PAIR, 10, 41_000.0, Some(24.1), None, None),
+            ],
+            latency: vec![latency(ROUTE_RELAY, 109.0), latency(ROUTE_SERVER, 139.0)],
+            snapshot: None,
+            memory: None,
+            failover: Vec::new(),
+            problems: vec!["something".to_string()],
+            elapsed_seconds: 42.0,
+        }
+    }
+
+    #[test]
+    fn tables_are_aligned_and_keep_every_column() {
+        let text = render(&sample());
+        let expected = "
+update throughput (zero loss, in order)
+  route            subs  updates   flood  of relay  of PUB→SUB  CPU/update
+  raw PUB→SUB         1   423k/s  508k/s      1.70        1.00           -
+  raw relay           1   249k/s  299k/s      1.00        0.59      3.2 µs
+  server              1   154k/s  185k/s      0.62        0.36      5.7 µs
+  server + backup    10    41k/s   49k/s         -           -     24.1 µs
+
+update latency, KVSET sent → KVPUB received (1 subscriber)
+  route       rate    p50     p99   p99.9     max
+  raw relay  77k/s  109µs  1690µs  4800µs  6800µs
+  server     77k/s  139µs  1690µs  4800µs  6800µs
+";
+        assert!(text.contains(expected), "{text}");
     }
 }
