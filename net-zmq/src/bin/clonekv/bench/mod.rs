@@ -274,7 +274,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
             .clone()
             .unwrap_or_else(|| format!("clonekvd started by the bench ({})", clonekvd.display())),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        load_average: (load_average(), None),
+        load_average: (procs::load_average(), None),
         quick: args.quick,
         key_size: args.key_size,
         value_size: args.value_size,
@@ -547,16 +547,10 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         }
     }
     bar.finish_and_clear();
-    report.load_average.1 = load_average();
+    report.load_average.1 = procs::load_average();
     report.elapsed_seconds = began.elapsed().as_secs_f64();
     scratch.keep = !report.problems.is_empty();
     Ok(report)
-}
-
-/// The 1-minute load average, from `/proc/loadavg` (Linux).
-fn load_average() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next()?.parse().ok()
 }
 
 fn validate(args: &BenchArgs) -> Result<(), BenchError> {

@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, Once};
+use std::time::Duration;
 
 use super::BenchError;
 
@@ -164,22 +165,50 @@ impl Drop for Process {
 }
 
 /// Resident set size of a process in bytes (`VmRSS`), Linux only.
+#[cfg(target_os = "linux")]
 pub fn rss_of(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let status = linux_process(pid)?.status().ok()?;
+    Some(status.vmrss? * 1024)
 }
 
-/// CPU time (user + system) a process has used so far, Linux only.
-pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces; the fields after its closing paren do not.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the file: 12 and 13 after the name.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // The kernel reports clock ticks of USER_HZ, 100 on every Linux we run on.
-    Some(std::time::Duration::from_millis(ticks * 10))
+/// CPU time (user + system, all its threads) a process has used so far, Linux only.
+#[cfg(target_os = "linux")]
+pub fn cpu_time_of(pid: u32) -> Option<Duration> {
+    let stat = linux_process(pid)?.stat().ok()?;
+    let ticks = stat.utime + stat.stime;
+    let per_second = procfs::ticks_per_second().max(1);
+    Some(Duration::from_nanos(
+        ticks.saturating_mul(1_000_000_000) / per_second,
+    ))
+}
+
+/// The 1-minute load average, Linux only.
+#[cfg(target_os = "linux")]
+pub fn load_average() -> Option<f64> {
+    use procfs::Current;
+    procfs::LoadAverage::current()
+        .ok()
+        .map(|load| f64::from(load.one))
+}
+
+#[cfg(target_os = "linux")]
+fn linux_process(pid: u32) -> Option<procfs::process::Process> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn rss_of(_pid: u32) -> Option<u64> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn cpu_time_of(_pid: u32) -> Option<Duration> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn load_average() -> Option<f64> {
+    None
 }
 
 /// Timings of a server started by the bench.
@@ -272,5 +301,22 @@ impl Drop for Scratch {
         } else {
             let _ = fs::remove_dir_all(&self.path);
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_memory_cpu_time_and_a_load_average() {
+        let pid = std::process::id();
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {
+            std::hint::black_box(0u64);
+        }
+        assert!(rss_of(pid).is_some_and(|bytes| bytes > 1_000_000));
+        assert!(cpu_time_of(pid).is_some_and(|cpu| cpu > Duration::ZERO));
+        assert!(load_average().is_some_and(|load| load >= 0.0));
     }
 }
