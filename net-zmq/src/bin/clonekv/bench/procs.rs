@@ -277,29 +277,41 @@ pub fn server_args(
     args
 }
 
-/// A scratch directory for the children's logs, removed at the end unless the run
-/// failed (then its path is printed).
+/// A scratch directory for the children's logs: a new one with a unique name under the
+/// system's temporary directory, removed at the end unless the run failed (then its
+/// path is printed).
 pub struct Scratch {
+    dir: Option<tempfile::TempDir>,
     pub path: PathBuf,
     pub keep: bool,
 }
 
 impl Scratch {
     pub fn new() -> Result<Scratch, BenchError> {
-        let path = std::env::temp_dir().join(format!("clonekv-bench-{}", std::process::id()));
-        fs::create_dir_all(&path).map_err(|error| {
-            BenchError::new(format!("cannot create {}: {error}", path.display()))
-        })?;
-        Ok(Scratch { path, keep: false })
+        let dir = tempfile::Builder::new()
+            .prefix("clonekv-bench-")
+            .tempdir()
+            .map_err(|error| {
+                BenchError::new(format!(
+                    "cannot create a directory in {}: {error}",
+                    std::env::temp_dir().display()
+                ))
+            })?;
+        Ok(Scratch {
+            path: dir.path().to_path_buf(),
+            dir: Some(dir),
+            keep: false,
+        })
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if self.keep {
-            eprintln!("clonekv bench: child logs kept in {}", self.path.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
+        // Dropping the `TempDir` removes it; keeping it leaves it in place.
+        if let Some(dir) = self.dir.take() {
+            if self.keep {
+                eprintln!("clonekv bench: child logs kept in {}", dir.keep().display());
+            }
         }
     }
 }
@@ -318,5 +330,20 @@ mod tests {
         assert!(rss_of(pid).is_some_and(|bytes| bytes > 1_000_000));
         assert!(cpu_time_of(pid).is_some_and(|cpu| cpu > Duration::ZERO));
         assert!(load_average().is_some_and(|load| load >= 0.0));
+    }
+
+    #[test]
+    fn the_scratch_directory_goes_unless_kept() {
+        let scratch = Scratch::new().unwrap();
+        let path = scratch.path.clone();
+        assert!(path.is_dir());
+        drop(scratch);
+        assert!(!path.exists());
+        let mut kept = Scratch::new().unwrap();
+        kept.keep = true;
+        let path = kept.path.clone();
+        drop(kept);
+        assert!(path.is_dir());
+        fs::remove_dir_all(path).unwrap();
     }
 }
