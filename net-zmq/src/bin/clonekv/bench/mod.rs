@@ -173,16 +173,53 @@ pub struct MemoryRow {
     pub bytes_per_key: f64,
 }
 
-/// One failover figure.
+/// The failovers measured under one set of timings.
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverRow {
     pub timing: &'static str,
     pub heartbeat_ms: u64,
     pub peer_expiry_beats: u32,
     pub client_server_ttl_ms: u64,
-    #[serde(flatten)]
-    pub result: failover::FailoverResult,
+    /// One per kill, at the phases of [`FAILOVER_PHASES`].
+    pub runs: Vec<failover::FailoverResult>,
+    /// The slowest run's first update through the backup: the figure.
+    pub worst_first_update_s: f64,
+    /// The slowest run's `clonekv get` (`None` if one did not return the value).
+    pub worst_cli_get_s: Option<f64>,
+    /// The slowest run's takeover by the backup: the anchor.
+    pub worst_backup_answers_s: Option<f64>,
 }
+
+impl FailoverRow {
+    fn new(
+        timing: &'static str,
+        heartbeat_ms: u64,
+        peer_expiry_beats: u32,
+        client_server_ttl_ms: u64,
+        runs: Vec<failover::FailoverResult>,
+    ) -> FailoverRow {
+        let worst = |figure: fn(&failover::FailoverResult) -> Option<f64>| {
+            runs.iter()
+                .map(figure)
+                .try_fold(0.0f64, |worst, figure| Some(worst.max(figure?)))
+        };
+        FailoverRow {
+            timing,
+            heartbeat_ms,
+            peer_expiry_beats,
+            client_server_ttl_ms,
+            worst_first_update_s: worst(|run| Some(run.first_update_s)).unwrap_or(0.0),
+            worst_cli_get_s: worst(|run| run.cli_get_s),
+            worst_backup_answers_s: worst(|run| run.backup_answers_s),
+            runs,
+        }
+    }
+}
+
+/// Where in the active's heartbeat each failover run kills it, as fractions of a beat
+/// after one of its HUGZ: right after one (the backup waits a whole peer expiry, the
+/// worst case), then a third and two thirds of a beat later.
+const FAILOVER_PHASES: [(u32, u32); 3] = [(0, 3), (1, 3), (2, 3)];
 
 /// Everything a run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -249,7 +286,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         keyspace: args.keys.max(1),
     };
     let mut scratch = Scratch::new()?;
-    let mut ports = Ports::allocate(48)?;
+    let mut ports = Ports::allocate(24)?;
     let clonekvd = args
         .clonekvd
         .clone()
@@ -262,7 +299,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
     } else {
         args.subscribers.len() * searches_per_count * (1 + steps as usize)
     };
-    let bar = ProgressBar::new((throughput_steps + 8) as u64);
+    let bar = ProgressBar::new((throughput_steps + 6 + 2 * FAILOVER_PHASES.len()) as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -498,7 +535,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
     // 4: failover, only of a pair started here.
     if args.endpoint.is_none() && !args.skips("failover") {
         let timings = [
-            ("default", Timing::DEFAULT, Duration::from_secs(5)),
+            ("default", Timing::DEFAULT, Duration::from_secs(5), false),
             (
                 "aggressive",
                 Timing {
@@ -506,44 +543,72 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
                     peer_expiry_beats: 2,
                 },
                 Duration::from_millis(300),
+                true,
             ),
         ];
-        for (name, timing, server_ttl) in timings {
-            bar.set_message(format!("failover, {name} timings"));
-            let outcome = (|| {
-                let primary_ports = ServerPorts::take(&mut ports)?;
-                let backup_ports = ServerPorts::take(&mut ports)?;
-                let (mut primary, mut backup) = start_pair(
-                    &clonekvd,
-                    primary_ports,
-                    backup_ports,
-                    timing,
-                    args.hwm,
-                    &scratch,
-                    name,
-                )?;
-                wait_active(&primary_ports.endpoint(), Some(&mut primary))?;
-                backup.check_running()?;
-                failover::measure(
-                    &mut primary,
-                    &[primary_ports.endpoint(), backup_ports.endpoint()],
-                    server_ttl,
-                    PATIENCE,
-                )
-            })();
-            match outcome {
-                Ok(result) => report.failover.push(FailoverRow {
-                    timing: name,
-                    heartbeat_ms: timing.heartbeat_ms,
-                    peer_expiry_beats: timing.peer_expiry_beats,
-                    client_server_ttl_ms: server_ttl.as_millis() as u64,
-                    result,
-                }),
-                Err(error) => report
-                    .problems
-                    .push(format!("failover with {name} timings: {error}")),
+        for (name, timing, server_ttl, cli_server_ttl) in timings {
+            let mut runs = Vec::new();
+            for (run, (numerator, denominator)) in FAILOVER_PHASES.into_iter().enumerate() {
+                let run = run + 1;
+                bar.set_message(format!(
+                    "failover, {name} timings, {run} of {}",
+                    FAILOVER_PHASES.len()
+                ));
+                let kill_phase =
+                    Duration::from_millis(timing.heartbeat_ms) * numerator / denominator;
+                let outcome = (|| {
+                    // Fresh ports for every pair: a killed server's may linger.
+                    let mut ports = Ports::allocate(8)?;
+                    let primary_ports = ServerPorts::take(&mut ports)?;
+                    let backup_ports = ServerPorts::take(&mut ports)?;
+                    let (mut primary, mut backup) = start_pair(
+                        &clonekvd,
+                        primary_ports,
+                        backup_ports,
+                        timing,
+                        args.hwm,
+                        &scratch,
+                        &format!("{name}-{run}"),
+                    )?;
+                    wait_active(&primary_ports.endpoint(), Some(&mut primary))?;
+                    backup.check_running()?;
+                    failover::measure(
+                        &mut primary,
+                        &failover::Setup {
+                            servers: [primary_ports.endpoint(), backup_ports.endpoint()],
+                            server_ttl,
+                            cli_server_ttl,
+                            subtree: "failover/".to_string(),
+                            kill_phase,
+                            clonekv: &self_exe,
+                            patience: PATIENCE,
+                        },
+                    )
+                })();
+                match outcome {
+                    Ok(result) => {
+                        if let Some(why) = &result.cli_get_failure {
+                            report.problems.push(format!(
+                                "`clonekv get` after the kill ({name} timings, run {run}): {why}"
+                            ));
+                        }
+                        runs.push(result);
+                    }
+                    Err(error) => report
+                        .problems
+                        .push(format!("failover with {name} timings, run {run}: {error}")),
+                }
+                bar.inc(1);
             }
-            bar.inc(1);
+            if !runs.is_empty() {
+                report.failover.push(FailoverRow::new(
+                    name,
+                    timing.heartbeat_ms,
+                    timing.peer_expiry_beats,
+                    server_ttl.as_millis() as u64,
+                    runs,
+                ));
+            }
         }
     }
     bar.finish_and_clear();
@@ -1007,23 +1072,61 @@ pub fn render(report: &Report) -> String {
         );
     }
     if !report.failover.is_empty() {
+        let seconds = |figure: Option<f64>| figure.map_or("-".to_string(), |s| format!("{s:.2}"));
+        let rows = report.failover.iter().flat_map(|row| {
+            row.runs.iter().map(|run| {
+                vec![
+                    row.timing.to_string(),
+                    format!("+{} ms", run.kill_phase_ms),
+                    seconds(run.backup_answers_s),
+                    seconds(Some(run.server_changed_s)),
+                    seconds(Some(run.synced_s)),
+                    seconds(Some(run.first_update_s)),
+                    seconds(
+                        run.backup_answers_s
+                            .map(|anchor| run.first_update_s - anchor),
+                    ),
+                    seconds(run.cli_get_s),
+                ]
+            })
+        });
         let _ = writeln!(
             out,
-            "\nfailover, SIGKILL of the active → first update through the backup"
+            "\nfailover, SIGKILL of the active at a phase of its heartbeat (seconds from the kill)\n{}",
+            table(
+                &[
+                    "timings",
+                    "kill at",
+                    "backup takes over",
+                    "client moved",
+                    "re-synced",
+                    "first update",
+                    "after takeover",
+                    "clonekv get",
+                ],
+                rows
+            )
         );
         for row in &report.failover {
+            let cli = row.worst_cli_get_s.map_or_else(
+                || "`clonekv get` did not return the value in every run".to_string(),
+                |worst| format!("worst `clonekv get` {worst:.2} s"),
+            );
             let _ = writeln!(
                 out,
-                "  {:<10} (heartbeat {} ms × {}, client server ttl {} ms): {:.2} s (client moved {:.2} s, synced {:.2} s)",
+                "  {}: heartbeat {} ms × {}, client server ttl {} ms: worst first update {:.2} s, {cli}; the backup took over by {} s",
                 row.timing,
                 row.heartbeat_ms,
                 row.peer_expiry_beats,
                 row.client_server_ttl_ms,
-                row.result.first_update_s,
-                row.result.server_changed_s,
-                row.result.synced_s,
+                row.worst_first_update_s,
+                seconds(row.worst_backup_answers_s),
             );
         }
+        let _ = writeln!(
+            out,
+            "  (backup takes over: a raw ICANHAZ? every 10 ms first answered, the earliest Binary Star allows; first update: through the backup, to a client library watcher; clonekv get: the CLI started right after the kill)"
+        );
     }
     if let (Some(start), end) = report.load_average {
         let end = end.map_or(String::new(), |end| format!(" → {end:.1}"));
@@ -1142,7 +1245,32 @@ mod tests {
             latency: vec![latency(ROUTE_RELAY, 109.0), latency(ROUTE_SERVER, 139.0)],
             snapshot: None,
             memory: None,
-            failover: Vec::new(),
+            failover: vec![FailoverRow::new(
+                "default",
+                1_000,
+                2,
+                5_000,
+                vec![
+                    failover::FailoverResult {
+                        kill_phase_ms: 0,
+                        backup_answers_s: Some(2.004),
+                        server_changed_s: 0.001,
+                        synced_s: 2.101,
+                        first_update_s: 2.107,
+                        cli_get_s: Some(2.15),
+                        cli_get_failure: None,
+                    },
+                    failover::FailoverResult {
+                        kill_phase_ms: 333,
+                        backup_answers_s: Some(1.671),
+                        server_changed_s: 0.002,
+                        synced_s: 1.8,
+                        first_update_s: 1.803,
+                        cli_get_s: None,
+                        cli_get_failure: Some("exit status: 3".to_string()),
+                    },
+                ],
+            )],
             problems: vec!["something".to_string()],
             elapsed_seconds: 42.0,
         }
@@ -1165,5 +1293,22 @@ update latency, KVSET sent → KVPUB received (1 subscriber)
   server     77k/s  139µs  1690µs  4800µs  6800µs
 ";
         assert!(text.contains(expected), "{text}");
+    }
+
+    #[test]
+    fn the_failover_table_shows_each_run_beside_the_takeover() {
+        let text = render(&sample());
+        let expected = "
+failover, SIGKILL of the active at a phase of its heartbeat (seconds from the kill)
+  timings  kill at  backup takes over  client moved  re-synced  first update  after takeover  clonekv get
+  default    +0 ms               2.00          0.00       2.10          2.11            0.10         2.15
+  default  +333 ms               1.67          0.00       1.80          1.80            0.13            -
+  default: heartbeat 1000 ms × 2, client server ttl 5000 ms: worst first update 2.11 s, `clonekv get` did not return the value in every run; the backup took over by 2.00 s
+";
+        assert!(text.contains(expected), "{text}");
+        let row = &sample().failover[0];
+        assert_eq!(row.worst_first_update_s, 2.107);
+        assert_eq!(row.worst_cli_get_s, None);
+        assert_eq!(row.worst_backup_answers_s, Some(2.004));
     }
 }
