@@ -3,6 +3,7 @@
 //! with a ratio that survives a noisy machine. See docs/PERFORMANCE.md for the method.
 
 mod failover;
+mod prefix;
 mod procs;
 mod relay;
 mod snapshot;
@@ -19,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use clonekv_zmq::duration::HumanDuration;
+use prefix::{Prefix, PREFIX_LEN};
 use procs::{Ports, Process, Scratch, ServerPorts, Timing};
 use traffic::{Keys, Pace, Route, SearchPlan, Session, Shape};
 
@@ -42,10 +44,20 @@ impl fmt::Display for BenchError {
 
 /// `clonekv bench` options.
 #[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Keys: every key a run writes is under one prefix, /cb-XXXX/ \
+(XXXX: four random letters or digits naming the run, shown in the report). With --endpoint, \
+the run ends by deleting every key under its prefix from that server (and its backup), \
+whether it succeeded, failed or was stopped by Ctrl-C (a second Ctrl-C stops the removal); \
+the report says how many were deleted and whether any is left. The bench writes up to \
+--keys keys of --value-size bytes of binary data there.\n\n\
+Method and results: docs/PERFORMANCE.md."
+)]
 pub struct BenchArgs {
     /// A running CHP server to measure, by its base endpoint P (P+1 publishes, P+2
     /// collects); any implementation of the protocol. Default: start clonekvd servers
-    /// on free ports of 127.0.0.1 (and measure failover and memory too).
+    /// on free ports of 127.0.0.1 (and measure failover and memory too). Every key the
+    /// run writes there is deleted at the end (see below).
     #[arg(long, value_name = "ENDPOINT")]
     pub endpoint: Option<String>,
     /// With --endpoint: its backup's base endpoint, to measure a primary with its backup
@@ -72,7 +84,7 @@ pub struct BenchArgs {
         default_value = "1,10"
     )]
     pub subscribers: Vec<usize>,
-    /// Key length in bytes (keys are `key:` and digits; at least 11).
+    /// Key length in bytes (keys are the run's 9-byte prefix and digits; at least 11).
     #[arg(long, value_name = "BYTES", default_value_t = 16)]
     pub key_size: usize,
     /// Value length in bytes (at least 24: the bench's header travels in it).
@@ -225,6 +237,8 @@ const FAILOVER_PHASES: [(u32, u32); 3] = [(0, 3), (1, 3), (2, 3)];
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub target: String,
+    /// Every key the run wrote starts with this.
+    pub key_prefix: String,
     pub cpus: usize,
     /// The 1-minute load average when the run started and when it ended (Linux): above
     /// the CPU count, something else competed for the machine and the rates (not the
@@ -241,6 +255,8 @@ pub struct Report {
     pub snapshot: Option<SnapshotRow>,
     pub memory: Option<MemoryRow>,
     pub failover: Vec<FailoverRow>,
+    /// With `--endpoint`: the removal of the run's keys.
+    pub cleanup: Option<prefix::Cleanup>,
     /// Parts that could not be measured, and why.
     pub problems: Vec<String>,
     pub elapsed_seconds: f64,
@@ -268,9 +284,78 @@ struct Targets {
     pair_processes: Vec<Process>,
 }
 
-/// Runs the bench and returns its report. Progress goes to stderr.
+/// Runs the bench and returns its report. Progress goes to stderr. On a server the
+/// bench did not start, every key the run wrote is deleted at the end, whatever the
+/// outcome (also on SIGINT, SIGTERM or SIGHUP).
 pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchError> {
     validate(args)?;
+    let prefix = Prefix::random()?;
+    let Some(endpoint) = &args.endpoint else {
+        return measure(args, bin_dir, prefix);
+    };
+    let servers: Vec<String> = std::iter::once(endpoint)
+        .chain(&args.backup_endpoint)
+        .cloned()
+        .collect();
+    let on_signal = servers.clone();
+    procs::on_signal(Box::new(move || {
+        traffic::stop_writing();
+        // Let what is already on its way land first.
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!("clonekv bench: removing the keys it wrote under {prefix}");
+        report_cleanup(&prefix::remove_all(&on_signal, prefix, PATIENCE));
+    }));
+    let measured = measure(args, bin_dir, prefix);
+    // From here a signal only stops: the removal below is the one.
+    procs::forget_on_signal();
+    eprintln!("clonekv bench: removing the keys it wrote under {prefix}");
+    let cleanup = prefix::remove_all(&servers, prefix, PATIENCE);
+    match measured {
+        Ok(mut report) => {
+            match cleanup {
+                Ok(cleanup) => {
+                    if cleanup.keys_left > 0 {
+                        report.problems.push(format!(
+                            "{} keys are left under {prefix} on {endpoint}",
+                            cleanup.keys_left
+                        ));
+                    }
+                    report.cleanup = Some(cleanup);
+                }
+                Err(error) => report.problems.push(format!(
+                    "the keys under {prefix} on {endpoint} may not all be removed: {error}"
+                )),
+            }
+            Ok(report)
+        }
+        Err(error) => {
+            report_cleanup(&cleanup);
+            Err(error)
+        }
+    }
+}
+
+/// One line on stderr about a removal that no report will carry.
+fn report_cleanup(cleanup: &Result<prefix::Cleanup, BenchError>) {
+    match cleanup {
+        Ok(cleanup) if cleanup.keys_left == 0 => eprintln!(
+            "clonekv bench: removed every key under {} ({} deletes)",
+            cleanup.prefix, cleanup.keys_deleted
+        ),
+        Ok(cleanup) => eprintln!(
+            "clonekv bench: {} keys are left under {}",
+            cleanup.keys_left, cleanup.prefix
+        ),
+        Err(error) => eprintln!("clonekv bench: {error}"),
+    }
+}
+
+/// Measures every part the options ask for.
+fn measure(
+    args: &BenchArgs,
+    bin_dir: Option<PathBuf>,
+    prefix: Prefix,
+) -> Result<Report, BenchError> {
     let began = Instant::now();
     let trial = args.trial.map(HumanDuration::get).unwrap_or(if args.quick {
         Duration::from_millis(400)
@@ -284,6 +369,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         key_len: args.key_size,
         value_len: args.value_size,
         keyspace: args.keys.max(1),
+        prefix,
     };
     let mut scratch = Scratch::new()?;
     let mut ports = Ports::allocate(24)?;
@@ -310,6 +396,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("clonekvd started by the bench ({})", clonekvd.display())),
+        key_prefix: prefix.to_string(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         load_average: (procs::load_average(), None),
         quick: args.quick,
@@ -323,6 +410,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         snapshot: None,
         memory: None,
         failover: Vec::new(),
+        cleanup: None,
         problems: Vec::new(),
         elapsed_seconds: 0.0,
     };
@@ -578,7 +666,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
                             servers: [primary_ports.endpoint(), backup_ports.endpoint()],
                             server_ttl,
                             cli_server_ttl,
-                            subtree: "failover/".to_string(),
+                            subtree: format!("{prefix}failover/"),
                             kill_phase,
                             clonekv: &self_exe,
                             patience: PATIENCE,
@@ -619,6 +707,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
 }
 
 fn validate(args: &BenchArgs) -> Result<(), BenchError> {
+    // The run's prefix and at least two digits.
     if args.key_size < 11 || args.key_size > 255 {
         return Err(BenchError::new("--key-size must be 11..=255"));
     }
@@ -633,7 +722,7 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
             "--publishers and --subscribers must be at least 1",
         ));
     }
-    let digits = args.key_size - 4;
+    let digits = args.key_size - PREFIX_LEN;
     if digits < 20 && args.keys > 10u64.pow(digits as u32) {
         return Err(BenchError::new("--keys does not fit in --key-size digits"));
     }
@@ -888,11 +977,17 @@ fn load_and_snapshot(
     for run in 1..=SNAPSHOT_RUNS {
         bar.set_message(format!("snapshot {run} of {SNAPSHOT_RUNS}: {keys} keys"));
         let cpu_before = targets.loaded_pid.and_then(procs::cpu_time_of);
-        let taken = snapshot::take(&targets.loaded, keys, Duration::from_secs(10), |entries| {
-            bar.set_message(format!(
-                "snapshot {run} of {SNAPSHOT_RUNS}: {entries} of {keys} entries"
-            ));
-        })?;
+        let taken = snapshot::take(
+            &targets.loaded,
+            &shape,
+            keys,
+            Duration::from_secs(10),
+            |entries| {
+                bar.set_message(format!(
+                    "snapshot {run} of {SNAPSHOT_RUNS}: {entries} of {keys} entries"
+                ));
+            },
+        )?;
         let cpu_us_per_entry = match (cpu_before, targets.loaded_pid.and_then(procs::cpu_time_of)) {
             (Some(before), Some(after)) => {
                 Some(after.saturating_sub(before).as_secs_f64() * 1e6 / taken.entries.max(1) as f64)
@@ -943,11 +1038,12 @@ pub fn render(report: &Report) -> String {
     let ratio = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}"));
     let _ = writeln!(
         out,
-        "clonekv bench{}: {}; {} CPUs; {} B keys, {} B values, {} publisher(s), HWM {}; trials of {:.1} s",
+        "clonekv bench{}: {}; {} CPUs; {} B keys under {}, {} B values, {} publisher(s), HWM {}; trials of {:.1} s",
         if report.quick { " --quick" } else { "" },
         report.target,
         report.cpus,
         report.key_size,
+        report.key_prefix,
         report.value_size,
         report.publishers,
         report.hwm,
@@ -1128,6 +1224,19 @@ pub fn render(report: &Report) -> String {
             "  (backup takes over: a raw ICANHAZ? every 10 ms first answered, the earliest Binary Star allows; first update: through the backup, to a client library watcher; clonekv get: the CLI started right after the kill)"
         );
     }
+    if let Some(cleanup) = &report.cleanup {
+        let _ = writeln!(
+            out,
+            "\nthe run's keys removed: {} deletes under {} in {:.1} s, {}",
+            cleanup.keys_deleted,
+            cleanup.prefix,
+            cleanup.seconds,
+            match cleanup.keys_left {
+                0 => "none left".to_string(),
+                left => format!("{left} LEFT"),
+            }
+        );
+    }
     if let (Some(start), end) = report.load_average {
         let end = end.map_or(String::new(), |end| format!(" → {end:.1}"));
         let _ = writeln!(
@@ -1221,6 +1330,7 @@ mod tests {
         };
         Report {
             target: "clonekvd started by the bench (x)".to_string(),
+            key_prefix: "/cb-0000/".to_string(),
             cpus: 2,
             load_average: (Some(1.5), Some(2.25)),
             quick: true,
@@ -1271,6 +1381,7 @@ mod tests {
                     },
                 ],
             )],
+            cleanup: None,
             problems: vec!["something".to_string()],
             elapsed_seconds: 42.0,
         }

@@ -58,9 +58,31 @@ impl Ports {
 /// Process ids of the children still running, for the signal handler.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
-/// On SIGINT, SIGTERM or SIGHUP, kills every child still running, then exits: a signal
-/// ends the process without running destructors, and the children must not outlive it.
-fn kill_children_on_signals() {
+/// Work to do on a signal before exiting: removing the run's keys from a server the
+/// bench did not start.
+type SignalWork = Box<dyn FnOnce() + Send>;
+static ON_SIGNAL: Mutex<Option<SignalWork>> = Mutex::new(None);
+
+/// Has `work` done on SIGINT, SIGTERM or SIGHUP, after the children are killed and
+/// before the process exits; a second signal exits at once.
+pub fn on_signal(work: SignalWork) {
+    handle_signals();
+    if let Ok(mut slot) = ON_SIGNAL.lock() {
+        *slot = Some(work);
+    }
+}
+
+/// Takes back the work given to [`on_signal`]: a signal from now on only stops.
+pub fn forget_on_signal() {
+    if let Ok(mut slot) = ON_SIGNAL.lock() {
+        slot.take();
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, kills every child still running, does the work given to
+/// [`on_signal`] if any, then exits: a signal ends the process without running
+/// destructors, and the children must not outlive it.
+fn handle_signals() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -68,7 +90,8 @@ fn kill_children_on_signals() {
             return;
         };
         std::thread::spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+            let mut signals = signals.forever();
+            if let Some(signal) = signals.next() {
                 let pids = CHILDREN.lock().map(|pids| pids.clone()).unwrap_or_default();
                 for pid in pids {
                     let _ = Command::new("kill")
@@ -78,6 +101,15 @@ fn kill_children_on_signals() {
                         .status();
                 }
                 eprintln!("clonekv bench: stopped by signal {signal}");
+                let work = ON_SIGNAL.lock().ok().and_then(|mut slot| slot.take());
+                if let Some(work) = work {
+                    std::thread::spawn(move || {
+                        work();
+                        std::process::exit(128 + signal);
+                    });
+                    // Until the work is done, or another signal.
+                    let _ = signals.next();
+                }
                 std::process::exit(128 + signal);
             }
         });
@@ -116,7 +148,7 @@ impl Process {
                     program.display()
                 ))
             })?;
-        kill_children_on_signals();
+        handle_signals();
         if let Ok(mut pids) = CHILDREN.lock() {
             pids.push(child.id());
         }
