@@ -289,9 +289,15 @@ struct Targets {
 /// outcome (also on SIGINT, SIGTERM or SIGHUP).
 pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchError> {
     validate(args)?;
-    let prefix = Prefix::random()?;
+    let shape = Shape {
+        key_len: args.key_size,
+        value_len: args.value_size,
+        keyspace: args.keys.max(1),
+        prefix: Prefix::random()?,
+    };
+    let prefix = shape.prefix;
     let Some(endpoint) = &args.endpoint else {
-        return measure(args, bin_dir, prefix);
+        return measure(args, bin_dir, shape);
     };
     let servers: Vec<String> = std::iter::once(endpoint)
         .chain(&args.backup_endpoint)
@@ -303,13 +309,13 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         // Let what is already on its way land first.
         std::thread::sleep(Duration::from_millis(500));
         eprintln!("clonekv bench: removing the keys it wrote under {prefix}");
-        report_cleanup(&prefix::remove_all(&on_signal, prefix, PATIENCE));
+        report_cleanup(&prefix::remove_all(&on_signal, &shape, PATIENCE));
     }));
-    let measured = measure(args, bin_dir, prefix);
+    let measured = measure(args, bin_dir, shape);
     // From here a signal only stops: the removal below is the one.
     procs::forget_on_signal();
     eprintln!("clonekv bench: removing the keys it wrote under {prefix}");
-    let cleanup = prefix::remove_all(&servers, prefix, PATIENCE);
+    let cleanup = prefix::remove_all(&servers, &shape, PATIENCE);
     match measured {
         Ok(mut report) => {
             match cleanup {
@@ -351,11 +357,8 @@ fn report_cleanup(cleanup: &Result<prefix::Cleanup, BenchError>) {
 }
 
 /// Measures every part the options ask for.
-fn measure(
-    args: &BenchArgs,
-    bin_dir: Option<PathBuf>,
-    prefix: Prefix,
-) -> Result<Report, BenchError> {
+fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<Report, BenchError> {
+    let prefix = shape.prefix;
     let began = Instant::now();
     let trial = args.trial.map(HumanDuration::get).unwrap_or(if args.quick {
         Duration::from_millis(400)
@@ -365,12 +368,6 @@ fn measure(
     let steps = args.steps.unwrap_or(if args.quick { 4 } else { 6 });
     let plan = SearchPlan { trial, steps };
     let drain = Duration::from_millis(300);
-    let shape = Shape {
-        key_len: args.key_size,
-        value_len: args.value_size,
-        keyspace: args.keys.max(1),
-        prefix,
-    };
     let mut scratch = Scratch::new()?;
     let mut ports = Ports::allocate(24)?;
     let clonekvd = args

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use clonekv_zmq::client::{Client, ClientError};
 
+use super::traffic::Shape;
 use super::BenchError;
 
 /// Bytes of a prefix: `/cb-`, four characters, `/`. Short on purpose: a default
@@ -85,17 +86,21 @@ pub struct Cleanup {
 const WORKERS: usize = 4;
 const BATCH: usize = 2_000;
 
-/// Rounds of listing and deleting: a key that was still on its way when one round
-/// listed the subtree is found by the next.
+/// Rounds of deleting: the first deletes the keys the client's snapshot listed; if a
+/// fresh snapshot still shows some, the next ones also delete every key the run could
+/// have written (the whole keyspace), since a listing can be incomplete (the zguide C
+/// server cuts a snapshot at its high-water mark of 1 000 entries) or miss a key that
+/// was still on its way.
 const ROUNDS: usize = 3;
 
-/// Deletes every key under `prefix` on `servers` (a primary and maybe its backup),
-/// and checks with a fresh snapshot of the subtree that none is left.
+/// Deletes every key under the run's prefix on `servers` (a primary and maybe its
+/// backup), and checks with a fresh snapshot of the subtree that none is left.
 pub fn remove_all(
     servers: &[String],
-    prefix: Prefix,
+    shape: &Shape,
     patience: Duration,
 ) -> Result<Cleanup, BenchError> {
+    let prefix = shape.prefix;
     let began = Instant::now();
     let fail =
         |error: ClientError| BenchError::new(format!("removing the keys under {prefix}: {error}"));
@@ -107,13 +112,20 @@ pub fn remove_all(
     client.wait_synced(patience).map_err(fail)?;
     let mut keys_deleted = 0u64;
     let mut keys_left = 0u64;
-    for _ in 0..ROUNDS {
-        let keys: Vec<Vec<u8>> = client
+    for round in 0..ROUNDS {
+        let mut keys: Vec<Vec<u8>> = client
             .dump(prefix.as_bytes())
             .map_err(fail)?
             .into_iter()
             .map(|(key, _)| key)
             .collect();
+        if round > 0 {
+            keys.extend((0..shape.keyspace).map(|index| {
+                let mut key = Vec::with_capacity(shape.key_len);
+                shape.key(index, &mut key);
+                key
+            }));
+        }
         // A few threads at once: each delete waits for the client's agent to take it,
         // and the agent can take the next while a thread waits.
         let deleted = AtomicU64::new(0);
