@@ -1175,9 +1175,11 @@ pub fn render(report: &Report) -> String {
                     seconds(Some(run.server_changed_s)),
                     seconds(Some(run.synced_s)),
                     seconds(Some(run.first_update_s)),
+                    // The probe asks every 10 ms: a client's own request may make the
+                    // backup take over up to that much before the probe sees it.
                     seconds(
                         run.backup_answers_s
-                            .map(|anchor| run.first_update_s - anchor),
+                            .map(|anchor| (run.first_update_s - anchor).max(0.0)),
                     ),
                     seconds(run.cli_get_s),
                 ]
@@ -1218,7 +1220,7 @@ pub fn render(report: &Report) -> String {
         }
         let _ = writeln!(
             out,
-            "  (backup takes over: a raw ICANHAZ? every 10 ms first answered, the earliest Binary Star allows; first update: through the backup, to a client library watcher; clonekv get: the CLI started right after the kill)"
+            "  (backup takes over: a raw ICANHAZ? every 10 ms first answered, the earliest Binary Star allows, give or take those 10 ms; first update: through the backup, to a client library watcher; clonekv get: the CLI started right after the kill)"
         );
     }
     if let Some(cleanup) = &report.cleanup {
