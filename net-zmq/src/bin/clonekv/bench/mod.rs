@@ -642,7 +642,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
                 let kill_phase =
                     Duration::from_millis(timing.heartbeat_ms) * numerator / denominator;
                 let outcome = (|| {
-                    // Fresh ports for every pair: a killed server's may linger.
+                    // A block free now for every pair, checked after the last was killed.
                     let mut ports = Ports::allocate(8)?;
                     let primary_ports = ServerPorts::take(&mut ports)?;
                     let backup_ports = ServerPorts::take(&mut ports)?;
