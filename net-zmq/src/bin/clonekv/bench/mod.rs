@@ -3,6 +3,7 @@
 //! with a ratio that survives a noisy machine. See docs/PERFORMANCE.md for the method.
 
 mod failover;
+mod prefix;
 mod procs;
 mod relay;
 mod snapshot;
@@ -13,11 +14,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use comfy_table::{presets, CellAlignment, Table};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use clonekv_zmq::duration::HumanDuration;
+use prefix::{Prefix, PREFIX_LEN};
 use procs::{Ports, Process, Scratch, ServerPorts, Timing};
 use traffic::{Keys, Pace, Route, SearchPlan, Session, Shape};
 
@@ -41,10 +44,20 @@ impl fmt::Display for BenchError {
 
 /// `clonekv bench` options.
 #[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "Keys: every key a run writes is under one prefix, /cb-XXXX/ \
+(XXXX: four random letters or digits naming the run, shown in the report). With --endpoint, \
+the run ends by deleting every key under its prefix from that server (and its backup), \
+whether it succeeded, failed or was stopped by Ctrl-C (a second Ctrl-C stops the removal); \
+the report says how many were deleted and whether any is left. The bench writes up to \
+--keys keys of --value-size bytes of binary data there.\n\n\
+Method and results: docs/PERFORMANCE.md."
+)]
 pub struct BenchArgs {
     /// A running CHP server to measure, by its base endpoint P (P+1 publishes, P+2
     /// collects); any implementation of the protocol. Default: start clonekvd servers
-    /// on free ports of 127.0.0.1 (and measure failover and memory too).
+    /// on free ports of 127.0.0.1 (and measure failover and memory too). Every key the
+    /// run writes there is deleted at the end (see below).
     #[arg(long, value_name = "ENDPOINT")]
     pub endpoint: Option<String>,
     /// With --endpoint: its backup's base endpoint, to measure a primary with its backup
@@ -71,7 +84,7 @@ pub struct BenchArgs {
         default_value = "1,10"
     )]
     pub subscribers: Vec<usize>,
-    /// Key length in bytes (keys are `key:` and digits; at least 11).
+    /// Key length in bytes (keys are the run's 9-byte prefix and digits; at least 11).
     #[arg(long, value_name = "BYTES", default_value_t = 16)]
     pub key_size: usize,
     /// Value length in bytes (at least 24: the bench's header travels in it).
@@ -172,21 +185,60 @@ pub struct MemoryRow {
     pub bytes_per_key: f64,
 }
 
-/// One failover figure.
+/// The failovers measured under one set of timings.
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverRow {
     pub timing: &'static str,
     pub heartbeat_ms: u64,
     pub peer_expiry_beats: u32,
     pub client_server_ttl_ms: u64,
-    #[serde(flatten)]
-    pub result: failover::FailoverResult,
+    /// One per kill, at the phases of [`FAILOVER_PHASES`].
+    pub runs: Vec<failover::FailoverResult>,
+    /// The slowest run's first update through the backup: the figure.
+    pub worst_first_update_s: f64,
+    /// The slowest run's `clonekv get` (`None` if one did not return the value).
+    pub worst_cli_get_s: Option<f64>,
+    /// The slowest run's takeover by the backup: the anchor.
+    pub worst_backup_answers_s: Option<f64>,
 }
+
+impl FailoverRow {
+    fn new(
+        timing: &'static str,
+        heartbeat_ms: u64,
+        peer_expiry_beats: u32,
+        client_server_ttl_ms: u64,
+        runs: Vec<failover::FailoverResult>,
+    ) -> FailoverRow {
+        let worst = |figure: fn(&failover::FailoverResult) -> Option<f64>| {
+            runs.iter()
+                .map(figure)
+                .try_fold(0.0f64, |worst, figure| Some(worst.max(figure?)))
+        };
+        FailoverRow {
+            timing,
+            heartbeat_ms,
+            peer_expiry_beats,
+            client_server_ttl_ms,
+            worst_first_update_s: worst(|run| Some(run.first_update_s)).unwrap_or(0.0),
+            worst_cli_get_s: worst(|run| run.cli_get_s),
+            worst_backup_answers_s: worst(|run| run.backup_answers_s),
+            runs,
+        }
+    }
+}
+
+/// Where in the active's heartbeat each failover run kills it, as fractions of a beat
+/// after one of its HUGZ: right after one (the backup waits a whole peer expiry, the
+/// worst case), then a third and two thirds of a beat later.
+const FAILOVER_PHASES: [(u32, u32); 3] = [(0, 3), (1, 3), (2, 3)];
 
 /// Everything a run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub target: String,
+    /// Every key the run wrote starts with this.
+    pub key_prefix: String,
     pub cpus: usize,
     /// The 1-minute load average when the run started and when it ended (Linux): above
     /// the CPU count, something else competed for the machine and the rates (not the
@@ -203,6 +255,8 @@ pub struct Report {
     pub snapshot: Option<SnapshotRow>,
     pub memory: Option<MemoryRow>,
     pub failover: Vec<FailoverRow>,
+    /// With `--endpoint`: the removal of the run's keys.
+    pub cleanup: Option<prefix::Cleanup>,
     /// Parts that could not be measured, and why.
     pub problems: Vec<String>,
     pub elapsed_seconds: f64,
@@ -230,9 +284,81 @@ struct Targets {
     pair_processes: Vec<Process>,
 }
 
-/// Runs the bench and returns its report. Progress goes to stderr.
+/// Runs the bench and returns its report. Progress goes to stderr. On a server the
+/// bench did not start, every key the run wrote is deleted at the end, whatever the
+/// outcome (also on SIGINT, SIGTERM or SIGHUP).
 pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchError> {
     validate(args)?;
+    let shape = Shape {
+        key_len: args.key_size,
+        value_len: args.value_size,
+        keyspace: args.keys.max(1),
+        prefix: Prefix::random()?,
+    };
+    let prefix = shape.prefix;
+    let Some(endpoint) = &args.endpoint else {
+        return measure(args, bin_dir, shape);
+    };
+    let servers: Vec<String> = std::iter::once(endpoint)
+        .chain(&args.backup_endpoint)
+        .cloned()
+        .collect();
+    let on_signal = servers.clone();
+    procs::on_signal(Box::new(move || {
+        traffic::stop_writing();
+        // Let what is already on its way land first.
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!("clonekv bench: removing the keys it wrote under {prefix}");
+        report_cleanup(&prefix::remove_all(&on_signal, &shape, PATIENCE));
+    }));
+    let measured = measure(args, bin_dir, shape);
+    // From here a signal only stops: the removal below is the one.
+    procs::forget_on_signal();
+    eprintln!("clonekv bench: removing the keys it wrote under {prefix}");
+    let cleanup = prefix::remove_all(&servers, &shape, PATIENCE);
+    match measured {
+        Ok(mut report) => {
+            match cleanup {
+                Ok(cleanup) => {
+                    if cleanup.keys_left > 0 {
+                        report.problems.push(format!(
+                            "{} keys are left under {prefix} on {endpoint}",
+                            cleanup.keys_left
+                        ));
+                    }
+                    report.cleanup = Some(cleanup);
+                }
+                Err(error) => report.problems.push(format!(
+                    "the keys under {prefix} on {endpoint} may not all be removed: {error}"
+                )),
+            }
+            Ok(report)
+        }
+        Err(error) => {
+            report_cleanup(&cleanup);
+            Err(error)
+        }
+    }
+}
+
+/// One line on stderr about a removal that no report will carry.
+fn report_cleanup(cleanup: &Result<prefix::Cleanup, BenchError>) {
+    match cleanup {
+        Ok(cleanup) if cleanup.keys_left == 0 => eprintln!(
+            "clonekv bench: removed every key under {} ({} deletes)",
+            cleanup.prefix, cleanup.keys_deleted
+        ),
+        Ok(cleanup) => eprintln!(
+            "clonekv bench: {} keys are left under {}",
+            cleanup.keys_left, cleanup.prefix
+        ),
+        Err(error) => eprintln!("clonekv bench: {error}"),
+    }
+}
+
+/// Measures every part the options ask for.
+fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<Report, BenchError> {
+    let prefix = shape.prefix;
     let began = Instant::now();
     let trial = args.trial.map(HumanDuration::get).unwrap_or(if args.quick {
         Duration::from_millis(400)
@@ -242,13 +368,8 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
     let steps = args.steps.unwrap_or(if args.quick { 4 } else { 6 });
     let plan = SearchPlan { trial, steps };
     let drain = Duration::from_millis(300);
-    let shape = Shape {
-        key_len: args.key_size,
-        value_len: args.value_size,
-        keyspace: args.keys.max(1),
-    };
     let mut scratch = Scratch::new()?;
-    let mut ports = Ports::allocate(48)?;
+    let mut ports = Ports::allocate(24)?;
     let clonekvd = args
         .clonekvd
         .clone()
@@ -261,7 +382,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
     } else {
         args.subscribers.len() * searches_per_count * (1 + steps as usize)
     };
-    let bar = ProgressBar::new((throughput_steps + 8) as u64);
+    let bar = ProgressBar::new((throughput_steps + 6 + 2 * FAILOVER_PHASES.len()) as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -272,8 +393,9 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
             .endpoint
             .clone()
             .unwrap_or_else(|| format!("clonekvd started by the bench ({})", clonekvd.display())),
+        key_prefix: prefix.to_string(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        load_average: (load_average(), None),
+        load_average: (procs::load_average(), None),
         quick: args.quick,
         key_size: args.key_size,
         value_size: args.value_size,
@@ -285,6 +407,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
         snapshot: None,
         memory: None,
         failover: Vec::new(),
+        cleanup: None,
         problems: Vec::new(),
         elapsed_seconds: 0.0,
     };
@@ -497,7 +620,7 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
     // 4: failover, only of a pair started here.
     if args.endpoint.is_none() && !args.skips("failover") {
         let timings = [
-            ("default", Timing::DEFAULT, Duration::from_secs(5)),
+            ("default", Timing::DEFAULT, Duration::from_secs(5), false),
             (
                 "aggressive",
                 Timing {
@@ -505,60 +628,83 @@ pub fn run(args: &BenchArgs, bin_dir: Option<PathBuf>) -> Result<Report, BenchEr
                     peer_expiry_beats: 2,
                 },
                 Duration::from_millis(300),
+                true,
             ),
         ];
-        for (name, timing, server_ttl) in timings {
-            bar.set_message(format!("failover, {name} timings"));
-            let outcome = (|| {
-                let primary_ports = ServerPorts::take(&mut ports)?;
-                let backup_ports = ServerPorts::take(&mut ports)?;
-                let (mut primary, mut backup) = start_pair(
-                    &clonekvd,
-                    primary_ports,
-                    backup_ports,
-                    timing,
-                    args.hwm,
-                    &scratch,
-                    name,
-                )?;
-                wait_active(&primary_ports.endpoint(), Some(&mut primary))?;
-                backup.check_running()?;
-                failover::measure(
-                    &mut primary,
-                    &[primary_ports.endpoint(), backup_ports.endpoint()],
-                    server_ttl,
-                    PATIENCE,
-                )
-            })();
-            match outcome {
-                Ok(result) => report.failover.push(FailoverRow {
-                    timing: name,
-                    heartbeat_ms: timing.heartbeat_ms,
-                    peer_expiry_beats: timing.peer_expiry_beats,
-                    client_server_ttl_ms: server_ttl.as_millis() as u64,
-                    result,
-                }),
-                Err(error) => report
-                    .problems
-                    .push(format!("failover with {name} timings: {error}")),
+        for (name, timing, server_ttl, cli_server_ttl) in timings {
+            let mut runs = Vec::new();
+            for (run, (numerator, denominator)) in FAILOVER_PHASES.into_iter().enumerate() {
+                let run = run + 1;
+                bar.set_message(format!(
+                    "failover, {name} timings, {run} of {}",
+                    FAILOVER_PHASES.len()
+                ));
+                let kill_phase =
+                    Duration::from_millis(timing.heartbeat_ms) * numerator / denominator;
+                let outcome = (|| {
+                    // A block free now for every pair, checked after the last was killed.
+                    let mut ports = Ports::allocate(8)?;
+                    let primary_ports = ServerPorts::take(&mut ports)?;
+                    let backup_ports = ServerPorts::take(&mut ports)?;
+                    let (mut primary, mut backup) = start_pair(
+                        &clonekvd,
+                        primary_ports,
+                        backup_ports,
+                        timing,
+                        args.hwm,
+                        &scratch,
+                        &format!("{name}-{run}"),
+                    )?;
+                    wait_active(&primary_ports.endpoint(), Some(&mut primary))?;
+                    backup.check_running()?;
+                    failover::measure(
+                        &mut primary,
+                        &failover::Setup {
+                            servers: [primary_ports.endpoint(), backup_ports.endpoint()],
+                            server_ttl,
+                            cli_server_ttl,
+                            subtree: format!("{prefix}failover/"),
+                            kill_phase,
+                            clonekv: &self_exe,
+                            patience: PATIENCE,
+                        },
+                    )
+                })();
+                match outcome {
+                    Ok(result) => {
+                        if let Some(why) = &result.cli_get_failure {
+                            report.problems.push(format!(
+                                "`clonekv get` after the kill ({name} timings, run {run}): {why}"
+                            ));
+                        }
+                        runs.push(result);
+                    }
+                    Err(error) => report
+                        .problems
+                        .push(format!("failover with {name} timings, run {run}: {error}")),
+                }
+                bar.inc(1);
             }
-            bar.inc(1);
+            if !runs.is_empty() {
+                report.failover.push(FailoverRow::new(
+                    name,
+                    timing.heartbeat_ms,
+                    timing.peer_expiry_beats,
+                    server_ttl.as_millis() as u64,
+                    runs,
+                ));
+            }
         }
     }
     bar.finish_and_clear();
-    report.load_average.1 = load_average();
+    report.load_average.1 = procs::load_average();
     report.elapsed_seconds = began.elapsed().as_secs_f64();
     scratch.keep = !report.problems.is_empty();
     Ok(report)
 }
 
-/// The 1-minute load average, from `/proc/loadavg` (Linux).
-fn load_average() -> Option<f64> {
-    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
-    text.split_whitespace().next()?.parse().ok()
-}
-
 fn validate(args: &BenchArgs) -> Result<(), BenchError> {
+    // The run's prefix and at least two digits.
     if args.key_size < 11 || args.key_size > 255 {
         return Err(BenchError::new("--key-size must be 11..=255"));
     }
@@ -573,7 +719,7 @@ fn validate(args: &BenchArgs) -> Result<(), BenchError> {
             "--publishers and --subscribers must be at least 1",
         ));
     }
-    let digits = args.key_size - 4;
+    let digits = args.key_size - PREFIX_LEN;
     if digits < 20 && args.keys > 10u64.pow(digits as u32) {
         return Err(BenchError::new("--keys does not fit in --key-size digits"));
     }
@@ -828,11 +974,17 @@ fn load_and_snapshot(
     for run in 1..=SNAPSHOT_RUNS {
         bar.set_message(format!("snapshot {run} of {SNAPSHOT_RUNS}: {keys} keys"));
         let cpu_before = targets.loaded_pid.and_then(procs::cpu_time_of);
-        let taken = snapshot::take(&targets.loaded, keys, Duration::from_secs(10), |entries| {
-            bar.set_message(format!(
-                "snapshot {run} of {SNAPSHOT_RUNS}: {entries} of {keys} entries"
-            ));
-        })?;
+        let taken = snapshot::take(
+            &targets.loaded,
+            &shape,
+            keys,
+            Duration::from_secs(10),
+            |entries| {
+                bar.set_message(format!(
+                    "snapshot {run} of {SNAPSHOT_RUNS}: {entries} of {keys} entries"
+                ));
+            },
+        )?;
         let cpu_us_per_entry = match (cpu_before, targets.loaded_pid.and_then(procs::cpu_time_of)) {
             (Some(before), Some(after)) => {
                 Some(after.saturating_sub(before).as_secs_f64() * 1e6 / taken.entries.max(1) as f64)
@@ -883,38 +1035,46 @@ pub fn render(report: &Report) -> String {
     let ratio = |value: Option<f64>| value.map_or("-".to_string(), |v| format!("{v:.2}"));
     let _ = writeln!(
         out,
-        "clonekv bench{}: {}; {} CPUs; {} B keys, {} B values, {} publisher(s), HWM {}; trials of {:.1} s",
+        "clonekv bench{}: {}; {} CPUs; {} B keys under {}, {} B values, {} publisher(s), HWM {}; trials of {:.1} s",
         if report.quick { " --quick" } else { "" },
         report.target,
         report.cpus,
         report.key_size,
+        report.key_prefix,
         report.value_size,
         report.publishers,
         report.hwm,
         report.trial_seconds,
     );
     if !report.throughput.is_empty() {
-        let _ = writeln!(
-            out,
-            "\nupdate throughput (zero loss, in order)\n  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
-            "route", "subs", "updates", "flood", "of relay", "of PUB→SUB", "CPU/update"
-        );
-        for row in &report.throughput {
-            let cpu = row
-                .cpu_us_per_update
-                .map_or("-".to_string(), |us| format!("{us:.1} µs"));
-            let _ = writeln!(
-                out,
-                "  {:<18} {:>5} {:>11} {:>11} {:>9} {:>9} {:>13}",
-                row.route,
-                row.subscribers,
+        let rows = report.throughput.iter().map(|row| {
+            vec![
+                row.route.to_string(),
+                row.subscribers.to_string(),
                 k(row.updates_per_s),
                 k(row.flood_per_s),
                 ratio(row.of_relay),
                 ratio(row.of_pub_sub),
-                cpu,
-            );
-        }
+                row.cpu_us_per_update
+                    .map_or("-".to_string(), |us| format!("{us:.1} µs")),
+            ]
+        });
+        let _ = writeln!(
+            out,
+            "\nupdate throughput (zero loss, in order)\n{}",
+            table(
+                &[
+                    "route",
+                    "subs",
+                    "updates",
+                    "flood",
+                    "of relay",
+                    "of PUB→SUB",
+                    "CPU/update"
+                ],
+                rows
+            )
+        );
     }
     if report.publishers > 1 && !report.throughput.is_empty() {
         let _ = writeln!(
@@ -923,23 +1083,22 @@ pub fn render(report: &Report) -> String {
         );
     }
     if !report.latency.is_empty() {
+        let us = |micros: f64| format!("{micros:.0}µs");
+        let rows = report.latency.iter().map(|row| {
+            vec![
+                row.route.to_string(),
+                k(row.rate_per_s),
+                us(row.p50_us),
+                us(row.p99_us),
+                us(row.p999_us),
+                us(row.max_us),
+            ]
+        });
         let _ = writeln!(
             out,
-            "\nupdate latency, KVSET sent → KVPUB received (1 subscriber)\n  {:<18} {:>11} {:>9} {:>9} {:>9} {:>9}",
-            "route", "rate", "p50", "p99", "p99.9", "max"
+            "\nupdate latency, KVSET sent → KVPUB received (1 subscriber)\n{}",
+            table(&["route", "rate", "p50", "p99", "p99.9", "max"], rows)
         );
-        for row in &report.latency {
-            let _ = writeln!(
-                out,
-                "  {:<18} {:>11} {:>7.0}µs {:>7.0}µs {:>7.0}µs {:>7.0}µs",
-                row.route,
-                k(row.rate_per_s),
-                row.p50_us,
-                row.p99_us,
-                row.p999_us,
-                row.max_us
-            );
-        }
         let rounds: Vec<String> = report
             .latency
             .iter()
@@ -1006,23 +1165,76 @@ pub fn render(report: &Report) -> String {
         );
     }
     if !report.failover.is_empty() {
+        let seconds = |figure: Option<f64>| figure.map_or("-".to_string(), |s| format!("{s:.2}"));
+        let rows = report.failover.iter().flat_map(|row| {
+            row.runs.iter().map(|run| {
+                vec![
+                    row.timing.to_string(),
+                    format!("+{} ms", run.kill_phase_ms),
+                    seconds(run.backup_answers_s),
+                    seconds(Some(run.server_changed_s)),
+                    seconds(Some(run.synced_s)),
+                    seconds(Some(run.first_update_s)),
+                    // The probe asks every 10 ms: a client's own request may make the
+                    // backup take over up to that much before the probe sees it.
+                    seconds(
+                        run.backup_answers_s
+                            .map(|anchor| (run.first_update_s - anchor).max(0.0)),
+                    ),
+                    seconds(run.cli_get_s),
+                ]
+            })
+        });
         let _ = writeln!(
             out,
-            "\nfailover, SIGKILL of the active → first update through the backup"
+            "\nfailover, SIGKILL of the active at a phase of its heartbeat (seconds from the kill)\n{}",
+            table(
+                &[
+                    "timings",
+                    "kill at",
+                    "backup takes over",
+                    "client moved",
+                    "re-synced",
+                    "first update",
+                    "after takeover",
+                    "clonekv get",
+                ],
+                rows
+            )
         );
         for row in &report.failover {
+            let cli = row.worst_cli_get_s.map_or_else(
+                || "`clonekv get` did not return the value in every run".to_string(),
+                |worst| format!("worst `clonekv get` {worst:.2} s"),
+            );
             let _ = writeln!(
                 out,
-                "  {:<10} (heartbeat {} ms × {}, client server ttl {} ms): {:.2} s (client moved {:.2} s, synced {:.2} s)",
+                "  {}: heartbeat {} ms × {}, client server ttl {} ms: worst first update {:.2} s, {cli}; the backup took over by {} s",
                 row.timing,
                 row.heartbeat_ms,
                 row.peer_expiry_beats,
                 row.client_server_ttl_ms,
-                row.result.first_update_s,
-                row.result.server_changed_s,
-                row.result.synced_s,
+                row.worst_first_update_s,
+                seconds(row.worst_backup_answers_s),
             );
         }
+        let _ = writeln!(
+            out,
+            "  (backup takes over: a raw ICANHAZ? every 10 ms first answered, the earliest Binary Star allows, give or take those 10 ms; first update: through the backup, to a client library watcher; clonekv get: the CLI started right after the kill)"
+        );
+    }
+    if let Some(cleanup) = &report.cleanup {
+        let _ = writeln!(
+            out,
+            "\nthe run's keys removed: {} deletes under {} in {:.1} s, {}",
+            cleanup.keys_deleted,
+            cleanup.prefix,
+            cleanup.seconds,
+            match cleanup.keys_left {
+                0 => "none left".to_string(),
+                left => format!("{left} LEFT"),
+            }
+        );
     }
     if let (Some(start), end) = report.load_average {
         let end = end.map_or(String::new(), |end| format!(" → {end:.1}"));
@@ -1042,6 +1254,26 @@ pub fn render(report: &Report) -> String {
     }
     let _ = writeln!(out, "\n({:.0} s)", report.elapsed_seconds);
     out
+}
+
+/// A borderless table indented by two spaces like the rest of the report: the first
+/// column left-aligned, the others right-aligned, two spaces between columns.
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut table = Table::new();
+    table
+        .load_style(presets::NOTHING)
+        .set_header(header.to_vec());
+    for row in rows {
+        table.add_row(row);
+    }
+    for column in table.column_iter_mut() {
+        if column.index == 0 {
+            column.set_padding((2, 1));
+        } else {
+            column.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    table.trim_fmt()
 }
 
 #[cfg(test)]
@@ -1071,5 +1303,122 @@ mod tests {
         assert!(row.p99_us < 101.0, "{row:?}");
         assert!(row.p999_us > 49_000.0, "{row:?}");
         assert!(row.max_us > 49_000.0, "{row:?}");
+    }
+
+    /// A report with every kind of row, for the renderer.
+    fn sample() -> Report {
+        let throughput = |route, subscribers, rate: f64, cpu, of_relay, of_pub_sub| ThroughputRow {
+            route,
+            subscribers,
+            updates_per_s: rate,
+            flood_per_s: rate * 1.2,
+            trials: 7,
+            cpu_us_per_update: cpu,
+            of_relay,
+            of_pub_sub,
+        };
+        let latency = |route, p50| LatencyRow {
+            route,
+            rate_per_s: 77_000.0,
+            samples: 100,
+            p50_us: p50,
+            p99_us: 1690.4,
+            p999_us: 4800.0,
+            max_us: 6800.0,
+            round_p99_us: vec![900.0, 1200.0, 2000.0],
+        };
+        Report {
+            target: "clonekvd started by the bench (x)".to_string(),
+            key_prefix: "/cb-0000/".to_string(),
+            cpus: 2,
+            load_average: (Some(1.5), Some(2.25)),
+            quick: true,
+            key_size: 16,
+            value_size: 100,
+            publishers: 1,
+            hwm: 100_000,
+            trial_seconds: 0.4,
+            throughput: vec![
+                throughput(ROUTE_PUB_SUB, 1, 423_000.0, None, Some(1.7), Some(1.0)),
+                throughput(ROUTE_RELAY, 1, 249_000.0, Some(3.2), Some(1.0), Some(0.59)),
+                throughput(
+                    ROUTE_SERVER,
+                    1,
+                    154_000.0,
+                    Some(5.7),
+                    Some(0.62),
+                    Some(0.36),
+                ),
+                throughput(ROUTE_PAIR, 10, 41_000.0, Some(24.1), None, None),
+            ],
+            latency: vec![latency(ROUTE_RELAY, 109.0), latency(ROUTE_SERVER, 139.0)],
+            snapshot: None,
+            memory: None,
+            failover: vec![FailoverRow::new(
+                "default",
+                1_000,
+                2,
+                5_000,
+                vec![
+                    failover::FailoverResult {
+                        kill_phase_ms: 0,
+                        backup_answers_s: Some(2.004),
+                        server_changed_s: 0.001,
+                        synced_s: 2.101,
+                        first_update_s: 2.107,
+                        cli_get_s: Some(2.15),
+                        cli_get_failure: None,
+                    },
+                    failover::FailoverResult {
+                        kill_phase_ms: 333,
+                        backup_answers_s: Some(1.671),
+                        server_changed_s: 0.002,
+                        synced_s: 1.8,
+                        first_update_s: 1.803,
+                        cli_get_s: None,
+                        cli_get_failure: Some("exit status: 3".to_string()),
+                    },
+                ],
+            )],
+            cleanup: None,
+            problems: vec!["something".to_string()],
+            elapsed_seconds: 42.0,
+        }
+    }
+
+    #[test]
+    fn tables_are_aligned_and_keep_every_column() {
+        let text = render(&sample());
+        let expected = "
+update throughput (zero loss, in order)
+  route            subs  updates   flood  of relay  of PUB→SUB  CPU/update
+  raw PUB→SUB         1   423k/s  508k/s      1.70        1.00           -
+  raw relay           1   249k/s  299k/s      1.00        0.59      3.2 µs
+  server              1   154k/s  185k/s      0.62        0.36      5.7 µs
+  server + backup    10    41k/s   49k/s         -           -     24.1 µs
+
+update latency, KVSET sent → KVPUB received (1 subscriber)
+  route       rate    p50     p99   p99.9     max
+  raw relay  77k/s  109µs  1690µs  4800µs  6800µs
+  server     77k/s  139µs  1690µs  4800µs  6800µs
+";
+        assert!(text.contains(expected), "{text}");
+    }
+
+    #[test]
+    fn the_failover_table_shows_each_run_beside_the_takeover() {
+        let text = render(&sample());
+        let expected = "
+failover, SIGKILL of the active at a phase of its heartbeat (seconds from the kill)
+  timings  kill at  backup takes over  client moved  re-synced  first update  after takeover  clonekv get
+  default    +0 ms               2.00          0.00       2.10          2.11            0.10         2.15
+  default  +333 ms               1.67          0.00       1.80          1.80            0.13            -
+  default: heartbeat 1000 ms × 2, client server ttl 5000 ms: worst first update 2.11 s, `clonekv get` did not return the value in every run; the backup took over by 2.00 s
+";
+        assert!(text.contains(expected), "{text}");
+        let row = &sample().failover[0];
+        assert_eq!(row.worst_first_update_s, 2.107);
+        assert_eq!(row.worst_cli_get_s, None);
+        assert_eq!(row.worst_backup_answers_s, Some(2.004));
     }
 }

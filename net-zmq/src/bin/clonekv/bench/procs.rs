@@ -6,6 +6,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, Once};
+use std::time::Duration;
 
 use super::BenchError;
 
@@ -57,9 +58,31 @@ impl Ports {
 /// Process ids of the children still running, for the signal handler.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
-/// On SIGINT, SIGTERM or SIGHUP, kills every child still running, then exits: a signal
-/// ends the process without running destructors, and the children must not outlive it.
-fn kill_children_on_signals() {
+/// Work to do on a signal before exiting: removing the run's keys from a server the
+/// bench did not start.
+type SignalWork = Box<dyn FnOnce() + Send>;
+static ON_SIGNAL: Mutex<Option<SignalWork>> = Mutex::new(None);
+
+/// Has `work` done on SIGINT, SIGTERM or SIGHUP, after the children are killed and
+/// before the process exits; a second signal exits at once.
+pub fn on_signal(work: SignalWork) {
+    handle_signals();
+    if let Ok(mut slot) = ON_SIGNAL.lock() {
+        *slot = Some(work);
+    }
+}
+
+/// Takes back the work given to [`on_signal`]: a signal from now on only stops.
+pub fn forget_on_signal() {
+    if let Ok(mut slot) = ON_SIGNAL.lock() {
+        slot.take();
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP, kills every child still running, does the work given to
+/// [`on_signal`] if any, then exits: a signal ends the process without running
+/// destructors, and the children must not outlive it.
+fn handle_signals() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -67,7 +90,8 @@ fn kill_children_on_signals() {
             return;
         };
         std::thread::spawn(move || {
-            if let Some(signal) = signals.forever().next() {
+            let mut signals = signals.forever();
+            if let Some(signal) = signals.next() {
                 let pids = CHILDREN.lock().map(|pids| pids.clone()).unwrap_or_default();
                 for pid in pids {
                     let _ = Command::new("kill")
@@ -77,6 +101,15 @@ fn kill_children_on_signals() {
                         .status();
                 }
                 eprintln!("clonekv bench: stopped by signal {signal}");
+                let work = ON_SIGNAL.lock().ok().and_then(|mut slot| slot.take());
+                if let Some(work) = work {
+                    std::thread::spawn(move || {
+                        work();
+                        std::process::exit(128 + signal);
+                    });
+                    // Until the work is done, or another signal.
+                    let _ = signals.next();
+                }
                 std::process::exit(128 + signal);
             }
         });
@@ -115,7 +148,7 @@ impl Process {
                     program.display()
                 ))
             })?;
-        kill_children_on_signals();
+        handle_signals();
         if let Ok(mut pids) = CHILDREN.lock() {
             pids.push(child.id());
         }
@@ -164,22 +197,50 @@ impl Drop for Process {
 }
 
 /// Resident set size of a process in bytes (`VmRSS`), Linux only.
+#[cfg(target_os = "linux")]
 pub fn rss_of(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let status = linux_process(pid)?.status().ok()?;
+    Some(status.vmrss? * 1024)
 }
 
-/// CPU time (user + system) a process has used so far, Linux only.
-pub fn cpu_time_of(pid: u32) -> Option<std::time::Duration> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces; the fields after its closing paren do not.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the file: 12 and 13 after the name.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // The kernel reports clock ticks of USER_HZ, 100 on every Linux we run on.
-    Some(std::time::Duration::from_millis(ticks * 10))
+/// CPU time (user + system, all its threads) a process has used so far, Linux only.
+#[cfg(target_os = "linux")]
+pub fn cpu_time_of(pid: u32) -> Option<Duration> {
+    let stat = linux_process(pid)?.stat().ok()?;
+    let ticks = stat.utime + stat.stime;
+    let per_second = procfs::ticks_per_second().max(1);
+    Some(Duration::from_nanos(
+        ticks.saturating_mul(1_000_000_000) / per_second,
+    ))
+}
+
+/// The 1-minute load average, Linux only.
+#[cfg(target_os = "linux")]
+pub fn load_average() -> Option<f64> {
+    use procfs::Current;
+    procfs::LoadAverage::current()
+        .ok()
+        .map(|load| f64::from(load.one))
+}
+
+#[cfg(target_os = "linux")]
+fn linux_process(pid: u32) -> Option<procfs::process::Process> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn rss_of(_pid: u32) -> Option<u64> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn cpu_time_of(_pid: u32) -> Option<Duration> {
+    None
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn load_average() -> Option<f64> {
+    None
 }
 
 /// Timings of a server started by the bench.
@@ -248,29 +309,73 @@ pub fn server_args(
     args
 }
 
-/// A scratch directory for the children's logs, removed at the end unless the run
-/// failed (then its path is printed).
+/// A scratch directory for the children's logs: a new one with a unique name under the
+/// system's temporary directory, removed at the end unless the run failed (then its
+/// path is printed).
 pub struct Scratch {
+    dir: Option<tempfile::TempDir>,
     pub path: PathBuf,
     pub keep: bool,
 }
 
 impl Scratch {
     pub fn new() -> Result<Scratch, BenchError> {
-        let path = std::env::temp_dir().join(format!("clonekv-bench-{}", std::process::id()));
-        fs::create_dir_all(&path).map_err(|error| {
-            BenchError::new(format!("cannot create {}: {error}", path.display()))
-        })?;
-        Ok(Scratch { path, keep: false })
+        let dir = tempfile::Builder::new()
+            .prefix("clonekv-bench-")
+            .tempdir()
+            .map_err(|error| {
+                BenchError::new(format!(
+                    "cannot create a directory in {}: {error}",
+                    std::env::temp_dir().display()
+                ))
+            })?;
+        Ok(Scratch {
+            path: dir.path().to_path_buf(),
+            dir: Some(dir),
+            keep: false,
+        })
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if self.keep {
-            eprintln!("clonekv bench: child logs kept in {}", self.path.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
+        // Dropping the `TempDir` removes it; keeping it leaves it in place.
+        if let Some(dir) = self.dir.take() {
+            if self.keep {
+                eprintln!("clonekv bench: child logs kept in {}", dir.keep().display());
+            }
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_has_memory_cpu_time_and_a_load_average() {
+        let pid = std::process::id();
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {
+            std::hint::black_box(0u64);
+        }
+        assert!(rss_of(pid).is_some_and(|bytes| bytes > 1_000_000));
+        assert!(cpu_time_of(pid).is_some_and(|cpu| cpu > Duration::ZERO));
+        assert!(load_average().is_some_and(|load| load >= 0.0));
+    }
+
+    #[test]
+    fn the_scratch_directory_goes_unless_kept() {
+        let scratch = Scratch::new().unwrap();
+        let path = scratch.path.clone();
+        assert!(path.is_dir());
+        drop(scratch);
+        assert!(!path.exists());
+        let mut kept = Scratch::new().unwrap();
+        kept.keep = true;
+        let path = kept.path.clone();
+        drop(kept);
+        assert!(path.is_dir());
+        fs::remove_dir_all(path).unwrap();
     }
 }

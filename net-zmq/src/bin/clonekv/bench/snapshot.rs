@@ -74,10 +74,12 @@ pub struct SnapshotResult {
     pub expected_present: u64,
 }
 
-/// Requests the whole map and receives it to the end, timing from the request to the
-/// KTHXBAI. The DEALER keeps libzmq's default high-water mark (1000), as a client does.
+/// Requests the snapshot of `subtree` (the run's prefix: every key the bench wrote) and
+/// receives it to the end, timing from the request to the KTHXBAI. The DEALER keeps
+/// libzmq's default high-water mark (1000), as a client does.
 pub fn take(
     endpoint: &str,
+    shape: &Shape,
     expected: u64,
     patience: Duration,
     mut progress: impl FnMut(u64),
@@ -86,7 +88,7 @@ pub fn take(
     let socket = dealer(&context, endpoint)?;
     let mut present = vec![false; expected as usize];
     let began = Instant::now();
-    send_request(&socket, b"")?;
+    send_request(&socket, shape.prefix.as_bytes())?;
     let mut entries = 0u64;
     let mut bytes = 0u64;
     let mut ended = false;
@@ -130,7 +132,7 @@ pub fn take(
             if entries % 65_536 == 0 {
                 progress(entries);
             }
-            if let Some(index) = Shape::key_index(&frames[0]) {
+            if let Some(index) = shape.key_index(&frames[0]) {
                 if let Some(slot) = present.get_mut(index as usize) {
                     *slot = true;
                 }
@@ -147,4 +149,44 @@ pub fn take(
         ended,
         expected_present: present.iter().filter(|&&p| p).count() as u64,
     })
+}
+
+/// Entries in the snapshot of `subtree`: all of them when the reply ends (KTHXBAI), at
+/// least these when it stops short (the zguide C server drops what does not fit its
+/// high-water mark, the KTHXBAI too). Fails if nothing at all arrives within `patience`.
+pub fn count(endpoint: &str, subtree: &[u8], patience: Duration) -> Result<u64, BenchError> {
+    let context = zmq::Context::new();
+    let socket = dealer(&context, endpoint)?;
+    // No limit on this side: whatever the server sends is taken.
+    socket
+        .set_rcvhwm(0)
+        .map_err(|error| BenchError::new(format!("cannot configure a DEALER: {error}")))?;
+    send_request(&socket, subtree)?;
+    let mut entries = 0;
+    let mut wait = patience;
+    loop {
+        let millis = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        if socket
+            .poll(zmq::POLLIN, millis)
+            .map_err(|error| BenchError::new(format!("poll: {error}")))?
+            == 0
+        {
+            if entries > 0 {
+                return Ok(entries);
+            }
+            return Err(BenchError::new(format!(
+                "{endpoint} did not answer a snapshot request for {} within {patience:?}",
+                String::from_utf8_lossy(subtree)
+            )));
+        }
+        let frames = socket
+            .recv_multipart(0)
+            .map_err(|error| BenchError::new(format!("receive: {error}")))?;
+        if frames.first().map(Vec::as_slice) == Some(KTHXBAI) {
+            return Ok(entries);
+        }
+        entries += 1;
+        // A reply flows without pauses: a long one means it was cut short.
+        wait = Duration::from_secs(2);
+    }
 }

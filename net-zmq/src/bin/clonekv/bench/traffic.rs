@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use super::prefix::{Prefix, PREFIX_LEN};
 use super::BenchError;
 
 /// Bytes of the body header: trial (u32), publisher (u32), index (u64), sent-at
@@ -28,6 +29,19 @@ const FLOOD_WINDOW: u64 = 20_000;
 /// A paced trial fails as soon as the slowest subscriber is this far behind the
 /// publishers (a backlog is building inside the route): there is no point waiting.
 const LAG_LIMIT: Duration = Duration::from_millis(100);
+
+/// Set when the run is stopped by a signal: every publisher stops sending at once, so
+/// that the run's keys can be removed without new ones arriving behind the removal.
+static STOP_WRITING: AtomicBool = AtomicBool::new(false);
+
+/// Stops every publisher of every session, for good.
+pub fn stop_writing() {
+    STOP_WRITING.store(true, Ordering::SeqCst);
+}
+
+fn writing_stopped() -> bool {
+    STOP_WRITING.load(Ordering::Relaxed)
+}
 
 /// Where the publisher sends and where the subscribers listen.
 #[derive(Clone, Debug)]
@@ -51,14 +65,17 @@ pub struct Shape {
     pub value_len: usize,
     /// Distinct keys the scattered key order cycles through.
     pub keyspace: u64,
+    /// Every key starts with the run's prefix.
+    pub prefix: Prefix,
 }
 
 impl Shape {
-    /// The `index`-th key: `key:` and zero-padded decimal digits, `key_len` bytes.
+    /// The `index`-th key: the run's prefix and zero-padded decimal digits, `key_len`
+    /// bytes.
     pub fn key(&self, index: u64, out: &mut Vec<u8>) {
         out.clear();
-        out.extend_from_slice(b"key:");
-        let width = self.key_len.saturating_sub(4);
+        out.extend_from_slice(self.prefix.as_bytes());
+        let width = self.key_len.saturating_sub(PREFIX_LEN);
         let digits = index.to_string();
         for _ in digits.len()..width {
             out.push(b'0');
@@ -67,8 +84,8 @@ impl Shape {
     }
 
     /// The index encoded in a key made by [`Shape::key`].
-    pub fn key_index(key: &[u8]) -> Option<u64> {
-        let digits = key.strip_prefix(b"key:")?;
+    pub fn key_index(&self, key: &[u8]) -> Option<u64> {
+        let digits = key.strip_prefix(self.prefix.as_bytes())?;
         std::str::from_utf8(digits).ok()?.parse().ok()
     }
 }
@@ -508,7 +525,7 @@ impl SendPlan {
         let mut sent = 0u64;
         let fail = |error: zmq::Error| BenchError::new(format!("publishing failed: {error}"));
         while sent < self.count {
-            if abort.load(Ordering::Relaxed) {
+            if abort.load(Ordering::Relaxed) || writing_stopped() {
                 break;
             }
             if self
@@ -550,7 +567,7 @@ impl SendPlan {
                 socket.send(&body[..], 0).map_err(fail)?;
                 sent += 1;
                 flow.sent.fetch_add(1, Ordering::Relaxed);
-                if sent % 4_096 == 0 && abort.load(Ordering::Relaxed) {
+                if sent % 4_096 == 0 && (abort.load(Ordering::Relaxed) || writing_stopped()) {
                     return Ok(sent);
                 }
             }
@@ -929,11 +946,15 @@ mod tests {
             key_len: 16,
             value_len: 100,
             keyspace: 1_000_000,
+            prefix: Prefix::random().unwrap(),
         };
         let mut key = Vec::new();
         shape.key(999_999, &mut key);
-        assert_eq!(key, b"key:000000999999");
-        assert_eq!(Shape::key_index(&key), Some(999_999));
+        assert_eq!(key.len(), 16);
+        assert_eq!(&key[..PREFIX_LEN], shape.prefix.as_bytes());
+        assert_eq!(&key[PREFIX_LEN..], b"0999999");
+        assert_eq!(shape.key_index(&key), Some(999_999));
+        assert_eq!(shape.key_index(b"key:000000999999"), None);
     }
 
     #[test]
@@ -964,6 +985,7 @@ mod tests {
             key_len: 16,
             value_len: 100,
             keyspace: 1_000,
+            prefix: Prefix::random().unwrap(),
         };
         let mut session =
             Session::open(&route, 1, 2, shape, 100_000, Duration::from_millis(500)).unwrap();
