@@ -110,26 +110,26 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// A scratch directory for one test: removed when the test passes, kept (and its path
-/// printed) when it fails.
+/// A scratch directory for one test (a `tempfile::TempDir`: a unique name, removed on
+/// drop): removed when the test passes, kept (and its path printed) when it fails.
 #[derive(Debug)]
 pub struct Scratch {
+    dir: Option<tempfile::TempDir>,
     path: PathBuf,
 }
 
 impl Scratch {
     /// A new empty directory named after the test.
     pub fn new(test: &str) -> Scratch {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "clonekv-e2e-{test}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path)
-            .unwrap_or_else(|error| panic!("cannot create {}: {error}", path.display()));
-        Scratch { path }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("clonekv-e2e-{test}-"))
+            .tempdir()
+            .unwrap_or_else(|error| panic!("cannot create a scratch directory: {error}"));
+        let path = dir.path().to_path_buf();
+        Scratch {
+            dir: Some(dir),
+            path,
+        }
     }
 
     /// The directory.
@@ -141,15 +141,16 @@ impl Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("test failed; daemon logs kept in {}", self.path.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.path);
+            if let Some(dir) = self.dir.take() {
+                eprintln!("test failed; daemon logs kept in {}", dir.keep().display());
+            }
         }
     }
 }
 
-/// A block of 16 consecutive TCP ports that were free on 127.0.0.1 when allocated.
-/// Blocks differ between the tests of one process and are drawn from the process id
+/// A block of 16 consecutive TCP ports that were free on 127.0.0.1 when allocated
+/// (hand-made: a server needs three consecutive ports, P to P+2, which neither binding
+/// port 0 nor a port-picking crate hands out). Blocks differ between the tests of one process and are drawn from the process id
 /// across processes, so parallel tests do not collide.
 #[derive(Clone, Copy, Debug)]
 pub struct PortBlock {

@@ -239,3 +239,39 @@ fn completions_and_the_manual_page_are_generated() {
     );
     assert!(page.contains("completions"), "{page}");
 }
+
+#[test]
+fn bench_against_a_users_pair_writes_under_its_prefix_and_removes_every_key() {
+    let cluster = Cluster::pair("cli-bench-cleanup");
+    assert_success(
+        &cluster.cli(&["set", "/user/keep", "yes", "--wait"]),
+        "set the user's key",
+    );
+    let bench = Command::new(binary("clonekv"))
+        .args([
+            "bench",
+            "--endpoint",
+            &cluster.endpoint(Role::Primary),
+            "--backup-endpoint",
+            &cluster.endpoint(Role::Backup),
+            "--quick",
+            "--skip",
+            "throughput,pair,latency,failover",
+            "--keys",
+            "2000",
+        ])
+        .env_remove("CLONEKV_SERVERS")
+        .output()
+        .expect("run clonekv bench");
+    let report = stdout(&bench);
+    assert!(bench.status.success(), "{report}{}", stderr(&bench));
+    assert!(report.contains("2000 deletes under /cb-"), "{report}");
+    assert!(report.contains("none left"), "{report}");
+    let dump = cluster.cli(&["dump"]);
+    assert_success(&dump, "dump");
+    assert_eq!(
+        stdout(&dump),
+        "/user/keep=yes\n",
+        "only the user's key is left"
+    );
+}
