@@ -16,6 +16,8 @@
 //! - [`time`]: the monotonic [`time::Instant`] and wall-clock [`time::EpochMillis`] types.
 //! - [`bstar`]: the Binary Star failover state machine (§7), including the dual-active
 //!   and dual-passive resolutions the reference lacks.
+//! - [`beacon`]: zero-config discovery — a UDP beacon per node and the table of peers
+//!   heard, with their addresses, roles and Binary Star states.
 //! - [`server`]: the clone server — map, sequence, ttl expiry, streamed point-in-time
 //!   snapshots, the passive's pending list and re-sync, failover replay (§3–§7).
 //!
@@ -30,6 +32,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)
 )]
 
+pub mod beacon;
 pub mod bstar;
 pub mod client;
 pub mod kvmsg;
