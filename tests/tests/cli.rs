@@ -153,7 +153,7 @@ fn values_come_from_stdin_and_files_and_bytes_round_trip() {
         .unwrap_or_else(|| panic!("no ttl in {ephemeral}"));
     assert!(ttl > 3_000.0 && ttl <= 3_600.0, "{ephemeral}");
     assert!(
-        listing.contains("/v/stdin=\\xff\\xfe\u{0}bin\tsequence="),
+        listing.contains("/v/stdin=\\xff\\xfe\\x00bin\tsequence="),
         "{listing}"
     );
 }
@@ -238,6 +238,16 @@ fn completions_and_the_manual_page_are_generated() {
         "{page}"
     );
     assert!(page.contains("completions"), "{page}");
+    // A reader that stops early (`| head`) is not an error.
+    let mut early = Command::new(binary("clonekv"))
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run clonekv completions");
+    drop(early.stdout.take());
+    let early = early.wait_with_output().expect("completions finishes");
+    assert!(stderr(&early).is_empty(), "{}", stderr(&early));
 }
 
 #[test]

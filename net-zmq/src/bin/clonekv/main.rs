@@ -18,7 +18,7 @@ use clonekv_zmq::core::kvmsg::{Limits, HUGZ, KTHXBAI};
 use clonekv_zmq::duration::HumanDuration;
 use serde_json::{json, Map, Value};
 
-use crate::show::{put_bytes, remaining_ttl, text};
+use crate::show::{line_text, put_bytes, remaining_ttl, text};
 
 /// Exit status: the key does not exist (`get`).
 const EXIT_NOT_FOUND: u8 = 1;
@@ -378,12 +378,12 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                     );
                     out.line(&format!(
                         "{}={}\tsequence={}\tttl={ttl}",
-                        text(&key),
-                        text(&entry.value),
+                        line_text(&key),
+                        line_text(&entry.value),
                         entry.sequence
                     ));
                 } else {
-                    out.line(&format!("{}={}", text(&key), text(&entry.value)));
+                    out.line(&format!("{}={}", line_text(&key), line_text(&entry.value)));
                 }
                 if out.closed {
                     break;
@@ -549,15 +549,32 @@ fn print_completions(shell: Shell) -> ExitCode {
         Shell::Zsh => clap_complete::Shell::Zsh,
         Shell::Fish => clap_complete::Shell::Fish,
     };
-    clap_complete::generate(shell, &mut command, "clonekv", &mut io::stdout());
-    ExitCode::SUCCESS
+    // Into a buffer first: clap_complete panics on a write error (`| head` closes
+    // stdout early), and `write_generated` reports it instead.
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "clonekv", &mut script);
+    write_generated(&script, "the completion script")
+}
+
+/// Writes generated text to stdout; a reader that stops early is not an error.
+fn write_generated(bytes: &[u8], what: &str) -> ExitCode {
+    let mut stdout = io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("clonekv: cannot write {what}: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }
 
 fn print_man_page() -> ExitCode {
-    match clap_mangen::Man::new(Cli::command()).render(&mut io::stdout()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let mut page = Vec::new();
+    match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+        Ok(()) => write_generated(&page, "the manual page"),
         Err(error) => {
-            eprintln!("clonekv: cannot write the manual page: {error}");
+            eprintln!("clonekv: cannot render the manual page: {error}");
             ExitCode::from(EXIT_FAILURE)
         }
     }
@@ -649,9 +666,13 @@ fn print_event(out: &mut Output, client: &Client, event: Event) {
                 key,
                 value,
                 sequence,
-            } => format!("set {}={} (sequence {sequence})", text(&key), text(&value)),
+            } => format!(
+                "set {}={} (sequence {sequence})",
+                line_text(&key),
+                line_text(&value)
+            ),
             Event::Deleted { key, sequence } => {
-                format!("del {} (sequence {sequence})", text(&key))
+                format!("del {} (sequence {sequence})", line_text(&key))
             }
             Event::Synced {
                 server,
