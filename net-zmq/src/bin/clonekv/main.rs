@@ -592,7 +592,10 @@ fn run_bench(args: &bench::BenchArgs, json: bool) -> ExitCode {
             } else {
                 bench::render(&report)
             };
-            println!("{text}");
+            let written = write_generated(format!("{text}\n").as_bytes(), "the report");
+            if written != ExitCode::SUCCESS {
+                return written;
+            }
             if report.problems.is_empty() {
                 ExitCode::SUCCESS
             } else {
