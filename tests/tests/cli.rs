@@ -285,3 +285,26 @@ fn bench_against_a_users_pair_writes_under_its_prefix_and_removes_every_key() {
         "only the user's key is left"
     );
 }
+
+#[test]
+fn a_10_mb_value_from_a_file_works_up_to_the_servers_limit() {
+    let mut cluster = Cluster::new("cli-10mb").with_daemon_args(&["--max-body-len", "16777216"]);
+    cluster.start(Role::Primary);
+    cluster.start(Role::Backup);
+    let value: Vec<u8> = (0..10_000_000u32).map(|n| (n % 253) as u8).collect();
+    let path = cluster.scratch().join("ten-megabytes.bin");
+    std::fs::write(&path, &value).expect("write the value");
+    let path = path.display().to_string();
+
+    // The CLI's default limit is the servers' default: it says which flag to pass.
+    let refused = cluster.cli(&["set", "/big/v", "--file", &path]);
+    let message = assert_one_line_error(&refused, 2, "clonekv: --file ");
+    assert!(message.contains("--max-value-len"), "{message}");
+
+    let limit = ["--max-value-len", "16777216"];
+    let set = cluster.cli(&[&limit[..], &["set", "/big/v", "--file", &path, "--wait"]].concat());
+    assert_success(&set, "set --file of 10 MB");
+    let get = cluster.cli(&[&limit[..], &["get", "--raw", "/big/v"]].concat());
+    assert_success(&get, "get --raw of 10 MB");
+    assert!(get.stdout == value, "the 10 MB come back unchanged");
+}

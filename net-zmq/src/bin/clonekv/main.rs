@@ -64,6 +64,11 @@ struct Cli {
     )]
     timeout: HumanDuration,
 
+    /// The largest value the servers accept, in bytes: their --max-body-len (1 MiB by
+    /// default; values and snapshot entries past it are refused).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_body_len, global = true)]
+    max_value_len: usize,
+
     /// Silence from the current server before trying the next one.
     #[arg(long, value_name = "DURATION", default_value = "5s", global = true)]
     server_ttl: HumanDuration,
@@ -243,7 +248,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         cli.servers.clone()
     };
     let fail = |error: ClientError| client_failure(error, &servers);
-    let limits = Limits::default();
+    let limits = Limits {
+        max_body_len: cli.max_value_len,
+        ..Limits::default()
+    };
     // Arguments are checked before anything connects, and named in the error.
     let value = match &cli.command {
         Command::Get { key, .. } | Command::Del { key, .. } => {
@@ -283,6 +291,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         _ => String::new(),
     };
     let mut builder = Client::builder()
+        .limits(limits)
         .subtree(subtree)
         .server_ttl(cli.server_ttl.get());
     for server in &servers {
@@ -536,7 +545,10 @@ fn read_value(
     if value.len() > max {
         return Err(Failure::new(
             EXIT_USAGE,
-            format!("{source} is over the servers' limit of {max} bytes per value"),
+            format!(
+                "{source} is over the limit of {max} bytes per value (a server started with a \
+                 larger --max-body-len takes more: pass the same as --max-value-len)"
+            ),
         ));
     }
     Ok(value)
