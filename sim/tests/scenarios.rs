@@ -931,3 +931,73 @@ fn harsh_a_reordered_update_while_syncing_does_not_discard_the_newer_ones_buffer
     assert_server_event(&report, "sync_abandoned");
     assert_final_value(&report, "/k/a/x", Some("newer"));
 }
+
+/// The backup is active and the primary, restarted, follows it as passive: the primary
+/// crashes at 2 s and comes back at 2.1 s, and the backup takes over.
+fn backup_active_primary_following() -> Vec<(Duration, Scripted)> {
+    vec![
+        (at(2_000), Scripted::Crash(PRIMARY)),
+        (at(2_100), Scripted::Restart(PRIMARY)),
+    ]
+}
+
+#[test]
+fn split_brain_stale_passive_states_read_at_the_heal_do_not_erase_the_backups_split_updates() {
+    // Found by the simulator (swarm 7027800): the servers' link stalled both ways while
+    // the backup was active and the primary followed it. The primary took over for a
+    // client; the backup, cut off from it, went on publishing. At the heal the backup
+    // read the primary's queued messages in order: its PASSIVE states from before the
+    // takeover first, which cleared the backup's split log, then ACTIVE: it stepped
+    // down and forwarded nothing, and its split-time update was lost.
+    let (writer, asker) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let mut script = backup_active_primary_following();
+    script.extend([
+        (at(5_000), stall(PRIMARY, BACKUP)),
+        (at(5_000), stall(BACKUP, PRIMARY)),
+        // The writer's updates reach only the backup.
+        (at(5_000), cut(writer, PRIMARY)),
+        // The asker leaves the backup for the primary, which takes over once its peer
+        // has been silent for two heartbeats.
+        (at(5_000), cut(asker, BACKUP)),
+        (at(8_000), set(0, "/k/a/x", "split")),
+        (at(10_000), heal(PRIMARY, BACKUP)),
+        (at(10_000), heal(writer, PRIMARY)),
+        (at(10_000), heal(asker, BACKUP)),
+    ]);
+    let report = run("stale passive states at the heal", pinned(2), script);
+    assert_server_event(&report, "dual_active");
+    assert_final_value(&report, "/k/a/x", Some("split"));
+}
+
+#[test]
+fn split_brain_a_backup_paused_while_the_primary_took_over_forwards_what_it_published_on_resuming()
+{
+    // Found by the simulator (swarm 7000666): the active backup was paused while the
+    // primary, following it, took over for a client. On resuming, the backup read in
+    // order what had reached it: the primary's PASSIVE states from before its takeover,
+    // which made the backup take it for a live passive following it and stop recording
+    // its changes, then a client's update, which it published, then the primary's
+    // ACTIVE state: it stepped down, forwarded nothing, and the update was lost.
+    let (writer, asker) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let mut script = backup_active_primary_following();
+    script.extend([
+        // The writer's updates reach only the backup.
+        (at(5_000), cut(writer, PRIMARY)),
+        (
+            at(5_000),
+            Scripted::Pause {
+                node: BACKUP,
+                duration: Duration::from_secs(4),
+            },
+        ),
+        // The asker leaves the backup for the primary, which takes over once its peer
+        // has been silent for two heartbeats.
+        (at(5_000), cut(asker, BACKUP)),
+        (at(6_500), set(0, "/k/a/x", "published-on-resuming")),
+        (at(10_000), heal(writer, PRIMARY)),
+        (at(10_000), heal(asker, BACKUP)),
+    ]);
+    let report = run("paused backup", pinned(2), script);
+    assert_server_event(&report, "dual_active");
+    assert_final_value(&report, "/k/a/x", Some("published-on-resuming"));
+}

@@ -191,6 +191,14 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         48374,
         "a late HUGZ's re-sync buffered stale KVPUBs, merged over newer values at a failover",
     ),
+    (
+        7027800,
+        "PASSIVE states read late at a heal cleared the backup's split log: nothing forwarded",
+    ),
+    (
+        7000666,
+        "a backup resuming from a pause took a stale PASSIVE for a follower and logged nothing",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {
