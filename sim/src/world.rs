@@ -1725,7 +1725,7 @@ impl World {
             // Oracle 3 at the server: a republished (replayed) value must not be older
             // than what the server held for the key.
             let update_id = (message.uuid, message.body.is_empty());
-            let previous = self.history.update_index(update_id);
+            let previous = self.history.republished_index(update_id);
             let held = self
                 .history
                 .held

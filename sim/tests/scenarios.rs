@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use clonekv_core::kvmsg::BstarState;
 use clonekv_sim::network::{Link, PartitionKind, Route};
 use clonekv_sim::options::{FaultOptions, Options, WorkloadOptions};
 use clonekv_sim::ratio::Ratio;
@@ -1000,4 +1001,59 @@ fn split_brain_a_backup_paused_while_the_primary_took_over_forwards_what_it_publ
     let report = run("paused backup", pinned(2), script);
     assert_server_event(&report, "dual_active");
     assert_final_value(&report, "/k/a/x", Some("published-on-resuming"));
+}
+
+fn set_with_ttl(client: usize, key: &str, value: &str, ttl: Duration) -> Scripted {
+    Scripted::Write {
+        client,
+        operation: Operation::Set {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ttl: Some(ttl),
+        },
+    }
+}
+
+#[test]
+fn failover_a_value_published_after_its_expired_copy_was_deleted_expires_again_at_the_next() {
+    // Found by the simulator (swarm 7043944), an oracle's mistake. A client's ephemeral
+    // update reached the passive backup, but the primary only after a pause. The backup
+    // took over once the copy had expired and deleted the older value under the copy's
+    // uuid (as its expiry would have); the primary, resuming, published the update with
+    // its ttl counted from arrival; the backup stepped down and synced it. When the
+    // primary paused again before the value expired, the backup took over and published
+    // its expiry, a delete with the same uuid, which oracle 3 took for a republication
+    // of the first delete over the newer value.
+    let ttl = Duration::from_millis(1_500);
+    let script = vec![
+        (at(1_000), set(0, "/k/a/x", "older")),
+        (
+            at(2_000),
+            Scripted::Pause {
+                node: PRIMARY,
+                duration: Duration::from_secs(7),
+            },
+        ),
+        // Expires at 4 s on the backup's pending list; published by the primary at 9 s.
+        (at(2_500), set_with_ttl(0, "/k/a/x", "short-lived", ttl)),
+        (
+            at(10_000),
+            Scripted::Pause {
+                node: PRIMARY,
+                duration: Duration::from_secs(7),
+            },
+        ),
+    ];
+    let report = run("an expired copy's value published late", pinned(1), script);
+    assert_server_event(&report, "dual_active");
+    assert!(
+        report
+            .coverage
+            .bstar_transitions
+            .get(&(BstarState::Passive, BstarState::Active))
+            .is_some_and(|&takeovers| takeovers >= 2),
+        "{:?}",
+        report.coverage.bstar_transitions
+    );
+    assert_final_value(&report, "/k/a/x", None);
 }
