@@ -88,6 +88,10 @@ impl Violation {
 /// The order of first publication: larger is newer.
 pub type PublicationIndex = u64;
 
+/// One KVPUB: its own position in publication order, and the incarnation of the server
+/// that sent it.
+pub type Publication = (PublicationIndex, u32);
+
 /// One reign of one server as active: enough to rebuild its map at any sequence.
 #[derive(Clone, Debug)]
 pub struct Reign {
@@ -144,6 +148,10 @@ pub struct Held {
     /// Received from the active it follows (not published by itself, not adopted from
     /// a snapshot): the incarnation of that active, whose history it belongs to.
     pub from_active: Option<u32>,
+    /// For a KVPUB received from the active: that publication's own position in
+    /// publication order ([`History::publication_at`]), to compare it with what the
+    /// same incarnation of that server published later.
+    pub publication: Option<PublicationIndex>,
 }
 
 /// A client's copy of an update, as a server that was not active received it.
@@ -200,7 +208,7 @@ pub struct History {
     /// published is indistinguishable from a new write (CHP carries no write order).
     pub seen: BTreeMap<usize, std::collections::BTreeSet<UpdateId>>,
     /// Each KVPUB's own position in publication order, by (server, sequence, value).
-    by_publication: BTreeMap<(usize, i64, Vec<u8>), PublicationIndex>,
+    by_publication: BTreeMap<(usize, i64, Vec<u8>), Publication>,
     next_publication: PublicationIndex,
     /// Per server node: the last sequence it published since its last reset.
     pub last_published: BTreeMap<usize, i64>,
@@ -278,11 +286,20 @@ impl History {
             .is_some_and(|value| value > index)
     }
 
-    /// Numbers one KVPUB in publication order (every publication, republications too).
-    pub fn number_publication(&mut self, server: usize, sequence: i64, value: &[u8]) {
+    /// Numbers one KVPUB in publication order (every publication, republications too),
+    /// sent by `incarnation` of `server`.
+    pub fn number_publication(
+        &mut self,
+        server: usize,
+        incarnation: u32,
+        sequence: i64,
+        value: &[u8],
+    ) {
         self.next_publication += 1;
-        self.by_publication
-            .insert((server, sequence, value.to_vec()), self.next_publication);
+        self.by_publication.insert(
+            (server, sequence, value.to_vec()),
+            (self.next_publication, incarnation),
+        );
     }
 
     /// The position in publication order of the KVPUB `server` sent at `sequence`
@@ -293,6 +310,18 @@ impl History {
         sequence: i64,
         value: &[u8],
     ) -> Option<PublicationIndex> {
+        self.publication_by(server, sequence, value)
+            .map(|(index, _)| index)
+    }
+
+    /// The position in publication order of the KVPUB `server` sent at `sequence` with
+    /// `value`, and the incarnation of `server` that sent it.
+    pub fn publication_by(
+        &self,
+        server: usize,
+        sequence: i64,
+        value: &[u8],
+    ) -> Option<Publication> {
         self.by_publication
             .get(&(server, sequence, value.to_vec()))
             .copied()

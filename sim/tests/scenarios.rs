@@ -1057,3 +1057,62 @@ fn failover_a_value_published_after_its_expired_copy_was_deleted_expires_again_a
     );
     assert_final_value(&report, "/k/a/x", None);
 }
+
+#[test]
+fn split_brain_a_forward_the_primary_published_after_a_delete_is_kept_at_a_failover_mid_sync() {
+    // Found by the simulator (swarm 7031294), an oracle's mistake. The backup published
+    // a value while split; at the heal it stepped down and forwarded it, and while the
+    // forward was on its way the primary published a client's delete of the key, which
+    // reached the re-syncing backup. The primary then published the forward: in its
+    // history the value comes after the delete. The backup got that value from the
+    // snapshot's first entries, not from the KVPUB; the primary died, and the backup,
+    // taking over mid-sync, kept the value. Oracle 5 ordered the two by their first
+    // publication (the value's, by the backup while split, came first) and saw the
+    // delete lost.
+    let (writer, deleter) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let mut options = pinned(2);
+    options.network.high_water_mark = 20;
+    let forward = route(BACKUP, PRIMARY, Link::Collector);
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let updates = route(PRIMARY, BACKUP, Link::Updates);
+    let reply = route(PRIMARY, BACKUP, Link::SnapshotReply);
+    let mut script = vec![(at(1_000), set(0, "/k/a/x", "first"))];
+    // Forty keys after /k/a/x: the snapshot's first twenty messages hold /k/a/x and no
+    // KTHXBAI.
+    script.extend((0..40).map(|n| (at(1_100 + n * 10), set(1, &format!("/k/b/{n:02}"), "v"))));
+    script.extend([
+        (at(2_000), cut(PRIMARY, BACKUP)),
+        (at(2_000), cut(writer, PRIMARY)),
+        (at(2_000), cut(deleter, BACKUP)),
+        // The writer fails over to the backup, which takes over.
+        (at(6_000), set(0, "/k/a/x", "split")),
+        (at(7_000), Scripted::StallRoute(forward)),
+        (at(7_000), Scripted::StallRoute(request)),
+        (at(8_000), heal(PRIMARY, BACKUP)),
+        // The backup has stepped down: the primary's delete reaches it as a follower.
+        (
+            at(9_000),
+            Scripted::Write {
+                client: 1,
+                operation: Operation::Delete {
+                    key: b"/k/a/x".to_vec(),
+                },
+            },
+        ),
+        (at(9_500), Scripted::StallRoute(updates)),
+        (at(9_500), Scripted::StallRoute(reply)),
+        // The primary publishes the forward after the delete, then takes the snapshot.
+        (at(10_000), Scripted::ReleaseRoute(forward)),
+        (at(10_500), Scripted::ReleaseRoute(request)),
+        (at(11_000), Scripted::ReleaseRoute(reply)),
+        (at(11_001), Scripted::StallRoute(reply)),
+        (at(12_000), Scripted::Crash(PRIMARY)),
+        (at(12_100), Scripted::Restart(PRIMARY)),
+        (at(15_000), heal(writer, PRIMARY)),
+        (at(15_000), heal(deleter, BACKUP)),
+    ]);
+    let report = run("forward published after a delete", options, script);
+    assert_server_event(&report, "dual_active");
+    assert_server_event(&report, "sync_abandoned");
+    assert_final_value(&report, "/k/a/x", Some("split"));
+}

@@ -203,6 +203,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         7043944,
         "oracle 3 took a late-published value's expiry for its expired copy's earlier delete",
     ),
+    (
+        7031294,
+        "oracle 5 ordered a forward the primary published after a delete by its split-time first",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {
