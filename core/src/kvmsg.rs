@@ -397,6 +397,17 @@ fn property<'a>(frame: &'a [u8], name: &str) -> Option<&'a [u8]> {
         .map(|(_, value)| value)
 }
 
+/// The state a HUGZ's `state` property names; unknown text names none.
+fn state_mark(text: &[u8]) -> Option<BstarState> {
+    match text {
+        b"primary" => Some(BstarState::Primary),
+        b"backup" => Some(BstarState::Backup),
+        b"active" => Some(BstarState::Active),
+        b"passive" => Some(BstarState::Passive),
+        _ => None,
+    }
+}
+
 impl Properties {
     /// Sets `ttl` to an absolute expiry in epoch milliseconds (the stored form).
     pub(crate) fn set_ttl_expires_at(&mut self, expires_at: EpochMillis) {
@@ -559,13 +570,7 @@ impl KvMsg {
     /// The server state a HUGZ is marked with, if any (see [`STATE`]). Unknown text reads
     /// as no mark: only a server that says it is not active is taken at its word.
     pub fn hugz_state(&self) -> Option<BstarState> {
-        match self.properties.get(STATE)? {
-            b"primary" => Some(BstarState::Primary),
-            b"backup" => Some(BstarState::Backup),
-            b"active" => Some(BstarState::Active),
-            b"passive" => Some(BstarState::Passive),
-            _ => None,
-        }
+        state_mark(self.properties.get(STATE)?)
     }
 
     /// This HUGZ, also saying how many keys the server's map holds.
@@ -785,6 +790,11 @@ impl<'a> KvMsgRef<'a> {
             properties,
             body,
         })
+    }
+
+    /// The server state a HUGZ is marked with, if any, as [`KvMsg::hugz_state`] reads it.
+    pub fn hugz_state(&self) -> Option<BstarState> {
+        state_mark(property(self.properties, STATE)?)
     }
 
     /// An owned copy.

@@ -117,7 +117,7 @@ use pending::{ClientCopyFate, Evicted, PendingList};
 use seen::SeenUpdates;
 use snapshot::{Pulled, SnapshotStreams};
 pub use store::Entry;
-use store::{uuid_frame, Store};
+use store::{uuid_frame, Key, Store};
 
 pub use crate::bstar::ConfigError;
 
@@ -545,6 +545,13 @@ impl Counters {
     }
 }
 
+/// The latest change a backup made to a key while active (see `Server::split_log`).
+#[derive(Clone, Copy, Debug)]
+struct SplitChange {
+    uuid: Option<Uuid>,
+    sequence: i64,
+}
+
 /// How a passive server follows the active.
 #[derive(Clone, Debug)]
 enum Follow {
@@ -622,11 +629,16 @@ pub struct Server {
     seen: SeenUpdates,
     snapshots: SnapshotStreams,
     follow: Follow,
-    /// Keys changed while possibly split (backup only), to forward on step-down, with
-    /// the uuid of their latest update. The value itself is the map's: a key present in
-    /// the map is forwarded as its stored entry, an absent one as a delete.
-    split_log: BTreeMap<Vec<u8>, Option<Uuid>>,
+    /// Keys a backup changed while active that its peer may not hold, to forward on
+    /// step-down (§7 dual active), with the uuid and sequence of their latest change.
+    /// The value itself is the map's: a key present in the map is forwarded as its
+    /// stored entry, an absent one as a delete. A key leaves the log when the peer's
+    /// HUGZ, marked passive, carries a sequence at or above its change: the peer then
+    /// holds it (see [`Server::prune_split_log`]).
+    split_log: BTreeMap<Key, SplitChange>,
+    /// Changes the log had no room for, and the sequence of the latest of them.
     split_lost: u64,
+    split_lost_through: i64,
     /// The active's updates received while this server was still deciding (PRIMARY or
     /// BACKUP, just started): the sync it starts on becoming passive asks for a
     /// snapshot that holds them, but a failover before that sync completes merges them
@@ -661,6 +673,7 @@ impl Server {
             follow: Follow::Not,
             split_log: BTreeMap::new(),
             split_lost: 0,
+            split_lost_through: 0,
             before_passive: VecDeque::new(),
             next_hugz: now,
             last_hugz: None,
@@ -810,7 +823,7 @@ impl Server {
             .filter(|_| !update.is_delete())
             .map(|ttl| wall.saturating_add(ttl));
         if self.state() == BstarState::Active {
-            self.publish_update(now, &update, expires_at);
+            self.publish_update(&update, expires_at);
         } else {
             let Some(uuid) = update.uuid else {
                 return self.drop_input(source, DropReason::UnmatchableCopy);
@@ -910,6 +923,7 @@ impl Server {
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
         if update.is_hugz() {
+            self.prune_split_log(&update);
             return self.follow_heartbeat(now, update.sequence);
         }
         if update.is_kthxbai() {
@@ -996,8 +1010,6 @@ impl Server {
         self.bstar.handle_peer_state(now, peer);
         self.drain_bstar(now, wall);
         match (self.state(), peer) {
-            // The peer follows us and will re-sync from us: nothing to forward any more.
-            (BstarState::Active, BstarState::Passive) => self.split_log.clear(),
             // A different server became active (dual passive resolved on the primary):
             // our map and numbering may not match its own; take a fresh snapshot.
             (BstarState::Passive, BstarState::Active)
@@ -1185,7 +1197,7 @@ impl Server {
     fn begin(&mut self, now: Instant, wall: EpochMillis) {
         self.clock = (now, wall);
         if self.state() == BstarState::Active {
-            self.expire_due(now, wall);
+            self.expire_due(wall);
         }
     }
 
@@ -1267,10 +1279,11 @@ impl Server {
                 // left out of the log, and lost when the primary's snapshot won).
                 self.split_log.clear();
                 self.split_lost = 0;
+                self.split_lost_through = 0;
                 self.abandon_sync();
                 self.sequence = self.sequence.max(self.highest_published);
-                self.replay_pending(now, wall);
-                self.expire_due(now, wall);
+                self.replay_pending(wall);
+                self.expire_due(wall);
             }
             BstarState::Passive => {
                 if from == BstarState::Active {
@@ -1290,7 +1303,7 @@ impl Server {
     /// Numbers, publishes and stores one update (§6 active). The KVPUB carries the
     /// properties as given (the client's relative ttl); the store keeps the absolute
     /// expiry.
-    fn publish_update(&mut self, now: Instant, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
+    fn publish_update(&mut self, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
         let Some(sequence) = self.sequence.checked_add(1) else {
             return self.drop_input(InputSource::Collector, DropReason::SequenceExhausted);
         };
@@ -1302,7 +1315,7 @@ impl Server {
         };
         self.remember_published(update.uuid);
         self.counters.published += 1;
-        self.record_split(now, update.key, update.uuid);
+        self.record_split(update.key, update.uuid, sequence);
         // The KVPUB is the client's message with the new sequence: its properties as
         // sent (a relative ttl), its body shared with the stored entry.
         let key = Frame::from(update.key);
@@ -1320,7 +1333,7 @@ impl Server {
 
     /// Removes every key whose ttl has passed, publishing a delete for each: the key, a
     /// new sequence, the entry's uuid and (absolute-ttl) properties, an empty body.
-    fn expire_due(&mut self, now: Instant, wall: EpochMillis) {
+    fn expire_due(&mut self, wall: EpochMillis) {
         while let Some((key, entry)) = self.store.pop_expired(wall) {
             let Some(sequence) = self.sequence.checked_add(1) else {
                 // Cannot number the delete; keep the key rather than diverge silently.
@@ -1332,7 +1345,7 @@ impl Server {
             let frames = Entry::expiry_frames(&entry, &key, sequence);
             self.counters.published += 1;
             self.counters.expired += 1;
-            self.record_split(now, &key, entry.uuid());
+            self.record_split(&key, entry.uuid(), sequence);
             self.outputs.push_back(Output::Publish(frames));
         }
     }
@@ -1346,7 +1359,7 @@ impl Server {
     /// value is deleted (with the copy's uuid, as its expiry would have been): found by
     /// the simulator (swarm 93922), a failover mid-sync merged the peer's older value,
     /// and the newer copy's expiry left it standing.
-    fn replay_pending(&mut self, now: Instant, wall: EpochMillis) {
+    fn replay_pending(&mut self, wall: EpochMillis) {
         let (replay, skipped) = self.pending.take_replay();
         if replay.is_empty() && skipped == 0 {
             return;
@@ -1368,14 +1381,14 @@ impl Server {
                             uuid: update.uuid,
                             ..KvMsg::default()
                         };
-                        self.publish_update(now, &delete.as_msg_ref(), None);
+                        self.publish_update(&delete.as_msg_ref(), None);
                     }
                     continue;
                 }
                 update.set_ttl_relative(wall.saturating_duration_until(expires_at));
             }
             replayed += 1;
-            self.publish_update(now, &update.as_msg_ref(), entry.expires_at);
+            self.publish_update(&update.as_msg_ref(), entry.expires_at);
         }
         self.counters.pending_replayed += replayed as u64;
         self.counters.pending_superseded += skipped as u64;
@@ -1388,27 +1401,45 @@ impl Server {
             }));
     }
 
-    /// A backup that is active while the primary may be active too records which keys
-    /// it changes, to forward them if it has to step down (§7 dual active).
-    fn record_split(&mut self, now: Instant, key: &[u8], uuid: Option<Uuid>) {
-        if !self.records_split(now) {
+    /// A backup that is active records which keys it changes, to forward them if it
+    /// has to step down (§7 dual active): the primary may be active too, or become so
+    /// before it holds the change.
+    fn record_split(&mut self, key: &[u8], uuid: Option<Uuid>, sequence: i64) {
+        if self.bstar.role() != Role::Backup {
             return;
         }
+        let change = SplitChange { uuid, sequence };
         if let Some(latest) = self.split_log.get_mut(key) {
-            *latest = uuid;
+            *latest = change;
         } else if self.split_log.len() < self.config.split_log_max {
-            self.split_log.insert(key.to_vec(), uuid);
+            self.split_log.insert(Key::from(key), change);
         } else {
             self.split_lost += 1;
+            self.split_lost_through = sequence;
         }
     }
 
-    /// True for a backup that is active while the primary may be active too: not known
-    /// to be a live passive following us.
-    fn records_split(&self, now: Instant) -> bool {
-        let peer_follows_us =
-            self.bstar.peer_state() == Some(BstarState::Passive) && self.bstar.peer_is_alive(now);
-        self.bstar.role() == Role::Backup && !peer_follows_us
+    /// A HUGZ from the peer: if it is marked passive, the peer follows us and holds
+    /// every change we numbered up to its sequence (it applies our KVPUBs in order, or
+    /// a snapshot taken at that sequence, and keeps what it holds if it takes over), so
+    /// those leave the split log. Only the peer's own word counts, not our view of its
+    /// state: a PASSIVE state or HUGZ can be read long after it was sent (a stalled
+    /// link, our own pause) when the peer has taken over since, and what we published
+    /// after it does not reach the peer once it is active. A sequence above ours is
+    /// not our numbering (a peer that followed an earlier history) and proves nothing.
+    fn prune_split_log(&mut self, hugz: &KvMsgRef) {
+        if self.state() != BstarState::Active
+            || self.bstar.role() != Role::Backup
+            || hugz.hugz_state() != Some(BstarState::Passive)
+            || hugz.sequence > self.sequence
+        {
+            return;
+        }
+        let held = hugz.sequence;
+        self.split_log.retain(|_, change| change.sequence > held);
+        if self.split_lost_through <= held {
+            self.split_lost = 0;
+        }
     }
 
     /// After stepping down: send every update accepted while split to the primary's
@@ -1420,8 +1451,10 @@ impl Server {
         if split_log.is_empty() && lost == 0 {
             return;
         }
+        self.split_lost_through = 0;
         let forwarded = split_log.len();
-        for (key, latest_uuid) in split_log {
+        for (key, latest) in split_log {
+            let key = key.to_vec();
             let (kvset, expires_at) = match self.store.get(&key) {
                 Some(entry) => {
                     let mut kvset = KvMsg {
@@ -1442,7 +1475,7 @@ impl Server {
                 None => (
                     KvMsg {
                         key,
-                        uuid: latest_uuid,
+                        uuid: latest.uuid,
                         ..KvMsg::default()
                     },
                     None,

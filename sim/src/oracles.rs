@@ -88,6 +88,10 @@ impl Violation {
 /// The order of first publication: larger is newer.
 pub type PublicationIndex = u64;
 
+/// One KVPUB: its own position in publication order, and the incarnation of the server
+/// that sent it.
+pub type Publication = (PublicationIndex, u32);
+
 /// One reign of one server as active: enough to rebuild its map at any sequence.
 #[derive(Clone, Debug)]
 pub struct Reign {
@@ -144,6 +148,10 @@ pub struct Held {
     /// Received from the active it follows (not published by itself, not adopted from
     /// a snapshot): the incarnation of that active, whose history it belongs to.
     pub from_active: Option<u32>,
+    /// For a KVPUB received from the active: that publication's own position in
+    /// publication order ([`History::publication_at`]), to compare it with what the
+    /// same incarnation of that server published later.
+    pub publication: Option<PublicationIndex>,
 }
 
 /// A client's copy of an update, as a server that was not active received it.
@@ -200,7 +208,7 @@ pub struct History {
     /// published is indistinguishable from a new write (CHP carries no write order).
     pub seen: BTreeMap<usize, std::collections::BTreeSet<UpdateId>>,
     /// Each KVPUB's own position in publication order, by (server, sequence, value).
-    by_publication: BTreeMap<(usize, i64, Vec<u8>), PublicationIndex>,
+    by_publication: BTreeMap<(usize, i64, Vec<u8>), Publication>,
     next_publication: PublicationIndex,
     /// Per server node: the last sequence it published since its last reset.
     pub last_published: BTreeMap<usize, i64>,
@@ -234,10 +242,14 @@ impl History {
 
     /// Records a publication of the update `id` setting `value` (a delete when empty)
     /// and returns its index: the index of its first publication when it was published
-    /// before (a replay or a forward), else a new one.
+    /// before (a replay or a forward), else a new one. An expiry delete whose value was
+    /// first published after it is the exception: it is a new update (see
+    /// [`History::republished_index`]), and takes a new index.
     pub fn publish(&mut self, id: UpdateId, value: &[u8]) -> PublicationIndex {
         if let Some(index) = self.by_update.get(&id) {
-            return *index;
+            if !self.ends_a_later_value(id, *index) {
+                return *index;
+            }
         }
         self.next_index += 1;
         let index = self.next_index;
@@ -248,11 +260,46 @@ impl History {
         index
     }
 
-    /// Numbers one KVPUB in publication order (every publication, republications too).
-    pub fn number_publication(&mut self, server: usize, sequence: i64, value: &[u8]) {
+    /// The position in publication order that publishing `id` again puts its key at,
+    /// if it was ever published: its first publication's, except for an expiry delete
+    /// (a delete carrying the uuid of the value it removes) whose value was first
+    /// published after it. A server that takes over deletes the older value of a key
+    /// under the uuid of a newer client copy whose ttl ran out on its pending list; the
+    /// other server can still publish that copy late, its ttl counted from arrival, and
+    /// the value's own expiry is then a delete with the same uuid: not the first delete
+    /// again, but the end of the value, just after it.
+    pub fn republished_index(&self, id: UpdateId) -> Option<PublicationIndex> {
+        let index = self.update_index(id)?;
+        if self.ends_a_later_value(id, index) {
+            return self.update_index((id.0, false));
+        }
+        Some(index)
+    }
+
+    /// True when `id` is a delete with a uuid, first published at `index`, and the value
+    /// with that uuid was first published later.
+    fn ends_a_later_value(&self, id: UpdateId, index: PublicationIndex) -> bool {
+        let (Some(uuid), true) = id else {
+            return false;
+        };
+        self.update_index((Some(uuid), false))
+            .is_some_and(|value| value > index)
+    }
+
+    /// Numbers one KVPUB in publication order (every publication, republications too),
+    /// sent by `incarnation` of `server`.
+    pub fn number_publication(
+        &mut self,
+        server: usize,
+        incarnation: u32,
+        sequence: i64,
+        value: &[u8],
+    ) {
         self.next_publication += 1;
-        self.by_publication
-            .insert((server, sequence, value.to_vec()), self.next_publication);
+        self.by_publication.insert(
+            (server, sequence, value.to_vec()),
+            (self.next_publication, incarnation),
+        );
     }
 
     /// The position in publication order of the KVPUB `server` sent at `sequence`
@@ -263,6 +310,18 @@ impl History {
         sequence: i64,
         value: &[u8],
     ) -> Option<PublicationIndex> {
+        self.publication_by(server, sequence, value)
+            .map(|(index, _)| index)
+    }
+
+    /// The position in publication order of the KVPUB `server` sent at `sequence` with
+    /// `value`, and the incarnation of `server` that sent it.
+    pub fn publication_by(
+        &self,
+        server: usize,
+        sequence: i64,
+        value: &[u8],
+    ) -> Option<Publication> {
         self.by_publication
             .get(&(server, sequence, value.to_vec()))
             .copied()
@@ -343,5 +402,26 @@ mod tests {
         assert_eq!(history.publication_index(b"v1"), Some(first));
         // An expiry delete carries its value's uuid but is another update.
         assert!(history.publish((one, true), b"") > delete);
+    }
+
+    #[test]
+    fn an_expiry_delete_published_before_its_value_ends_it_when_published_again() {
+        let mut history = History::default();
+        let (older, late) = (
+            Some(Uuid::from_bytes([1; 16])),
+            Some(Uuid::from_bytes([2; 16])),
+        );
+        history.publish((older, false), b"older");
+        // The late value's copy expired before it was published: its delete first.
+        let first_delete = history.publish((late, true), b"");
+        let value = history.publish((late, false), b"late");
+        assert!(value > first_delete);
+        // Publishing that delete again puts the key just after the value...
+        assert_eq!(history.republished_index((late, true)), Some(value));
+        // ... and records a new update, the value's end.
+        let end = history.publish((late, true), b"");
+        assert!(end > value);
+        assert_eq!(history.republished_index((late, true)), Some(end));
+        assert_eq!(history.publish((late, true), b""), end);
     }
 }

@@ -23,7 +23,7 @@ use rand::RngExt;
 use crate::clock::NodeClock;
 use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
 use crate::options::{streams, Options};
-use crate::oracles::{History, Moment, Oracle, TtlExpectation, Violation};
+use crate::oracles::{History, Moment, Oracle, Publication, TtlExpectation, Violation};
 use crate::workload::{Operation, Workload};
 use crate::{derive_rng, SimRng};
 
@@ -938,6 +938,9 @@ impl World {
         let index = self.history.update_index(update_id);
         if let Some(index) = index {
             let received_at = self.moment();
+            let publication = self
+                .history
+                .publication_at(1 - node, update.sequence, &update.body);
             self.history.held.entry(node).or_default().insert(
                 update.key.clone(),
                 crate::oracles::Held {
@@ -946,6 +949,7 @@ impl World {
                     sequence: update.sequence,
                     received_at,
                     from_active: sender,
+                    publication,
                 },
             );
         }
@@ -1030,6 +1034,7 @@ impl World {
                         sequence: 0,
                         received_at: copy.arrived,
                         from_active: None,
+                        publication: None,
                     },
                 );
             }
@@ -1067,6 +1072,7 @@ impl World {
                         // As of the snapshot's point, which follows the request.
                         received_at: requested_at,
                         from_active: None,
+                        publication: None,
                     },
                 )
             })
@@ -1670,17 +1676,42 @@ impl World {
             // Oracle 5: everything the backup held from the old active survives.
             let held = self.held_through_copies(node, wall);
             let map = self.server_map(node);
-            let uuids: BTreeMap<Vec<u8>, Option<Uuid>> = self
-                .server_entries(node)
-                .into_iter()
-                .map(|(key, uuid, _)| (key, uuid))
-                .collect();
+            // Per key: the stored entry's uuid, and, if the entry came from the peer
+            // (its sequence is then the peer's), that publication and the peer's
+            // incarnation that made it.
+            let peer = 1 - node;
+            let entries: BTreeMap<Vec<u8>, (Option<Uuid>, Option<Publication>)> = self
+                .servers
+                .get(node)
+                .and_then(|slot| slot.machine.as_ref())
+                .map(|machine| {
+                    machine
+                        .iter()
+                        .map(|(key, entry)| {
+                            let publication =
+                                self.history
+                                    .publication_by(peer, entry.sequence(), entry.body());
+                            (key.to_vec(), (entry.uuid(), publication))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             for (key, held) in &held {
                 let republished = messages.iter().rev().find(|m| &m.key == key);
-                let lost = match (republished, uuids.get(key)) {
+                let lost = match (republished, entries.get(key)) {
                     // Replays are checked as publications below.
                     (Some(_), _) => false,
-                    (None, Some(uuid)) => {
+                    // What the peer published after the update this server received
+                    // from it, in the same incarnation, is newer in the history this
+                    // server follows, whatever was published first elsewhere (a value
+                    // published by this server while split, then forwarded).
+                    (None, Some((_, Some((publication, incarnation)))))
+                        if held.from_active == Some(*incarnation)
+                            && held.publication.is_some_and(|held| held < *publication) =>
+                    {
+                        false
+                    }
+                    (None, Some((uuid, _))) => {
                         self.history.update_index((*uuid, false)).unwrap_or(0) < held.index
                     }
                     (None, None) => held.present,
@@ -1728,7 +1759,7 @@ impl World {
             // Oracle 3 at the server: a republished (replayed) value must not be older
             // than what the server held for the key.
             let update_id = (message.uuid, message.body.is_empty());
-            let previous = self.history.update_index(update_id);
+            let previous = self.history.republished_index(update_id);
             let held = self
                 .history
                 .held
@@ -1756,7 +1787,7 @@ impl World {
                 .last_published_of_key
                 .insert(message.key.clone(), (update_id, node, incarnation));
             self.history
-                .number_publication(node, message.sequence, &message.body);
+                .number_publication(node, incarnation, message.sequence, &message.body);
             self.history.seen.entry(node).or_default().insert(update_id);
             let received_at = self.moment();
             self.history.held.entry(node).or_default().insert(
@@ -1767,6 +1798,7 @@ impl World {
                     sequence: message.sequence,
                     received_at,
                     from_active: None,
+                    publication: None,
                 },
             );
             if !became_active {

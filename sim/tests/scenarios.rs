@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use clonekv_core::kvmsg::BstarState;
 use clonekv_sim::network::{Link, PartitionKind, Route};
 use clonekv_sim::options::{FaultOptions, Options, WorkloadOptions};
 use clonekv_sim::ratio::Ratio;
@@ -933,4 +934,188 @@ fn harsh_a_reordered_update_while_syncing_does_not_discard_the_newer_ones_buffer
     let report = run("a reordered update while syncing", pinned(1), script);
     assert_server_event(&report, "sync_abandoned");
     assert_final_value(&report, "/k/a/x", Some("newer"));
+}
+
+/// The backup is active and the primary, restarted, follows it as passive: the primary
+/// crashes at 2 s and comes back at 2.1 s, and the backup takes over.
+fn backup_active_primary_following() -> Vec<(Duration, Scripted)> {
+    vec![
+        (at(2_000), Scripted::Crash(PRIMARY)),
+        (at(2_100), Scripted::Restart(PRIMARY)),
+    ]
+}
+
+#[test]
+fn split_brain_stale_passive_states_read_at_the_heal_do_not_erase_the_backups_split_updates() {
+    // Found by the simulator (swarm 7027800): the servers' link stalled both ways while
+    // the backup was active and the primary followed it. The primary took over for a
+    // client; the backup, cut off from it, went on publishing. At the heal the backup
+    // read the primary's queued messages in order: its PASSIVE states from before the
+    // takeover first, which cleared the backup's split log, then ACTIVE: it stepped
+    // down and forwarded nothing, and its split-time update was lost.
+    let (writer, asker) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let mut script = backup_active_primary_following();
+    script.extend([
+        (at(5_000), stall(PRIMARY, BACKUP)),
+        (at(5_000), stall(BACKUP, PRIMARY)),
+        // The writer's updates reach only the backup.
+        (at(5_000), cut(writer, PRIMARY)),
+        // The asker leaves the backup for the primary, which takes over once its peer
+        // has been silent for two heartbeats.
+        (at(5_000), cut(asker, BACKUP)),
+        (at(8_000), set(0, "/k/a/x", "split")),
+        (at(10_000), heal(PRIMARY, BACKUP)),
+        (at(10_000), heal(writer, PRIMARY)),
+        (at(10_000), heal(asker, BACKUP)),
+    ]);
+    let report = run("stale passive states at the heal", pinned(2), script);
+    assert_server_event(&report, "dual_active");
+    assert_final_value(&report, "/k/a/x", Some("split"));
+}
+
+#[test]
+fn split_brain_a_backup_paused_while_the_primary_took_over_forwards_what_it_published_on_resuming()
+{
+    // Found by the simulator (swarm 7000666): the active backup was paused while the
+    // primary, following it, took over for a client. On resuming, the backup read in
+    // order what had reached it: the primary's PASSIVE states from before its takeover,
+    // which made the backup take it for a live passive following it and stop recording
+    // its changes, then a client's update, which it published, then the primary's
+    // ACTIVE state: it stepped down, forwarded nothing, and the update was lost.
+    let (writer, asker) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let mut script = backup_active_primary_following();
+    script.extend([
+        // The writer's updates reach only the backup.
+        (at(5_000), cut(writer, PRIMARY)),
+        (
+            at(5_000),
+            Scripted::Pause {
+                node: BACKUP,
+                duration: Duration::from_secs(4),
+            },
+        ),
+        // The asker leaves the backup for the primary, which takes over once its peer
+        // has been silent for two heartbeats.
+        (at(5_000), cut(asker, BACKUP)),
+        (at(6_500), set(0, "/k/a/x", "published-on-resuming")),
+        (at(10_000), heal(writer, PRIMARY)),
+        (at(10_000), heal(asker, BACKUP)),
+    ]);
+    let report = run("paused backup", pinned(2), script);
+    assert_server_event(&report, "dual_active");
+    assert_final_value(&report, "/k/a/x", Some("published-on-resuming"));
+}
+
+fn set_with_ttl(client: usize, key: &str, value: &str, ttl: Duration) -> Scripted {
+    Scripted::Write {
+        client,
+        operation: Operation::Set {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            ttl: Some(ttl),
+        },
+    }
+}
+
+#[test]
+fn failover_a_value_published_after_its_expired_copy_was_deleted_expires_again_at_the_next() {
+    // Found by the simulator (swarm 7043944), an oracle's mistake. A client's ephemeral
+    // update reached the passive backup, but the primary only after a pause. The backup
+    // took over once the copy had expired and deleted the older value under the copy's
+    // uuid (as its expiry would have); the primary, resuming, published the update with
+    // its ttl counted from arrival; the backup stepped down and synced it. When the
+    // primary paused again before the value expired, the backup took over and published
+    // its expiry, a delete with the same uuid, which oracle 3 took for a republication
+    // of the first delete over the newer value.
+    let ttl = Duration::from_millis(1_500);
+    let script = vec![
+        (at(1_000), set(0, "/k/a/x", "older")),
+        (
+            at(2_000),
+            Scripted::Pause {
+                node: PRIMARY,
+                duration: Duration::from_secs(7),
+            },
+        ),
+        // Expires at 4 s on the backup's pending list; published by the primary at 9 s.
+        (at(2_500), set_with_ttl(0, "/k/a/x", "short-lived", ttl)),
+        (
+            at(10_000),
+            Scripted::Pause {
+                node: PRIMARY,
+                duration: Duration::from_secs(7),
+            },
+        ),
+    ];
+    let report = run("an expired copy's value published late", pinned(1), script);
+    assert_server_event(&report, "dual_active");
+    assert!(
+        report
+            .coverage
+            .bstar_transitions
+            .get(&(BstarState::Passive, BstarState::Active))
+            .is_some_and(|&takeovers| takeovers >= 2),
+        "{:?}",
+        report.coverage.bstar_transitions
+    );
+    assert_final_value(&report, "/k/a/x", None);
+}
+
+#[test]
+fn split_brain_a_forward_the_primary_published_after_a_delete_is_kept_at_a_failover_mid_sync() {
+    // Found by the simulator (swarm 7031294), an oracle's mistake. The backup published
+    // a value while split; at the heal it stepped down and forwarded it, and while the
+    // forward was on its way the primary published a client's delete of the key, which
+    // reached the re-syncing backup. The primary then published the forward: in its
+    // history the value comes after the delete. The backup got that value from the
+    // snapshot's first entries, not from the KVPUB; the primary died, and the backup,
+    // taking over mid-sync, kept the value. Oracle 5 ordered the two by their first
+    // publication (the value's, by the backup while split, came first) and saw the
+    // delete lost.
+    let (writer, deleter) = (FIRST_CLIENT, FIRST_CLIENT + 1);
+    let mut options = pinned(2);
+    options.network.high_water_mark = 20;
+    let forward = route(BACKUP, PRIMARY, Link::Collector);
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let updates = route(PRIMARY, BACKUP, Link::Updates);
+    let reply = route(PRIMARY, BACKUP, Link::SnapshotReply);
+    let mut script = vec![(at(1_000), set(0, "/k/a/x", "first"))];
+    // Forty keys after /k/a/x: the snapshot's first twenty messages hold /k/a/x and no
+    // KTHXBAI.
+    script.extend((0..40).map(|n| (at(1_100 + n * 10), set(1, &format!("/k/b/{n:02}"), "v"))));
+    script.extend([
+        (at(2_000), cut(PRIMARY, BACKUP)),
+        (at(2_000), cut(writer, PRIMARY)),
+        (at(2_000), cut(deleter, BACKUP)),
+        // The writer fails over to the backup, which takes over.
+        (at(6_000), set(0, "/k/a/x", "split")),
+        (at(7_000), Scripted::StallRoute(forward)),
+        (at(7_000), Scripted::StallRoute(request)),
+        (at(8_000), heal(PRIMARY, BACKUP)),
+        // The backup has stepped down: the primary's delete reaches it as a follower.
+        (
+            at(9_000),
+            Scripted::Write {
+                client: 1,
+                operation: Operation::Delete {
+                    key: b"/k/a/x".to_vec(),
+                },
+            },
+        ),
+        (at(9_500), Scripted::StallRoute(updates)),
+        (at(9_500), Scripted::StallRoute(reply)),
+        // The primary publishes the forward after the delete, then takes the snapshot.
+        (at(10_000), Scripted::ReleaseRoute(forward)),
+        (at(10_500), Scripted::ReleaseRoute(request)),
+        (at(11_000), Scripted::ReleaseRoute(reply)),
+        (at(11_001), Scripted::StallRoute(reply)),
+        (at(12_000), Scripted::Crash(PRIMARY)),
+        (at(12_100), Scripted::Restart(PRIMARY)),
+        (at(15_000), heal(writer, PRIMARY)),
+        (at(15_000), heal(deleter, BACKUP)),
+    ]);
+    let report = run("forward published after a delete", options, script);
+    assert_server_event(&report, "dual_active");
+    assert_server_event(&report, "sync_abandoned");
+    assert_final_value(&report, "/k/a/x", Some("split"));
 }

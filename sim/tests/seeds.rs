@@ -191,6 +191,22 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         48374,
         "a late HUGZ's re-sync buffered stale KVPUBs, merged over newer values at a failover",
     ),
+    (
+        7027800,
+        "PASSIVE states read late at a heal cleared the backup's split log: nothing forwarded",
+    ),
+    (
+        7000666,
+        "a backup resuming from a pause took a stale PASSIVE for a follower and logged nothing",
+    ),
+    (
+        7043944,
+        "oracle 3 took a late-published value's expiry for its expired copy's earlier delete",
+    ),
+    (
+        7031294,
+        "oracle 5 ordered a forward the primary published after a delete by its split-time first",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

@@ -1993,27 +1993,66 @@ fn on_dual_active_the_primary_stays_active_and_says_so() {
         .any(|output| matches!(output, Output::ForwardToPeerCollector(_))));
 }
 
-#[test]
-fn updates_accepted_while_the_peer_followed_as_passive_are_not_forwarded() {
-    let mut harness = split_backup(&[set("/split", "1", 1)]);
-    // The primary restarts and follows us.
-    harness.peer_state(BstarState::Passive);
-    harness.collect(set("/followed", "2", 2));
-    harness.drain();
-    // Later the primary is cut off, fails over by itself, and the link heals.
-    harness.advance(3_000);
-    harness.collect(set("/split-again", "3", 3));
-    harness.drain();
-    harness.peer_state(BstarState::Active);
-    let forwarded: Vec<Vec<u8>> = harness
+/// The keys a step-down forwards to the primary, in order.
+fn forwarded_keys(harness: &mut Harness) -> Vec<Vec<u8>> {
+    harness
         .drain()
         .into_iter()
         .filter_map(|output| match output {
             Output::ForwardToPeerCollector(frames) => Some(decode(&frames).key),
             _ => None,
         })
-        .collect();
-    assert_eq!(forwarded, [b"/split-again".to_vec()]);
+        .collect()
+}
+
+fn passive_hugz(sequence: i64) -> KvMsg {
+    KvMsg::hugz_from(BstarState::Passive, sequence)
+}
+
+#[test]
+fn updates_a_passive_peer_showed_it_holds_are_not_forwarded() {
+    let mut harness = split_backup(&[set("/split", "1", 1)]);
+    // The primary restarts and follows us: its HUGZ say what it holds.
+    harness.peer_state(BstarState::Passive);
+    harness.peer_update(passive_hugz(0));
+    harness.collect(set("/followed", "2", 2));
+    harness.peer_update(passive_hugz(3));
+    // Later the primary is cut off, fails over by itself, and the link heals.
+    harness.advance(3_000);
+    harness.collect(set("/split-again", "3", 3));
+    harness.drain();
+    harness.peer_state(BstarState::Active);
+    assert_eq!(forwarded_keys(&mut harness), [b"/split-again".to_vec()]);
+}
+
+#[test]
+fn a_passive_state_alone_does_not_empty_the_split_log() {
+    // Found by the simulator (swarms 7027800, 7000666): the primary's PASSIVE states,
+    // read late (a stalled link, a paused backup), cleared the log after the primary
+    // had taken over; the backup then stepped down and forwarded nothing.
+    let mut harness = split_backup(&[set("/split", "1", 1)]);
+    harness.peer_state(BstarState::Passive);
+    harness.collect(set("/after", "2", 2));
+    harness.drain();
+    harness.peer_state(BstarState::Active);
+    assert_eq!(
+        forwarded_keys(&mut harness),
+        [b"/after".to_vec(), b"/split".to_vec()]
+    );
+}
+
+#[test]
+fn a_passive_hugz_removes_only_the_changes_at_or_below_its_sequence() {
+    let mut harness = split_backup(&[set("/a", "1", 1), set("/b", "2", 2)]);
+    assert_eq!(harness.server.sequence(), 3);
+    // Unmarked, or marked active: not a passive's word.
+    harness.peer_update(KvMsg::hugz(3));
+    harness.peer_update(KvMsg::hugz_from(BstarState::Active, 3));
+    // Above our own numbering: another history's.
+    harness.peer_update(passive_hugz(4));
+    harness.peer_update(passive_hugz(2));
+    harness.peer_state(BstarState::Active);
+    assert_eq!(forwarded_keys(&mut harness), [b"/b".to_vec()]);
 }
 
 #[test]
@@ -2071,6 +2110,29 @@ fn a_proper_peer_is_no_role_conflict() {
         .iter()
         .any(|event| matches!(event, Event::RoleConflict { .. })));
     assert_eq!(harness.server.counters().role_conflicts, 0);
+}
+
+#[test]
+fn a_split_log_past_its_limit_forgets_its_losses_once_the_passive_peer_holds_them() {
+    let mut config = Config::backup();
+    config.split_log_max = 2;
+    let mut harness = Harness::passive_with(config, 0);
+    harness.advance(2_000);
+    harness.request("client", "");
+    for n in 1..=3u8 {
+        harness.collect(set(&format!("/k{n}"), "v", n));
+    }
+    // All three, /k3 (lost) included, reached the peer.
+    harness.peer_update(passive_hugz(3));
+    for n in 4..=6u8 {
+        harness.collect(set(&format!("/k{n}"), "v", n));
+    }
+    harness.drain();
+    harness.peer_state(BstarState::Active);
+    assert!(harness.events().contains(&Event::SplitUpdatesForwarded {
+        forwarded: 2,
+        lost: 1
+    }));
 }
 
 #[test]
