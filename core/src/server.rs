@@ -126,6 +126,35 @@ pub use crate::bstar::ConfigError;
 /// heartbeat per interval, not one each.
 pub const WELCOME_HUGZ_INTERVAL: Duration = Duration::from_millis(50);
 
+/// The server's timers. Each deadline is computed in one place, `Server::deadline`;
+/// `poll_timeout` is the earliest, and `handle_timeout` fires the due ones in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timer {
+    /// Binary Star's heartbeat to the peer.
+    BinaryStar,
+    /// The next HUGZ on the publisher.
+    Heartbeat,
+    /// The next ttl expiry (active only).
+    Expiry,
+    /// The oldest pending client copy ages out (while the active is alive).
+    PendingAge,
+    /// A client stopped pulling its snapshot stream.
+    SnapshotStall,
+    /// A sync got no reply from the active.
+    PeerSync,
+}
+
+impl Timer {
+    const ALL: [Timer; 6] = [
+        Timer::BinaryStar,
+        Timer::Heartbeat,
+        Timer::Expiry,
+        Timer::PendingAge,
+        Timer::SnapshotStall,
+        Timer::PeerSync,
+    ];
+}
+
 /// Server configuration. Defaults from PROTOCOL.md; every limit is a field so that the
 /// simulator can push it to extremes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1059,67 +1088,113 @@ impl Server {
         sync.store.apply(&entry, expires_at);
     }
 
-    /// Fires whatever is due: heartbeats, ttl expiries (active only), pending-list age
-    /// eviction, stalled snapshot streams, a sync that got no reply.
+    /// Fires every timer that is due (see [`Timer`]), in the table's order; ttl
+    /// expiries are due whenever the host calls in (`begin`).
     pub fn handle_timeout(&mut self, now: Instant, wall: EpochMillis) {
         self.begin(now, wall);
-        self.bstar.handle_timeout(now);
-        self.drain_bstar(now, wall);
-        if now >= self.next_hugz {
-            self.outputs.push_back(Output::Publish(
-                KvMsg::hugz_from(self.state(), self.sequence)
-                    .with_keys(self.store.len())
-                    .encode()
-                    .map(Frame::from),
-            ));
-            self.next_hugz = now + self.config.bstar.heartbeat;
-            self.last_hugz = Some(now);
+        for timer in Timer::ALL {
+            if self.deadline(timer).is_some_and(|due| due <= now) {
+                self.fire(now, wall, timer);
+            }
         }
-        if self.pending_ages_out() {
-            let evicted = self
-                .pending
-                .evict_older_than(now, self.config.pending_max_age);
-            self.report_eviction(evicted, EvictionReason::Age);
-        }
-        for routing_id in self
-            .snapshots
-            .close_stalled(now, self.config.snapshot_stall_timeout)
-        {
-            self.abandon_stream(routing_id, AbandonReason::Stalled);
-        }
-        if let Follow::Syncing(sync) = &self.follow {
-            if now >= sync.last_activity + self.config.peer_sync_timeout {
-                self.outputs.push_back(Output::Event(Event::SyncStarted {
-                    reason: SyncReason::Timeout,
-                }));
-                // Everything buffered so far precedes the new request.
-                let (mut unconfirmed, stale_through) =
-                    match std::mem::replace(&mut self.follow, Follow::Not) {
-                        Follow::Syncing(sync) => {
-                            let SyncInProgress {
-                                mut unconfirmed,
-                                reconnected,
-                                backlog,
-                                stale_through,
-                                ..
-                            } = *sync;
-                            unconfirmed.extend(reconnected);
-                            unconfirmed.push(backlog);
-                            unconfirmed.retain(|layer| !layer.is_empty());
-                            (unconfirmed, stale_through)
-                        }
-                        _ => (Vec::new(), None),
-                    };
-                self.request_peer_snapshot(now, Vec::new());
-                if let Follow::Syncing(sync) = &mut self.follow {
-                    // Same subscription: what the map held is still stale on it.
-                    sync.stale_through = stale_through;
-                    sync.unconfirmed = std::mem::take(&mut unconfirmed);
-                    let mut sync = std::mem::take(sync);
-                    self.bound_set_aside(&mut sync);
-                    self.follow = Follow::Syncing(sync);
+    }
+
+    fn fire(&mut self, now: Instant, wall: EpochMillis, timer: Timer) {
+        match timer {
+            Timer::BinaryStar => {
+                self.bstar.handle_timeout(now);
+                self.drain_bstar(now, wall);
+            }
+            Timer::Heartbeat => {
+                self.outputs.push_back(Output::Publish(
+                    KvMsg::hugz_from(self.state(), self.sequence)
+                        .with_keys(self.store.len())
+                        .encode()
+                        .map(Frame::from),
+                ));
+                self.next_hugz = now + self.config.bstar.heartbeat;
+                self.last_hugz = Some(now);
+            }
+            // Done by `begin`, which every input runs.
+            Timer::Expiry => {}
+            Timer::PendingAge => {
+                let evicted = self
+                    .pending
+                    .evict_older_than(now, self.config.pending_max_age);
+                self.report_eviction(evicted, EvictionReason::Age);
+            }
+            Timer::SnapshotStall => {
+                for routing_id in self
+                    .snapshots
+                    .close_stalled(now, self.config.snapshot_stall_timeout)
+                {
+                    self.abandon_stream(routing_id, AbandonReason::Stalled);
                 }
             }
+            Timer::PeerSync => self.retry_sync(now),
+        }
+    }
+
+    /// When `timer` is due, if it is armed. Ttl expiries are placed on the monotonic
+    /// timeline using the latest `(now, wall)` pair the host passed in.
+    fn deadline(&self, timer: Timer) -> Option<Instant> {
+        match timer {
+            Timer::BinaryStar => self.bstar.poll_timeout(),
+            Timer::Heartbeat => Some(self.next_hugz),
+            Timer::Expiry => {
+                let (now, wall) = self.clock;
+                (self.state() == BstarState::Active)
+                    .then(|| self.store.next_expiry())
+                    .flatten()
+                    .map(|expires_at| now + wall.saturating_duration_until(expires_at))
+            }
+            Timer::PendingAge => self
+                .pending_ages_out()
+                .then(|| self.pending.oldest_arrived_at())
+                .flatten()
+                .map(|arrived_at| arrived_at + self.config.pending_max_age),
+            Timer::SnapshotStall => self
+                .snapshots
+                .next_stall(self.config.snapshot_stall_timeout),
+            Timer::PeerSync => match &self.follow {
+                Follow::Syncing(sync) => Some(sync.last_activity + self.config.peer_sync_timeout),
+                _ => None,
+            },
+        }
+    }
+
+    /// The sync got no reply for `peer_sync_timeout`: ask again, keeping what was
+    /// buffered so far (it precedes the new request).
+    fn retry_sync(&mut self, now: Instant) {
+        self.outputs.push_back(Output::Event(Event::SyncStarted {
+            reason: SyncReason::Timeout,
+        }));
+        // Everything buffered so far precedes the new request.
+        let (mut unconfirmed, stale_through) =
+            match std::mem::replace(&mut self.follow, Follow::Not) {
+                Follow::Syncing(sync) => {
+                    let SyncInProgress {
+                        mut unconfirmed,
+                        reconnected,
+                        backlog,
+                        stale_through,
+                        ..
+                    } = *sync;
+                    unconfirmed.extend(reconnected);
+                    unconfirmed.push(backlog);
+                    unconfirmed.retain(|layer| !layer.is_empty());
+                    (unconfirmed, stale_through)
+                }
+                _ => (Vec::new(), None),
+            };
+        self.request_peer_snapshot(now, Vec::new());
+        if let Follow::Syncing(sync) = &mut self.follow {
+            // Same subscription: what the map held is still stale on it.
+            sync.stale_through = stale_through;
+            sync.unconfirmed = std::mem::take(&mut unconfirmed);
+            let mut sync = std::mem::take(sync);
+            self.bound_set_aside(&mut sync);
+            self.follow = Follow::Syncing(sync);
         }
     }
 
@@ -1130,35 +1205,12 @@ impl Server {
         self.outputs.pop_front()
     }
 
-    /// When [`Server::handle_timeout`] next has work. Ttl expiries are placed on the
-    /// monotonic timeline using the latest `(now, wall)` pair the host passed in.
+    /// When [`Server::handle_timeout`] next has work: the earliest armed timer.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let (now, wall) = self.clock;
-        let expiry = (self.state() == BstarState::Active)
-            .then(|| self.store.next_expiry())
-            .flatten()
-            .map(|expires_at| now + wall.saturating_duration_until(expires_at));
-        let pending_age = self
-            .pending_ages_out()
-            .then(|| self.pending.oldest_arrived_at())
-            .flatten()
-            .map(|arrived_at| arrived_at + self.config.pending_max_age);
-        let sync = match &self.follow {
-            Follow::Syncing(sync) => Some(sync.last_activity + self.config.peer_sync_timeout),
-            _ => None,
-        };
-        [
-            self.bstar.poll_timeout(),
-            Some(self.next_hugz),
-            expiry,
-            pending_age,
-            self.snapshots
-                .next_stall(self.config.snapshot_stall_timeout),
-            sync,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        Timer::ALL
+            .into_iter()
+            .filter_map(|timer| self.deadline(timer))
+            .min()
     }
 
     /// The next message of the snapshot stream open for `routing_id`: a KVSYNC, or the
