@@ -273,3 +273,57 @@ fn an_oversized_frame_and_a_message_of_thousands_of_frames_cost_nothing_and_chan
     server.wait_for_log("expected 5 frames, got 7");
     client.shutdown().expect("shutdown");
 }
+
+#[test]
+fn a_kvset_without_a_uuid_is_published_by_the_active_and_applied_once_by_the_backup() {
+    let mut cluster = Cluster::pair("empty-uuid");
+    let collector = format!("tcp://127.0.0.1:{}", cluster.base_port(Role::Primary) + 2);
+    let backup_collector = format!("tcp://127.0.0.1:{}", cluster.base_port(Role::Backup) + 2);
+    let client = cluster
+        .client_of(Role::Primary)
+        .subtree("/anon/")
+        .connect()
+        .expect("connect client");
+    client.wait_synced(PATIENCE).expect("the pair serves");
+
+    // As RFC 12 allows and a CHP client may send it: the uuid frame empty, to both
+    // servers as a client's PUB does.
+    let context = zmq::Context::new();
+    let mut updaters = Vec::new();
+    for endpoint in [&collector, &backup_collector] {
+        let updater = socket(&context, zmq::XPUB);
+        updater.connect(endpoint).expect("connect to collector");
+        wait_for_subscriber(&updater);
+        updaters.push(updater);
+    }
+    let anonymous = frames(&[b"/anon/k", &sequence(0), b"", b"", b"v1"]);
+    for updater in &updaters {
+        send_all(updater, &[anonymous.clone()]);
+    }
+    clonekv_tests::wait_until("the uuid-less update is published", || {
+        client.get("/anon/k").ok().flatten().as_deref() == Some(&b"v1"[..])
+    });
+    let backup = cluster.daemon(Role::Backup);
+    backup.wait_for_log("unmatchable_copy");
+
+    // The active fails; the backup, which applied the update once from the active's
+    // KVPUB, takes over with it and does not publish it again.
+    cluster.kill(Role::Primary);
+    let fresh = cluster
+        .client_of(Role::Backup)
+        .subtree("/anon/")
+        .connect()
+        .expect("connect to the backup");
+    fresh.wait_synced(PATIENCE).expect("the backup takes over");
+    let entry = fresh
+        .entry("/anon/k")
+        .expect("read")
+        .expect("the update survived the failover");
+    assert_eq!(entry.value, b"v1");
+    assert_eq!(
+        entry.sequence, 1,
+        "applied once: still the active's sequence 1"
+    );
+    fresh.shutdown().expect("shutdown");
+    client.shutdown().expect("shutdown");
+}
