@@ -298,7 +298,7 @@ fn a_kvset_without_a_uuid_is_published_by_the_active_and_applied_once_by_the_bac
     }
     let anonymous = frames(&[b"/anon/k", &sequence(0), b"", b"", b"v1"]);
     for updater in &updaters {
-        send_all(updater, &[anonymous.clone()]);
+        send_all(updater, std::slice::from_ref(&anonymous));
     }
     clonekv_tests::wait_until("the uuid-less update is published", || {
         client.get("/anon/k").ok().flatten().as_deref() == Some(&b"v1"[..])

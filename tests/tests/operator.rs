@@ -99,6 +99,24 @@ fn two_servers_configured_with_one_role_log_an_error_that_names_the_fix() {
             .output()
             .expect("run clonekv");
         assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+        let message = stderr(&output);
+        assert!(
+            message.contains(&format!(
+                "both servers are configured as {name}; start one of them with"
+            )),
+            "the CLI names the cause: {message}"
+        );
+        // `status` shows the pair, and the problem.
+        let status = Command::new(binary("clonekv"))
+            .args(["--server", &servers, "--timeout", "1s", "status"])
+            .env_remove("CLONEKV_SERVERS")
+            .output()
+            .expect("run clonekv status");
+        let shown = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            shown.contains("problem: ") && shown.contains(&format!("configured as {name}")),
+            "{shown}"
+        );
         one.wait_for_log("client rejected: this server is not active, and cannot become active while its peer has the same role");
 
         // The shutdown counters say it too.

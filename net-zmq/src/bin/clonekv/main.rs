@@ -733,6 +733,7 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
             })
             .collect();
         out.json(json!({
+            "problem": reach::role_conflict(&status.servers),
             "server": status.endpoint,
             "server_index": status.server,
             "client_state": state,
@@ -773,6 +774,9 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
             "{:<28} {:<9} {:>10} {:>9} {:>10}  {answered}",
             server.endpoint, state, sequence, keys, heartbeat
         ));
+    }
+    if let Some(conflict) = reach::role_conflict(&status.servers) {
+        out.line(&format!("problem: {conflict}"));
     }
 }
 

@@ -56,9 +56,34 @@ fn cannot_reach(servers: &[ServerStatus]) -> String {
     format!("cannot reach {}", causes.join("; "))
 }
 
+/// Two servers that both announce the starting state of one role were configured with
+/// the same role: neither will ever serve. The fix, in words.
+pub fn role_conflict(servers: &[ServerStatus]) -> Option<String> {
+    for (state, fix) in [
+        (BstarState::Primary, "start one of them with --backup"),
+        (BstarState::Backup, "start one of them without --backup"),
+    ] {
+        let same: Vec<&str> = servers
+            .iter()
+            .filter(|server| server.announced == Some(state))
+            .map(|server| server.endpoint.as_str())
+            .collect();
+        if same.len() >= 2 {
+            return Some(format!(
+                "{} all announce themselves {state}: both servers are configured as {state}; {fix}",
+                same.join(" and ")
+            ));
+        }
+    }
+    None
+}
+
 /// Someone may be there, but no snapshot came: say what each server is doing.
 fn nobody_answered(status: &Status, timeout: Duration) -> String {
     let waited = clonekv_zmq::duration::HumanDuration(timeout);
+    if let Some(conflict) = role_conflict(&status.servers) {
+        return format!("no active server within {waited}: {conflict}");
+    }
     let passive: Vec<&ServerStatus> = status
         .servers
         .iter()
