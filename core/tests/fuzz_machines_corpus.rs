@@ -5,20 +5,11 @@
 #[path = "../../fuzz/machines_harness.rs"]
 mod machines_harness;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn inputs_in(directory: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(directory) else {
-        return Vec::new();
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .filter(|path| path.is_file())
-        .collect();
-    files.sort();
-    files
-}
+#[path = "../../fuzz/corpus_files.rs"]
+mod corpus_files;
+use corpus_files::inputs_in;
 
 #[test]
 fn every_machines_corpus_input_runs_without_a_panic_or_a_broken_invariant() {
