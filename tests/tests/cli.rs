@@ -130,7 +130,10 @@ fn values_come_from_stdin_and_files_and_bytes_round_trip() {
     std::fs::write(&over_path, vec![7u8; 2 << 20]).expect("write oversized value");
     let over = cluster.cli(&["set", "/v/over", "--file", &over_path.display().to_string()]);
     let message = assert_one_line_error(&over, 2, "clonekv: --file ");
-    assert!(message.contains("over the limit of 1048576 bytes"), "{message}");
+    assert!(
+        message.contains("over the limit of 1048576 bytes"),
+        "{message}"
+    );
 
     // dump --long shows each key's sequence and remaining ttl.
     assert_success(
