@@ -1633,8 +1633,16 @@ impl Server {
             unconfirmed,
             reconnected,
             backlog,
+            seen,
             ..
         } = sync;
+        // The merged entries join the history this server publishes, as an adopted
+        // snapshot's do: a KVSET carrying one of their uuids (a forward after a split,
+        // a late client copy) is a repeat. The buffered updates' uuids were remembered
+        // on arrival.
+        for uuid in seen.iter() {
+            self.seen.insert(uuid, self.config.dedupe_window);
+        }
         let mut applied_updates = 0;
         for layer in unconfirmed {
             let mut from_layer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();

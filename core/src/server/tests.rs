@@ -1501,6 +1501,25 @@ fn a_snapshot_requested_after_a_client_copy_arrived_settles_that_copy() {
 }
 
 #[test]
+fn a_failover_mid_sync_remembers_the_merged_entries_as_published() {
+    // Found by the simulator (swarms 7012028, 7021981, 7041692): the primary took over
+    // mid-sync and merged the snapshot's first entries, then replaced one; the backup,
+    // stepping down, forwarded the merged entry, and the primary published it again
+    // over the newer value.
+    let mut harness = Harness::new(Config::primary());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(7));
+    harness.peer_snapshot(kvpub(set("/k", "merged", 1), 7));
+    harness.peer_state(BstarState::Backup); // the peer restarted
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.collect(set("/k", "newer", 2));
+    harness.drain();
+    harness.collect(set("/k", "merged", 1)); // the forward
+    assert!(harness.published().is_empty());
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+}
+
+#[test]
 fn only_the_latest_pending_copy_of_a_key_is_replayed() {
     // Found by the simulator (seed 22): replaying every copy in arrival order put the
     // key through values the old active had already replaced.
