@@ -1118,6 +1118,51 @@ fn split_brain_a_forward_the_primary_published_after_a_delete_is_kept_at_a_failo
 }
 
 #[test]
+fn failover_a_copy_whose_update_the_installed_snapshot_holds_is_not_replayed_though_it_came_after_the_request(
+) {
+    // Found by the simulator (swarm 7047798): a re-syncing backup lost an update's KVPUB
+    // at the high-water mark, received the KVPUB of the key's next update, and only
+    // then the first update's client copy, which nothing superseded. The snapshot it
+    // installed held the first update, so the active had published it, but the copy
+    // had arrived after the request, and only earlier copies were settled: at the
+    // failover the backup replayed it over the newer value.
+    let older_writer = FIRST_CLIENT;
+    let mut options = pinned(2);
+    // Two messages queued on a route: a third is dropped (ZMQ_SNDHWM).
+    options.network.high_water_mark = 2;
+    let updates = route(PRIMARY, BACKUP, Link::Updates);
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let reply = route(PRIMARY, BACKUP, Link::SnapshotReply);
+    let mut script = vec![(at(1_000), set(1, "/k/a/x", "first"))];
+    // A reconnect makes the backup re-sync; its request waits.
+    script.extend(backup_resyncs_with_its_request_held());
+    script.extend([
+        (at(3_100), Scripted::StallRoute(updates)),
+        (at(3_150), stall(older_writer, BACKUP)),
+        // Two updates fill the backup's subscription; the third, "older", is dropped.
+        (at(3_200), set(1, "/k/a/f1", "v")),
+        (at(3_300), set(1, "/k/a/f2", "v")),
+        (at(3_400), set(0, "/k/a/x", "older")),
+        // The snapshot is taken now, holding "older"; its reply waits.
+        (at(3_450), Scripted::StallRoute(reply)),
+        (at(3_450), Scripted::ReleaseRoute(request)),
+        (at(3_500), Scripted::ReleaseRoute(updates)),
+        (at(3_600), set(1, "/k/a/x", "newer")),
+        // The copy of "older" reaches the backup after the KVPUB of "newer".
+        (at(3_800), heal(older_writer, BACKUP)),
+        (at(4_000), Scripted::ReleaseRoute(reply)),
+        (at(5_000), Scripted::Crash(PRIMARY)),
+    ]);
+    let report = run(
+        "copy after the request, held by the snapshot",
+        options,
+        script,
+    );
+    assert_server_event(&report, "sync_completed");
+    assert_final_value(&report, "/k/a/x", Some("newer"));
+}
+
+#[test]
 fn split_brain_a_forward_of_an_entry_the_primary_merged_at_a_failover_mid_sync_is_a_repeat() {
     // Found by the simulator (swarms 7012028, 7021981, 7041692, once a backup's split
     // log kept what its restarted primary had not yet shown it held): the primary,
