@@ -214,6 +214,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
     (7012028, "the same forward of a merged entry as 7041692"),
     (7021981, "the same forward of a merged entry as 7041692"),
     (
+        7058450,
+        "harsh network: the same forward of a merged entry, after a real split",
+    ),
+    (
         7047798,
         "a copy later than the request, whose update the snapshot held, was replayed",
     ),
