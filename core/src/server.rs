@@ -616,7 +616,7 @@ pub struct Server {
     /// The value itself is the map's: a key present in the map is forwarded as its
     /// stored entry, an absent one as a delete. A key leaves the log when the peer's
     /// HUGZ, marked passive, carries a sequence at or above its change: the peer then
-    /// holds it (see [`Server::prune_split_log`]).
+    /// holds it (see `Server::prune_split_log`).
     split_log: BTreeMap<Key, SplitChange>,
     /// Changes the log had no room for, and the sequence of the latest of them.
     split_lost: u64,
