@@ -663,7 +663,7 @@ pub struct Server {
     /// The value itself is the map's: a key present in the map is forwarded as its
     /// stored entry, an absent one as a delete. A key leaves the log when the peer's
     /// HUGZ, marked passive, carries a sequence at or above its change: the peer then
-    /// holds it (see [`Server::prune_split_log`]).
+    /// holds it (see `Server::prune_split_log`).
     split_log: BTreeMap<Key, SplitChange>,
     /// Changes the log had no room for, and the sequence of the latest of them.
     split_lost: u64,
@@ -1725,8 +1725,16 @@ impl Server {
             unconfirmed,
             reconnected,
             backlog,
+            seen,
             ..
         } = sync;
+        // The merged entries join the history this server publishes, as an adopted
+        // snapshot's do: a KVSET carrying one of their uuids (a forward after a split,
+        // a late client copy) is a repeat. The buffered updates' uuids were remembered
+        // on arrival.
+        for uuid in seen.iter() {
+            self.seen.insert(uuid, self.config.dedupe_window);
+        }
         let mut applied_updates = 0;
         for layer in unconfirmed {
             let mut from_layer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();

@@ -1119,3 +1119,99 @@ fn split_brain_a_forward_the_primary_published_after_a_delete_is_kept_at_a_failo
     assert_server_event(&report, "sync_abandoned");
     assert_final_value(&report, "/k/a/x", Some("split"));
 }
+
+#[test]
+fn failover_a_copy_whose_update_the_installed_snapshot_holds_is_not_replayed_though_it_came_after_the_request(
+) {
+    // Found by the simulator (swarm 7047798): a re-syncing backup lost an update's KVPUB
+    // at the high-water mark, received the KVPUB of the key's next update, and only
+    // then the first update's client copy, which nothing superseded. The snapshot it
+    // installed held the first update, so the active had published it, but the copy
+    // had arrived after the request, and only earlier copies were settled: at the
+    // failover the backup replayed it over the newer value.
+    let older_writer = FIRST_CLIENT;
+    let mut options = pinned(2);
+    // Two messages queued on a route: a third is dropped (ZMQ_SNDHWM).
+    options.network.high_water_mark = 2;
+    // The schedule it was found with: first HUGZ at the heartbeat.
+    options.network.report_joins = false;
+    let updates = route(PRIMARY, BACKUP, Link::Updates);
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let reply = route(PRIMARY, BACKUP, Link::SnapshotReply);
+    let mut script = vec![(at(1_000), set(1, "/k/a/x", "first"))];
+    // A reconnect makes the backup re-sync; its request waits.
+    script.extend(backup_resyncs_with_its_request_held());
+    script.extend([
+        (at(3_100), Scripted::StallRoute(updates)),
+        (at(3_150), stall(older_writer, BACKUP)),
+        // Two updates fill the backup's subscription; the third, "older", is dropped.
+        (at(3_200), set(1, "/k/a/f1", "v")),
+        (at(3_300), set(1, "/k/a/f2", "v")),
+        (at(3_400), set(0, "/k/a/x", "older")),
+        // The snapshot is taken now, holding "older"; its reply waits.
+        (at(3_450), Scripted::StallRoute(reply)),
+        (at(3_450), Scripted::ReleaseRoute(request)),
+        (at(3_500), Scripted::ReleaseRoute(updates)),
+        (at(3_600), set(1, "/k/a/x", "newer")),
+        // The copy of "older" reaches the backup after the KVPUB of "newer".
+        (at(3_800), heal(older_writer, BACKUP)),
+        (at(4_000), Scripted::ReleaseRoute(reply)),
+        (at(5_000), Scripted::Crash(PRIMARY)),
+    ]);
+    let report = run(
+        "copy after the request, held by the snapshot",
+        options,
+        script,
+    );
+    assert_server_event(&report, "sync_completed");
+    assert_final_value(&report, "/k/a/x", Some("newer"));
+}
+
+#[test]
+fn split_brain_a_forward_of_an_entry_the_primary_merged_at_a_failover_mid_sync_is_a_repeat() {
+    // Found by the simulator (swarms 7012028, 7021981, 7041692, once a backup's split
+    // log kept what its restarted primary had not yet shown it held): the primary,
+    // re-syncing from the active backup, took over mid-sync and merged the snapshot's
+    // first entries, then published a newer value of one of their keys. At the heal the
+    // backup forwarded the entry it had published, which the primary did not remember
+    // having merged: it published the forward over the newer value.
+    let mut options = pinned(1);
+    options.network.high_water_mark = 20;
+    // The schedule it was found with: first HUGZ at the heartbeat.
+    options.network.report_joins = false;
+    let request = route(PRIMARY, BACKUP, Link::SnapshotRequest);
+    let updates = route(BACKUP, PRIMARY, Link::Updates);
+    let reply = route(BACKUP, PRIMARY, Link::SnapshotReply);
+    let mut script = backup_active_primary_following();
+    // Forty keys after /k/a/x: the snapshot's first twenty messages hold /k/a/x and no
+    // KTHXBAI.
+    script.extend((0..40).map(|n| (at(1_000 + n * 10), set(0, &format!("/k/b/{n:02}"), "v"))));
+    script.extend([
+        // The restarted primary asks on the backup's next HUGZ, at 4 s; its request
+        // waits, and the backup's updates stop reaching it.
+        (at(3_900), Scripted::StallRoute(request)),
+        (at(4_100), Scripted::StallRoute(updates)),
+        // Published by the backup alone: the primary holds it only from the snapshot.
+        (at(4_150), cut(FIRST_CLIENT, PRIMARY)),
+        (at(4_200), set(0, "/k/a/x", "backups")),
+        (at(4_300), heal(FIRST_CLIENT, PRIMARY)),
+        (at(4_400), Scripted::StallRoute(reply)),
+        (at(4_400), Scripted::ReleaseRoute(request)),
+        (at(4_500), Scripted::ReleaseRoute(reply)),
+        (at(4_501), Scripted::StallRoute(reply)),
+        // The servers' link stalls; the client, cut from the backup, makes the primary
+        // take over before its sync times out.
+        (at(5_000), stall(PRIMARY, BACKUP)),
+        (at(5_000), stall(BACKUP, PRIMARY)),
+        (at(5_000), cut(FIRST_CLIENT, BACKUP)),
+        (at(8_000), set(0, "/k/a/x", "newer")),
+        (at(10_000), heal(PRIMARY, BACKUP)),
+        (at(10_000), heal(FIRST_CLIENT, BACKUP)),
+        (at(15_000), Scripted::ReleaseRoute(updates)),
+        (at(15_000), Scripted::ReleaseRoute(reply)),
+    ]);
+    let report = run("forward of a merged entry", options, script);
+    assert_server_event(&report, "sync_abandoned");
+    assert_server_event(&report, "split_updates_forwarded");
+    assert_final_value(&report, "/k/a/x", Some("newer"));
+}

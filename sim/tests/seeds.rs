@@ -207,6 +207,20 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         7031294,
         "oracle 5 ordered a forward the primary published after a delete by its split-time first",
     ),
+    (
+        7041692,
+        "a forward of an entry the primary had merged at a failover mid-sync was published again",
+    ),
+    (7012028, "the same forward of a merged entry as 7041692"),
+    (7021981, "the same forward of a merged entry as 7041692"),
+    (
+        7058450,
+        "harsh network: the same forward of a merged entry, after a real split",
+    ),
+    (
+        7047798,
+        "a copy later than the request, whose update the snapshot held, was replayed",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

@@ -15,7 +15,8 @@
 //!   after the copy arrived, is installed (the snapshot states every key, present or
 //!   absent, at a point the copy preceded); a superseded copy is still matched by its
 //!   echo but never replayed, so a replay cannot overwrite a newer value or bring back
-//!   a deleted key.
+//!   a deleted key. An installed snapshot that holds a copy's update is that copy's
+//!   echo, whenever the copy arrived.
 
 use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt;
@@ -398,41 +399,51 @@ impl PendingList {
     /// backup forwarded are settled the same way (swarm 14014: the primary had already
     /// published and replaced the forwarded update, dropped the forward as a duplicate,
     /// and the backup replayed it at a later failover); see DECISIONS.md for the window
-    /// this leaves. Returns `(echoed, superseded)`.
+    /// this leaves.
+    ///
+    /// A copy that arrived after the request is settled only if the snapshot stores its
+    /// uuid: the active published it before taking the snapshot, so the snapshot is its
+    /// echo, and, as for an echo that comes before its copy
+    /// ([`PendingList::cancel_published`]), the key's copies that arrived before it are
+    /// superseded. Any other later copy may be newer than the snapshot and stays live.
+    /// Returns `(echoed, superseded)`.
     pub(crate) fn settle_against_snapshot(
         &mut self,
         mark: u64,
         stored_uuid: impl Fn(&[u8]) -> Option<Uuid>,
     ) -> (usize, usize) {
-        let earlier: Vec<(Vec<u8>, u64)> = self
+        let live: Vec<(Vec<u8>, Vec<u64>)> = self
             .live_copies_by_key
             .iter()
-            .flat_map(|(key, arrivals)| {
-                arrivals
-                    .as_slice()
-                    .iter()
-                    .filter(|&&arrival| arrival < mark)
-                    .map(|&arrival| (key.to_vec(), arrival))
-            })
+            .map(|(key, arrivals)| (key.to_vec(), arrivals.as_slice().to_vec()))
             .collect();
         let (mut echoed, mut superseded_count) = (0, 0);
-        for (key, arrival) in earlier {
-            let Some(uuid) = self.by_arrival.get(&arrival).copied() else {
-                continue;
-            };
-            if stored_uuid(&key) == Some(uuid) {
-                self.remove(&uuid);
-                echoed += 1;
-                continue;
-            }
-            if let Some(Held {
-                kind: Kind::ClientCopy { superseded, .. },
-                ..
-            }) = self.by_uuid.get_mut(&uuid)
-            {
-                *superseded = true;
-                superseded_count += 1;
-                self.unlink_live_copy(&key, arrival);
+        for (key, arrivals) in live {
+            let stored = stored_uuid(&key);
+            let published = arrivals.iter().copied().find(|arrival| {
+                stored.is_some() && self.by_arrival.get(arrival).copied() == stored
+            });
+            for arrival in arrivals {
+                let Some(uuid) = self.by_arrival.get(&arrival).copied() else {
+                    continue;
+                };
+                if Some(arrival) == published {
+                    self.remove(&uuid);
+                    echoed += 1;
+                    continue;
+                }
+                if arrival >= mark && published.is_none_or(|published| arrival > published) {
+                    continue;
+                }
+                if let Some(Held {
+                    kind: Kind::ClientCopy { superseded, .. },
+                    ..
+                }) = self.by_uuid.get_mut(&uuid)
+                {
+                    *superseded = true;
+                    superseded_count += 1;
+                    self.unlink_live_copy(&key, arrival);
+                }
             }
         }
         (echoed, superseded_count)

@@ -1547,6 +1547,70 @@ fn a_snapshot_requested_after_a_client_copy_arrived_settles_that_copy() {
 }
 
 #[test]
+fn a_copy_that_arrived_after_the_request_is_settled_when_the_snapshot_holds_its_update() {
+    // Found by the simulator (swarm 7047798): the KVPUB of a key's next update came
+    // first, then the copy of an update whose own KVPUB was lost; the snapshot held that
+    // update, but the copy, later than the request, stayed live and was replayed over
+    // the next update at failover.
+    let mut harness = Harness::new(Config::backup());
+    harness.collect(set("/before", "early", 1));
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(3));
+    harness.collect(set("/before", "later", 2));
+    harness.peer_update(kvpub(set("/k", "newer", 4), 5));
+    harness.collect(set("/k", "older", 3));
+    harness.collect(set("/late", "after-request", 6));
+    harness.peer_snapshot(kvpub(set("/k", "older", 3), 4));
+    harness.peer_snapshot(KvMsg::kthxbai(4, Vec::new()));
+    assert!(!harness.server.is_syncing());
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+    harness.drain();
+
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    // "older" is echoed by the snapshot; the later copy nothing settles stays live.
+    assert_eq!(keys(&harness.published()), ["/before", "/late"]);
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+}
+
+#[test]
+fn the_copies_that_came_before_the_one_a_snapshot_holds_are_settled_with_it() {
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(3));
+    // Copies of one key after the request: the one the snapshot holds came second.
+    harness.collect(set("/k", "first-copy", 1));
+    harness.collect(set("/k", "in-snapshot", 2));
+    harness.peer_snapshot(kvpub(set("/k", "in-snapshot", 2), 4));
+    harness.peer_snapshot(KvMsg::kthxbai(4, Vec::new()));
+    harness.drain();
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert!(harness.published().is_empty());
+    assert_eq!(harness.value("/k"), Some(&b"in-snapshot"[..]));
+}
+
+#[test]
+fn a_failover_mid_sync_remembers_the_merged_entries_as_published() {
+    // Found by the simulator (swarms 7012028, 7021981, 7041692): the primary took over
+    // mid-sync and merged the snapshot's first entries, then replaced one; the backup,
+    // stepping down, forwarded the merged entry, and the primary published it again
+    // over the newer value.
+    let mut harness = Harness::new(Config::primary());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(7));
+    harness.peer_snapshot(kvpub(set("/k", "merged", 1), 7));
+    harness.peer_state(BstarState::Backup); // the peer restarted
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.collect(set("/k", "newer", 2));
+    harness.drain();
+    harness.collect(set("/k", "merged", 1)); // the forward
+    assert!(harness.published().is_empty());
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+}
+
+#[test]
 fn only_the_latest_pending_copy_of_a_key_is_replayed() {
     // Found by the simulator (seed 22): replaying every copy in arrival order put the
     // key through values the old active had already replaced.
