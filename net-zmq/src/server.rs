@@ -537,6 +537,12 @@ impl ServerHost {
             if self.server.poll_timeout().is_some_and(|due| due <= now) {
                 self.server.handle_timeout(now, self.clock.wall());
                 self.drain_outputs();
+                // A send on the publisher may have taken its fd's edge for a
+                // subscription that arrived meanwhile (the zmq fd is edge-triggered).
+                // Looking at every timer, not after every send, keeps the update path
+                // free of an extra receive; a subscription missed that way waits at
+                // most until the next heartbeat, as it did before the early HUGZ.
+                self.maybe_readable[Input::Subscriptions as usize] = true;
                 // The core's timers fire at least every heartbeat: often enough to give
                 // out the counts of lines suppressed an interval ago.
                 log_summaries(self.limiter.due_summaries(StdInstant::now()));
@@ -690,9 +696,6 @@ impl ServerHost {
                         .as_deref_mut()
                         .and_then(|received| received.take_if_equal(FRAME_COUNT - 1, body));
                     send_or_log_reusing(&self.publisher, &frames, last, &mut self.limiter);
-                    // A send may have taken the fd's edge for a subscription that
-                    // arrived meanwhile (the zmq fd is edge-triggered).
-                    self.maybe_readable[Input::Subscriptions as usize] = true;
                 }
                 Output::SnapshotReady { routing_id } => {
                     self.streams.entry(routing_id).or_insert(None);
