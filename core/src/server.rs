@@ -871,10 +871,22 @@ impl Server {
         }
     }
 
-    /// A subscriber of this server's publisher subscribed to HUGZ (the host sees it on
-    /// its XPUB): a client proves its subscription live by the first message it gets,
-    /// so the next HUGZ goes out now rather than at the next heartbeat, at most one per
-    /// [`WELCOME_HUGZ_INTERVAL`] however many subscribers arrive.
+    /// A subscription message arrived on the publisher (the host's XPUB passes each up:
+    /// `1` then the topic to subscribe, `0` then the topic to drop). One that a HUGZ
+    /// matches (`HUGZ`, a prefix of it, or everything) is a new subscriber
+    /// ([`Server::handle_subscriber_joined`]); anything else changes nothing.
+    pub fn handle_subscription(&mut self, now: Instant, wall: EpochMillis, message: &[u8]) {
+        if let [1, topic @ ..] = message {
+            if crate::kvmsg::HUGZ.starts_with(topic) {
+                self.handle_subscriber_joined(now, wall);
+            }
+        }
+    }
+
+    /// A subscriber of this server's publisher subscribed to HUGZ: a client proves its
+    /// subscription live by the first message it gets, so the next HUGZ goes out now
+    /// rather than at the next heartbeat, at most one per [`WELCOME_HUGZ_INTERVAL`]
+    /// however many subscribers arrive.
     pub fn handle_subscriber_joined(&mut self, now: Instant, wall: EpochMillis) {
         self.begin(now, wall);
         let earliest = self

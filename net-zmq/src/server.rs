@@ -670,8 +670,8 @@ impl ServerHost {
             Input::PeerUpdates => self.server.handle_peer_update(now, wall, frames),
             Input::PeerSnapshot => self.server.handle_peer_snapshot(now, wall, frames),
             Input::Subscriptions => {
-                if subscribes_to_hugz(frames) {
-                    self.server.handle_subscriber_joined(now, wall);
+                if let Some(message) = frames.first() {
+                    self.server.handle_subscription(now, wall, message.as_ref());
                 }
             }
         }
@@ -1123,34 +1123,4 @@ fn log_counters(counters: &Counters, role: Role) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
-}
-
-/// True for an XPUB subscription message (`1` then the topic) whose topic a HUGZ
-/// matches: `HUGZ` itself or any prefix of it, the empty topic (everything) included.
-fn subscribes_to_hugz<F: AsRef<[u8]>>(frames: &[F]) -> bool {
-    match frames.first().map(AsRef::as_ref) {
-        Some([1, topic @ ..]) => HUGZ_KEY.starts_with(topic),
-        _ => false,
-    }
-}
-
-const HUGZ_KEY: &[u8] = clonekv_core::kvmsg::HUGZ;
-
-#[cfg(test)]
-mod tests {
-    use super::subscribes_to_hugz;
-
-    #[test]
-    fn a_subscription_that_a_hugz_matches_is_a_join() {
-        for topic in [&b"HUGZ"[..], b"", b"HU"] {
-            let mut message = vec![1u8];
-            message.extend_from_slice(topic);
-            assert!(subscribes_to_hugz(&[message]), "{topic:?}");
-        }
-        // A subtree subscription, an unsubscription, garbage.
-        assert!(!subscribes_to_hugz(&[b"\x01/weather/".to_vec()]));
-        assert!(!subscribes_to_hugz(&[b"\x00HUGZ".to_vec()]));
-        assert!(!subscribes_to_hugz::<Vec<u8>>(&[]));
-        assert!(!subscribes_to_hugz(&[Vec::new()]));
-    }
 }

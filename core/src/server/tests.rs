@@ -483,6 +483,25 @@ fn a_new_subscriber_gets_a_hugz_at_once_but_a_crowd_gets_one_per_interval() {
     assert_eq!(harness.server.counters().subscribers_joined, 3);
 }
 
+#[test]
+fn a_subscription_that_a_hugz_matches_is_a_new_subscriber() {
+    let mut harness = Harness::active();
+    for topic in [&b"HUGZ"[..], b"", b"HU"] {
+        let mut message = vec![1u8];
+        message.extend_from_slice(topic);
+        harness
+            .server
+            .handle_subscription(harness.now, harness.wall, &message);
+    }
+    // A subtree subscription, an unsubscription, garbage.
+    for message in [&b"\x01/weather/"[..], b"\x00HUGZ", b""] {
+        harness
+            .server
+            .handle_subscription(harness.now, harness.wall, message);
+    }
+    assert_eq!(harness.server.counters().subscribers_joined, 3);
+}
+
 fn hugz_count(outputs: Vec<Output>) -> usize {
     outputs
         .into_iter()
