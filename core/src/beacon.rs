@@ -479,5 +479,8 @@ impl Beacon {
     }
 }
 
+mod partner;
+pub use partner::{partner_kind, CLIENT_SLOTS};
+
 #[cfg(test)]
 mod tests;
