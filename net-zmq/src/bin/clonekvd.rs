@@ -37,7 +37,12 @@ With no arguments it serves as the primary: ROUTER on tcp://*:5556 (snapshots), 
 5557 (updates), SUB on 5558 (collector), Binary Star state PUB on 5003, and it expects a \
 backup on localhost:5566 / 5004. `--backup` starts the backup on 5566-5568 and 5004, with \
 the primary at localhost:5556 / 5003. A lone primary starts serving on the first client \
-request once its peer has been silent for two heartbeats.",
+request once its peer has been silent for two heartbeats.\n\n\
+Discovery is on by default: the server announces itself by UDP broadcast (port 5560, \
+cluster \"clonekv\") and, unless a --peer-* option is given, connects to the server of \
+the other role that its cluster's beacons reveal, on this host or anywhere on the LAN; \
+with no such beacon within 4 s it uses the peer endpoints above until one comes. \
+--no-discovery turns it off.",
     after_help = "Every option can also be set in the --config file under its long name \
 (for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
@@ -514,6 +519,33 @@ fn fail(status: u8, message: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discovery_is_on_by_default_and_finds_the_peer_unless_one_is_given() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("clonekvd").chain(args.iter().copied()))
+                .unwrap();
+            cli.settings.into_options()
+        };
+        let default = parse(&[]).unwrap().discovery.unwrap();
+        assert!(default.find_peer);
+        assert_eq!(default.options.cluster, "clonekv");
+        assert_eq!(default.options.port, 5560);
+        assert_eq!((default.base_port, default.state_port), (5556, 5003));
+        let given = parse(&["--peer-host", "10.0.0.2", "--cluster", "b"]).unwrap();
+        let given = given.discovery.unwrap();
+        assert!(!given.find_peer, "a given peer wins");
+        assert_eq!(given.options.cluster, "b");
+        let fast = parse(&["--discovery-interval", "250ms"])
+            .unwrap()
+            .discovery
+            .unwrap();
+        assert_eq!(fast.options.silence, Duration::from_secs(1));
+        assert!(parse(&["--no-discovery"]).unwrap().discovery.is_none());
+        let error = parse(&["--snapshot-endpoint", "ipc:///tmp/s"]).unwrap_err();
+        assert!(error.contains("--no-discovery"), "{error}");
+        assert!(parse(&["--discovery-port", "0"]).is_err());
+    }
 
     #[test]
     fn no_arguments_mean_the_primary_on_the_reference_ports() {
