@@ -60,6 +60,24 @@
 //! ```
 //!
 //! `examples/weather.rs` is the same as a runnable program.
+//!
+//! # Discovery
+//!
+//! With no server given, [`ClientBuilder::discover`] finds the cluster's primary and
+//! backup by their UDP beacons ([`crate::discovery`]) and follows them when they move or
+//! restart; servers given with [`ClientBuilder::server`] win:
+//!
+//! ```no_run
+//! use clonekv_zmq::client::Client;
+//! use clonekv_zmq::discovery::DiscoveryOptions;
+//!
+//! # fn main() -> Result<(), clonekv_zmq::client::ClientError> {
+//! let client = Client::builder()
+//!     .discover(DiscoveryOptions::new("clonekv")) // the cluster's name
+//!     .connect()?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -679,7 +697,10 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// The servers, in the order they are tried.
+    /// The servers, in the order they are tried, as they were when the client started.
+    /// With discovery these are the primary's and the backup's slots, and a slot not yet
+    /// filled then is [`ServerAddress::undiscovered`]; [`Client::status`] has each
+    /// server's endpoint now.
     pub fn servers(&self) -> &[ServerAddress] {
         &self.addresses
     }

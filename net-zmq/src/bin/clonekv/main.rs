@@ -733,11 +733,20 @@ fn report_update(out: &mut Output, verb: &str, key: &str, sequence: Option<i64>)
 }
 
 fn print_event(out: &mut Output, client: &Client, event: Event) {
+    // The status has each server's endpoint now: with discovery, a server found (or
+    // moved) after the client started is not in the list it started with.
     let endpoint = |index: usize| {
         client
-            .servers()
-            .get(index)
-            .map_or_else(|| index.to_string(), ToString::to_string)
+            .status()
+            .ok()
+            .and_then(|status| {
+                status
+                    .servers
+                    .get(index)
+                    .map(|server| server.endpoint.clone())
+            })
+            .filter(|endpoint| !endpoint.is_empty())
+            .unwrap_or_else(|| format!("server {index}"))
     };
     if out.json_mode {
         let value = match event {
