@@ -94,6 +94,12 @@ impl ZmqSocket {
 
     /// The next whole message if one is waiting, without blocking.
     pub fn try_recv(&self) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
+        self.try_recv_up_to(MAX_STORED_FRAMES)
+    }
+
+    /// [`ZmqSocket::try_recv`], keeping at most `max_frames` frames of the message (the
+    /// rest are read and let go).
+    pub fn try_recv_up_to(&self, max_frames: usize) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
         if !self.socket.socket().get_events()?.contains(zmq::POLLIN) {
             return Ok(None);
         }
@@ -109,7 +115,7 @@ impl ZmqSocket {
             }
             // Past the most any message may have, frames are read and let go: the
             // decoder rejects the message for its count all the same.
-            if frames.len() < MAX_STORED_FRAMES {
+            if frames.len() < max_frames {
                 frames.push(part.to_vec());
             }
             if !part.get_more() {
