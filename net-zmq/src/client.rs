@@ -1389,6 +1389,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn curve_settings_must_be_complete() {
+        let pair = KeyPair::generate().unwrap();
+        let error = Client::builder()
+            .server("tcp://127.0.0.1:1")
+            .server_public_key(pair.public())
+            .connect()
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("needs this client's own key pair"),
+            "{error}"
+        );
+        let error = Client::builder()
+            .server("tcp://127.0.0.1:1")
+            .server_with_key("tcp://127.0.0.1:4", pair.public())
+            .curve_key_pair(pair)
+            .connect()
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("no public key for server tcp://127.0.0.1:1"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_base_endpoint_gives_the_three_ports() {
         let address = ServerAddress::from_base("tcp://localhost:5556").unwrap();
         assert_eq!(address.snapshot, "tcp://localhost:5556");

@@ -612,6 +612,58 @@ mod tests {
     }
 
     #[test]
+    fn curve_keys_come_from_the_config_file_all_three_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = KeyPair::generate().unwrap();
+        let peer = KeyPair::generate().unwrap();
+        let client = KeyPair::generate().unwrap();
+        let (own_file, _) = own.write(&dir.path().join("own"), false).unwrap();
+        let (_, peer_file) = peer.write(&dir.path().join("peer"), false).unwrap();
+        let clients = dir.path().join("clients");
+        std::fs::create_dir(&clients).unwrap();
+        client.write(&clients.join("app"), false).unwrap();
+        let text = format!(
+            "curve-secret-key = {:?}\ncurve-clients = {:?}\npeer-public-key = {:?}\n",
+            own_file.display().to_string(),
+            clients.display().to_string(),
+            peer_file.display().to_string()
+        );
+        let options = parse_config(&text).unwrap().into_options().unwrap();
+        let keys = options.curve.expect("CURVE configured");
+        assert_eq!(keys.own, own);
+        assert_eq!(keys.peer, peer.public());
+        assert!(keys.clients.contains(&client.public()));
+        // The peer's key may be given as Z85 on the command line too.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &peer.public().z85()]).unwrap();
+        let file = parse_config(&text).unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.curve.map(|keys| keys.peer), Some(peer.public()));
+        // Any one missing is an error that names what is missing.
+        let partial = format!("curve-secret-key = {:?}\n", own_file.display().to_string());
+        let error = parse_config(&partial).unwrap().into_options().unwrap_err();
+        assert!(error.contains("--curve-clients"), "{error}");
+        let error = Cli::try_parse_from(["clonekvd", "--curve-clients", "x"])
+            .unwrap()
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("need --curve-secret-key"), "{error}");
+        // Its own key as the peer's is a mistake.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &own.public().z85()]).unwrap();
+        let error = cli
+            .settings
+            .over(parse_config(&text).unwrap())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("own public key"), "{error}");
+        // No keys: plain.
+        assert!(Settings::default().into_options().unwrap().curve.is_none());
+    }
+
+    #[test]
     fn the_help_text_is_valid() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
