@@ -104,7 +104,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub steps: Option<u32>,
     /// Updates per second of the latency measurement [default: half the server's
-    /// zero-loss rate, or 20000 when throughput is skipped].
+    /// zero-loss rate (of the slower of the plain and the CURVE server), or 20000 when
+    /// throughput is skipped].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub latency_rate: Option<u32>,
     /// Parts to leave out (comma-separated): throughput, pair, curve, latency, snapshot,
@@ -490,6 +491,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
 
     // 1 and 6: throughput of the server, the pair and the baselines.
     let mut server_max: Option<f64> = None;
+    let mut curve_max: Option<f64> = None;
     if !args.skips("throughput") {
         for &subscribers in &args.subscribers {
             let mut rows = Vec::new();
@@ -562,6 +564,9 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
                         if name == ROUTE_SERVER && subscribers == 1 {
                             server_max = Some(search.rate());
                         }
+                        if name == ROUTE_SERVER_CURVE && subscribers == 1 {
+                            curve_max = Some(search.rate());
+                        }
                         rows.push(ThroughputRow {
                             route: name,
                             subscribers,
@@ -595,12 +600,18 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     }
     drop(targets.pair_processes.drain(..));
 
-    // 2: latency at half the server's zero-loss rate, and the relay's at that rate.
+    // 2: latency at half the server's zero-loss rate (half the slower one's when the
+    // CURVE server is measured too, so that every route sustains it), and the relay's
+    // at that rate.
     if !args.skips("latency") {
         bar.set_message("latency");
+        let slowest = match (server_max, curve_max) {
+            (Some(plain), Some(curve)) => Some(plain.min(curve)),
+            (plain, curve) => plain.or(curve),
+        };
         let rate = match args.latency_rate {
             Some(rate) => f64::from(rate),
-            None => server_max.map_or(20_000.0, |max| max / 2.0),
+            None => slowest.map_or(20_000.0, |max| max / 2.0),
         };
         let seconds = if args.quick { 2.0 } else { 5.0 };
         let mut routes = vec![(ROUTE_RELAY, &relay_route), (ROUTE_SERVER, &server_route)];
