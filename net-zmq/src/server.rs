@@ -14,6 +14,12 @@
 //! | DEALER, connected, new per request | `tcp://localhost:5566` (peer's P) | `Output::RequestPeerSnapshot`; `handle_peer_snapshot` |
 //! | PUB, connected | `tcp://localhost:5568` (peer's P+2) | `Output::ForwardToPeerCollector` |
 //!
+//! With [`ServerOptions::curve`] set, every socket above uses CURVE: the bound ones as
+//! CURVE servers behind the ZAP handler of [`crate::curve`] (served by this loop, like
+//! any socket), the ones connected to the peer as CURVE clients that require the peer's
+//! key. A failed handshake on a peer-facing socket (read from libzmq's socket monitor)
+//! and every refused key are logged, rate-limited.
+//!
 //! # The loop
 //!
 //! ```text

@@ -365,7 +365,8 @@ mod tests {
 static MONITOR_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Watches one connecting socket's TCP connection with libzmq's socket monitor: the only
-/// way to learn that it broke and came back, losing whatever was sent in between.
+/// way to learn that it broke and came back, losing whatever was sent in between, and
+/// that a security handshake failed (a CURVE key refused or not proven).
 pub struct ReconnectMonitor {
     /// A PAIR on the monitor's inproc endpoint, receiving connection events.
     events: ZmqSocket,
