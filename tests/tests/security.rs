@@ -418,3 +418,54 @@ fn a_process_playing_the_peer_changes_nothing_and_is_logged() {
     assert_eq!(client.get("/fake").expect("get"), None);
     client.shutdown().expect("shutdown");
 }
+
+#[test]
+fn keygen_writes_a_private_pair_and_never_overwrites_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let base = scratch.path().join("node");
+    let keygen = || {
+        std::process::Command::new(clonekv_tests::binary("clonekv"))
+            .arg("keygen")
+            .arg(&base)
+            .output()
+            .expect("run clonekv keygen")
+    };
+    let output = keygen();
+    assert!(output.status.success(), "{output:?}");
+    let printed = stdout(&output);
+    let pair = KeyPair::read(&scratch.path().join("node.key")).expect("a key pair file");
+    assert_eq!(printed.trim(), pair.public().z85());
+    let mode = std::fs::metadata(scratch.path().join("node.key"))
+        .expect("stat")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the secret key file is private");
+    let public = std::fs::read_to_string(scratch.path().join("node.pub")).expect("read .pub");
+    assert!(public.contains(&pair.public().z85()), "{public}");
+    assert!(!public.contains("secret-key"), "{public}");
+    // A second run refuses, in one line, and leaves the pair as it was.
+    let again = keygen();
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    assert_eq!(String::from_utf8_lossy(&again.stderr).lines().count(), 1);
+    assert_eq!(
+        KeyPair::read(&scratch.path().join("node.key")).expect("read"),
+        pair
+    );
+}
+
+#[test]
+fn a_daemon_with_half_its_keys_refuses_to_start_in_one_line() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let keys = Keys::new(scratch.path());
+    let output = std::process::Command::new(clonekv_tests::binary("clonekvd"))
+        .args(["--curve-secret-key", &keys.file("primary.key")])
+        .env_remove("CLONEKVD_CURVE_CLIENTS")
+        .env_remove("CLONEKVD_PEER_PUBLIC_KEY")
+        .output()
+        .expect("run clonekvd");
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("needs --curve-clients"), "{err}");
+}
