@@ -184,10 +184,12 @@ struct Settings {
     curve_clients: Option<PathBuf>,
     /// The peer server's public key (Z85) or its .pub file: the Binary Star state, the
     /// peer's updates and snapshots are taken only from a process that proves it.
+    // A Z85 key may start with `-`.
     #[arg(
         long,
         value_name = "KEY|FILE",
         env = "CLONEKVD_PEER_PUBLIC_KEY",
+        allow_hyphen_values = true,
         help_heading = "Security"
     )]
     peer_public_key: Option<String>,
@@ -661,6 +663,14 @@ mod tests {
         assert!(error.contains("own public key"), "{error}");
         // No keys: plain.
         assert!(Settings::default().into_options().unwrap().curve.is_none());
+        // A Z85 key may start with a hyphen; it is still the flag's value.
+        let hyphen = format!("-{}", "0".repeat(39));
+        let cli = Cli::try_parse_from(["clonekvd", "--peer-public-key", &hyphen]).unwrap();
+        assert_eq!(
+            cli.settings.peer_public_key.as_deref(),
+            Some(hyphen.as_str())
+        );
+        assert!(PublicKey::from_key_or_file(&hyphen).is_ok());
     }
 
     #[test]

@@ -97,6 +97,8 @@ struct Cli {
         value_name = "KEY|FILE",
         env = "CLONEKV_SERVER_PUBLIC_KEY",
         value_delimiter = ',',
+        // A Z85 key may start with `-`.
+        allow_hyphen_values = true,
         global = true
     )]
     server_public_key: Vec<String>,
@@ -943,6 +945,29 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_keys_are_one_for_all_or_one_each_and_may_start_with_a_hyphen() {
+        let hyphen = format!("-{}", "0".repeat(39));
+        let other = "0".repeat(40);
+        let servers = vec!["tcp://a:1".to_string(), "tcp://b:1".to_string()];
+        let parse = |keys: &str| {
+            let cli =
+                Cli::try_parse_from(["clonekv", "--server-public-key", keys, "status"]).unwrap();
+            server_keys(&cli, &servers)
+        };
+        let one = parse(&hyphen).ok().unwrap();
+        assert_eq!(one.len(), 2);
+        assert_eq!(one[0], one[1]);
+        let each = parse(&format!("{hyphen},{other}")).ok().unwrap();
+        assert_ne!(each[0], each[1]);
+        let three = parse(&format!("{hyphen},{other},{other}")).err().unwrap();
+        assert!(
+            three.message.contains("3 keys for 2 servers"),
+            "{}",
+            three.message
+        );
+    }
 
     #[test]
     fn the_help_text_is_valid() {
