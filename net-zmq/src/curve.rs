@@ -266,7 +266,8 @@ fn read_text(path: &Path) -> Result<String, KeyError> {
 }
 
 /// The public keys of a file: one per line, bare Z85 or `public-key = "…"`; blank lines,
-/// lines starting with `#` and other `name = "value"` lines are skipped.
+/// lines starting with `#` (unless the whole line is a key: Z85 uses `#`) and other
+/// `name = "value"` lines are skipped.
 fn read_key_lines(path: &Path) -> Result<Vec<PublicKey>, KeyError> {
     let text = read_text(path)?;
     let mut keys = Vec::new();
@@ -274,6 +275,11 @@ fn read_key_lines(path: &Path) -> Result<Vec<PublicKey>, KeyError> {
         // Z85 uses `#`, `=` and `-`, but never `"` or a space: a line with a quote is a
         // `name = "value"` line, any other is a bare key.
         let line = line.trim();
+        // A bare key may itself start with `#`: a line that is a whole key is one.
+        if let Some(key) = decode_z85(line) {
+            keys.push(PublicKey(key));
+            continue;
+        }
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
@@ -593,6 +599,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_public_keys(&list).unwrap(), keys);
+        let hash = format!("#{}", "0".repeat(39));
+        std::fs::write(&list, format!("# a comment\n{hash}\n")).unwrap();
+        let expected = PublicKey::from_z85(&hash, "test").unwrap();
+        assert_eq!(read_public_keys(&list).unwrap(), BTreeSet::from([expected]));
         std::fs::write(&list, "# none\n").unwrap();
         assert!(matches!(
             read_public_keys(&list),
