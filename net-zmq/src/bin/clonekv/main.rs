@@ -844,6 +844,7 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
                     "sequence": server.sequence,
                     "keys": server.keys,
                     "heartbeat_age_seconds": age(server.last_heard),
+                    "handshake_failure": server.handshake_failure.map(|failure| failure.to_string()),
                 })
             })
             .collect();
@@ -878,6 +879,8 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
         );
         let answered = if server.current && answered {
             "yes (snapshot)".to_string()
+        } else if let Some(failure) = server.handshake_failure {
+            format!("no: {failure}")
         } else if server.sequence.is_some() {
             "heartbeats only".to_string()
         } else if server.connected {
