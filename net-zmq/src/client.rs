@@ -60,6 +60,30 @@
 //! ```
 //!
 //! `examples/weather.rs` is the same as a runnable program.
+//!
+//! # Security
+//!
+//! Without keys every connection is plain ZMTP, readable and forgeable on the network.
+//! Servers started with CURVE keys admit only clients whose public key they list; such a
+//! client gives its own pair and the servers' public keys (docs/SECURITY.md):
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use std::time::Duration;
+//! use clonekv_zmq::client::Client;
+//! use clonekv_zmq::curve::{KeyPair, PublicKey};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::builder()
+//!     .server_with_key("tcp://kv1:5556", PublicKey::from_key_or_file("primary.pub")?)
+//!     .server_with_key("tcp://kv2:5566", PublicKey::from_key_or_file("backup.pub")?)
+//!     .curve_key_pair(KeyPair::read(Path::new("app.key"))?)
+//!     .connect()?;
+//! // A server that refuses our key is named in the error (ClientError::Handshake).
+//! client.wait_synced(Duration::from_secs(10))?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
