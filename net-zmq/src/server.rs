@@ -14,6 +14,12 @@
 //! | DEALER, connected, new per request | `tcp://localhost:5566` (peer's P) | `Output::RequestPeerSnapshot`; `handle_peer_snapshot` |
 //! | PUB, connected | `tcp://localhost:5568` (peer's P+2) | `Output::ForwardToPeerCollector` |
 //!
+//! With [`ServerOptions::curve`] set, every socket above uses CURVE: the bound ones as
+//! CURVE servers behind the ZAP handler of [`crate::curve`] (served by this loop, like
+//! any socket), the ones connected to the peer as CURVE clients that require the peer's
+//! key. A failed handshake on a peer-facing socket (read from libzmq's socket monitor)
+//! and every refused key are logged, rate-limited.
+//!
 //! # The loop
 //!
 //! ```text
@@ -56,10 +62,13 @@ use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
+use crate::curve::{self, KeyError, ServerCurve, ZapDecision, ZapDomain, ZapHandler};
 use crate::discovery::{endpoint_host, Discovery, DiscoveryError, DiscoveryOptions};
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
-use crate::socket::{largest_legal_frame, Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
+use crate::socket::{
+    largest_legal_frame, Frames, MonitorPoll, ReconnectMonitor, SendOutcome, ZmqSocket,
+};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
 /// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
@@ -167,6 +176,10 @@ pub struct ServerOptions {
     /// Announce this server by UDP beacon, and maybe find the peer that way; `None`:
     /// no discovery.
     pub discovery: Option<ServerDiscovery>,
+    /// CURVE keys: `None` for plain ZMTP on every socket (the zguide's wire, open to
+    /// anyone who reaches the ports); with keys, every socket is CURVE and a ZAP handler
+    /// admits only the configured clients and the peer (docs/SECURITY.md).
+    pub curve: Option<ServerCurve>,
 }
 
 /// How a server takes part in discovery ([`crate::discovery`]).
@@ -194,6 +207,7 @@ impl ServerOptions {
             endpoints: ServerEndpoints::primary(),
             hwm: DEFAULT_HWM,
             discovery: None,
+            curve: None,
         }
     }
 
@@ -204,6 +218,7 @@ impl ServerOptions {
             endpoints: ServerEndpoints::backup(),
             hwm: DEFAULT_HWM,
             discovery: None,
+            curve: None,
         }
     }
 }
@@ -260,6 +275,9 @@ pub enum StartError {
     /// Discovery was asked for and cannot start.
     #[error("{0}")]
     Discovery(#[from] DiscoveryError),
+    /// CURVE keys were given but cannot be used.
+    #[error("{0}")]
+    Curve(#[from] KeyError),
 }
 
 /// What a bind error means, with libzmq's errno and text.
@@ -322,7 +340,11 @@ const WAKER: Token = Token(5);
 const SIGNALS: Token = Token(6);
 const PEER_UPDATES_MONITOR: Token = Token(7);
 const PUBLISHER: Token = Token(8);
-const DISCOVERY: Token = Token(9);
+const ZAP: Token = Token(9);
+const PEER_STATE_MONITOR: Token = Token(10);
+const PEER_COLLECTOR_MONITOR: Token = Token(11);
+const PEER_SNAPSHOT_MONITOR: Token = Token(12);
+const DISCOVERY: Token = Token(13);
 
 /// Messages taken from one socket, or one client's snapshot stream, per pass, so that a
 /// flood on one cannot starve the others.
@@ -388,6 +410,17 @@ pub struct ServerHost {
     peer_updates_monitor_readable: bool,
     peer_collector: ZmqSocket,
     peer_snapshot: Option<ZmqSocket>,
+    /// Handshake events of the other sockets connected to the peer: with CURVE, a
+    /// process that is not the peer fails there, and is logged.
+    peer_state_monitor: ReconnectMonitor,
+    peer_collector_monitor: ReconnectMonitor,
+    peer_snapshot_monitor: Option<ReconnectMonitor>,
+    /// One of the three monitors' fds signalled since their events were last read.
+    peer_monitors_readable: bool,
+    /// CURVE keys and the ZAP handler that admits connections by them.
+    curve: Option<(ServerCurve, ZapHandler)>,
+    /// The ZAP socket may have a request waiting.
+    zap_readable: bool,
     context: zmq::Context,
     /// Snapshot streams with messages to send, by routing id, each with the message the
     /// client's full pipe refused (sent first when the stream resumes).
@@ -432,8 +465,35 @@ impl ServerHost {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
 
+        let curve = match options.curve {
+            Some(keys) => {
+                if !curve::available() {
+                    return Err(StartError::Curve(KeyError::Unavailable));
+                }
+                // Before any CURVE socket binds: without a handler libzmq admits every key.
+                let zap = ZapHandler::bind(&context).map_err(|error| StartError::Socket {
+                    socket: "zap",
+                    error,
+                })?;
+                Some((keys, zap))
+            }
+            None => None,
+        };
+        let keys = curve.as_ref().map(|(keys, _)| keys);
+        let curve_server = |socket: &ZmqSocket, domain: ZapDomain| match keys {
+            Some(keys) => configure(socket, |inner| curve::make_server(inner, &keys.own, domain)),
+            None => Ok(()),
+        };
+        let curve_client = |socket: &ZmqSocket| match keys {
+            Some(keys) => configure(socket, |inner| {
+                curve::make_client(inner, &keys.own, &keys.peer)
+            }),
+            None => Ok(()),
+        };
+
         let limits = options.config.limits;
         let router = new_socket(&context, zmq::ROUTER, "snapshot")?;
+        curve_server(&router, ZapDomain::Clients)?;
         configure(&router, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -442,6 +502,7 @@ impl ServerHost {
         // An XPUB that passes every subscription up (verbose), so that each new
         // subscriber can be sent a HUGZ at once instead of at the next heartbeat.
         let publisher = new_socket(&context, zmq::XPUB, "publisher")?;
+        curve_server(&publisher, ZapDomain::Clients)?;
         configure(&publisher, |socket| socket.set_sndhwm(options.hwm))?;
         configure(&publisher, |socket| socket.set_xpub_verbose(true))?;
         configure(&publisher, |socket| {
@@ -449,6 +510,7 @@ impl ServerHost {
         })?;
         bind(&publisher, &endpoints.publisher)?;
         let collector = new_socket(&context, zmq::SUB, "collector")?;
+        curve_server(&collector, ZapDomain::Clients)?;
         configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
         configure(&collector, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
@@ -456,9 +518,12 @@ impl ServerHost {
         configure(&collector, |socket| socket.set_subscribe(b""))?;
         bind(&collector, &endpoints.collector)?;
         let state_publisher = new_socket(&context, zmq::PUB, "state")?;
+        curve_server(&state_publisher, ZapDomain::Peer)?;
         bind(&state_publisher, &endpoints.state)?;
 
         let peer_state = new_socket(&context, zmq::SUB, "peer state")?;
+        curve_client(&peer_state)?;
+        let peer_state_monitor = new_monitor(&context, &peer_state, "peer state monitor")?;
         configure(&peer_state, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -467,6 +532,7 @@ impl ServerHost {
             connect(&peer_state, &endpoints.peer_state)?;
         }
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
+        curve_client(&peer_updates)?;
         configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
         configure(&peer_updates, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
@@ -478,6 +544,9 @@ impl ServerHost {
                 error,
             })?;
         let peer_collector = new_socket(&context, zmq::PUB, "peer collector")?;
+        curve_client(&peer_collector)?;
+        let peer_collector_monitor =
+            new_monitor(&context, &peer_collector, "peer collector monitor")?;
         configure(&peer_collector, |socket| socket.set_sndhwm(options.hwm))?;
         if !find_peer {
             connect(&peer_updates, &endpoints.peer_publisher)?;
@@ -491,6 +560,11 @@ impl ServerHost {
         peer_updates.register(registry, PEER_UPDATES)?;
         publisher.register(registry, PUBLISHER)?;
         peer_updates_monitor.register(registry, PEER_UPDATES_MONITOR)?;
+        peer_state_monitor.register(registry, PEER_STATE_MONITOR)?;
+        peer_collector_monitor.register(registry, PEER_COLLECTOR_MONITOR)?;
+        if let Some((_, zap)) = &curve {
+            zap.socket().register(registry, ZAP)?;
+        }
         // Announced only once every port is bound: a peer or client that hears the
         // beacon finds the sockets there.
         let mut peer_fallback_at = None;
@@ -534,6 +608,12 @@ impl ServerHost {
             peer_updates_monitor_readable: true,
             peer_collector,
             peer_snapshot: None,
+            peer_state_monitor,
+            peer_collector_monitor,
+            peer_snapshot_monitor: None,
+            peer_monitors_readable: true,
+            curve,
+            zap_readable: true,
             context,
             streams: BTreeMap::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
@@ -602,8 +682,13 @@ impl ServerHost {
                 if let Some(input) = input_of(event.token()) {
                     self.maybe_readable[input as usize] = true;
                 }
-                if event.token() == PEER_UPDATES_MONITOR {
-                    self.peer_updates_monitor_readable = true;
+                match event.token() {
+                    PEER_UPDATES_MONITOR => self.peer_updates_monitor_readable = true,
+                    PEER_STATE_MONITOR | PEER_COLLECTOR_MONITOR | PEER_SNAPSHOT_MONITOR => {
+                        self.peer_monitors_readable = true
+                    }
+                    ZAP => self.zap_readable = true,
+                    _ => {}
                 }
                 if event.token() == DISCOVERY {
                     self.discovery_readable = true;
@@ -647,7 +732,9 @@ impl ServerHost {
                 // out the counts of lines suppressed an interval ago.
                 log_summaries(self.limiter.due_summaries(StdInstant::now()));
             }
-            let mut moved = self.receive_peer_updates_monitor()?;
+            let mut moved = self.serve_zap()?;
+            moved |= self.receive_peer_monitors()?;
+            moved |= self.receive_peer_updates_monitor()?;
             moved |= self.pump_discovery();
             moved |= self.receive_pass()?;
             let pumped = self.pump_snapshots();
@@ -677,6 +764,7 @@ impl ServerHost {
                 socket: "peer publisher monitor",
                 error,
             })?;
+        self.log_handshake(&poll, "peer publisher");
         if poll.reconnected {
             log_limited!(
                 self.limiter,
@@ -690,6 +778,128 @@ impl ServerHost {
             self.drain_outputs();
         }
         Ok(poll.received)
+    }
+
+    /// Answers every waiting ZAP request (CURVE only) and logs each refusal; true if any
+    /// was answered.
+    fn serve_zap(&mut self) -> Result<bool, RunError> {
+        let Some((keys, zap)) = &self.curve else {
+            return Ok(false);
+        };
+        if !self.zap_readable {
+            return Ok(false);
+        }
+        let answered = zap.serve(keys).map_err(|error| RunError::Receive {
+            socket: "zap",
+            error,
+        })?;
+        // A reply is a send, which may have taken the fd's edge of the next request.
+        self.zap_readable = !answered.is_empty();
+        for answer in &answered {
+            let domain = String::from_utf8_lossy(&answer.request.domain);
+            let key = curve::PublicKey::from_bytes(&answer.request.client_key)
+                .map_or_else(|| "(none)".to_string(), |key| key.z85());
+            let address = &answer.request.address;
+            match answer.decision {
+                ZapDecision::Admit => {
+                    tracing::debug!(%domain, %address, %key, "CURVE key admitted")
+                }
+                ZapDecision::NotAdmitted if domain == ZapDomain::Peer.as_str() => log_limited!(
+                    self.limiter,
+                    "zap_refused/peer",
+                    tracing::Level::WARN,
+                    "refused a connection to the Binary Star state socket: its CURVE key is not the peer's (--peer-public-key)",
+                    %address,
+                    %key
+                ),
+                ZapDecision::NotAdmitted => log_limited!(
+                    self.limiter,
+                    "zap_refused/clients",
+                    tracing::Level::WARN,
+                    "refused a client connection: its CURVE key is not admitted (--curve-clients)",
+                    %address,
+                    %key
+                ),
+                ZapDecision::NotCurve | ZapDecision::UnknownDomain => log_limited!(
+                    self.limiter,
+                    "zap_refused/malformed",
+                    tracing::Level::WARN,
+                    "refused a connection: its ZAP request was not a CURVE request of this server",
+                    %domain,
+                    %address
+                ),
+            }
+        }
+        Ok(!answered.is_empty())
+    }
+
+    /// Reads the handshake events of the peer state, peer collector and peer snapshot
+    /// sockets and logs each failure; true if any event arrived.
+    fn receive_peer_monitors(&mut self) -> Result<bool, RunError> {
+        if !self.peer_monitors_readable {
+            return Ok(false);
+        }
+        self.peer_monitors_readable = false;
+        let receive = |monitor: &mut ReconnectMonitor, socket: &'static str| {
+            monitor
+                .poll_reconnected()
+                .map_err(|error| RunError::Receive { socket, error })
+        };
+        let mut polls = vec![
+            (
+                receive(&mut self.peer_state_monitor, "peer state monitor")?,
+                "peer state",
+            ),
+            (
+                receive(&mut self.peer_collector_monitor, "peer collector monitor")?,
+                "peer collector",
+            ),
+        ];
+        if let Some(monitor) = self.peer_snapshot_monitor.as_mut() {
+            polls.push((receive(monitor, "peer snapshot monitor")?, "peer snapshot"));
+        }
+        let mut received = false;
+        for (poll, socket) in polls {
+            received |= poll.received;
+            self.log_handshake(&poll, socket);
+        }
+        Ok(received)
+    }
+
+    /// Logs a failed handshake with the peer: nothing from that connection reaches the
+    /// core (libzmq passes no message before the handshake succeeds).
+    fn log_handshake(&mut self, poll: &MonitorPoll, socket: &'static str) {
+        let Some(failure) = poll.handshake_failed else {
+            return;
+        };
+        let endpoint = match socket {
+            "peer state" => &self.endpoints.peer_state,
+            "peer collector" => &self.endpoints.peer_collector,
+            "peer snapshot" => &self.endpoints.peer_snapshot,
+            _ => &self.endpoints.peer_publisher,
+        };
+        let key = format!("peer_handshake_failed/{socket}");
+        if self.curve.is_some() {
+            log_limited!(
+                self.limiter,
+                key,
+                tracing::Level::ERROR,
+                "the process at the peer's endpoint did not prove the peer's CURVE key (a stranger, or the wrong --peer-public-key); nothing it sends is used",
+                socket,
+                %endpoint,
+                reason = %failure
+            );
+        } else {
+            log_limited!(
+                self.limiter,
+                key,
+                tracing::Level::ERROR,
+                "the handshake with the peer failed (is the peer configured with CURVE keys and this server not?); nothing it sends is used",
+                socket,
+                %endpoint,
+                reason = %failure
+            );
+        }
     }
 
     /// Up to a batch from every input socket; true if anything arrived.
@@ -988,8 +1198,20 @@ impl ServerHost {
         self.maybe_readable[Input::PeerSnapshot as usize] = true;
     }
 
-    fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
+    fn new_peer_dealer(&mut self) -> Result<ZmqSocket, StartError> {
         let dealer = new_socket(&self.context, zmq::DEALER, "peer snapshot")?;
+        if let Some((keys, _)) = &self.curve {
+            configure(&dealer, |inner| {
+                curve::make_client(inner, &keys.own, &keys.peer)
+            })?;
+        }
+        let monitor = new_monitor(&self.context, &dealer, "peer snapshot monitor")?;
+        monitor.register(self.poll.registry(), PEER_SNAPSHOT_MONITOR)?;
+        if let Some(old) = self.peer_snapshot_monitor.replace(monitor) {
+            if let Err(error) = old.deregister(self.poll.registry()) {
+                tracing::debug!(%error, "cannot deregister the old peer snapshot monitor");
+            }
+        }
         configure(&dealer, |socket| socket.set_rcvhwm(self.hwm))?;
         let largest = largest_legal_frame(&self.server.config().limits);
         configure(&dealer, |socket| socket.set_maxmsgsize(largest))?;
@@ -1086,6 +1308,17 @@ fn new_socket(
     name: &'static str,
 ) -> Result<ZmqSocket, StartError> {
     ZmqSocket::new(context, kind, name).map_err(|error| StartError::Socket {
+        socket: name,
+        error,
+    })
+}
+
+fn new_monitor(
+    context: &zmq::Context,
+    socket: &ZmqSocket,
+    name: &'static str,
+) -> Result<ReconnectMonitor, StartError> {
+    ReconnectMonitor::new(context, socket).map_err(|error| StartError::Socket {
         socket: name,
         error,
     })

@@ -222,6 +222,8 @@ pub struct Cluster {
     scratch: Scratch,
     starts: u32,
     extra_args: Vec<String>,
+    /// Flags of one role only: the primary's, then the backup's.
+    role_args: [Vec<String>; 2],
 }
 
 impl Cluster {
@@ -234,6 +236,7 @@ impl Cluster {
             scratch: Scratch::new(test),
             starts: 0,
             extra_args: Vec::new(),
+            role_args: [Vec::new(), Vec::new()],
         }
     }
 
@@ -249,6 +252,16 @@ impl Cluster {
     pub fn with_daemon_args(mut self, args: &[&str]) -> Cluster {
         self.extra_args
             .extend(args.iter().map(|arg| arg.to_string()));
+        self
+    }
+
+    /// Adds `clonekvd` flags for the servers of `role` started from now on.
+    pub fn with_role_args(mut self, role: Role, args: &[String]) -> Cluster {
+        let index = match role {
+            Role::Primary => 0,
+            Role::Backup => 1,
+        };
+        self.role_args[index].extend(args.iter().cloned());
         self
     }
 
@@ -302,6 +315,11 @@ impl Cluster {
             args.push(value);
         }
         args.extend(self.extra_args.iter().cloned());
+        let index = match role {
+            Role::Primary => 0,
+            Role::Backup => 1,
+        };
+        args.extend(self.role_args[index].iter().cloned());
         args
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, ValueEnum};
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
+use clonekv_zmq::curve::{self, KeyError, KeyPair, PublicKey, ServerCurve};
 use clonekv_zmq::discovery::{
     DiscoveryError, DiscoveryOptions, DEFAULT_CLUSTER, DEFAULT_DISCOVERY_PORT,
 };
@@ -46,6 +47,11 @@ with no such beacon within 4 s it uses the peer endpoints above until one comes.
     after_help = "Every option can also be set in the --config file under its long name \
 (for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
+Security: without --curve-secret-key every socket is plain ZMTP, as in the zguide: \
+anyone who reaches the ports can read and write every key and change the Binary Star \
+state. With it (and --curve-clients, --peer-public-key) every socket uses CURVE; the \
+three also come from CLONEKVD_CURVE_SECRET_KEY, CLONEKVD_CURVE_CLIENTS and \
+CLONEKVD_PEER_PUBLIC_KEY, which win over the file. See docs/SECURITY.md.\n\n\
 Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.\n\
 Exit status: 0 after SIGINT/SIGTERM, 1 when it cannot start (a port is taken) or fails, \
 2 for a bad option or config file, ports that clash, a peer host that does not resolve, \
@@ -193,6 +199,36 @@ struct Settings {
     )]
     #[serde(default)]
     no_discovery: bool,
+    /// This server's CURVE key pair file (`clonekv keygen NAME` writes NAME.key): every
+    /// socket then uses CURVE and admits only the keys below. Needs --curve-clients and
+    /// --peer-public-key [default: none: plain ZMTP, open to anyone who reaches the ports].
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CLONEKVD_CURVE_SECRET_KEY",
+        help_heading = "Security"
+    )]
+    curve_secret_key: Option<PathBuf>,
+    /// The clients' public keys admitted: a directory of *.pub files, or a file with one
+    /// key per line (the peer's key is always admitted).
+    #[arg(
+        long,
+        value_name = "DIR|FILE",
+        env = "CLONEKVD_CURVE_CLIENTS",
+        help_heading = "Security"
+    )]
+    curve_clients: Option<PathBuf>,
+    /// The peer server's public key (Z85) or its .pub file: the Binary Star state, the
+    /// peer's updates and snapshots are taken only from a process that proves it.
+    // A Z85 key may start with `-`.
+    #[arg(
+        long,
+        value_name = "KEY|FILE",
+        env = "CLONEKVD_PEER_PUBLIC_KEY",
+        allow_hyphen_values = true,
+        help_heading = "Security"
+    )]
+    peer_public_key: Option<String>,
 }
 
 impl Settings {
@@ -237,6 +273,9 @@ impl Settings {
             discovery_interface: self.discovery_interface.or(file.discovery_interface),
             discovery_interval: self.discovery_interval.or(file.discovery_interval),
             no_discovery: self.no_discovery || file.no_discovery,
+            curve_secret_key: self.curve_secret_key.or(file.curve_secret_key),
+            curve_clients: self.curve_clients.or(file.curve_clients),
+            peer_public_key: self.peer_public_key.or(file.peer_public_key),
         }
     }
 
@@ -363,14 +402,70 @@ impl Settings {
         if hwm < 0 {
             return Err(format!("--hwm {hwm} must be 0 (no limit) or more"));
         }
+        let curve = curve_keys(
+            self.curve_secret_key.as_deref(),
+            self.curve_clients.as_deref(),
+            self.peer_public_key.as_deref(),
+        )?;
         Ok(ServerOptions {
             config,
             endpoints,
             hwm,
             discovery,
+            curve,
         })
     }
 }
+
+/// The CURVE keys, read from their files: all three settings or none.
+fn curve_keys(
+    secret_key: Option<&Path>,
+    clients: Option<&Path>,
+    peer: Option<&str>,
+) -> Result<Option<ServerCurve>, String> {
+    let (secret_key, clients, peer) = match (secret_key, clients, peer) {
+        (None, None, None) => return Ok(None),
+        (Some(secret_key), Some(clients), Some(peer)) => (secret_key, clients, peer),
+        (None, _, _) => {
+            return Err(
+                "--curve-clients and --peer-public-key need --curve-secret-key \
+                        (this server's key pair; `clonekv keygen` makes one)"
+                    .to_string(),
+            )
+        }
+        (Some(_), None, _) => {
+            return Err(
+                "--curve-secret-key needs --curve-clients: the public keys of the \
+                        clients to admit (a directory of .pub files or a file of keys)"
+                    .to_string(),
+            )
+        }
+        (Some(_), Some(_), None) => {
+            return Err(
+                "--curve-secret-key needs --peer-public-key: the other server's \
+                        public key (or its .pub file)"
+                    .to_string(),
+            )
+        }
+    };
+    if !curve::available() {
+        return Err(KeyError::Unavailable.to_string());
+    }
+    let own = KeyPair::read(secret_key).map_err(|error| format!("--curve-secret-key: {error}"))?;
+    let clients =
+        curve::read_public_keys(clients).map_err(|error| format!("--curve-clients: {error}"))?;
+    let peer =
+        PublicKey::from_key_or_file(peer).map_err(|error| format!("--peer-public-key: {error}"))?;
+    if peer == own.public() {
+        return Err(
+            "--peer-public-key is this server's own public key: give the other server's"
+                .to_string(),
+        );
+    }
+    Ok(Some(ServerCurve { own, peer, clients }))
+}
+
+impl Settings {}
 
 fn read_config_file(path: &Path) -> Result<Settings, String> {
     let text = std::fs::read_to_string(path)
@@ -418,6 +513,10 @@ fn main() -> ExitCode {
 
     let role = options.config.bstar.role;
     let discovery = options.discovery.clone();
+    let security = options
+        .curve
+        .as_ref()
+        .map(|keys| (keys.own.public().z85(), keys.peer.z85(), keys.clients.len()));
     let mut host = match ServerHost::start(options) {
         Ok(host) => host,
         Err(error) => {
@@ -432,16 +531,31 @@ fn main() -> ExitCode {
         );
     }
     let endpoints = host.endpoints();
-    tracing::info!(
-        %role,
-        snapshot = %endpoints.snapshot,
-        publisher = %endpoints.publisher,
-        collector = %endpoints.collector,
-        state = %endpoints.state,
-        peer_snapshot = %endpoints.peer_snapshot,
-        peer_state = %endpoints.peer_state,
-        "clonekvd started"
-    );
+    match security {
+        Some((public_key, peer_public_key, clients_admitted)) => tracing::info!(
+            %role,
+            snapshot = %endpoints.snapshot,
+            publisher = %endpoints.publisher,
+            collector = %endpoints.collector,
+            state = %endpoints.state,
+            peer_snapshot = %endpoints.peer_snapshot,
+            peer_state = %endpoints.peer_state,
+            %public_key,
+            %peer_public_key,
+            clients_admitted,
+            "clonekvd started; security: CURVE on every socket, only admitted keys and the peer get in"
+        ),
+        None => tracing::warn!(
+            %role,
+            snapshot = %endpoints.snapshot,
+            publisher = %endpoints.publisher,
+            collector = %endpoints.collector,
+            state = %endpoints.state,
+            peer_snapshot = %endpoints.peer_snapshot,
+            peer_state = %endpoints.peer_state,
+            "clonekvd started; security: NONE (plain ZMTP, zguide-compatible): anyone who reaches these ports can read and write every key and change this server's Binary Star state; set --curve-secret-key, --curve-clients and --peer-public-key (docs/SECURITY.md)"
+        ),
+    }
     match &discovery {
         Some(discovery) => tracing::info!(
             cluster = %discovery.options.cluster,
@@ -631,6 +745,66 @@ mod tests {
             message.contains("in use") && message.contains("EADDRINUSE"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn curve_keys_come_from_the_config_file_all_three_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = KeyPair::generate().unwrap();
+        let peer = KeyPair::generate().unwrap();
+        let client = KeyPair::generate().unwrap();
+        let (own_file, _) = own.write(&dir.path().join("own"), false).unwrap();
+        let (_, peer_file) = peer.write(&dir.path().join("peer"), false).unwrap();
+        let clients = dir.path().join("clients");
+        std::fs::create_dir(&clients).unwrap();
+        client.write(&clients.join("app"), false).unwrap();
+        let text = format!(
+            "curve-secret-key = {:?}\ncurve-clients = {:?}\npeer-public-key = {:?}\n",
+            own_file.display().to_string(),
+            clients.display().to_string(),
+            peer_file.display().to_string()
+        );
+        let options = parse_config(&text).unwrap().into_options().unwrap();
+        let keys = options.curve.expect("CURVE configured");
+        assert_eq!(keys.own, own);
+        assert_eq!(keys.peer, peer.public());
+        assert!(keys.clients.contains(&client.public()));
+        // The peer's key may be given as Z85 on the command line too.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &peer.public().z85()]).unwrap();
+        let file = parse_config(&text).unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.curve.map(|keys| keys.peer), Some(peer.public()));
+        // Any one missing is an error that names what is missing.
+        let partial = format!("curve-secret-key = {:?}\n", own_file.display().to_string());
+        let error = parse_config(&partial).unwrap().into_options().unwrap_err();
+        assert!(error.contains("--curve-clients"), "{error}");
+        let error = Cli::try_parse_from(["clonekvd", "--curve-clients", "x"])
+            .unwrap()
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("need --curve-secret-key"), "{error}");
+        // Its own key as the peer's is a mistake.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &own.public().z85()]).unwrap();
+        let error = cli
+            .settings
+            .over(parse_config(&text).unwrap())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("own public key"), "{error}");
+        // No keys: plain.
+        assert!(Settings::default().into_options().unwrap().curve.is_none());
+        // A Z85 key may start with a hyphen; it is still the flag's value.
+        let hyphen = format!("-{}", "0".repeat(39));
+        let cli = Cli::try_parse_from(["clonekvd", "--peer-public-key", &hyphen]).unwrap();
+        assert_eq!(
+            cli.settings.peer_public_key.as_deref(),
+            Some(hyphen.as_str())
+        );
+        assert!(PublicKey::from_key_or_file(&hyphen).is_ok());
     }
 
     #[test]
