@@ -48,8 +48,8 @@ use std::time::{Duration, Instant as StdInstant};
 use clonekv_core::bstar::Role;
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
-    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame, Output,
-    Server, SyncReason,
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame,
+    HashKey, Output, Server, SyncReason,
 };
 use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -188,6 +188,9 @@ pub enum StartError {
     /// The endpoints clash, or a peer host does not resolve.
     #[error("invalid configuration: {0}")]
     Endpoints(#[from] EndpointError),
+    /// The OS gave no randomness for the hash key.
+    #[error("cannot read OS randomness for the hash key: {0}")]
+    Randomness(String),
     /// A socket could not bind (the address is in use, is not this host's, or the
     /// endpoint is invalid).
     #[error(
@@ -368,7 +371,17 @@ impl ServerHost {
     /// that names the socket and endpoint when, for example, a port is taken.
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
-        let server = Server::new(clock.now(), clock.wall(), options.config)?;
+        // The key of the core's uuid-keyed hash tables: secret and fresh per process, so
+        // that no client can compute uuids that collide (core takes it, never draws it).
+        let mut hash_key = [0u8; 16];
+        getrandom::fill(&mut hash_key)
+            .map_err(|error| StartError::Randomness(error.to_string()))?;
+        let server = Server::new(
+            clock.now(),
+            clock.wall(),
+            options.config,
+            HashKey::from_bytes(hash_key),
+        )?;
         options.endpoints.check()?;
         let endpoints = options.endpoints;
         let context = zmq::Context::new();

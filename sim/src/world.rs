@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clonekv_core::client::{self, Channel, Client, ServerIndex};
 use clonekv_core::kvmsg::{BstarState, KvMsg, Limits, Uuid};
-use clonekv_core::server::{self, Server};
+use clonekv_core::server::{self, HashKey, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
 
@@ -617,12 +617,19 @@ impl World {
 
     fn start_server(&mut self, node: NodeId) {
         let now = self.now;
+        let seed = self.seed;
         let Some(slot) = self.server_slot(node) else {
             return;
         };
         let local = slot.life.clock.local(now);
         let wall = slot.life.clock.wall(now);
-        match Server::new(local, wall, slot.config) {
+        // A fresh key per incarnation, from the world seed, as a restarted daemon draws
+        // a fresh one from the OS.
+        let hash_key = HashKey::from_rng(&mut derive_rng(
+            seed,
+            streams::NODE_BASE + (node as u64) * 1_000 + u64::from(slot.life.incarnation),
+        ));
+        match Server::new(local, wall, slot.config, hash_key) {
             Ok(machine) => slot.machine = Some(machine),
             Err(error) => {
                 let detail = format!("server {node} refused the sim's config: {error}");

@@ -9,6 +9,11 @@ const T0: Instant = Instant::from_millis(1_000_000);
 /// 2026-11-21, as in the reference bytes of PROTOCOL.md §2.
 const WALL0: EpochMillis = EpochMillis(1_795_268_600_000);
 
+/// A fixed hash key: tests need no randomness, and the key changes no output.
+fn test_key() -> HashKey {
+    HashKey::from_bytes([0x5a; 16])
+}
+
 fn uuid(n: u8) -> Uuid {
     Uuid::from_bytes([n; 16])
 }
@@ -52,7 +57,7 @@ struct Harness {
 impl Harness {
     fn new(config: Config) -> Self {
         let mut harness = Harness {
-            server: Server::new(T0, WALL0, config).unwrap(),
+            server: Server::new(T0, WALL0, config, test_key()).unwrap(),
             now: T0,
             wall: WALL0,
         };
@@ -202,7 +207,7 @@ fn a_zero_limit_or_timeout_is_an_invalid_config() {
     let mut config = Config::primary();
     config.max_snapshot_streams = 0;
     assert_eq!(
-        Server::new(T0, WALL0, config).unwrap_err(),
+        Server::new(T0, WALL0, config, test_key()).unwrap_err(),
         ConfigError::Zero {
             field: "max_snapshot_streams"
         }
