@@ -107,15 +107,14 @@ macro_rules! bytes_like {
 }
 use bytes_like;
 
-mod budget;
 mod frame;
 mod pending;
 mod seen;
 mod snapshot;
 mod store;
 
-use budget::{largest_message_bytes, message_bytes, Budget};
-pub use budget::{BoundedStructure, Structure, ENTRY_OVERHEAD};
+use crate::budget::{largest_message_bytes, message_bytes, Budget};
+pub use crate::budget::{BoundedStructure, Structure, ENTRY_OVERHEAD};
 pub use frame::Frame;
 use pending::{ClientCopyFate, Evicted, PendingList};
 pub use seen::HashKey;

@@ -215,6 +215,9 @@ fn describe_lost(reason: LostReason) -> &'static str {
             "the client failed over to another server before the echo arrived (read the key to see whether it survived)"
         }
         LostReason::Evicted => "too many updates were awaiting their echo",
+        LostReason::NotPublished => {
+            "the server did not publish it in time: it refused it (its map is full, see --max-keys and --max-bytes in its log) or the update was lost on the way"
+        }
     }
 }
 

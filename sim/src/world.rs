@@ -1574,6 +1574,7 @@ impl World {
     }
 
     fn drain_client(&mut self, node: NodeId) {
+        self.check_client_bounds(node);
         let mut outputs = Vec::new();
         {
             let Some(slot) = self.client_slot(node) else {
@@ -1976,6 +1977,9 @@ impl World {
         }
     }
 
+    /// Oracle 7: every structure the server reports ([`Server::bounds`]: pending list,
+    /// sync buffers, dedupe windows, split log, snapshot streams) stays within its count
+    /// and byte bounds.
     fn check_server_bounds(&mut self, node: NodeId) {
         let Some(slot) = self.servers.get(node) else {
             return;
@@ -1983,19 +1987,35 @@ impl World {
         let Some(machine) = slot.machine.as_ref() else {
             return;
         };
-        let config = machine.config();
-        if machine.pending_len() > config.pending_max_len {
+        let outside = machine
+            .bounds()
+            .into_iter()
+            .find(|bound| !bound.within_bounds());
+        if let Some(bound) = outside {
             let detail = format!(
-                "server {node} pending list holds {} > {}",
-                machine.pending_len(),
-                config.pending_max_len
+                "server {node} {} holds {} entries in {} bytes, bounds {} entries and {} bytes",
+                bound.structure, bound.len, bound.bytes, bound.max_len, bound.max_bytes
             );
             self.fail(Oracle::BoundedMemory, detail);
-        } else if machine.open_snapshot_streams() > config.max_snapshot_streams {
+        }
+    }
+
+    /// Oracle 7 for a client: its update buffer and its updates in flight.
+    fn check_client_bounds(&mut self, node: NodeId) {
+        let outside = self
+            .clients
+            .get(node.wrapping_sub(FIRST_CLIENT))
+            .and_then(|slot| slot.machine.as_ref())
+            .and_then(|machine| {
+                machine
+                    .bounds()
+                    .into_iter()
+                    .find(|bound| !bound.within_bounds())
+            });
+        if let Some(bound) = outside {
             let detail = format!(
-                "server {node} has {} snapshot streams > {}",
-                machine.open_snapshot_streams(),
-                config.max_snapshot_streams
+                "client {node} {} holds {} entries in {} bytes, bounds {} entries and {} bytes",
+                bound.structure, bound.len, bound.bytes, bound.max_len, bound.max_bytes
             );
             self.fail(Oracle::BoundedMemory, detail);
         }

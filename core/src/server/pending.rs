@@ -22,9 +22,9 @@ use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
-use super::budget::{Budget, ENTRY_OVERHEAD};
 use super::seen::{HashKey, KeyedState};
 use super::store::Key;
+use crate::budget::{Budget, ENTRY_OVERHEAD};
 use crate::kvmsg::{KvMsg, KvMsgRef, Properties, Uuid};
 use crate::time::{EpochMillis, Instant};
 

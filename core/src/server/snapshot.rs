@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::time::Duration;
 
-use super::budget::ENTRY_OVERHEAD;
 use super::frame::Frame;
 use super::store::{Entry, Key, Map};
+use crate::budget::ENTRY_OVERHEAD;
 use crate::kvmsg::{KvMsg, FRAME_COUNT};
 use crate::time::Instant;
 

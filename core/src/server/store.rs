@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use imbl::OrdMap;
 
-use super::budget::ENTRY_OVERHEAD;
 use super::frame::Frame;
+use crate::budget::ENTRY_OVERHEAD;
 use crate::kvmsg::{KvMsgRef, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 

@@ -1,7 +1,8 @@
 //! Count and byte budgets of the buffers that input fills.
 //!
-//! Every structure a peer or a client can grow (the pending list, the sync backlog, the
-//! dedupe window, the split log, the snapshot streams) is bounded twice: by entries and
+//! Every structure a peer or a client can grow (the server's pending list, sync backlog,
+//! dedupe window, split log and snapshot streams; a client's update buffer and updates
+//! in flight) is bounded twice: by entries and
 //! by bytes. A structure's bytes are an upper estimate of the heap it holds: the
 //! variable part of each entry (key, properties, body) plus a fixed overhead per entry
 //! that covers its share of the indexes around it. Whether one more entry fits is
@@ -72,6 +73,10 @@ pub enum Structure {
     SplitLog,
     /// Open snapshot streams and the per-client state around them.
     SnapshotStreams,
+    /// A client's subscriber updates held while its snapshot is in progress.
+    ClientUpdateBuffer,
+    /// A client's own updates awaiting their echo.
+    ClientInFlight,
 }
 
 impl Structure {
@@ -85,6 +90,8 @@ impl Structure {
             Structure::SyncDedupeWindow => "sync_dedupe_window",
             Structure::SplitLog => "split_log",
             Structure::SnapshotStreams => "snapshot_streams",
+            Structure::ClientUpdateBuffer => "client_update_buffer",
+            Structure::ClientInFlight => "client_in_flight",
         }
     }
 }
@@ -95,7 +102,8 @@ impl fmt::Display for Structure {
     }
 }
 
-/// One bounded structure's use and its bounds ([`crate::server::Server::bounds`]).
+/// One bounded structure's use and its bounds ([`crate::server::Server::bounds`],
+/// [`crate::client::Client::bounds`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BoundedStructure {
     /// Which one.
