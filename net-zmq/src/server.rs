@@ -57,6 +57,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::clock::Clock;
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
+pub use crate::socket::hwm_for_queue_bytes;
 use crate::socket::{largest_legal_frame, Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
@@ -147,10 +148,14 @@ pub struct ServerOptions {
     pub config: Config,
     /// Where to bind and connect.
     pub endpoints: ServerEndpoints,
-    /// High-water mark (messages) of the streaming sockets: the publisher, the collector
-    /// and the SUB following the peer. libzmq drops silently past it; the passive
-    /// re-syncs when it notices. The snapshot ROUTER keeps libzmq's default, since its
-    /// replies are flow-controlled instead.
+    /// High-water mark (messages) of the streaming sockets: the publisher, the collector,
+    /// the SUB following the peer, the DEALER of a sync and the PUB to the peer's
+    /// collector, per connection. libzmq drops silently past it on a sending socket (the
+    /// passive or the client re-syncs when it notices) and stops reading the connection
+    /// on a receiving one (TCP pushes back). The snapshot ROUTER keeps libzmq's default,
+    /// since its replies are flow-controlled instead. By default
+    /// [`hwm_for_queue_bytes`]`(`[`DEFAULT_QUEUE_BYTES`]`)`, so that a pipe of the
+    /// largest messages stays within that many bytes.
     pub hwm: i32,
 }
 
@@ -160,7 +165,7 @@ impl ServerOptions {
         ServerOptions {
             config: Config::primary(),
             endpoints: ServerEndpoints::primary(),
-            hwm: DEFAULT_HWM,
+            hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::primary().limits),
         }
     }
 
@@ -169,14 +174,20 @@ impl ServerOptions {
         ServerOptions {
             config: Config::backup(),
             endpoints: ServerEndpoints::backup(),
-            hwm: DEFAULT_HWM,
+            hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::backup().limits),
         }
     }
 }
 
-/// The default high-water mark of streaming sockets: bursts of this many updates queue
-/// instead of being dropped.
+/// The default high-water mark of a client's sockets: bursts of this many updates
+/// queue instead of being dropped.
 pub const DEFAULT_HWM: i32 = 100_000;
+
+/// The default byte budget of one pipe of a server's streaming sockets (per connection):
+/// libzmq queues at most this many bytes of the largest messages there
+/// ([`hwm_for_queue_bytes`]): 15 messages at the default 1 MiB body limit, about 3 800
+/// at a 4 KiB one.
+pub const DEFAULT_QUEUE_BYTES: usize = 16 << 20;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -978,6 +989,18 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                     Level::INFO,
                     "client rejected: this server is not active (or is passive while the active is alive)"
                 ),
+                DropReason::MapFullKeys => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map holds --max-keys keys (the writer sees no commit)"
+                ),
+                DropReason::MapFullBytes => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map would pass --max-bytes (the writer sees no commit)"
+                ),
                 DropReason::TooManySnapshotStreams => log_limited!(
                     limiter,
                     key,
@@ -1118,6 +1141,7 @@ fn log_counters(counters: &Counters, role: Role) {
         snapshots = counters.snapshots_completed,
         dropped = counters.dropped_total(),
         pending_evicted = counters.pending_evicted,
+        sync_buffered_dropped = counters.sync_buffered_dropped,
         split_lost = counters.split_lost,
         role_conflicts = counters.role_conflicts,
         "stopped"
