@@ -412,6 +412,14 @@ impl ClientBuilder {
         self
     }
 
+    /// How long an own update may go without its echo before the client counts it as
+    /// not published (a watched one fails with [`LostReason::NotPublished`]: the server
+    /// refused it, its map being full, or it was lost) and re-syncs (default 5 s).
+    pub fn echo_timeout(mut self, echo_timeout: Duration) -> Self {
+        self.config.echo_timeout = echo_timeout;
+        self
+    }
+
     /// Own updates remembered while their echo is awaited (default 10 000).
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.config.max_in_flight = max;
