@@ -148,15 +148,19 @@ pub struct ServerOptions {
     pub config: Config,
     /// Where to bind and connect.
     pub endpoints: ServerEndpoints,
-    /// High-water mark (messages) of the streaming sockets: the publisher, the collector,
-    /// the SUB following the peer, the DEALER of a sync and the PUB to the peer's
-    /// collector, per connection. libzmq drops silently past it on a sending socket (the
-    /// passive or the client re-syncs when it notices) and stops reading the connection
-    /// on a receiving one (TCP pushes back). The snapshot ROUTER keeps libzmq's default,
-    /// since its replies are flow-controlled instead. By default
+    /// High-water mark (messages) of the sending streaming sockets, per subscriber: the
+    /// publisher and the PUB to the peer's collector. libzmq drops silently past it (a
+    /// passive, or a client of the whole map, re-syncs when it notices; a client of a
+    /// subtree cannot notice, PROTOCOL.md §9), so it is generous. The snapshot ROUTER
+    /// keeps libzmq's default, since its replies are flow-controlled instead.
+    pub hwm: i32,
+    /// High-water mark (messages) of the receiving streaming sockets, per connection:
+    /// the collector, the SUB following the peer and the DEALER of a sync. A full pipe
+    /// makes libzmq stop reading that connection (TCP pushes back on the sender), so a
+    /// small one loses nothing. By default
     /// [`hwm_for_queue_bytes`]`(`[`DEFAULT_QUEUE_BYTES`]`)`, so that a pipe of the
     /// largest messages stays within that many bytes.
-    pub hwm: i32,
+    pub receive_hwm: i32,
 }
 
 impl ServerOptions {
@@ -165,7 +169,8 @@ impl ServerOptions {
         ServerOptions {
             config: Config::primary(),
             endpoints: ServerEndpoints::primary(),
-            hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::primary().limits),
+            hwm: DEFAULT_HWM,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::primary().limits),
         }
     }
 
@@ -174,16 +179,17 @@ impl ServerOptions {
         ServerOptions {
             config: Config::backup(),
             endpoints: ServerEndpoints::backup(),
-            hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::backup().limits),
+            hwm: DEFAULT_HWM,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::backup().limits),
         }
     }
 }
 
-/// The default high-water mark of a client's sockets: bursts of this many updates
-/// queue instead of being dropped.
+/// The default high-water mark of a server's sending sockets and of a client's
+/// sockets: bursts of this many updates queue instead of being dropped.
 pub const DEFAULT_HWM: i32 = 100_000;
 
-/// The default byte budget of one pipe of a server's streaming sockets (per connection):
+/// The default byte budget of one pipe of a server's receiving sockets (per connection):
 /// libzmq queues at most this many bytes of the largest messages there
 /// ([`hwm_for_queue_bytes`]): 15 messages at the default 1 MiB body limit, about 3 800
 /// at a 4 KiB one.
@@ -345,7 +351,8 @@ pub struct ServerHost {
     clock: Clock,
     server: Server,
     endpoints: ServerEndpoints,
-    hwm: i32,
+    /// The high-water mark of each sync's DEALER ([`ServerOptions::receive_hwm`]).
+    receive_hwm: i32,
     poll: Poll,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -416,7 +423,7 @@ impl ServerHost {
         })?;
         bind(&publisher, &endpoints.publisher)?;
         let collector = new_socket(&context, zmq::SUB, "collector")?;
-        configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&collector, |socket| socket.set_rcvhwm(options.receive_hwm))?;
         configure(&collector, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -432,7 +439,9 @@ impl ServerHost {
         configure(&peer_state, |socket| socket.set_subscribe(b""))?;
         connect(&peer_state, &endpoints.peer_state)?;
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
-        configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&peer_updates, |socket| {
+            socket.set_rcvhwm(options.receive_hwm)
+        })?;
         configure(&peer_updates, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -459,7 +468,7 @@ impl ServerHost {
             clock,
             server,
             endpoints,
-            hwm: options.hwm,
+            receive_hwm: options.receive_hwm,
             poll,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
@@ -779,7 +788,7 @@ impl ServerHost {
 
     fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
         let dealer = new_socket(&self.context, zmq::DEALER, "peer snapshot")?;
-        configure(&dealer, |socket| socket.set_rcvhwm(self.hwm))?;
+        configure(&dealer, |socket| socket.set_rcvhwm(self.receive_hwm))?;
         let largest = largest_legal_frame(&self.server.config().limits);
         configure(&dealer, |socket| socket.set_maxmsgsize(largest))?;
         connect(&dealer, &self.endpoints.peer_snapshot)?;

@@ -15,7 +15,7 @@ use clonekv_zmq::core::server::Config;
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
 use clonekv_zmq::server::{
-    hwm_for_queue_bytes, ServerEndpoints, ServerHost, ServerOptions, StartError,
+    hwm_for_queue_bytes, ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM,
     DEFAULT_QUEUE_BYTES,
 };
 
@@ -163,12 +163,13 @@ struct Settings {
     /// Keys an active backup records to forward after a split brain [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     split_log_max: Option<usize>,
-    /// Bytes libzmq may queue per connection on each streaming socket; sets the
-    /// high-water mark to this over the largest message the size limits allow [default: 16MiB].
+    /// Bytes libzmq may queue per connection on each receiving socket (collector, peer
+    /// publisher, sync): the high-water mark is this over the largest message the size
+    /// limits allow, 15 at the defaults; a full pipe pushes back on its sender [default: 16MiB].
     #[arg(long, value_name = "SIZE", help_heading = "Limits")]
     queue_bytes: Option<ByteSize>,
-    /// Messages queued per connection on the streaming sockets, overriding --queue-bytes
-    /// (then up to this many largest messages queue) [default: from --queue-bytes].
+    /// Messages queued per subscriber on the publisher (and towards the peer's
+    /// collector) before libzmq drops [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
     /// Most keys the map holds; a write of a new key past it is refused (the writer's
@@ -303,9 +304,8 @@ impl Settings {
         config.validate().map_err(|error| error.to_string())?;
 
         let queue_bytes = self.queue_bytes.map_or(DEFAULT_QUEUE_BYTES, bytes);
-        let hwm = self
-            .hwm
-            .unwrap_or_else(|| hwm_for_queue_bytes(queue_bytes, &config.limits));
+        let receive_hwm = hwm_for_queue_bytes(queue_bytes, &config.limits);
+        let hwm = self.hwm.unwrap_or(DEFAULT_HWM);
         if hwm < 0 {
             return Err(format!("--hwm {hwm} must be 0 (no limit) or more"));
         }
@@ -313,6 +313,7 @@ impl Settings {
             config,
             endpoints,
             hwm,
+            receive_hwm,
         })
     }
 }
@@ -367,7 +368,7 @@ fn main() -> ExitCode {
     };
 
     let role = options.config.bstar.role;
-    let (config, hwm) = (options.config, options.hwm);
+    let (config, hwm, receive_hwm) = (options.config, options.hwm, options.receive_hwm);
     let mut host = match ServerHost::start(options) {
         Ok(host) => host,
         Err(error) => {
@@ -396,7 +397,8 @@ fn main() -> ExitCode {
     tracing::info!(
         pending_max_bytes = config.pending_max_bytes,
         sync_backlog_max_bytes = config.sync_backlog_max_bytes,
-        hwm_per_connection = hwm,
+        receive_hwm_per_connection = receive_hwm,
+        publisher_hwm_per_subscriber = hwm,
         max_keys = config
             .max_keys
             .map_or_else(unbounded, |max| max.to_string()),
@@ -506,9 +508,10 @@ mod tests {
         assert_eq!(options.config.max_keys, None, "no map bound by default");
         assert_eq!(options.config.max_map_bytes, None);
         assert_eq!(
-            options.hwm,
+            options.receive_hwm,
             hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &options.config.limits)
         );
+        assert_eq!(options.hwm, DEFAULT_HWM);
         let file: Settings = toml::from_str(
             "max-keys = 1000\nmax-bytes = \"64MiB\"\npending-max-bytes = 200000000\nqueue-bytes = \"4MiB\"",
         )
@@ -526,7 +529,7 @@ mod tests {
         assert_eq!(options.config.max_map_bytes, Some(64 << 20));
         assert_eq!(options.config.pending_max_bytes, 200_000_000);
         assert_eq!(options.config.sync_backlog_max_bytes, 100 << 20);
-        assert_eq!(options.hwm, 3, "4 MiB of messages just over 1 MiB");
+        assert_eq!(options.receive_hwm, 3, "4 MiB of messages just over 1 MiB");
     }
 
     #[test]
