@@ -584,6 +584,14 @@ pub enum Event {
         /// Keys that could not be recorded ([`Config::split_log_max`]).
         lost: u64,
     },
+    /// A passive let go of buffered updates of the active to stay within
+    /// [`Config::sync_backlog_max`] and [`Config::sync_backlog_max_bytes`] (counted in
+    /// [`Counters::sync_buffered_dropped`]). A completed sync fetches them again; only a
+    /// failover mid-sync would have used them.
+    SyncBufferDropped {
+        /// Updates let go.
+        dropped: usize,
+    },
     /// A snapshot stream was closed before its end.
     SnapshotStreamAbandoned {
         /// The client.
@@ -1222,7 +1230,7 @@ impl Server {
                     sync.reconnected.push(backlog);
                 }
                 let dropped = sync.bound_set_aside(budget);
-                self.counters.sync_buffered_dropped += dropped as u64;
+                self.report_sync_buffer_drops(dropped);
             }
             Follow::Not | Follow::AwaitingPublisher => {}
         }
@@ -1292,7 +1300,7 @@ impl Server {
                     return self.drop_input(source, DropReason::StaleSequence);
                 }
                 let dropped = sync.buffer(update.to_kvmsg(), expires_at, sync_budget);
-                self.counters.sync_buffered_dropped += dropped as u64;
+                self.report_sync_buffer_drops(dropped);
             }
             Follow::Following => self.apply_followed(now, &update, expires_at),
         }
@@ -1382,7 +1390,7 @@ impl Server {
             self.before_passive_bytes = self
                 .before_passive_bytes
                 .saturating_sub(buffered_bytes(&oldest));
-            self.counters.sync_buffered_dropped += 1;
+            self.report_sync_buffer_drops(1);
         }
         self.before_passive_bytes = self.before_passive_bytes.saturating_add(incoming);
         self.before_passive.push_back((update, expires_at));
@@ -1500,7 +1508,7 @@ impl Server {
             sync.stale_through = stale_through;
             sync.unconfirmed = std::mem::take(&mut unconfirmed);
             let dropped = sync.bound_set_aside(budget);
-            self.counters.sync_buffered_dropped += dropped as u64;
+            self.report_sync_buffer_drops(dropped);
         }
     }
 
@@ -1575,6 +1583,15 @@ impl Server {
             echoes: evicted.echoes,
             reason,
         }));
+    }
+
+    fn report_sync_buffer_drops(&mut self, dropped: usize) {
+        if dropped == 0 {
+            return;
+        }
+        self.counters.sync_buffered_dropped += dropped as u64;
+        self.outputs
+            .push_back(Output::Event(Event::SyncBufferDropped { dropped }));
     }
 
     fn abandon_stream(&mut self, routing_id: Vec<u8>, reason: AbandonReason) {

@@ -1138,6 +1138,13 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                 ),
             }
         }
+        Event::SyncBufferDropped { dropped } => log_limited!(
+            limiter,
+            "sync_buffer_dropped",
+            Level::WARN,
+            "sync buffer at its bound (--sync-backlog-max, --sync-backlog-max-bytes): buffered updates of the active let go; the next snapshot brings them",
+            dropped
+        ),
         other => tracing::debug!(event = ?other, "server event"),
     }
 }

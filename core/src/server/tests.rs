@@ -2425,13 +2425,19 @@ fn a_syncing_passive_starts_over_when_its_backlog_passes_its_bytes() {
     }
     assert!(harness.server.counters().sync_buffered_dropped >= 2);
     harness.peer_snapshot(KvMsg::kthxbai(4, Vec::new()));
-    let restarted = harness.events().into_iter().any(|event| {
-        event
-            == Event::SyncStarted {
-                reason: SyncReason::BacklogOverflow,
-            }
-    });
-    assert!(restarted, "the overflow is fetched by a fresh snapshot");
+    let events = harness.events();
+    assert!(
+        events
+            .iter()
+            .any(|event| matches!(event, Event::SyncBufferDropped { dropped } if *dropped >= 2)),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&Event::SyncStarted {
+            reason: SyncReason::BacklogOverflow,
+        }),
+        "the overflow is fetched by a fresh snapshot"
+    );
 }
 
 #[test]
