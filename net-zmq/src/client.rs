@@ -317,6 +317,9 @@ fn describe_lost(reason: LostReason) -> &'static str {
             "the client failed over to another server before the echo arrived (read the key to see whether it survived)"
         }
         LostReason::Evicted => "too many updates were awaiting their echo",
+        LostReason::NotPublished => {
+            "the server did not publish it in time: it refused it (its map is full, see --max-keys and --max-bytes in its log) or the update was lost on the way"
+        }
     }
 }
 
@@ -563,6 +566,14 @@ impl ClientBuilder {
     /// Updates buffered while a snapshot arrives (default 100 000).
     pub fn max_buffered_updates(mut self, max: usize) -> Self {
         self.config.max_buffered_updates = max;
+        self
+    }
+
+    /// How long an own update may go without its echo before the client counts it as
+    /// not published (a watched one fails with [`LostReason::NotPublished`]: the server
+    /// refused it, its map being full, or it was lost) and re-syncs (default 5 s).
+    pub fn echo_timeout(mut self, echo_timeout: Duration) -> Self {
+        self.config.echo_timeout = echo_timeout;
         self
     }
 

@@ -55,8 +55,8 @@ use clonekv_core::beacon::{Announcement, Event as PeerEvent, Kind};
 use clonekv_core::bstar::Role;
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
-    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame, Output,
-    Server, SyncReason,
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame,
+    HashKey, Output, Server, SyncReason,
 };
 use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -66,6 +66,7 @@ use crate::curve::{self, KeyError, ServerCurve, ZapDecision, ZapDomain, ZapHandl
 use crate::discovery::{endpoint_host, Discovery, DiscoveryError, DiscoveryOptions};
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
+pub use crate::socket::hwm_for_queue_bytes;
 use crate::socket::{
     largest_legal_frame, Frames, MonitorPoll, ReconnectMonitor, SendOutcome, ZmqSocket,
 };
@@ -168,11 +169,19 @@ pub struct ServerOptions {
     pub config: Config,
     /// Where to bind and connect.
     pub endpoints: ServerEndpoints,
-    /// High-water mark (messages) of the streaming sockets: the publisher, the collector
-    /// and the SUB following the peer. libzmq drops silently past it; the passive
-    /// re-syncs when it notices. The snapshot ROUTER keeps libzmq's default, since its
-    /// replies are flow-controlled instead.
+    /// High-water mark (messages) of the sending streaming sockets, per subscriber: the
+    /// publisher and the PUB to the peer's collector. libzmq drops silently past it (a
+    /// passive, or a client of the whole map, re-syncs when it notices; a client of a
+    /// subtree cannot notice, PROTOCOL.md §9), so it is generous. The snapshot ROUTER
+    /// keeps libzmq's default, since its replies are flow-controlled instead.
     pub hwm: i32,
+    /// High-water mark (messages) of the receiving streaming sockets, per connection:
+    /// the collector, the SUB following the peer and the DEALER of a sync. A full pipe
+    /// makes libzmq stop reading that connection (TCP pushes back on the sender), so a
+    /// small one loses nothing. By default
+    /// [`hwm_for_queue_bytes`]`(`[`DEFAULT_QUEUE_BYTES`]`)`, so that a pipe of the
+    /// largest messages stays within that many bytes.
+    pub receive_hwm: i32,
     /// Announce this server by UDP beacon, and maybe find the peer that way; `None`:
     /// no discovery.
     pub discovery: Option<ServerDiscovery>,
@@ -208,6 +217,7 @@ impl ServerOptions {
             hwm: DEFAULT_HWM,
             discovery: None,
             curve: None,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::primary().limits),
         }
     }
 
@@ -219,13 +229,20 @@ impl ServerOptions {
             hwm: DEFAULT_HWM,
             discovery: None,
             curve: None,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::backup().limits),
         }
     }
 }
 
-/// The default high-water mark of streaming sockets: bursts of this many updates queue
-/// instead of being dropped.
+/// The default high-water mark of a server's sending sockets and of a client's
+/// sockets: bursts of this many updates queue instead of being dropped.
 pub const DEFAULT_HWM: i32 = 100_000;
+
+/// The default byte budget of one pipe of a server's receiving sockets (per connection):
+/// libzmq queues at most this many bytes of the largest messages there
+/// ([`hwm_for_queue_bytes`]): 15 messages at the default 1 MiB body limit, about 3 800
+/// at a 4 KiB one.
+pub const DEFAULT_QUEUE_BYTES: usize = 16 << 20;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +254,9 @@ pub enum StartError {
     /// The endpoints clash, or a peer host does not resolve.
     #[error("invalid configuration: {0}")]
     Endpoints(#[from] EndpointError),
+    /// The OS gave no randomness for the hash key.
+    #[error("cannot read OS randomness for the hash key: {0}")]
+    Randomness(String),
     /// A socket could not bind (the address is in use, is not this host's, or the
     /// endpoint is invalid).
     #[error(
@@ -391,7 +411,8 @@ pub struct ServerHost {
     clock: Clock,
     server: Server,
     endpoints: ServerEndpoints,
-    hwm: i32,
+    /// The high-water mark of each sync's DEALER ([`ServerOptions::receive_hwm`]).
+    receive_hwm: i32,
     poll: Poll,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -450,7 +471,17 @@ impl ServerHost {
     /// that names the socket and endpoint when, for example, a port is taken.
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
-        let server = Server::new(clock.now(), clock.wall(), options.config)?;
+        // The key of the core's uuid-keyed hash tables: secret and fresh per process, so
+        // that no client can compute uuids that collide (core takes it, never draws it).
+        let mut hash_key = [0u8; 16];
+        getrandom::fill(&mut hash_key)
+            .map_err(|error| StartError::Randomness(error.to_string()))?;
+        let server = Server::new(
+            clock.now(),
+            clock.wall(),
+            options.config,
+            HashKey::from_bytes(hash_key),
+        )?;
         let find_peer = options
             .discovery
             .as_ref()
@@ -511,7 +542,7 @@ impl ServerHost {
         bind(&publisher, &endpoints.publisher)?;
         let collector = new_socket(&context, zmq::SUB, "collector")?;
         curve_server(&collector, ZapDomain::Clients)?;
-        configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&collector, |socket| socket.set_rcvhwm(options.receive_hwm))?;
         configure(&collector, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -533,7 +564,9 @@ impl ServerHost {
         }
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
         curve_client(&peer_updates)?;
-        configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
+        configure(&peer_updates, |socket| {
+            socket.set_rcvhwm(options.receive_hwm)
+        })?;
         configure(&peer_updates, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -593,7 +626,7 @@ impl ServerHost {
             clock,
             server,
             endpoints,
-            hwm: options.hwm,
+            receive_hwm: options.receive_hwm,
             poll,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
@@ -1212,7 +1245,7 @@ impl ServerHost {
                 tracing::debug!(%error, "cannot deregister the old peer snapshot monitor");
             }
         }
-        configure(&dealer, |socket| socket.set_rcvhwm(self.hwm))?;
+        configure(&dealer, |socket| socket.set_rcvhwm(self.receive_hwm))?;
         let largest = largest_legal_frame(&self.server.config().limits);
         configure(&dealer, |socket| socket.set_maxmsgsize(largest))?;
         connect(&dealer, &self.endpoints.peer_snapshot)?;
@@ -1433,6 +1466,18 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                     Level::INFO,
                     "client rejected: this server is not active (or is passive while the active is alive)"
                 ),
+                DropReason::MapFullKeys => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map holds --max-keys keys (the writer sees no commit)"
+                ),
+                DropReason::MapFullBytes => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map would pass --max-bytes (the writer sees no commit)"
+                ),
                 DropReason::TooManySnapshotStreams => log_limited!(
                     limiter,
                     key,
@@ -1561,6 +1606,13 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                 ),
             }
         }
+        Event::SyncBufferDropped { dropped } => log_limited!(
+            limiter,
+            "sync_buffer_dropped",
+            Level::WARN,
+            "sync buffer at its bound (--sync-backlog-max, --sync-backlog-max-bytes): buffered updates of the active let go; the next snapshot brings them",
+            dropped
+        ),
         other => tracing::debug!(event = ?other, "server event"),
     }
 }
@@ -1573,6 +1625,7 @@ fn log_counters(counters: &Counters, role: Role) {
         snapshots = counters.snapshots_completed,
         dropped = counters.dropped_total(),
         pending_evicted = counters.pending_evicted,
+        sync_buffered_dropped = counters.sync_buffered_dropped,
         split_lost = counters.split_lost,
         role_conflicts = counters.role_conflicts,
         "stopped"

@@ -49,6 +49,35 @@ pub fn largest_legal_frame(limits: &Limits) -> i64 {
     i64::try_from(largest).unwrap_or(i64::MAX)
 }
 
+/// Bytes libzmq holds for one queued message at most under `limits`: every frame at
+/// its limit (key, sequence, uuid, properties, body, and a routing id of up to 255
+/// bytes), plus, per frame of a message of [`MAX_STORED_FRAMES`], libzmq's 64-byte
+/// `zmq_msg_t` and 9 bytes of ZMTP framing.
+pub fn largest_queued_message(limits: &Limits) -> usize {
+    let frames = [
+        limits.max_key_len,
+        8,
+        16,
+        limits.max_properties_len,
+        limits.max_body_len,
+        255,
+    ];
+    frames
+        .iter()
+        .fold(MAX_STORED_FRAMES * (64 + 9), |sum, frame| {
+            sum.saturating_add(*frame)
+        })
+}
+
+/// The high-water mark (messages) that keeps one pipe of a streaming socket within
+/// `queue_bytes` when every message is the largest `limits` allow: libzmq counts
+/// messages, not bytes, so the count is the budget divided by the largest message. At
+/// least 1 (0 would mean no limit).
+pub fn hwm_for_queue_bytes(queue_bytes: usize, limits: &Limits) -> i32 {
+    let messages = queue_bytes / largest_queued_message(limits).max(1);
+    i32::try_from(messages.max(1)).unwrap_or(i32::MAX)
+}
+
 /// One libzmq socket and its mio registration.
 pub struct ZmqSocket {
     socket: HandledSocket,
@@ -335,6 +364,22 @@ mod tests {
         while !forward_pull.try_recv_into(&mut forwarded).unwrap() {}
         let bytes: Vec<&[u8]> = forwarded.get().iter().map(AsRef::as_ref).collect();
         assert_eq!(bytes, vec![&b"k2"[..], &long[..]]);
+    }
+
+    #[test]
+    fn the_high_water_mark_keeps_a_pipe_of_largest_messages_within_its_bytes() {
+        let limits = Limits::default();
+        let largest = largest_queued_message(&limits);
+        assert!(largest > limits.max_body_len + limits.max_properties_len);
+        let hwm = hwm_for_queue_bytes(32 << 20, &limits);
+        assert_eq!(hwm, 31, "32 MiB of messages just over 1 MiB");
+        assert!(hwm as usize * largest <= 32 << 20);
+        let small = Limits {
+            max_body_len: 4096,
+            ..Limits::default()
+        };
+        assert!(hwm_for_queue_bytes(32 << 20, &small) > 3_000);
+        assert_eq!(hwm_for_queue_bytes(1, &limits), 1, "never 0 (unlimited)");
     }
 
     #[test]

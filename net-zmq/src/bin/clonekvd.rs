@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use clap::{Args, Parser, ValueEnum};
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
@@ -18,7 +19,8 @@ use clonekv_zmq::discovery::{
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
 use clonekv_zmq::server::{
-    ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM,
+    hwm_for_queue_bytes, ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError,
+    DEFAULT_HWM, DEFAULT_QUEUE_BYTES,
 };
 
 /// Exit status when the configuration (flags or file) is unusable, on any host or on
@@ -157,6 +159,9 @@ struct Settings {
     /// Most client updates a passive holds for a failover [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pending_max_len: Option<usize>,
+    /// Most bytes of client updates a passive holds for a failover [default: 96MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    pending_max_bytes: Option<ByteSize>,
     /// Most snapshot streams open at once; further requests wait for a retry [default: 64].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     max_snapshot_streams: Option<usize>,
@@ -166,10 +171,19 @@ struct Settings {
     /// Updates a syncing passive buffers before it starts the sync over [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     sync_backlog_max: Option<usize>,
+    /// Bytes a syncing passive buffers before it starts the sync over [default: 64MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    sync_backlog_max_bytes: Option<ByteSize>,
     /// Keys an active backup records to forward after a split brain [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     split_log_max: Option<usize>,
-    /// Messages queued per peer on the streaming sockets before libzmq drops [default: 100000].
+    /// Bytes libzmq may queue per connection on each receiving socket (collector, peer
+    /// publisher, sync): the high-water mark is this over the largest message the size
+    /// limits allow, 15 at the defaults; a full pipe pushes back on its sender [default: 16MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    queue_bytes: Option<ByteSize>,
+    /// Messages queued per subscriber on the publisher (and towards the peer's
+    /// collector) before libzmq drops [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
 
@@ -229,6 +243,14 @@ struct Settings {
         help_heading = "Security"
     )]
     peer_public_key: Option<String>,
+    /// Most keys the map holds; a write of a new key past it is refused (the writer's
+    /// commit fails), counted and logged [default: no limit].
+    #[arg(long, value_name = "N", help_heading = "Map")]
+    max_keys: Option<usize>,
+    /// Most bytes the map holds (keys, values, properties and 256 bytes per key); a write
+    /// past it is refused, counted and logged; deletes always pass [default: no limit].
+    #[arg(long, value_name = "SIZE", help_heading = "Map")]
+    max_bytes: Option<ByteSize>,
 }
 
 impl Settings {
@@ -267,6 +289,9 @@ impl Settings {
             snapshot_batch: self.snapshot_batch.or(file.snapshot_batch),
             sync_backlog_max: self.sync_backlog_max.or(file.sync_backlog_max),
             split_log_max: self.split_log_max.or(file.split_log_max),
+            pending_max_bytes: self.pending_max_bytes.or(file.pending_max_bytes),
+            sync_backlog_max_bytes: self.sync_backlog_max_bytes.or(file.sync_backlog_max_bytes),
+            queue_bytes: self.queue_bytes.or(file.queue_bytes),
             hwm: self.hwm.or(file.hwm),
             cluster: self.cluster.or(file.cluster),
             discovery_port: self.discovery_port.or(file.discovery_port),
@@ -276,6 +301,8 @@ impl Settings {
             curve_secret_key: self.curve_secret_key.or(file.curve_secret_key),
             curve_clients: self.curve_clients.or(file.curve_clients),
             peer_public_key: self.peer_public_key.or(file.peer_public_key),
+            max_keys: self.max_keys.or(file.max_keys),
+            max_bytes: self.max_bytes.or(file.max_bytes),
         }
     }
 
@@ -396,8 +423,18 @@ impl Settings {
         config.snapshot_batch = self.snapshot_batch.unwrap_or(config.snapshot_batch);
         config.sync_backlog_max = self.sync_backlog_max.unwrap_or(config.sync_backlog_max);
         config.split_log_max = self.split_log_max.unwrap_or(config.split_log_max);
+        if let Some(size) = self.pending_max_bytes {
+            config.pending_max_bytes = bytes(size);
+        }
+        if let Some(size) = self.sync_backlog_max_bytes {
+            config.sync_backlog_max_bytes = bytes(size);
+        }
+        config.max_keys = self.max_keys.or(config.max_keys);
+        config.max_map_bytes = self.max_bytes.map(bytes).or(config.max_map_bytes);
         config.validate().map_err(|error| error.to_string())?;
 
+        let queue_bytes = self.queue_bytes.map_or(DEFAULT_QUEUE_BYTES, bytes);
+        let receive_hwm = hwm_for_queue_bytes(queue_bytes, &config.limits);
         let hwm = self.hwm.unwrap_or(DEFAULT_HWM);
         if hwm < 0 {
             return Err(format!("--hwm {hwm} must be 0 (no limit) or more"));
@@ -413,6 +450,7 @@ impl Settings {
             hwm,
             discovery,
             curve,
+            receive_hwm,
         })
     }
 }
@@ -467,6 +505,11 @@ fn curve_keys(
 
 impl Settings {}
 
+/// A size as a byte count (a size past the address space is as good as no bound).
+fn bytes(size: ByteSize) -> usize {
+    usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
+}
+
 fn read_config_file(path: &Path) -> Result<Settings, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read config file {}: {error}", path.display()))?;
@@ -517,6 +560,7 @@ fn main() -> ExitCode {
         .curve
         .as_ref()
         .map(|keys| (keys.own.public().z85(), keys.peer.z85(), keys.clients.len()));
+    let (config, hwm, receive_hwm) = (options.config, options.hwm, options.receive_hwm);
     let mut host = match ServerHost::start(options) {
         Ok(host) => host,
         Err(error) => {
@@ -566,6 +610,20 @@ fn main() -> ExitCode {
         ),
         None => tracing::info!("discovery off: the peer is at the configured endpoints"),
     }
+    let unbounded = || "none".to_string();
+    tracing::info!(
+        pending_max_bytes = config.pending_max_bytes,
+        sync_backlog_max_bytes = config.sync_backlog_max_bytes,
+        receive_hwm_per_connection = receive_hwm,
+        publisher_hwm_per_subscriber = hwm,
+        max_keys = config
+            .max_keys
+            .map_or_else(unbounded, |max| max.to_string()),
+        max_map_bytes = config
+            .max_map_bytes
+            .map_or_else(unbounded, |max| max.to_string()),
+        "memory bounds (README: Memory bounds)"
+    );
     match host.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(EXIT_FAILURE, &format!("stopped: {error}")),
@@ -689,6 +747,51 @@ mod tests {
         assert_eq!(options.endpoints.peer_snapshot, "tcp://localhost:5556");
         assert_eq!(options.config.bstar.heartbeat, Duration::from_millis(200));
         assert_eq!(options.config.bstar.role, Role::Backup);
+    }
+
+    #[test]
+    fn the_map_bounds_and_byte_budgets_come_from_flags_or_the_file() {
+        let options = Settings::default().into_options().unwrap();
+        assert_eq!(options.config.max_keys, None, "no map bound by default");
+        assert_eq!(options.config.max_map_bytes, None);
+        assert_eq!(
+            options.receive_hwm,
+            hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &options.config.limits)
+        );
+        assert_eq!(options.hwm, DEFAULT_HWM);
+        let file: Settings = toml::from_str(
+            "max-keys = 1000\nmax-bytes = \"64MiB\"\npending-max-bytes = 200000000\nqueue-bytes = \"4MiB\"",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "clonekvd",
+            "--max-keys",
+            "10",
+            "--sync-backlog-max-bytes",
+            "100MiB",
+        ])
+        .unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.config.max_keys, Some(10), "the flag wins");
+        assert_eq!(options.config.max_map_bytes, Some(64 << 20));
+        assert_eq!(options.config.pending_max_bytes, 200_000_000);
+        assert_eq!(options.config.sync_backlog_max_bytes, 100 << 20);
+        assert_eq!(options.receive_hwm, 3, "4 MiB of messages just over 1 MiB");
+    }
+
+    #[test]
+    fn a_byte_budget_below_one_message_is_refused_with_the_least_it_may_be() {
+        let cli = Cli::try_parse_from(["clonekvd", "--pending-max-bytes", "1MiB"]).unwrap();
+        let error = cli
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(
+            error.contains("pending_max_bytes must be at least"),
+            "{error}"
+        );
+        assert!(Cli::try_parse_from(["clonekvd", "--max-bytes", "lots"]).is_err());
     }
 
     #[test]
