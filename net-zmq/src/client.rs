@@ -64,7 +64,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
+use std::ops::Bound;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -83,6 +85,7 @@ pub use clonekv_core::client::Entry;
 use crate::clock::Clock;
 use crate::log::{send_or_log, RateLimiter};
 use crate::socket::{largest_legal_frame, ReconnectMonitor, ZmqSocket};
+use crate::watch::{Change, History, Resume};
 
 /// The servers a client uses when none are given: the reference primary and backup on
 /// this host.
@@ -342,12 +345,116 @@ impl Iterator for Events {
     }
 }
 
+/// How a [`Watch`] starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchStart {
+    /// Right after the change `after`: the changes that follow are every change since.
+    Resumed {
+        /// The sequence the caller gave.
+        after: i64,
+    },
+    /// With the keys under the prefix as they are at `sequence`; the changes that follow
+    /// are those after it.
+    Snapshot {
+        /// The id of the latest change the snapshot includes.
+        sequence: i64,
+        /// The entries under the prefix, in key order.
+        entries: Vec<(Vec<u8>, Entry)>,
+        /// Why the watch did not resume.
+        reason: SnapshotReason,
+    },
+}
+
+/// Why a [`Watch`] starts with a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotReason {
+    /// No sequence was given.
+    New,
+    /// The history no longer holds every change after the sequence given.
+    Gone,
+    /// The sequence given is above the latest change this client has: it is behind
+    /// (asking again a little later may resume), or the sequence is another history's.
+    Ahead,
+}
+
+/// Why a [`Watch`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The watcher left more changes unread than its capacity.
+    TooSlow,
+    /// The client stopped.
+    Stopped,
+}
+
+/// The committed changes under a prefix, from [`Client::watch`]: first
+/// [`Watch::start`], then each change with its id (its sequence; see
+/// [`crate::watch`] for the one exception).
+#[derive(Debug)]
+pub struct Watch {
+    /// How the watch starts.
+    pub start: WatchStart,
+    changes: tokio::sync::mpsc::Receiver<(i64, Arc<Change>)>,
+    too_slow: Arc<AtomicBool>,
+}
+
+impl Watch {
+    /// The next change and its id, waiting for it; `Err` once the watch has ended.
+    pub async fn next(&mut self) -> Result<(i64, Arc<Change>), WatchEnd> {
+        match self.changes.recv().await {
+            Some(item) => Ok(item),
+            None => Err(self.end()),
+        }
+    }
+
+    /// Like [`Watch::next`], for a thread outside an async runtime.
+    pub fn blocking_next(&mut self) -> Result<(i64, Arc<Change>), WatchEnd> {
+        match self.changes.blocking_recv() {
+            Some(item) => Ok(item),
+            None => Err(self.end()),
+        }
+    }
+
+    fn end(&self) -> WatchEnd {
+        if self.too_slow.load(Ordering::SeqCst) {
+            WatchEnd::TooSlow
+        } else {
+            WatchEnd::Stopped
+        }
+    }
+}
+
+struct Watcher {
+    prefix: Vec<u8>,
+    sender: tokio::sync::mpsc::Sender<(i64, Arc<Change>)>,
+    too_slow: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    /// Sends `change` if it is under the prefix; false once the watch has ended (its
+    /// receiver is gone, or it fell behind and is cut off).
+    fn deliver(&self, id: i64, change: &Arc<Change>) -> bool {
+        if !change.key.starts_with(&self.prefix) {
+            return !self.sender.is_closed();
+        }
+        match self.sender.try_send((id, Arc::clone(change))) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                self.too_slow.store(true, Ordering::SeqCst);
+                false
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
 /// Settings for a [`Client`]; see [`Client::builder`].
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
     servers: Vec<ServerSpec>,
     config: core_client::Config,
     event_capacity: usize,
+    history_len: usize,
+    history_bytes: usize,
     hwm: i32,
     linger: Duration,
 }
@@ -364,6 +471,8 @@ impl Default for ClientBuilder {
             servers: Vec::new(),
             config: core_client::Config::default(),
             event_capacity: 65_536,
+            history_len: 0,
+            history_bytes: 0,
             hwm: crate::server::DEFAULT_HWM,
             linger: Duration::from_secs(1),
         }
@@ -419,6 +528,24 @@ impl ClientBuilder {
     /// reported as [`Event::Lagged`] (default 65 536).
     pub fn event_capacity(mut self, capacity: usize) -> Self {
         self.event_capacity = capacity.max(1);
+        self
+    }
+
+    /// Applies the client's own updates to the local map at once, before their commit
+    /// (default true, §8). With false, the map and every event change only with what
+    /// the server publishes, at its sequence: what [`Client::watch`] users need to see
+    /// committed changes only.
+    pub fn apply_own_updates(mut self, apply: bool) -> Self {
+        self.config.apply_own_updates = apply;
+        self
+    }
+
+    /// Keeps the latest `changes` committed changes (at most `bytes` of keys and
+    /// values) so that a [`Client::watch`] can resume after a sequence it saw (default:
+    /// none kept, so a watch always starts with a snapshot).
+    pub fn history(mut self, changes: usize, bytes: usize) -> Self {
+        self.history_len = changes;
+        self.history_bytes = bytes;
         self
     }
 
@@ -536,6 +663,10 @@ impl ClientBuilder {
             publisher,
             addresses: addresses.clone(),
             subscribers: Vec::new(),
+            watchers: Vec::new(),
+            history: History::new(self.history_len, self.history_bytes),
+            synced_once: false,
+            unrecorded: Vec::new(),
             commit_waiters: BTreeMap::new(),
             sync_waiters: Vec::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
@@ -587,6 +718,18 @@ enum Command {
     },
     Subscribe {
         events: SyncSender<Event>,
+    },
+    Range {
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+        reply: Sender<Vec<(Vec<u8>, Entry)>>,
+    },
+    Watch {
+        prefix: Vec<u8>,
+        after: Option<i64>,
+        capacity: usize,
+        reply: Sender<Watch>,
     },
     Status {
         reply: Sender<Status>,
@@ -641,6 +784,48 @@ impl Client {
         let (reply, answer) = mpsc::channel();
         self.send(Command::Dump {
             prefix: prefix.as_ref().to_vec(),
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    /// At most `limit` entries whose key starts with `prefix`, in key order, from the
+    /// first key after `after` (from the start of the prefix when `None`): a page of
+    /// [`Client::dump`], for maps too large to copy at once.
+    pub fn range(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Entry)>, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Range {
+            prefix: prefix.as_ref().to_vec(),
+            after: after.map(<[u8]>::to_vec),
+            limit,
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    /// Watches the committed changes to keys under `prefix`. With `after`, the
+    /// sequence of the last change the caller saw, the watch resumes right after it
+    /// when the client's history (see [`ClientBuilder::history`]) still holds every
+    /// change since; otherwise it starts with a snapshot of the keys under the prefix.
+    /// Either way the changes that follow are exactly those after the start: none
+    /// missed, none repeated. At most `capacity` changes wait unread; a watch that
+    /// falls further behind is ended ([`WatchEnd::TooSlow`]) rather than buffered.
+    pub fn watch(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        after: Option<i64>,
+        capacity: usize,
+    ) -> Result<Watch, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Watch {
+            prefix: prefix.as_ref().to_vec(),
+            after,
+            capacity: capacity.max(1),
             reply,
         })?;
         answer.recv().map_err(|_| ClientError::Stopped)
@@ -844,6 +1029,13 @@ struct Agent {
     publisher: ZmqSocket,
     addresses: Vec<ServerAddress>,
     subscribers: Vec<Subscriber>,
+    watchers: Vec<Watcher>,
+    /// Recent committed changes, for watches that resume.
+    history: History,
+    synced_once: bool,
+    /// Committed changes of the current step, recorded when it ends (or at its
+    /// snapshot).
+    unrecorded: Vec<Arc<Change>>,
     commit_waiters: BTreeMap<Uuid, Sender<CommitOutcome>>,
     sync_waiters: Vec<Sender<Status>>,
     limiter: RateLimiter,
@@ -960,11 +1152,92 @@ impl Agent {
             Command::Subscribe { events } => {
                 self.subscribers.push(Subscriber { events, missed: 0 })
             }
+            Command::Range {
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                let start = match &after {
+                    Some(after) if after.as_slice() >= prefix.as_slice() => {
+                        Bound::Excluded(after.as_slice())
+                    }
+                    _ => Bound::Included(prefix.as_slice()),
+                };
+                let entries = self
+                    .core
+                    .iter_from(start)
+                    .take_while(|(key, _)| key.starts_with(&prefix))
+                    .take(limit)
+                    .map(|(key, entry)| (key.to_vec(), entry.clone()))
+                    .collect();
+                let _ = reply.send(entries);
+            }
+            Command::Watch {
+                prefix,
+                after,
+                capacity,
+                reply,
+            } => {
+                let _ = reply.send(self.start_watch(prefix, after, capacity));
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
             Command::WhenSynced { reply } => self.sync_waiters.push(reply),
             Command::Stop => self.stopping = true,
+        }
+    }
+
+    /// A new watch: the resumed changes or the snapshot, then (as watcher) the changes
+    /// from now on, all taken between two inputs.
+    fn start_watch(&mut self, prefix: Vec<u8>, after: Option<i64>, capacity: usize) -> Watch {
+        let snapshot = |reason| WatchStart::Snapshot {
+            sequence: self.history.last(),
+            entries: self
+                .core
+                .iter_from(Bound::Included(prefix.as_slice()))
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .map(|(key, entry)| (key.to_vec(), entry.clone()))
+                .collect(),
+            reason,
+        };
+        let (start, replay) = match after.map(|after| (after, self.history.resume(after))) {
+            None => (snapshot(SnapshotReason::New), Vec::new()),
+            Some((_, Resume::Ahead)) => (snapshot(SnapshotReason::Ahead), Vec::new()),
+            Some((_, Resume::Gone)) => (snapshot(SnapshotReason::Gone), Vec::new()),
+            Some((after, Resume::Replay(changes))) => {
+                let replay: Vec<_> = changes
+                    .into_iter()
+                    .filter(|(_, change)| change.key.starts_with(&prefix))
+                    .collect();
+                (WatchStart::Resumed { after }, replay)
+            }
+        };
+        let (sender, changes) = tokio::sync::mpsc::channel(capacity + replay.len());
+        for item in replay {
+            // Room was made for every replayed change.
+            let _ = sender.try_send(item);
+        }
+        let too_slow = Arc::new(AtomicBool::new(false));
+        self.watchers.push(Watcher {
+            prefix,
+            sender,
+            too_slow: Arc::clone(&too_slow),
+        });
+        Watch {
+            start,
+            changes,
+            too_slow,
+        }
+    }
+
+    /// Records the committed changes not yet recorded, in order, and sends them to the
+    /// watchers.
+    fn record_changes(&mut self) {
+        for change in std::mem::take(&mut self.unrecorded) {
+            let id = self.history.record(Arc::clone(&change));
+            self.watchers.retain(|watcher| watcher.deliver(id, &change));
         }
     }
 
@@ -1080,6 +1353,11 @@ impl Agent {
     }
 
     fn drain_outputs(&mut self) {
+        self.drain_core_outputs();
+        self.record_changes();
+    }
+
+    fn drain_core_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
             match output {
                 Output::SendSnapshotRequest { server, frames } => {
@@ -1102,18 +1380,30 @@ impl Agent {
                 key,
                 value,
                 sequence,
-            } => Event::Updated {
-                key,
-                value,
-                sequence,
-            },
-            CoreEvent::Deleted { key, sequence } => Event::Deleted { key, sequence },
+            } => {
+                self.note_change(sequence, &key, Some(&value));
+                Event::Updated {
+                    key,
+                    value,
+                    sequence,
+                }
+            }
+            CoreEvent::Deleted { key, sequence } => {
+                self.note_change(sequence, &key, None);
+                Event::Deleted { key, sequence }
+            }
             CoreEvent::Synced {
                 server,
                 sequence,
                 keys,
             } => {
                 tracing::info!(server = %self.endpoint(server), sequence, keys, "synced");
+                // The changes before it in this step are the snapshot's differences from
+                // the old map, emitted in key order: recorded in sequence order.
+                self.unrecorded.sort_by_key(|change| change.sequence);
+                self.record_changes();
+                self.history.synced(sequence, !self.synced_once);
+                self.synced_once = true;
                 Event::Synced {
                     server: server.0,
                     sequence,
@@ -1165,6 +1455,22 @@ impl Agent {
             self.subscribers
                 .retain_mut(|subscriber| subscriber.deliver(&event));
         }
+    }
+
+    /// Keeps a committed change for the history and the watchers (a provisional local
+    /// change, sequence 0, is not one), unless nobody could ever ask for it.
+    fn note_change(&mut self, sequence: i64, key: &[u8], value: Option<&[u8]>) {
+        if sequence <= 0 || (self.watchers.is_empty() && self.history.capacity() == 0) {
+            if sequence > 0 {
+                self.history.skip(sequence);
+            }
+            return;
+        }
+        self.unrecorded.push(Arc::new(Change {
+            sequence,
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        }));
     }
 
     fn endpoint(&self, server: ServerIndex) -> &str {

@@ -55,5 +55,6 @@ mod ffi;
 pub mod log;
 pub mod server;
 pub mod socket;
+pub mod watch;
 
 pub use clonekv_core as core;

@@ -313,7 +313,13 @@ pub(crate) fn uuid_frame(uuid: Option<Uuid>) -> Frame {
 pub(crate) struct Store {
     map: Map,
     expiries: BTreeSet<(EpochMillis, Key)>,
+    /// Bytes of every key and value in the map (for metrics).
+    bytes: usize,
     scratch: Scratch,
+}
+
+fn size_of_pair(key: &[u8], entry: &Entry) -> usize {
+    key.len() + entry.body().len()
 }
 
 /// The buffer in which entries are assembled; see [`Entry::from_update`].
@@ -335,6 +341,11 @@ impl Store {
         self.map.len()
     }
 
+    /// Bytes of every key and value stored.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Entry> {
         self.map.get(key)
     }
@@ -344,7 +355,9 @@ impl Store {
         if let Some(expires_at) = entry.expires_at() {
             self.expiries.insert((expires_at, key.clone()));
         }
+        self.bytes += size_of_pair(&key, &entry);
         if let Some(previous) = self.map.insert(key.clone(), entry) {
+            self.bytes = self.bytes.saturating_sub(size_of_pair(&key, &previous));
             self.unindex(&key, &previous);
         }
     }
@@ -372,6 +385,7 @@ impl Store {
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<(Key, Entry)> {
         let (key, entry) = self.map.remove_with_key(key)?;
+        self.bytes = self.bytes.saturating_sub(size_of_pair(&key, &entry));
         self.unindex(&key, &entry);
         Some((key, entry))
     }
@@ -408,6 +422,9 @@ impl Store {
             // The index and the map change together, so the key is always there; an
             // index entry without its key is skipped rather than trusted.
             if let Some(removed) = self.map.remove_with_key(&*key) {
+                self.bytes = self
+                    .bytes
+                    .saturating_sub(size_of_pair(&removed.0, &removed.1));
                 return Some(removed);
             }
         }
@@ -544,5 +561,22 @@ mod tests {
         let (_, entry) =
             Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(0)), &mut Vec::new());
         assert!(entry.expires_at().is_some());
+    }
+
+    #[test]
+    fn the_byte_count_follows_every_insert_replace_remove_and_expiry() {
+        let mut store = Store::default();
+        let set = |key: &[u8], value: &[u8], uuid: u8| {
+            KvMsg::kvset(key.to_vec(), value.to_vec(), Uuid::from_bytes([uuid; 16]))
+        };
+        store.apply(&set(b"/a", b"1234", 1).as_msg_ref(), None);
+        store.apply(&set(b"/bb", b"12", 2).as_msg_ref(), Some(EpochMillis(10)));
+        assert_eq!(store.bytes(), 2 + 4 + 3 + 2);
+        store.apply(&set(b"/a", b"1", 3).as_msg_ref(), None);
+        assert_eq!(store.bytes(), 2 + 1 + 3 + 2);
+        assert!(store.pop_expired(EpochMillis(10)).is_some());
+        assert_eq!(store.bytes(), 2 + 1);
+        store.remove(b"/a");
+        assert_eq!(store.bytes(), 0);
     }
 }
