@@ -221,6 +221,29 @@ fn describe_lost(reason: LostReason) -> &'static str {
     }
 }
 
+/// How long `entry` has left before its server deletes it; `None` if it never expires.
+/// An entry from an update carries the ttl it was sent with (counted from when it was
+/// received); one from a snapshot carries its expiry time.
+pub fn remaining_ttl(entry: &Entry) -> Option<Duration> {
+    use clonekv_core::kvmsg::{KvMsg, Ttl};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let message = KvMsg {
+        properties: entry.properties.clone(),
+        ..KvMsg::default()
+    };
+    match message.peer_ttl().ok().flatten()? {
+        Ttl::Relative(ttl) => Some(ttl),
+        Ttl::ExpiresAt(at) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                });
+            Some(Duration::from_millis(at.0.saturating_sub(now)))
+        }
+    }
+}
+
 /// A change to the client's map, or to its connection, as seen by [`Client::subscribe`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {

@@ -52,6 +52,7 @@ pub mod clock;
 pub mod duration;
 pub mod endpoint;
 mod ffi;
+pub mod http;
 pub mod log;
 pub mod server;
 pub mod socket;

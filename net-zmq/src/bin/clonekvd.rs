@@ -4,15 +4,18 @@
 //! starts the backup. Every endpoint, timing and limit can be set by a flag or in a TOML
 //! file given with `--config` (flags win). See `clonekvd --help`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
+use clonekv_zmq::client::ServerAddress;
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
+use clonekv_zmq::http::{HttpError, HttpOptions};
 use clonekv_zmq::server::{ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM};
 
 /// Exit status when the configuration (flags or file) is unusable, on any host or on
@@ -156,6 +159,27 @@ struct Settings {
     /// Messages queued per peer on the streaming sockets before libzmq drops [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
+
+    /// Serve the HTTP/JSON gateway (and /metrics, /healthz) on this address, for example
+    /// 127.0.0.1:8556 [default: off].
+    #[arg(long, value_name = "IP:PORT", help_heading = "HTTP")]
+    http: Option<SocketAddr>,
+    /// Serve only /metrics (Prometheus text format) on this address; works with or
+    /// without --http [default: off].
+    #[arg(long, value_name = "IP:PORT", help_heading = "HTTP")]
+    metrics: Option<SocketAddr>,
+    /// How long a PUT or DELETE waits for its commit before answering 504 [default: 5s].
+    #[arg(long, value_name = "DURATION", help_heading = "HTTP")]
+    http_commit_timeout: Option<HumanDuration>,
+    /// Changes the gateway keeps for watches that reconnect with Last-Event-ID [default: 10000].
+    #[arg(long, value_name = "N", help_heading = "HTTP")]
+    http_watch_history: Option<usize>,
+    /// Changes a watcher may leave unread before it is disconnected [default: 4096].
+    #[arg(long, value_name = "N", help_heading = "HTTP")]
+    http_watch_queue: Option<usize>,
+    /// An HTTP connection whose writes make no progress this long is closed [default: 10s].
+    #[arg(long, value_name = "DURATION", help_heading = "HTTP")]
+    http_write_timeout: Option<HumanDuration>,
 }
 
 impl Settings {
@@ -195,7 +219,59 @@ impl Settings {
             sync_backlog_max: self.sync_backlog_max.or(file.sync_backlog_max),
             split_log_max: self.split_log_max.or(file.split_log_max),
             hwm: self.hwm.or(file.hwm),
+            http: self.http.or(file.http),
+            metrics: self.metrics.or(file.metrics),
+            http_commit_timeout: self.http_commit_timeout.or(file.http_commit_timeout),
+            http_watch_history: self.http_watch_history.or(file.http_watch_history),
+            http_watch_queue: self.http_watch_queue.or(file.http_watch_queue),
+            http_write_timeout: self.http_write_timeout.or(file.http_write_timeout),
         }
+    }
+
+    /// The HTTP options for a server with `options`, if --http or --metrics is set.
+    fn http_options(&self, options: &ServerOptions) -> Result<Option<HttpOptions>, String> {
+        if self.http.is_none() && self.metrics.is_none() {
+            return Ok(None);
+        }
+        let endpoints = &options.endpoints;
+        let own = ServerAddress {
+            snapshot: connectable(&endpoints.snapshot),
+            publisher: connectable(&endpoints.publisher),
+            collector: connectable(&endpoints.collector),
+        };
+        let peer = ServerAddress {
+            snapshot: endpoints.peer_snapshot.clone(),
+            publisher: endpoints.peer_publisher.clone(),
+            collector: endpoints.peer_collector.clone(),
+        };
+        let mut http = HttpOptions::new(vec![own, peer], options.config.limits);
+        http.api = self.http;
+        http.metrics = self.metrics;
+        if let Some(timeout) = self.http_commit_timeout {
+            http.commit_timeout = timeout.get();
+        }
+        if let Some(history) = self.http_watch_history {
+            http.watch_history = history;
+        }
+        if let Some(queue) = self.http_watch_queue {
+            if queue == 0 {
+                return Err("--http-watch-queue must be at least 1".to_string());
+            }
+            http.watch_queue = queue;
+        }
+        if let Some(timeout) = self.http_write_timeout {
+            if timeout.get().is_zero() {
+                return Err("--http-write-timeout must be above 0".to_string());
+            }
+            http.write_timeout = timeout.get();
+        }
+        if http.api.is_some() && http.api == http.metrics {
+            return Err(
+                "--http and --metrics need different addresses (--http serves /metrics too)"
+                    .to_string(),
+            );
+        }
+        Ok(Some(http))
     }
 
     /// The server options: the role's defaults with every given setting applied.
@@ -278,6 +354,21 @@ impl Settings {
     }
 }
 
+/// A bound endpoint as a local client reaches it: every interface (`*`, `0.0.0.0`,
+/// `[::]`) becomes loopback.
+fn connectable(endpoint: &str) -> String {
+    for (any, local) in [
+        ("tcp://*:", "tcp://localhost:"),
+        ("tcp://0.0.0.0:", "tcp://127.0.0.1:"),
+        ("tcp://[::]:", "tcp://[::1]:"),
+    ] {
+        if let Some(port) = endpoint.strip_prefix(any) {
+            return format!("{local}{port}");
+        }
+    }
+    endpoint.to_string()
+}
+
 fn read_config_file(path: &Path) -> Result<Settings, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read config file {}: {error}", path.display()))?;
@@ -317,8 +408,21 @@ fn main() -> ExitCode {
     if cli.backup {
         settings.role = Some(RoleName::Backup);
     }
+    let http_settings = Settings {
+        http: settings.http,
+        metrics: settings.metrics,
+        http_commit_timeout: settings.http_commit_timeout,
+        http_watch_history: settings.http_watch_history,
+        http_watch_queue: settings.http_watch_queue,
+        http_write_timeout: settings.http_write_timeout,
+        ..Settings::default()
+    };
     let options = match settings.into_options() {
         Ok(options) => options,
+        Err(message) => return fail(EXIT_CONFIG, &format!("invalid configuration: {message}")),
+    };
+    let http_options = match http_settings.http_options(&options) {
+        Ok(http) => http,
         Err(message) => return fail(EXIT_CONFIG, &format!("invalid configuration: {message}")),
     };
 
@@ -335,6 +439,26 @@ fn main() -> ExitCode {
             EXIT_FAILURE,
             &format!("cannot install SIGINT/SIGTERM handlers: {error}"),
         );
+    }
+    if let Some(http_options) = http_options {
+        let stats = host.share_stats();
+        match clonekv_zmq::http::start(http_options, stats) {
+            Ok(http) => {
+                if let Some(api) = http.api {
+                    tracing::info!(%api, "HTTP gateway listening");
+                }
+                if let Some(metrics) = http.metrics {
+                    tracing::info!(%metrics, "metrics listening");
+                }
+            }
+            Err(error) => {
+                let hint = match &error {
+                    HttpError::Bind { .. } => " (choose another address with --http / --metrics)",
+                    _ => "",
+                };
+                return fail(EXIT_FAILURE, &format!("cannot start: {error}{hint}"));
+            }
+        }
     }
     let endpoints = host.endpoints();
     tracing::info!(
