@@ -437,6 +437,12 @@ impl Watch {
         }
     }
 
+    /// True once the watch was cut off for falling behind (its queued changes may
+    /// still be read).
+    pub fn is_too_slow(&self) -> bool {
+        self.too_slow.load(Ordering::SeqCst)
+    }
+
     fn end(&self) -> WatchEnd {
         if self.too_slow.load(Ordering::SeqCst) {
             WatchEnd::TooSlow

@@ -460,10 +460,25 @@ fn param<'a>(params: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
 }
 
 /// The key of a `/v1/kv/...` path: the rest of the path from its `/`, percent-decoded
-/// (any bytes).
-fn key_of(uri: &Uri) -> Vec<u8> {
+/// (any bytes). A `%` not followed by two hex digits makes it a bad key.
+fn key_of(uri: &Uri) -> Result<Vec<u8>, ApiError> {
     let rest = uri.path().strip_prefix("/v1/kv").unwrap_or_default();
-    percent_encoding::percent_decode_str(rest).collect()
+    let bytes = rest.as_bytes();
+    let well_formed = bytes.iter().enumerate().all(|(at, byte)| {
+        *byte != b'%'
+            || (bytes.get(at + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(at + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            format!(
+                "the key {rest:?} has a % not followed by two hex digits (percent-encode % as %25)"
+            ),
+        ));
+    }
+    Ok(percent_encoding::percent_decode_str(rest).collect())
 }
 
 fn check_key(key: &[u8], limits: &Limits) -> Result<(), ApiError> {
@@ -541,7 +556,7 @@ async fn get_key(
     uri: Uri,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let key = key_of(&uri);
+    let key = key_of(&uri)?;
     check_key(&key, &gateway.limits)?;
     let meta = param(&query_params(query.as_deref()), "meta").is_some();
     let (key, entry) = blocking(move || {
@@ -586,7 +601,7 @@ async fn put_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = key_of(&uri);
+    let key = key_of(&uri)?;
     check_key(&key, &gateway.limits)?;
     let params = query_params(query.as_deref());
     let ttl = param(&params, "ttl").map(parse_ttl).transpose()?;
@@ -605,12 +620,11 @@ async fn put_key(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<usize>().ok());
-    if let Some(len) = declared.filter(|len| *len > max) {
-        return Err(too_large(Some(len)));
-    }
+    // Read (up to the limit) even when the declared length is over it: a client that
+    // is still sending when the answer comes would see a broken pipe, not the 413.
     let value = axum::body::to_bytes(body, max)
         .await
-        .map_err(|_| too_large(None))?;
+        .map_err(|_| too_large(declared.filter(|len| *len > max)))?;
     let sequence = blocking(move || {
         let timeout = gateway.commit_timeout;
         match gateway.client.set_confirmed(&key, &value, ttl, timeout) {
@@ -630,7 +644,7 @@ async fn put_key(
 }
 
 async fn delete_key(State(gateway): State<Arc<Gateway>>, uri: Uri) -> Result<Response, ApiError> {
-    let key = key_of(&uri);
+    let key = key_of(&uri)?;
     check_key(&key, &gateway.limits)?;
     let sequence = blocking(move || {
         if gateway
@@ -784,23 +798,36 @@ async fn watch(
         break watch;
     };
     let metrics = Arc::clone(&gateway.metrics);
-    Ok(Sse::new(watch_events(watch, metrics))
+    let mut response = Sse::new(watch_events(watch, metrics))
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+        .into_response();
+    // When the stream ends (a watcher cut off), so does the connection.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Ok(response)
 }
 
-/// Counts a watcher while its stream lives.
-struct WatcherGuard {
+/// A watch being streamed, counted while it lives.
+struct ActiveWatch {
+    watch: Watch,
     metrics: Arc<Metrics>,
-    ended: &'static str,
+    /// How it ended, once the stream has said so.
+    ended: Option<&'static str>,
 }
 
-impl Drop for WatcherGuard {
+impl Drop for ActiveWatch {
     fn drop(&mut self) {
+        let reason = match self.ended {
+            Some(reason) => reason,
+            // Cut off, though the connection ended before the stream could say so.
+            None if self.watch.is_too_slow() => "too_slow",
+            None => "closed",
+        };
         self.metrics.watchers.dec();
         self.metrics
             .watchers_ended
-            .get_or_create(&vec![("reason".to_string(), self.ended.to_string())])
+            .get_or_create(&vec![("reason".to_string(), reason.to_string())])
             .inc();
     }
 }
@@ -809,11 +836,6 @@ fn watch_events(
     watch: Watch,
     metrics: Arc<Metrics>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
-    metrics.watchers.inc();
-    let guard = WatcherGuard {
-        metrics,
-        ended: "closed",
-    };
     let first = match &watch.start {
         WatchStart::Snapshot {
             sequence, entries, ..
@@ -832,43 +854,46 @@ fn watch_events(
             SseEvent::default().comment(format!("resumed after {after}"))
         }
     };
-    let changes = stream::unfold(
-        (watch, guard, false),
-        |(mut watch, mut guard, ended)| async move {
-            if ended {
-                return None;
+    metrics.watchers.inc();
+    let active = ActiveWatch {
+        watch,
+        metrics,
+        ended: None,
+    };
+    let changes = stream::unfold(active, |mut active| async move {
+        if active.ended.is_some() {
+            return None;
+        }
+        match active.watch.next().await {
+            Ok((id, change)) => {
+                let kind = if change.value.is_some() {
+                    "set"
+                } else {
+                    "delete"
+                };
+                let event = SseEvent::default()
+                    .event(kind)
+                    .id(id.to_string())
+                    .data(change_json(&change).to_string());
+                Some((Ok(event), active))
             }
-            match watch.next().await {
-                Ok((id, change)) => {
-                    let kind = if change.value.is_some() {
-                        "set"
-                    } else {
-                        "delete"
-                    };
-                    let event = SseEvent::default()
-                        .event(kind)
-                        .id(id.to_string())
-                        .data(change_json(&change).to_string());
-                    Some((Ok(event), (watch, guard, false)))
-                }
-                Err(end) => {
-                    let (code, message) = match end {
-                        WatchEnd::TooSlow => (
-                            "too_slow",
-                            "this watcher left too many changes unread and is disconnected; \
-                             reconnect with Last-Event-ID to resume",
-                        ),
-                        WatchEnd::Stopped => ("stopped", "the gateway is stopping"),
-                    };
-                    guard.ended = code;
-                    let event = SseEvent::default()
-                        .event("error")
-                        .data(json!({"error": code, "message": message}).to_string());
-                    Some((Ok(event), (watch, guard, true)))
-                }
+            Err(end) => {
+                let (code, message) = match end {
+                    WatchEnd::TooSlow => (
+                        "too_slow",
+                        "this watcher left too many changes unread and is disconnected; \
+                         reconnect with Last-Event-ID to resume",
+                    ),
+                    WatchEnd::Stopped => ("stopped", "the gateway is stopping"),
+                };
+                active.ended = Some(code);
+                let event = SseEvent::default()
+                    .event("error")
+                    .data(json!({"error": code, "message": message}).to_string());
+                Some((Ok(event), active))
             }
-        },
-    );
+        }
+    });
     stream::once(async move { Ok(first) }).chain(changes)
 }
 
@@ -1008,11 +1033,13 @@ async fn count_requests(
     request: Request,
     next: Next,
 ) -> Response {
+    // The route's pattern, with the key written `:key` (braces in a label value trip
+    // some scrapers' parsers).
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
-        .to_string();
+        .replace("{*key}", ":key");
     let method = request.method().to_string();
     let response = next.run(request).await;
     metrics
@@ -1222,9 +1249,13 @@ mod tests {
     #[test]
     fn the_key_is_the_path_after_v1_kv_with_its_slash_and_any_bytes() {
         let uri: Uri = "/v1/kv/weather/london".parse().unwrap();
-        assert_eq!(key_of(&uri), b"/weather/london");
+        assert_eq!(key_of(&uri).unwrap(), b"/weather/london");
         let uri: Uri = "/v1/kv/bin/%FF%00".parse().unwrap();
-        assert_eq!(key_of(&uri), b"/bin/\xff\x00");
+        assert_eq!(key_of(&uri).unwrap(), b"/bin/\xff\x00");
+        for bad in ["/v1/kv/a%zz", "/v1/kv/a%2", "/v1/kv/a%"] {
+            let uri: Uri = bad.parse().unwrap();
+            assert_eq!(key_of(&uri).unwrap_err().code, "bad_key", "{bad}");
+        }
     }
 
     #[test]

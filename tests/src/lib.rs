@@ -208,6 +208,7 @@ pub struct Cluster {
     scratch: Scratch,
     starts: u32,
     extra_args: Vec<String>,
+    http: bool,
 }
 
 impl Cluster {
@@ -220,6 +221,7 @@ impl Cluster {
             scratch: Scratch::new(test),
             starts: 0,
             extra_args: Vec::new(),
+            http: false,
         }
     }
 
@@ -236,6 +238,27 @@ impl Cluster {
         self.extra_args
             .extend(args.iter().map(|arg| arg.to_string()));
         self
+    }
+
+    /// Serves each server's HTTP gateway (from the next start on), on
+    /// [`Cluster::http_port`].
+    pub fn with_http(mut self) -> Cluster {
+        self.http = true;
+        self
+    }
+
+    /// The port of a server's HTTP gateway (offset 12 of the block for the primary, 13
+    /// for the backup).
+    pub fn http_port(&self, role: Role) -> u16 {
+        match role {
+            Role::Primary => self.ports.port(12),
+            Role::Backup => self.ports.port(13),
+        }
+    }
+
+    /// The base URL of a server's HTTP gateway, `http://127.0.0.1:PORT`.
+    pub fn http_url(&self, role: Role) -> String {
+        format!("http://127.0.0.1:{}", self.http_port(role))
     }
 
     /// The base port P of a server.
@@ -286,6 +309,10 @@ impl Cluster {
         ] {
             args.push(flag.into());
             args.push(value);
+        }
+        if self.http {
+            args.push("--http".into());
+            args.push(format!("127.0.0.1:{}", self.http_port(role)));
         }
         args.extend(self.extra_args.iter().cloned());
         args
