@@ -35,7 +35,11 @@ With no arguments it serves as the primary: ROUTER on tcp://*:5556 (snapshots), 
 5557 (updates), SUB on 5558 (collector), Binary Star state PUB on 5003, and it expects a \
 backup on localhost:5566 / 5004. `--backup` starts the backup on 5566-5568 and 5004, with \
 the primary at localhost:5556 / 5003. A lone primary starts serving on the first client \
-request once its peer has been silent for two heartbeats.",
+request once its peer has been silent for two heartbeats.\n\n\
+With --http IP:PORT it also serves a JSON/HTTP gateway to the pair (GET/PUT/DELETE \
+/v1/kv/KEY, /v1/kv?prefix=, Server-Sent Events on /v1/watch, /v1/status, /healthz) and \
+Prometheus metrics on /metrics; --metrics IP:PORT serves /metrics alone. Both are off by \
+default.",
     after_help = "Every option can also be set in the --config file under its long name \
 (for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
@@ -620,6 +624,62 @@ mod tests {
             message.contains("in use") && message.contains("EADDRINUSE"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_gateway_reaches_its_own_server_on_loopback_and_the_peer_as_configured() {
+        assert_eq!(connectable("tcp://*:5556"), "tcp://localhost:5556");
+        assert_eq!(connectable("tcp://0.0.0.0:7000"), "tcp://127.0.0.1:7000");
+        assert_eq!(connectable("tcp://[::]:7000"), "tcp://[::1]:7000");
+        assert_eq!(connectable("tcp://10.0.0.1:7000"), "tcp://10.0.0.1:7000");
+        let cli = Cli::try_parse_from(["clonekvd", "--http", "127.0.0.1:8556"]).unwrap();
+        let settings = cli.settings.over(Settings::default());
+        let http_settings = Settings {
+            http: settings.http,
+            ..Settings::default()
+        };
+        let options = settings.into_options().unwrap();
+        let http = http_settings.http_options(&options).unwrap().unwrap();
+        assert_eq!(http.servers[0].snapshot, "tcp://localhost:5556");
+        assert_eq!(http.servers[1].collector, "tcp://localhost:5568");
+        assert_eq!(http.api, Some("127.0.0.1:8556".parse().unwrap()));
+        assert_eq!(http.metrics, None);
+        assert!(Settings::default()
+            .http_options(&options)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn http_settings_that_cannot_work_are_refused() {
+        let options = Settings::default().into_options().unwrap();
+        for args in [
+            &[
+                "clonekvd",
+                "--http",
+                "127.0.0.1:1",
+                "--metrics",
+                "127.0.0.1:1",
+            ][..],
+            &[
+                "clonekvd",
+                "--http",
+                "127.0.0.1:1",
+                "--http-watch-queue",
+                "0",
+            ],
+            &[
+                "clonekvd",
+                "--metrics",
+                "127.0.0.1:1",
+                "--http-write-timeout",
+                "0s",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(cli.settings.http_options(&options).is_err(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["clonekvd", "--http", "localhost"]).is_err());
     }
 
     #[test]
