@@ -1489,7 +1489,11 @@ impl Agent {
     /// Keeps a committed change for the history and the watchers (a provisional local
     /// change, sequence 0, is not one), unless nobody could ever ask for it.
     fn note_change(&mut self, sequence: i64, key: &[u8], value: Option<&[u8]>) {
-        if sequence <= 0 || (self.watchers.is_empty() && self.history.capacity() == 0) {
+        // Before the first snapshot completes, the changes are the map's initial
+        // entries, which the history forgets at that snapshot anyway.
+        let unwanted =
+            self.watchers.is_empty() && (self.history.capacity() == 0 || !self.synced_once);
+        if sequence <= 0 || unwanted {
             if sequence > 0 {
                 self.history.skip(sequence);
             }

@@ -372,30 +372,43 @@ fn fan_out(target: &Target, args: &HttpBenchArgs) -> Result<Figures, BenchError>
     }
     // Let every watch take its start before the first change.
     std::thread::sleep(Duration::from_millis(500));
-    let writer = agent(Some(Duration::from_secs(30)));
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.watch_rate.max(1)));
+    // The same offered load for every system: `clients` writers share the rate, so a
+    // slow commit delays one writer, not the schedule.
+    let writers = args.clients.max(1);
+    let interval = Duration::from_secs_f64(writers as f64 / f64::from(args.watch_rate.max(1)));
     let duration = args.duration.get();
     let began = Instant::now();
-    let mut written = 0u64;
-    while began.elapsed() < duration {
-        let due = interval.mul_f64(written as f64);
-        if let Some(wait) = due.checked_sub(began.elapsed()) {
-            std::thread::sleep(wait);
-        }
-        let sent = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let value = format!(
-            "t:{sent}:{}",
-            "x".repeat(args.value_size.saturating_sub(24))
-        );
-        target
-            .put(
-                &writer,
-                &format!("{PREFIX}w{:04}", written % 100),
-                value.as_bytes(),
-            )
-            .map_err(|error| BenchError::new(format!("writing: {error}")))?;
-        written += 1;
+    let mut threads = Vec::new();
+    for writer_index in 0..writers {
+        let target = target.clone();
+        let filler = "x".repeat(args.value_size.saturating_sub(24));
+        threads.push(std::thread::spawn(move || {
+            let writer = agent(Some(Duration::from_secs(30)));
+            let mut written = 0u64;
+            // Staggered so that the writers' changes interleave evenly.
+            let offset = interval.mul_f64(writer_index as f64 / writers as f64);
+            while began.elapsed() < duration {
+                let due = offset + interval.mul_f64(written as f64);
+                if let Some(wait) = due.checked_sub(began.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                let sent = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let value = format!("t:{sent}:{filler}");
+                let key = format!("{PREFIX}w{writer_index:02}-{:03}", written % 100);
+                target.put(&writer, &key, value.as_bytes())?;
+                written += 1;
+            }
+            Ok::<u64, String>(written)
+        }));
     }
+    let mut written = 0;
+    for thread in threads {
+        written += thread
+            .join()
+            .map_err(|_| BenchError::new("a writer thread panicked"))?
+            .map_err(|error| BenchError::new(format!("writing: {error}")))?;
+    }
+    let writer = agent(Some(Duration::from_secs(30)));
     let expected = written * args.watchers as u64;
     let deadline = Instant::now() + Duration::from_secs(10);
     while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
