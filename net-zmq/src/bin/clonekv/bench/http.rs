@@ -46,6 +46,11 @@ pub struct HttpBenchArgs {
     /// measured (Debian: apt-get install etcd-server).
     #[arg(long, value_name = "PATH")]
     pub etcd: Option<PathBuf>,
+    /// Where etcd keeps its data [default: a new directory in /dev/shm (memory, as
+    /// clonekv keeps its map), removed at the end; the scratch directory on a system
+    /// without /dev/shm]. Give a disk directory to measure etcd with its fsyncs.
+    #[arg(long, value_name = "DIR")]
+    pub etcd_data_dir: Option<PathBuf>,
 }
 
 /// The figures of one system.
@@ -70,6 +75,8 @@ pub struct HttpReport {
     pub clonekv: Figures,
     pub etcd: Option<Figures>,
     pub etcd_version: Option<String>,
+    /// etcd's data directory.
+    pub etcd_storage: Option<String>,
     pub problems: Vec<String>,
     pub clients: usize,
     pub watchers: usize,
@@ -497,6 +504,7 @@ pub fn run(args: &HttpBenchArgs, bin_dir: Option<PathBuf>) -> Result<HttpReport,
 
     let mut problems = Vec::new();
     let mut etcd_version = None;
+    let mut etcd_storage = None;
     let etcd = match args.etcd.clone().or_else(|| find_on_path("etcd")) {
         None => {
             problems
@@ -507,7 +515,20 @@ pub fn run(args: &HttpBenchArgs, bin_dir: Option<PathBuf>) -> Result<HttpReport,
             etcd_version = version_of(&program);
             let client = ports.take(1)?;
             let peer = ports.take(1)?;
-            let data = scratch.path.join("etcd-data");
+            // tempfile removes the directory when `_memory` is dropped, at the end.
+            let memory = match &args.etcd_data_dir {
+                Some(_) => None,
+                None => tempfile::Builder::new()
+                    .prefix("clonekv-bench-etcd-")
+                    .tempdir_in("/dev/shm")
+                    .ok(),
+            };
+            let data = match (&args.etcd_data_dir, &memory) {
+                (Some(dir), _) => dir.join(format!("clonekv-bench-etcd-{}", std::process::id())),
+                (None, Some(memory)) => memory.path().join("data"),
+                (None, None) => scratch.path.join("etcd-data"),
+            };
+            etcd_storage = Some(data.display().to_string());
             let etcd_args: Vec<String> = [
                 "--name",
                 "bench",
@@ -547,6 +568,7 @@ pub fn run(args: &HttpBenchArgs, bin_dir: Option<PathBuf>) -> Result<HttpReport,
         clonekv,
         etcd,
         etcd_version,
+        etcd_storage,
         problems,
         clients: args.clients,
         watchers: args.watchers,
@@ -637,6 +659,9 @@ pub fn render(report: &HttpReport) -> String {
         out.push_str(&format!(", etcd {}", delivered(etcd)));
     }
     out.push('\n');
+    if let Some(storage) = &report.etcd_storage {
+        out.push_str(&format!("  etcd data directory: {storage}\n"));
+    }
     for problem in &report.problems {
         out.push_str(&format!("\nnot measured: {problem}\n"));
     }
