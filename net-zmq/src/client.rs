@@ -732,7 +732,7 @@ type CommitOutcome = Result<i64, LostReason>;
 enum Command {
     Get {
         key: Vec<u8>,
-        reply: Sender<Option<Entry>>,
+        reply: Reply<Option<Entry>>,
     },
     Dump {
         prefix: Vec<u8>,
@@ -742,8 +742,8 @@ enum Command {
         key: Vec<u8>,
         /// `Some((value, ttl))` to set, `None` to delete.
         value: Option<(Vec<u8>, Option<Duration>)>,
-        confirm: Option<Sender<CommitOutcome>>,
-        reply: Sender<Result<Uuid, core_client::Error>>,
+        confirm: Option<Reply<CommitOutcome>>,
+        reply: Reply<Result<Uuid, core_client::Error>>,
     },
     Subscribe {
         events: SyncSender<Event>,
@@ -761,12 +761,32 @@ enum Command {
         reply: Sender<Watch>,
     },
     Status {
-        reply: Sender<Status>,
+        reply: Reply<Status>,
     },
     WhenSynced {
         reply: Sender<Status>,
     },
     Stop,
+}
+
+/// Where the agent sends an answer: to a thread that blocks on it, or to an async task.
+enum Reply<T> {
+    Blocking(Sender<T>),
+    Async(tokio::sync::oneshot::Sender<T>),
+}
+
+impl<T> Reply<T> {
+    /// Sends the answer; a caller that has gone (timed out, dropped) is no error.
+    fn send(self, value: T) {
+        match self {
+            Reply::Blocking(sender) => {
+                let _ = sender.send(value);
+            }
+            Reply::Async(sender) => {
+                let _ = sender.send(value);
+            }
+        }
+    }
 }
 
 impl Client {
@@ -802,7 +822,7 @@ impl Client {
         let (reply, answer) = mpsc::channel();
         self.send(Command::Get {
             key: key.as_ref().to_vec(),
-            reply,
+            reply: Reply::Blocking(reply),
         })?;
         answer.recv().map_err(|_| ClientError::Stopped)
     }
@@ -911,7 +931,9 @@ impl Client {
     /// What the client knows about its connection now.
     pub fn status(&self) -> Result<Status, ClientError> {
         let (reply, answer) = mpsc::channel();
-        self.send(Command::Status { reply })?;
+        self.send(Command::Status {
+            reply: Reply::Blocking(reply),
+        })?;
         answer.recv().map_err(|_| ClientError::Stopped)
     }
 
@@ -939,8 +961,8 @@ impl Client {
         self.send(Command::Update {
             key: key.to_vec(),
             value,
-            confirm,
-            reply,
+            confirm: confirm.map(Reply::Blocking),
+            reply: Reply::Blocking(reply),
         })?;
         answer
             .recv()
@@ -961,6 +983,76 @@ impl Client {
             Ok(Err(reason)) => Err(ClientError::Lost(reason)),
             Err(RecvTimeoutError::Timeout) => Err(ClientError::CommitTimeout { waited: timeout }),
             Err(RecvTimeoutError::Disconnected) => Err(ClientError::Stopped),
+        }
+    }
+
+    /// [`Client::entry`] for async callers: the answer is awaited, no thread blocks.
+    pub async fn entry_async(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>, ClientError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Command::Get {
+            key: key.as_ref().to_vec(),
+            reply: Reply::Async(reply),
+        })?;
+        answer.await.map_err(|_| ClientError::Stopped)
+    }
+
+    /// [`Client::status`] for async callers.
+    pub async fn status_async(&self) -> Result<Status, ClientError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Command::Status {
+            reply: Reply::Async(reply),
+        })?;
+        answer.await.map_err(|_| ClientError::Stopped)
+    }
+
+    /// [`Client::set_confirmed`] for async callers; must run in a tokio runtime with
+    /// its timer enabled (the commit timeout).
+    pub async fn set_confirmed_async(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        let value = Some((value.as_ref().to_vec(), ttl));
+        self.update_confirmed_async(key.as_ref(), value, timeout)
+            .await
+    }
+
+    /// [`Client::delete_confirmed`] for async callers (see
+    /// [`Client::set_confirmed_async`]).
+    pub async fn delete_confirmed_async(
+        &self,
+        key: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        self.update_confirmed_async(key.as_ref(), None, timeout)
+            .await
+    }
+
+    async fn update_confirmed_async(
+        &self,
+        key: &[u8],
+        value: Option<(Vec<u8>, Option<Duration>)>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        let (confirm, outcome) = tokio::sync::oneshot::channel();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Command::Update {
+            key: key.to_vec(),
+            value,
+            confirm: Some(Reply::Async(confirm)),
+            reply: Reply::Async(reply),
+        })?;
+        answer
+            .await
+            .map_err(|_| ClientError::Stopped)?
+            .map_err(ClientError::Rejected)?;
+        match tokio::time::timeout(timeout, outcome).await {
+            Ok(Ok(Ok(sequence))) => Ok(sequence),
+            Ok(Ok(Err(reason))) => Err(ClientError::Lost(reason)),
+            Ok(Err(_)) => Err(ClientError::Stopped),
+            Err(_) => Err(ClientError::CommitTimeout { waited: timeout }),
         }
     }
 
@@ -1065,7 +1157,7 @@ struct Agent {
     /// Committed changes of the current step, recorded when it ends (or at its
     /// snapshot).
     unrecorded: Vec<Arc<Change>>,
-    commit_waiters: BTreeMap<Uuid, Sender<CommitOutcome>>,
+    commit_waiters: BTreeMap<Uuid, Reply<CommitOutcome>>,
     sync_waiters: Vec<Sender<Status>>,
     limiter: RateLimiter,
     stopping: bool,
@@ -1147,9 +1239,7 @@ impl Agent {
 
     fn execute(&mut self, command: Command) {
         match command {
-            Command::Get { key, reply } => {
-                let _ = reply.send(self.core.entry(&key).cloned());
-            }
+            Command::Get { key, reply } => reply.send(self.core.entry(&key).cloned()),
             Command::Dump { prefix, reply } => {
                 let entries = self
                     .core
@@ -1176,7 +1266,7 @@ impl Agent {
                         self.commit_waiters.insert(*uuid, confirm);
                     }
                 }
-                let _ = reply.send(result);
+                reply.send(result);
             }
             Command::Subscribe { events } => {
                 self.subscribers.push(Subscriber { events, missed: 0 })
@@ -1210,9 +1300,7 @@ impl Agent {
             } => {
                 let _ = reply.send(self.start_watch(prefix, after, capacity));
             }
-            Command::Status { reply } => {
-                let _ = reply.send(self.status());
-            }
+            Command::Status { reply } => reply.send(self.status()),
             Command::WhenSynced { reply } => self.sync_waiters.push(reply),
             Command::Stop => self.stopping = true,
         }
@@ -1452,13 +1540,13 @@ impl Agent {
             }
             CoreEvent::Committed { uuid, sequence } => {
                 if let Some(waiter) = self.commit_waiters.remove(&uuid) {
-                    let _ = waiter.send(Ok(sequence));
+                    waiter.send(Ok(sequence));
                 }
                 return;
             }
             CoreEvent::Lost { uuid, reason } => {
                 if let Some(waiter) = self.commit_waiters.remove(&uuid) {
-                    let _ = waiter.send(Err(reason));
+                    waiter.send(Err(reason));
                 }
                 return;
             }

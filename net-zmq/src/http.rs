@@ -7,10 +7,11 @@
 //! Events. The metrics are the daemon's own [`ServerStats`], which the protocol loop
 //! copies out at its timers, plus the gateway's own counts.
 //!
-//! Everything here runs on one thread of its own with a small tokio runtime; calls into
-//! the client (a channel round trip to its agent thread, or a wait for a commit) run on
-//! the runtime's blocking pool. The protocol loop stays on mio and never waits for
-//! this side.
+//! Everything here runs on one thread of its own with a small tokio runtime. Reads,
+//! writes and their commits are awaited (the client's agent answers them on oneshot
+//! channels); the calls that copy pages or a snapshot out of the replica run on the
+//! runtime's blocking pool. The protocol loop stays on mio and never waits for this
+//! side.
 //!
 //! # Invariants
 //!
@@ -425,8 +426,8 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Fails with 503 unless the gateway's replica follows an active server.
-fn ensure_synced(client: &Client) -> Result<(), ApiError> {
-    match client.status() {
+async fn ensure_synced(client: &Client) -> Result<(), ApiError> {
+    match client.status_async().await {
         Ok(status) if status.is_synced() => Ok(()),
         Ok(_) => Err(ApiError::not_synced()),
         Err(error) => Err(client_failure(error)),
@@ -559,14 +560,14 @@ async fn get_key(
     let key = key_of(&uri)?;
     check_key(&key, &gateway.limits)?;
     let meta = param(&query_params(query.as_deref()), "meta").is_some();
-    let (key, entry) = blocking(move || {
-        let entry = gateway.client.entry(&key).map_err(client_failure)?;
-        if entry.is_none() {
-            ensure_synced(&gateway.client)?;
-        }
-        Ok((key, entry))
-    })
-    .await?;
+    let entry = gateway
+        .client
+        .entry_async(&key)
+        .await
+        .map_err(client_failure)?;
+    if entry.is_none() {
+        ensure_synced(&gateway.client).await?;
+    }
     let Some(entry) = entry else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -625,18 +626,13 @@ async fn put_key(
     let value = axum::body::to_bytes(body, max)
         .await
         .map_err(|_| too_large(declared.filter(|len| *len > max)))?;
-    let sequence = blocking(move || {
-        let timeout = gateway.commit_timeout;
-        match gateway.client.set_confirmed(&key, &value, ttl, timeout) {
-            Ok(sequence) => Ok(sequence),
-            Err(ClientError::CommitTimeout { waited }) => {
-                ensure_synced(&gateway.client)?;
-                Err(client_failure(ClientError::CommitTimeout { waited }))
-            }
-            Err(error) => Err(client_failure(error)),
-        }
-    })
-    .await?;
+    // A 503 means the write was not sent: safe to send again.
+    ensure_synced(&gateway.client).await?;
+    let committed = gateway
+        .client
+        .set_confirmed_async(&key, &value, ttl, gateway.commit_timeout)
+        .await;
+    let sequence = confirmed(committed)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "sequence": sequence }),
@@ -646,37 +642,47 @@ async fn put_key(
 async fn delete_key(State(gateway): State<Arc<Gateway>>, uri: Uri) -> Result<Response, ApiError> {
     let key = key_of(&uri)?;
     check_key(&key, &gateway.limits)?;
-    let sequence = blocking(move || {
-        if gateway
-            .client
-            .entry(&key)
-            .map_err(client_failure)?
-            .is_none()
-        {
-            ensure_synced(&gateway.client)?;
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no key {}", String::from_utf8_lossy(&key)),
-            ));
-        }
-        match gateway
-            .client
-            .delete_confirmed(&key, gateway.commit_timeout)
-        {
-            Ok(sequence) => Ok(sequence),
-            Err(ClientError::CommitTimeout { waited }) => {
-                ensure_synced(&gateway.client)?;
-                Err(client_failure(ClientError::CommitTimeout { waited }))
-            }
-            Err(error) => Err(client_failure(error)),
-        }
-    })
-    .await?;
+    let present = gateway
+        .client
+        .entry_async(&key)
+        .await
+        .map_err(client_failure)?
+        .is_some();
+    ensure_synced(&gateway.client).await?;
+    if !present {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no key {}", String::from_utf8_lossy(&key)),
+        ));
+    }
+    let committed = gateway
+        .client
+        .delete_confirmed_async(&key, gateway.commit_timeout)
+        .await;
+    let sequence = confirmed(committed)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "sequence": sequence }),
     ))
+}
+
+/// The answer to a write that was sent: its sequence, or 504 when its commit was not
+/// confirmed (in time, or at all: the gateway failed over before the echo), since the
+/// write may still be applied.
+fn confirmed(committed: Result<i64, ClientError>) -> Result<i64, ApiError> {
+    match committed {
+        Ok(sequence) => Ok(sequence),
+        Err(ClientError::Lost(reason)) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "commit_timeout",
+            format!(
+                "the write was sent but {}; it may still be applied (read the key to see)",
+                ClientError::Lost(reason)
+            ),
+        )),
+        Err(error) => Err(client_failure(error)),
+    }
 }
 
 /// Entries read from the replica per step of a listing.
@@ -689,8 +695,7 @@ async fn list(
     let prefix = param(&query_params(query.as_deref()), "prefix")
         .unwrap_or_default()
         .to_vec();
-    let checked = Arc::clone(&gateway);
-    blocking(move || ensure_synced(&checked.client)).await?;
+    ensure_synced(&gateway.client).await?;
     // One page per step, each line an entry: the whole listing is never in memory.
     let pages = stream::unfold(
         (gateway, prefix, None::<Vec<u8>>, false),
@@ -775,8 +780,8 @@ async fn watch(
     let watch = loop {
         let client = Arc::clone(&watcher);
         let watch_prefix = prefix.clone();
+        ensure_synced(&client.client).await?;
         let watch = blocking(move || {
-            ensure_synced(&client.client)?;
             client
                 .client
                 .watch(&watch_prefix, after, client.watch_queue)
@@ -899,7 +904,11 @@ fn watch_events(
 
 async fn status(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiError> {
     let metrics = Arc::clone(&gateway.metrics);
-    let client_status = blocking(move || gateway.client.status().map_err(client_failure)).await?;
+    let client_status = gateway
+        .client
+        .status_async()
+        .await
+        .map_err(client_failure)?;
     let own = metrics.stats();
     let servers: Vec<Value> = client_status
         .servers
@@ -938,7 +947,7 @@ async fn status(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiErro
 }
 
 async fn healthz(State(gateway): State<Arc<Gateway>>) -> Result<Response, ApiError> {
-    blocking(move || ensure_synced(&gateway.client)).await?;
+    ensure_synced(&gateway.client).await?;
     Ok(json_response(StatusCode::OK, &json!({"status": "ready"})))
 }
 

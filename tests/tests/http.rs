@@ -54,9 +54,17 @@ impl Http {
         (status, parse(&body))
     }
 
-    /// PUT that must succeed; the sequence it was committed at.
+    /// PUT that must succeed; the sequence it was committed at. A 503 (not sent: no
+    /// active server answers the gateway, as during a failover) is sent again.
     fn set(&self, key: &str, value: &str) -> i64 {
-        let (status, body) = self.put(&format!("/v1/kv{key}"), value.as_bytes());
+        let deadline = Instant::now() + PATIENCE;
+        let (status, body) = loop {
+            let (status, body) = self.put(&format!("/v1/kv{key}"), value.as_bytes());
+            if status != 503 || Instant::now() > deadline {
+                break (status, body);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert_eq!(status, 200, "PUT {key}: {}", String::from_utf8_lossy(&body));
         parse(&body)["sequence"]
             .as_i64()
