@@ -46,9 +46,9 @@ pub struct HttpBenchArgs {
     /// measured (Debian: apt-get install etcd-server).
     #[arg(long, value_name = "PATH")]
     pub etcd: Option<PathBuf>,
-    /// Where etcd keeps its data [default: a new directory in /dev/shm (memory, as
-    /// clonekv keeps its map), removed at the end; the scratch directory on a system
-    /// without /dev/shm]. Give a disk directory to measure etcd with its fsyncs.
+    /// Where etcd keeps its data: a new directory is made in DIR and removed at the end
+    /// [default: /dev/shm (memory, as clonekv keeps its map), or the scratch directory
+    /// on a system without it]. Give a disk directory to measure etcd with its fsyncs.
     #[arg(long, value_name = "DIR")]
     pub etcd_data_dir: Option<PathBuf>,
 }
@@ -515,18 +515,28 @@ pub fn run(args: &HttpBenchArgs, bin_dir: Option<PathBuf>) -> Result<HttpReport,
             etcd_version = version_of(&program);
             let client = ports.take(1)?;
             let peer = ports.take(1)?;
-            // tempfile removes the directory when `_memory` is dropped, at the end.
-            let memory = match &args.etcd_data_dir {
-                Some(_) => None,
-                None => tempfile::Builder::new()
-                    .prefix("clonekv-bench-etcd-")
-                    .tempdir_in("/dev/shm")
-                    .ok(),
+            // A new directory, removed when `owned` is dropped at the end of this arm.
+            let parent = args
+                .etcd_data_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/dev/shm"));
+            let owned = tempfile::Builder::new()
+                .prefix("clonekv-bench-etcd-")
+                .tempdir_in(&parent);
+            let owned = match (owned, &args.etcd_data_dir) {
+                (Ok(owned), _) => Some(owned),
+                (Err(error), Some(dir)) => {
+                    return Err(BenchError::new(format!(
+                        "cannot create a directory in {}: {error}",
+                        dir.display()
+                    )))
+                }
+                // No /dev/shm: the scratch directory.
+                (Err(_), None) => None,
             };
-            let data = match (&args.etcd_data_dir, &memory) {
-                (Some(dir), _) => dir.join(format!("clonekv-bench-etcd-{}", std::process::id())),
-                (None, Some(memory)) => memory.path().join("data"),
-                (None, None) => scratch.path.join("etcd-data"),
+            let data = match &owned {
+                Some(owned) => owned.path().join("data"),
+                None => scratch.path.join("etcd-data"),
             };
             etcd_storage = Some(data.display().to_string());
             let etcd_args: Vec<String> = [
