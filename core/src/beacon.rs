@@ -84,7 +84,7 @@ pub enum Kind {
 }
 
 /// What a server announces about itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Announcement {
     /// Primary or backup (a client announces [`Kind::Client`] and no ports).
     pub kind: Kind,
@@ -97,7 +97,7 @@ pub struct Announcement {
 }
 
 /// A beacon as it travels.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Datagram {
     /// The cluster it belongs to.
     pub cluster: Vec<u8>,
@@ -326,7 +326,7 @@ pub enum Error {
 }
 
 /// A node this one hears.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Peer {
     /// Its instance id.
     pub instance: [u8; 16],
@@ -367,7 +367,7 @@ pub fn followed_address(
 }
 
 /// A change in the peer table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Event {
     /// A peer was heard for the first time (or again after it was down).
     PeerUp(Peer),
@@ -381,7 +381,7 @@ pub enum Event {
 }
 
 /// An effect for the host.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Output {
     /// Broadcast this datagram.
     Send(Vec<u8>),
