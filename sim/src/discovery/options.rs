@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use clonekv_core::beacon::ADDRESS_SILENCE_INTERVALS;
+use clonekv_core::beacon::address_silence;
 use rand::RngExt;
 
 use crate::ratio::Ratio;
@@ -175,16 +175,17 @@ impl DiscoveryOptions {
     /// observer knows the server's current instance, address and announcement.
     ///
     /// With `D` the longest delay, `I` the interval, `K` the most consecutive losses on
-    /// one path and `A` = [`ADDRESS_SILENCE_INTERVALS`]: datagrams sent before the last
-    /// disturbance at `T` (from an old address, or with an old announcement) have all
-    /// arrived by `T + D`. The server sends at least every `I`, so its first beacon sent
-    /// after `T + D + A·I` leaves by `T + D + (A+1)·I`, and of `K + 1` consecutive beacons
-    /// one arrives: by `T + 2D + (A + 1 + K)·I`. That beacon finds the old address (if
-    /// any) silent for `A·I`, so the peer is at the current address, with the current
+    /// one path and `S` the address silence ([`address_silence`], 2.5·I): datagrams sent
+    /// before the last disturbance at `T` (from an old address, or with an old
+    /// announcement) have all arrived by `T + D`. The server sends at least every `I`, so
+    /// the beacons it sends after `T + D + S` start by `T + D + S + I`, and of `K + 1` in a
+    /// row one arrives: by `T + 2D + S + (K + 1)·I`. That beacon finds the old address (if
+    /// any) silent for `S`, so the peer is at the current address, with the current
     /// announcement, since every datagram arriving after `T + D` carries both.
     pub fn convergence_bound(&self) -> Duration {
-        let intervals = ADDRESS_SILENCE_INTERVALS + 1 + self.max_consecutive_losses;
-        self.max_delay() * 2 + self.interval * intervals
+        self.max_delay() * 2
+            + address_silence(self.interval)
+            + self.interval * (self.max_consecutive_losses + 1)
     }
 
     /// Whether oracle (i) applies: only if losses can never make a live server look

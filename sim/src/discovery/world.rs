@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use clonekv_core::beacon::{
-    self, Announcement, Beacon, Config, Datagram, DropReason, Event, Kind, Output, Peer,
-    ADDRESS_SILENCE_INTERVALS, MAX_DATAGRAM_LEN,
+    self, address_silence, Announcement, Beacon, Config, Datagram, DropReason, Event, Kind, Output,
+    Peer, MAX_DATAGRAM_LEN,
 };
 use clonekv_core::kvmsg::BstarState;
 use clonekv_core::time::Instant;
@@ -49,7 +49,7 @@ pub enum DiscoveryOracle {
     /// (iv) Garbage changes only the counter of its reason.
     Garbage,
     /// (v) A peer's address moves only when its current address has been silent for
-    /// [`ADDRESS_SILENCE_INTERVALS`] intervals (no flapping), and only to one it sends from.
+    /// [`address_silence`] (no flapping), and only to one it sends from.
     AddressFlap,
     /// (vi) A client sends no beacon; every beacon sent parses; timers advance.
     Machine,
@@ -858,7 +858,7 @@ impl DiscoveryWorld {
     fn observe(&mut self, observer: usize, event: Event) {
         let now = self.now;
         let silence = self.options.silence;
-        let sticky_for = self.options.interval * ADDRESS_SILENCE_INTERVALS;
+        let sticky_for = address_silence(self.options.interval);
         let Some(node) = self.nodes.get(observer) else {
             return;
         };
