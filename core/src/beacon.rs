@@ -21,10 +21,15 @@
 //!   server that really moves is followed within about three intervals, and one heard
 //!   from two addresses keeps the first as long as no two beacons in a row are lost on
 //!   its path.
-//! - **Clients are silent.** A [`Kind::Client`] never emits [`Output::Send`]: a server
-//!   needs no list of clients, and a LAN of many clients carries no client beacons.
+//! - **Clients ask once, then listen.** A [`Kind::Client`] emits exactly one datagram,
+//!   when created: a *solicitation* (its own beacon), so that a command-line client need
+//!   not wait up to an interval for the servers' next beacons. A client is never a peer:
+//!   its datagrams change no peer table, and a server needs no list of clients.
 //! - **Servers are heard.** A server emits a beacon at once when created, then every
-//!   `interval`, and at once when its Binary Star state changes.
+//!   `interval`, at once when its Binary Star state changes, and early when a client
+//!   solicits one — but never two within [`Config::interval`] /
+//!   [`SOLICITED_BEACONS_PER_INTERVAL`] (see [`Beacon::answer_solicitation`]): however
+//!   many clients start, a server sends at most that many beacons more per interval.
 //! - **What is sent parses.** A configuration whose beacon receivers would drop (a
 //!   server without a Binary Star state or with port 0, a client with a state) is refused
 //!   by [`Beacon::new`].
@@ -85,10 +90,14 @@ pub fn address_silence(interval: Duration) -> Duration {
         .saturating_add(interval / 2)
 }
 
+/// At most this many beacons per interval answer solicitations, beyond the regular one
+/// (see [`Beacon::answer_solicitation`]).
+pub const SOLICITED_BEACONS_PER_INTERVAL: u32 = 10;
+
 /// What a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
-    /// A client: it only listens (it sends no beacon).
+    /// A client: it listens, after one solicitation when it starts (it is never a peer).
     Client,
     /// A server configured as the primary.
     Primary,
@@ -419,22 +428,40 @@ impl Timer {
 pub struct Beacon {
     config: Config,
     next_announce: Instant,
+    /// When this server last sent a beacon.
+    last_announce: Option<Instant>,
+    /// Solicitations heard from clients (a server) or sent (a client).
+    solicitations: u64,
     peers: BTreeMap<[u8; 16], Tracked>,
     dropped: BTreeMap<DropReason, u64>,
     outputs: VecDeque<Output>,
 }
 
 impl Beacon {
-    /// A machine; a server sends its first beacon at `now`, a client never sends.
+    /// A machine; a server sends its first beacon at `now`, a client its one
+    /// solicitation.
     pub fn new(now: Instant, config: Config) -> Result<Beacon, Error> {
         config.validate()?;
-        Ok(Beacon {
+        let mut beacon = Beacon {
             config,
             next_announce: now,
+            last_announce: None,
+            solicitations: 0,
             peers: BTreeMap::new(),
             dropped: BTreeMap::new(),
             outputs: VecDeque::new(),
-        })
+        };
+        if beacon.config.announcement.kind == Kind::Client {
+            beacon.solicitations = 1;
+            let solicitation = beacon.datagram().encode();
+            beacon.outputs.push_back(Output::Send(solicitation));
+        }
+        Ok(beacon)
+    }
+
+    /// Solicitations: answered so far (a server), or sent (a client: one).
+    pub fn solicitations(&self) -> u64 {
+        self.solicitations
     }
 
     /// The peers up now, by instance id.
@@ -477,6 +504,9 @@ impl Beacon {
         }
         let instance = datagram.instance;
         let announcement = datagram.announcement;
+        if announcement.kind == Kind::Client {
+            return self.answer_solicitation(now);
+        }
         let Some(tracked) = self.peers.get_mut(&instance) else {
             let peer = Peer {
                 instance,
@@ -513,6 +543,29 @@ impl Beacon {
         }
     }
 
+    /// A client asked for the servers' beacons: a server brings its next one forward to
+    /// now, or to [`SOLICITED_BEACONS_PER_INTERVAL`]-th of an interval after its last
+    /// one if that is later. That bound is what keeps a crowd of clients, or a stranger
+    /// sending solicitations in a loop, from making a server flood the LAN. A client
+    /// ignores other clients.
+    pub fn answer_solicitation(&mut self, now: Instant) {
+        if self.config.announcement.kind == Kind::Client {
+            return;
+        }
+        self.solicitations += 1;
+        let gap = self.config.interval / SOLICITED_BEACONS_PER_INTERVAL;
+        let earliest = self.last_announce.map_or(now, |last| (last + gap).max(now));
+        self.next_announce = self.next_announce.min(earliest);
+    }
+
+    fn datagram(&self) -> Datagram {
+        Datagram {
+            cluster: self.config.cluster.clone(),
+            instance: self.config.instance,
+            announcement: self.config.announcement,
+        }
+    }
+
     /// Fires what is due: the next beacon, and peers gone silent.
     pub fn handle_timeout(&mut self, now: Instant) {
         for timer in Timer::ALL {
@@ -525,12 +578,9 @@ impl Beacon {
     fn fire(&mut self, now: Instant, timer: Timer) {
         match timer {
             Timer::Announce => {
-                let datagram = Datagram {
-                    cluster: self.config.cluster.clone(),
-                    instance: self.config.instance,
-                    announcement: self.config.announcement,
-                };
-                self.outputs.push_back(Output::Send(datagram.encode()));
+                let beacon = self.datagram().encode();
+                self.outputs.push_back(Output::Send(beacon));
+                self.last_announce = Some(now);
                 self.next_announce = now + self.config.interval;
             }
             Timer::Silence => {
@@ -584,6 +634,9 @@ impl Beacon {
         self.outputs.push_back(Output::Event(event));
     }
 }
+
+mod partner;
+pub use partner::{partner_kind, CLIENT_SLOTS};
 
 #[cfg(test)]
 mod tests;

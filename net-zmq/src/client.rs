@@ -60,6 +60,24 @@
 //! ```
 //!
 //! `examples/weather.rs` is the same as a runnable program.
+//!
+//! # Discovery
+//!
+//! With no server given, [`ClientBuilder::discover`] finds the cluster's primary and
+//! backup by their UDP beacons ([`crate::discovery`]) and follows them when they move or
+//! restart; servers given with [`ClientBuilder::server`] win:
+//!
+//! ```no_run
+//! use clonekv_zmq::client::Client;
+//! use clonekv_zmq::discovery::DiscoveryOptions;
+//!
+//! # fn main() -> Result<(), clonekv_zmq::client::ClientError> {
+//! let client = Client::builder()
+//!     .discover(DiscoveryOptions::new("clonekv")) // the cluster's name
+//!     .connect()?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -70,6 +88,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
+use clonekv_core::beacon::CLIENT_SLOTS;
 use clonekv_core::client::{
     self as core_client, Channel, Client as CoreClient, LostReason, Output, ServerIndex, State,
 };
@@ -81,6 +100,9 @@ use rand_core::SeedableRng;
 pub use clonekv_core::client::Entry;
 
 use crate::clock::Clock;
+use crate::discovery::{
+    Discovery, DiscoveryError, DiscoveryOptions, FoundServer, CLIENT_ANNOUNCEMENT,
+};
 use crate::log::{send_or_log, RateLimiter};
 use crate::socket::{largest_legal_frame, ReconnectMonitor, ZmqSocket};
 
@@ -138,6 +160,22 @@ impl ServerAddress {
     }
 }
 
+impl ServerAddress {
+    /// A slot whose server discovery has not found yet.
+    pub fn undiscovered() -> ServerAddress {
+        ServerAddress {
+            snapshot: String::new(),
+            publisher: String::new(),
+            collector: String::new(),
+        }
+    }
+
+    /// False for a slot discovery has not filled yet.
+    pub fn is_known(&self) -> bool {
+        !self.snapshot.is_empty()
+    }
+}
+
 impl FromStr for ServerAddress {
     type Err = ClientError;
     fn from_str(endpoint: &str) -> Result<Self, Self::Err> {
@@ -158,6 +196,9 @@ pub enum ClientError {
     /// The builder's settings are unusable.
     #[error("invalid client configuration: {0}")]
     Config(core_client::Error),
+    /// Discovery was asked for and cannot start.
+    #[error("{0}")]
+    Discovery(DiscoveryError),
     /// A server endpoint does not parse.
     #[error("invalid server endpoint {endpoint:?}: {reason}")]
     Endpoint {
@@ -280,6 +321,9 @@ pub struct Status {
     pub last_heard: Option<Duration>,
     /// Every server of the list, in order.
     pub servers: Vec<ServerStatus>,
+    /// With discovery: the servers of the cluster heard now, primary first (a server
+    /// not heard within the silence timeout is not listed). Empty without discovery.
+    pub discovered: Vec<FoundServer>,
 }
 
 /// What the client knows of one server of its list.
@@ -346,6 +390,8 @@ impl Iterator for Events {
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
     servers: Vec<ServerSpec>,
+    discovery: Option<DiscoveryOptions>,
+    discovered: Vec<FoundServer>,
     config: core_client::Config,
     event_capacity: usize,
     hwm: i32,
@@ -362,6 +408,8 @@ impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
             servers: Vec::new(),
+            discovery: None,
+            discovered: Vec::new(),
             config: core_client::Config::default(),
             event_capacity: 65_536,
             hwm: crate::server::DEFAULT_HWM,
@@ -381,6 +429,22 @@ impl ClientBuilder {
     /// Adds a server by its three endpoints.
     pub fn server_address(mut self, address: ServerAddress) -> Self {
         self.servers.push(ServerSpec::Explicit(address));
+        self
+    }
+
+    /// Finds the cluster's servers by their UDP beacons ([`crate::discovery`]) instead of
+    /// a list, and follows them when they move or restart. Servers given with
+    /// [`ClientBuilder::server`] win: with any, discovery is not used.
+    pub fn discover(mut self, options: DiscoveryOptions) -> Self {
+        self.discovery = Some(options);
+        self
+    }
+
+    /// With [`ClientBuilder::discover`]: servers already heard (say by
+    /// [`Discovery::listen_for_servers`]), connected at once rather than at their next
+    /// beacon.
+    pub fn discovered(mut self, servers: Vec<FoundServer>) -> Self {
+        self.discovered = servers;
         self
     }
 
@@ -439,7 +503,25 @@ impl ClientBuilder {
     /// Creates the sockets, connects to every server and starts the agent thread.
     /// Returns at once: the servers need not be up (see [`Client::wait_synced`]).
     pub fn connect(self) -> Result<Client, ClientError> {
-        let addresses = if self.servers.is_empty() {
+        let clock = Clock::new();
+        let discovery = match (&self.discovery, self.servers.is_empty()) {
+            (Some(options), true) => Some(
+                Discovery::open(clock, options.clone(), CLIENT_ANNOUNCEMENT)
+                    .map_err(ClientError::Discovery)?,
+            ),
+            _ => None,
+        };
+        let addresses = if discovery.is_some() {
+            CLIENT_SLOTS
+                .iter()
+                .map(
+                    |kind| match self.discovered.iter().find(|server| server.kind == *kind) {
+                        Some(server) => ServerAddress::from_base(&server.base_endpoint()),
+                        None => Ok(ServerAddress::undiscovered()),
+                    },
+                )
+                .collect::<Result<Vec<_>, _>>()?
+        } else if self.servers.is_empty() {
             DEFAULT_SERVERS
                 .iter()
                 .map(|endpoint| ServerAddress::from_base(endpoint))
@@ -457,8 +539,7 @@ impl ClientBuilder {
         config.servers = addresses.len();
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|error| ClientError::Randomness(error.to_string()))?;
-        let clock = Clock::new();
-        let core = CoreClient::new(config, ChaCha8Rng::from_seed(seed), clock.now())
+        let mut core = CoreClient::new(config, ChaCha8Rng::from_seed(seed), clock.now())
             .map_err(ClientError::Config)?;
 
         let context = zmq::Context::new();
@@ -480,7 +561,9 @@ impl ClientBuilder {
             configure(&snapshot, &address.snapshot, |socket| {
                 socket.set_maxmsgsize(largest)
             })?;
-            connect(&snapshot, &address.snapshot)?;
+            if address.is_known() {
+                connect(&snapshot, &address.snapshot)?;
+            }
             let subscriber = new_socket(&context, zmq::SUB, "subscriber", &address.publisher)?;
             let subtree = core.subtree().to_vec();
             configure(&subscriber, &address.publisher, |socket| {
@@ -499,7 +582,12 @@ impl ClientBuilder {
                     error,
                 }
             })?;
-            connect(&subscriber, &address.publisher)?;
+            if address.is_known() {
+                connect(&subscriber, &address.publisher)?;
+            } else {
+                // Nothing to wait for there until discovery finds it.
+                core.handle_server_disconnected(clock.now(), ServerIndex(index));
+            }
             snapshot.register(poll.registry(), snapshot_token(index))?;
             subscriber.register(poll.registry(), subscriber_token(index))?;
             monitor.register(poll.registry(), monitor_token(index))?;
@@ -522,8 +610,12 @@ impl ClientBuilder {
             // Updates still queued at shutdown get this long to go out.
             socket.set_linger(linger)
         })?;
-        for address in &addresses {
+        for address in addresses.iter().filter(|address| address.is_known()) {
             connect(&publisher, &address.collector)?;
+        }
+        let mut discovery = discovery;
+        if let Some(discovery) = discovery.as_mut() {
+            discovery.register(poll.registry(), DISCOVERY)?;
         }
 
         let (commands, inbox) = mpsc::channel();
@@ -540,6 +632,8 @@ impl ClientBuilder {
             sync_waiters: Vec::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
             stopping: false,
+            discovery,
+            discovery_readable: true,
             context,
         };
         let thread = std::thread::Builder::new()
@@ -603,7 +697,10 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// The servers, in the order they are tried.
+    /// The servers, in the order they are tried, as they were when the client started.
+    /// With discovery these are the primary's and the backup's slots, and a slot not yet
+    /// filled then is [`ServerAddress::undiscovered`]; [`Client::status`] has each
+    /// server's endpoint now.
     pub fn servers(&self) -> &[ServerAddress] {
         &self.addresses
     }
@@ -765,6 +862,7 @@ impl Drop for Client {
 }
 
 const WAKER: Token = Token(0);
+const DISCOVERY: Token = Token(3_000_000);
 
 fn snapshot_token(index: usize) -> Token {
     Token(1 + 2 * index)
@@ -848,6 +946,11 @@ struct Agent {
     sync_waiters: Vec<Sender<Status>>,
     limiter: RateLimiter,
     stopping: bool,
+    /// The cluster's beacons, when the servers are found by discovery; the servers'
+    /// slots are then [`CLIENT_SLOTS`] (primary, backup).
+    discovery: Option<Discovery>,
+    /// The discovery socket's fd signalled since it was last read empty.
+    discovery_readable: bool,
     // Dropped last: terminating the context waits (up to the linger) for queued updates.
     context: zmq::Context,
 }
@@ -863,9 +966,12 @@ impl Agent {
             if self.stopping {
                 break;
             }
-            let timeout = self
-                .clock
-                .sleep_until(self.clock.now(), self.core.poll_timeout());
+            let discovery_due = self.discovery.as_ref().and_then(Discovery::poll_timeout);
+            let deadline = match (self.core.poll_timeout(), discovery_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = self.clock.sleep_until(self.clock.now(), deadline);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -873,6 +979,9 @@ impl Agent {
                     tracing::error!(%error, "client stopped: the event loop failed");
                     break;
                 }
+            }
+            if events.iter().any(|event| event.token() == DISCOVERY) {
+                self.discovery_readable = true;
             }
         }
         // Sockets close here; the context (dropped last) lets queued updates go out.
@@ -894,6 +1003,7 @@ impl Agent {
                 self.core.handle_timeout(now);
                 self.drain_outputs();
             }
+            moved |= self.pump_discovery()?;
             for index in 0..self.links.len() {
                 moved |= self.receive_monitor_events(index)?;
                 moved |= self.receive_batch(index, Channel::Snapshot)?;
@@ -909,6 +1019,73 @@ impl Agent {
                 return Ok(());
             }
         }
+    }
+
+    /// Reads beacons and connects each slot to the server discovery has for it; true
+    /// while more beacons may be waiting.
+    fn pump_discovery(&mut self) -> Result<bool, zmq::Error> {
+        let Some(discovery) = self.discovery.as_mut() else {
+            return Ok(false);
+        };
+        let due = discovery
+            .poll_timeout()
+            .is_some_and(|due| due <= self.clock.now());
+        if !self.discovery_readable && !due {
+            return Ok(false);
+        }
+        let more = discovery.pump();
+        self.discovery_readable = more;
+        let mut changed = false;
+        while discovery.poll_event().is_some() {
+            changed = true;
+        }
+        if changed {
+            self.follow_servers()?;
+        }
+        Ok(more)
+    }
+
+    /// Moves each slot whose server discovery now places elsewhere. A server that went
+    /// silent keeps its slot's connection: libzmq reconnects if it comes back there, and
+    /// the core judges its liveness by its heartbeats.
+    fn follow_servers(&mut self) -> Result<(), zmq::Error> {
+        let Some(discovery) = &self.discovery else {
+            return Ok(());
+        };
+        for (index, kind) in CLIENT_SLOTS.iter().enumerate() {
+            let Some(found) = discovery.beacon().server_of_kind(*kind) else {
+                continue;
+            };
+            let found = FoundServer::from(found);
+            let Ok(address) = ServerAddress::from_base(&found.base_endpoint()) else {
+                continue;
+            };
+            let (Some(link), Some(current)) = (self.links.get(index), self.addresses.get(index))
+            else {
+                continue;
+            };
+            if *current == address {
+                continue;
+            }
+            if current.is_known() {
+                // Fails only for an endpoint never connected; nothing to undo then.
+                let _ = link.snapshot.inner().disconnect(&current.snapshot);
+                let _ = link.subscriber.inner().disconnect(&current.publisher);
+                let _ = self.publisher.inner().disconnect(&current.collector);
+            }
+            link.snapshot.inner().connect(&address.snapshot)?;
+            link.subscriber.inner().connect(&address.publisher)?;
+            self.publisher.inner().connect(&address.collector)?;
+            tracing::info!(
+                server = %address.snapshot,
+                role = ?kind,
+                "discovery: connected to a server of the cluster"
+            );
+            if let Some(slot) = self.addresses.get_mut(index) {
+                *slot = address;
+            }
+        }
+        Ok(())
     }
 
     fn take_commands(&mut self) -> bool {
@@ -1005,6 +1182,11 @@ impl Agent {
                     }
                 })
                 .collect(),
+            discovered: self
+                .discovery
+                .as_ref()
+                .map(Discovery::servers)
+                .unwrap_or_default(),
         }
     }
 

@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
+use clonekv_core::beacon::{Announcement, Event as PeerEvent, Kind};
 use clonekv_core::bstar::Role;
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
@@ -55,6 +56,7 @@ use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
+use crate::discovery::{endpoint_host, Discovery, DiscoveryError, DiscoveryOptions};
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
 use crate::socket::{largest_legal_frame, Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
@@ -124,12 +126,7 @@ impl ServerEndpoints {
     /// [`ServerHost::start`] does it before making any socket.
     pub fn check(&self) -> Result<(), EndpointError> {
         crate::endpoint::check(
-            &[
-                ("snapshot", &self.snapshot),
-                ("publisher", &self.publisher),
-                ("collector", &self.collector),
-                ("state", &self.state),
-            ],
+            &self.own(),
             &[
                 ("peer snapshot", &self.peer_snapshot),
                 ("peer publisher", &self.peer_publisher),
@@ -137,6 +134,21 @@ impl ServerEndpoints {
                 ("peer state", &self.peer_state),
             ],
         )
+    }
+
+    /// [`ServerEndpoints::check`] of this server's own endpoints only, for a server
+    /// that finds its peer by discovery.
+    pub fn check_own(&self) -> Result<(), EndpointError> {
+        crate::endpoint::check(&self.own(), &[])
+    }
+
+    fn own(&self) -> [(&'static str, &str); 4] {
+        [
+            ("snapshot", &self.snapshot),
+            ("publisher", &self.publisher),
+            ("collector", &self.collector),
+            ("state", &self.state),
+        ]
     }
 }
 
@@ -152,6 +164,26 @@ pub struct ServerOptions {
     /// re-syncs when it notices. The snapshot ROUTER keeps libzmq's default, since its
     /// replies are flow-controlled instead.
     pub hwm: i32,
+    /// Announce this server by UDP beacon, and maybe find the peer that way; `None`:
+    /// no discovery.
+    pub discovery: Option<ServerDiscovery>,
+}
+
+/// How a server takes part in discovery ([`crate::discovery`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerDiscovery {
+    /// Cluster, UDP port, interface and timing.
+    pub options: DiscoveryOptions,
+    /// The base port P announced (snapshots on P, updates on P+1, collector on P+2).
+    pub base_port: u16,
+    /// The Binary Star state port announced.
+    pub state_port: u16,
+    /// Connect to the partner the beacons reveal (the server of the other role in the
+    /// cluster). The peer endpoints in [`ServerEndpoints`] are then a fallback, used only
+    /// when no partner is heard within the silence timeout (a partner that does not
+    /// announce itself, such as the zguide's servers); a partner heard later replaces
+    /// them.
+    pub find_peer: bool,
 }
 
 impl ServerOptions {
@@ -161,6 +193,7 @@ impl ServerOptions {
             config: Config::primary(),
             endpoints: ServerEndpoints::primary(),
             hwm: DEFAULT_HWM,
+            discovery: None,
         }
     }
 
@@ -170,6 +203,7 @@ impl ServerOptions {
             config: Config::backup(),
             endpoints: ServerEndpoints::backup(),
             hwm: DEFAULT_HWM,
+            discovery: None,
         }
     }
 }
@@ -223,6 +257,9 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the event loop: {0}")]
     Io(#[from] io::Error),
+    /// Discovery was asked for and cannot start.
+    #[error("{0}")]
+    Discovery(#[from] DiscoveryError),
 }
 
 /// What a bind error means, with libzmq's errno and text.
@@ -285,6 +322,7 @@ const WAKER: Token = Token(5);
 const SIGNALS: Token = Token(6);
 const PEER_UPDATES_MONITOR: Token = Token(7);
 const PUBLISHER: Token = Token(8);
+const DISCOVERY: Token = Token(9);
 
 /// Messages taken from one socket, or one client's snapshot stream, per pass, so that a
 /// flood on one cannot starve the others.
@@ -361,6 +399,17 @@ pub struct ServerHost {
     /// read: its fd signalled, or it was last used for anything but a receive that
     /// found nothing. A pass reads only these; see [`ServerHost::turn`].
     maybe_readable: [bool; INPUTS.len()],
+    /// Beacons out and in, when discovery is on.
+    discovery: Option<Discovery>,
+    /// The discovery socket's fd signalled since it was last read empty.
+    discovery_readable: bool,
+    /// The peer's endpoints come from discovery, not from [`ServerEndpoints`].
+    find_peer: bool,
+    /// The peer sockets are connected to `endpoints`' peer endpoints (always, unless
+    /// the peer is to be discovered and has not been heard yet).
+    peer_connected: bool,
+    /// When the configured peer endpoints are used if discovery has found no partner.
+    peer_fallback_at: Option<Instant>,
 }
 
 impl ServerHost {
@@ -369,7 +418,15 @@ impl ServerHost {
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
         let server = Server::new(clock.now(), clock.wall(), options.config)?;
-        options.endpoints.check()?;
+        let find_peer = options
+            .discovery
+            .as_ref()
+            .is_some_and(|discovery| discovery.find_peer);
+        if find_peer {
+            options.endpoints.check_own()?;
+        } else {
+            options.endpoints.check()?;
+        }
         let endpoints = options.endpoints;
         let context = zmq::Context::new();
         let poll = Poll::new()?;
@@ -406,7 +463,9 @@ impl ServerHost {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
         configure(&peer_state, |socket| socket.set_subscribe(b""))?;
-        connect(&peer_state, &endpoints.peer_state)?;
+        if !find_peer {
+            connect(&peer_state, &endpoints.peer_state)?;
+        }
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
         configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
         configure(&peer_updates, |socket| {
@@ -418,10 +477,12 @@ impl ServerHost {
                 socket: "peer publisher monitor",
                 error,
             })?;
-        connect(&peer_updates, &endpoints.peer_publisher)?;
         let peer_collector = new_socket(&context, zmq::PUB, "peer collector")?;
         configure(&peer_collector, |socket| socket.set_sndhwm(options.hwm))?;
-        connect(&peer_collector, &endpoints.peer_collector)?;
+        if !find_peer {
+            connect(&peer_updates, &endpoints.peer_publisher)?;
+            connect(&peer_collector, &endpoints.peer_collector)?;
+        }
 
         let registry = poll.registry();
         router.register(registry, ROUTER)?;
@@ -430,6 +491,29 @@ impl ServerHost {
         peer_updates.register(registry, PEER_UPDATES)?;
         publisher.register(registry, PUBLISHER)?;
         peer_updates_monitor.register(registry, PEER_UPDATES_MONITOR)?;
+        // Announced only once every port is bound: a peer or client that hears the
+        // beacon finds the sockets there.
+        let mut peer_fallback_at = None;
+        let discovery = match options.discovery {
+            Some(discovery) => {
+                if find_peer {
+                    peer_fallback_at = Some(clock.now() + discovery.options.silence);
+                }
+                let announcement = Announcement {
+                    kind: match server.bstar().role() {
+                        Role::Primary => Kind::Primary,
+                        Role::Backup => Kind::Backup,
+                    },
+                    state: Some(server.bstar().state()),
+                    base_port: discovery.base_port,
+                    state_port: discovery.state_port,
+                };
+                let mut opened = Discovery::open(clock, discovery.options, announcement)?;
+                opened.register(registry, DISCOVERY)?;
+                Some(opened)
+            }
+            None => None,
+        };
 
         Ok(ServerHost {
             clock,
@@ -455,6 +539,11 @@ impl ServerHost {
             limiter: RateLimiter::new(Duration::from_secs(10)),
             frames: Frames::default(),
             maybe_readable: [true; INPUTS.len()],
+            discovery,
+            discovery_readable: true,
+            find_peer,
+            peer_connected: !find_peer,
+            peer_fallback_at,
         })
     }
 
@@ -496,9 +585,14 @@ impl ServerHost {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let timeout = self
-                .clock
-                .sleep_until(self.clock.now(), self.server.poll_timeout());
+            let deadline = earliest(
+                earliest(
+                    self.server.poll_timeout(),
+                    self.discovery.as_ref().and_then(Discovery::poll_timeout),
+                ),
+                self.peer_fallback_at.filter(|_| !self.peer_connected),
+            );
+            let timeout = self.clock.sleep_until(self.clock.now(), deadline);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -510,6 +604,9 @@ impl ServerHost {
                 }
                 if event.token() == PEER_UPDATES_MONITOR {
                     self.peer_updates_monitor_readable = true;
+                }
+                if event.token() == DISCOVERY {
+                    self.discovery_readable = true;
                 }
                 if event.token() == SIGNALS {
                     if let Some(signals) = self.signals.as_mut() {
@@ -523,6 +620,9 @@ impl ServerHost {
         }
         log_summaries(self.limiter.all_summaries());
         log_counters(self.server.counters(), self.server.bstar().role());
+        if let Some(discovery) = &self.discovery {
+            log_discovery_counters(discovery);
+        }
         Ok(())
     }
 
@@ -548,6 +648,7 @@ impl ServerHost {
                 log_summaries(self.limiter.due_summaries(StdInstant::now()));
             }
             let mut moved = self.receive_peer_updates_monitor()?;
+            moved |= self.pump_discovery();
             moved |= self.receive_pass()?;
             let pumped = self.pump_snapshots();
             moved |= pumped.sent;
@@ -720,9 +821,143 @@ impl ServerHost {
         }
     }
 
+    /// Announces the current Binary Star state, reads beacons and follows the partner
+    /// they reveal; true while more beacons may be waiting.
+    fn pump_discovery(&mut self) -> bool {
+        let Some(discovery) = self.discovery.as_mut() else {
+            return false;
+        };
+        let now = self.clock.now();
+        discovery.set_state(self.server.bstar().state());
+        if !self.peer_connected && self.peer_fallback_at.is_some_and(|due| due <= now) {
+            self.connect_fallback_peer();
+            return true;
+        }
+        let due = discovery.poll_timeout().is_some_and(|due| due <= now);
+        if !self.discovery_readable && !due {
+            return false;
+        }
+        let more = discovery.pump();
+        self.discovery_readable = more;
+        let mut heard_change = false;
+        while let Some(event) = discovery.poll_event() {
+            log_discovery_event(&event);
+            heard_change = true;
+        }
+        if heard_change && self.find_peer {
+            self.follow_partner();
+        }
+        more
+    }
+
+    /// Connects the peer sockets to the configured peer endpoints: no partner announced
+    /// itself within the silence timeout.
+    fn connect_fallback_peer(&mut self) {
+        for (socket, endpoint) in [
+            (&self.peer_state, &self.endpoints.peer_state),
+            (&self.peer_updates, &self.endpoints.peer_publisher),
+            (&self.peer_collector, &self.endpoints.peer_collector),
+        ] {
+            if let Err(error) = socket.inner().connect(endpoint) {
+                tracing::error!(socket = socket.name(), %endpoint, %error, "cannot connect to the configured peer");
+            }
+        }
+        tracing::info!(
+            peer_snapshot = %self.endpoints.peer_snapshot,
+            peer_state = %self.endpoints.peer_state,
+            "discovery: no partner announced itself; using the configured peer endpoints until one does"
+        );
+        self.peer_connected = true;
+    }
+
+    /// Connects the peer sockets to the partner discovery found, when it is new or has
+    /// moved. A partner that goes silent stays connected: libzmq reconnects when it comes
+    /// back at the same address, and Binary Star judges its liveness.
+    fn follow_partner(&mut self) {
+        let Some(discovery) = &self.discovery else {
+            return;
+        };
+        let Some(partner) = discovery.beacon().partner() else {
+            return;
+        };
+        let kind = partner.announcement.kind;
+        if discovery.beacon().servers_of_kind(kind) > 1 {
+            log_limited!(
+                self.limiter,
+                "discovery_two_partners",
+                tracing::Level::WARN,
+                "discovery: more than one server of the partner's role in this cluster; pairing with the lowest instance id. Give each pair its own --cluster",
+                role = kind_name(kind),
+                count = discovery.beacon().servers_of_kind(kind)
+            );
+        }
+        let found = ServerEndpoints::with_ports(
+            "*",
+            1,
+            1,
+            &endpoint_host(partner.address),
+            partner.announcement.base_port,
+            partner.announcement.state_port,
+        );
+        if self.peer_connected
+            && found.peer_state == self.endpoints.peer_state
+            && found.peer_snapshot == self.endpoints.peer_snapshot
+        {
+            return;
+        }
+        let pairs: [(&ZmqSocket, String, String); 3] = [
+            (
+                &self.peer_state,
+                self.endpoints.peer_state.clone(),
+                found.peer_state.clone(),
+            ),
+            (
+                &self.peer_updates,
+                self.endpoints.peer_publisher.clone(),
+                found.peer_publisher.clone(),
+            ),
+            (
+                &self.peer_collector,
+                self.endpoints.peer_collector.clone(),
+                found.peer_collector.clone(),
+            ),
+        ];
+        for (socket, old, new) in pairs {
+            if self.peer_connected {
+                // Fails only if it was never connected there; nothing to undo then.
+                let _ = socket.inner().disconnect(&old);
+            }
+            if let Err(error) = socket.inner().connect(&new) {
+                tracing::error!(socket = socket.name(), endpoint = %new, %error, "discovery: cannot connect to the partner");
+            }
+        }
+        tracing::info!(
+            role = kind_name(kind),
+            snapshot = %found.peer_snapshot,
+            state = %found.peer_state,
+            "discovery: connected to the partner"
+        );
+        self.endpoints.peer_snapshot = found.peer_snapshot;
+        self.endpoints.peer_publisher = found.peer_publisher;
+        self.endpoints.peer_collector = found.peer_collector;
+        self.endpoints.peer_state = found.peer_state;
+        self.peer_connected = true;
+    }
+
     /// Sends ICANHAZ? to the peer on a fresh DEALER, so that a late reply to an earlier
     /// request can never be read as part of this one.
     fn request_peer_snapshot(&mut self, frames: &[Vec<u8>; 2]) {
+        if !self.peer_connected {
+            // The core asks again after peer_sync_timeout; by then the partner may have
+            // been heard.
+            log_limited!(
+                self.limiter,
+                "peer_snapshot/undiscovered",
+                tracing::Level::INFO,
+                "the peer's snapshot is wanted but discovery has not found the peer yet"
+            );
+            return;
+        }
         if let Some(old) = self.peer_snapshot.take() {
             if let Err(error) = old.deregister(self.poll.registry()) {
                 log_limited!(
@@ -1123,4 +1358,75 @@ fn log_counters(counters: &Counters, role: Role) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Primary => "primary",
+        Kind::Backup => "backup",
+        Kind::Client => "client",
+    }
+}
+
+/// A line per change in the table of discovered peers (each is rare: a node starting,
+/// stopping or moving).
+fn log_discovery_event(event: &PeerEvent) {
+    match event {
+        PeerEvent::PeerUp(peer) | PeerEvent::PeerChanged(peer) => {
+            let what = if matches!(event, PeerEvent::PeerUp(_)) {
+                "discovery: peer up"
+            } else {
+                "discovery: peer changed"
+            };
+            tracing::info!(
+                instance = %short_instance(&peer.instance),
+                role = kind_name(peer.announcement.kind),
+                address = %peer.address,
+                base_port = peer.announcement.base_port,
+                state_port = peer.announcement.state_port,
+                state = ?peer.announcement.state,
+                "{what}"
+            );
+        }
+        PeerEvent::PeerDown { instance } => {
+            tracing::info!(instance = %short_instance(instance), "discovery: peer down (no beacon within the silence timeout)");
+        }
+    }
+}
+
+/// The first four bytes of an instance id in hex: enough to tell nodes apart in a log.
+pub(crate) fn short_instance(instance: &[u8; 16]) -> String {
+    instance
+        .iter()
+        .take(4)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Discovery's counters, once at shutdown: beacons sent and every reason a received one
+/// was dropped.
+fn log_discovery_counters(discovery: &Discovery) {
+    use clonekv_core::beacon::DropReason;
+    let (sent, send_failures) = discovery.sent();
+    let dropped = |reason: DropReason| discovery.dropped(reason);
+    tracing::info!(
+        sent,
+        send_failures,
+        bad_length = dropped(DropReason::BadLength),
+        bad_magic = dropped(DropReason::BadMagic),
+        unknown_version = dropped(DropReason::UnknownVersion),
+        bad_field = dropped(DropReason::BadField),
+        other_cluster = dropped(DropReason::OtherCluster),
+        own_beacon = dropped(DropReason::OwnBeacon),
+        "discovery counters"
+    );
 }

@@ -208,6 +208,11 @@ fn move_a_backup_that_changes_address_is_followed_after_two_intervals_not_before
     assert_eq!(report.coverage.peer_down, 0);
 }
 
+fn options_clients() -> usize {
+    let options = DiscoveryOptions::quiet();
+    options.clients + usize::from(options.other_cluster_client)
+}
+
 fn report_options() -> DiscoveryOptions {
     DiscoveryOptions::quiet()
 }
@@ -326,7 +331,7 @@ fn garbage_of_every_kind_changes_only_counters_at_every_node() {
 }
 
 #[test]
-fn clients_only_listen_and_the_other_cluster_stays_apart() {
+fn clients_solicit_once_then_listen_and_the_other_cluster_stays_apart() {
     let options = DiscoveryOptions {
         state_change: Ratio::NEVER,
         ..DiscoveryOptions::quiet()
@@ -351,10 +356,16 @@ fn clients_only_listen_and_the_other_cluster_stays_apart() {
     let servers = 4;
     let report = world.run();
     assert!(report.violation.is_none(), "{:?}", report.violation);
-    // 90 s of one beacon a second from each server, plus one per state change, and
-    // nothing from the clients (oracle (vi) would have failed on a client's beacon).
+    // One solicitation from each client (oracle (vi) fails on any more); 90 s of one
+    // beacon a second from each server, plus one per state change and at most one per
+    // solicitation answered early.
+    let clients = u64::try_from(options_clients()).unwrap();
+    assert_eq!(report.coverage.solicitations, clients);
     let sent = report.coverage.beacons_sent;
-    assert!((servers * 88..=servers * 92 + 2).contains(&sent), "{sent}");
+    assert!(
+        (servers * 88..=servers * 92 + 2 + clients).contains(&sent),
+        "{sent}"
+    );
     let world =
         DiscoveryWorld::with_script(9, DiscoveryOptions::quiet(), Vec::new(), TraceMode::Hash);
     let mut world = world;

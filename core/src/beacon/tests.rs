@@ -229,8 +229,65 @@ fn client() -> Announcement {
     }
 }
 
+/// A client machine whose one solicitation, sent when it was made, has been taken.
 fn client_machine() -> Beacon {
-    Beacon::new(ms(0), Config::new(CLUSTER, ME, client())).unwrap()
+    let mut beacon = Beacon::new(ms(0), Config::new(CLUSTER, ME, client())).unwrap();
+    let sent = drain(&mut beacon);
+    assert!(matches!(&sent[..], [Output::Send(_)]), "{sent:?}");
+    beacon
+}
+
+#[test]
+fn a_client_solicits_once_when_it_starts_and_then_only_listens() {
+    let mut beacon = Beacon::new(ms(0), Config::new(CLUSTER, ME, client())).unwrap();
+    let sent = drain(&mut beacon);
+    let [Output::Send(bytes)] = &sent[..] else {
+        panic!("expected one solicitation, got {sent:?}");
+    };
+    let solicitation = Datagram::decode(bytes).unwrap();
+    assert_eq!(solicitation.announcement, client());
+    assert_eq!(solicitation.cluster, CLUSTER);
+    assert_eq!(beacon.solicitations(), 1);
+    beacon.handle_timeout(ms(60_000));
+    assert!(drain(&mut beacon).is_empty());
+}
+
+#[test]
+fn a_server_answers_a_solicitation_at_once_and_a_crowd_of_them_at_a_bounded_rate() {
+    let mut beacon = machine();
+    let solicitation = beacon_of(OTHER, CLUSTER, client());
+    beacon.handle_timeout(ms(0));
+    assert_eq!(sends(&mut beacon), 1, "the first beacon, at once");
+    // A solicitation soon after a beacon: answered a tenth of an interval after it.
+    beacon.handle_datagram(ms(30), host(3), &solicitation);
+    assert_eq!(beacon.poll_timeout(), Some(ms(100)));
+    beacon.handle_timeout(ms(100));
+    assert_eq!(sends(&mut beacon), 1);
+    // Long after: answered at once.
+    beacon.handle_datagram(ms(700), host(3), &solicitation);
+    assert_eq!(beacon.poll_timeout(), Some(ms(700)));
+    beacon.handle_timeout(ms(700));
+    assert_eq!(sends(&mut beacon), 1);
+    // A solicitation every millisecond for ten seconds: at most ten beacons more per
+    // interval than the regular one.
+    let mut sent = 0;
+    for at in 701..10_701 {
+        beacon.handle_datagram(ms(at), host(3), &solicitation);
+        beacon.handle_timeout(ms(at));
+        sent += sends(&mut beacon);
+    }
+    assert!(sent <= 10 * 10 + 10, "{sent} beacons in 10 s");
+    assert!(sent >= 10 * 9, "solicitations were answered: {sent}");
+    // Clients are never peers.
+    assert_eq!(beacon.peers().count(), 0);
+    assert!(events(&mut beacon).is_empty());
+}
+
+fn sends(beacon: &mut Beacon) -> usize {
+    drain(beacon)
+        .iter()
+        .filter(|output| matches!(output, Output::Send(_)))
+        .count()
 }
 
 #[test]

@@ -11,9 +11,14 @@ use std::time::Duration;
 use clap::{Args, Parser, ValueEnum};
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
+use clonekv_zmq::discovery::{
+    DiscoveryError, DiscoveryOptions, DEFAULT_CLUSTER, DEFAULT_DISCOVERY_PORT,
+};
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
-use clonekv_zmq::server::{ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM};
+use clonekv_zmq::server::{
+    ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM,
+};
 
 /// Exit status when the configuration (flags or file) is unusable, on any host or on
 /// this one.
@@ -32,7 +37,12 @@ With no arguments it serves as the primary: ROUTER on tcp://*:5556 (snapshots), 
 5557 (updates), SUB on 5558 (collector), Binary Star state PUB on 5003, and it expects a \
 backup on localhost:5566 / 5004. `--backup` starts the backup on 5566-5568 and 5004, with \
 the primary at localhost:5556 / 5003. A lone primary starts serving on the first client \
-request once its peer has been silent for two heartbeats.",
+request once its peer has been silent for two heartbeats.\n\n\
+Discovery is on by default: the server announces itself by UDP broadcast (port 5560, \
+cluster \"clonekv\") and, unless a --peer-* option is given, connects to the server of \
+the other role that its cluster's beacons reveal, on this host or anywhere on the LAN; \
+with no such beacon within 4 s it uses the peer endpoints above until one comes. \
+--no-discovery turns it off.",
     after_help = "Every option can also be set in the --config file under its long name \
 (for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
@@ -156,6 +166,33 @@ struct Settings {
     /// Messages queued per peer on the streaming sockets before libzmq drops [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
+
+    /// Name of this server's cluster: servers and clients find only their own cluster's
+    /// nodes on the LAN [default: clonekv].
+    #[arg(long, value_name = "NAME", help_heading = "Discovery")]
+    cluster: Option<String>,
+    /// UDP port of the discovery beacons, the same for every node of the cluster
+    /// [default: 5560].
+    #[arg(long, value_name = "PORT", help_heading = "Discovery")]
+    discovery_port: Option<u16>,
+    /// Send and hear beacons on this network interface only (e.g. eth0) [default: every
+    /// interface that is up, and loopback].
+    #[arg(long, value_name = "IFACE", help_heading = "Discovery")]
+    discovery_interface: Option<String>,
+    /// How often this server broadcasts its beacon; a node is gone after four intervals
+    /// without one [default: 1s].
+    #[arg(long, value_name = "DURATION", help_heading = "Discovery")]
+    discovery_interval: Option<HumanDuration>,
+    /// Neither announce this server nor look for its peer by beacon: the peer is at the
+    /// --peer-* endpoints (default localhost).
+    #[arg(
+        long,
+        env = "CLONEKVD_NO_DISCOVERY",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        help_heading = "Discovery"
+    )]
+    #[serde(default)]
+    no_discovery: bool,
 }
 
 impl Settings {
@@ -195,7 +232,62 @@ impl Settings {
             sync_backlog_max: self.sync_backlog_max.or(file.sync_backlog_max),
             split_log_max: self.split_log_max.or(file.split_log_max),
             hwm: self.hwm.or(file.hwm),
+            cluster: self.cluster.or(file.cluster),
+            discovery_port: self.discovery_port.or(file.discovery_port),
+            discovery_interface: self.discovery_interface.or(file.discovery_interface),
+            discovery_interval: self.discovery_interval.or(file.discovery_interval),
+            no_discovery: self.no_discovery || file.no_discovery,
         }
+    }
+
+    /// True when any endpoint of the peer was given: the peer is then found there, not
+    /// by discovery.
+    fn peer_given(&self) -> bool {
+        self.peer_host.is_some()
+            || self.peer_port.is_some()
+            || self.peer_state_port.is_some()
+            || self.peer_snapshot_endpoint.is_some()
+            || self.peer_publisher_endpoint.is_some()
+            || self.peer_collector_endpoint.is_some()
+            || self.peer_state_endpoint.is_some()
+    }
+
+    /// How this server takes part in discovery, or none with `--no-discovery`.
+    fn discovery(
+        &self,
+        base_port: u16,
+        state_port: u16,
+    ) -> Result<Option<ServerDiscovery>, String> {
+        if self.no_discovery {
+            return Ok(None);
+        }
+        if self.snapshot_endpoint.is_some()
+            || self.publisher_endpoint.is_some()
+            || self.collector_endpoint.is_some()
+            || self.state_endpoint.is_some()
+        {
+            return Err(
+                "discovery announces the --port / --state-port layout; with full \
+                        endpoints (--snapshot-endpoint and the like) give --no-discovery"
+                    .to_string(),
+            );
+        }
+        let mut options = DiscoveryOptions::new(self.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER));
+        options.port = self.discovery_port.unwrap_or(DEFAULT_DISCOVERY_PORT);
+        options.interface = self.discovery_interface.clone();
+        if let Some(interval) = self.discovery_interval {
+            options.interval = interval.get();
+            options.silence = interval.get().saturating_mul(4);
+        }
+        if options.port == 0 {
+            return Err("--discovery-port must not be 0".to_string());
+        }
+        Ok(Some(ServerDiscovery {
+            options,
+            base_port,
+            state_port,
+            find_peer: !self.peer_given(),
+        }))
     }
 
     /// The server options: the role's defaults with every given setting applied.
@@ -214,6 +306,7 @@ impl Settings {
         };
         let port = self.port.unwrap_or(port);
         let peer_port = self.peer_port.unwrap_or(peer_port);
+        let discovery = self.discovery(port, self.state_port.unwrap_or(state_port))?;
         for (name, base) in [("--port", port), ("--peer-port", peer_port)] {
             if base > u16::MAX - 2 {
                 return Err(format!(
@@ -274,6 +367,7 @@ impl Settings {
             config,
             endpoints,
             hwm,
+            discovery,
         })
     }
 }
@@ -323,6 +417,7 @@ fn main() -> ExitCode {
     };
 
     let role = options.config.bstar.role;
+    let discovery = options.discovery.clone();
     let mut host = match ServerHost::start(options) {
         Ok(host) => host,
         Err(error) => {
@@ -347,6 +442,16 @@ fn main() -> ExitCode {
         peer_state = %endpoints.peer_state,
         "clonekvd started"
     );
+    match &discovery {
+        Some(discovery) => tracing::info!(
+            cluster = %discovery.options.cluster,
+            udp_port = discovery.options.port,
+            interface = discovery.options.interface.as_deref().unwrap_or("(every interface)"),
+            peer = if discovery.find_peer { "found by beacon (the peer endpoints above are not used)" } else { "at the configured endpoints" },
+            "discovery on: announcing this server by UDP broadcast"
+        ),
+        None => tracing::info!("discovery off: the peer is at the configured endpoints"),
+    }
     match host.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(EXIT_FAILURE, &format!("stopped: {error}")),
@@ -378,6 +483,9 @@ fn start_failure(error: &StartError) -> (u8, String) {
             (EXIT_CONFIG, format!("{error} ({hint})"))
         }
         StartError::Config(_) => (EXIT_CONFIG, error.to_string()),
+        StartError::Discovery(DiscoveryError::Config(_) | DiscoveryError::NoSuchInterface(_)) => {
+            (EXIT_CONFIG, format!("cannot start: {error}"))
+        }
         StartError::Bind {
             error: zmq::Error::EADDRINUSE,
             ..
@@ -411,6 +519,33 @@ fn fail(status: u8, message: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discovery_is_on_by_default_and_finds_the_peer_unless_one_is_given() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("clonekvd").chain(args.iter().copied()))
+                .unwrap();
+            cli.settings.into_options()
+        };
+        let default = parse(&[]).unwrap().discovery.unwrap();
+        assert!(default.find_peer);
+        assert_eq!(default.options.cluster, "clonekv");
+        assert_eq!(default.options.port, 5560);
+        assert_eq!((default.base_port, default.state_port), (5556, 5003));
+        let given = parse(&["--peer-host", "10.0.0.2", "--cluster", "b"]).unwrap();
+        let given = given.discovery.unwrap();
+        assert!(!given.find_peer, "a given peer wins");
+        assert_eq!(given.options.cluster, "b");
+        let fast = parse(&["--discovery-interval", "250ms"])
+            .unwrap()
+            .discovery
+            .unwrap();
+        assert_eq!(fast.options.silence, Duration::from_secs(1));
+        assert!(parse(&["--no-discovery"]).unwrap().discovery.is_none());
+        let error = parse(&["--snapshot-endpoint", "ipc:///tmp/s"]).unwrap_err();
+        assert!(error.contains("--no-discovery"), "{error}");
+        assert!(parse(&["--discovery-port", "0"]).is_err());
+    }
 
     #[test]
     fn no_arguments_mean_the_primary_on_the_reference_ports() {

@@ -125,16 +125,16 @@ fn print_summary(
     }
     println!("coverage:");
     println!(
-        "  beacons sent {}, datagrams delivered {}, lost {}, duplicated {}, cut by isolation or a stopped node {}",
-        coverage.beacons_sent, coverage.delivered, coverage.lost, coverage.duplicated, coverage.cut
+        "  beacons sent {}, solicitations {}, datagrams delivered {}, lost {}, duplicated {}, cut by isolation or a stopped node {}",
+        coverage.beacons_sent, coverage.solicitations, coverage.delivered, coverage.lost, coverage.duplicated, coverage.cut
     );
     println!(
         "  peer events: up {}, changed {}, down {}; address moves followed {}, of the multi-homed server {}",
         coverage.peer_up, coverage.peer_changed, coverage.peer_down, coverage.followed_moves, coverage.multi_homed_moves
     );
     println!(
-        "  oracle (i) checks past the bound: {}",
-        coverage.known_checks
+        "  oracle (i) checks past the bound: {}; peer changes back to a replaced announcement: {}",
+        coverage.known_checks, coverage.stale_announcements
     );
     for (title, counts) in [
         ("faults", &coverage.faults),

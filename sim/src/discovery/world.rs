@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clonekv_core::beacon::{
     self, address_silence, Announcement, Beacon, Config, Datagram, DropReason, Event, Kind, Output,
-    Peer, MAX_DATAGRAM_LEN,
+    Peer, MAX_DATAGRAM_LEN, SOLICITED_BEACONS_PER_INTERVAL,
 };
 use clonekv_core::kvmsg::BstarState;
 use clonekv_core::time::Instant;
@@ -51,7 +51,9 @@ pub enum DiscoveryOracle {
     /// (v) A peer's address moves only when its current address has been silent for
     /// [`address_silence`] (no flapping), and only to one it sends from.
     AddressFlap,
-    /// (vi) A client sends no beacon; every beacon sent parses; timers advance.
+    /// (vi) A client sends one solicitation when it starts and nothing else; a server
+    /// never sends two beacons closer than a tenth of an interval unless its state
+    /// changed between; every datagram sent parses; timers advance.
     Machine,
 }
 
@@ -63,7 +65,9 @@ impl fmt::Display for DiscoveryOracle {
             DiscoveryOracle::OtherCluster => "(iii) no other cluster's node",
             DiscoveryOracle::Garbage => "(iv) garbage changes only counters",
             DiscoveryOracle::AddressFlap => "(v) no address flapping",
-            DiscoveryOracle::Machine => "(vi) clients silent, beacons parse, timers advance",
+            DiscoveryOracle::Machine => {
+                "(vi) clients solicit once, servers rate-bound, datagrams parse, timers advance"
+            }
         })
     }
 }
@@ -82,8 +86,10 @@ pub struct DiscoveryViolation {
 /// Counts of what happened, so that a too-gentle world shows up as zeros.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DiscoveryCoverage {
-    /// Beacons broadcast.
+    /// Beacons broadcast by servers.
     pub beacons_sent: u64,
+    /// Solicitations broadcast by clients (one per start).
+    pub solicitations: u64,
     /// Datagrams delivered to a node (valid or not).
     pub delivered: u64,
     /// Datagrams lost by the network, duplicated, and cut by isolation or a dead node.
@@ -100,6 +106,10 @@ pub struct DiscoveryCoverage {
     pub peer_down: u64,
     /// Address changes of the multi-homed server's peer entries (each checked by (v)).
     pub multi_homed_moves: u64,
+    /// Peer changes back to an announcement the server had already replaced, after the
+    /// observer had reported its current one (a reordered or duplicated old beacon:
+    /// beacons carry no sequence number). The next beacon corrects it.
+    pub stale_announcements: u64,
     /// Address changes of a moved server's peer entries.
     pub followed_moves: u64,
     /// Faults injected, by name.
@@ -114,6 +124,7 @@ impl DiscoveryCoverage {
     /// Adds another run's counts.
     pub fn merge(&mut self, other: &DiscoveryCoverage) {
         self.beacons_sent += other.beacons_sent;
+        self.solicitations += other.solicitations;
         self.delivered += other.delivered;
         self.lost += other.lost;
         self.duplicated += other.duplicated;
@@ -122,6 +133,7 @@ impl DiscoveryCoverage {
         self.peer_changed += other.peer_changed;
         self.peer_down += other.peer_down;
         self.multi_homed_moves += other.multi_homed_moves;
+        self.stale_announcements += other.stale_announcements;
         self.followed_moves += other.followed_moves;
         self.known_checks += other.known_checks;
         for (name, count) in &other.faults {
@@ -250,6 +262,13 @@ struct Node {
     arrivals: BTreeMap<([u8; 16], IpAddr), Instant>,
     /// Oracle (v): the address each peer was last reported at.
     reported_address: BTreeMap<[u8; 16], IpAddr>,
+    /// When it last started, and what it sent since: oracle (vi).
+    started_at: Instant,
+    sent_since_start: u64,
+    last_sent: Option<Instant>,
+    state_changed_since_sent: bool,
+    /// The announcement each peer was last reported with.
+    reported_announcement: BTreeMap<[u8; 16], Announcement>,
 }
 
 impl Node {
@@ -404,6 +423,11 @@ impl DiscoveryWorld {
                     listening_since: start,
                     arrivals: BTreeMap::new(),
                     reported_address: BTreeMap::new(),
+                    reported_announcement: BTreeMap::new(),
+                    started_at: start,
+                    sent_since_start: 0,
+                    last_sent: None,
+                    state_changed_since_sent: false,
                 }
             })
             .collect();
@@ -687,10 +711,23 @@ impl DiscoveryWorld {
             return;
         };
         let name = sender.name.clone();
-        if !sender.is_server() {
+        let gap = self.options.interval / SOLICITED_BEACONS_PER_INTERVAL;
+        if !sender.is_server() && (sender.sent_since_start > 0 || sender.started_at != self.now) {
             return self.violate(
                 DiscoveryOracle::Machine,
-                format!("client {name} sent a beacon"),
+                format!("client {name} sent more than its one solicitation when it started"),
+            );
+        }
+        if let Some(last) = sender
+            .last_sent
+            .filter(|last| !sender.state_changed_since_sent && *last + gap > self.now)
+        {
+            return self.violate(
+                DiscoveryOracle::Machine,
+                format!(
+                    "{name} sent two beacons {:?} apart with no state change between",
+                    self.now.saturating_duration_since(last)
+                ),
             );
         }
         if Datagram::decode(&bytes).is_err() {
@@ -701,7 +738,16 @@ impl DiscoveryWorld {
         }
         let addresses = sender.addresses.clone();
         let sender_isolated = sender.isolated_until.is_some();
-        self.coverage.beacons_sent += 1;
+        if sender.is_server() {
+            self.coverage.beacons_sent += 1;
+        } else {
+            self.coverage.solicitations += 1;
+        }
+        if let Some(sender) = self.nodes.get_mut(from) {
+            sender.sent_since_start += 1;
+            sender.last_sent = Some(self.now);
+            sender.state_changed_since_sent = false;
+        }
         self.trace(
             || format!("{name} broadcasts {} bytes", bytes.len()),
             &(1u8, from, &bytes),
@@ -843,7 +889,10 @@ impl DiscoveryWorld {
         }
         // A valid beacon of this node's cluster from another node: record its arrival.
         if let Ok(datagram) = Datagram::decode(&bytes) {
-            if datagram.cluster == own_cluster && datagram.instance != node.instance {
+            if datagram.cluster == own_cluster
+                && datagram.instance != node.instance
+                && datagram.announcement.kind != Kind::Client
+            {
                 node.arrivals.insert((datagram.instance, source), now);
             }
         }
@@ -894,7 +943,10 @@ impl DiscoveryWorld {
                     .is_some_and(|owner| owner.cluster == node.cluster);
                 // A node may hear its previous incarnation's last beacons after a quick
                 // restart: of its cluster, but never its current instance.
-                if !same_cluster || instance == node.instance {
+                if !same_cluster
+                    || instance == node.instance
+                    || peer.announcement.kind == Kind::Client
+                {
                     return self.violate(
                         DiscoveryOracle::OtherCluster,
                         format!("{name} reports {owner_name} ({peer:?}), not another node of its cluster"),
@@ -924,6 +976,17 @@ impl DiscoveryWorld {
                 } else {
                     self.coverage.peer_changed += 1;
                 }
+                let reverted = owner
+                    .and_then(|owner| self.nodes.get(owner))
+                    .is_some_and(|owner| {
+                        owner.instance == instance
+                            && owner.announcement != peer.announcement
+                            && node.reported_announcement.get(&instance)
+                                == Some(&owner.announcement)
+                    });
+                if reverted {
+                    self.coverage.stale_announcements += 1;
+                }
                 if let Some(previous) = previous.filter(|previous| *previous != peer.address) {
                     let previous_heard = node
                         .arrivals
@@ -948,6 +1011,8 @@ impl DiscoveryWorld {
                 }
                 if let Some(node) = self.nodes.get_mut(observer) {
                     node.reported_address.insert(instance, peer.address);
+                    node.reported_announcement
+                        .insert(instance, peer.announcement);
                 }
             }
             Event::PeerDown { .. } => {
@@ -969,6 +1034,7 @@ impl DiscoveryWorld {
                 }
                 if let Some(node) = self.nodes.get_mut(observer) {
                     node.reported_address.remove(&instance);
+                    node.reported_announcement.remove(&instance);
                 }
             }
         }
@@ -1083,6 +1149,11 @@ impl DiscoveryWorld {
         node.announcement = node.initial_announcement();
         node.arrivals.clear();
         node.reported_address.clear();
+        node.reported_announcement.clear();
+        node.started_at = now;
+        node.sent_since_start = 0;
+        node.last_sent = None;
+        node.state_changed_since_sent = false;
         node.announced_since = now;
         node.listening_since = now;
         let config = Config {
@@ -1111,6 +1182,8 @@ impl DiscoveryWorld {
             || format!("{name} starts as {instance:02x?}"),
             &(6u8, index, instance),
         );
+        // A client's solicitation is out at once, before any timer.
+        self.drain(index);
         self.fire_timers(index);
     }
 
@@ -1195,6 +1268,7 @@ impl DiscoveryWorld {
                 let local = target.local(now);
                 target.announcement.state = Some(state);
                 target.announced_since = now;
+                target.state_changed_since_sent = true;
                 if let Some(beacon) = target.beacon.as_mut() {
                     beacon.set_state(local, state);
                 }

@@ -15,6 +15,9 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use clonekv_zmq::client::{Client, ClientError, Event, ServerAddress, Status, DEFAULT_SERVERS};
 use clonekv_zmq::core::client::State;
 use clonekv_zmq::core::kvmsg::{Limits, HUGZ, KTHXBAI};
+use clonekv_zmq::discovery::{
+    Discovery, DiscoveryOptions, FoundServer, DEFAULT_CLUSTER, DEFAULT_DISCOVERY_PORT,
+};
 use clonekv_zmq::duration::HumanDuration;
 use serde_json::{json, Map, Value};
 
@@ -34,9 +37,12 @@ const EXIT_FAILURE: u8 = 4;
     name = "clonekv",
     version,
     about = "Read, write and watch a clonekv store (ZeroMQ Clone protocol)",
-    after_help = "Servers default to the reference pair on this host: tcp://localhost:5556 \
-(primary) and tcp://localhost:5566 (backup). Each server is given by its base endpoint P; \
-the client also uses P+1 (updates) and P+2 (collector).\n\n\
+    after_help = "Without --server, the servers are found by their UDP beacons (discovery: \
+cluster \"clonekv\" on UDP port 5560 unless --cluster / --discovery-port say otherwise); \
+when none announces itself within 1.5 s, or with --no-discovery, the reference pair on \
+this host is used: tcp://localhost:5556 (primary) and tcp://localhost:5566 (backup). Each \
+server is given by its base endpoint P; the client also uses P+1 (updates) and P+2 \
+(collector).\n\n\
 Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
 Exit status: 0 success; 1 key not found (get); 2 bad arguments or a refused update; \
 3 no server answered, or the commit was not confirmed, within --timeout; 4 other \
@@ -53,6 +59,32 @@ struct Cli {
         global = true
     )]
     servers: Vec<String>,
+
+    /// The cluster to find by discovery when no --server is given.
+    #[arg(long, value_name = "NAME", env = "CLONEKV_CLUSTER", default_value = DEFAULT_CLUSTER, global = true)]
+    cluster: String,
+
+    /// UDP port of the cluster's discovery beacons.
+    #[arg(long, value_name = "PORT", env = "CLONEKV_DISCOVERY_PORT", default_value_t = DEFAULT_DISCOVERY_PORT, global = true)]
+    discovery_port: u16,
+
+    /// Listen for beacons on this network interface only (e.g. eth0).
+    #[arg(
+        long,
+        value_name = "IFACE",
+        env = "CLONEKV_DISCOVERY_INTERFACE",
+        global = true
+    )]
+    discovery_interface: Option<String>,
+
+    /// Do not look for servers by beacon: without --server, use the pair on this host.
+    #[arg(
+        long,
+        env = "CLONEKV_NO_DISCOVERY",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        global = true
+    )]
+    no_discovery: bool,
 
     /// How long to wait for a server to answer, and for a commit with --wait.
     #[arg(
@@ -241,13 +273,70 @@ fn client_failure(error: ClientError, servers: &[String]) -> Failure {
     Failure::new(status, message)
 }
 
+/// How long the CLI listens for beacons before it falls back to the pair on this host:
+/// a server announces itself every second.
+const DISCOVERY_WINDOW: Duration = Duration::from_millis(1500);
+
+/// Where the servers are: given, discovered, or the defaults on this host.
+struct Servers {
+    endpoints: Vec<String>,
+    /// Discovery's options and what it found, when it found any.
+    discovered: Option<(DiscoveryOptions, Vec<FoundServer>)>,
+    /// Why the defaults are used although discovery was tried, for error messages.
+    fallback_note: Option<String>,
+}
+
+fn find_servers(cli: &Cli) -> Result<Servers, Failure> {
+    let defaults = || DEFAULT_SERVERS.iter().map(|s| s.to_string()).collect();
+    if !cli.servers.is_empty() {
+        return Ok(Servers {
+            endpoints: cli.servers.clone(),
+            discovered: None,
+            fallback_note: None,
+        });
+    }
+    if cli.no_discovery {
+        return Ok(Servers {
+            endpoints: defaults(),
+            discovered: None,
+            fallback_note: None,
+        });
+    }
+    let mut options = DiscoveryOptions::new(cli.cluster.clone());
+    options.port = cli.discovery_port;
+    options.interface = cli.discovery_interface.clone();
+    let found = Discovery::listen_for_servers(options.clone(), DISCOVERY_WINDOW)
+        .map_err(|error| Failure::new(EXIT_USAGE, error.to_string()))?;
+    if found.is_empty() {
+        return Ok(Servers {
+            endpoints: defaults(),
+            discovered: None,
+            fallback_note: Some(format!(
+                "no server of cluster {:?} announced itself on UDP port {} within {:.1}s, so the pair on this host was tried",
+                cli.cluster,
+                cli.discovery_port,
+                DISCOVERY_WINDOW.as_secs_f64()
+            )),
+        });
+    }
+    tracing::info!(servers = ?found, "discovery: found servers");
+    Ok(Servers {
+        endpoints: found.iter().map(FoundServer::base_endpoint).collect(),
+        discovered: Some((options, found)),
+        fallback_note: None,
+    })
+}
+
 fn run(cli: &Cli) -> Result<ExitCode, Failure> {
-    let servers: Vec<String> = if cli.servers.is_empty() {
-        DEFAULT_SERVERS.iter().map(|s| s.to_string()).collect()
-    } else {
-        cli.servers.clone()
+    let found = find_servers(cli)?;
+    let servers = found.endpoints.clone();
+    let with_note = |mut failure: Failure| {
+        if let Some(note) = &found.fallback_note {
+            failure.message = format!("{}; {note}", failure.message);
+        }
+        failure
     };
-    let fail = |error: ClientError| client_failure(error, &servers);
+    let fail = |error: ClientError| with_note(client_failure(error, &servers));
     let limits = Limits {
         max_body_len: cli.max_value_len,
         ..Limits::default()
@@ -271,10 +360,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     }
     let unresolvable = reach::unresolvable(&servers);
     if unresolvable.len() == servers.len() {
-        return Err(Failure::new(
+        return Err(with_note(Failure::new(
             EXIT_UNAVAILABLE,
             format!("cannot reach {}", unresolvable.join("; ")),
-        ));
+        )));
     }
     let subtree = match &cli.command {
         // A get only needs its own key: the snapshot is the entries starting with it.
@@ -294,8 +383,17 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         .limits(limits)
         .subtree(subtree)
         .server_ttl(cli.server_ttl.get());
-    for server in &servers {
-        builder = builder.server(server.clone());
+    match &found.discovered {
+        Some((options, servers)) => {
+            builder = builder
+                .discover(options.clone())
+                .discovered(servers.clone());
+        }
+        None => {
+            for server in &servers {
+                builder = builder.server(server.clone());
+            }
+        }
     }
     let client = builder.connect().map_err(fail)?;
     let timeout = cli.timeout.get();
@@ -308,7 +406,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                 let mut out = Output::new(cli.json);
                 print_status(&mut out, &status, false);
             }
-            return Err(Failure::new(EXIT_UNAVAILABLE, message));
+            return Err(with_note(Failure::new(EXIT_UNAVAILABLE, message)));
         }
     };
 
@@ -635,11 +733,20 @@ fn report_update(out: &mut Output, verb: &str, key: &str, sequence: Option<i64>)
 }
 
 fn print_event(out: &mut Output, client: &Client, event: Event) {
+    // The status has each server's endpoint now: with discovery, a server found (or
+    // moved) after the client started is not in the list it started with.
     let endpoint = |index: usize| {
         client
-            .servers()
-            .get(index)
-            .map_or_else(|| index.to_string(), ToString::to_string)
+            .status()
+            .ok()
+            .and_then(|status| {
+                status
+                    .servers
+                    .get(index)
+                    .map(|server| server.endpoint.clone())
+            })
+            .filter(|endpoint| !endpoint.is_empty())
+            .unwrap_or_else(|| format!("server {index}"))
     };
     if out.json_mode {
         let value = match event {
@@ -740,6 +847,11 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
             "sequence": status.sequence,
             "heartbeat_age_seconds": age(status.last_heard),
             "servers": servers,
+            "discovered": status.discovered.iter().map(|server| json!({
+                "role": role_name(server),
+                "endpoint": server.base_endpoint(),
+                "state": server.state.map(|state| state.to_string()),
+            })).collect::<Vec<Value>>(),
         }));
         return;
     }
@@ -777,6 +889,27 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
     }
     if let Some(conflict) = reach::role_conflict(&status.servers) {
         out.line(&format!("problem: {conflict}"));
+    }
+    if !status.discovered.is_empty() {
+        let found: Vec<String> = status
+            .discovered
+            .iter()
+            .map(|server| {
+                let state = server
+                    .state
+                    .map_or_else(|| "-".to_string(), |state| state.to_string());
+                format!("{} {} ({state})", role_name(server), server.base_endpoint())
+            })
+            .collect();
+        out.line(&format!("discovered: {}", found.join(", ")));
+    }
+}
+
+fn role_name(server: &FoundServer) -> &'static str {
+    match server.kind {
+        clonekv_zmq::core::beacon::Kind::Primary => "primary",
+        clonekv_zmq::core::beacon::Kind::Backup => "backup",
+        clonekv_zmq::core::beacon::Kind::Client => "client",
     }
 }
 

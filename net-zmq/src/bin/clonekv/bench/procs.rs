@@ -138,6 +138,8 @@ impl Process {
         let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "warn")
+            // The bench's servers are on loopback: no beacons on the LAN.
+            .env("CLONEKVD_NO_DISCOVERY", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)
