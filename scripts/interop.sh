@@ -92,6 +92,9 @@ if [ -x "$BIN/examples/interop_client" ]; then
 fi
 CLONEKVD=$TMP/bin/clonekvd
 CLONEKV=$TMP/bin/clonekv
+# The zguide programs neither send nor hear clonekv's discovery beacons: every case here
+# uses the reference endpoints (localhost defaults), as the zguide programs do.
+export CLONEKVD_NO_DISCOVERY=1 CLONEKV_NO_DISCOVERY=1
 PY=$ANCHORS/venv/bin/python
 
 ip netns add "$NS"

@@ -1,15 +1,37 @@
 //! beacon: zero-config discovery on a LAN, as a sans-IO machine.
 //!
-//! Every node of a cluster broadcasts a small datagram every [`Config::interval`]; a
-//! server's says how to reach it, a client's is empty of that (clients only listen).
-//! The machine tracks the peers it hears: a peer is up on its first valid beacon,
-//! changed when what it announces (its address, role, Binary Star state or ports)
-//! changes, and down after [`Config::silence`] without one.
+//! Every server of a cluster broadcasts a small datagram every [`Config::interval`]
+//! saying how to reach it; clients only listen. The machine tracks the peers it hears:
+//! a peer is up on its first valid beacon, changed when its address or what it
+//! announces (role, Binary Star state, ports) changes, and down after
+//! [`Config::silence`] without one.
 //!
-//! **Invariant:** a peer is up exactly while a valid beacon of this cluster from it
-//! arrived within `silence`; nothing that fails to parse, names another cluster or
-//! comes from this node itself changes the peer table. Such datagrams are counted by
-//! reason ([`Beacon::dropped`]) and never trusted.
+//! # Invariants
+//!
+//! - **Up exactly while heard.** A peer is up exactly while a valid beacon of this
+//!   cluster from it arrived within `silence` (given [`Beacon::handle_timeout`] is called
+//!   at [`Beacon::poll_timeout`]). A beacon from any of its addresses keeps it up.
+//! - **Only valid beacons count.** Nothing that fails to parse, names another cluster or
+//!   comes from this node itself changes the peer table or produces an output; such
+//!   datagrams are counted by reason ([`Beacon::dropped`]) and never trusted.
+//! - **Addresses do not flap.** A node on a multi-homed host, or one heard both over
+//!   loopback and over the LAN, reaches us from several source addresses. A peer's
+//!   address moves to another source only once its current address has been silent for
+//!   [`ADDRESS_SILENCE_INTERVALS`] intervals (see [`followed_address`]); so a server that
+//!   really moves is followed within about that many intervals, and one heard from two
+//!   addresses keeps the first.
+//! - **Clients ask once, then listen.** A [`Kind::Client`] emits exactly one datagram,
+//!   when created: a *solicitation* (its own beacon), so that a command-line client need
+//!   not wait up to an interval for the servers' next beacons. A client is never a peer:
+//!   its datagrams change no peer table, and a server needs no list of clients.
+//! - **Servers are heard.** A server emits a beacon at once when created, then every
+//!   `interval`, at once when its Binary Star state changes, and early when a client
+//!   solicits one — but never two within [`Config::interval`] /
+//!   [`SOLICITED_BEACONS_PER_INTERVAL`] (see [`Beacon::answer_solicitation`]): however
+//!   many clients start, a server sends at most that many beacons more per interval.
+//! - **What is sent parses.** A configuration whose beacon receivers would drop (a
+//!   server without a Binary Star state or with port 0, a client with a state) is refused
+//!   by [`Beacon::new`].
 //!
 //! # The datagram
 //!
@@ -50,11 +72,19 @@ pub const VERSION: u8 = 1;
 pub const MAX_CLUSTER_LEN: usize = 64;
 /// Longest valid datagram; anything longer is dropped unread.
 pub const MAX_DATAGRAM_LEN: usize = 4 + 1 + 1 + MAX_CLUSTER_LEN + 16 + 1 + 1 + 2 + 2;
+/// How many intervals a peer's current address must be silent before the peer is
+/// followed to another address it is heard from (see [`followed_address`]). Two, so that
+/// one lost beacon on the current path never moves a multi-homed peer.
+pub const ADDRESS_SILENCE_INTERVALS: u32 = 2;
+
+/// At most this many beacons per interval answer solicitations, beyond the regular one
+/// (see [`Beacon::answer_solicitation`]).
+pub const SOLICITED_BEACONS_PER_INTERVAL: u32 = 10;
 
 /// What a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
-    /// A client: it listens, and its beacons only say it is there.
+    /// A client: it only listens (it sends no beacon).
     Client,
     /// A server configured as the primary.
     Primary,
@@ -263,6 +293,16 @@ impl Config {
         if self.silence <= self.interval {
             return Err(Error::SilenceTooShort);
         }
+        let own = Datagram {
+            cluster: self.cluster.clone(),
+            instance: self.instance,
+            announcement: self.announcement,
+        };
+        if Datagram::decode(&own.encode()).is_err() {
+            return Err(Error::Announcement {
+                announcement: self.announcement,
+            });
+        }
         Ok(())
     }
 }
@@ -283,6 +323,15 @@ pub enum Error {
     /// A peer would be declared down between two of its beacons.
     #[error("the silence timeout must be longer than the beacon interval")]
     SilenceTooShort,
+    /// Receivers would drop this node's beacon as malformed.
+    #[error(
+        "the announcement {announcement:?} is not valid: a server announces its Binary Star \
+         state, a base port from 1 to 65533 and a non-zero state port; a client announces no state"
+    )]
+    Announcement {
+        /// The announcement refused.
+        announcement: Announcement,
+    },
 }
 
 /// A node this one hears.
@@ -290,12 +339,40 @@ pub enum Error {
 pub struct Peer {
     /// Its instance id.
     pub instance: [u8; 16],
-    /// The address its beacons come from.
+    /// The address it is reached at: the source address of its beacons (the first one
+    /// heard, while that one keeps being heard; see [`followed_address`]).
     pub address: IpAddr,
     /// What it announces.
     pub announcement: Announcement,
-    /// When its latest beacon arrived.
+    /// When its latest beacon arrived, from any of its addresses.
     pub heard_at: Instant,
+}
+
+/// A peer and when its current address was last heard.
+#[derive(Clone, Debug)]
+struct Tracked {
+    peer: Peer,
+    address_heard_at: Instant,
+}
+
+/// The address a peer is reached at after one of its beacons arrives from `source` at
+/// `now`: its `current` address, unless that has been silent (last heard at
+/// `current_heard_at`) for [`ADDRESS_SILENCE_INTERVALS`] intervals, in which case
+/// `source`. This is the whole address rule: a multi-homed peer's address does not
+/// flap, and a peer that really moves is followed.
+pub fn followed_address(
+    current: IpAddr,
+    current_heard_at: Instant,
+    source: IpAddr,
+    now: Instant,
+    interval: Duration,
+) -> IpAddr {
+    let current_silent_since = interval.saturating_mul(ADDRESS_SILENCE_INTERVALS);
+    if source != current && current_heard_at + current_silent_since <= now {
+        source
+    } else {
+        current
+    }
 }
 
 /// A change in the peer table.
@@ -303,7 +380,7 @@ pub struct Peer {
 pub enum Event {
     /// A peer was heard for the first time (or again after it was down).
     PeerUp(Peer),
-    /// A peer's address or announcement changed.
+    /// A peer's address (see [`followed_address`]) or announcement changed.
     PeerChanged(Peer),
     /// A peer was silent for [`Config::silence`].
     PeerDown {
@@ -324,7 +401,7 @@ pub enum Output {
 /// The machine's timers, computed in [`Beacon::deadline`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Timer {
-    /// The next beacon is due.
+    /// The next beacon is due (servers only).
     Announce,
     /// The peer heard longest ago goes down.
     Silence,
@@ -339,27 +416,45 @@ impl Timer {
 pub struct Beacon {
     config: Config,
     next_announce: Instant,
-    peers: BTreeMap<[u8; 16], Peer>,
+    /// When this server last sent a beacon.
+    last_announce: Option<Instant>,
+    /// Solicitations heard from clients (a server) or sent (a client).
+    solicitations: u64,
+    peers: BTreeMap<[u8; 16], Tracked>,
     dropped: BTreeMap<DropReason, u64>,
     outputs: VecDeque<Output>,
 }
 
 impl Beacon {
-    /// A machine that sends its first beacon at `now`.
+    /// A machine; a server sends its first beacon at `now`, a client its one
+    /// solicitation.
     pub fn new(now: Instant, config: Config) -> Result<Beacon, Error> {
         config.validate()?;
-        Ok(Beacon {
+        let mut beacon = Beacon {
             config,
             next_announce: now,
+            last_announce: None,
+            solicitations: 0,
             peers: BTreeMap::new(),
             dropped: BTreeMap::new(),
             outputs: VecDeque::new(),
-        })
+        };
+        if beacon.config.announcement.kind == Kind::Client {
+            beacon.solicitations = 1;
+            let solicitation = beacon.datagram().encode();
+            beacon.outputs.push_back(Output::Send(solicitation));
+        }
+        Ok(beacon)
+    }
+
+    /// Solicitations: answered so far (a server), or sent (a client: one).
+    pub fn solicitations(&self) -> u64 {
+        self.solicitations
     }
 
     /// The peers up now, by instance id.
     pub fn peers(&self) -> impl Iterator<Item = &Peer> + '_ {
-        self.peers.values()
+        self.peers.values().map(|tracked| &tracked.peer)
     }
 
     /// Datagrams dropped for `reason`.
@@ -373,8 +468,11 @@ impl Beacon {
     }
 
     /// This node's Binary Star state changed: the next beacon, sent at once, says so.
+    /// A client has no Binary Star state; for a client this does nothing.
     pub fn set_state(&mut self, now: Instant, state: BstarState) {
-        if self.config.announcement.state != Some(state) {
+        if self.config.announcement.kind != Kind::Client
+            && self.config.announcement.state != Some(state)
+        {
             self.config.announcement.state = Some(state);
             self.next_announce = now;
         }
@@ -392,20 +490,67 @@ impl Beacon {
         if datagram.instance == self.config.instance {
             return self.drop_datagram(DropReason::OwnBeacon);
         }
-        let peer = Peer {
-            instance: datagram.instance,
-            address,
-            announcement: datagram.announcement,
-            heard_at: now,
+        let instance = datagram.instance;
+        let announcement = datagram.announcement;
+        if announcement.kind == Kind::Client {
+            return self.answer_solicitation(now);
+        }
+        let Some(tracked) = self.peers.get_mut(&instance) else {
+            let peer = Peer {
+                instance,
+                address,
+                announcement,
+                heard_at: now,
+            };
+            self.peers.insert(
+                instance,
+                Tracked {
+                    peer: peer.clone(),
+                    address_heard_at: now,
+                },
+            );
+            return self.emit(Event::PeerUp(peer));
         };
-        match self.peers.insert(datagram.instance, peer.clone()) {
-            None => self.emit(Event::PeerUp(peer)),
-            Some(before)
-                if before.address != peer.address || before.announcement != peer.announcement =>
-            {
-                self.emit(Event::PeerChanged(peer));
-            }
-            Some(_) => {}
+        let followed = followed_address(
+            tracked.peer.address,
+            tracked.address_heard_at,
+            address,
+            now,
+            self.config.interval,
+        );
+        if followed == address {
+            tracked.address_heard_at = now;
+        }
+        let changed = followed != tracked.peer.address || announcement != tracked.peer.announcement;
+        tracked.peer.address = followed;
+        tracked.peer.announcement = announcement;
+        tracked.peer.heard_at = now;
+        if changed {
+            let peer = tracked.peer.clone();
+            self.emit(Event::PeerChanged(peer));
+        }
+    }
+
+    /// A client asked for the servers' beacons: a server brings its next one forward to
+    /// now, or to [`SOLICITED_BEACONS_PER_INTERVAL`]-th of an interval after its last
+    /// one if that is later. That bound is what keeps a crowd of clients, or a stranger
+    /// sending solicitations in a loop, from making a server flood the LAN. A client
+    /// ignores other clients.
+    pub fn answer_solicitation(&mut self, now: Instant) {
+        if self.config.announcement.kind == Kind::Client {
+            return;
+        }
+        self.solicitations += 1;
+        let gap = self.config.interval / SOLICITED_BEACONS_PER_INTERVAL;
+        let earliest = self.last_announce.map_or(now, |last| (last + gap).max(now));
+        self.next_announce = self.next_announce.min(earliest);
+    }
+
+    fn datagram(&self) -> Datagram {
+        Datagram {
+            cluster: self.config.cluster.clone(),
+            instance: self.config.instance,
+            announcement: self.config.announcement,
         }
     }
 
@@ -421,12 +566,9 @@ impl Beacon {
     fn fire(&mut self, now: Instant, timer: Timer) {
         match timer {
             Timer::Announce => {
-                let datagram = Datagram {
-                    cluster: self.config.cluster.clone(),
-                    instance: self.config.instance,
-                    announcement: self.config.announcement,
-                };
-                self.outputs.push_back(Output::Send(datagram.encode()));
+                let beacon = self.datagram().encode();
+                self.outputs.push_back(Output::Send(beacon));
+                self.last_announce = Some(now);
                 self.next_announce = now + self.config.interval;
             }
             Timer::Silence => {
@@ -434,8 +576,8 @@ impl Beacon {
                 let gone: Vec<[u8; 16]> = self
                     .peers
                     .values()
-                    .filter(|peer| peer.heard_at + silence <= now)
-                    .map(|peer| peer.instance)
+                    .filter(|tracked| tracked.peer.heard_at + silence <= now)
+                    .map(|tracked| tracked.peer.instance)
                     .collect();
                 for instance in gone {
                     self.peers.remove(&instance);
@@ -448,11 +590,13 @@ impl Beacon {
     /// When `timer` is due.
     fn deadline(&self, timer: Timer) -> Option<Instant> {
         match timer {
-            Timer::Announce => Some(self.next_announce),
+            Timer::Announce => {
+                (self.config.announcement.kind != Kind::Client).then_some(self.next_announce)
+            }
             Timer::Silence => self
                 .peers
                 .values()
-                .map(|peer| peer.heard_at + self.config.silence)
+                .map(|tracked| tracked.peer.heard_at + self.config.silence)
                 .min(),
         }
     }
@@ -478,6 +622,9 @@ impl Beacon {
         self.outputs.push_back(Output::Event(event));
     }
 }
+
+mod partner;
+pub use partner::{partner_kind, CLIENT_SLOTS};
 
 #[cfg(test)]
 mod tests;

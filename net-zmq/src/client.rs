@@ -60,6 +60,48 @@
 //! ```
 //!
 //! `examples/weather.rs` is the same as a runnable program.
+//!
+//! # Discovery
+//!
+//! With no server given, [`ClientBuilder::discover`] finds the cluster's primary and
+//! backup by their UDP beacons ([`crate::discovery`]) and follows them when they move or
+//! restart; servers given with [`ClientBuilder::server`] win:
+//!
+//! ```no_run
+//! use clonekv_zmq::client::Client;
+//! use clonekv_zmq::discovery::DiscoveryOptions;
+//!
+//! # fn main() -> Result<(), clonekv_zmq::client::ClientError> {
+//! let client = Client::builder()
+//!     .discover(DiscoveryOptions::new("clonekv")) // the cluster's name
+//!     .connect()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Security
+//!
+//! Without keys every connection is plain ZMTP, readable and forgeable on the network.
+//! Servers started with CURVE keys admit only clients whose public key they list; such a
+//! client gives its own pair and the servers' public keys (docs/SECURITY.md):
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use std::time::Duration;
+//! use clonekv_zmq::client::Client;
+//! use clonekv_zmq::curve::{KeyPair, PublicKey};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::builder()
+//!     .server_with_key("tcp://kv1:5556", PublicKey::from_key_or_file("primary.pub")?)
+//!     .server_with_key("tcp://kv2:5566", PublicKey::from_key_or_file("backup.pub")?)
+//!     .curve_key_pair(KeyPair::read(Path::new("app.key"))?)
+//!     .connect()?;
+//! // A server that refuses our key is named in the error (ClientError::Handshake).
+//! client.wait_synced(Duration::from_secs(10))?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -72,6 +114,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
+use clonekv_core::beacon::CLIENT_SLOTS;
 use clonekv_core::client::{
     self as core_client, Channel, Client as CoreClient, LostReason, Output, ServerIndex, State,
 };
@@ -83,8 +126,12 @@ use rand_core::SeedableRng;
 pub use clonekv_core::client::Entry;
 
 use crate::clock::Clock;
+use crate::curve::{self, KeyPair, PublicKey};
+use crate::discovery::{
+    Discovery, DiscoveryError, DiscoveryOptions, FoundServer, CLIENT_ANNOUNCEMENT,
+};
 use crate::log::{send_or_log, RateLimiter};
-use crate::socket::{largest_legal_frame, ReconnectMonitor, ZmqSocket};
+use crate::socket::{largest_legal_frame, HandshakeFailure, ReconnectMonitor, ZmqSocket};
 use crate::watch::{Change, History, Resume};
 
 /// The servers a client uses when none are given: the reference primary and backup on
@@ -141,6 +188,22 @@ impl ServerAddress {
     }
 }
 
+impl ServerAddress {
+    /// A slot whose server discovery has not found yet.
+    pub fn undiscovered() -> ServerAddress {
+        ServerAddress {
+            snapshot: String::new(),
+            publisher: String::new(),
+            collector: String::new(),
+        }
+    }
+
+    /// False for a slot discovery has not filled yet.
+    pub fn is_known(&self) -> bool {
+        !self.snapshot.is_empty()
+    }
+}
+
 impl FromStr for ServerAddress {
     type Err = ClientError;
     fn from_str(endpoint: &str) -> Result<Self, Self::Err> {
@@ -161,6 +224,9 @@ pub enum ClientError {
     /// The builder's settings are unusable.
     #[error("invalid client configuration: {0}")]
     Config(core_client::Error),
+    /// Discovery was asked for and cannot start.
+    #[error("{0}")]
+    Discovery(DiscoveryError),
     /// A server endpoint does not parse.
     #[error("invalid server endpoint {endpoint:?}: {reason}")]
     Endpoint {
@@ -207,6 +273,42 @@ pub enum ClientError {
     /// socket error, which it logged).
     #[error("the client has stopped")]
     Stopped,
+    /// The CURVE settings are incomplete or unusable.
+    #[error("CURVE: {0}")]
+    Curve(String),
+    /// No server completed a snapshot in time, and one refused the security handshake:
+    /// the likely reason.
+    #[error("{}", describe_handshake(endpoint, failure, *with_curve))]
+    Handshake {
+        /// The server's snapshot endpoint.
+        endpoint: String,
+        /// What libzmq reported.
+        failure: HandshakeFailure,
+        /// This client has CURVE keys.
+        with_curve: bool,
+    },
+}
+
+fn describe_handshake(endpoint: &str, failure: &HandshakeFailure, with_curve: bool) -> String {
+    match failure {
+        // A CURVE server closes a plain connection at once; libzmq gives no detail.
+        _ if !with_curve => format!(
+            "{endpoint} refused our plain connection during the handshake ({failure}): the \
+             server probably requires CURVE; give --curve-secret-key and --server-public-key"
+        ),
+        HandshakeFailure::Refused { status } => format!(
+            "server refused our CURVE key (not admitted): {endpoint} answered ZAP status \
+             {status}; its operator must add this client's public key to its --curve-clients"
+        ),
+        HandshakeFailure::MechanismMismatch => format!(
+            "{endpoint}: the server and this client disagree on security: one uses CURVE \
+             keys and the other does not (see --server-public-key and --curve-secret-key)"
+        ),
+        other => format!(
+            "{endpoint}: the CURVE handshake failed: {other} (is --server-public-key that \
+             server's public key?)"
+        ),
+    }
 }
 
 fn describe_lost(reason: LostReason) -> &'static str {
@@ -218,6 +320,9 @@ fn describe_lost(reason: LostReason) -> &'static str {
             "the client failed over to another server before the echo arrived (read the key to see whether it survived)"
         }
         LostReason::Evicted => "too many updates were awaiting their echo",
+        LostReason::NotPublished => {
+            "the server did not publish it in time: it refused it (its map is full, see --max-keys and --max-bytes in its log) or the update was lost on the way"
+        }
     }
 }
 
@@ -306,6 +411,9 @@ pub struct Status {
     pub last_heard: Option<Duration>,
     /// Every server of the list, in order.
     pub servers: Vec<ServerStatus>,
+    /// With discovery: the servers of the cluster heard now, primary first (a server
+    /// not heard within the silence timeout is not listed). Empty without discovery.
+    pub discovered: Vec<FoundServer>,
 }
 
 /// What the client knows of one server of its list.
@@ -332,6 +440,8 @@ pub struct ServerStatus {
     pub keys: Option<u64>,
     /// Time since its publisher last delivered anything.
     pub last_heard: Option<Duration>,
+    /// The last security handshake with it failed, and none succeeded since: why.
+    pub handshake_failure: Option<HandshakeFailure>,
 }
 
 impl Status {
@@ -479,7 +589,13 @@ impl Watcher {
 /// Settings for a [`Client`]; see [`Client::builder`].
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
-    servers: Vec<ServerSpec>,
+    servers: Vec<(ServerSpec, Option<PublicKey>)>,
+    discovery: Option<DiscoveryOptions>,
+    discovered: Vec<FoundServer>,
+    /// This client's CURVE key pair; `None` for plain ZMTP.
+    key_pair: Option<KeyPair>,
+    /// The public key of every server added without its own (and of discovered ones).
+    server_public_key: Option<PublicKey>,
     config: core_client::Config,
     event_capacity: usize,
     history_len: usize,
@@ -498,6 +614,10 @@ impl Default for ClientBuilder {
     fn default() -> Self {
         ClientBuilder {
             servers: Vec::new(),
+            discovery: None,
+            discovered: Vec::new(),
+            key_pair: None,
+            server_public_key: None,
             config: core_client::Config::default(),
             event_capacity: 65_536,
             history_len: 0,
@@ -512,13 +632,53 @@ impl ClientBuilder {
     /// Adds a server by its base endpoint `tcp://HOST:P` (P+1 and P+2 follow). Servers
     /// are tried in the order given. With none, [`DEFAULT_SERVERS`] are used.
     pub fn server(mut self, endpoint: impl Into<String>) -> Self {
-        self.servers.push(ServerSpec::Base(endpoint.into()));
+        self.servers.push((ServerSpec::Base(endpoint.into()), None));
         self
     }
 
     /// Adds a server by its three endpoints.
     pub fn server_address(mut self, address: ServerAddress) -> Self {
-        self.servers.push(ServerSpec::Explicit(address));
+        self.servers.push((ServerSpec::Explicit(address), None));
+        self
+    }
+
+    /// Adds a server by its base endpoint, with its own CURVE public key (for a pair
+    /// whose servers have different keys).
+    pub fn server_with_key(mut self, endpoint: impl Into<String>, key: PublicKey) -> Self {
+        self.servers
+            .push((ServerSpec::Base(endpoint.into()), Some(key)));
+        self
+    }
+
+    /// This client's CURVE key pair: every connection then uses CURVE, and a server
+    /// admits it only if its public key is in the server's `--curve-clients`. Needs the
+    /// servers' public keys ([`ClientBuilder::server_public_key`]). Without it the
+    /// client speaks plain ZMTP, as the zguide programs do (docs/SECURITY.md).
+    pub fn curve_key_pair(mut self, pair: KeyPair) -> Self {
+        self.key_pair = Some(pair);
+        self
+    }
+
+    /// The CURVE public key of every server added without one of its own: the client
+    /// talks only to a server that proves it holds the secret key.
+    pub fn server_public_key(mut self, key: PublicKey) -> Self {
+        self.server_public_key = Some(key);
+        self
+    }
+
+    /// Finds the cluster's servers by their UDP beacons ([`crate::discovery`]) instead of
+    /// a list, and follows them when they move or restart. Servers given with
+    /// [`ClientBuilder::server`] win: with any, discovery is not used.
+    pub fn discover(mut self, options: DiscoveryOptions) -> Self {
+        self.discovery = Some(options);
+        self
+    }
+
+    /// With [`ClientBuilder::discover`]: servers already heard (say by
+    /// [`Discovery::listen_for_servers`]), connected at once rather than at their next
+    /// beacon.
+    pub fn discovered(mut self, servers: Vec<FoundServer>) -> Self {
+        self.discovered = servers;
         self
     }
 
@@ -544,6 +704,14 @@ impl ClientBuilder {
     /// Updates buffered while a snapshot arrives (default 100 000).
     pub fn max_buffered_updates(mut self, max: usize) -> Self {
         self.config.max_buffered_updates = max;
+        self
+    }
+
+    /// How long an own update may go without its echo before the client counts it as
+    /// not published (a watched one fails with [`LostReason::NotPublished`]: the server
+    /// refused it, its map being full, or it was lost) and re-syncs (default 5 s).
+    pub fn echo_timeout(mut self, echo_timeout: Duration) -> Self {
+        self.config.echo_timeout = echo_timeout;
         self
     }
 
@@ -595,26 +763,51 @@ impl ClientBuilder {
     /// Creates the sockets, connects to every server and starts the agent thread.
     /// Returns at once: the servers need not be up (see [`Client::wait_synced`]).
     pub fn connect(self) -> Result<Client, ClientError> {
-        let addresses = if self.servers.is_empty() {
+        let clock = Clock::new();
+        let discovery = match (&self.discovery, self.servers.is_empty()) {
+            (Some(options), true) => Some(
+                Discovery::open(clock, options.clone(), CLIENT_ANNOUNCEMENT)
+                    .map_err(ClientError::Discovery)?,
+            ),
+            _ => None,
+        };
+        let servers = if discovery.is_some() {
+            // One slot per server kind, primary first; a slot not heard yet is filled
+            // when its server's beacon arrives.
+            CLIENT_SLOTS
+                .iter()
+                .map(
+                    |kind| match self.discovered.iter().find(|server| server.kind == *kind) {
+                        Some(server) => ServerAddress::from_base(&server.base_endpoint()),
+                        None => Ok(ServerAddress::undiscovered()),
+                    },
+                )
+                .map(|address| address.map(|address| (ServerSpec::Explicit(address), None)))
+                .collect::<Result<Vec<_>, _>>()?
+        } else if self.servers.is_empty() {
             DEFAULT_SERVERS
                 .iter()
-                .map(|endpoint| ServerAddress::from_base(endpoint))
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|endpoint| (ServerSpec::Base(endpoint.to_string()), None))
+                .collect()
         } else {
             self.servers
-                .into_iter()
-                .map(|spec| match spec {
-                    ServerSpec::Base(endpoint) => ServerAddress::from_base(&endpoint),
-                    ServerSpec::Explicit(address) => Ok(address),
-                })
-                .collect::<Result<Vec<_>, _>>()?
         };
+        let mut addresses = Vec::with_capacity(servers.len());
+        let mut server_keys = Vec::with_capacity(servers.len());
+        for (spec, key) in servers {
+            addresses.push(match spec {
+                ServerSpec::Base(endpoint) => ServerAddress::from_base(&endpoint)?,
+                ServerSpec::Explicit(address) => address,
+            });
+            server_keys.push(key.or(self.server_public_key));
+        }
+        let curve_keys = curve_keys(self.key_pair.as_ref(), &addresses, &server_keys)?;
+        let with_curve = curve_keys.is_some();
         let mut config = self.config;
         config.servers = addresses.len();
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|error| ClientError::Randomness(error.to_string()))?;
-        let clock = Clock::new();
-        let core = CoreClient::new(config, ChaCha8Rng::from_seed(seed), clock.now())
+        let mut core = CoreClient::new(config, ChaCha8Rng::from_seed(seed), clock.now())
             .map_err(ClientError::Config)?;
 
         let context = zmq::Context::new();
@@ -623,6 +816,14 @@ impl ClientBuilder {
         let mut links = Vec::with_capacity(addresses.len());
         for (index, address) in addresses.iter().enumerate() {
             let snapshot = new_socket(&context, zmq::DEALER, "snapshot", &address.snapshot)?;
+            let curve_client = |socket: &ZmqSocket, endpoint: &str| match &curve_keys {
+                Some((own, keys)) => configure(socket, endpoint, |inner| match keys.get(index) {
+                    Some(server) => curve::make_client(inner, own, server),
+                    None => Err(zmq::Error::EINVAL),
+                }),
+                None => Ok(()),
+            };
+            curve_client(&snapshot, &address.snapshot)?;
             // A reply's unsent part is lost with its connection (the server answers on
             // the connection the request came in on).
             let snapshot_monitor = ReconnectMonitor::new(&context, &snapshot).map_err(|error| {
@@ -636,8 +837,11 @@ impl ClientBuilder {
             configure(&snapshot, &address.snapshot, |socket| {
                 socket.set_maxmsgsize(largest)
             })?;
-            connect(&snapshot, &address.snapshot)?;
+            if address.is_known() {
+                connect(&snapshot, &address.snapshot)?;
+            }
             let subscriber = new_socket(&context, zmq::SUB, "subscriber", &address.publisher)?;
+            curve_client(&subscriber, &address.publisher)?;
             let subtree = core.subtree().to_vec();
             configure(&subscriber, &address.publisher, |socket| {
                 socket.set_rcvhwm(self.hwm)?;
@@ -655,7 +859,12 @@ impl ClientBuilder {
                     error,
                 }
             })?;
-            connect(&subscriber, &address.publisher)?;
+            if address.is_known() {
+                connect(&subscriber, &address.publisher)?;
+            } else {
+                // Nothing to wait for there until discovery finds it.
+                core.handle_server_disconnected(clock.now(), ServerIndex(index));
+            }
             snapshot.register(poll.registry(), snapshot_token(index))?;
             subscriber.register(poll.registry(), subscriber_token(index))?;
             monitor.register(poll.registry(), monitor_token(index))?;
@@ -669,6 +878,7 @@ impl ClientBuilder {
                 connected: false,
                 ever_connected: false,
                 connects_failed: 0,
+                handshake_failure: None,
             });
         }
         let publisher = new_socket(&context, zmq::PUB, "publisher", "")?;
@@ -678,8 +888,24 @@ impl ClientBuilder {
             // Updates still queued at shutdown get this long to go out.
             socket.set_linger(linger)
         })?;
-        for address in &addresses {
+        for (index, address) in addresses.iter().enumerate() {
+            if !address.is_known() {
+                continue;
+            }
+            // Options are taken at each connect: each collector gets its server's key.
+            if let Some((own, keys)) = &curve_keys {
+                configure(&publisher, &address.collector, |inner| {
+                    match keys.get(index) {
+                        Some(server) => curve::make_client(inner, own, server),
+                        None => Err(zmq::Error::EINVAL),
+                    }
+                })?;
+            }
             connect(&publisher, &address.collector)?;
+        }
+        let mut discovery = discovery;
+        if let Some(discovery) = discovery.as_mut() {
+            discovery.register(poll.registry(), DISCOVERY)?;
         }
 
         let (commands, inbox) = mpsc::channel();
@@ -700,6 +926,9 @@ impl ClientBuilder {
             sync_waiters: Vec::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
             stopping: false,
+            discovery,
+            discovery_readable: true,
+            curve_keys,
             context,
         };
         let thread = std::thread::Builder::new()
@@ -711,6 +940,7 @@ impl ClientBuilder {
             thread: Some(thread),
             addresses,
             event_capacity: self.event_capacity,
+            with_curve,
         })
     }
 }
@@ -724,6 +954,8 @@ pub struct Client {
     thread: Option<JoinHandle<()>>,
     addresses: Vec<ServerAddress>,
     event_capacity: usize,
+    /// The connections use CURVE.
+    with_curve: bool,
 }
 
 /// The commit of an update: its sequence, or why it cannot be confirmed.
@@ -795,21 +1027,42 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// The servers, in the order they are tried.
+    /// The servers, in the order they are tried, as they were when the client started.
+    /// With discovery these are the primary's and the backup's slots, and a slot not yet
+    /// filled then is [`ServerAddress::undiscovered`]; [`Client::status`] has each
+    /// server's endpoint now.
     pub fn servers(&self) -> &[ServerAddress] {
         &self.addresses
     }
 
     /// Waits until a snapshot has been applied (the client follows a server), at most
     /// `timeout`.
+    /// A server that refused the security handshake is named in the error
+    /// ([`ClientError::Handshake`]) instead of [`ClientError::NotSynced`].
     pub fn wait_synced(&self, timeout: Duration) -> Result<Status, ClientError> {
         let (reply, answer) = mpsc::channel();
         self.send(Command::WhenSynced { reply })?;
         match answer.recv_timeout(timeout) {
             Ok(status) => Ok(status),
-            Err(RecvTimeoutError::Timeout) => Err(ClientError::NotSynced { waited: timeout }),
+            Err(RecvTimeoutError::Timeout) => Err(self
+                .handshake_error()
+                .unwrap_or(ClientError::NotSynced { waited: timeout })),
             Err(RecvTimeoutError::Disconnected) => Err(ClientError::Stopped),
         }
+    }
+
+    /// The first server whose last security handshake failed, as an error.
+    pub fn handshake_error(&self) -> Option<ClientError> {
+        let status = self.status().ok()?;
+        status.servers.into_iter().find_map(|server| {
+            server
+                .handshake_failure
+                .map(|failure| ClientError::Handshake {
+                    endpoint: server.endpoint,
+                    failure,
+                    with_curve: self.with_curve,
+                })
+        })
     }
 
     /// The value of `key` in the local map.
@@ -1071,6 +1324,7 @@ impl Drop for Client {
 }
 
 const WAKER: Token = Token(0);
+const DISCOVERY: Token = Token(3_000_000);
 
 fn snapshot_token(index: usize) -> Token {
     Token(1 + 2 * index)
@@ -1106,6 +1360,8 @@ struct ServerLink {
     ever_connected: bool,
     /// Failed connection attempts of the SUB and the DEALER since the last success.
     connects_failed: u64,
+    /// The last handshake of the SUB or the DEALER failed, and none succeeded since.
+    handshake_failure: Option<HandshakeFailure>,
 }
 
 struct Subscriber {
@@ -1161,6 +1417,14 @@ struct Agent {
     sync_waiters: Vec<Sender<Status>>,
     limiter: RateLimiter,
     stopping: bool,
+    /// The cluster's beacons, when the servers are found by discovery; the servers'
+    /// slots are then [`CLIENT_SLOTS`] (primary, backup).
+    discovery: Option<Discovery>,
+    /// The discovery socket's fd signalled since it was last read empty.
+    discovery_readable: bool,
+    /// This client's pair and each slot's server key, when the connections use CURVE:
+    /// the collector PUB takes its server's key at each connect.
+    curve_keys: Option<(KeyPair, Vec<PublicKey>)>,
     // Dropped last: terminating the context waits (up to the linger) for queued updates.
     context: zmq::Context,
 }
@@ -1176,9 +1440,12 @@ impl Agent {
             if self.stopping {
                 break;
             }
-            let timeout = self
-                .clock
-                .sleep_until(self.clock.now(), self.core.poll_timeout());
+            let discovery_due = self.discovery.as_ref().and_then(Discovery::poll_timeout);
+            let deadline = match (self.core.poll_timeout(), discovery_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = self.clock.sleep_until(self.clock.now(), deadline);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -1186,6 +1453,9 @@ impl Agent {
                     tracing::error!(%error, "client stopped: the event loop failed");
                     break;
                 }
+            }
+            if events.iter().any(|event| event.token() == DISCOVERY) {
+                self.discovery_readable = true;
             }
         }
         // Sockets close here; the context (dropped last) lets queued updates go out.
@@ -1207,6 +1477,7 @@ impl Agent {
                 self.core.handle_timeout(now);
                 self.drain_outputs();
             }
+            moved |= self.pump_discovery()?;
             for index in 0..self.links.len() {
                 moved |= self.receive_monitor_events(index)?;
                 moved |= self.receive_batch(index, Channel::Snapshot)?;
@@ -1222,6 +1493,78 @@ impl Agent {
                 return Ok(());
             }
         }
+    }
+
+    /// Reads beacons and connects each slot to the server discovery has for it; true
+    /// while more beacons may be waiting.
+    fn pump_discovery(&mut self) -> Result<bool, zmq::Error> {
+        let Some(discovery) = self.discovery.as_mut() else {
+            return Ok(false);
+        };
+        let due = discovery
+            .poll_timeout()
+            .is_some_and(|due| due <= self.clock.now());
+        if !self.discovery_readable && !due {
+            return Ok(false);
+        }
+        let more = discovery.pump();
+        self.discovery_readable = more;
+        let mut changed = false;
+        while discovery.poll_event().is_some() {
+            changed = true;
+        }
+        if changed {
+            self.follow_servers()?;
+        }
+        Ok(more)
+    }
+
+    /// Moves each slot whose server discovery now places elsewhere. A server that went
+    /// silent keeps its slot's connection: libzmq reconnects if it comes back there, and
+    /// the core judges its liveness by its heartbeats.
+    fn follow_servers(&mut self) -> Result<(), zmq::Error> {
+        let Some(discovery) = &self.discovery else {
+            return Ok(());
+        };
+        for (index, kind) in CLIENT_SLOTS.iter().enumerate() {
+            let Some(found) = discovery.beacon().server_of_kind(*kind) else {
+                continue;
+            };
+            let found = FoundServer::from(found);
+            let Ok(address) = ServerAddress::from_base(&found.base_endpoint()) else {
+                continue;
+            };
+            let (Some(link), Some(current)) = (self.links.get(index), self.addresses.get(index))
+            else {
+                continue;
+            };
+            if *current == address {
+                continue;
+            }
+            if current.is_known() {
+                // Fails only for an endpoint never connected; nothing to undo then.
+                let _ = link.snapshot.inner().disconnect(&current.snapshot);
+                let _ = link.subscriber.inner().disconnect(&current.publisher);
+                let _ = self.publisher.inner().disconnect(&current.collector);
+            }
+            link.snapshot.inner().connect(&address.snapshot)?;
+            link.subscriber.inner().connect(&address.publisher)?;
+            if let Some((own, keys)) = &self.curve_keys {
+                if let Some(server) = keys.get(index) {
+                    curve::make_client(self.publisher.inner(), own, server)?;
+                }
+            }
+            self.publisher.inner().connect(&address.collector)?;
+            tracing::info!(
+                server = %address.snapshot,
+                role = ?kind,
+                "discovery: connected to a server of the cluster"
+            );
+            if let Some(slot) = self.addresses.get_mut(index) {
+                *slot = address;
+            }
+        }
+        Ok(())
     }
 
     fn take_commands(&mut self) -> bool {
@@ -1392,9 +1735,15 @@ impl Agent {
                         sequence: view.heard,
                         keys: view.keys,
                         last_heard: link.last_heard.map(|heard| heard.elapsed()),
+                        handshake_failure: link.handshake_failure,
                     }
                 })
                 .collect(),
+            discovered: self
+                .discovery
+                .as_ref()
+                .map(Discovery::servers)
+                .unwrap_or_default(),
         }
     }
 
@@ -1415,6 +1764,27 @@ impl Agent {
             link.connects_failed = 0;
         }
         link.connects_failed += subscriber.connects_failed + snapshot.connects_failed;
+        if subscriber.handshake_succeeded || snapshot.handshake_succeeded {
+            link.handshake_failure = None;
+        }
+        if let Some(failure) = subscriber.handshake_failed.or(snapshot.handshake_failed) {
+            link.handshake_failure = Some(failure);
+            let server = self
+                .addresses
+                .get(index)
+                .map_or("?", |address| address.snapshot.as_str());
+            if let Some(allowed) = self
+                .limiter
+                .check(&format!("{index}/handshake"), StdInstant::now())
+            {
+                tracing::warn!(
+                    server,
+                    reason = %failure,
+                    suppressed = allowed.suppressed,
+                    "security handshake with the server failed"
+                );
+            }
+        }
         if subscriber.disconnected || snapshot.disconnected {
             tracing::debug!(
                 server = %self.endpoint(ServerIndex(index)),
@@ -1601,6 +1971,42 @@ impl Agent {
     }
 }
 
+/// The client's own pair and each server's public key (in the order of `addresses`), or
+/// `None` for plain ZMTP; an error names what is missing.
+#[allow(clippy::type_complexity)]
+fn curve_keys(
+    own: Option<&KeyPair>,
+    addresses: &[ServerAddress],
+    server_keys: &[Option<PublicKey>],
+) -> Result<Option<(KeyPair, Vec<PublicKey>)>, ClientError> {
+    let Some(own) = own else {
+        if server_keys.iter().any(Option::is_some) {
+            return Err(ClientError::Curve(
+                "a server public key needs this client's own key pair too (`clonekv keygen` \
+                 makes one; the server must admit its public key)"
+                    .to_string(),
+            ));
+        }
+        return Ok(None);
+    };
+    if !curve::available() {
+        return Err(ClientError::Curve(curve::KeyError::Unavailable.to_string()));
+    }
+    let keys = addresses
+        .iter()
+        .zip(server_keys)
+        .map(|(address, key)| {
+            key.ok_or_else(|| {
+                ClientError::Curve(format!(
+                    "no public key for server {address}: give the servers' public keys \
+                     (--server-public-key)"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((own.clone(), keys)))
+}
+
 fn new_socket(
     context: &zmq::Context,
     kind: zmq::SocketType,
@@ -1640,6 +2046,34 @@ fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn curve_settings_must_be_complete() {
+        let pair = KeyPair::generate().unwrap();
+        let error = Client::builder()
+            .server("tcp://127.0.0.1:1")
+            .server_public_key(pair.public())
+            .connect()
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("needs this client's own key pair"),
+            "{error}"
+        );
+        let error = Client::builder()
+            .server("tcp://127.0.0.1:1")
+            .server_with_key("tcp://127.0.0.1:4", pair.public())
+            .curve_key_pair(pair)
+            .connect()
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("no public key for server tcp://127.0.0.1:1"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn a_base_endpoint_gives_the_three_ports() {

@@ -14,6 +14,12 @@
 //! | DEALER, connected, new per request | `tcp://localhost:5566` (peer's P) | `Output::RequestPeerSnapshot`; `handle_peer_snapshot` |
 //! | PUB, connected | `tcp://localhost:5568` (peer's P+2) | `Output::ForwardToPeerCollector` |
 //!
+//! With [`ServerOptions::curve`] set, every socket above uses CURVE: the bound ones as
+//! CURVE servers behind the ZAP handler of [`crate::curve`] (served by this loop, like
+//! any socket), the ones connected to the peer as CURVE clients that require the peer's
+//! key. A failed handshake on a peer-facing socket (read from libzmq's socket monitor)
+//! and every refused key are logged, rate-limited.
+//!
 //! # The loop
 //!
 //! ```text
@@ -45,19 +51,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
+use clonekv_core::beacon::{Announcement, Event as PeerEvent, Kind};
 use clonekv_core::bstar::Role;
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
-    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame, Output,
-    Server, SyncReason,
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame,
+    HashKey, Output, Server, SyncReason,
 };
 use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
+use crate::curve::{self, KeyError, ServerCurve, ZapDecision, ZapDomain, ZapHandler};
+use crate::discovery::{endpoint_host, Discovery, DiscoveryError, DiscoveryOptions};
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
-use crate::socket::{largest_legal_frame, Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
+pub use crate::socket::hwm_for_queue_bytes;
+use crate::socket::{
+    largest_legal_frame, Frames, MonitorPoll, ReconnectMonitor, SendOutcome, ZmqSocket,
+};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
 /// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
@@ -124,12 +136,7 @@ impl ServerEndpoints {
     /// [`ServerHost::start`] does it before making any socket.
     pub fn check(&self) -> Result<(), EndpointError> {
         crate::endpoint::check(
-            &[
-                ("snapshot", &self.snapshot),
-                ("publisher", &self.publisher),
-                ("collector", &self.collector),
-                ("state", &self.state),
-            ],
+            &self.own(),
             &[
                 ("peer snapshot", &self.peer_snapshot),
                 ("peer publisher", &self.peer_publisher),
@@ -137,6 +144,21 @@ impl ServerEndpoints {
                 ("peer state", &self.peer_state),
             ],
         )
+    }
+
+    /// [`ServerEndpoints::check`] of this server's own endpoints only, for a server
+    /// that finds its peer by discovery.
+    pub fn check_own(&self) -> Result<(), EndpointError> {
+        crate::endpoint::check(&self.own(), &[])
+    }
+
+    fn own(&self) -> [(&'static str, &str); 4] {
+        [
+            ("snapshot", &self.snapshot),
+            ("publisher", &self.publisher),
+            ("collector", &self.collector),
+            ("state", &self.state),
+        ]
     }
 }
 
@@ -147,11 +169,43 @@ pub struct ServerOptions {
     pub config: Config,
     /// Where to bind and connect.
     pub endpoints: ServerEndpoints,
-    /// High-water mark (messages) of the streaming sockets: the publisher, the collector
-    /// and the SUB following the peer. libzmq drops silently past it; the passive
-    /// re-syncs when it notices. The snapshot ROUTER keeps libzmq's default, since its
-    /// replies are flow-controlled instead.
+    /// High-water mark (messages) of the sending streaming sockets, per subscriber: the
+    /// publisher and the PUB to the peer's collector. libzmq drops silently past it (a
+    /// passive, or a client of the whole map, re-syncs when it notices; a client of a
+    /// subtree cannot notice, PROTOCOL.md §9), so it is generous. The snapshot ROUTER
+    /// keeps libzmq's default, since its replies are flow-controlled instead.
     pub hwm: i32,
+    /// High-water mark (messages) of the receiving streaming sockets, per connection:
+    /// the collector, the SUB following the peer and the DEALER of a sync. A full pipe
+    /// makes libzmq stop reading that connection (TCP pushes back on the sender), so a
+    /// small one loses nothing. By default
+    /// [`hwm_for_queue_bytes`]`(`[`DEFAULT_QUEUE_BYTES`]`)`, so that a pipe of the
+    /// largest messages stays within that many bytes.
+    pub receive_hwm: i32,
+    /// Announce this server by UDP beacon, and maybe find the peer that way; `None`:
+    /// no discovery.
+    pub discovery: Option<ServerDiscovery>,
+    /// CURVE keys: `None` for plain ZMTP on every socket (the zguide's wire, open to
+    /// anyone who reaches the ports); with keys, every socket is CURVE and a ZAP handler
+    /// admits only the configured clients and the peer (docs/SECURITY.md).
+    pub curve: Option<ServerCurve>,
+}
+
+/// How a server takes part in discovery ([`crate::discovery`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerDiscovery {
+    /// Cluster, UDP port, interface and timing.
+    pub options: DiscoveryOptions,
+    /// The base port P announced (snapshots on P, updates on P+1, collector on P+2).
+    pub base_port: u16,
+    /// The Binary Star state port announced.
+    pub state_port: u16,
+    /// Connect to the partner the beacons reveal (the server of the other role in the
+    /// cluster). The peer endpoints in [`ServerEndpoints`] are then a fallback, used only
+    /// when no partner is heard within the silence timeout (a partner that does not
+    /// announce itself, such as the zguide's servers); a partner heard later replaces
+    /// them.
+    pub find_peer: bool,
 }
 
 impl ServerOptions {
@@ -161,6 +215,9 @@ impl ServerOptions {
             config: Config::primary(),
             endpoints: ServerEndpoints::primary(),
             hwm: DEFAULT_HWM,
+            discovery: None,
+            curve: None,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::primary().limits),
         }
     }
 
@@ -170,13 +227,22 @@ impl ServerOptions {
             config: Config::backup(),
             endpoints: ServerEndpoints::backup(),
             hwm: DEFAULT_HWM,
+            discovery: None,
+            curve: None,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::backup().limits),
         }
     }
 }
 
-/// The default high-water mark of streaming sockets: bursts of this many updates queue
-/// instead of being dropped.
+/// The default high-water mark of a server's sending sockets and of a client's
+/// sockets: bursts of this many updates queue instead of being dropped.
 pub const DEFAULT_HWM: i32 = 100_000;
+
+/// The default byte budget of one pipe of a server's receiving sockets (per connection):
+/// libzmq queues at most this many bytes of the largest messages there
+/// ([`hwm_for_queue_bytes`]): 15 messages at the default 1 MiB body limit, about 3 800
+/// at a 4 KiB one.
+pub const DEFAULT_QUEUE_BYTES: usize = 16 << 20;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +254,9 @@ pub enum StartError {
     /// The endpoints clash, or a peer host does not resolve.
     #[error("invalid configuration: {0}")]
     Endpoints(#[from] EndpointError),
+    /// The OS gave no randomness for the hash key.
+    #[error("cannot read OS randomness for the hash key: {0}")]
+    Randomness(String),
     /// A socket could not bind (the address is in use, is not this host's, or the
     /// endpoint is invalid).
     #[error(
@@ -223,6 +292,12 @@ pub enum StartError {
     /// The event loop could not be set up.
     #[error("cannot set up the event loop: {0}")]
     Io(#[from] io::Error),
+    /// Discovery was asked for and cannot start.
+    #[error("{0}")]
+    Discovery(#[from] DiscoveryError),
+    /// CURVE keys were given but cannot be used.
+    #[error("{0}")]
+    Curve(#[from] KeyError),
 }
 
 /// What a bind error means, with libzmq's errno and text.
@@ -319,6 +394,11 @@ const WAKER: Token = Token(5);
 const SIGNALS: Token = Token(6);
 const PEER_UPDATES_MONITOR: Token = Token(7);
 const PUBLISHER: Token = Token(8);
+const ZAP: Token = Token(9);
+const PEER_STATE_MONITOR: Token = Token(10);
+const PEER_COLLECTOR_MONITOR: Token = Token(11);
+const PEER_SNAPSHOT_MONITOR: Token = Token(12);
+const DISCOVERY: Token = Token(13);
 
 /// Messages taken from one socket, or one client's snapshot stream, per pass, so that a
 /// flood on one cannot starve the others.
@@ -365,7 +445,8 @@ pub struct ServerHost {
     clock: Clock,
     server: Server,
     endpoints: ServerEndpoints,
-    hwm: i32,
+    /// The high-water mark of each sync's DEALER ([`ServerOptions::receive_hwm`]).
+    receive_hwm: i32,
     poll: Poll,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -384,6 +465,17 @@ pub struct ServerHost {
     peer_updates_monitor_readable: bool,
     peer_collector: ZmqSocket,
     peer_snapshot: Option<ZmqSocket>,
+    /// Handshake events of the other sockets connected to the peer: with CURVE, a
+    /// process that is not the peer fails there, and is logged.
+    peer_state_monitor: ReconnectMonitor,
+    peer_collector_monitor: ReconnectMonitor,
+    peer_snapshot_monitor: Option<ReconnectMonitor>,
+    /// One of the three monitors' fds signalled since their events were last read.
+    peer_monitors_readable: bool,
+    /// CURVE keys and the ZAP handler that admits connections by them.
+    curve: Option<(ServerCurve, ZapHandler)>,
+    /// The ZAP socket may have a request waiting.
+    zap_readable: bool,
     context: zmq::Context,
     /// Snapshot streams with messages to send, by routing id, each with the message the
     /// client's full pipe refused (sent first when the stream resumes).
@@ -397,6 +489,17 @@ pub struct ServerHost {
     maybe_readable: [bool; INPUTS.len()],
     /// The copy of the stats other threads read, and when it is next refreshed.
     shared_stats: Option<(Arc<Mutex<ServerStats>>, StdInstant)>,
+    /// Beacons out and in, when discovery is on.
+    discovery: Option<Discovery>,
+    /// The discovery socket's fd signalled since it was last read empty.
+    discovery_readable: bool,
+    /// The peer's endpoints come from discovery, not from [`ServerEndpoints`].
+    find_peer: bool,
+    /// The peer sockets are connected to `endpoints`' peer endpoints (always, unless
+    /// the peer is to be discovered and has not been heard yet).
+    peer_connected: bool,
+    /// When the configured peer endpoints are used if discovery has found no partner.
+    peer_fallback_at: Option<Instant>,
 }
 
 impl ServerHost {
@@ -404,15 +507,60 @@ impl ServerHost {
     /// that names the socket and endpoint when, for example, a port is taken.
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
-        let server = Server::new(clock.now(), clock.wall(), options.config)?;
-        options.endpoints.check()?;
+        // The key of the core's uuid-keyed hash tables: secret and fresh per process, so
+        // that no client can compute uuids that collide (core takes it, never draws it).
+        let mut hash_key = [0u8; 16];
+        getrandom::fill(&mut hash_key)
+            .map_err(|error| StartError::Randomness(error.to_string()))?;
+        let server = Server::new(
+            clock.now(),
+            clock.wall(),
+            options.config,
+            HashKey::from_bytes(hash_key),
+        )?;
+        let find_peer = options
+            .discovery
+            .as_ref()
+            .is_some_and(|discovery| discovery.find_peer);
+        if find_peer {
+            options.endpoints.check_own()?;
+        } else {
+            options.endpoints.check()?;
+        }
         let endpoints = options.endpoints;
         let context = zmq::Context::new();
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
 
+        let curve = match options.curve {
+            Some(keys) => {
+                if !curve::available() {
+                    return Err(StartError::Curve(KeyError::Unavailable));
+                }
+                // Before any CURVE socket binds: without a handler libzmq admits every key.
+                let zap = ZapHandler::bind(&context).map_err(|error| StartError::Socket {
+                    socket: "zap",
+                    error,
+                })?;
+                Some((keys, zap))
+            }
+            None => None,
+        };
+        let keys = curve.as_ref().map(|(keys, _)| keys);
+        let curve_server = |socket: &ZmqSocket, domain: ZapDomain| match keys {
+            Some(keys) => configure(socket, |inner| curve::make_server(inner, &keys.own, domain)),
+            None => Ok(()),
+        };
+        let curve_client = |socket: &ZmqSocket| match keys {
+            Some(keys) => configure(socket, |inner| {
+                curve::make_client(inner, &keys.own, &keys.peer)
+            }),
+            None => Ok(()),
+        };
+
         let limits = options.config.limits;
         let router = new_socket(&context, zmq::ROUTER, "snapshot")?;
+        curve_server(&router, ZapDomain::Clients)?;
         configure(&router, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -421,6 +569,7 @@ impl ServerHost {
         // An XPUB that passes every subscription up (verbose), so that each new
         // subscriber can be sent a HUGZ at once instead of at the next heartbeat.
         let publisher = new_socket(&context, zmq::XPUB, "publisher")?;
+        curve_server(&publisher, ZapDomain::Clients)?;
         configure(&publisher, |socket| socket.set_sndhwm(options.hwm))?;
         configure(&publisher, |socket| socket.set_xpub_verbose(true))?;
         configure(&publisher, |socket| {
@@ -428,23 +577,32 @@ impl ServerHost {
         })?;
         bind(&publisher, &endpoints.publisher)?;
         let collector = new_socket(&context, zmq::SUB, "collector")?;
-        configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
+        curve_server(&collector, ZapDomain::Clients)?;
+        configure(&collector, |socket| socket.set_rcvhwm(options.receive_hwm))?;
         configure(&collector, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
         configure(&collector, |socket| socket.set_subscribe(b""))?;
         bind(&collector, &endpoints.collector)?;
         let state_publisher = new_socket(&context, zmq::PUB, "state")?;
+        curve_server(&state_publisher, ZapDomain::Peer)?;
         bind(&state_publisher, &endpoints.state)?;
 
         let peer_state = new_socket(&context, zmq::SUB, "peer state")?;
+        curve_client(&peer_state)?;
+        let peer_state_monitor = new_monitor(&context, &peer_state, "peer state monitor")?;
         configure(&peer_state, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
         configure(&peer_state, |socket| socket.set_subscribe(b""))?;
-        connect(&peer_state, &endpoints.peer_state)?;
+        if !find_peer {
+            connect(&peer_state, &endpoints.peer_state)?;
+        }
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
-        configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
+        curve_client(&peer_updates)?;
+        configure(&peer_updates, |socket| {
+            socket.set_rcvhwm(options.receive_hwm)
+        })?;
         configure(&peer_updates, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -454,10 +612,15 @@ impl ServerHost {
                 socket: "peer publisher monitor",
                 error,
             })?;
-        connect(&peer_updates, &endpoints.peer_publisher)?;
         let peer_collector = new_socket(&context, zmq::PUB, "peer collector")?;
+        curve_client(&peer_collector)?;
+        let peer_collector_monitor =
+            new_monitor(&context, &peer_collector, "peer collector monitor")?;
         configure(&peer_collector, |socket| socket.set_sndhwm(options.hwm))?;
-        connect(&peer_collector, &endpoints.peer_collector)?;
+        if !find_peer {
+            connect(&peer_updates, &endpoints.peer_publisher)?;
+            connect(&peer_collector, &endpoints.peer_collector)?;
+        }
 
         let registry = poll.registry();
         router.register(registry, ROUTER)?;
@@ -466,12 +629,40 @@ impl ServerHost {
         peer_updates.register(registry, PEER_UPDATES)?;
         publisher.register(registry, PUBLISHER)?;
         peer_updates_monitor.register(registry, PEER_UPDATES_MONITOR)?;
+        peer_state_monitor.register(registry, PEER_STATE_MONITOR)?;
+        peer_collector_monitor.register(registry, PEER_COLLECTOR_MONITOR)?;
+        if let Some((_, zap)) = &curve {
+            zap.socket().register(registry, ZAP)?;
+        }
+        // Announced only once every port is bound: a peer or client that hears the
+        // beacon finds the sockets there.
+        let mut peer_fallback_at = None;
+        let discovery = match options.discovery {
+            Some(discovery) => {
+                if find_peer {
+                    peer_fallback_at = Some(clock.now() + discovery.options.silence);
+                }
+                let announcement = Announcement {
+                    kind: match server.bstar().role() {
+                        Role::Primary => Kind::Primary,
+                        Role::Backup => Kind::Backup,
+                    },
+                    state: Some(server.bstar().state()),
+                    base_port: discovery.base_port,
+                    state_port: discovery.state_port,
+                };
+                let mut opened = Discovery::open(clock, discovery.options, announcement)?;
+                opened.register(registry, DISCOVERY)?;
+                Some(opened)
+            }
+            None => None,
+        };
 
         Ok(ServerHost {
             clock,
             server,
             endpoints,
-            hwm: options.hwm,
+            receive_hwm: options.receive_hwm,
             poll,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
@@ -486,12 +677,23 @@ impl ServerHost {
             peer_updates_monitor_readable: true,
             peer_collector,
             peer_snapshot: None,
+            peer_state_monitor,
+            peer_collector_monitor,
+            peer_snapshot_monitor: None,
+            peer_monitors_readable: true,
+            curve,
+            zap_readable: true,
             context,
             streams: BTreeMap::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
             frames: Frames::default(),
             maybe_readable: [true; INPUTS.len()],
             shared_stats: None,
+            discovery,
+            discovery_readable: true,
+            find_peer,
+            peer_connected: !find_peer,
+            peer_fallback_at,
         })
     }
 
@@ -582,9 +784,14 @@ impl ServerHost {
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
-            let timeout = self
-                .clock
-                .sleep_until(self.clock.now(), self.server.poll_timeout());
+            let deadline = earliest(
+                earliest(
+                    self.server.poll_timeout(),
+                    self.discovery.as_ref().and_then(Discovery::poll_timeout),
+                ),
+                self.peer_fallback_at.filter(|_| !self.peer_connected),
+            );
+            let timeout = self.clock.sleep_until(self.clock.now(), deadline);
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -594,8 +801,16 @@ impl ServerHost {
                 if let Some(input) = input_of(event.token()) {
                     self.maybe_readable[input as usize] = true;
                 }
-                if event.token() == PEER_UPDATES_MONITOR {
-                    self.peer_updates_monitor_readable = true;
+                match event.token() {
+                    PEER_UPDATES_MONITOR => self.peer_updates_monitor_readable = true,
+                    PEER_STATE_MONITOR | PEER_COLLECTOR_MONITOR | PEER_SNAPSHOT_MONITOR => {
+                        self.peer_monitors_readable = true
+                    }
+                    ZAP => self.zap_readable = true,
+                    _ => {}
+                }
+                if event.token() == DISCOVERY {
+                    self.discovery_readable = true;
                 }
                 if event.token() == SIGNALS {
                     if let Some(signals) = self.signals.as_mut() {
@@ -609,6 +824,9 @@ impl ServerHost {
         }
         log_summaries(self.limiter.all_summaries());
         log_counters(self.server.counters(), self.server.bstar().role());
+        if let Some(discovery) = &self.discovery {
+            log_discovery_counters(discovery);
+        }
         Ok(())
     }
 
@@ -634,7 +852,10 @@ impl ServerHost {
                 log_summaries(self.limiter.due_summaries(StdInstant::now()));
                 self.refresh_shared_stats();
             }
-            let mut moved = self.receive_peer_updates_monitor()?;
+            let mut moved = self.serve_zap()?;
+            moved |= self.receive_peer_monitors()?;
+            moved |= self.receive_peer_updates_monitor()?;
+            moved |= self.pump_discovery();
             moved |= self.receive_pass()?;
             let pumped = self.pump_snapshots();
             moved |= pumped.sent;
@@ -663,6 +884,7 @@ impl ServerHost {
                 socket: "peer publisher monitor",
                 error,
             })?;
+        self.log_handshake(&poll, "peer publisher");
         if poll.reconnected {
             log_limited!(
                 self.limiter,
@@ -676,6 +898,128 @@ impl ServerHost {
             self.drain_outputs();
         }
         Ok(poll.received)
+    }
+
+    /// Answers every waiting ZAP request (CURVE only) and logs each refusal; true if any
+    /// was answered.
+    fn serve_zap(&mut self) -> Result<bool, RunError> {
+        let Some((keys, zap)) = &self.curve else {
+            return Ok(false);
+        };
+        if !self.zap_readable {
+            return Ok(false);
+        }
+        let answered = zap.serve(keys).map_err(|error| RunError::Receive {
+            socket: "zap",
+            error,
+        })?;
+        // A reply is a send, which may have taken the fd's edge of the next request.
+        self.zap_readable = !answered.is_empty();
+        for answer in &answered {
+            let domain = String::from_utf8_lossy(&answer.request.domain);
+            let key = curve::PublicKey::from_bytes(&answer.request.client_key)
+                .map_or_else(|| "(none)".to_string(), |key| key.z85());
+            let address = &answer.request.address;
+            match answer.decision {
+                ZapDecision::Admit => {
+                    tracing::debug!(%domain, %address, %key, "CURVE key admitted")
+                }
+                ZapDecision::NotAdmitted if domain == ZapDomain::Peer.as_str() => log_limited!(
+                    self.limiter,
+                    "zap_refused/peer",
+                    tracing::Level::WARN,
+                    "refused a connection to the Binary Star state socket: its CURVE key is not the peer's (--peer-public-key)",
+                    %address,
+                    %key
+                ),
+                ZapDecision::NotAdmitted => log_limited!(
+                    self.limiter,
+                    "zap_refused/clients",
+                    tracing::Level::WARN,
+                    "refused a client connection: its CURVE key is not admitted (--curve-clients)",
+                    %address,
+                    %key
+                ),
+                ZapDecision::NotCurve | ZapDecision::UnknownDomain => log_limited!(
+                    self.limiter,
+                    "zap_refused/malformed",
+                    tracing::Level::WARN,
+                    "refused a connection: its ZAP request was not a CURVE request of this server",
+                    %domain,
+                    %address
+                ),
+            }
+        }
+        Ok(!answered.is_empty())
+    }
+
+    /// Reads the handshake events of the peer state, peer collector and peer snapshot
+    /// sockets and logs each failure; true if any event arrived.
+    fn receive_peer_monitors(&mut self) -> Result<bool, RunError> {
+        if !self.peer_monitors_readable {
+            return Ok(false);
+        }
+        self.peer_monitors_readable = false;
+        let receive = |monitor: &mut ReconnectMonitor, socket: &'static str| {
+            monitor
+                .poll_reconnected()
+                .map_err(|error| RunError::Receive { socket, error })
+        };
+        let mut polls = vec![
+            (
+                receive(&mut self.peer_state_monitor, "peer state monitor")?,
+                "peer state",
+            ),
+            (
+                receive(&mut self.peer_collector_monitor, "peer collector monitor")?,
+                "peer collector",
+            ),
+        ];
+        if let Some(monitor) = self.peer_snapshot_monitor.as_mut() {
+            polls.push((receive(monitor, "peer snapshot monitor")?, "peer snapshot"));
+        }
+        let mut received = false;
+        for (poll, socket) in polls {
+            received |= poll.received;
+            self.log_handshake(&poll, socket);
+        }
+        Ok(received)
+    }
+
+    /// Logs a failed handshake with the peer: nothing from that connection reaches the
+    /// core (libzmq passes no message before the handshake succeeds).
+    fn log_handshake(&mut self, poll: &MonitorPoll, socket: &'static str) {
+        let Some(failure) = poll.handshake_failed else {
+            return;
+        };
+        let endpoint = match socket {
+            "peer state" => &self.endpoints.peer_state,
+            "peer collector" => &self.endpoints.peer_collector,
+            "peer snapshot" => &self.endpoints.peer_snapshot,
+            _ => &self.endpoints.peer_publisher,
+        };
+        let key = format!("peer_handshake_failed/{socket}");
+        if self.curve.is_some() {
+            log_limited!(
+                self.limiter,
+                key,
+                tracing::Level::ERROR,
+                "the process at the peer's endpoint did not prove the peer's CURVE key (a stranger, or the wrong --peer-public-key); nothing it sends is used",
+                socket,
+                %endpoint,
+                reason = %failure
+            );
+        } else {
+            log_limited!(
+                self.limiter,
+                key,
+                tracing::Level::ERROR,
+                "the handshake with the peer failed (is the peer configured with CURVE keys and this server not?); nothing it sends is used",
+                socket,
+                %endpoint,
+                reason = %failure
+            );
+        }
     }
 
     /// Up to a batch from every input socket; true if anything arrived.
@@ -807,9 +1151,143 @@ impl ServerHost {
         }
     }
 
+    /// Announces the current Binary Star state, reads beacons and follows the partner
+    /// they reveal; true while more beacons may be waiting.
+    fn pump_discovery(&mut self) -> bool {
+        let Some(discovery) = self.discovery.as_mut() else {
+            return false;
+        };
+        let now = self.clock.now();
+        discovery.set_state(self.server.bstar().state());
+        if !self.peer_connected && self.peer_fallback_at.is_some_and(|due| due <= now) {
+            self.connect_fallback_peer();
+            return true;
+        }
+        let due = discovery.poll_timeout().is_some_and(|due| due <= now);
+        if !self.discovery_readable && !due {
+            return false;
+        }
+        let more = discovery.pump();
+        self.discovery_readable = more;
+        let mut heard_change = false;
+        while let Some(event) = discovery.poll_event() {
+            log_discovery_event(&event);
+            heard_change = true;
+        }
+        if heard_change && self.find_peer {
+            self.follow_partner();
+        }
+        more
+    }
+
+    /// Connects the peer sockets to the configured peer endpoints: no partner announced
+    /// itself within the silence timeout.
+    fn connect_fallback_peer(&mut self) {
+        for (socket, endpoint) in [
+            (&self.peer_state, &self.endpoints.peer_state),
+            (&self.peer_updates, &self.endpoints.peer_publisher),
+            (&self.peer_collector, &self.endpoints.peer_collector),
+        ] {
+            if let Err(error) = socket.inner().connect(endpoint) {
+                tracing::error!(socket = socket.name(), %endpoint, %error, "cannot connect to the configured peer");
+            }
+        }
+        tracing::info!(
+            peer_snapshot = %self.endpoints.peer_snapshot,
+            peer_state = %self.endpoints.peer_state,
+            "discovery: no partner announced itself; using the configured peer endpoints until one does"
+        );
+        self.peer_connected = true;
+    }
+
+    /// Connects the peer sockets to the partner discovery found, when it is new or has
+    /// moved. A partner that goes silent stays connected: libzmq reconnects when it comes
+    /// back at the same address, and Binary Star judges its liveness.
+    fn follow_partner(&mut self) {
+        let Some(discovery) = &self.discovery else {
+            return;
+        };
+        let Some(partner) = discovery.beacon().partner() else {
+            return;
+        };
+        let kind = partner.announcement.kind;
+        if discovery.beacon().servers_of_kind(kind) > 1 {
+            log_limited!(
+                self.limiter,
+                "discovery_two_partners",
+                tracing::Level::WARN,
+                "discovery: more than one server of the partner's role in this cluster; pairing with the lowest instance id. Give each pair its own --cluster",
+                role = kind_name(kind),
+                count = discovery.beacon().servers_of_kind(kind)
+            );
+        }
+        let found = ServerEndpoints::with_ports(
+            "*",
+            1,
+            1,
+            &endpoint_host(partner.address),
+            partner.announcement.base_port,
+            partner.announcement.state_port,
+        );
+        if self.peer_connected
+            && found.peer_state == self.endpoints.peer_state
+            && found.peer_snapshot == self.endpoints.peer_snapshot
+        {
+            return;
+        }
+        let pairs: [(&ZmqSocket, String, String); 3] = [
+            (
+                &self.peer_state,
+                self.endpoints.peer_state.clone(),
+                found.peer_state.clone(),
+            ),
+            (
+                &self.peer_updates,
+                self.endpoints.peer_publisher.clone(),
+                found.peer_publisher.clone(),
+            ),
+            (
+                &self.peer_collector,
+                self.endpoints.peer_collector.clone(),
+                found.peer_collector.clone(),
+            ),
+        ];
+        for (socket, old, new) in pairs {
+            if self.peer_connected {
+                // Fails only if it was never connected there; nothing to undo then.
+                let _ = socket.inner().disconnect(&old);
+            }
+            if let Err(error) = socket.inner().connect(&new) {
+                tracing::error!(socket = socket.name(), endpoint = %new, %error, "discovery: cannot connect to the partner");
+            }
+        }
+        tracing::info!(
+            role = kind_name(kind),
+            snapshot = %found.peer_snapshot,
+            state = %found.peer_state,
+            "discovery: connected to the partner"
+        );
+        self.endpoints.peer_snapshot = found.peer_snapshot;
+        self.endpoints.peer_publisher = found.peer_publisher;
+        self.endpoints.peer_collector = found.peer_collector;
+        self.endpoints.peer_state = found.peer_state;
+        self.peer_connected = true;
+    }
+
     /// Sends ICANHAZ? to the peer on a fresh DEALER, so that a late reply to an earlier
     /// request can never be read as part of this one.
     fn request_peer_snapshot(&mut self, frames: &[Vec<u8>; 2]) {
+        if !self.peer_connected {
+            // The core asks again after peer_sync_timeout; by then the partner may have
+            // been heard.
+            log_limited!(
+                self.limiter,
+                "peer_snapshot/undiscovered",
+                tracing::Level::INFO,
+                "the peer's snapshot is wanted but discovery has not found the peer yet"
+            );
+            return;
+        }
         if let Some(old) = self.peer_snapshot.take() {
             if let Err(error) = old.deregister(self.poll.registry()) {
                 log_limited!(
@@ -840,9 +1318,21 @@ impl ServerHost {
         self.maybe_readable[Input::PeerSnapshot as usize] = true;
     }
 
-    fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
+    fn new_peer_dealer(&mut self) -> Result<ZmqSocket, StartError> {
         let dealer = new_socket(&self.context, zmq::DEALER, "peer snapshot")?;
-        configure(&dealer, |socket| socket.set_rcvhwm(self.hwm))?;
+        if let Some((keys, _)) = &self.curve {
+            configure(&dealer, |inner| {
+                curve::make_client(inner, &keys.own, &keys.peer)
+            })?;
+        }
+        let monitor = new_monitor(&self.context, &dealer, "peer snapshot monitor")?;
+        monitor.register(self.poll.registry(), PEER_SNAPSHOT_MONITOR)?;
+        if let Some(old) = self.peer_snapshot_monitor.replace(monitor) {
+            if let Err(error) = old.deregister(self.poll.registry()) {
+                tracing::debug!(%error, "cannot deregister the old peer snapshot monitor");
+            }
+        }
+        configure(&dealer, |socket| socket.set_rcvhwm(self.receive_hwm))?;
         let largest = largest_legal_frame(&self.server.config().limits);
         configure(&dealer, |socket| socket.set_maxmsgsize(largest))?;
         connect(&dealer, &self.endpoints.peer_snapshot)?;
@@ -938,6 +1428,17 @@ fn new_socket(
     name: &'static str,
 ) -> Result<ZmqSocket, StartError> {
     ZmqSocket::new(context, kind, name).map_err(|error| StartError::Socket {
+        socket: name,
+        error,
+    })
+}
+
+fn new_monitor(
+    context: &zmq::Context,
+    socket: &ZmqSocket,
+    name: &'static str,
+) -> Result<ReconnectMonitor, StartError> {
+    ReconnectMonitor::new(context, socket).map_err(|error| StartError::Socket {
         socket: name,
         error,
     })
@@ -1051,6 +1552,18 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                     key,
                     Level::INFO,
                     "client rejected: this server is not active (or is passive while the active is alive)"
+                ),
+                DropReason::MapFullKeys => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map holds --max-keys keys (the writer sees no commit)"
+                ),
+                DropReason::MapFullBytes => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map would pass --max-bytes (the writer sees no commit)"
                 ),
                 DropReason::TooManySnapshotStreams => log_limited!(
                     limiter,
@@ -1180,6 +1693,13 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                 ),
             }
         }
+        Event::SyncBufferDropped { dropped } => log_limited!(
+            limiter,
+            "sync_buffer_dropped",
+            Level::WARN,
+            "sync buffer at its bound (--sync-backlog-max, --sync-backlog-max-bytes): buffered updates of the active let go; the next snapshot brings them",
+            dropped
+        ),
         other => tracing::debug!(event = ?other, "server event"),
     }
 }
@@ -1192,6 +1712,7 @@ fn log_counters(counters: &Counters, role: Role) {
         snapshots = counters.snapshots_completed,
         dropped = counters.dropped_total(),
         pending_evicted = counters.pending_evicted,
+        sync_buffered_dropped = counters.sync_buffered_dropped,
         split_lost = counters.split_lost,
         role_conflicts = counters.role_conflicts,
         "stopped"
@@ -1210,4 +1731,75 @@ fn log_counters(counters: &Counters, role: Role) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Primary => "primary",
+        Kind::Backup => "backup",
+        Kind::Client => "client",
+    }
+}
+
+/// A line per change in the table of discovered peers (each is rare: a node starting,
+/// stopping or moving).
+fn log_discovery_event(event: &PeerEvent) {
+    match event {
+        PeerEvent::PeerUp(peer) | PeerEvent::PeerChanged(peer) => {
+            let what = if matches!(event, PeerEvent::PeerUp(_)) {
+                "discovery: peer up"
+            } else {
+                "discovery: peer changed"
+            };
+            tracing::info!(
+                instance = %short_instance(&peer.instance),
+                role = kind_name(peer.announcement.kind),
+                address = %peer.address,
+                base_port = peer.announcement.base_port,
+                state_port = peer.announcement.state_port,
+                state = ?peer.announcement.state,
+                "{what}"
+            );
+        }
+        PeerEvent::PeerDown { instance } => {
+            tracing::info!(instance = %short_instance(instance), "discovery: peer down (no beacon within the silence timeout)");
+        }
+    }
+}
+
+/// The first four bytes of an instance id in hex: enough to tell nodes apart in a log.
+pub(crate) fn short_instance(instance: &[u8; 16]) -> String {
+    instance
+        .iter()
+        .take(4)
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Discovery's counters, once at shutdown: beacons sent and every reason a received one
+/// was dropped.
+fn log_discovery_counters(discovery: &Discovery) {
+    use clonekv_core::beacon::DropReason;
+    let (sent, send_failures) = discovery.sent();
+    let dropped = |reason: DropReason| discovery.dropped(reason);
+    tracing::info!(
+        sent,
+        send_failures,
+        bad_length = dropped(DropReason::BadLength),
+        bad_magic = dropped(DropReason::BadMagic),
+        unknown_version = dropped(DropReason::UnknownVersion),
+        bad_field = dropped(DropReason::BadField),
+        other_cluster = dropped(DropReason::OtherCluster),
+        own_beacon = dropped(DropReason::OwnBeacon),
+        "discovery counters"
+    );
 }

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use clonekv_zmq::client::{Client, ClientBuilder};
 
+pub mod netns;
+
 /// How long any single wait in a test may take before it fails. Generous: the suite
 /// must pass on a slow, shared 2-core machine with debug builds.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -36,6 +38,18 @@ pub const HEARTBEAT: &str = "200ms";
 pub const PEER_EXPIRY_BEATS: &str = "5";
 /// The test clients' server ttl: silence before they try the next server.
 pub const SERVER_TTL: Duration = Duration::from_secs(2);
+
+/// A command running one of the workspace's binaries with discovery off: tests on the
+/// host's network must send nothing beyond loopback, and a daemon or CLI with discovery
+/// on would broadcast beacons on every interface. The discovery tests run theirs in
+/// network namespaces instead.
+pub fn tool(name: &str) -> Command {
+    let mut command = Command::new(binary(name));
+    command
+        .env("CLONEKVD_NO_DISCOVERY", "1")
+        .env("CLONEKV_NO_DISCOVERY", "1");
+    command
+}
 
 /// The path of one of clonekv-zmq's executables (`clonekvd` or `clonekv`) of this build.
 ///
@@ -209,6 +223,8 @@ pub struct Cluster {
     starts: u32,
     extra_args: Vec<String>,
     http: bool,
+    /// Flags of one role only: the primary's, then the backup's.
+    role_args: [Vec<String>; 2],
 }
 
 impl Cluster {
@@ -222,6 +238,7 @@ impl Cluster {
             starts: 0,
             extra_args: Vec::new(),
             http: false,
+            role_args: [Vec::new(), Vec::new()],
         }
     }
 
@@ -259,6 +276,16 @@ impl Cluster {
     /// The base URL of a server's HTTP gateway, `http://127.0.0.1:PORT`.
     pub fn http_url(&self, role: Role) -> String {
         format!("http://127.0.0.1:{}", self.http_port(role))
+    }
+
+    /// Adds `clonekvd` flags for the servers of `role` started from now on.
+    pub fn with_role_args(mut self, role: Role, args: &[String]) -> Cluster {
+        let index = match role {
+            Role::Primary => 0,
+            Role::Backup => 1,
+        };
+        self.role_args[index].extend(args.iter().cloned());
+        self
     }
 
     /// The base port P of a server.
@@ -315,6 +342,11 @@ impl Cluster {
             args.push(format!("127.0.0.1:{}", self.http_port(role)));
         }
         args.extend(self.extra_args.iter().cloned());
+        let index = match role {
+            Role::Primary => 0,
+            Role::Backup => 1,
+        };
+        args.extend(self.role_args[index].iter().cloned());
         args
     }
 
@@ -377,7 +409,7 @@ impl Cluster {
 
     /// The `clonekv` CLI command against this cluster, not yet started.
     pub fn cli_command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(binary("clonekv"));
+        let mut command = tool("clonekv");
         command
             .arg("--server")
             .arg(self.servers().join(","))
@@ -405,10 +437,25 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `clonekvd args...`, logging (at debug level) to `<dir>/<name>.log`.
     pub fn spawn(name: &str, args: &[String], dir: &Path) -> Daemon {
+        Daemon::spawn_command(name, tool("clonekvd"), args, dir)
+    }
+
+    /// Starts `clonekvd args...` inside network namespace `namespace`, with discovery
+    /// left to its flags (on by default), logging as [`Daemon::spawn`] does. `ip netns
+    /// exec` runs the daemon in its own process, so the pid is the daemon's.
+    pub fn spawn_in(namespace: &str, name: &str, args: &[String], dir: &Path) -> Daemon {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", namespace])
+            .arg(binary("clonekvd"));
+        Daemon::spawn_command(name, command, args, dir)
+    }
+
+    fn spawn_command(name: &str, mut command: Command, args: &[String], dir: &Path) -> Daemon {
         let log = dir.join(format!("{name}.log"));
         let file = fs::File::create(&log)
             .unwrap_or_else(|error| panic!("cannot create {}: {error}", log.display()));
-        let child = Command::new(binary("clonekvd"))
+        let child = command
             .args(args)
             .env("RUST_LOG", "clonekvd=debug,clonekv_zmq=debug")
             .stdin(Stdio::null())

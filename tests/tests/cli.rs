@@ -3,10 +3,10 @@
 //! manual page.
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use base64::Engine as _;
-use clonekv_tests::{assert_success, binary, stdout, Cluster, PortBlock, Role};
+use clonekv_tests::{assert_success, stdout, tool, Cluster, PortBlock, Role};
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -18,7 +18,7 @@ fn cli_alone(servers: &str, args: &[&str]) -> Output {
 }
 
 fn cli_waiting(servers: &str, timeout: &str, args: &[&str]) -> Output {
-    Command::new(binary("clonekv"))
+    tool("clonekv")
         .args(["--server", servers, "--timeout", timeout])
         .args(args)
         .env_remove("CLONEKV_SERVERS")
@@ -213,7 +213,7 @@ fn when_only_a_passive_answers_the_cli_says_so_and_names_the_missing_primary() {
 #[test]
 fn completions_and_the_manual_page_are_generated() {
     for shell in ["bash", "zsh", "fish"] {
-        let output = Command::new(binary("clonekv"))
+        let output = tool("clonekv")
             .args(["completions", shell])
             .output()
             .expect("run clonekv completions");
@@ -225,12 +225,12 @@ fn completions_and_the_manual_page_are_generated() {
             "{shell}: subcommands are completed"
         );
     }
-    let bad = Command::new(binary("clonekv"))
+    let bad = tool("clonekv")
         .args(["completions", "tcsh"])
         .output()
         .expect("run clonekv completions tcsh");
     assert_eq!(bad.status.code(), Some(2));
-    let man = Command::new(binary("clonekv"))
+    let man = tool("clonekv")
         .arg("man")
         .output()
         .expect("run clonekv man");
@@ -242,7 +242,7 @@ fn completions_and_the_manual_page_are_generated() {
     );
     assert!(page.contains("completions"), "{page}");
     // A reader that stops early (`| head`) is not an error.
-    let mut early = Command::new(binary("clonekv"))
+    let mut early = tool("clonekv")
         .args(["completions", "bash"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -260,7 +260,7 @@ fn bench_against_a_users_pair_writes_under_its_prefix_and_removes_every_key() {
         &cluster.cli(&["set", "/user/keep", "yes", "--wait"]),
         "set the user's key",
     );
-    let bench = Command::new(binary("clonekv"))
+    let bench = tool("clonekv")
         .args([
             "bench",
             "--endpoint",

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use clonekv_tests::{assert_success, binary, stdout, Cluster, PortBlock, Role, Scratch};
+use clonekv_tests::{assert_success, binary, stdout, tool, Cluster, PortBlock, Role, Scratch};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -14,7 +14,7 @@ fn clonekvd_exits_non_zero_with_one_line_when_it_cannot_bind() {
     cluster
         .start(Role::Primary)
         .wait_for_log("clonekvd started");
-    let output = Command::new(binary("clonekvd"))
+    let output = tool("clonekvd")
         .args(cluster.daemon_args(Role::Primary))
         .output()
         .expect("run a second clonekvd");
@@ -75,7 +75,7 @@ fn clonekvd_reads_a_toml_config_file_and_flags_win_over_it() {
     daemon.wait_for_log(&format!("snapshot=tcp://127.0.0.1:{}", ports.port(4)));
 
     let server = format!("tcp://127.0.0.1:{}", ports.port(4));
-    let set = Command::new(binary("clonekv"))
+    let set = tool("clonekv")
         .args([
             "--server",
             &server,
@@ -92,7 +92,7 @@ fn clonekvd_reads_a_toml_config_file_and_flags_win_over_it() {
 
     let bad = scratch.path().join("bad.toml");
     std::fs::write(&bad, "prot = 5556\n").expect("write bad config");
-    let output = Command::new(binary("clonekvd"))
+    let output = tool("clonekvd")
         .args(["--config", &bad.display().to_string()])
         .output()
         .expect("run clonekvd");
@@ -108,7 +108,7 @@ fn clonekvd_reads_a_toml_config_file_and_flags_win_over_it() {
         "port = 5556\nheartbeat = \"1s\"\nprot = 5556\nrole = \"backup\"\n",
     )
     .expect("write bad config");
-    let output = Command::new(binary("clonekvd"))
+    let output = tool("clonekvd")
         .args(["--config", &bad.display().to_string()])
         .output()
         .expect("run clonekvd");
@@ -123,7 +123,7 @@ fn clonekvd_reads_a_toml_config_file_and_flags_win_over_it() {
 fn the_cli_says_in_one_line_when_no_server_answers() {
     let ports = PortBlock::allocate();
     let nobody = format!("tcp://127.0.0.1:{}", ports.port(0));
-    let output = Command::new(binary("clonekv"))
+    let output = tool("clonekv")
         .args(["--server", &nobody, "--timeout", "30s", "get", "/x"])
         .env_remove("CLONEKV_SERVERS")
         .output()
@@ -141,7 +141,7 @@ fn the_cli_says_in_one_line_when_no_server_answers() {
 
 #[test]
 fn bad_arguments_are_one_line_errors_with_status_2() {
-    let bad_endpoint = Command::new(binary("clonekv"))
+    let bad_endpoint = tool("clonekv")
         .args(["--server", "localhost", "get", "/x"])
         .output()
         .expect("run clonekv");
@@ -153,13 +153,13 @@ fn bad_arguments_are_one_line_errors_with_status_2() {
         stderr(&bad_endpoint)
     );
 
-    let bad_duration = Command::new(binary("clonekvd"))
+    let bad_duration = tool("clonekvd")
         .args(["--heartbeat", "soon"])
         .output()
         .expect("run clonekvd");
     assert_eq!(bad_duration.status.code(), Some(2));
 
-    let zero = Command::new(binary("clonekvd"))
+    let zero = tool("clonekvd")
         .args(["--max-snapshot-streams", "0"])
         .output()
         .expect("run clonekvd");

@@ -3,10 +3,10 @@
 //! not resolve) and quiet otherwise (a flood costs a few lines that still count every
 //! occurrence).
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use clonekv_core::kvmsg::{KvMsg, Uuid};
-use clonekv_tests::{binary, Cluster, Daemon, Role, PATIENCE};
+use clonekv_tests::{tool, Cluster, Daemon, Role, PATIENCE};
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -24,10 +24,7 @@ fn with_flag(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
 /// Runs `clonekvd args...` that must refuse to start; returns its one-line message
 /// after checking the status and the line's shape.
 fn refused(args: &[String], status: i32) -> String {
-    let output = Command::new(binary("clonekvd"))
-        .args(args)
-        .output()
-        .expect("run clonekvd");
+    let output = tool("clonekvd").args(args).output().expect("run clonekvd");
     let message = stderr(&output);
     assert_eq!(output.status.code(), Some(status), "{message}");
     assert_eq!(message.lines().count(), 1, "{message}");
@@ -93,7 +90,7 @@ fn two_servers_configured_with_one_role_log_an_error_that_names_the_fix() {
 
         // A client gets no answer, and the log says why.
         let servers = cluster.servers().join(",");
-        let output = Command::new(binary("clonekv"))
+        let output = tool("clonekv")
             .args(["--server", &servers, "--timeout", "1s", "get", "/x"])
             .env_remove("CLONEKV_SERVERS")
             .output()
@@ -107,7 +104,7 @@ fn two_servers_configured_with_one_role_log_an_error_that_names_the_fix() {
             "the CLI names the cause: {message}"
         );
         // `status` shows the pair, and the problem.
-        let status = Command::new(binary("clonekv"))
+        let status = tool("clonekv")
             .args(["--server", &servers, "--timeout", "1s", "status"])
             .env_remove("CLONEKV_SERVERS")
             .output()

