@@ -1164,7 +1164,7 @@ impl Collector for ServerCollector {
             ("keys", "Keys in the map", gauge(stats.keys)),
             (
                 "map_bytes",
-                "Bytes of keys and values in the map",
+                "Bytes the map is charged: keys, values, properties and a fixed overhead per key (what --max-bytes bounds)",
                 gauge(stats.bytes),
             ),
             (

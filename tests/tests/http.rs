@@ -551,7 +551,8 @@ fn metrics_are_in_the_prometheus_text_format_with_or_without_the_gateway() {
             .unwrap_or_else(|| panic!("no {name} in {metrics:#?}"))
     };
     assert!(value("clonekv_updates_published_total") >= 5.0);
-    assert_eq!(value("clonekv_map_bytes"), 5.0 * (4.0 + 5.0));
+    // Each key is charged its bytes, its value's and a fixed overhead.
+    assert!(value("clonekv_map_bytes") >= 5.0 * (4.0 + 5.0));
     assert_eq!(value("clonekv_bstar_state{state=active}"), 1.0);
     assert_eq!(value("clonekv_bstar_state{state=passive}"), 0.0);
     assert_eq!(value("clonekv_peer_bstar_state{state=passive}"), 1.0);
