@@ -7,9 +7,9 @@
 //! client copies are replayed.
 //!
 //! Two hazards of the reference are closed here:
-//! - the list is bounded by size (always) and by age (while the active is alive: an
-//!   update the active has not echoed for that long will never be echoed), so echoes
-//!   whose client copy never comes cannot pile up;
+//! - the list is bounded by entries and bytes (always) and by age (while the active is
+//!   alive: an update the active has not echoed for that long will never be echoed), so
+//!   echoes whose client copy never comes cannot pile up;
 //! - a client copy is *superseded* when the active publishes a later update of the
 //!   same key after the copy arrived, or when a full snapshot from the active, requested
 //!   after the copy arrived, is installed (the snapshot states every key, present or
