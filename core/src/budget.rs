@@ -6,7 +6,7 @@
 //! by bytes. A structure's bytes are an upper estimate of the heap it holds: the
 //! variable part of each entry (key, properties, body) plus a fixed overhead per entry
 //! that covers its share of the indexes around it. Whether one more entry fits is
-//! decided by [`Budget::admits`], the one rule all of them use; what a structure does
+//! decided by `Budget::admits`, the one rule all of them use; what a structure does
 //! when it does not fit (evict the oldest, start the sync over) is its own.
 //!
 //! [`BoundedStructure`] reports a structure's use next to its bounds, so that a host
