@@ -629,6 +629,12 @@ impl Group {
         }
     }
 
+    /// True from [`Group::join`] until [`Group::leave`], whether or not the key is
+    /// published yet.
+    pub fn is_joined_or_joining(&self) -> bool {
+        self.membership != Membership::Out
+    }
+
     /// Open votes, by id.
     pub fn open_votes(&self) -> impl Iterator<Item = &Request> + '_ {
         self.open.values().map(|open| &open.request)
@@ -904,12 +910,19 @@ impl Group {
     }
 
     /// A fresh id for a vote or message: `<member>:<join>:<n>`, unique because the join
-    /// sequence is unique to this incarnation of the member.
+    /// sequence is unique to this incarnation of the member. A member acting without
+    /// joining (a command-line requester, a ballot cast from another process) uses
+    /// `s<sequence>` instead of its join: unique per process as long as two processes
+    /// do not act for the same member id at the same sequence.
     fn next_id(&mut self) -> Result<String, Error> {
         let me = self.config.member.as_ref().ok_or(Error::NotAMember)?;
-        let join = self.join_sequence().ok_or(Error::NotJoined)?;
+        let tag = match self.membership {
+            Membership::Joined { join } => join.to_string(),
+            Membership::Joining { .. } => return Err(Error::NotJoined),
+            Membership::Out => format!("s{}", self.sequence),
+        };
         self.written += 1;
-        Ok(format!("{me}:{join}:{}", self.written))
+        Ok(format!("{me}:{tag}:{}", self.written))
     }
 
     /// Computes every fact at `sequence` from the entries and emits what changed.

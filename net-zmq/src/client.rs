@@ -518,6 +518,7 @@ impl ClientBuilder {
                 .collect::<Result<Vec<_>, _>>()?
         };
         let mut config = self.config;
+        let subtree = config.subtree.clone();
         config.servers = addresses.len();
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|error| ClientError::Randomness(error.to_string()))?;
@@ -627,6 +628,7 @@ impl ClientBuilder {
             thread: Some(thread),
             addresses,
             event_capacity: self.event_capacity,
+            subtree,
         })
     }
 }
@@ -640,7 +642,11 @@ pub struct Client {
     thread: Option<JoinHandle<()>>,
     addresses: Vec<ServerAddress>,
     event_capacity: usize,
+    subtree: Vec<u8>,
 }
+
+/// The entries under a prefix and the sequence of the map they were read from.
+pub type SequencedDump = (i64, Vec<(Vec<u8>, Entry)>);
 
 /// The commit of an update: its sequence, or why it cannot be confirmed.
 type CommitOutcome = Result<i64, LostReason>;
@@ -652,7 +658,7 @@ enum Command {
     },
     Dump {
         prefix: Vec<u8>,
-        reply: Sender<Vec<(Vec<u8>, Entry)>>,
+        reply: Sender<SequencedDump>,
     },
     Update {
         key: Vec<u8>,
@@ -714,12 +720,29 @@ impl Client {
     /// Every entry whose key starts with `prefix` (empty: the whole local map), in key
     /// order.
     pub fn dump(&self, prefix: impl AsRef<[u8]>) -> Result<Vec<(Vec<u8>, Entry)>, ClientError> {
-        let (reply, answer) = mpsc::channel();
-        self.send(Command::Dump {
-            prefix: prefix.as_ref().to_vec(),
-            reply,
-        })?;
-        answer.recv().map_err(|_| ClientError::Stopped)
+        Ok(self.dump_at(prefix)?.1)
+    }
+
+    /// Like [`Client::dump`], with the sequence of the map it was read from: the state
+    /// of the prefix at that sequence (plus this client's own unconfirmed updates, with
+    /// sequence 0).
+    pub fn dump_at(&self, prefix: impl AsRef<[u8]>) -> Result<SequencedDump, ClientError> {
+        self.link().dump_at(prefix.as_ref())
+    }
+
+    /// The subtree this client follows (empty: the whole map).
+    pub fn subtree(&self) -> &[u8] {
+        &self.subtree
+    }
+
+    /// A cheap second handle on the agent, for helpers that run in their own thread
+    /// (groups); it does not own the agent.
+    pub(crate) fn link(&self) -> Link {
+        Link {
+            commands: self.commands.clone(),
+            waker: Arc::clone(&self.waker),
+            event_capacity: self.event_capacity,
+        }
     }
 
     /// Sets `key` to `value`, persistent or expiring after `ttl`: sends it to every
@@ -824,6 +847,81 @@ impl Client {
             Err(RecvTimeoutError::Timeout) => Err(ClientError::CommitTimeout { waited: timeout }),
             Err(RecvTimeoutError::Disconnected) => Err(ClientError::Stopped),
         }
+    }
+
+    fn send(&self, command: Command) -> Result<(), ClientError> {
+        self.commands
+            .send(command)
+            .map_err(|_| ClientError::Stopped)?;
+        self.waker.wake().map_err(ClientError::Io)
+    }
+}
+
+/// A snapshot's `Synced` event is delivered before the differences it caused (the core
+/// emits it after them): a subscriber that re-reads the map on `Synced` then knows that
+/// every later event with a sequence at or below the snapshot's is already in what it
+/// read, and never mistakes a half-applied snapshot for a state (groups rely on it).
+fn synced_first(outputs: &mut Vec<Output>) {
+    let Some(synced) = outputs
+        .iter()
+        .position(|output| matches!(output, Output::Event(core_client::Event::Synced { .. })))
+    else {
+        return;
+    };
+    let first_change = outputs.iter().take(synced).position(|output| {
+        matches!(
+            output,
+            Output::Event(core_client::Event::Updated { .. } | core_client::Event::Deleted { .. })
+        )
+    });
+    if let Some(first_change) = first_change {
+        let event = outputs.remove(synced);
+        outputs.insert(first_change, event);
+    }
+}
+
+/// A second handle on a client's agent (see [`Client::link`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Link {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    event_capacity: usize,
+}
+
+impl Link {
+    pub(crate) fn dump_at(&self, prefix: &[u8]) -> Result<SequencedDump, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Dump {
+            prefix: prefix.to_vec(),
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    pub(crate) fn subscribe(&self) -> Events {
+        let (events, receiver) = mpsc::sync_channel(self.event_capacity);
+        let _ = self.send(Command::Subscribe { events });
+        Events { receiver }
+    }
+
+    /// Sets (`Some`) or deletes (`None`) `key`; returns once queued.
+    pub(crate) fn update(
+        &self,
+        key: &[u8],
+        value: Option<(Vec<u8>, Option<Duration>)>,
+    ) -> Result<(), ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Update {
+            key: key.to_vec(),
+            value,
+            confirm: None,
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| ClientError::Stopped)?
+            .map(|_| ())
+            .map_err(ClientError::Rejected)
     }
 
     fn send(&self, command: Command) -> Result<(), ClientError> {
@@ -1092,7 +1190,7 @@ impl Agent {
                     .filter(|(key, _)| key.starts_with(&prefix))
                     .map(|(key, entry)| (key.to_vec(), entry.clone()))
                     .collect();
-                let _ = reply.send(entries);
+                let _ = reply.send((self.core.sequence(), entries));
             }
             Command::Update {
                 key,
@@ -1241,7 +1339,12 @@ impl Agent {
     }
 
     fn drain_outputs(&mut self) {
+        let mut outputs = Vec::new();
         while let Some(output) = self.core.poll_output() {
+            outputs.push(output);
+        }
+        synced_first(&mut outputs);
+        for output in outputs {
             match output {
                 Output::SendSnapshotRequest { server, frames } => {
                     if let Some(link) = self.links.get(server.0) {

@@ -2,6 +2,7 @@
 //! [`clonekv_zmq::client`]. See `clonekv --help`.
 
 mod bench;
+mod group;
 mod reach;
 mod show;
 
@@ -175,6 +176,9 @@ enum Command {
         /// Key prefix.
         subtree: Option<String>,
     },
+    /// Groups: join one (members, a leader with a fencing token, votes), show one,
+    /// request a vote, cast a ballot.
+    Group(group::GroupArgs),
     /// Show the pair: each server's endpoint, Binary Star state, sequence, keys,
     /// heartbeat age and whether it answered.
     Status,
@@ -353,6 +357,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             check_key(key, &limits)?;
             Some(read_value(value.as_deref(), file.as_deref(), &limits)?)
         }
+        Command::Group(args) => {
+            args.command.check()?;
+            None
+        }
         _ => None,
     };
     for server in &servers {
@@ -377,6 +385,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         // Status needs a snapshot (its KTHXBAI carries the server's sequence) but no
         // entries: `HUGZ` is a reserved key, so this subtree holds nothing in practice.
         Command::Status => "HUGZ".to_string(),
+        Command::Group(args) => args.command.subtree(),
         _ => String::new(),
     };
     let mut builder = Client::builder()
@@ -550,6 +559,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             std::thread::sleep(STATUS_LISTEN);
             let status = client.status().map_err(fail)?;
             print_status(&mut out, &status, true);
+            ExitCode::SUCCESS
+        }
+        Command::Group(args) => {
+            group::run(&client, &args.command, &mut out, cli.json, timeout)?;
             ExitCode::SUCCESS
         }
         // Dispatched in main before any client exists.
