@@ -288,9 +288,9 @@ pub enum Outcome {
     No,
     /// The request expired (or was deleted) before the rule was certain.
     Timeout,
-    /// This machine jumped over the vote's close in a re-sync, and ballots inside the
-    /// jump could have decided it before the close: the members that followed the stream
-    /// know the result; this one does not guess.
+    /// This machine jumped over the vote's close in a re-sync (its ballots inside the
+    /// jump may have come before or after the close, or expired since): the members that
+    /// followed the stream know the result; this one does not guess.
     Unknown,
 }
 
@@ -545,6 +545,17 @@ pub struct Group {
     written: u64,
     /// Open votes this member cast a ballot in: a member votes once.
     voted: BTreeSet<String>,
+    /// Send times of this member's writes of its key not yet seen in the stream, oldest
+    /// first (echoes come in order; a lost one only makes the guess more careful).
+    unconfirmed: VecDeque<Instant>,
+    /// The send time of the newest write of the key seen in the stream: its lease runs
+    /// at least until this plus the lease.
+    confirmed_send: Option<Instant>,
+    /// The entry sequence of the member's key last seen.
+    own_entry: i64,
+    /// A refresh was held back because the lease may have run out; it goes out at the
+    /// next confirmation if that makes it safe.
+    refresh_held: bool,
     timers: BTreeMap<Timer, Instant>,
     outputs: VecDeque<Output>,
     stats: Stats,
@@ -568,6 +579,10 @@ impl Group {
             membership: Membership::Out,
             written: 0,
             voted: BTreeSet::new(),
+            unconfirmed: VecDeque::new(),
+            confirmed_send: None,
+            own_entry: 0,
+            refresh_held: false,
             timers: BTreeMap::new(),
             outputs: VecDeque::new(),
             stats: Stats::default(),
@@ -875,20 +890,47 @@ impl Group {
                     return;
                 }
             }
-            Membership::Joined { join } => self.write_member(join),
+            Membership::Joined { join } => {
+                if self.refresh_is_safe(now) {
+                    self.write_member(now, join);
+                } else {
+                    self.refresh_held = true;
+                }
+            }
         }
         self.timers
             .insert(Timer::Refresh, now + self.config.refresh);
     }
 
+    /// A refresh may claim the join sequence only while the key is surely alive when it
+    /// arrives: the newest write seen in the stream was sent less than `lease - refresh`
+    /// ago, leaving a refresh interval for the way to the server. Otherwise a refresh
+    /// could bring an expired key back with its old join (and an old leader back with a
+    /// smaller token); the member waits for its stream instead, which either confirms a
+    /// later write or shows the key gone (then it joins again).
+    fn refresh_is_safe(&self, now: Instant) -> bool {
+        let margin = self.config.lease.saturating_sub(self.config.refresh);
+        self.confirmed_send
+            .is_some_and(|sent| now.saturating_duration_since(sent) < margin)
+    }
+
     fn write_join(&mut self, now: Instant) {
         self.membership = Membership::Joining { sent: now };
-        self.write_member(0);
+        self.unconfirmed.clear();
+        self.confirmed_send = None;
+        self.refresh_held = false;
+        self.write_member(now, 0);
         self.timers
             .insert(Timer::Refresh, now + self.config.refresh);
     }
 
-    fn write_member(&mut self, join: i64) {
+    fn write_member(&mut self, now: Instant, join: i64) {
+        /// Send times remembered; past it the oldest is taken as lost.
+        const MAX_UNCONFIRMED: usize = 64;
+        if self.unconfirmed.len() >= MAX_UNCONFIRMED {
+            self.unconfirmed.pop_front();
+        }
+        self.unconfirmed.push_back(now);
         if let Some(key) = self.own_key() {
             self.outputs.push_back(Output::Write {
                 key,
@@ -1059,12 +1101,13 @@ impl Group {
                     None => Some((Outcome::Timeout, tally)),
                 }
             } else {
-                // Closed inside a jump. Ballots written after `previous` may have come
-                // before or after the close: only those up to `previous` are sure.
+                // Closed inside a jump. A ballot written inside it may have come before
+                // or after the close, and one may even have expired since: only a jump
+                // of one sequence (the close itself) leaves no doubt.
                 let before = self.tally(&open.request, Some(previous));
                 let outcome = match kind.decide(voters, before.yes, before.no) {
                     Some(outcome) => outcome,
-                    None if before == tally => Outcome::Timeout,
+                    None if sequence == previous.saturating_add(1) => Outcome::Timeout,
                     None => Outcome::Unknown,
                 };
                 Some((outcome, before))
@@ -1173,7 +1216,24 @@ impl Group {
         let Some(me) = self.config.member.as_ref() else {
             return;
         };
-        let live = self.members.get(me).copied();
+        let mut live = self.members.get(me).copied();
+        let entry = self
+            .entries
+            .get(format!("m/{me}").as_bytes())
+            .map_or(0, |stored| stored.sequence);
+        let written = entry > self.own_entry;
+        if written || live.is_none() {
+            self.own_entry = entry;
+        }
+        if written && self.membership != Membership::Out {
+            // One of this member's writes of its key reached the stream.
+            if let Some(sent) = self.unconfirmed.pop_front() {
+                self.confirmed_send = Some(sent);
+            }
+        } else if matches!(self.membership, Membership::Joining { .. }) {
+            // The key of an earlier incarnation, not this join.
+            live = None;
+        }
         match (self.membership, live) {
             (Membership::Out, _) => {}
             (Membership::Joining { .. }, Some(join)) => {
@@ -1190,10 +1250,14 @@ impl Group {
             (Membership::Joined { join }, Some(seen)) if seen < join => {
                 // A refresh that arrived after the key expired brought an old join back:
                 // put the current one back at once (DECISIONS.md, limit 2).
-                self.write_member(join);
+                self.write_member(now, join);
             }
             (Membership::Joined { .. }, Some(seen)) => {
                 self.membership = Membership::Joined { join: seen };
+                if self.refresh_held && self.refresh_is_safe(now) {
+                    self.refresh_held = false;
+                    self.write_member(now, seen);
+                }
             }
             (Membership::Joined { .. }, None) => {
                 // The lease ran out (or someone deleted the key): join again.
