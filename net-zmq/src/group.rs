@@ -366,18 +366,40 @@ impl Group {
         self.stop()
     }
 
+    /// Stops following and renewing without deleting the member's key, as a crash
+    /// would: the other members see it leave when its lease runs out (benchmarks and
+    /// tests of failure handling).
+    pub fn abandon(mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.shared.stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
+        }
+    }
+
     fn stop(&mut self) -> Result<(), GroupCallError> {
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
+        // Leave first: the machine stops renewing under the lock, so the thread cannot
+        // write the key again after its delete, and the others see the leave at once.
+        let left = {
+            let mut machine = self.shared.lock();
+            if machine.is_joined_or_joining() {
+                machine
+                    .leave()
+                    .map_err(GroupCallError::from)
+                    .and_then(|()| {
+                        self.shared
+                            .drain(&mut machine)
+                            .map_err(GroupCallError::from)
+                    })
+            } else {
+                Ok(())
+            }
+        };
         self.shared.stop.store(true, Ordering::Relaxed);
         let _ = thread.join();
-        let mut machine = self.shared.lock();
-        if machine.is_joined_or_joining() {
-            machine.leave()?;
-            self.shared.drain(&mut machine)?;
-        }
-        Ok(())
+        left
     }
 
     fn call<T>(

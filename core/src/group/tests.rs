@@ -846,3 +846,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_member_with_a_prompt_stream_refreshes_every_interval() {
+    let mut group = Group::new(Config::member(G, "a")).unwrap();
+    group.join(Instant::ZERO).unwrap();
+    let mut sequence = 0;
+    let mut refreshes = Vec::new();
+    for millis in (0..10_000).step_by(10) {
+        let now = Instant::from_millis(millis);
+        if group.poll_timeout().is_some_and(|due| due <= now) {
+            group.handle_timeout(now);
+        }
+        for (key, value, _) in drain(&mut group).1 {
+            sequence += 1;
+            if sequence > 1 {
+                refreshes.push(millis);
+            }
+            // The echo comes back at once.
+            group.handle_change(
+                now,
+                Change::Set {
+                    key,
+                    value: value.unwrap(),
+                    sequence,
+                },
+            );
+        }
+    }
+    assert_eq!(
+        refreshes,
+        (1..10).map(|second| second * 1000).collect::<Vec<u64>>()
+    );
+}

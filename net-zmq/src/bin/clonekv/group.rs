@@ -116,22 +116,38 @@ pub enum GroupCommand {
         #[command(flatten)]
         timing: Timing,
     },
+    /// Measure leader change and vote latency of a three-member group (in this
+    /// process, default timings) on the servers, next to a commit round trip measured
+    /// in the same run and RIAPS's default timings.
+    Bench {
+        /// Votes (and commit round trips) to measure.
+        #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        votes: u64,
+        /// Leader crashes (and as many graceful leaves) to measure; each costs about a
+        /// lease.
+        #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        crashes: u64,
+    },
 }
 
 impl GroupCommand {
-    pub fn name(&self) -> &str {
+    /// The group named on the command line (the bench makes its own).
+    pub fn name(&self) -> Option<&str> {
         match self {
             GroupCommand::Join { name, .. }
             | GroupCommand::Status { name, .. }
             | GroupCommand::Vote { name, .. }
-            | GroupCommand::Ballot { name, .. } => name,
+            | GroupCommand::Ballot { name, .. } => Some(name),
+            GroupCommand::Bench { .. } => None,
         }
     }
 
     /// Checks the arguments before anything connects.
     pub fn check(&self) -> Result<(), Failure> {
         let usage = |error: String| Failure::new(EXIT_USAGE, error);
-        validate_name(self.name()).map_err(|error| usage(error.to_string()))?;
+        if let Some(name) = self.name() {
+            validate_name(name).map_err(|error| usage(error.to_string()))?;
+        }
         match self {
             GroupCommand::Join { id: Some(id), .. }
             | GroupCommand::Vote { id: Some(id), .. }
@@ -145,7 +161,9 @@ impl GroupCommand {
 
     /// The subtree the client must follow.
     pub fn subtree(&self) -> String {
-        String::from_utf8_lossy(&prefix(self.name())).into_owned()
+        self.name()
+            .map(|name| String::from_utf8_lossy(&prefix(name)).into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -182,6 +200,8 @@ pub fn run(
     timeout: Duration,
 ) -> Result<(), Failure> {
     match command {
+        // Run before the client connects (main.rs), with the servers' builder.
+        GroupCommand::Bench { .. } => Ok(()),
         GroupCommand::Join {
             name,
             id,

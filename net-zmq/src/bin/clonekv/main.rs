@@ -3,6 +3,7 @@
 
 mod bench;
 mod group;
+mod group_bench;
 mod reach;
 mod show;
 
@@ -403,6 +404,21 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
                 builder = builder.server(server.clone());
             }
         }
+    }
+    if let Command::Group(group::GroupArgs {
+        command: group::GroupCommand::Bench { votes, crashes },
+    }) = &cli.command
+    {
+        let mut out = Output::new(cli.json);
+        group_bench::run(
+            &builder,
+            &mut out,
+            cli.json,
+            usize::try_from(*votes).unwrap_or(usize::MAX),
+            usize::try_from(*crashes).unwrap_or(usize::MAX),
+            cli.timeout.get(),
+        )?;
+        return Ok(ExitCode::SUCCESS);
     }
     let client = builder.connect().map_err(fail)?;
     let timeout = cli.timeout.get();
