@@ -148,9 +148,15 @@ pub fn run(
         .act_as(&group, "requester", GroupOptions::default())
         .map_err(|error| fail("requester", error))?;
 
-    // The anchor: one commit round trip (set, wait for the echo) on the same pair.
+    // Vote latency: a majority vote of three members that answer at once.
     let mut commits = Vec::new();
+    let mut latencies = Vec::new();
+    while requester.size() < 3 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     for round in 0..votes {
+        // The anchor, interleaved so that both see the same load: one commit round trip
+        // (set, wait for the echo) on the same pair.
         let started = Instant::now();
         requester_client
             .set_confirmed(
@@ -161,14 +167,6 @@ pub fn run(
             )
             .map_err(|error| fail("commit", error))?;
         commits.push(started.elapsed());
-    }
-
-    // Vote latency: a majority vote of three members that answer at once.
-    let mut latencies = Vec::new();
-    while requester.size() < 3 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    for _ in 0..votes {
         let started = Instant::now();
         let vote = requester
             .request_vote(b"bench", Kind::Majority, Duration::from_secs(5))
@@ -200,6 +198,12 @@ pub fn run(
             .iter()
             .position(|member| member.id == leader)
             .ok_or_else(|| fail("leader", format!("{leader} is not one of ours")))?;
+        // Rounds follow each other on the refresh grid (a round starts when the last
+        // one's new member is seen); a crash always at the same phase of the leader's
+        // renewal would measure one point of the 2-3 s range. Spread the phases.
+        let phase = GroupOptions::default().refresh.as_millis() as u64 * round as u64
+            / (crashes as u64 * 2).max(1);
+        std::thread::sleep(Duration::from_millis(100 + phase));
         while elections.try_recv().is_ok() {}
         let mut old = members.remove(index);
         let started = Instant::now();
