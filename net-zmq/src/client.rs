@@ -261,7 +261,10 @@ pub enum Event {
         /// The sequence of the deletion (0 for a local delete).
         sequence: i64,
     },
-    /// A snapshot from `server` replaced the map.
+    /// A snapshot from `server` replaced the map. It comes before the
+    /// [`Event::Updated`] and [`Event::Deleted`] events of the differences the snapshot
+    /// made (those carry sequences at or below its own), so a subscriber that reads the
+    /// map on `Synced` can skip them.
     Synced {
         /// Index of the server in the builder's list.
         server: usize,
@@ -1477,6 +1480,40 @@ fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_is_announced_before_the_differences_it_made() {
+        use core_client::Event as CoreEvent;
+        let updated = |key: &str, sequence| {
+            Output::Event(CoreEvent::Updated {
+                key: key.as_bytes().to_vec(),
+                value: b"v".to_vec(),
+                sequence,
+            })
+        };
+        let synced = Output::Event(CoreEvent::Synced {
+            server: ServerIndex(1),
+            sequence: 9,
+            keys: 2,
+        });
+        let mut outputs = vec![
+            updated("/a", 3),
+            Output::Event(CoreEvent::Deleted {
+                key: b"/b".to_vec(),
+                sequence: 9,
+            }),
+            synced.clone(),
+            updated("/c", 10),
+        ];
+        synced_first(&mut outputs);
+        assert_eq!(outputs[0], synced);
+        assert_eq!(outputs[1], updated("/a", 3));
+        assert_eq!(outputs[3], updated("/c", 10));
+
+        let mut live = vec![updated("/a", 3), updated("/c", 4)];
+        synced_first(&mut live);
+        assert_eq!(live, [updated("/a", 3), updated("/c", 4)]);
+    }
 
     #[test]
     fn a_base_endpoint_gives_the_three_ports() {

@@ -172,6 +172,20 @@ fn majority_and_consensus_votes_give_riaps_results_including_a_timeout() {
         vote(&cluster, "panel", "dinner", "majority", "1s"),
         "timeout"
     );
+
+    // A ballot in a vote that does not exist is a usage error that says so.
+    let ballot = cluster.cli(&[
+        "group",
+        "ballot",
+        "panel",
+        "no-such-vote",
+        "yes",
+        "--id",
+        "yes1",
+    ]);
+    assert_eq!(ballot.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&ballot.stderr);
+    assert!(stderr.contains("no open vote"), "{stderr}");
 }
 
 #[test]
