@@ -5,7 +5,8 @@
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use clonekv_tests::{assert_success, stdout, Cluster, LineReader, Role};
+use clonekv_tests::{assert_success, stdout, Cluster, LineReader, Role, PATIENCE};
+use clonekv_zmq::group::{Event, GroupOptions, Kind, Outcome};
 
 /// The default lease (RIAPS's peer timeout): a dead member is gone this long after its
 /// last renewal.
@@ -113,6 +114,13 @@ fn three_members_agree_on_one_leader_and_a_killed_leader_is_replaced_within_the_
         .iter()
         .position(|member| member.id == leader)
         .expect("the leader is one of ours");
+    // A message to the leader reaches the leader's process.
+    assert_success(
+        &cluster.cli(&["group", "send", "crew", "status?", "--to", "@leader"]),
+        "group send",
+    );
+    members[index].lines.wait_for("message from=cli");
+
     let killed_at = Instant::now();
     members[index].kill9();
     let survivors: Vec<&mut Member> = members
@@ -247,4 +255,74 @@ fn a_failover_of_the_pair_during_a_vote_changes_no_result() {
         decided.iter().all(|line| *line == decided[0]),
         "{decided:?}"
     );
+}
+
+#[test]
+fn the_library_api_elects_votes_and_routes_messages_by_the_stream() {
+    let cluster = Cluster::pair("group-library");
+    let connect = || {
+        let client = cluster
+            .client()
+            .subtree("/_group/lib/")
+            .connect()
+            .expect("connect");
+        client.wait_synced(PATIENCE).expect("synced");
+        client
+    };
+    let (first_client, second_client) = (connect(), connect());
+    let first = first_client
+        .join("lib", "first", GroupOptions::default())
+        .expect("join");
+    let first_join = first.wait_joined(PATIENCE).expect("first joined");
+    let second = second_client
+        .join("lib", "second", GroupOptions::default())
+        .expect("join");
+    let second_join = second.wait_joined(PATIENCE).expect("second joined");
+    assert!(first_join < second_join);
+    clonekv_tests::wait_until("both see two members", || {
+        first.size() == 2 && second.size() == 2
+    });
+    assert!(first.is_leader() && !second.is_leader());
+    assert_eq!(second.leader(), Some(("first".to_owned(), first_join)));
+    assert_eq!(second.fencing_token(), Some(first_join));
+    assert_eq!(
+        second.members(),
+        [
+            ("first".to_owned(), first_join),
+            ("second".to_owned(), second_join)
+        ]
+    );
+
+    // Messages: to the leader (resolved at the message's sequence), to one member.
+    second.send_to_leader(b"report").expect("send");
+    first.send_to_member("second", b"order").expect("send");
+    let received = |group: &clonekv_zmq::group::Group, payload: &[u8]| loop {
+        match group.next_event(PATIENCE) {
+            Some(Event::Message { payload: got, .. }) if got == payload => return,
+            Some(_) => continue,
+            None => panic!("no message {payload:?}"),
+        }
+    };
+    received(&first, b"report");
+    received(&second, b"order");
+
+    // A consensus vote both answer yes.
+    let vote = second
+        .request_vote(b"ship it", Kind::Consensus, Duration::from_secs(30))
+        .expect("request");
+    clonekv_tests::wait_until("both see the vote open", || {
+        !first.open_votes().is_empty() && !second.open_votes().is_empty()
+    });
+    first.vote(&vote, true).expect("vote");
+    second.vote(&vote, true).expect("vote");
+    clonekv_tests::wait_until("both see it decided", || {
+        first.decision(&vote).is_some() && second.decision(&vote).is_some()
+    });
+    assert_eq!(first.decision(&vote), second.decision(&vote));
+    assert_eq!(first.decision(&vote).map(|d| d.outcome), Some(Outcome::Yes));
+
+    // The leader leaves: the other leads at once, with a larger token.
+    first.leave().expect("leave");
+    clonekv_tests::wait_until("second leads", || second.is_leader());
+    assert_eq!(second.fencing_token(), Some(second_join));
 }

@@ -116,6 +116,23 @@ pub enum GroupCommand {
         #[command(flatten)]
         timing: Timing,
     },
+    /// Send MESSAGE to the members of NAME: every member (default), the leader as of
+    /// the message's sequence (`--to @leader`) or one member (`--to ID`); `group join`
+    /// prints what its member receives.
+    Send {
+        /// The group.
+        name: String,
+        /// The message.
+        message: String,
+        /// `*` (every member but the sender), `@leader` or a member id.
+        #[arg(long, default_value = "*")]
+        to: String,
+        /// The sender's id (default: cli and the process id).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        timing: Timing,
+    },
     /// Measure leader change and vote latency of a three-member group (in this
     /// process, default timings) on the servers, next to a commit round trip measured
     /// in the same run and RIAPS's default timings.
@@ -137,7 +154,8 @@ impl GroupCommand {
             GroupCommand::Join { name, .. }
             | GroupCommand::Status { name, .. }
             | GroupCommand::Vote { name, .. }
-            | GroupCommand::Ballot { name, .. } => Some(name),
+            | GroupCommand::Ballot { name, .. }
+            | GroupCommand::Send { name, .. } => Some(name),
             GroupCommand::Bench { .. } => None,
         }
     }
@@ -151,10 +169,16 @@ impl GroupCommand {
         match self {
             GroupCommand::Join { id: Some(id), .. }
             | GroupCommand::Vote { id: Some(id), .. }
+            | GroupCommand::Send { id: Some(id), .. }
             | GroupCommand::Ballot { id, .. } => {
                 validate_name(id).map_err(|error| usage(format!("--id: {error}")))?;
             }
             _ => {}
+        }
+        if let GroupCommand::Send { to, .. } = self {
+            if to != "*" && to != "@leader" {
+                validate_name(to).map_err(|error| usage(format!("--to: {error}")))?;
+            }
         }
         Ok(())
     }
@@ -271,6 +295,34 @@ pub fn run(
                 EXIT_UNAVAILABLE,
                 format!("vote {vote} was not seen decided within its timeout and --timeout"),
             ))
+        }
+        GroupCommand::Send {
+            name,
+            message,
+            to,
+            id,
+            timing,
+        } => {
+            let id = id
+                .clone()
+                .unwrap_or_else(|| format!("cli{}", std::process::id()));
+            let group = client
+                .act_as(name, &id, timing.options())
+                .map_err(failure)?;
+            let payload = message.as_bytes();
+            match to.as_str() {
+                "*" => group.send(payload),
+                "@leader" => group.send_to_leader(payload),
+                member => group.send_to_member(member, payload),
+            }
+            .map_err(failure)?;
+            if json {
+                out.json(json!({"sent": message, "to": to, "from": id}));
+            } else {
+                out.line(&format!("sent to {to}"));
+            }
+            drop(group);
+            Ok(())
         }
         GroupCommand::Ballot {
             name,
