@@ -8,8 +8,11 @@
 //! - **members**: the live keys `m/<member>`; each holds its join sequence (`0` in the
 //!   first write: "this entry's own sequence"), so a snapshot reader recovers it although
 //!   every lease refresh republishes the key;
-//! - **leader**: the member with the smallest join sequence, while at least
-//!   [`Config::min_size`] members are live; its join sequence is the **fencing token**;
+//! - **leader**: the member with the smallest join sequence at or above the *fence*,
+//!   while at least [`Config::min_size`] members are live; its join sequence is the
+//!   **fencing token**. Each leader writes its token as the fence (`f/<token>`, no ttl):
+//!   a key that expired and was brought back by a late refresh keeps a join below the
+//!   fence and cannot lead again (its member joins afresh);
 //! - **votes**: a request `v/<vote>` (kind, timeout, voters, topic; its ttl is the
 //!   timeout) and ballots `b/<vote>/<member>`. A vote is decided at the first sequence at
 //!   which its rule is certain ([`Kind::decide`]); a request that disappears undecided
@@ -556,6 +559,8 @@ pub struct Group {
     /// A refresh was held back because the lease may have run out; it goes out at the
     /// next confirmation if that makes it safe.
     refresh_held: bool,
+    /// The largest fence this member wrote.
+    fence_written: i64,
     timers: BTreeMap<Timer, Instant>,
     outputs: VecDeque<Output>,
     stats: Stats,
@@ -583,6 +588,7 @@ impl Group {
             confirmed_send: None,
             own_entry: 0,
             refresh_held: false,
+            fence_written: 0,
             timers: BTreeMap::new(),
             outputs: VecDeque::new(),
             stats: Stats::default(),
@@ -977,6 +983,59 @@ impl Group {
         self.evaluate_votes(sequence, previous, jumped);
         self.evaluate_messages();
         self.follow_own_key(now);
+        self.raise_fence();
+    }
+
+    /// The fence: the largest token in an `f/<token>` key. Every leader writes its token
+    /// there when it is elected, so a member whose join sequence is below it joined
+    /// before a leader that was elected after it had gone.
+    pub fn fence(&self) -> i64 {
+        self.entries
+            .range(b"f/".to_vec()..b"f0".to_vec())
+            .filter_map(|(path, _)| {
+                let token = path.strip_prefix(b"f/")?;
+                std::str::from_utf8(token).ok()?.parse::<i64>().ok()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// When this member leads and the fence is below its token: writes its token as the
+    /// fence (no ttl), and removes the older fence keys it sees.
+    fn raise_fence(&mut self) {
+        let Some(token) = self
+            .leader
+            .as_ref()
+            .filter(|_| self.is_leader())
+            .map(|(_, t)| *t)
+        else {
+            return;
+        };
+        if self.fence() >= token || self.fence_written >= token {
+            return;
+        }
+        self.fence_written = token;
+        let older: Vec<Vec<u8>> = self
+            .entries
+            .range(b"f/".to_vec()..b"f0".to_vec())
+            .map(|(path, _)| path.clone())
+            .collect();
+        let me = self.config.member.clone().unwrap_or_default();
+        let key = self.key(&format!("f/{token}"));
+        self.outputs.push_back(Output::Write {
+            key,
+            value: Some(me.into_bytes()),
+            ttl: None,
+        });
+        for path in older {
+            let mut key = self.prefix.clone();
+            key.extend_from_slice(&path);
+            self.outputs.push_back(Output::Write {
+                key,
+                value: None,
+                ttl: None,
+            });
+        }
     }
 
     fn evaluate_members(&mut self, sequence: i64) {
@@ -1029,9 +1088,13 @@ impl Group {
 
     /// The rule: the member with the smallest join sequence, if the group is big enough.
     fn evaluate_leader(&mut self, sequence: i64) {
+        let fence = self.fence();
         let leader = if self.members.len() >= self.config.min_size {
             self.members
                 .iter()
+                // A join below the fence is an expired key brought back by a late
+                // refresh: that member cannot lead until it joins again.
+                .filter(|(_, join)| **join >= fence)
                 .min_by_key(|(member, join)| (**join, member.as_str()))
                 .map(|(member, join)| (member.clone(), *join))
         } else {
@@ -1247,6 +1310,12 @@ impl Group {
                 self.seen_messages.extend(keys);
             }
             (Membership::Joining { .. }, None) => {}
+            (Membership::Joined { .. }, Some(seen)) if seen < self.fence() => {
+                // This member's key came back from before the fence (a refresh that
+                // arrived after it expired): it cannot lead until it joins again.
+                self.stats.rejoins += 1;
+                self.write_join(now);
+            }
             (Membership::Joined { join }, Some(seen)) if seen < join => {
                 // A refresh that arrived after the key expired brought an old join back:
                 // put the current one back at once (DECISIONS.md, limit 2).

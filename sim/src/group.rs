@@ -19,7 +19,9 @@
 //!    leader and fencing token there, and the same as the truth computed from the
 //!    sequencer's published state at `s` by this module's own rule.
 //! 2. One leader per sequence (the truth has one, and every member agrees with it).
-//! 3. The fencing token never decreases within one member's history.
+//! 3. The fencing token never decreases within one member's history; in worlds that
+//!    queue a cut-off member's writes, a smaller token may be seen for at most a round
+//!    trip (a late refresh landing before the new leader's fence, DECISIONS.md).
 //! 4. A vote is decided at most once per member; every decision other than `unknown`
 //!    equals the truth computed from the published history.
 //! 5. Liveness: at the end, after every partition healed and a quiet period of a lease
@@ -60,6 +62,13 @@ pub struct GroupOptions {
     pub max_partition: Duration,
     /// Per tick and member: chance in a million that it requests a vote.
     pub vote_per_million: u32,
+    /// What a cut-off member writes waits and arrives when the cut heals (libzmq queues
+    /// what a PUB sends while its connection is down) instead of being lost. A lease
+    /// refresh can then arrive after its key expired.
+    pub queue_writes_when_cut: bool,
+    /// Pinned faults: at each time, the member that leads then (in its own view) is cut
+    /// off for the given length.
+    pub cut_the_leader: Vec<(Duration, Duration)>,
 }
 
 impl GroupOptions {
@@ -76,6 +85,25 @@ impl GroupOptions {
             partition_per_million: rng.random_range(0..=300),
             max_partition: Duration::from_millis(rng.random_range(100..=6_000)),
             vote_per_million: rng.random_range(500..=3_000),
+            queue_writes_when_cut: rng.random_bool(0.5),
+            cut_the_leader: Vec::new(),
+        }
+    }
+
+    /// A quiet world (no random faults, no votes) for a scripted scenario.
+    pub fn quiet(members: usize) -> GroupOptions {
+        GroupOptions {
+            members,
+            fault_phase: Duration::from_secs(20),
+            heal_phase: Duration::from_secs(10),
+            tick: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+            crash_per_million: 0,
+            partition_per_million: 0,
+            max_partition: Duration::from_secs(1),
+            vote_per_million: 0,
+            queue_writes_when_cut: true,
+            cut_the_leader: Vec::new(),
         }
     }
 }
@@ -106,6 +134,9 @@ pub struct Report {
     pub partitions: u64,
     /// Re-syncs (jumps) members made.
     pub resyncs: u64,
+    /// Lease refreshes that arrived after their key had expired and brought it back
+    /// (queued writes).
+    pub revivals: u64,
     /// Longest time from a leader's crash to a new leader seen by every live member.
     pub slowest_replacement: Duration,
     /// A hash of every event every member emitted, for the determinism check.
@@ -171,10 +202,18 @@ struct Member {
     resync_at: Option<Instant>,
     /// Ballots to cast: (when, vote, yes).
     ballots: VecDeque<(Instant, String, bool)>,
-    last_token: Option<i64>,
+    /// The largest fencing token this member has seen, and since when it has seen a
+    /// smaller one (oracle 3).
+    max_token: Option<i64>,
+    regressed_since: Option<Instant>,
+    /// Writes made while cut off, with queued delivery.
+    queued: Vec<QueuedWrite>,
     decided: BTreeMap<String, Outcome>,
     restart_at: Option<Instant>,
 }
+
+/// A write waiting in a cut-off member's socket: key, value (`None`: delete), ttl.
+type QueuedWrite = (Vec<u8>, Option<Vec<u8>>, Option<Duration>);
 
 /// Facts a member computed at a sequence.
 type Facts = (Vec<(String, i64)>, Option<(String, i64)>);
@@ -218,7 +257,9 @@ impl GroupWorld {
                 partitioned_until: None,
                 resync_at: None,
                 ballots: VecDeque::new(),
-                last_token: None,
+                max_token: None,
+                regressed_since: None,
+                queued: Vec::new(),
                 decided: BTreeMap::new(),
                 restart_at: Some(
                     // Slow joiners: members start over the first two seconds.
@@ -272,6 +313,23 @@ impl GroupWorld {
 
     fn step(&mut self, faults: bool) {
         let now = self.now;
+        let pinned: Vec<Duration> = self
+            .options
+            .cut_the_leader
+            .iter()
+            .filter(|(at, _)| Instant::ZERO + *at == now)
+            .map(|(_, length)| *length)
+            .collect();
+        for length in pinned {
+            let leader = self.members.iter_mut().find(|member| {
+                member.partitioned_until.is_none()
+                    && member.machine.as_ref().is_some_and(Group::is_leader)
+            });
+            if let Some(leader) = leader {
+                leader.partitioned_until = Some(now + length);
+                self.report.partitions += 1;
+            }
+        }
         // Faults and restarts.
         for index in 0..self.members.len() {
             if faults {
@@ -296,6 +354,17 @@ impl GroupWorld {
             {
                 member.partitioned_until = None;
                 member.resync_at = Some(now + member.delay);
+                // What waited in the sockets arrives first.
+                for (key, value, ttl) in std::mem::take(&mut member.queued) {
+                    let member_key = format!("/_group/{GROUP}/m/").into_bytes();
+                    if key.starts_with(&member_key)
+                        && value.as_deref().is_some_and(|value| value != b"0")
+                        && !self.sequencer.map.contains_key(&key)
+                    {
+                        self.report.revivals += 1;
+                    }
+                    self.sequencer.publish(key, value, ttl.map(|ttl| now + ttl));
+                }
             }
             if member.restart_at.is_some_and(|at| at <= now) {
                 self.start(index);
@@ -321,6 +390,27 @@ impl GroupWorld {
             }
         }
         self.check_replacement();
+        self.check_regressions();
+    }
+
+    /// Oracle 3 with queued writes: a late refresh can bring an old join back only until
+    /// the fence the newer leader wrote arrives (its election seen, its write, its
+    /// delivery): a smaller token may be seen that long at most.
+    fn check_regressions(&mut self) {
+        let bound = self.options.max_delay * 2 + self.options.tick * 20;
+        let now = self.now;
+        let late = self.members.iter().find(|member| {
+            member
+                .regressed_since
+                .is_some_and(|since| now.saturating_duration_since(since) > bound)
+        });
+        if let Some(member) = late {
+            let detail = format!(
+                "{} has seen a token below {:?} for longer than {bound:?}",
+                member.id, member.max_token
+            );
+            self.violation("3 fencing token monotone", detail);
+        }
     }
 
     fn catch_up_published(&mut self) {
@@ -350,7 +440,9 @@ impl GroupWorld {
         member.incarnation += 1;
         member.next = self.sequencer.log.len();
         member.machine = Some(machine);
-        member.last_token = None;
+        member.max_token = None;
+        member.regressed_since = None;
+        member.queued.clear();
         member.decided.clear();
         member.ballots.clear();
         self.drain(index);
@@ -455,6 +547,8 @@ impl GroupWorld {
                     if !cut {
                         let expiry = ttl.map(|ttl| now + ttl);
                         self.sequencer.publish(key, value, expiry);
+                    } else if self.options.queue_writes_when_cut {
+                        self.members[index].queued.push((key, value, ttl));
                     }
                 }
                 Output::Event(event) => self.on_event(index, event),
@@ -469,14 +563,25 @@ impl GroupWorld {
         match event {
             Event::LeaderElected { token, member, .. } => {
                 self.report.elections += 1;
+                let now = self.now;
+                let queued = self.options.queue_writes_when_cut;
                 let me = &mut self.members[index];
-                let last = me.last_token.replace(token);
-                if last.is_some_and(|last| token < last) {
-                    let detail = format!(
-                        "{} saw the token go from {last:?} to {token} ({member})",
-                        me.id
-                    );
-                    self.violation("3 fencing token monotone", detail);
+                match me.max_token {
+                    Some(max) if token < max => {
+                        if !queued {
+                            let detail = format!(
+                                "{} saw the token go from {max} to {token} ({member})",
+                                me.id
+                            );
+                            self.violation("3 fencing token monotone", detail);
+                            return;
+                        }
+                        me.regressed_since.get_or_insert(now);
+                    }
+                    _ => {
+                        me.max_token = Some(token);
+                        me.regressed_since = None;
+                    }
                 }
             }
             Event::VoteRequested(request) => {
@@ -604,8 +709,18 @@ impl GroupWorld {
             };
             members.push((String::from_utf8_lossy(member).into_owned(), join));
         }
+        let fence_prefix = format!("{prefix}f/");
+        let fence = state
+            .keys()
+            .filter_map(|key| {
+                let token = key.strip_prefix(fence_prefix.as_bytes())?;
+                std::str::from_utf8(token).ok()?.parse::<i64>().ok()
+            })
+            .max()
+            .unwrap_or(0);
         let leader = members
             .iter()
+            .filter(|(_, join)| *join >= fence)
             .min_by_key(|(member, join)| (*join, member.clone()))
             .cloned();
         self.agreed.insert(change_sequence, (members, leader));

@@ -858,11 +858,12 @@ fn a_member_with_a_prompt_stream_refreshes_every_interval() {
         if group.poll_timeout().is_some_and(|due| due <= now) {
             group.handle_timeout(now);
         }
-        for (key, value, _) in drain(&mut group).1 {
+        for (written, value, _) in drain(&mut group).1 {
             sequence += 1;
-            if sequence > 1 {
+            if sequence > 1 && written == key("m/a") {
                 refreshes.push(millis);
             }
+            let key = written;
             // The echo comes back at once.
             group.handle_change(
                 now,
@@ -877,5 +878,62 @@ fn a_member_with_a_prompt_stream_refreshes_every_interval() {
     assert_eq!(
         refreshes,
         (1..10).map(|second| second * 1000).collect::<Vec<u64>>()
+    );
+}
+
+#[test]
+fn a_key_brought_back_from_before_the_fence_cannot_lead_and_its_member_rejoins() {
+    // b leads after a's key expired, and writes its token as the fence.
+    let mut b = Group::new(Config::member(G, "b")).unwrap();
+    b.join(Instant::ZERO).unwrap();
+    drain(&mut b);
+    for change in [set("m/a", "0", 5), set("m/b", "0", 7), delete("m/a", 9)] {
+        b.handle_change(Instant::ZERO, change);
+    }
+    assert!(b.is_leader());
+    let (_, writes) = drain(&mut b);
+    assert_eq!(writes, [(key("f/7"), Some(b"b".to_vec()), None)]);
+
+    // a's refresh, queued while it was cut off, lands after the fence: a is a member
+    // again but cannot lead; b stays leader with its token.
+    let mut observer = observer();
+    let history = [
+        set("m/a", "0", 5),
+        set("m/b", "0", 7),
+        delete("m/a", 9),
+        set("f/7", "b", 10),
+        set("m/a", "5", 11),
+    ];
+    let events = feed(&mut observer, history.clone());
+    assert_eq!(observer.leader(), Some(("b", 7)));
+    assert_eq!(observer.fence(), 7);
+    assert!(observer
+        .members()
+        .any(|(member, join)| member == "a" && join == 5));
+    assert_eq!(tokens(&events), [5, 7]);
+
+    // a itself sees its old join below the fence and joins afresh.
+    let mut a = Group::new(Config::member(G, "a")).unwrap();
+    a.join(Instant::ZERO).unwrap();
+    a.handle_change(Instant::ZERO, set("m/a", "0", 5));
+    drain(&mut a);
+    a.handle_resync(
+        Instant::from_millis(5000),
+        11,
+        [
+            (key("m/a"), b"5".to_vec(), 11),
+            (key("m/b"), b"0".to_vec(), 7),
+            (key("f/7"), b"b".to_vec(), 10),
+        ],
+    );
+    assert!(!a.is_leader());
+    let (_, writes) = drain(&mut a);
+    assert_eq!(
+        writes,
+        [(
+            key("m/a"),
+            Some(b"0".to_vec()),
+            Some(Duration::from_secs(3))
+        )]
     );
 }
