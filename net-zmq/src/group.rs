@@ -289,6 +289,12 @@ impl Group {
         self.shared.lock().fencing_token()
     }
 
+    /// The group's fence: the largest token a leader has written. A member whose join
+    /// sequence is below it cannot lead (DECISIONS.md, "Groups").
+    pub fn fence(&self) -> i64 {
+        self.shared.lock().fence()
+    }
+
     /// Live members and their join sequences, in member order.
     pub fn members(&self) -> Vec<(String, i64)> {
         self.shared

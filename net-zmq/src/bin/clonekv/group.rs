@@ -365,6 +365,7 @@ fn print_status(out: &mut Output, json: bool, name: &str, group: &Group) {
             "members": members.iter().map(|(member, join)| json!({"member": member, "join": join})).collect::<Vec<_>>(),
             "leader": leader.as_ref().map(|(member, _)| member),
             "fencing_token": leader.as_ref().map(|(_, token)| token),
+            "fence": group.fence(),
             "open_votes": votes.iter().map(request_json).collect::<Vec<_>>(),
         }));
         return;
@@ -383,7 +384,10 @@ fn print_status(out: &mut Output, json: bool, name: &str, group: &Group) {
         out.line(&format!("  {member}\tjoined at {join}{mark}"));
     }
     match leader {
-        Some((member, token)) => out.line(&format!("leader: {member}, fencing token {token}")),
+        Some((member, token)) => out.line(&format!(
+            "leader: {member}, fencing token {token} (fence {})",
+            group.fence()
+        )),
         None => out.line("leader: none"),
     }
     for request in votes {
