@@ -245,14 +245,16 @@ fn a_failover_of_the_pair_during_a_vote_changes_no_result() {
         String::from_utf8_lossy(&result.stderr)
     );
     assert_eq!(stdout(&result).trim(), "yes");
-    // Every member saw the same decision at the same sequence.
+    // Every member saw the same result. (A member that re-synced from the backup after
+    // the last ballot learns it at the snapshot's sequence, so sequences may differ.)
     let decided: Vec<String> = members
         .iter_mut()
         .map(|member| member.lines.wait_for(&format!("vote-decided {vote_id} ")))
         .collect();
-    assert!(decided[0].contains("result=yes"), "{decided:?}");
     assert!(
-        decided.iter().all(|line| *line == decided[0]),
+        decided
+            .iter()
+            .all(|line| line.contains(" result=yes yes=3 no=0 ")),
         "{decided:?}"
     );
 }
