@@ -568,6 +568,8 @@ enum Step {
     CloseVote(usize),
     /// A change elsewhere in the map: a sequence the group does not see.
     Elsewhere,
+    /// The leader writes its token as the fence.
+    Fence,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -580,6 +582,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(voter, vote, yes)| Step::Ballot(voter, vote, yes)),
         1 => (0..4usize).prop_map(Step::CloseVote),
         1 => Just(Step::Elsewhere),
+        1 => Just(Step::Fence),
     ]
 }
 
@@ -661,6 +664,11 @@ fn build(steps: &[Step]) -> History {
                 sequence += 1;
                 None
             }
+            Step::Fence => POOL
+                .iter()
+                .filter_map(|member| join_of(&map, member))
+                .min()
+                .map(|token| (key(&format!("f/{token}")), Some("leader".to_owned()))),
             _ => None,
         };
         let Some((key, value)) = change else {
