@@ -9,6 +9,8 @@
 //! and in the production daemon (`clonekv-zmq`).
 //!
 //! Modules:
+//! - [`group`]: groups on top of the clone agent — members, a leader with a fencing
+//!   token, votes and messages, each a pure function of the ordered stream.
 //! - [`client`]: the clone agent — snapshot, live updates and failover over a list of
 //!   servers, the application's own updates and their commit confirmation (§4, §8).
 //! - [`kvmsg`]: the wire codec — the five-frame message, ICANHAZ?, the Binary Star state
@@ -38,6 +40,7 @@ pub mod beacon;
 pub mod bstar;
 pub mod budget;
 pub mod client;
+pub mod group;
 pub mod kvmsg;
 pub mod server;
 pub mod time;

@@ -369,7 +369,10 @@ pub enum Event {
         /// The sequence of the deletion (0 for a local delete).
         sequence: i64,
     },
-    /// A snapshot from `server` replaced the map.
+    /// A snapshot from `server` replaced the map. It comes before the
+    /// [`Event::Updated`] and [`Event::Deleted`] events of the differences the snapshot
+    /// made (those carry sequences at or below its own), so a subscriber that reads the
+    /// map on `Synced` can skip them.
     Synced {
         /// Index of the server in the builder's list.
         server: usize,
@@ -829,6 +832,7 @@ impl ClientBuilder {
         let curve_keys = curve_keys(self.key_pair.as_ref(), &addresses, &server_keys)?;
         let with_curve = curve_keys.is_some();
         let mut config = self.config;
+        let subtree = config.subtree.clone();
         config.servers = addresses.len();
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|error| ClientError::Randomness(error.to_string()))?;
@@ -966,6 +970,7 @@ impl ClientBuilder {
             addresses,
             event_capacity: self.event_capacity,
             with_curve,
+            subtree,
         })
     }
 }
@@ -981,7 +986,11 @@ pub struct Client {
     event_capacity: usize,
     /// The connections use CURVE.
     with_curve: bool,
+    subtree: Vec<u8>,
 }
+
+/// The entries under a prefix and the sequence of the map they were read from.
+pub type SequencedDump = (i64, Vec<(Vec<u8>, Entry)>);
 
 /// The commit of an update: its sequence, or why it cannot be confirmed.
 type CommitOutcome = Result<i64, LostReason>;
@@ -993,7 +1002,7 @@ enum Command {
     },
     Dump {
         prefix: Vec<u8>,
-        reply: Sender<Vec<(Vec<u8>, Entry)>>,
+        reply: Sender<SequencedDump>,
     },
     Update {
         key: Vec<u8>,
@@ -1108,12 +1117,29 @@ impl Client {
     /// Every entry whose key starts with `prefix` (empty: the whole local map), in key
     /// order.
     pub fn dump(&self, prefix: impl AsRef<[u8]>) -> Result<Vec<(Vec<u8>, Entry)>, ClientError> {
-        let (reply, answer) = mpsc::channel();
-        self.send(Command::Dump {
-            prefix: prefix.as_ref().to_vec(),
-            reply,
-        })?;
-        answer.recv().map_err(|_| ClientError::Stopped)
+        Ok(self.dump_at(prefix)?.1)
+    }
+
+    /// Like [`Client::dump`], with the sequence of the map it was read from: the state
+    /// of the prefix at that sequence (plus this client's own unconfirmed updates, with
+    /// sequence 0).
+    pub fn dump_at(&self, prefix: impl AsRef<[u8]>) -> Result<SequencedDump, ClientError> {
+        self.link().dump_at(prefix.as_ref())
+    }
+
+    /// The subtree this client follows (empty: the whole map).
+    pub fn subtree(&self) -> &[u8] {
+        &self.subtree
+    }
+
+    /// A cheap second handle on the agent, for helpers that run in their own thread
+    /// (groups); it does not own the agent.
+    pub(crate) fn link(&self) -> Link {
+        Link {
+            commands: self.commands.clone(),
+            waker: Arc::clone(&self.waker),
+            event_capacity: self.event_capacity,
+        }
     }
 
     /// At most `limit` entries whose key starts with `prefix`, in key order, from the
@@ -1332,6 +1358,79 @@ impl Client {
             Ok(Err(_)) => Err(ClientError::Stopped),
             Err(_) => Err(ClientError::CommitTimeout { waited: timeout }),
         }
+    }
+
+    fn send(&self, command: Command) -> Result<(), ClientError> {
+        self.commands
+            .send(command)
+            .map_err(|_| ClientError::Stopped)?;
+        self.waker.wake().map_err(ClientError::Io)
+    }
+}
+
+/// A snapshot's `Synced` event is delivered before the differences it caused (the core
+/// emits it after them): a subscriber that re-reads the map on `Synced` then knows that
+/// every later event with a sequence at or below the snapshot's is already in what it
+/// read, and never mistakes a half-applied snapshot for a state (groups rely on it).
+fn synced_first(outputs: &mut Vec<Event>) {
+    let Some(synced) = outputs
+        .iter()
+        .position(|output| matches!(output, Event::Synced { .. }))
+    else {
+        return;
+    };
+    let first_change = outputs
+        .iter()
+        .take(synced)
+        .position(|output| matches!(output, Event::Updated { .. } | Event::Deleted { .. }));
+    if let Some(first_change) = first_change {
+        let event = outputs.remove(synced);
+        outputs.insert(first_change, event);
+    }
+}
+
+/// A second handle on a client's agent (see [`Client::link`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Link {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    event_capacity: usize,
+}
+
+impl Link {
+    pub(crate) fn dump_at(&self, prefix: &[u8]) -> Result<SequencedDump, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Dump {
+            prefix: prefix.to_vec(),
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    pub(crate) fn subscribe(&self) -> Events {
+        let (events, receiver) = mpsc::sync_channel(self.event_capacity);
+        let _ = self.send(Command::Subscribe { events });
+        Events { receiver }
+    }
+
+    /// Sets (`Some`) or deletes (`None`) `key`; returns once queued.
+    pub(crate) fn update(
+        &self,
+        key: &[u8],
+        value: Option<(Vec<u8>, Option<Duration>)>,
+    ) -> Result<(), ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Update {
+            key: key.to_vec(),
+            value,
+            confirm: None,
+            reply: Reply::Blocking(reply),
+        })?;
+        answer
+            .recv()
+            .map_err(|_| ClientError::Stopped)?
+            .map(|_| ())
+            .map_err(ClientError::Rejected)
     }
 
     fn send(&self, command: Command) -> Result<(), ClientError> {
@@ -1615,7 +1714,7 @@ impl Agent {
                     .filter(|(key, _)| key.starts_with(&prefix))
                     .map(|(key, entry)| (key.to_vec(), entry.clone()))
                     .collect();
-                let _ = reply.send(entries);
+                let _ = reply.send((self.core.sequence(), entries));
             }
             Command::Update {
                 key,
@@ -1869,7 +1968,11 @@ impl Agent {
         self.record_changes();
     }
 
+    /// Carries out the core's outputs in its order (the history records a snapshot's
+    /// differences before its Synced), then gives the subscribers their events with each
+    /// Synced before the differences its snapshot made ([`synced_first`]).
     fn drain_core_outputs(&mut self) {
+        let mut events = Vec::new();
         while let Some(output) = self.core.poll_output() {
             match output {
                 Output::SendSnapshotRequest { server, frames } => {
@@ -1880,12 +1983,21 @@ impl Agent {
                 Output::Publish { frames } => {
                     send_or_log(&self.publisher, &frames, &mut self.limiter);
                 }
-                Output::Event(event) => self.on_event(event),
+                Output::Event(event) => events.extend(self.on_event(event)),
             }
+        }
+        if events.is_empty() || self.subscribers.is_empty() {
+            return;
+        }
+        synced_first(&mut events);
+        for event in &events {
+            self.subscribers
+                .retain_mut(|subscriber| subscriber.deliver(event));
         }
     }
 
-    fn on_event(&mut self, event: core_client::Event) {
+    /// Keeps the agent's books for one core event; the event for subscribers, if any.
+    fn on_event(&mut self, event: core_client::Event) -> Option<Event> {
         use core_client::Event as CoreEvent;
         let event = match event {
             CoreEvent::Updated {
@@ -1937,13 +2049,13 @@ impl Agent {
                 if let Some(waiter) = self.commit_waiters.remove(&uuid) {
                     waiter.send(Ok(sequence));
                 }
-                return;
+                return None;
             }
             CoreEvent::Lost { uuid, reason } => {
                 if let Some(waiter) = self.commit_waiters.remove(&uuid) {
                     waiter.send(Err(reason));
                 }
-                return;
+                return None;
             }
             CoreEvent::Dropped {
                 server,
@@ -1960,13 +2072,10 @@ impl Agent {
                         "dropped a message from a server"
                     );
                 }
-                return;
+                return None;
             }
         };
-        if !self.subscribers.is_empty() {
-            self.subscribers
-                .retain_mut(|subscriber| subscriber.deliver(&event));
-        }
+        Some(event)
     }
 
     /// Keeps a committed change for the history and the watchers (a provisional local
@@ -2098,6 +2207,37 @@ mod tests {
                 .contains("no public key for server tcp://127.0.0.1:1"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_snapshot_is_announced_before_the_differences_it_made() {
+        let updated = |key: &str, sequence| Event::Updated {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            sequence,
+        };
+        let synced = Event::Synced {
+            server: 1,
+            sequence: 9,
+            keys: 2,
+        };
+        let mut outputs = vec![
+            updated("/a", 3),
+            Event::Deleted {
+                key: b"/b".to_vec(),
+                sequence: 9,
+            },
+            synced.clone(),
+            updated("/c", 10),
+        ];
+        synced_first(&mut outputs);
+        assert_eq!(outputs[0], synced);
+        assert_eq!(outputs[1], updated("/a", 3));
+        assert_eq!(outputs[3], updated("/c", 10));
+
+        let mut live = vec![updated("/a", 3), updated("/c", 4)];
+        synced_first(&mut live);
+        assert_eq!(live, [updated("/a", 3), updated("/c", 4)]);
     }
 
     #[test]

@@ -1207,7 +1207,7 @@ impl Collector for ServerCollector {
             ("keys", "Keys in the map", gauge(stats.keys)),
             (
                 "map_bytes",
-                "Bytes the map is charged against --max-bytes (keys, values, properties and 256 per key)",
+                "Bytes the map is charged against --max-bytes (keys, values, properties and a fixed overhead per key)",
                 gauge(stats.bytes),
             ),
             (

@@ -45,7 +45,8 @@
 //! # }
 //! ```
 //!
-//! See [`client`] for the client library and its example.
+//! See [`client`] for the client library and its example, and [`group`] for groups
+//! (members, a leader, votes, messages) on top of it.
 
 pub mod client;
 pub mod clock;
@@ -54,6 +55,7 @@ pub mod discovery;
 pub mod duration;
 pub mod endpoint;
 mod ffi;
+pub mod group;
 pub mod http;
 pub mod log;
 pub mod server;

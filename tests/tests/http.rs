@@ -557,10 +557,11 @@ fn metrics_are_in_the_prometheus_text_format_with_or_without_the_gateway() {
             .unwrap_or_else(|| panic!("no {name} in {metrics:#?}"))
     };
     assert!(value("clonekv_updates_published_total") >= 5.0);
-    // Charged as --max-bytes counts: keys, values, properties and 256 bytes per key.
+    // Charged as --max-bytes counts: keys, values, properties and a fixed overhead per key.
     let map_bytes = value("clonekv_map_bytes");
+    let per_key = (clonekv_zmq::core::budget::ENTRY_OVERHEAD + 4 + 5) as f64;
     assert!(
-        (5.0 * (256.0 + 4.0 + 5.0)..5.0 * (256.0 + 4.0 + 5.0 + 64.0)).contains(&map_bytes),
+        (5.0 * per_key..5.0 * (per_key + 64.0)).contains(&map_bytes),
         "{map_bytes}"
     );
     assert_eq!(value("clonekv_bstar_state{state=active}"), 1.0);

@@ -75,7 +75,7 @@ fn a_200_000_key_snapshot_arrives_complete_and_a_stalled_client_neither_blocks_i
     let reader = cluster
         .client_of(Role::Primary)
         .subtree("/big/")
-        // Room for one event per key, so that the Synced event after them is kept.
+        // Room for one event per key and the Synced event, so that none is dropped.
         .event_capacity(KEYS + 16)
         .connect()
         .expect("connect reader");

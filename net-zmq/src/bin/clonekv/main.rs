@@ -2,6 +2,8 @@
 //! [`clonekv_zmq::client`]. See `clonekv --help`.
 
 mod bench;
+mod group;
+mod group_bench;
 mod reach;
 mod show;
 
@@ -205,6 +207,9 @@ enum Command {
         /// Key prefix.
         subtree: Option<String>,
     },
+    /// Groups: join one (members, a leader with a fencing token, votes), show one,
+    /// request a vote, cast a ballot.
+    Group(group::GroupArgs),
     /// Show the pair: each server's endpoint, Binary Star state, sequence, keys,
     /// heartbeat age and whether it answered.
     Status,
@@ -462,6 +467,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             check_key(key, &limits)?;
             Some(read_value(value.as_deref(), file.as_deref(), &limits)?)
         }
+        Command::Group(args) => {
+            args.command.check()?;
+            None
+        }
         _ => None,
     };
     for server in &servers {
@@ -486,6 +495,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         // Status needs a snapshot (its KTHXBAI carries the server's sequence) but no
         // entries: `HUGZ` is a reserved key, so this subtree holds nothing in practice.
         Command::Status => "HUGZ".to_string(),
+        Command::Group(args) => args.command.subtree(),
         _ => String::new(),
     };
     let mut builder = Client::builder()
@@ -524,6 +534,21 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         let pair = KeyPair::read(path)
             .map_err(|error| Failure::new(EXIT_USAGE, format!("--curve-secret-key: {error}")))?;
         builder = builder.curve_key_pair(pair);
+    }
+    if let Command::Group(group::GroupArgs {
+        command: group::GroupCommand::Bench { votes, crashes },
+    }) = &cli.command
+    {
+        let mut out = Output::new(cli.json);
+        group_bench::run(
+            &builder,
+            &mut out,
+            cli.json,
+            usize::try_from(*votes).unwrap_or(usize::MAX),
+            usize::try_from(*crashes).unwrap_or(usize::MAX),
+            cli.timeout.get(),
+        )?;
+        return Ok(ExitCode::SUCCESS);
     }
     let client = builder.connect().map_err(fail)?;
     let timeout = cli.timeout.get();
@@ -680,6 +705,10 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
             std::thread::sleep(STATUS_LISTEN);
             let status = client.status().map_err(fail)?;
             print_status(&mut out, &status, true);
+            ExitCode::SUCCESS
+        }
+        Command::Group(args) => {
+            group::run(&client, &args.command, &mut out, cli.json, timeout)?;
             ExitCode::SUCCESS
         }
         // Dispatched in main before any client exists.
