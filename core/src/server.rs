@@ -108,12 +108,14 @@ use bytes_like;
 
 mod frame;
 mod pending;
+pub mod persist;
 mod seen;
 mod snapshot;
 mod store;
 
 pub use frame::Frame;
 use pending::{ClientCopyFate, Evicted, PendingList};
+use persist::{Image, Record, Restored};
 use seen::SeenUpdates;
 use snapshot::{Pulled, SnapshotStreams};
 pub use store::Entry;
@@ -189,6 +191,9 @@ pub struct Config {
     /// How many uuids of published updates the server remembers to drop a KVSET that
     /// comes again (a forward after a split brain, a network duplicate).
     pub dedupe_window: usize,
+    /// Report every change of the map as [`Output::Persist`] / [`Output::PersistImage`]
+    /// (see [`persist`]), for a host that records them on disk.
+    pub persistence: bool,
 }
 
 impl Config {
@@ -206,6 +211,7 @@ impl Config {
             sync_backlog_max: 100_000,
             split_log_max: 100_000,
             dedupe_window: 100_000,
+            persistence: false,
         }
     }
 
@@ -499,6 +505,14 @@ pub enum Output {
     /// Send this KVSET to the peer's collector (P+2): an update this server accepted
     /// while split from the primary, forwarded after stepping down.
     ForwardToPeerCollector([Vec<u8>; FRAME_COUNT]),
+    /// Record this change of the map (only with [`Config::persistence`]). It comes
+    /// before every output that reveals the change: a host that makes it durable before
+    /// carrying out the outputs after it never shows what a crash could take back.
+    Persist(Record),
+    /// The map was replaced as a whole (a sync installed, or merged at a takeover): record
+    /// this image, and the records after it as its log (only with
+    /// [`Config::persistence`]).
+    PersistImage(Image),
     /// Something to log or count.
     Event(Event),
 }
@@ -710,6 +724,35 @@ impl Server {
             outputs: VecDeque::new(),
             counters: Counters::default(),
         })
+    }
+
+    /// A server that has just started from what it recorded before (see [`persist`]):
+    /// PRIMARY or BACKUP as [`Server::new`], with the restored map and sequence.
+    /// Numbering continues above the highest sequence it ever published; Binary Star
+    /// decides as for a fresh start whether it serves this map or re-syncs from an
+    /// active peer. Entries whose ttl ran out while it was down are deleted (and the
+    /// deletes published) the moment it becomes active, before it serves anything.
+    pub fn restore(
+        now: Instant,
+        wall: EpochMillis,
+        config: Config,
+        restored: Restored,
+    ) -> Result<Self, ConfigError> {
+        let mut server = Server::new(now, wall, config)?;
+        server.store = restored.store;
+        server.sequence = restored.sequence;
+        server.highest_published = restored.highest_published.max(restored.sequence);
+        Ok(server)
+    }
+
+    /// The map and numbering now, for a host that compacts its log: the image
+    /// followed by no records rebuilds this server's state.
+    pub fn image(&self) -> Image {
+        Image::new(
+            self.store.map().clone(),
+            self.sequence,
+            self.highest_published,
+        )
     }
 
     // --- Getters ---------------------------------------------------------------------
@@ -1387,9 +1430,13 @@ impl Server {
         let properties = Frame::from(&*update.normalized_properties());
         let body = if update.is_delete() {
             self.store.remove(update.key);
+            self.persist(|| Record::delete(Key::from(update.key), sequence));
             Frame::EMPTY
         } else {
-            Frame::body_of(&self.store.store_value(&update, expires_at))
+            let entry = self.store.store_value(&update, expires_at);
+            let body = Frame::body_of(&entry);
+            self.persist(|| Record::put(Key::from(update.key), entry));
+            body
         };
         let frames = [key, Frame::sequence(sequence), uuid, properties, body];
         self.outputs.push_back(Output::Publish(frames));
@@ -1407,6 +1454,7 @@ impl Server {
             self.sequence = sequence;
             self.highest_published = sequence;
             let frames = Entry::expiry_frames(&entry, &key, sequence);
+            self.persist(|| Record::delete(key.clone(), sequence));
             self.counters.published += 1;
             self.counters.expired += 1;
             self.record_split(&key, entry.uuid(), sequence);
@@ -1627,6 +1675,7 @@ impl Server {
         });
         self.counters.pending_superseded_by_snapshot += superseded as u64;
         self.counters.syncs_completed += 1;
+        self.persist_image();
         self.outputs.push_back(Output::Event(Event::SyncCompleted {
             sequence,
             keys: self.store.len(),
@@ -1675,6 +1724,25 @@ impl Server {
         self.sequence = update.sequence;
         self.remember_published(update.uuid);
         self.store.apply(update, expires_at);
+        let entry = self.store.get(update.key).cloned();
+        self.persist(|| match entry {
+            Some(entry) if !update.is_delete() => Record::put(Key::from(update.key), entry),
+            _ => Record::delete(Key::from(update.key), update.sequence),
+        });
+    }
+
+    /// Reports a change of the map for the host to record (see [`persist`]).
+    fn persist(&mut self, record: impl FnOnce() -> Record) {
+        if self.config.persistence {
+            self.outputs.push_back(Output::Persist(record()));
+        }
+    }
+
+    /// Reports that the map was replaced as a whole (see [`persist`]).
+    fn persist_image(&mut self) {
+        if self.config.persistence {
+            self.outputs.push_back(Output::PersistImage(self.image()));
+        }
     }
 
     /// The sync just requested buffers on the connection the map (at `sequence`) was
@@ -1774,6 +1842,7 @@ impl Server {
                     usize::from(self.merge_peer_update(&mut from_peer, update, expires_at));
             }
         }
+        self.persist_image();
         self.outputs.push_back(Output::Event(Event::SyncAbandoned {
             merged_entries,
             applied_updates,

@@ -54,6 +54,7 @@ pub mod duration;
 pub mod endpoint;
 mod ffi;
 pub mod log;
+pub mod persist;
 pub mod server;
 pub mod socket;
 

@@ -59,6 +59,7 @@ use crate::clock::Clock;
 use crate::discovery::{endpoint_host, Discovery, DiscoveryError, DiscoveryOptions};
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
+use crate::persist::{Journal, OpenReport, PersistError, PersistOptions};
 use crate::socket::{largest_legal_frame, Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
@@ -167,6 +168,9 @@ pub struct ServerOptions {
     /// Announce this server by UDP beacon, and maybe find the peer that way; `None`:
     /// no discovery.
     pub discovery: Option<ServerDiscovery>,
+    /// Record the map in a data directory and start from what it holds
+    /// ([`crate::persist`]); `None`: memory only.
+    pub persistence: Option<PersistOptions>,
 }
 
 /// How a server takes part in discovery ([`crate::discovery`]).
@@ -194,6 +198,7 @@ impl ServerOptions {
             endpoints: ServerEndpoints::primary(),
             hwm: DEFAULT_HWM,
             discovery: None,
+            persistence: None,
         }
     }
 
@@ -204,6 +209,7 @@ impl ServerOptions {
             endpoints: ServerEndpoints::backup(),
             hwm: DEFAULT_HWM,
             discovery: None,
+            persistence: None,
         }
     }
 }
@@ -260,6 +266,9 @@ pub enum StartError {
     /// Discovery was asked for and cannot start.
     #[error("{0}")]
     Discovery(#[from] DiscoveryError),
+    /// The data directory cannot be used.
+    #[error("data directory: {0}")]
+    Persist(#[from] PersistError),
 }
 
 /// What a bind error means, with libzmq's errno and text.
@@ -294,6 +303,10 @@ pub enum RunError {
         /// libzmq's reason.
         error: zmq::Error,
     },
+    /// Recording to the data directory failed: the server stops rather than publish
+    /// what it could not record (its partner takes over).
+    #[error("recording to the data directory failed: {0}")]
+    Persist(#[from] PersistError),
 }
 
 /// Stops a running [`ServerHost`] from another thread.
@@ -410,6 +423,13 @@ pub struct ServerHost {
     peer_connected: bool,
     /// When the configured peer endpoints are used if discovery has found no partner.
     peer_fallback_at: Option<Instant>,
+    /// The data directory, with `--data-dir`.
+    journal: Option<Journal>,
+    /// Messages for the publisher that wait until the records before them are written
+    /// (and, under `fsync always`, synced): see [`ServerHost::commit`].
+    held: Vec<[Frame; FRAME_COUNT]>,
+    /// A failure to record, reported by the loop.
+    persist_failure: Option<PersistError>,
 }
 
 impl ServerHost {
@@ -417,7 +437,23 @@ impl ServerHost {
     /// that names the socket and endpoint when, for example, a port is taken.
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
-        let server = Server::new(clock.now(), clock.wall(), options.config)?;
+        let (server, journal) = match options.persistence {
+            None => (
+                Server::new(clock.now(), clock.wall(), options.config)?,
+                None,
+            ),
+            Some(persistence) => {
+                options.config.validate()?;
+                let (journal, restored, report) = Journal::open(persistence)?;
+                log_restored(&report, &journal, &restored);
+                let config = Config {
+                    persistence: true,
+                    ..options.config
+                };
+                let server = Server::restore(clock.now(), clock.wall(), config, restored)?;
+                (server, Some(journal))
+            }
+        };
         let find_peer = options
             .discovery
             .as_ref()
@@ -544,6 +580,9 @@ impl ServerHost {
             find_peer,
             peer_connected: !find_peer,
             peer_fallback_at,
+            journal,
+            held: Vec::new(),
+            persist_failure: None,
         })
     }
 
@@ -592,7 +631,11 @@ impl ServerHost {
                 ),
                 self.peer_fallback_at.filter(|_| !self.peer_connected),
             );
-            let timeout = self.clock.sleep_until(self.clock.now(), deadline);
+            let mut timeout = self.clock.sleep_until(self.clock.now(), deadline);
+            if let Some(due) = self.journal.as_ref().and_then(Journal::poll_sync) {
+                let until = due.saturating_duration_since(StdInstant::now());
+                timeout = Some(timeout.map_or(until, |timeout| timeout.min(until)));
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -618,6 +661,19 @@ impl ServerHost {
                 }
             }
         }
+        if let Some(journal) = self.journal.as_mut() {
+            // A clean stop leaves everything recorded synced, whatever the policy.
+            journal.commit(StdInstant::now())?;
+            journal.sync_now()?;
+            let counters = journal.counters();
+            tracing::info!(
+                records = counters.records,
+                log_bytes = counters.log_bytes,
+                fsyncs = counters.syncs,
+                snapshots = counters.snapshots,
+                "data directory closed"
+            );
+        }
         log_summaries(self.limiter.all_summaries());
         log_counters(self.server.counters(), self.server.bstar().role());
         if let Some(discovery) = &self.discovery {
@@ -633,6 +689,7 @@ impl ServerHost {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            self.commit()?;
             let now = self.clock.now();
             if self.server.poll_timeout().is_some_and(|due| due <= now) {
                 self.server.handle_timeout(now, self.clock.wall());
@@ -650,6 +707,8 @@ impl ServerHost {
             let mut moved = self.receive_peer_updates_monitor()?;
             moved |= self.pump_discovery();
             moved |= self.receive_pass()?;
+            // A snapshot stream reads the map, which must be recorded first.
+            self.commit()?;
             let pumped = self.pump_snapshots();
             moved |= pumped.sent;
             if !moved && pumped.refused {
@@ -748,7 +807,38 @@ impl ServerHost {
             self.drain_outputs_reusing(Some(&mut frames));
             self.frames = frames;
         }
+        // One write (and fsync) for the batch: group commit.
+        self.commit()?;
         Ok(received)
+    }
+
+    /// Writes the records queued since the last call (fsyncing them as the policy says),
+    /// then sends what was held for them; compacts the log once it has outgrown the map.
+    fn commit(&mut self) -> Result<(), RunError> {
+        if let Some(error) = self.persist_failure.take() {
+            return Err(RunError::Persist(error));
+        }
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        journal.commit(StdInstant::now())?;
+        for frames in self.held.drain(..) {
+            send_or_log(&self.publisher, &frames, &mut self.limiter);
+        }
+        if journal.wants_compaction() {
+            let started = StdInstant::now();
+            let image = self.server.image();
+            let bytes = journal.write_image(&image)?;
+            tracing::info!(
+                keys = image.len(),
+                sequence = image.sequence(),
+                bytes,
+                generation = journal.generation(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "log compacted into a new snapshot"
+            );
+        }
+        Ok(())
     }
 
     fn feed<F: AsRef<[u8]>>(
@@ -791,6 +881,19 @@ impl ServerHost {
     fn drain_outputs_reusing(&mut self, mut received: Option<&mut Frames>) {
         while let Some(output) = self.server.poll_output() {
             match output {
+                Output::Persist(record) => {
+                    if let Some(journal) = self.journal.as_mut() {
+                        journal.append(&record);
+                    }
+                }
+                Output::PersistImage(image) => self.record_image(&image),
+                Output::Publish(frames)
+                    if !self.held.is_empty()
+                        || self.journal.as_ref().is_some_and(Journal::has_pending) =>
+                {
+                    // Revealed only once what it covers is recorded (`commit`).
+                    self.held.push(frames);
+                }
                 Output::Publish(frames) => {
                     let [.., body] = &frames;
                     let last = received
@@ -818,6 +921,28 @@ impl ServerHost {
                     log_event(&event, &mut self.limiter, role_conflict);
                 }
             }
+        }
+    }
+
+    /// Records the whole map the core replaced (a full sync) as the next snapshot.
+    fn record_image(&mut self, image: &clonekv_core::server::persist::Image) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        if self.persist_failure.is_some() {
+            return;
+        }
+        let started = StdInstant::now();
+        match journal.write_image(image) {
+            Ok(bytes) => tracing::info!(
+                keys = image.len(),
+                sequence = image.sequence(),
+                bytes,
+                generation = journal.generation(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "the map was replaced (a sync from the active): recorded as a new snapshot"
+            ),
+            Err(error) => self.persist_failure = Some(error),
         }
     }
 
@@ -1353,6 +1478,43 @@ fn log_counters(counters: &Counters, role: Role) {
             %role,
             "the peer announced this server's own role: both servers were configured as {role}"
         );
+    }
+}
+
+/// What was read back from the data directory at start.
+fn log_restored(
+    report: &OpenReport,
+    journal: &Journal,
+    restored: &clonekv_core::server::persist::Restored,
+) {
+    let dir = journal.options().dir.display();
+    let fsync = journal.options().fsync.as_str();
+    if report.fresh {
+        tracing::info!(%dir, fsync, "data directory is new: starting with an empty map");
+    } else {
+        tracing::info!(
+            %dir,
+            fsync,
+            keys = restored.len(),
+            sequence = restored.sequence(),
+            snapshot_keys = report.snapshot_keys,
+            log_records = report.log_records,
+            generation = report.generation,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "restored the map from the data directory"
+        );
+    }
+    if let Some(cut) = &report.cut {
+        tracing::warn!(
+            file = %cut.path.display(),
+            offset = cut.offset,
+            bytes = cut.bytes,
+            reason = %cut.reason,
+            "cut a torn or damaged tail off the log; every whole record before it was restored"
+        );
+    }
+    for path in &report.removed {
+        tracing::info!(file = %path.display(), "removed a file left by an interrupted compaction");
     }
 }
 

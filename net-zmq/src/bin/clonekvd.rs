@@ -16,6 +16,7 @@ use clonekv_zmq::discovery::{
 };
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
+use clonekv_zmq::persist::{FsyncPolicy, PersistOptions, DEFAULT_COMPACT_MIN_BYTES};
 use clonekv_zmq::server::{
     ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM,
 };
@@ -49,7 +50,8 @@ the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n
 Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.\n\
 Exit status: 0 after SIGINT/SIGTERM, 1 when it cannot start (a port is taken) or fails, \
 2 for a bad option or config file, ports that clash, a peer host that does not resolve, \
-or a --bind-host that is not this host's."
+a --bind-host that is not this host's, or a --data-dir this build cannot use (another \
+format version, a damaged snapshot)."
 )]
 struct Cli {
     /// Start as the backup (same as `--role backup`).
@@ -69,6 +71,18 @@ struct Cli {
 enum RoleName {
     Primary,
     Backup,
+}
+
+/// When the data directory's log is fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FsyncName {
+    /// Before an update is published: a confirmed write survives a power cut.
+    Always,
+    /// Every --fsync-interval: a power cut loses at most that much.
+    Batch,
+    /// Left to the kernel: a power cut loses what it had not written back.
+    Never,
 }
 
 /// Everything that can come from a flag or the config file. Unset means "the default
@@ -167,6 +181,25 @@ struct Settings {
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
 
+    /// Record every change in this directory and start from what it holds (created if
+    /// missing; one directory per server) [default: none, memory only].
+    #[arg(long, value_name = "DIR", help_heading = "Persistence")]
+    data_dir: Option<PathBuf>,
+    /// When the log is fsynced. Under every policy an update is written to the log
+    /// before it is published, so a confirmed write survives the process being killed;
+    /// on a power cut `always` loses nothing confirmed, `batch` at most the last
+    /// --fsync-interval, `never` what the kernel had not yet written [default: always].
+    #[arg(long, value_enum, value_name = "POLICY", help_heading = "Persistence")]
+    fsync: Option<FsyncName>,
+    /// Under --fsync batch, the longest time a written record waits for its fsync
+    /// [default: 1s].
+    #[arg(long, value_name = "DURATION", help_heading = "Persistence")]
+    fsync_interval: Option<HumanDuration>,
+    /// Compact (write a snapshot of the map and start a new log) once the log is larger
+    /// than this and than the last snapshot [default: 67108864].
+    #[arg(long, value_name = "BYTES", help_heading = "Persistence")]
+    compact_min_bytes: Option<u64>,
+
     /// Name of this server's cluster: servers and clients find only their own cluster's
     /// nodes on the LAN [default: clonekv].
     #[arg(long, value_name = "NAME", help_heading = "Discovery")]
@@ -232,6 +265,10 @@ impl Settings {
             sync_backlog_max: self.sync_backlog_max.or(file.sync_backlog_max),
             split_log_max: self.split_log_max.or(file.split_log_max),
             hwm: self.hwm.or(file.hwm),
+            data_dir: self.data_dir.or(file.data_dir),
+            fsync: self.fsync.or(file.fsync),
+            fsync_interval: self.fsync_interval.or(file.fsync_interval),
+            compact_min_bytes: self.compact_min_bytes.or(file.compact_min_bytes),
             cluster: self.cluster.or(file.cluster),
             discovery_port: self.discovery_port.or(file.discovery_port),
             discovery_interface: self.discovery_interface.or(file.discovery_interface),
@@ -307,6 +344,7 @@ impl Settings {
         let port = self.port.unwrap_or(port);
         let peer_port = self.peer_port.unwrap_or(peer_port);
         let discovery = self.discovery(port, self.state_port.unwrap_or(state_port))?;
+        let persistence = self.persistence()?;
         for (name, base) in [("--port", port), ("--peer-port", peer_port)] {
             if base > u16::MAX - 2 {
                 return Err(format!(
@@ -368,7 +406,37 @@ impl Settings {
             endpoints,
             hwm,
             discovery,
+            persistence,
         })
+    }
+
+    /// The data directory's options, or none without --data-dir.
+    fn persistence(&self) -> Result<Option<PersistOptions>, String> {
+        let Some(dir) = &self.data_dir else {
+            if self.fsync.is_some()
+                || self.fsync_interval.is_some()
+                || self.compact_min_bytes.is_some()
+            {
+                return Err(
+                    "--fsync, --fsync-interval and --compact-min-bytes need --data-dir".to_string(),
+                );
+            }
+            return Ok(None);
+        };
+        let mut options = PersistOptions::new(dir);
+        options.fsync = match self.fsync.unwrap_or(FsyncName::Always) {
+            FsyncName::Always => FsyncPolicy::Always,
+            FsyncName::Batch => FsyncPolicy::Batch,
+            FsyncName::Never => FsyncPolicy::Never,
+        };
+        if let Some(interval) = self.fsync_interval {
+            if interval.get().is_zero() {
+                return Err("--fsync-interval must be more than 0 (or use --fsync always)".into());
+            }
+            options.fsync_interval = interval.get();
+        }
+        options.compact_min_bytes = self.compact_min_bytes.unwrap_or(DEFAULT_COMPACT_MIN_BYTES);
+        Ok(Some(options))
     }
 }
 
@@ -483,6 +551,9 @@ fn start_failure(error: &StartError) -> (u8, String) {
             (EXIT_CONFIG, format!("{error} ({hint})"))
         }
         StartError::Config(_) => (EXIT_CONFIG, error.to_string()),
+        StartError::Persist(persist) if persist.is_refusal() => {
+            (EXIT_CONFIG, format!("cannot start: {error}"))
+        }
         StartError::Discovery(DiscoveryError::Config(_) | DiscoveryError::NoSuchInterface(_)) => {
             (EXIT_CONFIG, format!("cannot start: {error}"))
         }
