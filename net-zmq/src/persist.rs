@@ -611,3 +611,172 @@ fn replay_log(
     };
     Ok((records, cut, offset as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clonekv_core::kvmsg::{BstarState, KvMsg, Uuid};
+    use clonekv_core::server::{Config, Output, Server};
+    use clonekv_core::time::{EpochMillis, Instant};
+
+    const WALL: EpochMillis = EpochMillis(1_700_000_000_000);
+
+    fn options(dir: &Path) -> PersistOptions {
+        PersistOptions::new(dir.join("data"))
+    }
+
+    /// An active primary started from `restored`, recording.
+    fn server(restored: Restored) -> Server {
+        let config = Config {
+            persistence: true,
+            ..Config::primary()
+        };
+        let mut server = Server::restore(Instant::ZERO, WALL, config, restored).unwrap();
+        server.handle_peer_state(Instant::ZERO, WALL, &[BstarState::Backup.encode()]);
+        assert_eq!(server.state(), BstarState::Active);
+        server
+    }
+
+    /// Sets `/k<n>` for each n, appending the records to the journal and committing.
+    fn write(server: &mut Server, journal: &mut Journal, keys: std::ops::Range<u32>) {
+        for n in keys {
+            let update = KvMsg::kvset(
+                format!("/k{n}").into_bytes(),
+                format!("value {n}").into_bytes(),
+                Uuid::from_bytes([n as u8; 16]),
+            );
+            server.handle_collected(Instant::ZERO, WALL, &update.encode());
+        }
+        while let Some(output) = server.poll_output() {
+            if let Output::Persist(record) = output {
+                journal.append(&record);
+            }
+        }
+        journal.commit(StdInstant::now()).unwrap();
+    }
+
+    #[test]
+    fn an_empty_directory_starts_empty_and_reopens_with_what_was_written() {
+        let scratch = tempfile::tempdir().unwrap();
+        let (mut journal, restored, report) = Journal::open(options(scratch.path())).unwrap();
+        assert!(report.fresh);
+        assert!(restored.is_empty());
+        let mut server = server(restored);
+        write(&mut server, &mut journal, 0..10);
+        drop(journal);
+
+        let (_, restored, report) = Journal::open(options(scratch.path())).unwrap();
+        assert!(!report.fresh);
+        assert_eq!(report.cut, None);
+        assert_eq!((restored.len(), restored.sequence()), (10, 10));
+        assert_eq!(
+            restored.get(b"/k3").map(|entry| entry.body().to_vec()),
+            Some(b"value 3".to_vec())
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_once_and_the_whole_records_before_it_are_kept() {
+        let scratch = tempfile::tempdir().unwrap();
+        let (mut journal, restored, _) = Journal::open(options(scratch.path())).unwrap();
+        let mut server = server(restored);
+        write(&mut server, &mut journal, 0..5);
+        let path = log_path(&journal.options.dir, journal.generation);
+        drop(journal);
+        let length = fs::metadata(&path).unwrap().len();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(length - 3).unwrap();
+        drop(file);
+
+        let (_, restored, report) = Journal::open(options(scratch.path())).unwrap();
+        let cut = report.cut.expect("a cut");
+        assert_eq!(restored.len(), 4);
+        assert_eq!(cut.offset + cut.bytes, length - 3);
+        assert_eq!(fs::metadata(&path).unwrap().len(), cut.offset);
+        let (_, restored, report) = Journal::open(options(scratch.path())).unwrap();
+        assert_eq!((report.cut, restored.len()), (None, 4));
+    }
+
+    #[test]
+    fn a_compaction_starts_the_next_generation_with_the_same_map() {
+        let scratch = tempfile::tempdir().unwrap();
+        let mut opts = options(scratch.path());
+        opts.compact_min_bytes = 200;
+        let (mut journal, restored, _) = Journal::open(opts.clone()).unwrap();
+        let mut server = server(restored);
+        write(&mut server, &mut journal, 0..20);
+        assert!(journal.wants_compaction());
+        let before = journal.generation();
+        journal.write_image(&server.image()).unwrap();
+        assert!(!journal.wants_compaction());
+        assert!(!log_path(&opts.dir, before).exists());
+        write(&mut server, &mut journal, 20..25);
+        drop(journal);
+
+        let (journal, restored, report) = Journal::open(opts).unwrap();
+        assert_eq!(journal.generation(), before + 1);
+        assert_eq!((report.snapshot_keys, report.log_records), (20, 5));
+        assert_eq!((restored.len(), restored.sequence()), (25, 25));
+    }
+
+    #[test]
+    fn what_an_interrupted_compaction_left_is_removed() {
+        let scratch = tempfile::tempdir().unwrap();
+        let opts = options(scratch.path());
+        let (journal, _, _) = Journal::open(opts.clone()).unwrap();
+        let generation = journal.generation();
+        drop(journal);
+        fs::write(opts.dir.join(SNAPSHOT_TMP), b"half a snapshot").unwrap();
+        fs::write(log_path(&opts.dir, generation - 1), b"an old log").unwrap();
+        let (_, _, report) = Journal::open(opts.clone()).unwrap();
+        assert_eq!(report.removed.len(), 2);
+        assert!(!opts.dir.join(SNAPSHOT_TMP).exists());
+    }
+
+    #[test]
+    fn a_log_without_a_snapshot_or_a_damaged_snapshot_is_refused() {
+        let scratch = tempfile::tempdir().unwrap();
+        let opts = options(scratch.path());
+        drop(Journal::open(opts.clone()).unwrap());
+        let snapshot = opts.dir.join(SNAPSHOT);
+        let mut bytes = fs::read(&snapshot).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        fs::write(&snapshot, &bytes).unwrap();
+        let error = Journal::open(opts.clone()).err().expect("refused");
+        assert!(
+            matches!(error, PersistError::DamagedSnapshot { .. }),
+            "{error}"
+        );
+        assert!(error.is_refusal());
+
+        fs::remove_file(&snapshot).unwrap();
+        let error = Journal::open(opts).err().expect("refused");
+        assert!(
+            matches!(error, PersistError::LogWithoutSnapshot { .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn batch_syncs_at_most_once_per_interval_and_always_at_every_commit() {
+        let scratch = tempfile::tempdir().unwrap();
+        let mut opts = options(scratch.path());
+        opts.fsync = FsyncPolicy::Batch;
+        opts.fsync_interval = Duration::from_secs(3600);
+        let (mut journal, restored, _) = Journal::open(opts).unwrap();
+        let mut server = server(restored);
+        write(&mut server, &mut journal, 0..3);
+        write(&mut server, &mut journal, 3..6);
+        assert_eq!(journal.counters().syncs, 0);
+        assert!(journal.poll_sync().is_some());
+
+        let other = tempfile::tempdir().unwrap();
+        let (mut journal, restored, _) = Journal::open(options(other.path())).unwrap();
+        let mut server = self::server(restored);
+        write(&mut server, &mut journal, 0..3);
+        write(&mut server, &mut journal, 3..6);
+        assert_eq!(journal.counters().syncs, 2);
+        assert_eq!(journal.poll_sync(), None);
+    }
+}

@@ -665,6 +665,30 @@ mod tests {
     }
 
     #[test]
+    fn a_data_dir_comes_from_a_flag_or_the_file_and_fsync_defaults_to_always() {
+        let parse = |args: &[&str], file: &str| {
+            let cli = Cli::try_parse_from(std::iter::once("clonekvd").chain(args.iter().copied()))
+                .unwrap();
+            cli.settings
+                .over(parse_config(file).unwrap())
+                .into_options()
+        };
+        assert_eq!(parse(&[], "").unwrap().persistence, None);
+        let given = parse(&["--data-dir", "/var/lib/clonekv"], "").unwrap();
+        let given = given.persistence.unwrap();
+        assert_eq!(given.dir, PathBuf::from("/var/lib/clonekv"));
+        assert_eq!(given.fsync, FsyncPolicy::Always);
+        let file = "data-dir = \"/d\"\nfsync = \"batch\"\nfsync-interval = \"50ms\"\n";
+        let from_file = parse(&[], file).unwrap().persistence.unwrap();
+        assert_eq!(from_file.fsync, FsyncPolicy::Batch);
+        assert_eq!(from_file.fsync_interval, Duration::from_millis(50));
+        let error = parse(&["--fsync", "never"], "").unwrap_err();
+        assert!(error.contains("--data-dir"), "{error}");
+        let error = parse(&["--data-dir", "/d", "--fsync-interval", "0s"], "").unwrap_err();
+        assert!(error.contains("--fsync-interval"), "{error}");
+    }
+
+    #[test]
     fn a_zero_heartbeat_is_refused() {
         let cli = Cli::try_parse_from(["clonekvd", "--heartbeat", "0s"]).unwrap();
         let error = cli
