@@ -19,6 +19,7 @@
 use rand::SeedableRng;
 
 pub mod clock;
+pub mod disk;
 pub mod network;
 pub mod options;
 pub mod oracles;
