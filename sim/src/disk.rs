@@ -477,7 +477,10 @@ pub fn run(seed: u64, policy: Policy, steps: usize) -> Result<RunReport, String>
                     next.model
                         .published
                         .retain(|(sequence, ..)| *sequence <= restored);
-                    next.backup_forked = next.backup.server.sequence() > restored;
+                    // A backup past the restored sequence holds the lost updates; one
+                    // already on a lost branch stays there until it re-syncs, whatever
+                    // its sequence (the new history reuses the lost numbers).
+                    next.backup_forked |= next.backup.server.sequence() > restored;
                 }
                 next.elect()?;
                 // Oracle 3: nothing past its ttl is served once active.
