@@ -280,8 +280,7 @@ impl Journal {
             if !generations.is_empty() {
                 return Err(PersistError::LogWithoutSnapshot { dir });
             }
-            let mut journal = Journal::fresh(options)?;
-            journal.write_image(&Restorer::new().finish().image())?;
+            let journal = Journal::fresh(options)?;
             let report = OpenReport {
                 fresh: true,
                 generation: journal.generation,
@@ -339,14 +338,18 @@ impl Journal {
         Ok((journal, restorer.finish(), report))
     }
 
-    /// A journal for an empty directory, before its first snapshot.
+    /// A journal for an empty directory: an empty snapshot of generation 1 first, then
+    /// its log, so that a crash in between leaves a directory that opens.
     fn fresh(options: PersistOptions) -> Result<Journal, PersistError> {
-        let log = new_log(&options.dir, 0)?;
+        let generation = 1;
+        let snapshot_len =
+            write_snapshot(&options.dir, generation, &Restorer::new().finish().image())?;
+        let log = new_log(&options.dir, generation)?;
         Ok(Journal {
-            generation: 0,
+            generation,
             log,
             log_len: HEADER_LEN as u64,
-            snapshot_len: 0,
+            snapshot_len,
             buffer: Vec::new(),
             unsynced: false,
             last_sync: StdInstant::now(),
@@ -440,25 +443,7 @@ impl Journal {
     pub fn write_image(&mut self, image: &Image) -> Result<u64, PersistError> {
         let dir = self.options.dir.clone();
         let generation = self.generation + 1;
-        let tmp = dir.join(SNAPSHOT_TMP);
-        let mut file = File::create(&tmp).map_err(io_error("create", &tmp))?;
-        let mut written = HEADER_LEN as u64;
-        file.write_all(&encode_header(FileKind::Snapshot, generation))
-            .map_err(io_error("write", &tmp))?;
-        let mut buffer = Vec::with_capacity(1 << 20);
-        image
-            .encode(&mut buffer, 1 << 20, |chunk| {
-                written += chunk.len() as u64;
-                let result = file.write_all(chunk);
-                chunk.clear();
-                result
-            })
-            .map_err(io_error("write", &tmp))?;
-        file.sync_all().map_err(io_error("fsync", &tmp))?;
-        drop(file);
-        let snapshot = dir.join(SNAPSHOT);
-        fs::rename(&tmp, &snapshot).map_err(io_error("rename into place", &snapshot))?;
-        sync_dir(&dir)?;
+        let written = write_snapshot(&dir, generation, image)?;
         let old = log_path(&dir, self.generation);
         self.log = new_log(&dir, generation)?;
         if old.exists() {
@@ -472,6 +457,31 @@ impl Journal {
         self.counters.snapshots += 1;
         Ok(written)
     }
+}
+
+/// Writes `image` as the snapshot of `generation`: to a temporary file, fsynced, renamed
+/// over the snapshot, the directory fsynced. Returns its size.
+fn write_snapshot(dir: &Path, generation: u64, image: &Image) -> Result<u64, PersistError> {
+    let tmp = dir.join(SNAPSHOT_TMP);
+    let mut file = File::create(&tmp).map_err(io_error("create", &tmp))?;
+    let mut written = HEADER_LEN as u64;
+    file.write_all(&encode_header(FileKind::Snapshot, generation))
+        .map_err(io_error("write", &tmp))?;
+    let mut buffer = Vec::with_capacity(1 << 20);
+    image
+        .encode(&mut buffer, 1 << 20, |chunk| {
+            written += chunk.len() as u64;
+            let result = file.write_all(chunk);
+            chunk.clear();
+            result
+        })
+        .map_err(io_error("write", &tmp))?;
+    file.sync_all().map_err(io_error("fsync", &tmp))?;
+    drop(file);
+    let snapshot = dir.join(SNAPSHOT);
+    fs::rename(&tmp, &snapshot).map_err(io_error("rename into place", &snapshot))?;
+    sync_dir(dir)?;
+    Ok(written)
 }
 
 /// Creates the empty log of `generation` (header only, fsynced, directory fsynced).
@@ -661,6 +671,8 @@ mod tests {
         let (mut journal, restored, report) = Journal::open(options(scratch.path())).unwrap();
         assert!(report.fresh);
         assert!(restored.is_empty());
+        assert_eq!(journal.generation(), 1);
+        assert_eq!(log_generations(&journal.options.dir).unwrap(), [1]);
         let mut server = server(restored);
         write(&mut server, &mut journal, 0..10);
         drop(journal);
