@@ -1724,11 +1724,15 @@ impl Server {
         self.sequence = update.sequence;
         self.remember_published(update.uuid);
         self.store.apply(update, expires_at);
-        let entry = self.store.get(update.key).cloned();
-        self.persist(|| match entry {
-            Some(entry) if !update.is_delete() => Record::put(Key::from(update.key), entry),
-            _ => Record::delete(Key::from(update.key), update.sequence),
-        });
+        if self.config.persistence {
+            let record = match self.store.get(update.key) {
+                Some(entry) if !update.is_delete() => {
+                    Record::put(Key::from(update.key), entry.clone())
+                }
+                _ => Record::delete(Key::from(update.key), update.sequence),
+            };
+            self.outputs.push_back(Output::Persist(record));
+        }
     }
 
     /// Reports a change of the map for the host to record (see [`persist`]).
