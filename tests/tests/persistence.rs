@@ -233,6 +233,49 @@ fn cut_bytes(cluster: &Cluster) -> u64 {
 }
 
 #[test]
+fn a_key_whose_ttl_ran_out_while_the_server_was_down_does_not_come_back() {
+    let mut cluster = Cluster::new("persist-ttl").with_data_dirs("always");
+    cluster.start(Role::Primary);
+    let client = cluster
+        .client_of(Role::Primary)
+        .subtree("/ttl/")
+        .connect()
+        .expect("connect");
+    client.wait_synced(PATIENCE).expect("a lone primary serves");
+    client
+        .set_confirmed("/ttl/kept", "stays", None, PATIENCE)
+        .expect("commit");
+    let expiring = client
+        .set_confirmed("/ttl/brief", "goes", Some(Duration::from_secs(3)), PATIENCE)
+        .expect("commit");
+    client.shutdown().expect("shutdown");
+    cluster.kill(Role::Primary);
+    std::thread::sleep(Duration::from_millis(3200));
+
+    cluster.start(Role::Primary);
+    let needle = "restored the map from the data directory";
+    cluster.daemon(Role::Primary).wait_for_log(needle);
+    let log = cluster.daemon(Role::Primary).log();
+    let line = log
+        .lines()
+        .find(|line| line.contains(needle))
+        .unwrap_or_default();
+    assert!(
+        line.contains("keys=2"),
+        "both keys were on disk when it was killed: {line}"
+    );
+    let (sequence, map) = server_map(&cluster, Role::Primary, "/ttl/");
+    assert_eq!(
+        map,
+        BTreeMap::from([("/ttl/kept".to_string(), "stays".to_string())])
+    );
+    assert!(
+        sequence > expiring,
+        "the expiry is published as a new update ({sequence} after {expiring})"
+    );
+}
+
+#[test]
 fn a_data_directory_of_another_format_version_is_refused_with_exit_status_2() {
     let scratch = Scratch::new("persist-version");
     let dir = scratch.path().join("data");
