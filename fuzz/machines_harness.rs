@@ -14,7 +14,7 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use clonekv_core::client::{self, Channel, Client, ServerIndex, MAX_OUTSTANDING_REQUESTS};
 use clonekv_core::kvmsg::{BstarState, KvMsg, Properties, SnapshotRequest, Uuid, TTL};
-use clonekv_core::server::{self, Server};
+use clonekv_core::server::{self, HashKey, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -245,7 +245,8 @@ impl World {
             }
         }
         let servers = configs.map(|config| {
-            Server::new(now, wall, config).unwrap_or_else(|error| panic!("config: {error}"))
+            Server::new(now, wall, config, HashKey::from_bytes([7; 16]))
+                .unwrap_or_else(|error| panic!("config: {error}"))
         });
         let mut client_config = client::Config {
             servers: 2,
@@ -489,7 +490,7 @@ impl World {
             Operation::Restart { server } => {
                 let index = side(server);
                 let config = self.configs[index];
-                if let Ok(fresh) = Server::new(now, wall, config) {
+                if let Ok(fresh) = Server::new(now, wall, config, HashKey::from_bytes([7; 16])) {
                     self.servers[index] = fresh;
                     self.published[index] = 0;
                 }

@@ -12,7 +12,7 @@
 //! /proc/self/status, Linux only). Run with `cargo bench -p clonekv-core --bench server`.
 
 use clonekv_core::kvmsg::{BstarState, KvMsg, SnapshotRequest, Uuid};
-use clonekv_core::server::{Config, Output, Server};
+use clonekv_core::server::{Config, HashKey, Output, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 
 const KEYS: u64 = 1_000_000;
@@ -55,7 +55,8 @@ fn kvset_frames(i: u64) -> [Vec<u8>; 5] {
 #[inline(never)]
 fn follow_as_passive(wall: EpochMillis) {
     let now = Instant::ZERO;
-    let mut backup = Server::new(now, wall, Config::backup()).expect("default config");
+    let mut backup = Server::new(now, wall, Config::backup(), HashKey::from_bytes([2; 16]))
+        .expect("default config");
     backup.handle_peer_state(now, wall, &[BstarState::Active.encode()]);
     backup.handle_peer_update(now, wall, &KvMsg::hugz(0).encode());
     backup.handle_peer_snapshot(now, wall, &KvMsg::kthxbai(0, Vec::new()).encode());
@@ -100,7 +101,8 @@ fn main() {
     let start_memory = memory();
     let now = Instant::ZERO;
     let wall = EpochMillis(1_795_268_600_000);
-    let mut server = Server::new(now, wall, Config::primary()).expect("default config");
+    let mut server = Server::new(now, wall, Config::primary(), HashKey::from_bytes([1; 16]))
+        .expect("default config");
     server.handle_peer_state(now, wall, &[BstarState::Backup.encode()]);
     assert_eq!(server.state(), BstarState::Active);
     drain(&mut server);

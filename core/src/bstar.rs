@@ -105,6 +105,14 @@ pub enum ConfigError {
         /// The offending field.
         field: &'static str,
     },
+    /// A byte budget is smaller than one largest valid message, which it must hold.
+    #[error("{field} must be at least {needed} bytes (one largest message under the size limits)")]
+    BelowLargestMessage {
+        /// The offending field.
+        field: &'static str,
+        /// The least it may be.
+        needed: usize,
+    },
 }
 
 /// Binary Star timing and role. Defaults from PROTOCOL.md §3 and §7.

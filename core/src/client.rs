@@ -101,6 +101,8 @@ use std::time::Duration;
 use rand_chacha::ChaCha8Rng;
 use rand_core::Rng;
 
+use crate::budget::{message_bytes, BoundedStructure, Budget, Structure, ENTRY_OVERHEAD};
+
 use crate::kvmsg::{
     BstarState, DecodeError, KvMsg, Limits, Properties, SnapshotRequest, Uuid, FRAME_COUNT,
 };
@@ -143,6 +145,9 @@ pub struct Config {
     /// Subscriber updates held while a snapshot is in progress. Past it the oldest are
     /// dropped, and a snapshot that needed them is discarded and asked for again.
     pub max_buffered_updates: usize,
+    /// The same bound in bytes (each update charged its frames plus
+    /// [`crate::budget::ENTRY_OVERHEAD`]). At least one largest valid message.
+    pub max_buffered_bytes: usize,
     /// Own updates remembered while their echo is awaited; past it the oldest are
     /// forgotten (a watched one is reported [`LostReason::Evicted`]).
     pub max_in_flight: usize,
@@ -166,6 +171,7 @@ impl Default for Config {
             server_ttl: Duration::from_secs(5),
             limits: Limits::default(),
             max_buffered_updates: 100_000,
+            max_buffered_bytes: 128 << 20,
             max_in_flight: 10_000,
             echo_timeout: Duration::from_secs(5),
             request_retry: Duration::from_millis(200),
@@ -187,6 +193,13 @@ impl Config {
         }
         if self.request_retry.is_zero() {
             return Err(Error::ZeroRequestRetry);
+        }
+        let largest = crate::budget::largest_message_bytes(&self.limits);
+        if self.max_buffered_bytes < largest {
+            return Err(Error::BudgetBelowLargestMessage {
+                name: "max_buffered_bytes",
+                needed: largest,
+            });
         }
         for (name, value) in [
             ("limits.max_key_len", self.limits.max_key_len),
@@ -224,6 +237,14 @@ pub enum Error {
     /// `request_retry` is zero.
     #[error("request_retry must be greater than zero")]
     ZeroRequestRetry,
+    /// A byte budget is smaller than one largest valid message, which it must hold.
+    #[error("{name} must be at least {needed} bytes (one largest message under the size limits)")]
+    BudgetBelowLargestMessage {
+        /// The offending field.
+        name: &'static str,
+        /// The least it may be.
+        needed: usize,
+    },
     /// A size limit is zero.
     #[error("{name} must be at least 1")]
     ZeroLimit {
@@ -317,6 +338,19 @@ pub enum LostReason {
     ServerChanged,
     /// More than [`Config::max_in_flight`] updates were awaiting their echo.
     Evicted,
+    /// The current server did not publish it within [`Config::echo_timeout`]: it refused
+    /// it (its map is full: `--max-keys`, `--max-bytes`) or the update was lost on its
+    /// way. The client re-syncs, so its map shows whether the update took effect.
+    NotPublished,
+}
+
+/// What one buffered subscriber update is charged in the buffer's byte budget.
+fn buffered_bytes(update: &KvMsg) -> usize {
+    message_bytes(
+        update.key.len(),
+        update.properties.as_frame().len(),
+        update.body.len(),
+    )
 }
 
 /// Why an incoming message was dropped. Each has a counter in [`Stats`]; the routine ones
@@ -583,6 +617,8 @@ struct Attempt {
     last_heard: Option<i64>,
     /// Subscriber updates received before the snapshot completes.
     buffer: VecDeque<KvMsg>,
+    /// The bytes `buffer` is charged ([`buffered_bytes`]).
+    buffer_bytes: usize,
     /// Highest sequence pushed out of a full `buffer`.
     overflow_through: Option<i64>,
     /// The snapshot being collected.
@@ -742,6 +778,28 @@ impl Client {
         &self.stats
     }
 
+    /// The structures that input fills, with their use and their count and byte bounds
+    /// (the simulator's oracle 7 checks them). Own updates in flight are fixed-size
+    /// records, each charged [`ENTRY_OVERHEAD`].
+    pub fn bounds(&self) -> [BoundedStructure; 2] {
+        [
+            BoundedStructure {
+                structure: Structure::ClientUpdateBuffer,
+                len: self.attempt.buffer.len(),
+                max_len: self.config.max_buffered_updates,
+                bytes: self.attempt.buffer_bytes,
+                max_bytes: self.config.max_buffered_bytes,
+            },
+            BoundedStructure {
+                structure: Structure::ClientInFlight,
+                len: self.in_flight.len(),
+                max_len: self.config.max_in_flight,
+                bytes: self.in_flight.len().saturating_mul(ENTRY_OVERHEAD),
+                max_bytes: self.config.max_in_flight.saturating_mul(ENTRY_OVERHEAD),
+            },
+        ]
+    }
+
     // --- Inputs ----------------------------------------------------------------------
 
     /// A message (its raw frames, without any envelope) arrived from `server` on
@@ -856,6 +914,7 @@ impl Client {
                 // value no server has. Start over on the same server; its snapshot
                 // settles the map.
                 self.stats.resyncs_after_lost_update += 1;
+                self.report_unechoed(now);
                 self.start_over(now, self.current, false);
             }
             Timer::RequestRetry => {
@@ -892,6 +951,27 @@ impl Client {
         let to = self.successor(now, self.current);
         self.stats.failovers += 1;
         self.start_over(now, to, true);
+    }
+
+    /// Every watched own update whose echo is overdue is reported lost: the server did
+    /// not publish it (it refused it, its map being full, or it never arrived). CHP has
+    /// no negative reply, so the missing echo is the refusal (DECISIONS.md).
+    fn report_unechoed(&mut self, now: Instant) {
+        let overdue: Vec<Uuid> = self
+            .echo_deadlines
+            .range(..=(now, u64::MAX))
+            .map(|(_, uuid)| *uuid)
+            .collect();
+        for uuid in overdue {
+            if let Some(update) = self.forget_in_flight(uuid) {
+                if update.watched {
+                    self.emit(Event::Lost {
+                        uuid,
+                        reason: LostReason::NotPublished,
+                    });
+                }
+            }
+        }
     }
 
     /// The server to try after `from`: in list order from the one after it, the first
@@ -1160,6 +1240,7 @@ impl Client {
             self.stats.resyncs_after_restart += 1;
             self.attempt.live_from = None;
             self.attempt.buffer.clear();
+            self.attempt.buffer_bytes = 0;
             self.attempt.overflow_through = None;
         }
         self.attempt.last_heard = Some(message.sequence);
@@ -1221,14 +1302,31 @@ impl Client {
         }
     }
 
+    /// The buffer's bound: the oldest updates make room until `message` fits within
+    /// [`Config::max_buffered_updates`] and [`Config::max_buffered_bytes`].
     fn buffer_update(&mut self, server: ServerIndex, message: KvMsg) {
-        if self.attempt.buffer.len() >= self.config.max_buffered_updates {
-            if let Some(evicted) = self.attempt.buffer.pop_front() {
-                let through = self.attempt.overflow_through.unwrap_or(i64::MIN);
-                self.attempt.overflow_through = Some(through.max(evicted.sequence));
-                self.drop_message(server, Channel::Subscriber, DropReason::BufferOverflow);
-            }
+        let budget = Budget {
+            max_len: self.config.max_buffered_updates,
+            max_bytes: self.config.max_buffered_bytes,
+        };
+        let incoming = buffered_bytes(&message);
+        while !budget.admits(
+            self.attempt.buffer.len(),
+            self.attempt.buffer_bytes,
+            incoming,
+        ) {
+            let Some(evicted) = self.attempt.buffer.pop_front() else {
+                break;
+            };
+            self.attempt.buffer_bytes = self
+                .attempt
+                .buffer_bytes
+                .saturating_sub(buffered_bytes(&evicted));
+            let through = self.attempt.overflow_through.unwrap_or(i64::MIN);
+            self.attempt.overflow_through = Some(through.max(evicted.sequence));
+            self.drop_message(server, Channel::Subscriber, DropReason::BufferOverflow);
         }
+        self.attempt.buffer_bytes = self.attempt.buffer_bytes.saturating_add(incoming);
         self.attempt.buffer.push_back(message);
     }
 
@@ -1369,6 +1467,7 @@ impl Client {
             keys: self.map.len(),
         });
         self.attempt.overflow_through = None;
+        self.attempt.buffer_bytes = 0;
         for update in mem::take(&mut self.attempt.buffer) {
             if update.sequence > self.sequence && self.missed_updates(&update) {
                 // The buffer itself has a hole (found by the simulator, swarm seed 10497:

@@ -16,6 +16,8 @@
 //! - [`time`]: the monotonic [`time::Instant`] and wall-clock [`time::EpochMillis`] types.
 //! - [`bstar`]: the Binary Star failover state machine (§7), including the dual-active
 //!   and dual-passive resolutions the reference lacks.
+//! - [`budget`]: the count and byte bounds of every buffer that input fills, and the
+//!   report ([`budget::BoundedStructure`]) that lets a host check them.
 //! - [`beacon`]: zero-config discovery — a UDP beacon per node and the table of peers
 //!   heard, with their addresses, roles and Binary Star states.
 //! - [`server`]: the clone server — map, sequence, ttl expiry, streamed point-in-time
@@ -34,6 +36,7 @@
 
 pub mod beacon;
 pub mod bstar;
+pub mod budget;
 pub mod client;
 pub mod kvmsg;
 pub mod server;

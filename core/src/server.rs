@@ -39,11 +39,12 @@
 //!
 //! ```
 //! use clonekv_core::kvmsg::{KvMsg, SnapshotRequest, Uuid, BstarState};
-//! use clonekv_core::server::{Config, Output, Server};
+//! use clonekv_core::server::{Config, HashKey, Output, Server};
 //! use clonekv_core::time::{EpochMillis, Instant};
 //!
 //! let (now, wall) = (Instant::ZERO, EpochMillis(1_700_000_000_000));
-//! let mut server = Server::new(now, wall, Config::primary()).unwrap();
+//! // A daemon draws the key from OS randomness; tests and the simulator from a seed.
+//! let mut server = Server::new(now, wall, Config::primary(), HashKey::from_bytes([7; 16])).unwrap();
 //! server.handle_peer_state(now, wall, &[BstarState::Backup.encode()]);
 //! assert_eq!(server.state(), BstarState::Active);
 //!
@@ -113,13 +114,16 @@ mod seen;
 mod snapshot;
 mod store;
 
+use crate::budget::{largest_message_bytes, message_bytes, Budget};
+pub use crate::budget::{BoundedStructure, Structure, ENTRY_OVERHEAD};
 pub use frame::Frame;
 use pending::{ClientCopyFate, Evicted, PendingList};
 use persist::{Image, Record, Restored};
+pub use seen::HashKey;
 use seen::SeenUpdates;
-use snapshot::{Pulled, SnapshotStreams};
+use snapshot::{Pulled, SnapshotStreams, MAX_ROUTING_ID_LEN};
 pub use store::Entry;
-use store::{uuid_frame, Key, Store};
+use store::{uuid_frame, Key, MapFull, MapLimits, Store};
 
 pub use crate::bstar::ConfigError;
 
@@ -167,6 +171,10 @@ pub struct Config {
     pub limits: Limits,
     /// Most entries the pending list holds; the oldest is dropped to make room.
     pub pending_max_len: usize,
+    /// Most bytes the pending list holds (each entry charged its frames plus
+    /// [`ENTRY_OVERHEAD`]); the oldest entries are dropped to make room. At least one
+    /// largest valid message.
+    pub pending_max_bytes: usize,
     /// Entries older than this are dropped from the pending list while the active is
     /// alive: the active has had every chance to echo them.
     pub pending_max_age: Duration,
@@ -183,8 +191,13 @@ pub struct Config {
     /// this long (the peer may have refused or lost the request).
     pub peer_sync_timeout: Duration,
     /// Most updates from the active a syncing passive buffers until the snapshot ends;
-    /// past it the snapshot is installed and a fresh one requested.
+    /// past it the snapshot is installed and a fresh one requested. The same bound
+    /// applies to what it buffers before it is passive, and separately to what earlier
+    /// attempts set aside for a failover mid-sync.
     pub sync_backlog_max: usize,
+    /// The same bounds in bytes (each update charged its frames plus
+    /// [`ENTRY_OVERHEAD`]). At least one largest valid message.
+    pub sync_backlog_max_bytes: usize,
     /// Most keys a backup records while active and possibly split from the primary,
     /// to forward if it has to step down. Further keys are counted as lost, loudly.
     pub split_log_max: usize,
@@ -194,6 +207,14 @@ pub struct Config {
     /// Report every change of the map as [`Output::Persist`] / [`Output::PersistImage`]
     /// (see [`persist`]), for a host that records them on disk.
     pub persistence: bool,
+    /// Most keys the map holds: a client write of a new key past it is refused
+    /// ([`DropReason::MapFullKeys`]). `None`: no bound. Enforced where writes are
+    /// accepted (the active); a passive applies what the active published.
+    pub max_keys: Option<usize>,
+    /// Most bytes the map holds (each entry charged its key, header, properties, body
+    /// and [`ENTRY_OVERHEAD`]): a client write past it is refused
+    /// ([`DropReason::MapFullBytes`]); deletes are always accepted. `None`: no bound.
+    pub max_map_bytes: Option<usize>,
 }
 
 impl Config {
@@ -203,15 +224,19 @@ impl Config {
             bstar: bstar::Config::primary(),
             limits: Limits::default(),
             pending_max_len: 100_000,
+            pending_max_bytes: 96 << 20,
             pending_max_age: Duration::from_secs(30),
             max_snapshot_streams: 64,
             snapshot_batch: 256,
             snapshot_stall_timeout: Duration::from_secs(30),
             peer_sync_timeout: Duration::from_secs(5),
             sync_backlog_max: 100_000,
+            sync_backlog_max_bytes: 64 << 20,
             split_log_max: 100_000,
             dedupe_window: 100_000,
             persistence: false,
+            max_keys: None,
+            max_map_bytes: None,
         }
     }
 
@@ -241,11 +266,86 @@ impl Config {
         ];
         let zero_count = counts.iter().find(|(_, value)| *value == 0);
         let zero_duration = durations.iter().find(|(_, value)| value.is_zero());
-        match (zero_count, zero_duration) {
-            (Some((field, _)), _) | (None, Some((field, _))) => Err(ConfigError::Zero { field }),
-            (None, None) => Ok(()),
+        if let (Some((field, _)), _) | (None, Some((field, _))) = (zero_count, zero_duration) {
+            return Err(ConfigError::Zero { field });
+        }
+        let largest = largest_message_bytes(&self.limits);
+        let byte_budgets = [
+            ("pending_max_bytes", self.pending_max_bytes),
+            ("sync_backlog_max_bytes", self.sync_backlog_max_bytes),
+        ];
+        if let Some((field, _)) = byte_budgets.iter().find(|(_, value)| *value < largest) {
+            return Err(ConfigError::BelowLargestMessage {
+                field,
+                needed: largest,
+            });
+        }
+        if self.max_keys == Some(0) {
+            return Err(ConfigError::Zero { field: "max_keys" });
+        }
+        if self.max_map_bytes == Some(0) {
+            return Err(ConfigError::Zero {
+                field: "max_map_bytes",
+            });
+        }
+        Ok(())
+    }
+
+    /// The pending list's bounds.
+    fn pending_budget(&self) -> Budget {
+        Budget {
+            max_len: self.pending_max_len,
+            max_bytes: self.pending_max_bytes,
         }
     }
+
+    /// The bounds of each of a passive's sync buffers.
+    fn sync_budget(&self) -> Budget {
+        Budget {
+            max_len: self.sync_backlog_max,
+            max_bytes: self.sync_backlog_max_bytes,
+        }
+    }
+
+    /// The split log's bounds: its count, and in bytes what that many of the longest
+    /// keys are charged.
+    fn split_log_budget(&self) -> Budget {
+        Budget {
+            max_len: self.split_log_max,
+            max_bytes: self
+                .split_log_max
+                .saturating_mul(split_change_bytes(self.limits.max_key_len)),
+        }
+    }
+
+    fn map_limits(&self) -> MapLimits {
+        MapLimits {
+            max_keys: self.max_keys,
+            max_bytes: self.max_map_bytes,
+        }
+    }
+}
+
+/// What one split log entry (a key and its latest change) is charged.
+fn split_change_bytes(key_len: usize) -> usize {
+    ENTRY_OVERHEAD.saturating_add(key_len)
+}
+
+/// What one buffered update of the active is charged in a sync budget.
+fn buffered_bytes(update: &KvMsg) -> usize {
+    message_bytes(
+        update.key.len(),
+        update.properties.as_frame().len(),
+        update.body.len(),
+    )
+}
+
+/// The bytes of a layer of buffered updates.
+fn layer_bytes(layer: &[(KvMsg, Option<EpochMillis>)]) -> usize {
+    layer
+        .iter()
+        .map(|(update, _)| buffered_bytes(update))
+        .fold(0, usize::saturating_add)
 }
 
 /// Which input a dropped message came from.
@@ -312,6 +412,17 @@ pub enum DropReason {
     UnexpectedSnapshotMessage,
     /// The sequence reached `i64::MAX`; no further update can be numbered.
     SequenceExhausted,
+    /// A write of a new key while the map holds [`Config::max_keys`]: refused. The
+    /// writer's client sees no echo and reports the update as not committed.
+    MapFullKeys,
+    /// A write that would take the map past [`Config::max_map_bytes`]: refused, as
+    /// [`DropReason::MapFullKeys`].
+    MapFullBytes,
+    /// A client copy larger on its own than [`Config::pending_max_bytes`] (possible only
+    /// with limits that allow a larger message than the budget was checked against).
+    TooLargeToHold,
+    /// A snapshot request whose routing id is longer than libzmq's 255 bytes.
+    RoutingIdTooLong,
 }
 
 impl DropReason {
@@ -330,6 +441,10 @@ impl DropReason {
             DropReason::StaleSequence => "stale_sequence",
             DropReason::UnexpectedSnapshotMessage => "unexpected_snapshot_message",
             DropReason::SequenceExhausted => "sequence_exhausted",
+            DropReason::MapFullKeys => "map_full_keys",
+            DropReason::MapFullBytes => "map_full_bytes",
+            DropReason::TooLargeToHold => "too_large_to_hold",
+            DropReason::RoutingIdTooLong => "routing_id_too_long",
         }
     }
 }
@@ -372,7 +487,7 @@ pub enum SyncReason {
 /// Why pending entries were dropped without being replayed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EvictionReason {
-    /// The list was at [`Config::pending_max_len`].
+    /// The list was at [`Config::pending_max_len`] or [`Config::pending_max_bytes`].
     Size,
     /// The entries were older than [`Config::pending_max_age`] while the active lived.
     Age,
@@ -475,6 +590,14 @@ pub enum Event {
         /// Keys that could not be recorded ([`Config::split_log_max`]).
         lost: u64,
     },
+    /// A passive let go of buffered updates of the active to stay within
+    /// [`Config::sync_backlog_max`] and [`Config::sync_backlog_max_bytes`] (counted in
+    /// [`Counters::sync_buffered_dropped`]). A completed sync fetches them again; only a
+    /// failover mid-sync would have used them.
+    SyncBufferDropped {
+        /// Updates let go.
+        dropped: usize,
+    },
     /// A snapshot stream was closed before its end.
     SnapshotStreamAbandoned {
         /// The client.
@@ -559,6 +682,11 @@ pub struct Counters {
     /// State messages from a peer configured with this server's own role
     /// ([`Event::RoleConflict`]).
     pub role_conflicts: u64,
+    /// The active's updates a passive let go from its sync buffers to stay within
+    /// [`Config::sync_backlog_max`] and [`Config::sync_backlog_max_bytes`] (a full
+    /// backlog starts the sync over; set-aside layers and what came before the
+    /// passive state lose their oldest). Only a failover mid-sync would have used them.
+    pub sync_buffered_dropped: u64,
 }
 
 impl Counters {
@@ -610,10 +738,12 @@ enum Follow {
     Following,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct SyncInProgress {
     store: Store,
     backlog: Vec<(KvMsg, Option<EpochMillis>)>,
+    /// The bytes `backlog` is charged ([`buffered_bytes`]).
+    backlog_bytes: usize,
     /// How many of the backlog's first updates reached this server before the request
     /// left (the update that made it ask, and the rest of a backlog whose gap started
     /// this attempt). The peer published them before taking the snapshot, so the
@@ -655,6 +785,84 @@ struct SyncInProgress {
     seen: SeenUpdates,
 }
 
+impl SyncInProgress {
+    fn new(now: Instant, hash_key: HashKey) -> Self {
+        SyncInProgress {
+            store: Store::default(),
+            backlog: Vec::new(),
+            backlog_bytes: 0,
+            before_request: 0,
+            backlog_overflowed: false,
+            unconfirmed: Vec::new(),
+            reconnected: Vec::new(),
+            last_activity: now,
+            stale_through: None,
+            pending_mark: 0,
+            seen: SeenUpdates::new(hash_key),
+        }
+    }
+
+    /// The backlog's bound: buffers the active's `update` unless the backlog would pass
+    /// `budget`; then it is emptied and marked overflowed (the next snapshot fetches
+    /// what it held). Returns how many updates were let go.
+    fn buffer(&mut self, update: KvMsg, expires_at: Option<EpochMillis>, budget: Budget) -> usize {
+        if self.backlog_overflowed {
+            // Everything after the overflow is fetched by the next snapshot.
+            return 1;
+        }
+        let incoming = buffered_bytes(&update);
+        if budget.admits(self.backlog.len(), self.backlog_bytes, incoming) {
+            self.backlog.push((update, expires_at));
+            self.backlog_bytes = self.backlog_bytes.saturating_add(incoming);
+            return 0;
+        }
+        let dropped = self.backlog.len() + 1;
+        self.backlog = Vec::new();
+        self.backlog_bytes = 0;
+        self.before_request = 0;
+        self.backlog_overflowed = true;
+        dropped
+    }
+
+    /// Takes the backlog (and its bytes) away.
+    fn take_backlog(&mut self) -> Vec<(KvMsg, Option<EpochMillis>)> {
+        self.backlog_bytes = 0;
+        std::mem::take(&mut self.backlog)
+    }
+
+    /// The set-aside layers' bound: keeps the newest updates over all of them within
+    /// `budget`, dropping from the oldest layer first. Returns how many were dropped.
+    fn bound_set_aside(&mut self, budget: Budget) -> usize {
+        let mut len: usize = self.set_aside().map(|(layer, _)| layer.len()).sum();
+        let mut bytes: usize = self.set_aside().map(|(_, bytes)| bytes).sum();
+        let mut dropped = 0;
+        for layers in [&mut self.unconfirmed, &mut self.reconnected] {
+            while len > budget.max_len || bytes > budget.max_bytes {
+                let Some(oldest) = layers.first_mut() else {
+                    break;
+                };
+                if oldest.is_empty() {
+                    layers.remove(0);
+                    continue;
+                }
+                let (update, _) = oldest.remove(0);
+                len -= 1;
+                bytes = bytes.saturating_sub(buffered_bytes(&update));
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Each set-aside layer, oldest first, with its bytes.
+    fn set_aside(&self) -> impl Iterator<Item = (&[(KvMsg, Option<EpochMillis>)], usize)> + '_ {
+        self.unconfirmed
+            .iter()
+            .chain(&self.reconnected)
+            .map(|layer| (layer.as_slice(), layer_bytes(layer)))
+    }
+}
+
 /// The clone server state machine. See the [module docs](self) for the run loop.
 #[derive(Clone, Debug)]
 pub struct Server {
@@ -690,6 +898,12 @@ pub struct Server {
     /// (cancelled by that echo) while syncing; the active died mid-sync and the update
     /// was lost.
     before_passive: VecDeque<(KvMsg, Option<EpochMillis>)>,
+    /// The bytes `before_passive` is charged ([`buffered_bytes`]).
+    before_passive_bytes: usize,
+    /// The bytes the split log is charged ([`split_change_bytes`]).
+    split_log_bytes: usize,
+    /// The key of the hash tables keyed by input (uuids).
+    hash_key: HashKey,
     next_hugz: Instant,
     /// When the latest HUGZ went out.
     last_hugz: Option<Instant>,
@@ -702,7 +916,15 @@ pub struct Server {
 
 impl Server {
     /// A server that has just started: PRIMARY or BACKUP, empty map, sequence 0.
-    pub fn new(now: Instant, wall: EpochMillis, config: Config) -> Result<Self, ConfigError> {
+    /// `hash_key` keys the hash tables that clients' uuids index: draw it at random per
+    /// process (the daemon from the OS, the simulator from its seed), so that no client
+    /// can compute uuids that collide.
+    pub fn new(
+        now: Instant,
+        wall: EpochMillis,
+        config: Config,
+        hash_key: HashKey,
+    ) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Server {
             bstar: Bstar::new(now, config.bstar)?,
@@ -710,14 +932,17 @@ impl Server {
             store: Store::default(),
             sequence: 0,
             highest_published: 0,
-            pending: PendingList::default(),
-            seen: SeenUpdates::default(),
+            pending: PendingList::new(hash_key),
+            seen: SeenUpdates::new(hash_key),
             snapshots: SnapshotStreams::default(),
             follow: Follow::Not,
             split_log: BTreeMap::new(),
             split_lost: 0,
             split_lost_through: 0,
             before_passive: VecDeque::new(),
+            before_passive_bytes: 0,
+            split_log_bytes: 0,
+            hash_key,
             next_hugz: now,
             last_hugz: None,
             clock: (now, wall),
@@ -736,9 +961,10 @@ impl Server {
         now: Instant,
         wall: EpochMillis,
         config: Config,
+        hash_key: HashKey,
         restored: Restored,
     ) -> Result<Self, ConfigError> {
-        let mut server = Server::new(now, wall, config)?;
+        let mut server = Server::new(now, wall, config, hash_key)?;
         server.store = restored.store;
         server.sequence = restored.sequence;
         server.highest_published = restored.highest_published.max(restored.sequence);
@@ -822,6 +1048,87 @@ impl Server {
         &self.counters
     }
 
+    /// Bytes the map is charged (see [`Config::max_map_bytes`]).
+    pub fn map_bytes(&self) -> usize {
+        self.store.bytes()
+    }
+
+    /// Every structure that input fills outside the map, with its use and its count and
+    /// byte bounds. Each stays within both at all times (the simulator's oracle 7).
+    pub fn bounds(&self) -> [BoundedStructure; 7] {
+        let config = &self.config;
+        let sync = match &self.follow {
+            Follow::Syncing(sync) => Some(&**sync),
+            _ => None,
+        };
+        let sync_budget = config.sync_budget();
+        let (backlog_len, backlog_bytes) =
+            sync.map_or((0, 0), |sync| (sync.backlog.len(), sync.backlog_bytes));
+        let (set_aside_len, set_aside_bytes) = sync.map_or((0, 0), |sync| {
+            sync.set_aside()
+                .fold((0, 0), |(len, bytes), (layer, layer_bytes)| {
+                    (len + layer.len(), bytes + layer_bytes)
+                })
+        });
+        let window = |structure, len: usize| BoundedStructure {
+            structure,
+            len,
+            max_len: config.dedupe_window,
+            bytes: len.saturating_mul(SeenUpdates::BYTES_PER_UUID),
+            max_bytes: config
+                .dedupe_window
+                .saturating_mul(SeenUpdates::BYTES_PER_UUID),
+        };
+        let split_budget = config.split_log_budget();
+        [
+            BoundedStructure {
+                structure: Structure::PendingList,
+                len: self.pending.len(),
+                max_len: config.pending_max_len,
+                bytes: self.pending.bytes(),
+                max_bytes: config.pending_max_bytes,
+            },
+            BoundedStructure {
+                structure: Structure::SyncBacklog,
+                len: backlog_len + self.before_passive.len(),
+                max_len: sync_budget.max_len,
+                bytes: backlog_bytes + self.before_passive_bytes,
+                max_bytes: sync_budget.max_bytes,
+            },
+            BoundedStructure {
+                structure: Structure::SyncSetAside,
+                len: set_aside_len,
+                max_len: sync_budget.max_len,
+                bytes: set_aside_bytes,
+                max_bytes: sync_budget.max_bytes,
+            },
+            window(Structure::DedupeWindow, self.seen.len()),
+            window(
+                Structure::SyncDedupeWindow,
+                sync.map_or(0, |sync| sync.seen.len()),
+            ),
+            BoundedStructure {
+                structure: Structure::SplitLog,
+                len: self.split_log.len(),
+                max_len: split_budget.max_len,
+                bytes: self.split_log_bytes,
+                max_bytes: split_budget.max_bytes,
+            },
+            BoundedStructure {
+                structure: Structure::SnapshotStreams,
+                len: self.snapshots.len(),
+                max_len: config.max_snapshot_streams,
+                bytes: self.snapshots.bytes(),
+                max_bytes: config.max_snapshot_streams.saturating_mul(
+                    SnapshotStreams::max_bytes_per_stream(
+                        config.limits.max_key_len,
+                        config.snapshot_batch,
+                    ),
+                ),
+            },
+        ]
+    }
+
     // --- Inputs ------------------------------------------------------------------------
 
     /// An ICANHAZ? from `routing_id` on the ROUTER at P (without the identity frame).
@@ -840,6 +1147,9 @@ impl Server {
             Ok(request) => request,
             Err(error) => return self.drop_input(source, DropReason::Malformed(error)),
         };
+        if routing_id.len() > MAX_ROUTING_ID_LEN {
+            return self.drop_input(source, DropReason::RoutingIdTooLong);
+        }
         let verdict = self.bstar.handle_client_request(now);
         self.drain_bstar(now, wall);
         if verdict == Verdict::Reject {
@@ -905,11 +1215,13 @@ impl Server {
                 uuid,
                 &update,
                 expires_at,
-                self.config.pending_max_len,
+                self.config.pending_budget(),
             );
             self.report_eviction(evicted, EvictionReason::Size);
-            if fate == ClientCopyFate::Duplicate {
-                self.drop_input(source, DropReason::DuplicateUuid);
+            match fate {
+                ClientCopyFate::Duplicate => self.drop_input(source, DropReason::DuplicateUuid),
+                ClientCopyFate::TooLarge => self.drop_input(source, DropReason::TooLargeToHold),
+                ClientCopyFate::Held | ClientCopyFate::CancelledByEcho => {}
             }
         }
     }
@@ -950,46 +1262,21 @@ impl Server {
     /// restarted active's new history, numbered anew.
     pub fn handle_peer_publisher_reconnected(&mut self, now: Instant, wall: EpochMillis) {
         self.begin(now, wall);
+        let budget = self.config.sync_budget();
         match &mut self.follow {
             Follow::Following => self.start_sync(SyncReason::PublisherReconnected),
             Follow::Syncing(sync) => {
                 sync.stale_through = None;
-                let backlog = std::mem::take(&mut sync.backlog);
+                let backlog = sync.take_backlog();
                 sync.before_request = 0;
                 sync.backlog_overflowed = false;
                 if !backlog.is_empty() {
                     sync.reconnected.push(backlog);
                 }
-                let mut sync = std::mem::take(sync);
-                self.bound_set_aside(&mut sync);
-                self.follow = Follow::Syncing(sync);
+                let dropped = sync.bound_set_aside(budget);
+                self.report_sync_buffer_drops(dropped);
             }
             Follow::Not | Follow::AwaitingPublisher => {}
-        }
-    }
-
-    /// Keeps the newest [`Config::sync_backlog_max`] updates over all the layers a
-    /// sync has set aside.
-    fn bound_set_aside(&self, sync: &mut SyncInProgress) {
-        let total: usize = sync
-            .unconfirmed
-            .iter()
-            .chain(&sync.reconnected)
-            .map(Vec::len)
-            .sum();
-        let mut excess = total.saturating_sub(self.config.sync_backlog_max);
-        for layers in [&mut sync.unconfirmed, &mut sync.reconnected] {
-            while excess > 0 {
-                let Some(oldest) = layers.first_mut() else {
-                    break;
-                };
-                let dropped = excess.min(oldest.len());
-                oldest.drain(..dropped);
-                excess -= dropped;
-                if oldest.is_empty() {
-                    layers.remove(0);
-                }
-            }
         }
     }
 
@@ -1039,19 +1326,13 @@ impl Server {
             update.uuid,
             update.key,
             !is_expiry_delete,
-            self.config.pending_max_len,
+            self.config.pending_budget(),
         );
         self.report_eviction(evicted, EvictionReason::Size);
+        let sync_budget = self.config.sync_budget();
         match &mut self.follow {
             // Still PRIMARY / BACKUP: the sync starts on becoming passive.
-            Follow::Not => {
-                if self.before_passive.len() >= self.config.sync_backlog_max {
-                    // The newest count: the oldest are the likeliest to be settled.
-                    self.before_passive.pop_front();
-                }
-                self.before_passive
-                    .push_back((update.to_kvmsg(), expires_at));
-            }
+            Follow::Not => self.buffer_before_passive(update.to_kvmsg(), expires_at),
             Follow::AwaitingPublisher => {
                 self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
             }
@@ -1062,15 +1343,8 @@ impl Server {
                 {
                     return self.drop_input(source, DropReason::StaleSequence);
                 }
-                if sync.backlog_overflowed {
-                    // Everything after the overflow is fetched by the next snapshot.
-                } else if sync.backlog.len() < self.config.sync_backlog_max {
-                    sync.backlog.push((update.to_kvmsg(), expires_at));
-                } else {
-                    sync.backlog = Vec::new();
-                    sync.before_request = 0;
-                    sync.backlog_overflowed = true;
-                }
+                let dropped = sync.buffer(update.to_kvmsg(), expires_at, sync_budget);
+                self.report_sync_buffer_drops(dropped);
             }
             Follow::Following => self.apply_followed(now, &update, expires_at),
         }
@@ -1141,6 +1415,35 @@ impl Server {
             sync.seen.insert(uuid, self.config.dedupe_window);
         }
         sync.store.apply(&entry, expires_at);
+    }
+
+    /// What a server not yet passive buffers of the active's updates: the newest
+    /// within [`Config::sync_backlog_max`] and [`Config::sync_backlog_max_bytes`] (the
+    /// oldest are the likeliest to be settled by the snapshot it will ask for).
+    fn buffer_before_passive(&mut self, update: KvMsg, expires_at: Option<EpochMillis>) {
+        let budget = self.config.sync_budget();
+        let incoming = buffered_bytes(&update);
+        while !budget.admits(
+            self.before_passive.len(),
+            self.before_passive_bytes,
+            incoming,
+        ) {
+            let Some((oldest, _)) = self.before_passive.pop_front() else {
+                break;
+            };
+            self.before_passive_bytes = self
+                .before_passive_bytes
+                .saturating_sub(buffered_bytes(&oldest));
+            self.report_sync_buffer_drops(1);
+        }
+        self.before_passive_bytes = self.before_passive_bytes.saturating_add(incoming);
+        self.before_passive.push_back((update, expires_at));
+    }
+
+    /// Takes what was buffered before the passive state.
+    fn take_before_passive(&mut self) -> VecDeque<(KvMsg, Option<EpochMillis>)> {
+        self.before_passive_bytes = 0;
+        std::mem::take(&mut self.before_passive)
     }
 
     /// Fires every timer that is due (see [`Timer`]), in the table's order; ttl
@@ -1243,13 +1546,13 @@ impl Server {
                 _ => (Vec::new(), None),
             };
         self.request_peer_snapshot(now, Vec::new());
+        let budget = self.config.sync_budget();
         if let Follow::Syncing(sync) = &mut self.follow {
             // Same subscription: what the map held is still stale on it.
             sync.stale_through = stale_through;
             sync.unconfirmed = std::mem::take(&mut unconfirmed);
-            let mut sync = std::mem::take(sync);
-            self.bound_set_aside(&mut sync);
-            self.follow = Follow::Syncing(sync);
+            let dropped = sync.bound_set_aside(budget);
+            self.report_sync_buffer_drops(dropped);
         }
     }
 
@@ -1326,6 +1629,15 @@ impl Server {
         }));
     }
 
+    fn report_sync_buffer_drops(&mut self, dropped: usize) {
+        if dropped == 0 {
+            return;
+        }
+        self.counters.sync_buffered_dropped += dropped as u64;
+        self.outputs
+            .push_back(Output::Event(Event::SyncBufferDropped { dropped }));
+    }
+
     fn abandon_stream(&mut self, routing_id: Vec<u8>, reason: AbandonReason) {
         self.counters.snapshots_abandoned += 1;
         self.outputs
@@ -1385,6 +1697,7 @@ impl Server {
                 // too (swarm 25704: a client copy only the backup had was replayed,
                 // left out of the log, and lost when the primary's snapshot won).
                 self.split_log.clear();
+                self.split_log_bytes = 0;
                 self.split_lost = 0;
                 self.split_lost_through = 0;
                 self.abandon_sync();
@@ -1411,6 +1724,17 @@ impl Server {
     /// properties as given (the client's relative ttl); the store keeps the absolute
     /// expiry.
     fn publish_update(&mut self, update: &KvMsgRef, expires_at: Option<EpochMillis>) {
+        if !update.is_delete() {
+            match self.store.admits(update, self.config.map_limits()) {
+                Ok(()) => {}
+                Err(MapFull::Keys) => {
+                    return self.drop_input(InputSource::Collector, DropReason::MapFullKeys)
+                }
+                Err(MapFull::Bytes) => {
+                    return self.drop_input(InputSource::Collector, DropReason::MapFullBytes)
+                }
+            }
+        }
         let Some(sequence) = self.sequence.checked_add(1) else {
             return self.drop_input(InputSource::Collector, DropReason::SequenceExhausted);
         };
@@ -1521,10 +1845,16 @@ impl Server {
             return;
         }
         let change = SplitChange { uuid, sequence };
+        let incoming = split_change_bytes(key.len());
         if let Some(latest) = self.split_log.get_mut(key) {
             *latest = change;
-        } else if self.split_log.len() < self.config.split_log_max {
+        } else if self.config.split_log_budget().admits(
+            self.split_log.len(),
+            self.split_log_bytes,
+            incoming,
+        ) {
             self.split_log.insert(Key::from(key), change);
+            self.split_log_bytes = self.split_log_bytes.saturating_add(incoming);
         } else {
             self.split_lost += 1;
             self.split_lost_through = sequence;
@@ -1549,6 +1879,11 @@ impl Server {
         }
         let held = hugz.sequence;
         self.split_log.retain(|_, change| change.sequence > held);
+        self.split_log_bytes = self
+            .split_log
+            .keys()
+            .map(|key| split_change_bytes(key.len()))
+            .sum();
         if self.split_lost_through <= held {
             self.split_lost = 0;
         }
@@ -1559,6 +1894,7 @@ impl Server {
     /// so that it is replayed if the primary dies before echoing it.
     fn forward_split_log(&mut self, now: Instant, wall: EpochMillis) {
         let split_log = std::mem::take(&mut self.split_log);
+        self.split_log_bytes = 0;
         let lost = std::mem::take(&mut self.split_lost);
         if split_log.is_empty() && lost == 0 {
             return;
@@ -1601,7 +1937,7 @@ impl Server {
                     uuid,
                     &kvset.as_msg_ref(),
                     expires_at,
-                    self.config.pending_max_len,
+                    self.config.pending_budget(),
                 );
                 self.report_eviction(evicted, EvictionReason::Size);
             }
@@ -1631,18 +1967,18 @@ impl Server {
         self.outputs.push_back(Output::RequestPeerSnapshot(
             SnapshotRequest::new(Vec::new()).encode(),
         ));
-        let before_passive: Vec<_> = std::mem::take(&mut self.before_passive).into();
+        let before_passive: Vec<_> = self.take_before_passive().into();
         self.follow = Follow::Syncing(Box::new(SyncInProgress {
             before_request: backlog.len(),
+            backlog_bytes: layer_bytes(&backlog),
             backlog,
             unconfirmed: if before_passive.is_empty() {
                 Vec::new()
             } else {
                 vec![before_passive]
             },
-            last_activity: now,
             pending_mark: self.pending.arrival_mark(),
-            ..SyncInProgress::default()
+            ..SyncInProgress::new(now, self.hash_key)
         }));
     }
 
@@ -1690,6 +2026,7 @@ impl Server {
                 // A gap in the backlog started another sync: the rest is its backlog,
                 // and came before its request.
                 Follow::Syncing(next) => {
+                    next.backlog_bytes = next.backlog_bytes.saturating_add(buffered_bytes(&update));
                     next.backlog.push((update, expires_at));
                     next.before_request = next.backlog.len();
                 }
@@ -1794,13 +2131,14 @@ impl Server {
     /// (found by the simulator, swarm 32681).
     /// Numbering continues after the highest sequence seen.
     fn abandon_sync(&mut self) {
-        let before_passive = std::mem::take(&mut self.before_passive);
+        let before_passive = self.take_before_passive();
+        let (now, _) = self.clock;
         let sync = match std::mem::replace(&mut self.follow, Follow::Not) {
             Follow::Syncing(sync) => *sync,
             // Passive, but its sync had not begun: only what it saw before counts.
             Follow::AwaitingPublisher if !before_passive.is_empty() => SyncInProgress {
                 unconfirmed: vec![before_passive.into()],
-                ..SyncInProgress::default()
+                ..SyncInProgress::new(now, self.hash_key)
             },
             _ => return,
         };

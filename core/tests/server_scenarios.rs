@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use clonekv_core::kvmsg::{BstarState, KvMsg, Limits, SnapshotRequest, Uuid};
-use clonekv_core::server::{Config, Output, Server};
+use clonekv_core::server::{Config, HashKey, Output, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 
 const T0: Instant = Instant::ZERO;
@@ -88,8 +88,9 @@ impl Pair {
     fn new() -> Self {
         let mut pair = Pair {
             now: T0,
-            primary: Server::new(T0, WALL0, Config::primary()).unwrap(),
-            backup: Server::new(T0, WALL0, Config::backup()).unwrap(),
+            primary: Server::new(T0, WALL0, Config::primary(), HashKey::from_bytes([1; 16]))
+                .unwrap(),
+            backup: Server::new(T0, WALL0, Config::backup(), HashKey::from_bytes([2; 16])).unwrap(),
             primary_alive: true,
             link_up: true,
             transcript: String::new(),

@@ -60,6 +60,48 @@
 //! ```
 //!
 //! `examples/weather.rs` is the same as a runnable program.
+//!
+//! # Discovery
+//!
+//! With no server given, [`ClientBuilder::discover`] finds the cluster's primary and
+//! backup by their UDP beacons ([`crate::discovery`]) and follows them when they move or
+//! restart; servers given with [`ClientBuilder::server`] win:
+//!
+//! ```no_run
+//! use clonekv_zmq::client::Client;
+//! use clonekv_zmq::discovery::DiscoveryOptions;
+//!
+//! # fn main() -> Result<(), clonekv_zmq::client::ClientError> {
+//! let client = Client::builder()
+//!     .discover(DiscoveryOptions::new("clonekv")) // the cluster's name
+//!     .connect()?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Security
+//!
+//! Without keys every connection is plain ZMTP, readable and forgeable on the network.
+//! Servers started with CURVE keys admit only clients whose public key they list; such a
+//! client gives its own pair and the servers' public keys (docs/SECURITY.md):
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use std::time::Duration;
+//! use clonekv_zmq::client::Client;
+//! use clonekv_zmq::curve::{KeyPair, PublicKey};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::builder()
+//!     .server_with_key("tcp://kv1:5556", PublicKey::from_key_or_file("primary.pub")?)
+//!     .server_with_key("tcp://kv2:5566", PublicKey::from_key_or_file("backup.pub")?)
+//!     .curve_key_pair(KeyPair::read(Path::new("app.key"))?)
+//!     .connect()?;
+//! // A server that refuses our key is named in the error (ClientError::Handshake).
+//! client.wait_synced(Duration::from_secs(10))?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -82,11 +124,12 @@ use rand_core::SeedableRng;
 pub use clonekv_core::client::Entry;
 
 use crate::clock::Clock;
+use crate::curve::{self, KeyPair, PublicKey};
 use crate::discovery::{
     Discovery, DiscoveryError, DiscoveryOptions, FoundServer, CLIENT_ANNOUNCEMENT,
 };
 use crate::log::{send_or_log, RateLimiter};
-use crate::socket::{largest_legal_frame, ReconnectMonitor, ZmqSocket};
+use crate::socket::{largest_legal_frame, HandshakeFailure, ReconnectMonitor, ZmqSocket};
 
 /// The servers a client uses when none are given: the reference primary and backup on
 /// this host.
@@ -227,6 +270,42 @@ pub enum ClientError {
     /// socket error, which it logged).
     #[error("the client has stopped")]
     Stopped,
+    /// The CURVE settings are incomplete or unusable.
+    #[error("CURVE: {0}")]
+    Curve(String),
+    /// No server completed a snapshot in time, and one refused the security handshake:
+    /// the likely reason.
+    #[error("{}", describe_handshake(endpoint, failure, *with_curve))]
+    Handshake {
+        /// The server's snapshot endpoint.
+        endpoint: String,
+        /// What libzmq reported.
+        failure: HandshakeFailure,
+        /// This client has CURVE keys.
+        with_curve: bool,
+    },
+}
+
+fn describe_handshake(endpoint: &str, failure: &HandshakeFailure, with_curve: bool) -> String {
+    match failure {
+        // A CURVE server closes a plain connection at once; libzmq gives no detail.
+        _ if !with_curve => format!(
+            "{endpoint} refused our plain connection during the handshake ({failure}): the \
+             server probably requires CURVE; give --curve-secret-key and --server-public-key"
+        ),
+        HandshakeFailure::Refused { status } => format!(
+            "server refused our CURVE key (not admitted): {endpoint} answered ZAP status \
+             {status}; its operator must add this client's public key to its --curve-clients"
+        ),
+        HandshakeFailure::MechanismMismatch => format!(
+            "{endpoint}: the server and this client disagree on security: one uses CURVE \
+             keys and the other does not (see --server-public-key and --curve-secret-key)"
+        ),
+        other => format!(
+            "{endpoint}: the CURVE handshake failed: {other} (is --server-public-key that \
+             server's public key?)"
+        ),
+    }
 }
 
 fn describe_lost(reason: LostReason) -> &'static str {
@@ -238,6 +317,9 @@ fn describe_lost(reason: LostReason) -> &'static str {
             "the client failed over to another server before the echo arrived (read the key to see whether it survived)"
         }
         LostReason::Evicted => "too many updates were awaiting their echo",
+        LostReason::NotPublished => {
+            "the server did not publish it in time: it refused it (its map is full, see --max-keys and --max-bytes in its log) or the update was lost on the way"
+        }
     }
 }
 
@@ -332,6 +414,8 @@ pub struct ServerStatus {
     pub keys: Option<u64>,
     /// Time since its publisher last delivered anything.
     pub last_heard: Option<Duration>,
+    /// The last security handshake with it failed, and none succeeded since: why.
+    pub handshake_failure: Option<HandshakeFailure>,
 }
 
 impl Status {
@@ -371,9 +455,13 @@ impl Iterator for Events {
 /// Settings for a [`Client`]; see [`Client::builder`].
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
-    servers: Vec<ServerSpec>,
+    servers: Vec<(ServerSpec, Option<PublicKey>)>,
     discovery: Option<DiscoveryOptions>,
     discovered: Vec<FoundServer>,
+    /// This client's CURVE key pair; `None` for plain ZMTP.
+    key_pair: Option<KeyPair>,
+    /// The public key of every server added without its own (and of discovered ones).
+    server_public_key: Option<PublicKey>,
     config: core_client::Config,
     event_capacity: usize,
     hwm: i32,
@@ -392,6 +480,8 @@ impl Default for ClientBuilder {
             servers: Vec::new(),
             discovery: None,
             discovered: Vec::new(),
+            key_pair: None,
+            server_public_key: None,
             config: core_client::Config::default(),
             event_capacity: 65_536,
             hwm: crate::server::DEFAULT_HWM,
@@ -404,13 +494,37 @@ impl ClientBuilder {
     /// Adds a server by its base endpoint `tcp://HOST:P` (P+1 and P+2 follow). Servers
     /// are tried in the order given. With none, [`DEFAULT_SERVERS`] are used.
     pub fn server(mut self, endpoint: impl Into<String>) -> Self {
-        self.servers.push(ServerSpec::Base(endpoint.into()));
+        self.servers.push((ServerSpec::Base(endpoint.into()), None));
         self
     }
 
     /// Adds a server by its three endpoints.
     pub fn server_address(mut self, address: ServerAddress) -> Self {
-        self.servers.push(ServerSpec::Explicit(address));
+        self.servers.push((ServerSpec::Explicit(address), None));
+        self
+    }
+
+    /// Adds a server by its base endpoint, with its own CURVE public key (for a pair
+    /// whose servers have different keys).
+    pub fn server_with_key(mut self, endpoint: impl Into<String>, key: PublicKey) -> Self {
+        self.servers
+            .push((ServerSpec::Base(endpoint.into()), Some(key)));
+        self
+    }
+
+    /// This client's CURVE key pair: every connection then uses CURVE, and a server
+    /// admits it only if its public key is in the server's `--curve-clients`. Needs the
+    /// servers' public keys ([`ClientBuilder::server_public_key`]). Without it the
+    /// client speaks plain ZMTP, as the zguide programs do (docs/SECURITY.md).
+    pub fn curve_key_pair(mut self, pair: KeyPair) -> Self {
+        self.key_pair = Some(pair);
+        self
+    }
+
+    /// The CURVE public key of every server added without one of its own: the client
+    /// talks only to a server that proves it holds the secret key.
+    pub fn server_public_key(mut self, key: PublicKey) -> Self {
+        self.server_public_key = Some(key);
         self
     }
 
@@ -455,6 +569,14 @@ impl ClientBuilder {
         self
     }
 
+    /// How long an own update may go without its echo before the client counts it as
+    /// not published (a watched one fails with [`LostReason::NotPublished`]: the server
+    /// refused it, its map being full, or it was lost) and re-syncs (default 5 s).
+    pub fn echo_timeout(mut self, echo_timeout: Duration) -> Self {
+        self.config.echo_timeout = echo_timeout;
+        self
+    }
+
     /// Own updates remembered while their echo is awaited (default 10 000).
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.config.max_in_flight = max;
@@ -493,7 +615,9 @@ impl ClientBuilder {
             ),
             _ => None,
         };
-        let addresses = if discovery.is_some() {
+        let servers = if discovery.is_some() {
+            // One slot per server kind, primary first; a slot not heard yet is filled
+            // when its server's beacon arrives.
             CLIENT_SLOTS
                 .iter()
                 .map(
@@ -502,21 +626,27 @@ impl ClientBuilder {
                         None => Ok(ServerAddress::undiscovered()),
                     },
                 )
+                .map(|address| address.map(|address| (ServerSpec::Explicit(address), None)))
                 .collect::<Result<Vec<_>, _>>()?
         } else if self.servers.is_empty() {
             DEFAULT_SERVERS
                 .iter()
-                .map(|endpoint| ServerAddress::from_base(endpoint))
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|endpoint| (ServerSpec::Base(endpoint.to_string()), None))
+                .collect()
         } else {
             self.servers
-                .into_iter()
-                .map(|spec| match spec {
-                    ServerSpec::Base(endpoint) => ServerAddress::from_base(&endpoint),
-                    ServerSpec::Explicit(address) => Ok(address),
-                })
-                .collect::<Result<Vec<_>, _>>()?
         };
+        let mut addresses = Vec::with_capacity(servers.len());
+        let mut server_keys = Vec::with_capacity(servers.len());
+        for (spec, key) in servers {
+            addresses.push(match spec {
+                ServerSpec::Base(endpoint) => ServerAddress::from_base(&endpoint)?,
+                ServerSpec::Explicit(address) => address,
+            });
+            server_keys.push(key.or(self.server_public_key));
+        }
+        let curve_keys = curve_keys(self.key_pair.as_ref(), &addresses, &server_keys)?;
+        let with_curve = curve_keys.is_some();
         let mut config = self.config;
         config.servers = addresses.len();
         let mut seed = [0u8; 32];
@@ -530,6 +660,14 @@ impl ClientBuilder {
         let mut links = Vec::with_capacity(addresses.len());
         for (index, address) in addresses.iter().enumerate() {
             let snapshot = new_socket(&context, zmq::DEALER, "snapshot", &address.snapshot)?;
+            let curve_client = |socket: &ZmqSocket, endpoint: &str| match &curve_keys {
+                Some((own, keys)) => configure(socket, endpoint, |inner| match keys.get(index) {
+                    Some(server) => curve::make_client(inner, own, server),
+                    None => Err(zmq::Error::EINVAL),
+                }),
+                None => Ok(()),
+            };
+            curve_client(&snapshot, &address.snapshot)?;
             // A reply's unsent part is lost with its connection (the server answers on
             // the connection the request came in on).
             let snapshot_monitor = ReconnectMonitor::new(&context, &snapshot).map_err(|error| {
@@ -547,6 +685,7 @@ impl ClientBuilder {
                 connect(&snapshot, &address.snapshot)?;
             }
             let subscriber = new_socket(&context, zmq::SUB, "subscriber", &address.publisher)?;
+            curve_client(&subscriber, &address.publisher)?;
             let subtree = core.subtree().to_vec();
             configure(&subscriber, &address.publisher, |socket| {
                 socket.set_rcvhwm(self.hwm)?;
@@ -583,6 +722,7 @@ impl ClientBuilder {
                 connected: false,
                 ever_connected: false,
                 connects_failed: 0,
+                handshake_failure: None,
             });
         }
         let publisher = new_socket(&context, zmq::PUB, "publisher", "")?;
@@ -592,7 +732,19 @@ impl ClientBuilder {
             // Updates still queued at shutdown get this long to go out.
             socket.set_linger(linger)
         })?;
-        for address in addresses.iter().filter(|address| address.is_known()) {
+        for (index, address) in addresses.iter().enumerate() {
+            if !address.is_known() {
+                continue;
+            }
+            // Options are taken at each connect: each collector gets its server's key.
+            if let Some((own, keys)) = &curve_keys {
+                configure(&publisher, &address.collector, |inner| {
+                    match keys.get(index) {
+                        Some(server) => curve::make_client(inner, own, server),
+                        None => Err(zmq::Error::EINVAL),
+                    }
+                })?;
+            }
             connect(&publisher, &address.collector)?;
         }
         let mut discovery = discovery;
@@ -616,6 +768,7 @@ impl ClientBuilder {
             stopping: false,
             discovery,
             discovery_readable: true,
+            curve_keys,
             context,
         };
         let thread = std::thread::Builder::new()
@@ -627,6 +780,7 @@ impl ClientBuilder {
             thread: Some(thread),
             addresses,
             event_capacity: self.event_capacity,
+            with_curve,
         })
     }
 }
@@ -640,6 +794,8 @@ pub struct Client {
     thread: Option<JoinHandle<()>>,
     addresses: Vec<ServerAddress>,
     event_capacity: usize,
+    /// The connections use CURVE.
+    with_curve: bool,
 }
 
 /// The commit of an update: its sequence, or why it cannot be confirmed.
@@ -679,21 +835,42 @@ impl Client {
         ClientBuilder::default()
     }
 
-    /// The servers, in the order they are tried.
+    /// The servers, in the order they are tried, as they were when the client started.
+    /// With discovery these are the primary's and the backup's slots, and a slot not yet
+    /// filled then is [`ServerAddress::undiscovered`]; [`Client::status`] has each
+    /// server's endpoint now.
     pub fn servers(&self) -> &[ServerAddress] {
         &self.addresses
     }
 
     /// Waits until a snapshot has been applied (the client follows a server), at most
     /// `timeout`.
+    /// A server that refused the security handshake is named in the error
+    /// ([`ClientError::Handshake`]) instead of [`ClientError::NotSynced`].
     pub fn wait_synced(&self, timeout: Duration) -> Result<Status, ClientError> {
         let (reply, answer) = mpsc::channel();
         self.send(Command::WhenSynced { reply })?;
         match answer.recv_timeout(timeout) {
             Ok(status) => Ok(status),
-            Err(RecvTimeoutError::Timeout) => Err(ClientError::NotSynced { waited: timeout }),
+            Err(RecvTimeoutError::Timeout) => Err(self
+                .handshake_error()
+                .unwrap_or(ClientError::NotSynced { waited: timeout })),
             Err(RecvTimeoutError::Disconnected) => Err(ClientError::Stopped),
         }
+    }
+
+    /// The first server whose last security handshake failed, as an error.
+    pub fn handshake_error(&self) -> Option<ClientError> {
+        let status = self.status().ok()?;
+        status.servers.into_iter().find_map(|server| {
+            server
+                .handshake_failure
+                .map(|failure| ClientError::Handshake {
+                    endpoint: server.endpoint,
+                    failure,
+                    with_curve: self.with_curve,
+                })
+        })
     }
 
     /// The value of `key` in the local map.
@@ -877,6 +1054,8 @@ struct ServerLink {
     ever_connected: bool,
     /// Failed connection attempts of the SUB and the DEALER since the last success.
     connects_failed: u64,
+    /// The last handshake of the SUB or the DEALER failed, and none succeeded since.
+    handshake_failure: Option<HandshakeFailure>,
 }
 
 struct Subscriber {
@@ -930,6 +1109,9 @@ struct Agent {
     discovery: Option<Discovery>,
     /// The discovery socket's fd signalled since it was last read empty.
     discovery_readable: bool,
+    /// This client's pair and each slot's server key, when the connections use CURVE:
+    /// the collector PUB takes its server's key at each connect.
+    curve_keys: Option<(KeyPair, Vec<PublicKey>)>,
     // Dropped last: terminating the context waits (up to the linger) for queued updates.
     context: zmq::Context,
 }
@@ -1054,6 +1236,11 @@ impl Agent {
             }
             link.snapshot.inner().connect(&address.snapshot)?;
             link.subscriber.inner().connect(&address.publisher)?;
+            if let Some((own, keys)) = &self.curve_keys {
+                if let Some(server) = keys.get(index) {
+                    curve::make_client(self.publisher.inner(), own, server)?;
+                }
+            }
             self.publisher.inner().connect(&address.collector)?;
             tracing::info!(
                 server = %address.snapshot,
@@ -1158,6 +1345,7 @@ impl Agent {
                         sequence: view.heard,
                         keys: view.keys,
                         last_heard: link.last_heard.map(|heard| heard.elapsed()),
+                        handshake_failure: link.handshake_failure,
                     }
                 })
                 .collect(),
@@ -1186,6 +1374,27 @@ impl Agent {
             link.connects_failed = 0;
         }
         link.connects_failed += subscriber.connects_failed + snapshot.connects_failed;
+        if subscriber.handshake_succeeded || snapshot.handshake_succeeded {
+            link.handshake_failure = None;
+        }
+        if let Some(failure) = subscriber.handshake_failed.or(snapshot.handshake_failed) {
+            link.handshake_failure = Some(failure);
+            let server = self
+                .addresses
+                .get(index)
+                .map_or("?", |address| address.snapshot.as_str());
+            if let Some(allowed) = self
+                .limiter
+                .check(&format!("{index}/handshake"), StdInstant::now())
+            {
+                tracing::warn!(
+                    server,
+                    reason = %failure,
+                    suppressed = allowed.suppressed,
+                    "security handshake with the server failed"
+                );
+            }
+        }
         if subscriber.disconnected || snapshot.disconnected {
             tracing::debug!(
                 server = %self.endpoint(ServerIndex(index)),
@@ -1335,6 +1544,42 @@ impl Agent {
     }
 }
 
+/// The client's own pair and each server's public key (in the order of `addresses`), or
+/// `None` for plain ZMTP; an error names what is missing.
+#[allow(clippy::type_complexity)]
+fn curve_keys(
+    own: Option<&KeyPair>,
+    addresses: &[ServerAddress],
+    server_keys: &[Option<PublicKey>],
+) -> Result<Option<(KeyPair, Vec<PublicKey>)>, ClientError> {
+    let Some(own) = own else {
+        if server_keys.iter().any(Option::is_some) {
+            return Err(ClientError::Curve(
+                "a server public key needs this client's own key pair too (`clonekv keygen` \
+                 makes one; the server must admit its public key)"
+                    .to_string(),
+            ));
+        }
+        return Ok(None);
+    };
+    if !curve::available() {
+        return Err(ClientError::Curve(curve::KeyError::Unavailable.to_string()));
+    }
+    let keys = addresses
+        .iter()
+        .zip(server_keys)
+        .map(|(address, key)| {
+            key.ok_or_else(|| {
+                ClientError::Curve(format!(
+                    "no public key for server {address}: give the servers' public keys \
+                     (--server-public-key)"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some((own.clone(), keys)))
+}
+
 fn new_socket(
     context: &zmq::Context,
     kind: zmq::SocketType,
@@ -1374,6 +1619,34 @@ fn connect(socket: &ZmqSocket, endpoint: &str) -> Result<(), ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn curve_settings_must_be_complete() {
+        let pair = KeyPair::generate().unwrap();
+        let error = Client::builder()
+            .server("tcp://127.0.0.1:1")
+            .server_public_key(pair.public())
+            .connect()
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("needs this client's own key pair"),
+            "{error}"
+        );
+        let error = Client::builder()
+            .server("tcp://127.0.0.1:1")
+            .server_with_key("tcp://127.0.0.1:4", pair.public())
+            .curve_key_pair(pair)
+            .connect()
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("no public key for server tcp://127.0.0.1:1"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn a_base_endpoint_gives_the_three_ports() {

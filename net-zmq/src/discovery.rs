@@ -34,7 +34,7 @@ use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::clock::Clock;
-use crate::log::{log_limited, RateLimiter};
+use crate::log::{log_limited, log_summaries, RateLimiter};
 
 /// The UDP port beacons use unless told otherwise.
 pub const DEFAULT_DISCOVERY_PORT: u16 = 5560;
@@ -214,6 +214,7 @@ impl Discovery {
         }
         let more = self.receive(now);
         self.carry_out_outputs();
+        log_summaries(self.limiter.due_summaries(std::time::Instant::now()));
         more
     }
 
@@ -264,7 +265,13 @@ impl Discovery {
             match self.socket.recv_from(&mut self.buffer) {
                 Ok((len, from)) => {
                     let bytes = self.buffer.get(..len).unwrap_or(&self.buffer);
+                    let before = DROP_REASONS.map(|reason| self.beacon.dropped(reason));
                     self.beacon.handle_datagram(now, from.ip(), bytes);
+                    for (reason, before) in DROP_REASONS.into_iter().zip(before) {
+                        if self.beacon.dropped(reason) > before {
+                            log_drop(&mut self.limiter, reason, from, len);
+                        }
+                    }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -375,6 +382,43 @@ impl From<&Peer> for FoundServer {
             base_port: peer.announcement.base_port,
             state: peer.announcement.state,
         }
+    }
+}
+
+/// Every reason a received datagram is dropped, for the log.
+const DROP_REASONS: [DropReason; 6] = [
+    DropReason::BadLength,
+    DropReason::BadMagic,
+    DropReason::UnknownVersion,
+    DropReason::BadField,
+    DropReason::OtherCluster,
+    DropReason::OwnBeacon,
+];
+
+/// One line per reason per interval of the limiter: a malformed datagram is a warning
+/// (someone else's traffic on our port, or a bad sender), another cluster's or our own
+/// beacon is routine (debug).
+fn log_drop(limiter: &mut RateLimiter, reason: DropReason, from: SocketAddr, len: usize) {
+    let key = format!("discovery_dropped/{}", reason.as_str());
+    match reason {
+        DropReason::OtherCluster | DropReason::OwnBeacon => log_limited!(
+            limiter,
+            key,
+            tracing::Level::DEBUG,
+            "discovery: datagram dropped",
+            reason = reason.as_str(),
+            %from,
+            len
+        ),
+        _ => log_limited!(
+            limiter,
+            key,
+            tracing::Level::WARN,
+            "discovery: datagram dropped: not a valid clonekv beacon",
+            reason = reason.as_str(),
+            %from,
+            len
+        ),
     }
 }
 

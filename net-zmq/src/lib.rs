@@ -49,6 +49,7 @@
 
 pub mod client;
 pub mod clock;
+pub mod curve;
 pub mod discovery;
 pub mod duration;
 pub mod endpoint;

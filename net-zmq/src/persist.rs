@@ -626,7 +626,7 @@ fn replay_log(
 mod tests {
     use super::*;
     use clonekv_core::kvmsg::{BstarState, KvMsg, Uuid};
-    use clonekv_core::server::{Config, Output, Server};
+    use clonekv_core::server::{Config, HashKey, Output, Server};
     use clonekv_core::time::{EpochMillis, Instant};
 
     const WALL: EpochMillis = EpochMillis(1_700_000_000_000);
@@ -641,7 +641,14 @@ mod tests {
             persistence: true,
             ..Config::primary()
         };
-        let mut server = Server::restore(Instant::ZERO, WALL, config, restored).unwrap();
+        let mut server = Server::restore(
+            Instant::ZERO,
+            WALL,
+            config,
+            HashKey::from_bytes([1; 16]),
+            restored,
+        )
+        .unwrap();
         server.handle_peer_state(Instant::ZERO, WALL, &[BstarState::Backup.encode()]);
         assert_eq!(server.state(), BstarState::Active);
         server

@@ -14,6 +14,12 @@
 //! | DEALER, connected, new per request | `tcp://localhost:5566` (peer's P) | `Output::RequestPeerSnapshot`; `handle_peer_snapshot` |
 //! | PUB, connected | `tcp://localhost:5568` (peer's P+2) | `Output::ForwardToPeerCollector` |
 //!
+//! With [`ServerOptions::curve`] set, every socket above uses CURVE: the bound ones as
+//! CURVE servers behind the ZAP handler of [`crate::curve`] (served by this loop, like
+//! any socket), the ones connected to the peer as CURVE clients that require the peer's
+//! key. A failed handshake on a peer-facing socket (read from libzmq's socket monitor)
+//! and every refused key are logged, rate-limited.
+//!
 //! # The loop
 //!
 //! ```text
@@ -49,18 +55,22 @@ use clonekv_core::beacon::{Announcement, Event as PeerEvent, Kind};
 use clonekv_core::bstar::Role;
 use clonekv_core::kvmsg::{BstarState, FRAME_COUNT};
 use clonekv_core::server::{
-    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame, Output,
-    Server, SyncReason,
+    AbandonReason, Config, ConfigError, Counters, DropReason, Event, EvictionReason, Frame,
+    HashKey, Output, Server, SyncReason,
 };
 use clonekv_core::time::{EpochMillis, Instant};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::clock::Clock;
+use crate::curve::{self, KeyError, ServerCurve, ZapDecision, ZapDomain, ZapHandler};
 use crate::discovery::{endpoint_host, Discovery, DiscoveryError, DiscoveryOptions};
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
 use crate::persist::{Journal, OpenReport, PersistError, PersistOptions};
-use crate::socket::{largest_legal_frame, Frames, ReconnectMonitor, SendOutcome, ZmqSocket};
+pub use crate::socket::hwm_for_queue_bytes;
+use crate::socket::{
+    largest_legal_frame, Frames, MonitorPoll, ReconnectMonitor, SendOutcome, ZmqSocket,
+};
 
 /// Where one server binds and where it finds its peer. Every field is a full libzmq
 /// endpoint, so any transport works; [`ServerEndpoints::with_ports`] builds the usual
@@ -160,17 +170,29 @@ pub struct ServerOptions {
     pub config: Config,
     /// Where to bind and connect.
     pub endpoints: ServerEndpoints,
-    /// High-water mark (messages) of the streaming sockets: the publisher, the collector
-    /// and the SUB following the peer. libzmq drops silently past it; the passive
-    /// re-syncs when it notices. The snapshot ROUTER keeps libzmq's default, since its
-    /// replies are flow-controlled instead.
+    /// High-water mark (messages) of the sending streaming sockets, per subscriber: the
+    /// publisher and the PUB to the peer's collector. libzmq drops silently past it (a
+    /// passive, or a client of the whole map, re-syncs when it notices; a client of a
+    /// subtree cannot notice, PROTOCOL.md §9), so it is generous. The snapshot ROUTER
+    /// keeps libzmq's default, since its replies are flow-controlled instead.
     pub hwm: i32,
+    /// High-water mark (messages) of the receiving streaming sockets, per connection:
+    /// the collector, the SUB following the peer and the DEALER of a sync. A full pipe
+    /// makes libzmq stop reading that connection (TCP pushes back on the sender), so a
+    /// small one loses nothing. By default
+    /// [`hwm_for_queue_bytes`]`(`[`DEFAULT_QUEUE_BYTES`]`)`, so that a pipe of the
+    /// largest messages stays within that many bytes.
+    pub receive_hwm: i32,
     /// Announce this server by UDP beacon, and maybe find the peer that way; `None`:
     /// no discovery.
     pub discovery: Option<ServerDiscovery>,
     /// Record the map in a data directory and start from what it holds
     /// ([`crate::persist`]); `None`: memory only.
     pub persistence: Option<PersistOptions>,
+    /// CURVE keys: `None` for plain ZMTP on every socket (the zguide's wire, open to
+    /// anyone who reaches the ports); with keys, every socket is CURVE and a ZAP handler
+    /// admits only the configured clients and the peer (docs/SECURITY.md).
+    pub curve: Option<ServerCurve>,
 }
 
 /// How a server takes part in discovery ([`crate::discovery`]).
@@ -199,6 +221,8 @@ impl ServerOptions {
             hwm: DEFAULT_HWM,
             discovery: None,
             persistence: None,
+            curve: None,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::primary().limits),
         }
     }
 
@@ -210,13 +234,21 @@ impl ServerOptions {
             hwm: DEFAULT_HWM,
             discovery: None,
             persistence: None,
+            curve: None,
+            receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::backup().limits),
         }
     }
 }
 
-/// The default high-water mark of streaming sockets: bursts of this many updates queue
-/// instead of being dropped.
+/// The default high-water mark of a server's sending sockets and of a client's
+/// sockets: bursts of this many updates queue instead of being dropped.
 pub const DEFAULT_HWM: i32 = 100_000;
+
+/// The default byte budget of one pipe of a server's receiving sockets (per connection):
+/// libzmq queues at most this many bytes of the largest messages there
+/// ([`hwm_for_queue_bytes`]): 15 messages at the default 1 MiB body limit, about 3 800
+/// at a 4 KiB one.
+pub const DEFAULT_QUEUE_BYTES: usize = 16 << 20;
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +260,9 @@ pub enum StartError {
     /// The endpoints clash, or a peer host does not resolve.
     #[error("invalid configuration: {0}")]
     Endpoints(#[from] EndpointError),
+    /// The OS gave no randomness for the hash key.
+    #[error("cannot read OS randomness for the hash key: {0}")]
+    Randomness(String),
     /// A socket could not bind (the address is in use, is not this host's, or the
     /// endpoint is invalid).
     #[error(
@@ -269,6 +304,9 @@ pub enum StartError {
     /// The data directory cannot be used.
     #[error("data directory: {0}")]
     Persist(#[from] PersistError),
+    /// CURVE keys were given but cannot be used.
+    #[error("{0}")]
+    Curve(#[from] KeyError),
 }
 
 /// What a bind error means, with libzmq's errno and text.
@@ -335,7 +373,11 @@ const WAKER: Token = Token(5);
 const SIGNALS: Token = Token(6);
 const PEER_UPDATES_MONITOR: Token = Token(7);
 const PUBLISHER: Token = Token(8);
-const DISCOVERY: Token = Token(9);
+const ZAP: Token = Token(9);
+const PEER_STATE_MONITOR: Token = Token(10);
+const PEER_COLLECTOR_MONITOR: Token = Token(11);
+const PEER_SNAPSHOT_MONITOR: Token = Token(12);
+const DISCOVERY: Token = Token(13);
 
 /// Messages taken from one socket, or one client's snapshot stream, per pass, so that a
 /// flood on one cannot starve the others.
@@ -382,7 +424,8 @@ pub struct ServerHost {
     clock: Clock,
     server: Server,
     endpoints: ServerEndpoints,
-    hwm: i32,
+    /// The high-water mark of each sync's DEALER ([`ServerOptions::receive_hwm`]).
+    receive_hwm: i32,
     poll: Poll,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -401,6 +444,17 @@ pub struct ServerHost {
     peer_updates_monitor_readable: bool,
     peer_collector: ZmqSocket,
     peer_snapshot: Option<ZmqSocket>,
+    /// Handshake events of the other sockets connected to the peer: with CURVE, a
+    /// process that is not the peer fails there, and is logged.
+    peer_state_monitor: ReconnectMonitor,
+    peer_collector_monitor: ReconnectMonitor,
+    peer_snapshot_monitor: Option<ReconnectMonitor>,
+    /// One of the three monitors' fds signalled since their events were last read.
+    peer_monitors_readable: bool,
+    /// CURVE keys and the ZAP handler that admits connections by them.
+    curve: Option<(ServerCurve, ZapHandler)>,
+    /// The ZAP socket may have a request waiting.
+    zap_readable: bool,
     context: zmq::Context,
     /// Snapshot streams with messages to send, by routing id, each with the message the
     /// client's full pipe refused (sent first when the stream resumes).
@@ -437,9 +491,15 @@ impl ServerHost {
     /// that names the socket and endpoint when, for example, a port is taken.
     pub fn start(options: ServerOptions) -> Result<ServerHost, StartError> {
         let clock = Clock::new();
+        // The key of the core's uuid-keyed hash tables: secret and fresh per process, so
+        // that no client can compute uuids that collide (core takes it, never draws it).
+        let mut hash_key = [0u8; 16];
+        getrandom::fill(&mut hash_key)
+            .map_err(|error| StartError::Randomness(error.to_string()))?;
+        let hash_key = HashKey::from_bytes(hash_key);
         let (server, journal) = match options.persistence {
             None => (
-                Server::new(clock.now(), clock.wall(), options.config)?,
+                Server::new(clock.now(), clock.wall(), options.config, hash_key)?,
                 None,
             ),
             Some(persistence) => {
@@ -450,7 +510,8 @@ impl ServerHost {
                     persistence: true,
                     ..options.config
                 };
-                let server = Server::restore(clock.now(), clock.wall(), config, restored)?;
+                let server =
+                    Server::restore(clock.now(), clock.wall(), config, hash_key, restored)?;
                 (server, Some(journal))
             }
         };
@@ -468,8 +529,35 @@ impl ServerHost {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
 
+        let curve = match options.curve {
+            Some(keys) => {
+                if !curve::available() {
+                    return Err(StartError::Curve(KeyError::Unavailable));
+                }
+                // Before any CURVE socket binds: without a handler libzmq admits every key.
+                let zap = ZapHandler::bind(&context).map_err(|error| StartError::Socket {
+                    socket: "zap",
+                    error,
+                })?;
+                Some((keys, zap))
+            }
+            None => None,
+        };
+        let keys = curve.as_ref().map(|(keys, _)| keys);
+        let curve_server = |socket: &ZmqSocket, domain: ZapDomain| match keys {
+            Some(keys) => configure(socket, |inner| curve::make_server(inner, &keys.own, domain)),
+            None => Ok(()),
+        };
+        let curve_client = |socket: &ZmqSocket| match keys {
+            Some(keys) => configure(socket, |inner| {
+                curve::make_client(inner, &keys.own, &keys.peer)
+            }),
+            None => Ok(()),
+        };
+
         let limits = options.config.limits;
         let router = new_socket(&context, zmq::ROUTER, "snapshot")?;
+        curve_server(&router, ZapDomain::Clients)?;
         configure(&router, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -478,6 +566,7 @@ impl ServerHost {
         // An XPUB that passes every subscription up (verbose), so that each new
         // subscriber can be sent a HUGZ at once instead of at the next heartbeat.
         let publisher = new_socket(&context, zmq::XPUB, "publisher")?;
+        curve_server(&publisher, ZapDomain::Clients)?;
         configure(&publisher, |socket| socket.set_sndhwm(options.hwm))?;
         configure(&publisher, |socket| socket.set_xpub_verbose(true))?;
         configure(&publisher, |socket| {
@@ -485,16 +574,20 @@ impl ServerHost {
         })?;
         bind(&publisher, &endpoints.publisher)?;
         let collector = new_socket(&context, zmq::SUB, "collector")?;
-        configure(&collector, |socket| socket.set_rcvhwm(options.hwm))?;
+        curve_server(&collector, ZapDomain::Clients)?;
+        configure(&collector, |socket| socket.set_rcvhwm(options.receive_hwm))?;
         configure(&collector, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
         configure(&collector, |socket| socket.set_subscribe(b""))?;
         bind(&collector, &endpoints.collector)?;
         let state_publisher = new_socket(&context, zmq::PUB, "state")?;
+        curve_server(&state_publisher, ZapDomain::Peer)?;
         bind(&state_publisher, &endpoints.state)?;
 
         let peer_state = new_socket(&context, zmq::SUB, "peer state")?;
+        curve_client(&peer_state)?;
+        let peer_state_monitor = new_monitor(&context, &peer_state, "peer state monitor")?;
         configure(&peer_state, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -503,7 +596,10 @@ impl ServerHost {
             connect(&peer_state, &endpoints.peer_state)?;
         }
         let peer_updates = new_socket(&context, zmq::SUB, "peer publisher")?;
-        configure(&peer_updates, |socket| socket.set_rcvhwm(options.hwm))?;
+        curve_client(&peer_updates)?;
+        configure(&peer_updates, |socket| {
+            socket.set_rcvhwm(options.receive_hwm)
+        })?;
         configure(&peer_updates, |socket| {
             socket.set_maxmsgsize(largest_legal_frame(&limits))
         })?;
@@ -514,6 +610,9 @@ impl ServerHost {
                 error,
             })?;
         let peer_collector = new_socket(&context, zmq::PUB, "peer collector")?;
+        curve_client(&peer_collector)?;
+        let peer_collector_monitor =
+            new_monitor(&context, &peer_collector, "peer collector monitor")?;
         configure(&peer_collector, |socket| socket.set_sndhwm(options.hwm))?;
         if !find_peer {
             connect(&peer_updates, &endpoints.peer_publisher)?;
@@ -527,6 +626,11 @@ impl ServerHost {
         peer_updates.register(registry, PEER_UPDATES)?;
         publisher.register(registry, PUBLISHER)?;
         peer_updates_monitor.register(registry, PEER_UPDATES_MONITOR)?;
+        peer_state_monitor.register(registry, PEER_STATE_MONITOR)?;
+        peer_collector_monitor.register(registry, PEER_COLLECTOR_MONITOR)?;
+        if let Some((_, zap)) = &curve {
+            zap.socket().register(registry, ZAP)?;
+        }
         // Announced only once every port is bound: a peer or client that hears the
         // beacon finds the sockets there.
         let mut peer_fallback_at = None;
@@ -555,7 +659,7 @@ impl ServerHost {
             clock,
             server,
             endpoints,
-            hwm: options.hwm,
+            receive_hwm: options.receive_hwm,
             poll,
             stop: Arc::new(AtomicBool::new(false)),
             waker,
@@ -570,6 +674,12 @@ impl ServerHost {
             peer_updates_monitor_readable: true,
             peer_collector,
             peer_snapshot: None,
+            peer_state_monitor,
+            peer_collector_monitor,
+            peer_snapshot_monitor: None,
+            peer_monitors_readable: true,
+            curve,
+            zap_readable: true,
             context,
             streams: BTreeMap::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
@@ -645,8 +755,13 @@ impl ServerHost {
                 if let Some(input) = input_of(event.token()) {
                     self.maybe_readable[input as usize] = true;
                 }
-                if event.token() == PEER_UPDATES_MONITOR {
-                    self.peer_updates_monitor_readable = true;
+                match event.token() {
+                    PEER_UPDATES_MONITOR => self.peer_updates_monitor_readable = true,
+                    PEER_STATE_MONITOR | PEER_COLLECTOR_MONITOR | PEER_SNAPSHOT_MONITOR => {
+                        self.peer_monitors_readable = true
+                    }
+                    ZAP => self.zap_readable = true,
+                    _ => {}
                 }
                 if event.token() == DISCOVERY {
                     self.discovery_readable = true;
@@ -704,7 +819,9 @@ impl ServerHost {
                 // out the counts of lines suppressed an interval ago.
                 log_summaries(self.limiter.due_summaries(StdInstant::now()));
             }
-            let mut moved = self.receive_peer_updates_monitor()?;
+            let mut moved = self.serve_zap()?;
+            moved |= self.receive_peer_monitors()?;
+            moved |= self.receive_peer_updates_monitor()?;
             moved |= self.pump_discovery();
             moved |= self.receive_pass()?;
             // A snapshot stream reads the map, which must be recorded first.
@@ -736,6 +853,7 @@ impl ServerHost {
                 socket: "peer publisher monitor",
                 error,
             })?;
+        self.log_handshake(&poll, "peer publisher");
         if poll.reconnected {
             log_limited!(
                 self.limiter,
@@ -749,6 +867,128 @@ impl ServerHost {
             self.drain_outputs();
         }
         Ok(poll.received)
+    }
+
+    /// Answers every waiting ZAP request (CURVE only) and logs each refusal; true if any
+    /// was answered.
+    fn serve_zap(&mut self) -> Result<bool, RunError> {
+        let Some((keys, zap)) = &self.curve else {
+            return Ok(false);
+        };
+        if !self.zap_readable {
+            return Ok(false);
+        }
+        let answered = zap.serve(keys).map_err(|error| RunError::Receive {
+            socket: "zap",
+            error,
+        })?;
+        // A reply is a send, which may have taken the fd's edge of the next request.
+        self.zap_readable = !answered.is_empty();
+        for answer in &answered {
+            let domain = String::from_utf8_lossy(&answer.request.domain);
+            let key = curve::PublicKey::from_bytes(&answer.request.client_key)
+                .map_or_else(|| "(none)".to_string(), |key| key.z85());
+            let address = &answer.request.address;
+            match answer.decision {
+                ZapDecision::Admit => {
+                    tracing::debug!(%domain, %address, %key, "CURVE key admitted")
+                }
+                ZapDecision::NotAdmitted if domain == ZapDomain::Peer.as_str() => log_limited!(
+                    self.limiter,
+                    "zap_refused/peer",
+                    tracing::Level::WARN,
+                    "refused a connection to the Binary Star state socket: its CURVE key is not the peer's (--peer-public-key)",
+                    %address,
+                    %key
+                ),
+                ZapDecision::NotAdmitted => log_limited!(
+                    self.limiter,
+                    "zap_refused/clients",
+                    tracing::Level::WARN,
+                    "refused a client connection: its CURVE key is not admitted (--curve-clients)",
+                    %address,
+                    %key
+                ),
+                ZapDecision::NotCurve | ZapDecision::UnknownDomain => log_limited!(
+                    self.limiter,
+                    "zap_refused/malformed",
+                    tracing::Level::WARN,
+                    "refused a connection: its ZAP request was not a CURVE request of this server",
+                    %domain,
+                    %address
+                ),
+            }
+        }
+        Ok(!answered.is_empty())
+    }
+
+    /// Reads the handshake events of the peer state, peer collector and peer snapshot
+    /// sockets and logs each failure; true if any event arrived.
+    fn receive_peer_monitors(&mut self) -> Result<bool, RunError> {
+        if !self.peer_monitors_readable {
+            return Ok(false);
+        }
+        self.peer_monitors_readable = false;
+        let receive = |monitor: &mut ReconnectMonitor, socket: &'static str| {
+            monitor
+                .poll_reconnected()
+                .map_err(|error| RunError::Receive { socket, error })
+        };
+        let mut polls = vec![
+            (
+                receive(&mut self.peer_state_monitor, "peer state monitor")?,
+                "peer state",
+            ),
+            (
+                receive(&mut self.peer_collector_monitor, "peer collector monitor")?,
+                "peer collector",
+            ),
+        ];
+        if let Some(monitor) = self.peer_snapshot_monitor.as_mut() {
+            polls.push((receive(monitor, "peer snapshot monitor")?, "peer snapshot"));
+        }
+        let mut received = false;
+        for (poll, socket) in polls {
+            received |= poll.received;
+            self.log_handshake(&poll, socket);
+        }
+        Ok(received)
+    }
+
+    /// Logs a failed handshake with the peer: nothing from that connection reaches the
+    /// core (libzmq passes no message before the handshake succeeds).
+    fn log_handshake(&mut self, poll: &MonitorPoll, socket: &'static str) {
+        let Some(failure) = poll.handshake_failed else {
+            return;
+        };
+        let endpoint = match socket {
+            "peer state" => &self.endpoints.peer_state,
+            "peer collector" => &self.endpoints.peer_collector,
+            "peer snapshot" => &self.endpoints.peer_snapshot,
+            _ => &self.endpoints.peer_publisher,
+        };
+        let key = format!("peer_handshake_failed/{socket}");
+        if self.curve.is_some() {
+            log_limited!(
+                self.limiter,
+                key,
+                tracing::Level::ERROR,
+                "the process at the peer's endpoint did not prove the peer's CURVE key (a stranger, or the wrong --peer-public-key); nothing it sends is used",
+                socket,
+                %endpoint,
+                reason = %failure
+            );
+        } else {
+            log_limited!(
+                self.limiter,
+                key,
+                tracing::Level::ERROR,
+                "the handshake with the peer failed (is the peer configured with CURVE keys and this server not?); nothing it sends is used",
+                socket,
+                %endpoint,
+                reason = %failure
+            );
+        }
     }
 
     /// Up to a batch from every input socket; true if anything arrived.
@@ -1113,9 +1353,21 @@ impl ServerHost {
         self.maybe_readable[Input::PeerSnapshot as usize] = true;
     }
 
-    fn new_peer_dealer(&self) -> Result<ZmqSocket, StartError> {
+    fn new_peer_dealer(&mut self) -> Result<ZmqSocket, StartError> {
         let dealer = new_socket(&self.context, zmq::DEALER, "peer snapshot")?;
-        configure(&dealer, |socket| socket.set_rcvhwm(self.hwm))?;
+        if let Some((keys, _)) = &self.curve {
+            configure(&dealer, |inner| {
+                curve::make_client(inner, &keys.own, &keys.peer)
+            })?;
+        }
+        let monitor = new_monitor(&self.context, &dealer, "peer snapshot monitor")?;
+        monitor.register(self.poll.registry(), PEER_SNAPSHOT_MONITOR)?;
+        if let Some(old) = self.peer_snapshot_monitor.replace(monitor) {
+            if let Err(error) = old.deregister(self.poll.registry()) {
+                tracing::debug!(%error, "cannot deregister the old peer snapshot monitor");
+            }
+        }
+        configure(&dealer, |socket| socket.set_rcvhwm(self.receive_hwm))?;
         let largest = largest_legal_frame(&self.server.config().limits);
         configure(&dealer, |socket| socket.set_maxmsgsize(largest))?;
         connect(&dealer, &self.endpoints.peer_snapshot)?;
@@ -1211,6 +1463,17 @@ fn new_socket(
     name: &'static str,
 ) -> Result<ZmqSocket, StartError> {
     ZmqSocket::new(context, kind, name).map_err(|error| StartError::Socket {
+        socket: name,
+        error,
+    })
+}
+
+fn new_monitor(
+    context: &zmq::Context,
+    socket: &ZmqSocket,
+    name: &'static str,
+) -> Result<ReconnectMonitor, StartError> {
+    ReconnectMonitor::new(context, socket).map_err(|error| StartError::Socket {
         socket: name,
         error,
     })
@@ -1324,6 +1587,18 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                     key,
                     Level::INFO,
                     "client rejected: this server is not active (or is passive while the active is alive)"
+                ),
+                DropReason::MapFullKeys => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map holds --max-keys keys (the writer sees no commit)"
+                ),
+                DropReason::MapFullBytes => log_limited!(
+                    limiter,
+                    key,
+                    Level::WARN,
+                    "write refused: the map would pass --max-bytes (the writer sees no commit)"
                 ),
                 DropReason::TooManySnapshotStreams => log_limited!(
                     limiter,
@@ -1453,6 +1728,13 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                 ),
             }
         }
+        Event::SyncBufferDropped { dropped } => log_limited!(
+            limiter,
+            "sync_buffer_dropped",
+            Level::WARN,
+            "sync buffer at its bound (--sync-backlog-max, --sync-backlog-max-bytes): buffered updates of the active let go; the next snapshot brings them",
+            dropped
+        ),
         other => tracing::debug!(event = ?other, "server event"),
     }
 }
@@ -1465,6 +1747,7 @@ fn log_counters(counters: &Counters, role: Role) {
         snapshots = counters.snapshots_completed,
         dropped = counters.dropped_total(),
         pending_evicted = counters.pending_evicted,
+        sync_buffered_dropped = counters.sync_buffered_dropped,
         split_lost = counters.split_lost,
         role_conflicts = counters.role_conflicts,
         "stopped"

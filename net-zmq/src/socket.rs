@@ -49,6 +49,35 @@ pub fn largest_legal_frame(limits: &Limits) -> i64 {
     i64::try_from(largest).unwrap_or(i64::MAX)
 }
 
+/// Bytes libzmq holds for one queued message at most under `limits`: every frame at
+/// its limit (key, sequence, uuid, properties, body, and a routing id of up to 255
+/// bytes), plus, per frame of a message of [`MAX_STORED_FRAMES`], libzmq's 64-byte
+/// `zmq_msg_t` and 9 bytes of ZMTP framing.
+pub fn largest_queued_message(limits: &Limits) -> usize {
+    let frames = [
+        limits.max_key_len,
+        8,
+        16,
+        limits.max_properties_len,
+        limits.max_body_len,
+        255,
+    ];
+    frames
+        .iter()
+        .fold(MAX_STORED_FRAMES * (64 + 9), |sum, frame| {
+            sum.saturating_add(*frame)
+        })
+}
+
+/// The high-water mark (messages) that keeps one pipe of a streaming socket within
+/// `queue_bytes` when every message is the largest `limits` allow: libzmq counts
+/// messages, not bytes, so the count is the budget divided by the largest message. At
+/// least 1 (0 would mean no limit).
+pub fn hwm_for_queue_bytes(queue_bytes: usize, limits: &Limits) -> i32 {
+    let messages = queue_bytes / largest_queued_message(limits).max(1);
+    i32::try_from(messages.max(1)).unwrap_or(i32::MAX)
+}
+
 /// One libzmq socket and its mio registration.
 pub struct ZmqSocket {
     socket: HandledSocket,
@@ -94,6 +123,12 @@ impl ZmqSocket {
 
     /// The next whole message if one is waiting, without blocking.
     pub fn try_recv(&self) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
+        self.try_recv_up_to(MAX_STORED_FRAMES)
+    }
+
+    /// [`ZmqSocket::try_recv`], keeping at most `max_frames` frames of the message (the
+    /// rest are read and let go).
+    pub fn try_recv_up_to(&self, max_frames: usize) -> Result<Option<Vec<Vec<u8>>>, zmq::Error> {
         if !self.socket.socket().get_events()?.contains(zmq::POLLIN) {
             return Ok(None);
         }
@@ -109,7 +144,7 @@ impl ZmqSocket {
             }
             // Past the most any message may have, frames are read and let go: the
             // decoder rejects the message for its count all the same.
-            if frames.len() < MAX_STORED_FRAMES {
+            if frames.len() < max_frames {
                 frames.push(part.to_vec());
             }
             if !part.get_more() {
@@ -332,6 +367,22 @@ mod tests {
     }
 
     #[test]
+    fn the_high_water_mark_keeps_a_pipe_of_largest_messages_within_its_bytes() {
+        let limits = Limits::default();
+        let largest = largest_queued_message(&limits);
+        assert!(largest > limits.max_body_len + limits.max_properties_len);
+        let hwm = hwm_for_queue_bytes(32 << 20, &limits);
+        assert_eq!(hwm, 31, "32 MiB of messages just over 1 MiB");
+        assert!(hwm as usize * largest <= 32 << 20);
+        let small = Limits {
+            max_body_len: 4096,
+            ..Limits::default()
+        };
+        assert!(hwm_for_queue_bytes(32 << 20, &small) > 3_000);
+        assert_eq!(hwm_for_queue_bytes(1, &limits), 1, "never 0 (unlimited)");
+    }
+
+    #[test]
     fn a_full_pipe_reports_would_block_instead_of_blocking() {
         let context = zmq::Context::new();
         let pull = ZmqSocket::new(&context, zmq::PULL, "pull").unwrap();
@@ -359,7 +410,8 @@ mod tests {
 static MONITOR_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Watches one connecting socket's TCP connection with libzmq's socket monitor: the only
-/// way to learn that it broke and came back, losing whatever was sent in between.
+/// way to learn that it broke and came back, losing whatever was sent in between, and
+/// that a security handshake failed (a CURVE key refused or not proven).
 pub struct ReconnectMonitor {
     /// A PAIR on the monitor's inproc endpoint, receiving connection events.
     events: ZmqSocket,
@@ -382,6 +434,84 @@ pub struct MonitorPoll {
     /// The state of the connection after these events: `Some(true)` if the last one
     /// brought it up, `Some(false)` if it took it down, `None` if neither.
     pub up: Option<bool>,
+    /// The last security handshake that failed among these events (a CURVE key refused
+    /// or not proven, or one side without CURVE).
+    pub handshake_failed: Option<HandshakeFailure>,
+    /// A security handshake succeeded among these events (after any failure).
+    pub handshake_succeeded: bool,
+}
+
+/// Why libzmq's handshake on a connection failed (its socket monitor's
+/// `ZMQ_EVENT_HANDSHAKE_FAILED_*` events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The other side's ZAP handler refused our key (`status`: the ZAP status code, 400
+    /// for a key it does not admit).
+    Refused {
+        /// ZAP status code.
+        status: u32,
+    },
+    /// One side uses CURVE and the other does not.
+    MechanismMismatch,
+    /// A CURVE box did not open: a side does not hold the secret key of the public key
+    /// the other expects.
+    Cryptographic,
+    /// Another ZMTP or ZAP protocol error (libzmq's `ZMQ_PROTOCOL_ERROR_*` code).
+    Protocol {
+        /// The code.
+        code: u32,
+    },
+    /// The connection failed during the handshake without a reason (`errno`).
+    NoDetail {
+        /// The errno libzmq gave.
+        errno: u32,
+    },
+}
+
+impl HandshakeFailure {
+    /// The failure of a monitor event, if it is a handshake failure.
+    fn from_event(event: zmq::SocketEvent, value: u32) -> Option<HandshakeFailure> {
+        /// `ZMQ_PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC` and `..._MECHANISM_MISMATCH` (zmq.h).
+        const CRYPTOGRAPHIC: u32 = 0x1100_0001;
+        const MECHANISM_MISMATCH: u32 = 0x1100_0002;
+        Some(match event {
+            zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => HandshakeFailure::Refused { status: value },
+            zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL => match value {
+                MECHANISM_MISMATCH => HandshakeFailure::MechanismMismatch,
+                CRYPTOGRAPHIC => HandshakeFailure::Cryptographic,
+                code => HandshakeFailure::Protocol { code },
+            },
+            zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL => {
+                HandshakeFailure::NoDetail { errno: value }
+            }
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeFailure::Refused { status } => write!(
+                f,
+                "the other side refused our CURVE key (not admitted; ZAP status {status})"
+            ),
+            HandshakeFailure::MechanismMismatch => f.write_str(
+                "one side uses CURVE and the other does not (keys configured on one side only)",
+            ),
+            HandshakeFailure::Cryptographic => f.write_str(
+                "the CURVE handshake did not verify: a side does not hold the secret of the public key the other expects",
+            ),
+            HandshakeFailure::Protocol { code } => {
+                write!(f, "handshake protocol error (libzmq code {code:#x})")
+            }
+            HandshakeFailure::NoDetail { errno } => write!(
+                f,
+                "the connection closed during the handshake ({})",
+                std::io::Error::from_raw_os_error(i32::try_from(*errno).unwrap_or(0))
+            ),
+        }
+    }
 }
 
 impl ReconnectMonitor {
@@ -395,7 +525,11 @@ impl ReconnectMonitor {
             &endpoint,
             i32::from(zmq::SocketEvent::CONNECTED.to_raw())
                 | i32::from(zmq::SocketEvent::DISCONNECTED.to_raw())
-                | i32::from(zmq::SocketEvent::CONNECT_RETRIED.to_raw()),
+                | i32::from(zmq::SocketEvent::CONNECT_RETRIED.to_raw())
+                | i32::from(zmq::SocketEvent::HANDSHAKE_SUCCEEDED.to_raw())
+                | i32::from(zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL.to_raw())
+                | i32::from(zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL.to_raw())
+                | i32::from(zmq::SocketEvent::HANDSHAKE_FAILED_AUTH.to_raw()),
         )?;
         let events = ZmqSocket::new(context, zmq::PAIR, "monitor")?;
         events.inner().connect(&endpoint)?;
@@ -410,17 +544,36 @@ impl ReconnectMonitor {
         self.events.register(registry, token)
     }
 
+    /// Removes the event socket's mio registration.
+    pub fn deregister(&self, registry: &Registry) -> io::Result<()> {
+        self.events.deregister(registry)
+    }
+
     /// Reads every waiting event (the fd is edge-triggered).
     pub fn poll_reconnected(&mut self) -> Result<MonitorPoll, zmq::Error> {
         let mut poll = MonitorPoll::default();
         while let Some(frames) = self.events.try_recv()? {
             poll.received = true;
-            let event = frames
-                .first()
+            // The event's first frame: a 16-bit event number, then a 32-bit value.
+            let first = frames.first();
+            let event = first
                 .and_then(|frame| frame.get(..2))
                 .and_then(|bytes| <[u8; 2]>::try_from(bytes).ok())
                 .map(u16::from_le_bytes);
-            match event.map(zmq::SocketEvent::from_raw) {
+            let value = first
+                .and_then(|frame| frame.get(2..6))
+                .and_then(|bytes| <[u8; 4]>::try_from(bytes).ok())
+                .map_or(0, u32::from_le_bytes);
+            let event = event.map(zmq::SocketEvent::from_raw);
+            if let Some(failure) =
+                event.and_then(|event| HandshakeFailure::from_event(event, value))
+            {
+                poll.handshake_failed = Some(failure);
+                poll.handshake_succeeded = false;
+                continue;
+            }
+            match event {
+                Some(zmq::SocketEvent::HANDSHAKE_SUCCEEDED) => poll.handshake_succeeded = true,
                 Some(zmq::SocketEvent::DISCONNECTED) => {
                     self.disconnected = true;
                     // Reported only when it precedes any reconnect in this batch.

@@ -32,7 +32,7 @@ use clonekv_core::kvmsg::{BstarState, KvMsg, Limits, Uuid};
 use clonekv_core::server::persist::{
     encode_header, next_record, FileKind, Image, NextRecord, Restored, Restorer, HEADER_LEN,
 };
-use clonekv_core::server::{Config, Output, Server};
+use clonekv_core::server::{Config, HashKey, Output, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
 
@@ -236,8 +236,14 @@ impl Pair {
         let mut open = |mut disk: Disk, base: Config| -> Result<Host, String> {
             let (restored, bytes) = disk.read()?;
             cut += bytes;
-            let server = Server::restore(now, wall, config(base), restored)
-                .map_err(|error| error.to_string())?;
+            let server = Server::restore(
+                now,
+                wall,
+                config(base),
+                HashKey::from_bytes([0xd1; 16]),
+                restored,
+            )
+            .map_err(|error| error.to_string())?;
             Ok(Host {
                 server,
                 disk,

@@ -35,7 +35,9 @@ pub enum Oracle {
     FailoverKeepsUpdates,
     /// 6. Keys expire neither early nor (much) late.
     Ttl,
-    /// 7. Pending lists, streams and queues stay within their limits.
+    /// 7. Every structure that input fills (a server's pending list, sync buffers,
+    ///    dedupe windows, split log and snapshot streams; a client's update buffer and
+    ///    updates in flight) stays within its count and its byte bounds.
     BoundedMemory,
     /// 8. Nothing panics.
     NoPanic,

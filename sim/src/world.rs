@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use clonekv_core::client::{self, Channel, Client, ServerIndex};
 use clonekv_core::kvmsg::{BstarState, KvMsg, Limits, Uuid};
-use clonekv_core::server::{self, Server};
+use clonekv_core::server::{self, HashKey, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
 
@@ -617,12 +617,19 @@ impl World {
 
     fn start_server(&mut self, node: NodeId) {
         let now = self.now;
+        let seed = self.seed;
         let Some(slot) = self.server_slot(node) else {
             return;
         };
         let local = slot.life.clock.local(now);
         let wall = slot.life.clock.wall(now);
-        match Server::new(local, wall, slot.config) {
+        // A fresh key per incarnation, from the world seed, as a restarted daemon draws
+        // a fresh one from the OS.
+        let hash_key = HashKey::from_rng(&mut derive_rng(
+            seed,
+            streams::NODE_BASE + (node as u64) * 1_000 + u64::from(slot.life.incarnation),
+        ));
+        match Server::new(local, wall, slot.config, hash_key) {
             Ok(machine) => slot.machine = Some(machine),
             Err(error) => {
                 let detail = format!("server {node} refused the sim's config: {error}");
@@ -1569,6 +1576,7 @@ impl World {
     }
 
     fn drain_client(&mut self, node: NodeId) {
+        self.check_client_bounds(node);
         let mut outputs = Vec::new();
         {
             let Some(slot) = self.client_slot(node) else {
@@ -1971,6 +1979,9 @@ impl World {
         }
     }
 
+    /// Oracle 7: every structure the server reports ([`Server::bounds`]: pending list,
+    /// sync buffers, dedupe windows, split log, snapshot streams) stays within its count
+    /// and byte bounds.
     fn check_server_bounds(&mut self, node: NodeId) {
         let Some(slot) = self.servers.get(node) else {
             return;
@@ -1978,19 +1989,35 @@ impl World {
         let Some(machine) = slot.machine.as_ref() else {
             return;
         };
-        let config = machine.config();
-        if machine.pending_len() > config.pending_max_len {
+        let outside = machine
+            .bounds()
+            .into_iter()
+            .find(|bound| !bound.within_bounds());
+        if let Some(bound) = outside {
             let detail = format!(
-                "server {node} pending list holds {} > {}",
-                machine.pending_len(),
-                config.pending_max_len
+                "server {node} {} holds {} entries in {} bytes, bounds {} entries and {} bytes",
+                bound.structure, bound.len, bound.bytes, bound.max_len, bound.max_bytes
             );
             self.fail(Oracle::BoundedMemory, detail);
-        } else if machine.open_snapshot_streams() > config.max_snapshot_streams {
+        }
+    }
+
+    /// Oracle 7 for a client: its update buffer and its updates in flight.
+    fn check_client_bounds(&mut self, node: NodeId) {
+        let outside = self
+            .clients
+            .get(node.wrapping_sub(FIRST_CLIENT))
+            .and_then(|slot| slot.machine.as_ref())
+            .and_then(|machine| {
+                machine
+                    .bounds()
+                    .into_iter()
+                    .find(|bound| !bound.within_bounds())
+            });
+        if let Some(bound) = outside {
             let detail = format!(
-                "server {node} has {} snapshot streams > {}",
-                machine.open_snapshot_streams(),
-                config.max_snapshot_streams
+                "client {node} {} holds {} entries in {} bytes, bounds {} entries and {} bytes",
+                bound.structure, bound.len, bound.bytes, bound.max_len, bound.max_bytes
             );
             self.fail(Oracle::BoundedMemory, detail);
         }

@@ -224,6 +224,8 @@ pub struct Cluster {
     extra_args: Vec<String>,
     /// `--fsync` policy of the servers' data directories, when they have one.
     fsync: Option<String>,
+    /// Flags of one role only: the primary's, then the backup's.
+    role_args: [Vec<String>; 2],
 }
 
 impl Cluster {
@@ -237,6 +239,7 @@ impl Cluster {
             starts: 0,
             extra_args: Vec::new(),
             fsync: None,
+            role_args: [Vec::new(), Vec::new()],
         }
     }
 
@@ -268,6 +271,16 @@ impl Cluster {
         self.scratch
             .path()
             .join(format!("{role:?}-data").to_lowercase())
+    }
+
+    /// Adds `clonekvd` flags for the servers of `role` started from now on.
+    pub fn with_role_args(mut self, role: Role, args: &[String]) -> Cluster {
+        let index = match role {
+            Role::Primary => 0,
+            Role::Backup => 1,
+        };
+        self.role_args[index].extend(args.iter().cloned());
+        self
     }
 
     /// The base port P of a server.
@@ -326,6 +339,11 @@ impl Cluster {
             args.push(fsync.clone());
         }
         args.extend(self.extra_args.iter().cloned());
+        let index = match role {
+            Role::Primary => 0,
+            Role::Backup => 1,
+        };
+        args.extend(self.role_args[index].iter().cloned());
         args
     }
 

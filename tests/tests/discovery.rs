@@ -196,14 +196,26 @@ fn a_pair_and_a_cli_with_no_addresses_find_each_other_and_fail_over_on_a_broadca
 
     // The backup, now the active server, moves to another address: the running watcher
     // follows it by its beacons, and a new CLI finds it there.
-    lan.exec(&backup_ns, &["ip", "addr", "del", "10.77.0.2/24", "dev", "eth0"]);
-    lan.exec(&backup_ns, &["ip", "addr", "add", "10.77.0.12/24", "dev", "eth0"]);
+    lan.exec(
+        &backup_ns,
+        &["ip", "addr", "del", "10.77.0.2/24", "dev", "eth0"],
+    );
+    lan.exec(
+        &backup_ns,
+        &["ip", "addr", "add", "10.77.0.12/24", "dev", "eth0"],
+    );
     assert_ok(
-        &run(cli_in(&client_ns, &["set", "/disc/w", "moved", "--wait"]), "set"),
+        &run(
+            cli_in(&client_ns, &["set", "/disc/w", "moved", "--wait"]),
+            "set",
+        ),
         "clonekv set --wait after the backup moved",
     );
     let status = stdout(&run(cli_in(&client_ns, &["status"]), "status"));
-    assert!(status.contains("backup tcp://10.77.0.12:5566 (active)"), "{status}");
+    assert!(
+        status.contains("backup tcp://10.77.0.12:5566 (active)"),
+        "{status}"
+    );
     lines.wait_for("moved");
     let _ = watch.kill();
     let _ = watch.wait();

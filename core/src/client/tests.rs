@@ -691,7 +691,7 @@ fn an_own_update_whose_echo_never_comes_makes_the_client_resync() {
     assert_eq!(client.stats().resyncs_after_lost_update, 1);
     assert!(events(&mut client).contains(&Event::Lost {
         uuid,
-        reason: LostReason::ServerChanged
+        reason: LostReason::NotPublished
     }));
     // The fresh snapshot settles the map: the server never had the update.
     sub(&mut client, ms(5_100), A, hugz(5));
@@ -2024,4 +2024,59 @@ proptest! {
         prop_assert_eq!(run.client_view(true), server);
         prop_assert!(run.client.sequence() <= run.world.sequence);
     }
+}
+
+// --- Byte budgets --------------------------------------------------------------------
+
+#[test]
+fn a_syncing_client_buffers_updates_within_its_bytes() {
+    let mut config = config(1);
+    config.limits.max_body_len = 1000;
+    config.limits.max_properties_len = 64;
+    config.limits.max_key_len = 16;
+    // Three updates of a 4-byte key and a 1000-byte body, not four.
+    config.max_buffered_bytes = 3 * (crate::budget::ENTRY_OVERHEAD + 4 + 1000) + 100;
+    let mut client = Client::new(config, ChaCha8Rng::seed_from_u64(1), ms(0)).unwrap();
+    sub(&mut client, ms(1), A, hugz(0));
+    assert_eq!(client.state(), State::Syncing);
+    drain(&mut client);
+    let value = "v".repeat(1000);
+    for sequence in 1..=5 {
+        sub(&mut client, ms(2), A, kvpub("/a/k", &value, sequence));
+        for bound in client.bounds() {
+            assert!(bound.within_bounds(), "{bound:?}");
+        }
+    }
+    let buffer = client.bounds()[0];
+    assert_eq!(
+        buffer.structure,
+        crate::budget::Structure::ClientUpdateBuffer
+    );
+    assert_eq!(buffer.len, 3, "the oldest two made room");
+    assert_eq!(
+        events(&mut client)
+            .iter()
+            .filter(|event| matches!(
+                event,
+                Event::Dropped {
+                    reason: DropReason::BufferOverflow,
+                    ..
+                }
+            ))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn a_buffer_budget_below_one_largest_message_is_invalid() {
+    let mut config = config(1);
+    config.max_buffered_bytes = 1000;
+    assert!(matches!(
+        Client::new(config, ChaCha8Rng::seed_from_u64(1), ms(0)),
+        Err(Error::BudgetBelowLargestMessage {
+            name: "max_buffered_bytes",
+            ..
+        })
+    ));
 }

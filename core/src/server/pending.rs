@@ -22,8 +22,9 @@ use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
-use super::seen::FixedState;
+use super::seen::{HashKey, KeyedState};
 use super::store::Key;
+use crate::budget::{Budget, ENTRY_OVERHEAD};
 use crate::kvmsg::{KvMsg, KvMsgRef, Properties, Uuid};
 use crate::time::{EpochMillis, Instant};
 
@@ -146,6 +147,24 @@ struct Held {
     kind: Kind,
 }
 
+impl Held {
+    /// What a client copy is charged: its held bytes, its key once more (the index by
+    /// key may hold it), and [`ENTRY_OVERHEAD`].
+    fn client_copy_bytes(update: &HeldUpdate) -> usize {
+        ENTRY_OVERHEAD
+            .saturating_add(update.0.len())
+            .saturating_add(update.key().len())
+    }
+
+    /// What this entry is charged in the list's byte budget.
+    fn bytes(&self) -> usize {
+        match &self.kind {
+            Kind::ClientCopy { update, .. } => Held::client_copy_bytes(update),
+            Kind::Echo => ENTRY_OVERHEAD,
+        }
+    }
+}
+
 /// What became of a client's copy handed to [`PendingList::hold_client_copy`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ClientCopyFate {
@@ -155,6 +174,8 @@ pub(crate) enum ClientCopyFate {
     CancelledByEcho,
     /// A copy with this uuid is already held.
     Duplicate,
+    /// The copy alone is larger than the list's byte budget: not held.
+    TooLarge,
 }
 
 /// How many entries an eviction removed.
@@ -187,11 +208,15 @@ pub(crate) struct Replay {
 /// The held entries, by uuid. Only looked up, never iterated (arrival order is
 /// `by_arrival`'s): a hash map finds and removes an entry far faster than an ordered
 /// map whose nodes hold these large values.
-type ByUuid = HashMap<Uuid, Held, FixedState>;
+type ByUuid = HashMap<Uuid, Held, KeyedState>;
 
-#[derive(Clone, Default)]
+/// Bounded by a [`Budget`] of entries and bytes: a new entry first evicts the oldest
+/// until it fits ([`PendingList::make_room`]); `bytes` is the sum of
+/// [`Held::bytes`] over the entries.
+#[derive(Clone)]
 pub(crate) struct PendingList {
     by_uuid: ByUuid,
+    bytes: usize,
     /// Arrival number → uuid: oldest first, for eviction and replay order.
     by_arrival: BTreeMap<u64, Uuid>,
     /// Key → arrivals (ascending) of its client copies not superseded yet, to supersede
@@ -252,8 +277,23 @@ impl Arrivals {
 }
 
 impl PendingList {
+    pub(crate) fn new(key: HashKey) -> Self {
+        PendingList {
+            by_uuid: ByUuid::with_hasher(KeyedState::new(key)),
+            bytes: 0,
+            by_arrival: BTreeMap::new(),
+            live_copies_by_key: BTreeMap::new(),
+            next_arrival: 0,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.by_uuid.len()
+    }
+
+    /// Bytes charged for the held entries (see [`Held::bytes`]).
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// When the oldest entry was held.
@@ -270,7 +310,7 @@ impl PendingList {
         uuid: Uuid,
         update: &KvMsgRef,
         expires_at: Option<EpochMillis>,
-        max_len: usize,
+        budget: Budget,
     ) -> (ClientCopyFate, Evicted) {
         match self.by_uuid.get(&uuid).map(|held| &held.kind) {
             Some(Kind::Echo) => {
@@ -282,20 +322,25 @@ impl PendingList {
             }
             None => {}
         }
-        let evicted = self.make_room(max_len);
+        let update = HeldUpdate::new(update);
+        let incoming = Held::client_copy_bytes(&update);
+        if incoming > budget.max_bytes {
+            return (ClientCopyFate::TooLarge, Evicted::default());
+        }
+        let evicted = self.make_room(budget, incoming);
         let arrival = self.next_arrival();
-        match Key::inline(update.key) {
+        match Key::inline(update.key()) {
             Some(key) => match self.live_copies_by_key.entry(key) {
                 btree_map::Entry::Occupied(mut arrivals) => arrivals.get_mut().push(arrival),
                 btree_map::Entry::Vacant(vacant) => {
                     vacant.insert(Arrivals::One(arrival));
                 }
             },
-            None => match self.live_copies_by_key.get_mut(update.key) {
+            None => match self.live_copies_by_key.get_mut(update.key()) {
                 Some(arrivals) => arrivals.push(arrival),
                 None => {
                     self.live_copies_by_key
-                        .insert(Key::from(update.key), Arrivals::One(arrival));
+                        .insert(Key::from(update.key()), Arrivals::One(arrival));
                 }
             },
         }
@@ -305,7 +350,7 @@ impl PendingList {
                 arrival,
                 arrived_at: now,
                 kind: Kind::ClientCopy {
-                    update: HeldUpdate::new(update),
+                    update,
                     expires_at,
                     superseded: false,
                 },
@@ -324,7 +369,7 @@ impl PendingList {
         uuid: Option<Uuid>,
         key: &[u8],
         remember_echo: bool,
-        max_len: usize,
+        budget: Budget,
     ) -> Evicted {
         let mut evicted = Evicted::default();
         if let Some(uuid) = uuid {
@@ -336,7 +381,7 @@ impl PendingList {
                 }
                 Some(_) => {}
                 None if remember_echo => {
-                    evicted = self.make_room(max_len);
+                    evicted = self.make_room(budget, ENTRY_OVERHEAD);
                     let arrival = self.next_arrival();
                     self.insert(
                         uuid,
@@ -502,10 +547,10 @@ impl PendingList {
         }
         let mut replay: Vec<(u64, Replay)> = latest.into_values().collect();
         replay.sort_by_key(|(arrival, _)| *arrival);
-        *self = PendingList {
-            next_arrival: self.next_arrival,
-            ..PendingList::default()
-        };
+        // A fresh table: a cleared one would keep its capacity.
+        self.by_uuid = ByUuid::with_hasher(*self.by_uuid.hasher());
+        self.bytes = 0;
+        self.live_copies_by_key.clear();
         (
             replay.into_iter().map(|(_, replay)| replay).collect(),
             skipped,
@@ -519,13 +564,16 @@ impl PendingList {
     }
 
     fn insert(&mut self, uuid: Uuid, held: Held) {
+        self.bytes = self.bytes.saturating_add(held.bytes());
         self.by_arrival.insert(held.arrival, uuid);
         self.by_uuid.insert(uuid, held);
     }
 
-    fn make_room(&mut self, max_len: usize) -> Evicted {
+    /// The list's bound: evicts the oldest entries until one of `incoming` bytes fits
+    /// within `budget` (entries and bytes).
+    fn make_room(&mut self, budget: Budget, incoming: usize) -> Evicted {
         let mut evicted = Evicted::default();
-        while self.len() >= max_len.max(1) {
+        while !budget.admits(self.len(), self.bytes, incoming) {
             match self.pop_oldest() {
                 Some(kind) => evicted.count(&kind),
                 None => break,
@@ -547,6 +595,7 @@ impl PendingList {
     /// is left with no live copy in the index.
     fn remove_unlinking(&mut self, uuid: &Uuid) -> Option<(Kind, bool)> {
         let held = self.by_uuid.remove(uuid)?;
+        self.bytes = self.bytes.saturating_sub(held.bytes());
         self.by_arrival.remove(&held.arrival);
         let key_left_without_copies = match &held.kind {
             Kind::ClientCopy { update, .. } => self.unlink_live_copy(update.key(), held.arrival),

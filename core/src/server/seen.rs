@@ -10,75 +10,78 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
+
+use rand_core::Rng;
+use siphasher::sip::SipHasher13;
 
 use crate::kvmsg::Uuid;
 
-/// Hashing with a fixed function: deterministic, no OS randomness. For sets and maps
-/// that are only looked up, never iterated, so that their order cannot reach an output
-/// or a trace. Their keys are uuids, which clients choose (at random, normally).
-pub(crate) type FixedState = BuildHasherDefault<UuidHasher>;
+/// The secret key of the hash tables whose keys come from the network (uuids, which
+/// clients choose). Whoever knows it can compute uuids that collide and make every
+/// lookup scan a chain; so a server takes a fresh one per process: the daemon draws it
+/// from OS randomness, the simulator from its world seed (core itself never reads
+/// randomness). The tables are only looked up, never iterated, so the key changes no
+/// output.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HashKey([u64; 2]);
 
-/// A multiply-and-rotate hash over 8-byte words (as rustc's `FxHasher`), finished by
-/// SplitMix64's mixer so that every output bit depends on every input bit (hashbrown
-/// takes its bucket from the low bits and its tag from the top seven). Uuids that
-/// differ only in a few bytes (a counter, as in the benches) still spread evenly.
-/// About a tenth of SipHash's cost for a 16-byte key; like SipHash under a fixed key,
-/// its collisions can be computed by whoever reads this code (DECISIONS.md).
-#[derive(Clone, Copy, Default)]
-pub(crate) struct UuidHasher(u64);
+impl HashKey {
+    /// A key made of these 16 bytes (the daemon fills them from the OS).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        let (low, high) = bytes.split_at(8);
+        let word = |half: &[u8]| {
+            let mut buffer = [0u8; 8];
+            buffer.copy_from_slice(half);
+            u64::from_le_bytes(buffer)
+        };
+        HashKey([word(low), word(high)])
+    }
 
-impl UuidHasher {
-    const MULTIPLIER: u64 = 0x517c_c1b7_2722_0a95;
+    /// A key drawn from a seeded generator (tests, the simulator).
+    pub fn from_rng(rng: &mut impl Rng) -> Self {
+        HashKey([rng.next_u64(), rng.next_u64()])
+    }
 }
 
-impl Hasher for UuidHasher {
-    fn finish(&self) -> u64 {
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+impl fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secret: a log line or a panic message must not give it away.
+        f.write_str("HashKey(..)")
     }
+}
 
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in words.by_ref() {
-            let mut buffer = [0u8; 8];
-            buffer.copy_from_slice(word);
-            self.write_u64(u64::from_le_bytes(buffer));
-        }
-        let rest = words.remainder();
-        if !rest.is_empty() {
-            let mut buffer = [0u8; 8];
-            if let Some(prefix) = buffer.get_mut(..rest.len()) {
-                prefix.copy_from_slice(rest);
-            }
-            // The length tells "ab" from "ab\0".
-            self.write_u64(u64::from_le_bytes(buffer) ^ ((rest.len() as u64) << 59));
-        }
+/// Builds SipHash-1-3 hashers under a [`HashKey`] (the function std's `HashMap` uses,
+/// keyed by the caller instead of by the OS). There is deliberately no `Default`: a
+/// table keyed by input always gets the server's key.
+#[derive(Clone, Copy)]
+pub(crate) struct KeyedState(HashKey);
+
+impl KeyedState {
+    pub(crate) fn new(key: HashKey) -> Self {
+        KeyedState(key)
     }
+}
 
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::MULTIPLIER);
-    }
+impl BuildHasher for KeyedState {
+    type Hasher = SipHasher13;
 
-    fn write_u128(&mut self, word: u128) {
-        self.write_u64(word as u64);
-        self.write_u64((word >> 64) as u64);
-    }
-
-    fn write_usize(&mut self, word: usize) {
-        self.write_u64(word as u64);
+    fn build_hasher(&self) -> SipHasher13 {
+        let HashKey([key0, key1]) = self.0;
+        SipHasher13::new_with_keys(key0, key1)
     }
 }
 
 /// The window's members; its order is `oldest_first`'s.
-type Members = HashSet<u128, FixedState>;
+type Members = HashSet<u128, KeyedState>;
 
 /// Uuids are held as `u128`s. The set is searched on every update and changed twice per
 /// published update (one in, the oldest out): a hash set does both in a few hundred
 /// instructions, where an ordered set of 100 000 uuids took about 2 000.
-#[derive(Clone, Default)]
+///
+/// Bounded by the window's count; each remembered uuid costs at most
+/// [`SeenUpdates::BYTES_PER_UUID`], so the count bound is also its byte bound.
+#[derive(Clone)]
 pub(crate) struct SeenUpdates {
     members: Members,
     oldest_first: VecDeque<u128>,
@@ -95,6 +98,23 @@ fn as_int(uuid: &Uuid) -> u128 {
 }
 
 impl SeenUpdates {
+    /// Heap bytes per remembered uuid, at most: 16 in the deque, and in the hash set 16
+    /// plus one control byte, at a load factor no lower than 7/16 (hashbrown grows by
+    /// doubling at 7/8 full), so at most 17 × 16 / 7 < 39; the deque's capacity at most
+    /// doubles its length, so 32. 32 + 39 = 71, rounded up.
+    pub(crate) const BYTES_PER_UUID: usize = 72;
+
+    pub(crate) fn new(key: HashKey) -> Self {
+        SeenUpdates {
+            members: Members::with_hasher(KeyedState::new(key)),
+            oldest_first: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.oldest_first.len()
+    }
+
     /// Remembers `uuid`, forgetting the oldest beyond `window`.
     pub(crate) fn insert(&mut self, uuid: Uuid, window: usize) {
         let uuid = as_int(&uuid);
@@ -124,41 +144,47 @@ impl SeenUpdates {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand_chacha::ChaCha8Rng;
+    use rand_core::SeedableRng;
+
+    fn key(seed: u64) -> HashKey {
+        HashKey::from_rng(&mut ChaCha8Rng::seed_from_u64(seed))
+    }
 
     #[test]
-    fn uuids_that_differ_in_one_byte_spread_over_the_buckets() {
-        // A counter in the first eight bytes, as the benches make them: the low seven
-        // bits (a bucket of 128) and the top seven (hashbrown's tag) must both spread.
-        let hashes: Vec<u64> = (0..4096u64)
-            .map(|n| {
-                let mut hasher = UuidHasher::default();
-                let mut bytes = [0u8; 16];
-                bytes[..8].copy_from_slice(&n.to_be_bytes());
-                hasher.write_u128(u128::from_be_bytes(bytes));
-                hasher.finish()
-            })
+    fn the_hash_of_a_uuid_depends_on_the_key() {
+        let uuid = 0x0123_4567_89ab_cdef_0011_2233_4455_6677u128;
+        let hashes: Vec<u64> = (0..4)
+            .map(|seed| KeyedState::new(key(seed)).hash_one(uuid))
             .collect();
-        let low: Vec<u64> = hashes.iter().map(|h| h & 127).collect();
-        let top: Vec<u64> = hashes.iter().map(|h| h >> 57).collect();
-        for bits in [low, top] {
-            let mut counts = [0usize; 128];
-            for value in bits {
-                counts[value as usize] += 1;
-            }
-            // 32 expected per value; a weak mix leaves values empty or piled up.
-            assert!(
-                counts.iter().all(|&count| (8..=64).contains(&count)),
-                "{counts:?}"
-            );
+        for (index, hash) in hashes.iter().enumerate() {
+            assert!(!hashes[index + 1..].contains(hash), "{hashes:x?}");
         }
+        assert_eq!(
+            KeyedState::new(key(1)).hash_one(uuid),
+            KeyedState::new(key(1)).hash_one(uuid),
+            "one key, one hash"
+        );
+    }
+
+    #[test]
+    fn a_key_from_bytes_uses_all_sixteen() {
+        let base = HashKey::from_bytes([0; 16]);
+        for index in 0..16 {
+            let mut bytes = [0; 16];
+            bytes[index] = 1;
+            assert_ne!(HashKey::from_bytes(bytes), base, "byte {index}");
+        }
+        assert_eq!(format!("{base:?}"), "HashKey(..)");
     }
 
     #[test]
     fn the_window_forgets_the_oldest_first() {
-        let mut seen = SeenUpdates::default();
+        let mut seen = SeenUpdates::new(key(0));
         for n in 0..5u8 {
             seen.insert(Uuid::from_bytes([n; 16]), 3);
         }
+        assert_eq!(seen.len(), 3);
         assert!(!seen.contains(&Uuid::from_bytes([1; 16])));
         assert!(seen.contains(&Uuid::from_bytes([2; 16])));
         assert!(seen.contains(&Uuid::from_bytes([4; 16])));

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use super::frame::Frame;
 use super::store::{Entry, Key, Map};
+use crate::budget::ENTRY_OVERHEAD;
 use crate::kvmsg::{KvMsg, FRAME_COUNT};
 use crate::time::Instant;
 
@@ -90,10 +91,51 @@ pub(crate) struct SnapshotStreams {
     open: usize,
 }
 
+/// The longest routing id a stream is opened for: libzmq's own limit (a ROUTER never
+/// hands a longer one up).
+pub(crate) const MAX_ROUTING_ID_LEN: usize = 255;
+
 impl SnapshotStreams {
     /// Number of open streams (queued ones included).
     pub(crate) fn len(&self) -> usize {
         self.open
+    }
+
+    /// Bytes the open streams hold of their own: each one's routing id, subtree and the
+    /// batch of entry handles read ahead (the entries themselves are the map's, shared),
+    /// plus [`ENTRY_OVERHEAD`] for the stream and its client's bookkeeping.
+    pub(crate) fn bytes(&self) -> usize {
+        self.by_client
+            .iter()
+            .flat_map(|(routing_id, client)| {
+                client.queue.iter().map(move |stream| {
+                    ENTRY_OVERHEAD
+                        .saturating_add(routing_id.len())
+                        .saturating_add(stream.subtree.len())
+                        .saturating_add(
+                            stream
+                                .batch
+                                .capacity()
+                                .saturating_mul(std::mem::size_of::<(Key, Entry)>()),
+                        )
+                })
+            })
+            .sum()
+    }
+
+    /// The most [`SnapshotStreams::bytes`] one stream can reach under these limits.
+    pub(crate) fn max_bytes_per_stream(max_key_len: usize, batch_size: usize) -> usize {
+        ENTRY_OVERHEAD
+            .saturating_add(MAX_ROUTING_ID_LEN)
+            .saturating_add(max_key_len)
+            .saturating_add(
+                // A VecDeque grows by doubling from 4.
+                batch_size
+                    .max(4)
+                    .checked_next_power_of_two()
+                    .unwrap_or(usize::MAX)
+                    .saturating_mul(std::mem::size_of::<(Key, Entry)>()),
+            )
     }
 
     pub(crate) fn routing_ids(&self) -> impl Iterator<Item = &[u8]> + '_ {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use super::frame::Frame;
+use crate::budget::ENTRY_OVERHEAD;
 use crate::kvmsg::{KvMsgRef, Properties, Uuid, FRAME_COUNT};
 use crate::time::EpochMillis;
 
@@ -335,9 +336,30 @@ pub(crate) fn uuid_frame(uuid: Option<Uuid>) -> Frame {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Store {
     map: Map,
+    /// The sum of [`Store::charge`] over the map's entries.
+    bytes: usize,
     expiries: BTreeSet<(EpochMillis, Key)>,
     scratch: Scratch,
 }
+
+/// The map's optional bounds ([`crate::server::Config::max_keys`],
+/// [`crate::server::Config::max_map_bytes`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MapLimits {
+    pub(crate) max_keys: Option<usize>,
+    pub(crate) max_bytes: Option<usize>,
+}
+
+/// Which map bound a write would pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MapFull {
+    Keys,
+    Bytes,
+}
+
+/// Bytes a stored update's properties may grow by when its ttl is rewritten to an
+/// absolute expiry (`ttl=` and the digits of epoch milliseconds, at most 20).
+const TTL_REWRITE_SLACK: usize = 32;
 
 /// The buffer in which entries are assembled; see [`Entry::from_update`].
 #[derive(Clone, Default)]
@@ -354,6 +376,45 @@ impl Store {
         &self.map
     }
 
+    /// What one stored entry is charged: its key, its shared allocation (header,
+    /// properties, body) and [`ENTRY_OVERHEAD`] for the map's nodes and the expiry index.
+    fn charge(key: &[u8], entry: &Entry) -> usize {
+        ENTRY_OVERHEAD
+            .saturating_add(key.len())
+            .saturating_add(entry.0.len())
+    }
+
+    /// Bytes charged for the whole map.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The map's bound: whether storing `update` (not a delete) keeps the map within
+    /// `limits`. Replacing a key's value counts no new key, and only the difference in
+    /// bytes. The new entry is estimated from above (its ttl may be rewritten), so the
+    /// map never passes a bound.
+    pub(crate) fn admits(&self, update: &KvMsgRef, limits: MapLimits) -> Result<(), MapFull> {
+        let previous = self.map.get(update.key);
+        let keys_after = self.len().saturating_add(usize::from(previous.is_none()));
+        if limits.max_keys.is_some_and(|max| keys_after > max) {
+            return Err(MapFull::Keys);
+        }
+        let incoming = ENTRY_OVERHEAD
+            .saturating_add(update.key.len())
+            .saturating_add(header::LEN)
+            .saturating_add(update.properties.len())
+            .saturating_add(1 + TTL_REWRITE_SLACK)
+            .saturating_add(update.body.len());
+        let bytes_after = self
+            .bytes
+            .saturating_sub(previous.map_or(0, |entry| Store::charge(update.key, entry)))
+            .saturating_add(incoming);
+        if limits.max_bytes.is_some_and(|max| bytes_after > max) {
+            return Err(MapFull::Bytes);
+        }
+        Ok(())
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
@@ -367,7 +428,9 @@ impl Store {
         if let Some(expires_at) = entry.expires_at() {
             self.expiries.insert((expires_at, key.clone()));
         }
+        self.bytes = self.bytes.saturating_add(Store::charge(&key, &entry));
         if let Some(previous) = self.map.insert(key.clone(), entry) {
+            self.bytes = self.bytes.saturating_sub(Store::charge(&key, &previous));
             self.unindex(&key, &previous);
         }
     }
@@ -395,6 +458,7 @@ impl Store {
 
     pub(crate) fn remove(&mut self, key: &[u8]) -> Option<(Key, Entry)> {
         let (key, entry) = self.map.remove_with_key(key)?;
+        self.bytes = self.bytes.saturating_sub(Store::charge(&key, &entry));
         self.unindex(&key, &entry);
         Some((key, entry))
     }
@@ -430,8 +494,9 @@ impl Store {
             self.expiries.pop_first();
             // The index and the map change together, so the key is always there; an
             // index entry without its key is skipped rather than trusted.
-            if let Some(removed) = self.map.remove_with_key(&*key) {
-                return Some(removed);
+            if let Some((key, entry)) = self.map.remove_with_key(&*key) {
+                self.bytes = self.bytes.saturating_sub(Store::charge(&key, &entry));
+                return Some((key, entry));
             }
         }
     }

@@ -9,6 +9,11 @@ const T0: Instant = Instant::from_millis(1_000_000);
 /// 2026-11-21, as in the reference bytes of PROTOCOL.md §2.
 const WALL0: EpochMillis = EpochMillis(1_795_268_600_000);
 
+/// A fixed hash key: tests need no randomness, and the key changes no output.
+fn test_key() -> HashKey {
+    HashKey::from_bytes([0x5a; 16])
+}
+
 fn uuid(n: u8) -> Uuid {
     Uuid::from_bytes([n; 16])
 }
@@ -52,7 +57,7 @@ struct Harness {
 impl Harness {
     fn new(config: Config) -> Self {
         let mut harness = Harness {
-            server: Server::new(T0, WALL0, config).unwrap(),
+            server: Server::new(T0, WALL0, config, test_key()).unwrap(),
             now: T0,
             wall: WALL0,
         };
@@ -202,7 +207,7 @@ fn a_zero_limit_or_timeout_is_an_invalid_config() {
     let mut config = Config::primary();
     config.max_snapshot_streams = 0;
     assert_eq!(
-        Server::new(T0, WALL0, config).unwrap_err(),
+        Server::new(T0, WALL0, config, test_key()).unwrap_err(),
         ConfigError::Zero {
             field: "max_snapshot_streams"
         }
@@ -2335,6 +2340,230 @@ proptest! {
             }
             prop_assert_eq!(reported, harness.server.counters().dropped_total());
             prop_assert!(harness.server.pending_len() <= harness.server.config().pending_max_len);
+        }
+    }
+}
+
+// --- Byte budgets and map bounds -----------------------------------------------------
+
+/// A config whose byte budgets hold about `messages` updates of `body` bytes, the
+/// smallest the size limits allow being one largest message.
+fn small_limits() -> Limits {
+    Limits {
+        max_key_len: 16,
+        max_body_len: 1000,
+        max_properties_len: 64,
+    }
+}
+
+fn sized_set(n: u32, body: usize) -> KvMsg {
+    KvMsg::kvset(format!("/k{n}").into_bytes(), vec![b'v'; body], nth_uuid(n))
+}
+
+fn assert_within_bounds(server: &Server) {
+    for bound in server.bounds() {
+        assert!(bound.within_bounds(), "{bound:?}");
+    }
+}
+
+#[test]
+fn a_byte_budget_below_one_largest_message_is_an_invalid_config() {
+    let mut config = Config::primary();
+    config.pending_max_bytes = 1 << 20;
+    assert_eq!(
+        Server::new(T0, WALL0, config, test_key()).unwrap_err(),
+        ConfigError::BelowLargestMessage {
+            field: "pending_max_bytes",
+            needed: ENTRY_OVERHEAD + 255 + 4096 + (1 << 20),
+        }
+    );
+    let mut config = Config::primary();
+    config.max_keys = Some(0);
+    assert_eq!(
+        Server::new(T0, WALL0, config, test_key()).unwrap_err(),
+        ConfigError::Zero { field: "max_keys" }
+    );
+}
+
+#[test]
+fn the_pending_list_evicts_the_oldest_copies_to_stay_within_its_bytes() {
+    let mut config = Config::backup();
+    config.limits = small_limits();
+    // Room for three copies of 1000-byte bodies, not four.
+    config.pending_max_bytes = 3 * (ENTRY_OVERHEAD + 16 + 2 * 4 + 1000 + 1) + 100;
+    let mut harness = Harness::passive_with(config, 0);
+    for n in 0..5 {
+        harness.collect(sized_set(n, 1000));
+        assert_within_bounds(&harness.server);
+    }
+    assert_eq!(harness.server.pending_len(), 3);
+    assert_eq!(harness.server.counters().pending_evicted, 2);
+    let pending = harness.server.bounds()[0];
+    assert_eq!(pending.structure, Structure::PendingList);
+    assert!(pending.bytes > 3 * 1000 && pending.bytes <= pending.max_bytes);
+    // Small copies fit many more in the same bytes: the count is not the bound.
+    for n in 10..20 {
+        harness.collect(sized_set(n, 1));
+    }
+    assert!(harness.server.pending_len() > 3);
+    assert_within_bounds(&harness.server);
+}
+
+#[test]
+fn a_syncing_passive_starts_over_when_its_backlog_passes_its_bytes() {
+    let mut config = Config::backup();
+    config.limits = small_limits();
+    config.sync_backlog_max_bytes = 2 * (ENTRY_OVERHEAD + 1100);
+    let mut harness = Harness::new(config);
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(0));
+    assert!(harness.server.is_syncing());
+    harness.drain();
+    for n in 1..=4u32 {
+        harness.peer_update(kvpub(sized_set(n, 1000), i64::from(n)));
+        assert_within_bounds(&harness.server);
+    }
+    assert!(harness.server.counters().sync_buffered_dropped >= 2);
+    harness.peer_snapshot(KvMsg::kthxbai(4, Vec::new()));
+    let events = harness.events();
+    assert!(
+        events
+            .iter()
+            .any(|event| matches!(event, Event::SyncBufferDropped { dropped } if *dropped >= 2)),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&Event::SyncStarted {
+            reason: SyncReason::BacklogOverflow,
+        }),
+        "the overflow is fetched by a fresh snapshot"
+    );
+}
+
+#[test]
+fn a_full_map_refuses_new_keys_but_takes_replacements_and_deletes() {
+    let mut config = Config::primary();
+    config.max_keys = Some(2);
+    let mut harness = Harness::new(config);
+    harness.peer_state(BstarState::Backup);
+    harness.drain();
+    harness.collect(set("/a", "1", 1));
+    harness.collect(set("/b", "1", 2));
+    harness.collect(set("/c", "1", 3));
+    assert_eq!(harness.dropped(InputSource::Collector, "map_full_keys"), 1);
+    assert_eq!(harness.value("/c"), None);
+    harness.collect(set("/a", "2", 4));
+    assert_eq!(harness.value("/a"), Some(&b"2"[..]));
+    harness.collect(delete("/b", 5));
+    harness.collect(set("/c", "1", 6));
+    assert_eq!(harness.value("/c"), Some(&b"1"[..]));
+    let published = harness.published();
+    assert_eq!(keys(&published), ["/a", "/b", "/a", "/b", "/c"]);
+    assert_eq!(
+        harness.server.sequence(),
+        5,
+        "a refused write takes no number"
+    );
+}
+
+#[test]
+fn a_map_at_its_bytes_refuses_a_write_that_would_grow_it() {
+    let mut config = Config::primary();
+    config.max_map_bytes = Some(2 * (ENTRY_OVERHEAD + 300));
+    let mut harness = Harness::new(config);
+    harness.peer_state(BstarState::Backup);
+    harness.drain();
+    harness.collect(sized_set(1, 100));
+    assert!(harness.server.map_bytes() > 100);
+    harness.collect(sized_set(2, 100));
+    assert_eq!(harness.server.len(), 2);
+    harness.collect(sized_set(3, 100));
+    assert_eq!(harness.dropped(InputSource::Collector, "map_full_bytes"), 1);
+    assert_eq!(harness.server.len(), 2);
+    assert!(harness.server.map_bytes() <= 2 * (ENTRY_OVERHEAD + 300));
+    // A smaller value for a key already there shrinks the map, so it is taken.
+    let mut smaller = sized_set(1, 10);
+    smaller.uuid = Some(nth_uuid(9));
+    harness.collect(smaller);
+    assert_eq!(harness.value("/k1").map(<[u8]>::len), Some(10));
+}
+
+#[test]
+fn a_snapshot_request_with_a_routing_id_longer_than_libzmqs_is_dropped() {
+    let mut harness = Harness::active();
+    harness.request(&"r".repeat(256), "");
+    assert_eq!(
+        harness.dropped(InputSource::SnapshotRequest, "routing_id_too_long"),
+        1
+    );
+    assert_eq!(harness.server.open_snapshot_streams(), 0);
+    harness.request(&"r".repeat(255), "");
+    assert_eq!(harness.server.open_snapshot_streams(), 1);
+    assert_within_bounds(&harness.server);
+}
+
+/// What a flood of client copies, echoes and snapshot requests can make a passive or
+/// an active hold.
+#[derive(Clone, Debug)]
+enum FloodInput {
+    Copy { n: u16, body: u16 },
+    Echo { n: u16, sequence: u8 },
+    Request { client: u8 },
+}
+
+fn flood_input() -> impl Strategy<Value = FloodInput> {
+    prop_oneof![
+        (any::<u16>(), 0u16..1000).prop_map(|(n, body)| FloodInput::Copy { n, body }),
+        (any::<u16>(), any::<u8>()).prop_map(|(n, sequence)| FloodInput::Echo { n, sequence }),
+        any::<u8>().prop_map(|client| FloodInput::Request { client }),
+    ]
+}
+
+proptest! {
+    /// Whatever arrives, every structure stays within its count and byte bounds.
+    #[test]
+    fn a_flood_leaves_every_structure_within_its_bounds(
+        inputs in proptest::collection::vec(flood_input(), 1..200),
+        passive in any::<bool>(),
+        max_len in 1usize..20,
+    ) {
+        let mut config = if passive { Config::backup() } else { Config::primary() };
+        config.limits = small_limits();
+        config.pending_max_len = max_len;
+        config.pending_max_bytes = largest_message_bytes(&config.limits) * 3;
+        config.sync_backlog_max = max_len;
+        config.sync_backlog_max_bytes = largest_message_bytes(&config.limits) * 2;
+        config.dedupe_window = max_len;
+        config.split_log_max = max_len;
+        config.max_snapshot_streams = max_len.min(4);
+        config.max_keys = Some(max_len);
+        let mut harness = if passive {
+            Harness::passive_with(config, 0)
+        } else {
+            let mut harness = Harness::new(config);
+            harness.peer_state(BstarState::Backup);
+            harness
+        };
+        for input in inputs {
+            match input {
+                FloodInput::Copy { n, body } => {
+                    harness.collect(sized_set(u32::from(n % 64), usize::from(body)));
+                }
+                FloodInput::Echo { n, sequence } => harness.peer_update(kvpub(
+                    sized_set(u32::from(n % 64), 10),
+                    i64::from(sequence),
+                )),
+                FloodInput::Request { client } => {
+                    harness.request(&format!("client-{client}"), "");
+                }
+            }
+            harness.drain();
+            for bound in harness.server.bounds() {
+                prop_assert!(bound.within_bounds(), "{:?}", bound);
+            }
+            if let Some(max) = harness.server.config().max_keys {
+                prop_assert!(harness.server.len() <= max);
+            }
         }
     }
 }

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use clap::{Args, Parser, ValueEnum};
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
+use clonekv_zmq::curve::{self, KeyError, KeyPair, PublicKey, ServerCurve};
 use clonekv_zmq::discovery::{
     DiscoveryError, DiscoveryOptions, DEFAULT_CLUSTER, DEFAULT_DISCOVERY_PORT,
 };
@@ -18,7 +20,8 @@ use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
 use clonekv_zmq::persist::{FsyncPolicy, PersistOptions, DEFAULT_COMPACT_MIN_BYTES};
 use clonekv_zmq::server::{
-    ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError, DEFAULT_HWM,
+    hwm_for_queue_bytes, ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError,
+    DEFAULT_HWM, DEFAULT_QUEUE_BYTES,
 };
 
 /// Exit status when the configuration (flags or file) is unusable, on any host or on
@@ -47,6 +50,11 @@ with no such beacon within 4 s it uses the peer endpoints above until one comes.
     after_help = "Every option can also be set in the --config file under its long name \
 (for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
+Security: without --curve-secret-key every socket is plain ZMTP, as in the zguide: \
+anyone who reaches the ports can read and write every key and change the Binary Star \
+state. With it (and --curve-clients, --peer-public-key) every socket uses CURVE; the \
+three also come from CLONEKVD_CURVE_SECRET_KEY, CLONEKVD_CURVE_CLIENTS and \
+CLONEKVD_PEER_PUBLIC_KEY, which win over the file. See docs/SECURITY.md.\n\n\
 Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.\n\
 Exit status: 0 after SIGINT/SIGTERM, 1 when it cannot start (a port is taken) or fails, \
 2 for a bad option or config file, ports that clash, a peer host that does not resolve, \
@@ -165,6 +173,9 @@ struct Settings {
     /// Most client updates a passive holds for a failover [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     pending_max_len: Option<usize>,
+    /// Most bytes of client updates a passive holds for a failover [default: 96MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    pending_max_bytes: Option<ByteSize>,
     /// Most snapshot streams open at once; further requests wait for a retry [default: 64].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     max_snapshot_streams: Option<usize>,
@@ -174,10 +185,19 @@ struct Settings {
     /// Updates a syncing passive buffers before it starts the sync over [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     sync_backlog_max: Option<usize>,
+    /// Bytes a syncing passive buffers before it starts the sync over [default: 64MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    sync_backlog_max_bytes: Option<ByteSize>,
     /// Keys an active backup records to forward after a split brain [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     split_log_max: Option<usize>,
-    /// Messages queued per peer on the streaming sockets before libzmq drops [default: 100000].
+    /// Bytes libzmq may queue per connection on each receiving socket (collector, peer
+    /// publisher, sync): the high-water mark is this over the largest message the size
+    /// limits allow, 15 at the defaults; a full pipe pushes back on its sender [default: 16MiB].
+    #[arg(long, value_name = "SIZE", help_heading = "Limits")]
+    queue_bytes: Option<ByteSize>,
+    /// Messages queued per subscriber on the publisher (and towards the peer's
+    /// collector) before libzmq drops [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
 
@@ -226,6 +246,44 @@ struct Settings {
     )]
     #[serde(default)]
     no_discovery: bool,
+    /// This server's CURVE key pair file (`clonekv keygen NAME` writes NAME.key): every
+    /// socket then uses CURVE and admits only the keys below. Needs --curve-clients and
+    /// --peer-public-key [default: none: plain ZMTP, open to anyone who reaches the ports].
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CLONEKVD_CURVE_SECRET_KEY",
+        help_heading = "Security"
+    )]
+    curve_secret_key: Option<PathBuf>,
+    /// The clients' public keys admitted: a directory of *.pub files, or a file with one
+    /// key per line (the peer's key is always admitted).
+    #[arg(
+        long,
+        value_name = "DIR|FILE",
+        env = "CLONEKVD_CURVE_CLIENTS",
+        help_heading = "Security"
+    )]
+    curve_clients: Option<PathBuf>,
+    /// The peer server's public key (Z85) or its .pub file: the Binary Star state, the
+    /// peer's updates and snapshots are taken only from a process that proves it.
+    // A Z85 key may start with `-`.
+    #[arg(
+        long,
+        value_name = "KEY|FILE",
+        env = "CLONEKVD_PEER_PUBLIC_KEY",
+        allow_hyphen_values = true,
+        help_heading = "Security"
+    )]
+    peer_public_key: Option<String>,
+    /// Most keys the map holds; a write of a new key past it is refused (the writer's
+    /// commit fails), counted and logged [default: no limit].
+    #[arg(long, value_name = "N", help_heading = "Map")]
+    max_keys: Option<usize>,
+    /// Most bytes the map holds (keys, values, properties and 256 bytes per key); a write
+    /// past it is refused, counted and logged; deletes always pass [default: no limit].
+    #[arg(long, value_name = "SIZE", help_heading = "Map")]
+    max_bytes: Option<ByteSize>,
 }
 
 impl Settings {
@@ -264,6 +322,9 @@ impl Settings {
             snapshot_batch: self.snapshot_batch.or(file.snapshot_batch),
             sync_backlog_max: self.sync_backlog_max.or(file.sync_backlog_max),
             split_log_max: self.split_log_max.or(file.split_log_max),
+            pending_max_bytes: self.pending_max_bytes.or(file.pending_max_bytes),
+            sync_backlog_max_bytes: self.sync_backlog_max_bytes.or(file.sync_backlog_max_bytes),
+            queue_bytes: self.queue_bytes.or(file.queue_bytes),
             hwm: self.hwm.or(file.hwm),
             data_dir: self.data_dir.or(file.data_dir),
             fsync: self.fsync.or(file.fsync),
@@ -274,6 +335,11 @@ impl Settings {
             discovery_interface: self.discovery_interface.or(file.discovery_interface),
             discovery_interval: self.discovery_interval.or(file.discovery_interval),
             no_discovery: self.no_discovery || file.no_discovery,
+            curve_secret_key: self.curve_secret_key.or(file.curve_secret_key),
+            curve_clients: self.curve_clients.or(file.curve_clients),
+            peer_public_key: self.peer_public_key.or(file.peer_public_key),
+            max_keys: self.max_keys.or(file.max_keys),
+            max_bytes: self.max_bytes.or(file.max_bytes),
         }
     }
 
@@ -395,18 +461,35 @@ impl Settings {
         config.snapshot_batch = self.snapshot_batch.unwrap_or(config.snapshot_batch);
         config.sync_backlog_max = self.sync_backlog_max.unwrap_or(config.sync_backlog_max);
         config.split_log_max = self.split_log_max.unwrap_or(config.split_log_max);
+        if let Some(size) = self.pending_max_bytes {
+            config.pending_max_bytes = bytes(size);
+        }
+        if let Some(size) = self.sync_backlog_max_bytes {
+            config.sync_backlog_max_bytes = bytes(size);
+        }
+        config.max_keys = self.max_keys.or(config.max_keys);
+        config.max_map_bytes = self.max_bytes.map(bytes).or(config.max_map_bytes);
         config.validate().map_err(|error| error.to_string())?;
 
+        let queue_bytes = self.queue_bytes.map_or(DEFAULT_QUEUE_BYTES, bytes);
+        let receive_hwm = hwm_for_queue_bytes(queue_bytes, &config.limits);
         let hwm = self.hwm.unwrap_or(DEFAULT_HWM);
         if hwm < 0 {
             return Err(format!("--hwm {hwm} must be 0 (no limit) or more"));
         }
+        let curve = curve_keys(
+            self.curve_secret_key.as_deref(),
+            self.curve_clients.as_deref(),
+            self.peer_public_key.as_deref(),
+        )?;
         Ok(ServerOptions {
             config,
             endpoints,
             hwm,
             discovery,
             persistence,
+            curve,
+            receive_hwm,
         })
     }
 
@@ -438,6 +521,61 @@ impl Settings {
         options.compact_min_bytes = self.compact_min_bytes.unwrap_or(DEFAULT_COMPACT_MIN_BYTES);
         Ok(Some(options))
     }
+}
+
+/// The CURVE keys, read from their files: all three settings or none.
+fn curve_keys(
+    secret_key: Option<&Path>,
+    clients: Option<&Path>,
+    peer: Option<&str>,
+) -> Result<Option<ServerCurve>, String> {
+    let (secret_key, clients, peer) = match (secret_key, clients, peer) {
+        (None, None, None) => return Ok(None),
+        (Some(secret_key), Some(clients), Some(peer)) => (secret_key, clients, peer),
+        (None, _, _) => {
+            return Err(
+                "--curve-clients and --peer-public-key need --curve-secret-key \
+                        (this server's key pair; `clonekv keygen` makes one)"
+                    .to_string(),
+            )
+        }
+        (Some(_), None, _) => {
+            return Err(
+                "--curve-secret-key needs --curve-clients: the public keys of the \
+                        clients to admit (a directory of .pub files or a file of keys)"
+                    .to_string(),
+            )
+        }
+        (Some(_), Some(_), None) => {
+            return Err(
+                "--curve-secret-key needs --peer-public-key: the other server's \
+                        public key (or its .pub file)"
+                    .to_string(),
+            )
+        }
+    };
+    if !curve::available() {
+        return Err(KeyError::Unavailable.to_string());
+    }
+    let own = KeyPair::read(secret_key).map_err(|error| format!("--curve-secret-key: {error}"))?;
+    let clients =
+        curve::read_public_keys(clients).map_err(|error| format!("--curve-clients: {error}"))?;
+    let peer =
+        PublicKey::from_key_or_file(peer).map_err(|error| format!("--peer-public-key: {error}"))?;
+    if peer == own.public() {
+        return Err(
+            "--peer-public-key is this server's own public key: give the other server's"
+                .to_string(),
+        );
+    }
+    Ok(Some(ServerCurve { own, peer, clients }))
+}
+
+impl Settings {}
+
+/// A size as a byte count (a size past the address space is as good as no bound).
+fn bytes(size: ByteSize) -> usize {
+    usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
 }
 
 fn read_config_file(path: &Path) -> Result<Settings, String> {
@@ -486,6 +624,11 @@ fn main() -> ExitCode {
 
     let role = options.config.bstar.role;
     let discovery = options.discovery.clone();
+    let security = options
+        .curve
+        .as_ref()
+        .map(|keys| (keys.own.public().z85(), keys.peer.z85(), keys.clients.len()));
+    let (config, hwm, receive_hwm) = (options.config, options.hwm, options.receive_hwm);
     let mut host = match ServerHost::start(options) {
         Ok(host) => host,
         Err(error) => {
@@ -500,16 +643,31 @@ fn main() -> ExitCode {
         );
     }
     let endpoints = host.endpoints();
-    tracing::info!(
-        %role,
-        snapshot = %endpoints.snapshot,
-        publisher = %endpoints.publisher,
-        collector = %endpoints.collector,
-        state = %endpoints.state,
-        peer_snapshot = %endpoints.peer_snapshot,
-        peer_state = %endpoints.peer_state,
-        "clonekvd started"
-    );
+    match security {
+        Some((public_key, peer_public_key, clients_admitted)) => tracing::info!(
+            %role,
+            snapshot = %endpoints.snapshot,
+            publisher = %endpoints.publisher,
+            collector = %endpoints.collector,
+            state = %endpoints.state,
+            peer_snapshot = %endpoints.peer_snapshot,
+            peer_state = %endpoints.peer_state,
+            %public_key,
+            %peer_public_key,
+            clients_admitted,
+            "clonekvd started; security: CURVE on every socket, only admitted keys and the peer get in"
+        ),
+        None => tracing::warn!(
+            %role,
+            snapshot = %endpoints.snapshot,
+            publisher = %endpoints.publisher,
+            collector = %endpoints.collector,
+            state = %endpoints.state,
+            peer_snapshot = %endpoints.peer_snapshot,
+            peer_state = %endpoints.peer_state,
+            "clonekvd started; security: NONE (plain ZMTP, zguide-compatible): anyone who reaches these ports can read and write every key and change this server's Binary Star state; set --curve-secret-key, --curve-clients and --peer-public-key (docs/SECURITY.md)"
+        ),
+    }
     match &discovery {
         Some(discovery) => tracing::info!(
             cluster = %discovery.options.cluster,
@@ -520,6 +678,20 @@ fn main() -> ExitCode {
         ),
         None => tracing::info!("discovery off: the peer is at the configured endpoints"),
     }
+    let unbounded = || "none".to_string();
+    tracing::info!(
+        pending_max_bytes = config.pending_max_bytes,
+        sync_backlog_max_bytes = config.sync_backlog_max_bytes,
+        receive_hwm_per_connection = receive_hwm,
+        publisher_hwm_per_subscriber = hwm,
+        max_keys = config
+            .max_keys
+            .map_or_else(unbounded, |max| max.to_string()),
+        max_map_bytes = config
+            .max_map_bytes
+            .map_or_else(unbounded, |max| max.to_string()),
+        "memory bounds (README: Memory bounds)"
+    );
     match host.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => fail(EXIT_FAILURE, &format!("stopped: {error}")),
@@ -649,6 +821,51 @@ mod tests {
     }
 
     #[test]
+    fn the_map_bounds_and_byte_budgets_come_from_flags_or_the_file() {
+        let options = Settings::default().into_options().unwrap();
+        assert_eq!(options.config.max_keys, None, "no map bound by default");
+        assert_eq!(options.config.max_map_bytes, None);
+        assert_eq!(
+            options.receive_hwm,
+            hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &options.config.limits)
+        );
+        assert_eq!(options.hwm, DEFAULT_HWM);
+        let file: Settings = toml::from_str(
+            "max-keys = 1000\nmax-bytes = \"64MiB\"\npending-max-bytes = 200000000\nqueue-bytes = \"4MiB\"",
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "clonekvd",
+            "--max-keys",
+            "10",
+            "--sync-backlog-max-bytes",
+            "100MiB",
+        ])
+        .unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.config.max_keys, Some(10), "the flag wins");
+        assert_eq!(options.config.max_map_bytes, Some(64 << 20));
+        assert_eq!(options.config.pending_max_bytes, 200_000_000);
+        assert_eq!(options.config.sync_backlog_max_bytes, 100 << 20);
+        assert_eq!(options.receive_hwm, 3, "4 MiB of messages just over 1 MiB");
+    }
+
+    #[test]
+    fn a_byte_budget_below_one_message_is_refused_with_the_least_it_may_be() {
+        let cli = Cli::try_parse_from(["clonekvd", "--pending-max-bytes", "1MiB"]).unwrap();
+        let error = cli
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(
+            error.contains("pending_max_bytes must be at least"),
+            "{error}"
+        );
+        assert!(Cli::try_parse_from(["clonekvd", "--max-bytes", "lots"]).is_err());
+    }
+
+    #[test]
     fn a_typo_in_the_config_file_is_an_error() {
         assert!(toml::from_str::<Settings>("prot = 1").is_err());
     }
@@ -726,6 +943,66 @@ mod tests {
             message.contains("in use") && message.contains("EADDRINUSE"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn curve_keys_come_from_the_config_file_all_three_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let own = KeyPair::generate().unwrap();
+        let peer = KeyPair::generate().unwrap();
+        let client = KeyPair::generate().unwrap();
+        let (own_file, _) = own.write(&dir.path().join("own"), false).unwrap();
+        let (_, peer_file) = peer.write(&dir.path().join("peer"), false).unwrap();
+        let clients = dir.path().join("clients");
+        std::fs::create_dir(&clients).unwrap();
+        client.write(&clients.join("app"), false).unwrap();
+        let text = format!(
+            "curve-secret-key = {:?}\ncurve-clients = {:?}\npeer-public-key = {:?}\n",
+            own_file.display().to_string(),
+            clients.display().to_string(),
+            peer_file.display().to_string()
+        );
+        let options = parse_config(&text).unwrap().into_options().unwrap();
+        let keys = options.curve.expect("CURVE configured");
+        assert_eq!(keys.own, own);
+        assert_eq!(keys.peer, peer.public());
+        assert!(keys.clients.contains(&client.public()));
+        // The peer's key may be given as Z85 on the command line too.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &peer.public().z85()]).unwrap();
+        let file = parse_config(&text).unwrap();
+        let options = cli.settings.over(file).into_options().unwrap();
+        assert_eq!(options.curve.map(|keys| keys.peer), Some(peer.public()));
+        // Any one missing is an error that names what is missing.
+        let partial = format!("curve-secret-key = {:?}\n", own_file.display().to_string());
+        let error = parse_config(&partial).unwrap().into_options().unwrap_err();
+        assert!(error.contains("--curve-clients"), "{error}");
+        let error = Cli::try_parse_from(["clonekvd", "--curve-clients", "x"])
+            .unwrap()
+            .settings
+            .over(Settings::default())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("need --curve-secret-key"), "{error}");
+        // Its own key as the peer's is a mistake.
+        let cli =
+            Cli::try_parse_from(["clonekvd", "--peer-public-key", &own.public().z85()]).unwrap();
+        let error = cli
+            .settings
+            .over(parse_config(&text).unwrap())
+            .into_options()
+            .unwrap_err();
+        assert!(error.contains("own public key"), "{error}");
+        // No keys: plain.
+        assert!(Settings::default().into_options().unwrap().curve.is_none());
+        // A Z85 key may start with a hyphen; it is still the flag's value.
+        let hyphen = format!("-{}", "0".repeat(39));
+        let cli = Cli::try_parse_from(["clonekvd", "--peer-public-key", &hyphen]).unwrap();
+        assert_eq!(
+            cli.settings.peer_public_key.as_deref(),
+            Some(hyphen.as_str())
+        );
+        assert!(PublicKey::from_key_or_file(&hyphen).is_ok());
     }
 
     #[test]

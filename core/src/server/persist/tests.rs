@@ -3,17 +3,20 @@ use proptest::prelude::*;
 use super::*;
 use crate::bstar::Role;
 use crate::kvmsg::{BstarState, KvMsg, Uuid};
-use crate::server::{Config, Output, Server};
+use crate::server::{Config, HashKey, Output, Server};
 use crate::time::{EpochMillis, Instant};
 
 const WALL: EpochMillis = EpochMillis(1_700_000_000_000);
+fn key() -> HashKey {
+    HashKey::from_bytes([0x5a; 16])
+}
 
 fn active_primary() -> Server {
     let config = Config {
         persistence: true,
         ..Config::primary()
     };
-    let mut server = Server::new(Instant::ZERO, WALL, config).unwrap();
+    let mut server = Server::new(Instant::ZERO, WALL, config, key()).unwrap();
     server.handle_peer_state(Instant::ZERO, WALL, &[BstarState::Backup.encode()]);
     assert_eq!(server.state(), BstarState::Active);
     server
@@ -85,7 +88,7 @@ fn a_record_comes_before_the_publish_it_makes_durable() {
 
 #[test]
 fn without_persistence_no_record_is_emitted() {
-    let mut server = Server::new(Instant::ZERO, WALL, Config::primary()).unwrap();
+    let mut server = Server::new(Instant::ZERO, WALL, Config::primary(), key()).unwrap();
     server.handle_peer_state(Instant::ZERO, WALL, &[BstarState::Backup.encode()]);
     set(&mut server, "/a", "1", 1);
     assert!(!drain(&mut server, &mut Vec::new()).contains(&"persist"));
@@ -133,7 +136,7 @@ fn a_snapshot_and_its_log_restore_the_map_and_numbering() {
 
     let mut config = Config::primary();
     config.persistence = true;
-    let mut again = Server::restore(Instant::ZERO, WALL, config, restored).unwrap();
+    let mut again = Server::restore(Instant::ZERO, WALL, config, key(), restored).unwrap();
     let keys: Vec<(Vec<u8>, Vec<u8>, i64)> = again
         .iter()
         .map(|(key, entry)| (key.to_vec(), entry.body().to_vec(), entry.sequence()))
@@ -171,7 +174,7 @@ fn a_restored_entry_past_its_ttl_is_deleted_before_anything_is_served() {
     let later = EpochMillis(WALL.0 + 5000);
     let mut config = Config::primary();
     config.persistence = true;
-    let mut again = Server::restore(Instant::ZERO, later, config, restored).unwrap();
+    let mut again = Server::restore(Instant::ZERO, later, config, key(), restored).unwrap();
     again.handle_peer_state(Instant::ZERO, later, &[BstarState::Backup.encode()]);
     assert!(again.get(b"/t").is_none());
     assert_eq!(again.sequence(), 2, "the expiry is published as a delete");
@@ -267,7 +270,7 @@ proptest! {
         prop_assert_eq!(torn, None);
         let restored = restorer.finish();
         prop_assert_eq!(restored.sequence(), server.sequence());
-        let again = Server::restore(Instant::ZERO, WALL, Config::primary(), restored).unwrap();
+        let again = Server::restore(Instant::ZERO, WALL, Config::primary(), key(), restored).unwrap();
         let ours: Vec<_> = server.iter().map(|(k, e)| (k.to_vec(), e.clone())).collect();
         let theirs: Vec<_> = again.iter().map(|(k, e)| (k.to_vec(), e.clone())).collect();
         prop_assert_eq!(ours, theirs);

@@ -15,6 +15,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use clonekv_zmq::client::{Client, ClientError, Event, ServerAddress, Status, DEFAULT_SERVERS};
 use clonekv_zmq::core::client::State;
 use clonekv_zmq::core::kvmsg::{Limits, HUGZ, KTHXBAI};
+use clonekv_zmq::curve::{KeyError, KeyPair, PublicKey};
 use clonekv_zmq::discovery::{
     Discovery, DiscoveryOptions, FoundServer, DEFAULT_CLUSTER, DEFAULT_DISCOVERY_PORT,
 };
@@ -44,8 +45,13 @@ this host is used: tcp://localhost:5556 (primary) and tcp://localhost:5566 (back
 server is given by its base endpoint P; the client also uses P+1 (updates) and P+2 \
 (collector).\n\n\
 Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
+Security: without --curve-secret-key the client speaks plain ZMTP (the zguide's wire), \
+readable and forgeable by anyone on the network. Servers started with CURVE keys need \
+--curve-secret-key (a pair from `clonekv keygen`, whose public key the servers admit) and \
+--server-public-key. See docs/SECURITY.md.\n\n\
 Exit status: 0 success; 1 key not found (get); 2 bad arguments or a refused update; \
-3 no server answered, or the commit was not confirmed, within --timeout; 4 other \
+3 no server answered, or the commit was not confirmed, within --timeout, or every server \
+refused our CURVE key; 4 other \
 failures (an update lost in a failover, a socket error)."
 )]
 struct Cli {
@@ -104,6 +110,30 @@ struct Cli {
     /// Silence from the current server before trying the next one.
     #[arg(long, value_name = "DURATION", default_value = "5s", global = true)]
     server_ttl: HumanDuration,
+
+    /// This client's CURVE key pair file (`clonekv keygen NAME` writes NAME.key): every
+    /// connection then uses CURVE. Needs --server-public-key. Without it the client
+    /// speaks plain ZMTP, which servers with keys refuse.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CLONEKV_CURVE_SECRET_KEY",
+        global = true
+    )]
+    curve_secret_key: Option<std::path::PathBuf>,
+
+    /// The servers' CURVE public key (Z85) or .pub file: one for every server, or one per
+    /// --server in the same order (repeat, or separate with commas).
+    #[arg(
+        long,
+        value_name = "KEY|FILE",
+        env = "CLONEKV_SERVER_PUBLIC_KEY",
+        value_delimiter = ',',
+        // A Z85 key may start with `-`.
+        allow_hyphen_values = true,
+        global = true
+    )]
+    server_public_key: Vec<String>,
 
     /// Print JSON (one object per line) instead of text.
     #[arg(long, global = true)]
@@ -186,6 +216,16 @@ enum Command {
     },
     /// Print the manual page (roff), e.g. `clonekv man | man -l -`.
     Man,
+    /// Write a new CURVE key pair: NAME.key (both keys; mode 0600, keep it secret) and
+    /// NAME.pub (the public key, for the other side's --curve-clients or
+    /// --server-public-key / --peer-public-key). Prints the public key.
+    Keygen {
+        /// Path and base name of the two files.
+        name: std::path::PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Measure a server's throughput, latency, snapshot, failover and memory against
     /// the raw libzmq limits of this machine (see docs/PERFORMANCE.md).
     Bench(bench::BenchArgs),
@@ -217,6 +257,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => return run_bench(args, cli.json),
         Command::Completions { shell } => return print_completions(*shell),
         Command::Man => return print_man_page(),
+        Command::Keygen { name, force } => return keygen(name, *force, cli.json),
         Command::BenchRelay {
             collector,
             publisher,
@@ -255,12 +296,76 @@ impl Failure {
     }
 }
 
+/// Each server's public key, in the order of `servers`: none, one for all, or one each.
+fn server_keys(cli: &Cli, servers: &[String]) -> Result<Vec<PublicKey>, Failure> {
+    let keys = cli
+        .server_public_key
+        .iter()
+        .map(|key| {
+            PublicKey::from_key_or_file(key)
+                .map_err(|error| Failure::new(EXIT_USAGE, format!("--server-public-key: {error}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    match keys.as_slice() {
+        [] => Ok(Vec::new()),
+        [key] => Ok(vec![*key; servers.len()]),
+        _ if keys.len() == servers.len() => Ok(keys),
+        _ => Err(Failure::new(
+            EXIT_USAGE,
+            format!(
+                "--server-public-key: {} keys for {} servers; give one key for all, or one per --server in order",
+                keys.len(),
+                servers.len()
+            ),
+        )),
+    }
+}
+
+/// `clonekv keygen NAME`: writes the pair and prints the public key.
+fn keygen(name: &std::path::Path, force: bool, json: bool) -> ExitCode {
+    let written = KeyPair::generate().and_then(|pair| {
+        let (secret, public) = pair.write(name, force)?;
+        Ok((pair.public(), secret, public))
+    });
+    match written {
+        Ok((key, secret, public)) => {
+            let mut out = Output::new(json);
+            if json {
+                out.json(json!({
+                    "public_key": key.z85(),
+                    "key_pair_file": secret.display().to_string(),
+                    "public_key_file": public.display().to_string(),
+                }));
+            } else {
+                out.line(&format!("{key}"));
+                eprintln!(
+                    "clonekv: wrote {} (secret: keep it, mode 0600) and {} (give it to the other side)",
+                    secret.display(),
+                    public.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            let status = match error {
+                KeyError::Io { .. } => EXIT_USAGE,
+                _ => EXIT_FAILURE,
+            };
+            eprintln!("clonekv: {error}");
+            ExitCode::from(status)
+        }
+    }
+}
+
 fn client_failure(error: ClientError, servers: &[String]) -> Failure {
     let status = match &error {
-        ClientError::NotSynced { .. } | ClientError::CommitTimeout { .. } => EXIT_UNAVAILABLE,
-        ClientError::Rejected(_) | ClientError::Endpoint { .. } | ClientError::Config(_) => {
-            EXIT_USAGE
-        }
+        ClientError::NotSynced { .. }
+        | ClientError::CommitTimeout { .. }
+        | ClientError::Handshake { .. } => EXIT_UNAVAILABLE,
+        ClientError::Rejected(_)
+        | ClientError::Endpoint { .. }
+        | ClientError::Config(_)
+        | ClientError::Curve(_) => EXIT_USAGE,
         _ => EXIT_FAILURE,
     };
     let message = match &error {
@@ -384,16 +489,37 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         .subtree(subtree)
         .server_ttl(cli.server_ttl.get());
     match &found.discovered {
-        Some((options, servers)) => {
+        Some((options, discovered)) => {
             builder = builder
                 .discover(options.clone())
-                .discovered(servers.clone());
-        }
-        None => {
-            for server in &servers {
-                builder = builder.server(server.clone());
+                .discovered(discovered.clone());
+            // Discovered servers, found at run time, take the one key given for both.
+            let keys = server_keys(cli, &["the pair".to_string()]).map_err(|_| {
+                Failure::new(
+                    EXIT_USAGE,
+                    "--server-public-key: servers found by discovery take one key for both \
+                     (a pair sharing one key pair); to give each server its own key, name them \
+                     with --server",
+                )
+            })?;
+            if let Some(key) = keys.first() {
+                builder = builder.server_public_key(*key);
             }
         }
+        None => {
+            let keys = server_keys(cli, &servers)?;
+            for (index, server) in servers.iter().enumerate() {
+                builder = match keys.get(index) {
+                    Some(key) => builder.server_with_key(server.clone(), *key),
+                    None => builder.server(server.clone()),
+                };
+            }
+        }
+    }
+    if let Some(path) = &cli.curve_secret_key {
+        let pair = KeyPair::read(path)
+            .map_err(|error| Failure::new(EXIT_USAGE, format!("--curve-secret-key: {error}")))?;
+        builder = builder.curve_key_pair(pair);
     }
     let client = builder.connect().map_err(fail)?;
     let timeout = cli.timeout.get();
@@ -556,7 +682,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         Command::Bench(_)
         | Command::BenchRelay { .. }
         | Command::Completions { .. }
-        | Command::Man => ExitCode::from(EXIT_USAGE),
+        | Command::Man
+        | Command::Keygen { .. } => ExitCode::from(EXIT_USAGE),
     };
     client.shutdown().map_err(fail)?;
     Ok(code)
@@ -733,11 +860,20 @@ fn report_update(out: &mut Output, verb: &str, key: &str, sequence: Option<i64>)
 }
 
 fn print_event(out: &mut Output, client: &Client, event: Event) {
+    // The status has each server's endpoint now: with discovery, a server found (or
+    // moved) after the client started is not in the list it started with.
     let endpoint = |index: usize| {
         client
-            .servers()
-            .get(index)
-            .map_or_else(|| index.to_string(), ToString::to_string)
+            .status()
+            .ok()
+            .and_then(|status| {
+                status
+                    .servers
+                    .get(index)
+                    .map(|server| server.endpoint.clone())
+            })
+            .filter(|endpoint| !endpoint.is_empty())
+            .unwrap_or_else(|| format!("server {index}"))
     };
     if out.json_mode {
         let value = match event {
@@ -827,6 +963,7 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
                     "sequence": server.sequence,
                     "keys": server.keys,
                     "heartbeat_age_seconds": age(server.last_heard),
+                    "handshake_failure": server.handshake_failure.map(|failure| failure.to_string()),
                 })
             })
             .collect();
@@ -866,6 +1003,8 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
         );
         let answered = if server.current && answered {
             "yes (snapshot)".to_string()
+        } else if let Some(failure) = server.handshake_failure {
+            format!("no: {failure}")
         } else if server.sequence.is_some() {
             "heartbeats only".to_string()
         } else if server.connected {
@@ -954,6 +1093,29 @@ impl Output {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_keys_are_one_for_all_or_one_each_and_may_start_with_a_hyphen() {
+        let hyphen = format!("-{}", "0".repeat(39));
+        let other = "0".repeat(40);
+        let servers = vec!["tcp://a:1".to_string(), "tcp://b:1".to_string()];
+        let parse = |keys: &str| {
+            let cli =
+                Cli::try_parse_from(["clonekv", "--server-public-key", keys, "status"]).unwrap();
+            server_keys(&cli, &servers)
+        };
+        let one = parse(&hyphen).ok().unwrap();
+        assert_eq!(one.len(), 2);
+        assert_eq!(one[0], one[1]);
+        let each = parse(&format!("{hyphen},{other}")).ok().unwrap();
+        assert_ne!(each[0], each[1]);
+        let three = parse(&format!("{hyphen},{other},{other}")).err().unwrap();
+        assert!(
+            three.message.contains("3 keys for 2 servers"),
+            "{}",
+            three.message
+        );
+    }
 
     #[test]
     fn the_help_text_is_valid() {

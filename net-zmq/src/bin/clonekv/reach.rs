@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use clonekv_zmq::client::{Client, ClientError, ServerStatus, Status};
 use clonekv_zmq::core::kvmsg::BstarState;
 
-/// How long every connection may fail before the CLI stops waiting: libzmq retries a
-/// refused connection every 100 ms, so a few failures each tell that nobody listens.
+/// How long every connection may fail (or every server refuse our CURVE key) before the
+/// CLI stops waiting: libzmq retries a refused connection every 100 ms, so a few
+/// failures each tell that nobody listens, or that nobody lets us in.
 const GIVE_UP_UNREACHABLE_AFTER: Duration = Duration::from_millis(700);
 
 /// How long a diagnostic TCP connect may take.
@@ -31,10 +32,19 @@ pub fn wait_for_server(client: &Client, timeout: Duration) -> Result<Outcome, Cl
         let left = timeout.saturating_sub(start.elapsed());
         match client.wait_synced(step.min(left)) {
             Ok(status) => return Ok(Outcome::Synced(status)),
-            Err(ClientError::NotSynced { .. }) => {}
+            Err(ClientError::NotSynced { .. } | ClientError::Handshake { .. }) => {}
             Err(error) => return Err(error),
         }
         let status = client.status()?;
+        let refused = status
+            .servers
+            .iter()
+            .all(|server| server.handshake_failure.is_some());
+        if refused && start.elapsed() >= GIVE_UP_UNREACHABLE_AFTER {
+            if let Some(error) = client.handshake_error() {
+                return Ok(Outcome::Unavailable(error.to_string()));
+            }
+        }
         let unreachable = status.servers.iter().all(|server| {
             !server.ever_connected && server.connects_failed > 0 && server.sequence.is_none()
         });
@@ -42,6 +52,9 @@ pub fn wait_for_server(client: &Client, timeout: Duration) -> Result<Outcome, Cl
             return Ok(Outcome::Unavailable(cannot_reach(&status.servers)));
         }
         if start.elapsed() >= timeout {
+            if let Some(error) = client.handshake_error() {
+                return Ok(Outcome::Unavailable(error.to_string()));
+            }
             return Ok(Outcome::Unavailable(nobody_answered(&status, timeout)));
         }
     }

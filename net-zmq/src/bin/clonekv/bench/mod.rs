@@ -22,7 +22,7 @@ use serde::Serialize;
 use clonekv_zmq::duration::HumanDuration;
 use prefix::{Prefix, PREFIX_LEN};
 use procs::{Ports, Process, Scratch, ServerPorts, Timing};
-use traffic::{Keys, Pace, Route, SearchPlan, Session, Shape};
+use traffic::{Keys, Pace, Route, RouteCurve, SearchPlan, Session, Shape};
 
 pub use relay::run as run_relay;
 
@@ -104,13 +104,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub steps: Option<u32>,
     /// Updates per second of the latency measurement [default: half the server's
-    /// zero-loss rate, or 20000 when throughput is skipped].
+    /// zero-loss rate (of the slower of the plain and the CURVE server), or 20000 when
+    /// throughput is skipped].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub latency_rate: Option<u32>,
-    /// Parts to leave out (comma-separated): throughput, pair, latency, snapshot,
-    /// failover, persistence (servers with a data directory, one per fsync policy, in
-    /// the throughput and latency tables), restart (a restart from a data directory
-    /// holding --keys keys).
+    /// Parts to leave out (comma-separated): throughput, pair, curve, latency, snapshot,
+    /// failover, persistence, restart. `curve` is a lone server with CURVE keys beside
+    /// the plain one, in the throughput and latency tables and their comparison (only on
+    /// servers started here); `persistence` three lone servers with a data directory, one
+    /// per fsync policy, in the same tables; `restart` a restart from a data directory
+    /// holding --keys keys.
     #[arg(long, value_name = "PART,...", value_delimiter = ',')]
     pub skip: Vec<String>,
 }
@@ -295,6 +298,7 @@ const ROUTES_FSYNC: [(&str, &str); 3] = [
     ("server --fsync batch", "batch"),
     ("server --fsync never", "never"),
 ];
+const ROUTE_SERVER_CURVE: &str = "server, CURVE";
 
 /// How long to wait for a started server or a route to come up.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -313,6 +317,8 @@ struct Targets {
     pair_processes: Vec<Process>,
     /// Lone servers with a data directory: (route, endpoint, process).
     persisted: Vec<(&'static str, String, Process)>,
+    /// A lone server with CURVE keys, and the keys of the bench's sockets for it.
+    curve: Option<(String, Process, RouteCurve)>,
 }
 
 /// Runs the bench and returns its report. Progress goes to stderr. On a server the
@@ -400,7 +406,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     let plan = SearchPlan { trial, steps };
     let drain = Duration::from_millis(300);
     let mut scratch = Scratch::new()?;
-    let mut ports = Ports::allocate(48)?;
+    let mut ports = Ports::allocate(52)?;
     let clonekvd = args
         .clonekvd
         .clone()
@@ -412,7 +418,8 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     } else {
         0
     };
-    let searches_per_count = 3 + usize::from(!args.skips("pair")) + persisted_routes;
+    let searches_per_count =
+        3 + usize::from(!args.skips("pair")) + usize::from(targets_curve(args)) + persisted_routes;
     let throughput_steps = if args.skips("throughput") {
         0
     } else {
@@ -492,8 +499,14 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
                 publisher_binds: false,
                 subscribe: plus(endpoint, 1)?,
                 backup_publisher: None,
+                curve: None,
             },
         ));
+    }
+    if let Some((endpoint, process, keys)) = targets.curve.as_mut() {
+        let waited = snapshot::wait_active(endpoint, PATIENCE, Some(keys));
+        process.check_running()?;
+        waited?;
     }
     relay_process.check_running()?;
     bar.inc(1);
@@ -503,6 +516,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
         publisher_binds: binds,
         subscribe: subscribe_to.to_string(),
         backup_publisher: None,
+        curve: None,
     };
     let direct_route = routes(&direct, vec![direct.clone()], true);
     let relay_route = routes(&relay_publisher, vec![relay_collector.clone()], false);
@@ -517,12 +531,21 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
             publisher_binds: false,
             subscribe: plus(primary, 1)?,
             backup_publisher: Some(plus(backup, 1)?),
+            curve: None,
+        }),
+        None => None,
+    };
+    let curve_route = match &targets.curve {
+        Some((endpoint, _, keys)) => Some(Route {
+            curve: Some(keys.clone()),
+            ..routes(&plus(endpoint, 1)?, vec![plus(endpoint, 2)?], false)
         }),
         None => None,
     };
 
     // 1 and 6: throughput of the server, the pair and the baselines.
     let mut server_max: Option<f64> = None;
+    let mut curve_max: Option<f64> = None;
     if !args.skips("throughput") {
         for &subscribers in &args.subscribers {
             let mut rows = Vec::new();
@@ -536,6 +559,9 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
             }
             for (name, _, route) in &persisted_routes {
                 candidates.push((name, Some(route)));
+            }
+            if curve_route.is_some() {
+                candidates.push((ROUTE_SERVER_CURVE, curve_route.as_ref()));
             }
             for (name, route) in candidates {
                 let Some(route) = route else {
@@ -558,6 +584,12 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
                         .into_iter()
                         .collect(),
                     ROUTE_PAIR => targets.pair_processes.iter().map(Process::pid).collect(),
+                    ROUTE_SERVER_CURVE => targets
+                        .curve
+                        .as_ref()
+                        .map(|(_, process, _)| process.pid())
+                        .into_iter()
+                        .collect(),
                     _ => persisted_routes
                         .iter()
                         .filter(|(route, ..)| *route == name)
@@ -593,6 +625,9 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
                         if name == ROUTE_SERVER && subscribers == 1 {
                             server_max = Some(search.rate());
                         }
+                        if name == ROUTE_SERVER_CURVE && subscribers == 1 {
+                            curve_max = Some(search.rate());
+                        }
                         rows.push(ThroughputRow {
                             route: name,
                             subscribers,
@@ -626,12 +661,18 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     }
     drop(targets.pair_processes.drain(..));
 
-    // 2: latency at half the server's zero-loss rate, and the relay's at that rate.
+    // 2: latency at half the server's zero-loss rate (half the slower one's when the
+    // CURVE server is measured too, so that every route sustains it), and the relay's
+    // at that rate.
     if !args.skips("latency") {
         bar.set_message("latency");
+        let slowest = match (server_max, curve_max) {
+            (Some(plain), Some(curve)) => Some(plain.min(curve)),
+            (plain, curve) => plain.or(curve),
+        };
         let rate = match args.latency_rate {
             Some(rate) => f64::from(rate),
-            None => server_max.map_or(20_000.0, |max| max / 2.0),
+            None => slowest.map_or(20_000.0, |max| max / 2.0),
         };
         let seconds = if args.quick { 2.0 } else { 5.0 };
         let mut routes = vec![(ROUTE_RELAY, &relay_route), (ROUTE_SERVER, &server_route)];
@@ -640,6 +681,9 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
                 .iter()
                 .map(|(name, _, route)| (*name, route)),
         );
+        if let Some(route) = &curve_route {
+            routes.push((ROUTE_SERVER_CURVE, route));
+        }
         let mut pools: Vec<Result<LatencyPool, BenchError>> =
             routes.iter().map(|_| LatencyPool::new()).collect();
         for _ in 0..LATENCY_ROUNDS {
@@ -670,6 +714,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     drop(relay_process);
     drop(targets.lone_process.take());
     drop(targets.persisted.drain(..));
+    drop(targets.curve.take());
 
     // 3 and 5: load the map, read the memory, take the snapshot.
     if !args.skips("snapshot") {
@@ -818,7 +863,7 @@ fn plus(endpoint: &str, offset: u16) -> Result<String, BenchError> {
 }
 
 fn wait_active(endpoint: &str, process: Option<&mut Process>) -> Result<(), BenchError> {
-    let waited = snapshot::wait_active(endpoint, PATIENCE);
+    let waited = snapshot::wait_active(endpoint, PATIENCE, None);
     if let Some(process) = process {
         process.check_running()?;
     }
@@ -845,6 +890,7 @@ fn start_targets(
                 .map(|backup| (endpoint.clone(), backup)),
             pair_processes: Vec::new(),
             persisted: Vec::new(),
+            curve: None,
         });
     }
     // A lone primary whose peer never answers: it becomes active on the first client
@@ -905,6 +951,16 @@ fn start_targets(
             persisted.push((route, me.endpoint(), process));
         }
     }
+    let curve = if targets_curve(args) {
+        let me = ServerPorts::take(ports)?;
+        let (flags, keys) = curve_keys(&scratch.path)?;
+        let mut server_args = procs::server_args(me, dummy_peer, false, Timing::DEFAULT, args.hwm);
+        server_args.extend(flags);
+        let process = Process::spawn("lone-curve", clonekvd, &server_args, &scratch.path)?;
+        Some((me.endpoint(), process, keys))
+    } else {
+        None
+    };
     Ok(Targets {
         lone,
         lone_process: Some(lone_process),
@@ -914,7 +970,50 @@ fn start_targets(
         pair,
         pair_processes,
         persisted,
+        curve,
     })
+}
+
+/// Whether the run measures a server with CURVE keys: only on servers it starts, and
+/// only where throughput or latency is measured.
+fn targets_curve(args: &BenchArgs) -> bool {
+    args.endpoint.is_none()
+        && !args.skips("curve")
+        && !(args.skips("throughput") && args.skips("latency"))
+}
+
+/// Key pairs for the CURVE server and the bench's sockets, written to `dir`: the
+/// server's flags and the bench's keys.
+fn curve_keys(dir: &std::path::Path) -> Result<(Vec<String>, RouteCurve), BenchError> {
+    use clonekv_zmq::curve::KeyPair;
+    let failed =
+        |error: clonekv_zmq::curve::KeyError| BenchError::new(format!("CURVE keys: {error}"));
+    let server = KeyPair::generate().map_err(failed)?;
+    let client = KeyPair::generate().map_err(failed)?;
+    let peer = KeyPair::generate().map_err(failed)?;
+    let clients = dir.join("curve-clients");
+    std::fs::create_dir_all(&clients).map_err(|error| {
+        BenchError::new(format!("cannot create {}: {error}", clients.display()))
+    })?;
+    let (server_file, _) = server
+        .write(&dir.join("curve-server"), true)
+        .map_err(failed)?;
+    client.write(&clients.join("bench"), true).map_err(failed)?;
+    let flags = vec![
+        "--curve-secret-key".to_string(),
+        server_file.display().to_string(),
+        "--curve-clients".to_string(),
+        clients.display().to_string(),
+        "--peer-public-key".to_string(),
+        peer.public().z85(),
+    ];
+    Ok((
+        flags,
+        RouteCurve {
+            own: client,
+            server: server.public(),
+        },
+    ))
 }
 
 fn start_pair(
@@ -1028,6 +1127,7 @@ fn load_and_snapshot(
         publisher_binds: false,
         subscribe: plus(&targets.loaded, 1)?,
         backup_publisher: None,
+        curve: None,
     };
     let mut session = Session::open(&route, 1, 1, shape, args.hwm, Duration::from_millis(300))?;
     let rss_empty = rss();
@@ -1171,6 +1271,7 @@ fn measure_restart(
         publisher_binds: false,
         subscribe: plus(&endpoint, 1)?,
         backup_publisher: None,
+        curve: None,
     };
     let mut session = Session::open(&route, 1, 1, shape, args.hwm, Duration::from_millis(300))?;
     session.warm_up(PATIENCE)?;
@@ -1314,6 +1415,12 @@ pub fn render(report: &Report) -> String {
             out,
             "  ({LATENCY_ROUNDS} rounds, the routes taking turns; p99 of each round: {})",
             rounds.join("; ")
+        );
+    }
+    if let Some(cost) = curve_cost(report) {
+        let _ = writeln!(
+            out,
+            "\ncost of CURVE: the same lone server with and without keys, in this run\n{cost}"
         );
     }
     if let Some(snapshot) = &report.snapshot {
@@ -1471,6 +1578,74 @@ pub fn render(report: &Report) -> String {
 
 /// A borderless table indented by two spaces like the rest of the report: the first
 /// column left-aligned, the others right-aligned, two spaces between columns.
+/// The plain server's figures beside the CURVE server's, from the throughput and latency
+/// rows of one run; `None` if the run measured no CURVE server.
+fn curve_cost(report: &Report) -> Option<String> {
+    let mut rows = Vec::new();
+    let ratio = |plain: f64, curve: f64| {
+        if plain > 0.0 {
+            format!("{:.2}", curve / plain)
+        } else {
+            "-".to_string()
+        }
+    };
+    let throughput = |route: &str, subscribers: usize| {
+        report
+            .throughput
+            .iter()
+            .find(|row| row.route == route && row.subscribers == subscribers)
+    };
+    let mut counts: Vec<usize> = report
+        .throughput
+        .iter()
+        .map(|row| row.subscribers)
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for subscribers in counts {
+        let (Some(plain), Some(curve)) = (
+            throughput(ROUTE_SERVER, subscribers),
+            throughput(ROUTE_SERVER_CURVE, subscribers),
+        ) else {
+            continue;
+        };
+        rows.push(vec![
+            format!("updates, {subscribers} sub"),
+            format!("{:.0}k/s", plain.updates_per_s / 1_000.0),
+            format!("{:.0}k/s", curve.updates_per_s / 1_000.0),
+            ratio(plain.updates_per_s, curve.updates_per_s),
+        ]);
+        if let (Some(plain_cpu), Some(curve_cpu)) =
+            (plain.cpu_us_per_update, curve.cpu_us_per_update)
+        {
+            rows.push(vec![
+                format!("server CPU/update, {subscribers} sub"),
+                format!("{plain_cpu:.1} µs"),
+                format!("{curve_cpu:.1} µs"),
+                ratio(plain_cpu, curve_cpu),
+            ]);
+        }
+    }
+    let latency = |route: &str| report.latency.iter().find(|row| row.route == route);
+    if let (Some(plain), Some(curve)) = (latency(ROUTE_SERVER), latency(ROUTE_SERVER_CURVE)) {
+        for (name, plain_us, curve_us) in [
+            ("latency p50", plain.p50_us, curve.p50_us),
+            ("latency p99", plain.p99_us, curve.p99_us),
+        ] {
+            rows.push(vec![
+                format!("{name} at {:.0}k/s", plain.rate_per_s / 1_000.0),
+                format!("{plain_us:.0}µs"),
+                format!("{curve_us:.0}µs"),
+                ratio(plain_us, curve_us),
+            ]);
+        }
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(table(&["figure", "plain", "CURVE", "CURVE / plain"], rows))
+}
+
 fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
     let mut table = Table::new();
     table
@@ -1563,8 +1738,13 @@ mod tests {
                     Some(0.36),
                 ),
                 throughput(ROUTE_PAIR, 10, 41_000.0, Some(24.1), None, None),
+                throughput(ROUTE_SERVER_CURVE, 1, 77_000.0, Some(11.4), None, None),
             ],
-            latency: vec![latency(ROUTE_RELAY, 109.0), latency(ROUTE_SERVER, 139.0)],
+            latency: vec![
+                latency(ROUTE_RELAY, 109.0),
+                latency(ROUTE_SERVER, 139.0),
+                latency(ROUTE_SERVER_CURVE, 278.0),
+            ],
             snapshot: None,
             memory: None,
             restart: None,
@@ -1610,11 +1790,27 @@ update throughput (zero loss, in order)
   raw relay           1   249k/s  299k/s      1.00        0.59      3.2 µs
   server              1   154k/s  185k/s      0.62        0.36      5.7 µs
   server + backup    10    41k/s   49k/s         -           -     24.1 µs
+  server, CURVE       1    77k/s   92k/s         -           -     11.4 µs
 
 update latency, KVSET sent → KVPUB received (1 subscriber)
-  route       rate    p50     p99   p99.9     max
-  raw relay  77k/s  109µs  1690µs  4800µs  6800µs
-  server     77k/s  139µs  1690µs  4800µs  6800µs
+  route           rate    p50     p99   p99.9     max
+  raw relay      77k/s  109µs  1690µs  4800µs  6800µs
+  server         77k/s  139µs  1690µs  4800µs  6800µs
+  server, CURVE  77k/s  278µs  1690µs  4800µs  6800µs
+";
+        assert!(text.contains(expected), "{text}");
+    }
+
+    #[test]
+    fn the_cost_of_curve_sets_the_keyed_server_beside_the_plain_one() {
+        let text = render(&sample());
+        let expected = "
+cost of CURVE: the same lone server with and without keys, in this run
+  figure                     plain    CURVE  CURVE / plain
+  updates, 1 sub            154k/s    77k/s           0.50
+  server CPU/update, 1 sub  5.7 µs  11.4 µs           2.00
+  latency p50 at 77k/s       139µs    278µs           2.00
+  latency p99 at 77k/s      1690µs   1690µs           1.00
 ";
         assert!(text.contains(expected), "{text}");
     }

@@ -357,9 +357,15 @@ mod tests {
     #[test]
     fn this_process_has_memory_cpu_time_and_a_load_average() {
         let pid = std::process::id();
+        // Spin until the kernel has charged this process a clock tick: 30 ms of wall
+        // time were not always one tick of CPU on a machine loaded 10 times over.
         let spin = std::time::Instant::now();
-        while spin.elapsed() < Duration::from_millis(30) {
-            std::hint::black_box(0u64);
+        while spin.elapsed() < Duration::from_secs(10)
+            && cpu_time_of(pid).is_none_or(|cpu| cpu == Duration::ZERO)
+        {
+            for _ in 0..100_000 {
+                std::hint::black_box(0u64);
+            }
         }
         assert!(rss_of(pid).is_some_and(|bytes| bytes > 1_000_000));
         assert!(cpu_time_of(pid).is_some_and(|cpu| cpu > Duration::ZERO));

@@ -6,14 +6,19 @@ use std::time::{Duration, Instant};
 
 use clonekv_zmq::core::kvmsg::{SnapshotRequest, KTHXBAI};
 
-use super::traffic::Shape;
+use super::traffic::{RouteCurve, Shape};
 use super::BenchError;
 
 /// A DEALER to a server's snapshot ROUTER.
-fn dealer(context: &zmq::Context, endpoint: &str) -> Result<zmq::Socket, BenchError> {
+fn dealer(
+    context: &zmq::Context,
+    endpoint: &str,
+    curve: Option<&RouteCurve>,
+) -> Result<zmq::Socket, BenchError> {
     let socket = context
         .socket(zmq::DEALER)
         .map_err(|error| BenchError::new(format!("cannot create a DEALER: {error}")))?;
+    RouteCurve::apply(curve, &socket)?;
     socket
         .set_linger(0)
         .and_then(|()| socket.connect(endpoint))
@@ -31,12 +36,16 @@ fn send_request(socket: &zmq::Socket, subtree: &[u8]) -> Result<(), BenchError> 
 /// Asks for an (empty) snapshot until one is answered: a server that answers is active.
 /// A lone primary becomes active on the first request after its peer has been silent
 /// for its peer expiry; a passive never answers.
-pub fn wait_active(endpoint: &str, patience: Duration) -> Result<Duration, BenchError> {
+pub fn wait_active(
+    endpoint: &str,
+    patience: Duration,
+    curve: Option<&RouteCurve>,
+) -> Result<Duration, BenchError> {
     let context = zmq::Context::new();
     let began = Instant::now();
     while began.elapsed() < patience {
         // A fresh DEALER per attempt: a late reply to an earlier request is never read.
-        let socket = dealer(&context, endpoint)?;
+        let socket = dealer(&context, endpoint, curve)?;
         // `HUGZ` is a reserved key: the snapshot of that subtree is empty.
         send_request(&socket, clonekv_zmq::core::kvmsg::HUGZ)?;
         let attempt = Instant::now();
@@ -85,7 +94,7 @@ pub fn take(
     mut progress: impl FnMut(u64),
 ) -> Result<SnapshotResult, BenchError> {
     let context = zmq::Context::new();
-    let socket = dealer(&context, endpoint)?;
+    let socket = dealer(&context, endpoint, None)?;
     let mut present = vec![false; expected as usize];
     let began = Instant::now();
     send_request(&socket, shape.prefix.as_bytes())?;
@@ -156,7 +165,7 @@ pub fn take(
 /// high-water mark, the KTHXBAI too). Fails if nothing at all arrives within `patience`.
 pub fn count(endpoint: &str, subtree: &[u8], patience: Duration) -> Result<u64, BenchError> {
     let context = zmq::Context::new();
-    let socket = dealer(&context, endpoint)?;
+    let socket = dealer(&context, endpoint, None)?;
     // No limit on this side: whatever the server sends is taken.
     socket
         .set_rcvhwm(0)

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use clonekv_zmq::curve::{self, KeyPair, PublicKey};
 use hdrhistogram::Histogram;
 
 use super::prefix::{Prefix, PREFIX_LEN};
@@ -56,6 +57,26 @@ pub struct Route {
     /// A backup server's publisher: its HUGZ carry the sequence it has applied, so a
     /// trial also checks that the backup kept up.
     pub backup_publisher: Option<String>,
+    /// CURVE keys for every socket of the route (`None`: plain ZMTP).
+    pub curve: Option<RouteCurve>,
+}
+
+/// The CURVE keys of a route's sockets: the bench's own pair and the server's public key.
+#[derive(Clone, Debug)]
+pub struct RouteCurve {
+    pub own: KeyPair,
+    pub server: PublicKey,
+}
+
+impl RouteCurve {
+    /// Makes `socket` a CURVE client of the server; before it connects.
+    pub fn apply(curve: Option<&RouteCurve>, socket: &zmq::Socket) -> Result<(), BenchError> {
+        match curve {
+            Some(keys) => curve::make_client(socket, &keys.own, &keys.server)
+                .map_err(|error| BenchError::new(format!("cannot set CURVE keys: {error}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sizes of the generated updates.
@@ -218,6 +239,7 @@ impl Session {
                 .set_sndhwm(hwm)
                 .and_then(|()| publisher.set_linger(0))
                 .map_err(zmq_error("cannot configure the PUB for", "the bench"))?;
+            RouteCurve::apply(route.curve.as_ref(), &publisher)?;
             for endpoint in &route.publish {
                 if route.publisher_binds {
                     publisher
@@ -233,7 +255,13 @@ impl Session {
         }
         let mut sockets = Vec::with_capacity(subscribers);
         for _ in 0..subscribers {
-            sockets.push(subscriber(&subscriber_context, &route.subscribe, b"", hwm)?);
+            sockets.push(subscriber(
+                &subscriber_context,
+                &route.subscribe,
+                b"",
+                hwm,
+                route.curve.as_ref(),
+            )?);
         }
         let backup = match &route.backup_publisher {
             Some(endpoint) => Some(subscriber(
@@ -241,6 +269,7 @@ impl Session {
                 endpoint,
                 clonekv_zmq::core::kvmsg::HUGZ,
                 hwm,
+                None,
             )?),
             None => None,
         };
@@ -467,6 +496,7 @@ fn subscriber(
     endpoint: &str,
     prefix: &[u8],
     hwm: i32,
+    curve: Option<&RouteCurve>,
 ) -> Result<zmq::Socket, BenchError> {
     let socket = context
         .socket(zmq::SUB)
@@ -476,6 +506,7 @@ fn subscriber(
         .and_then(|()| socket.set_linger(0))
         .and_then(|()| socket.set_subscribe(prefix))
         .map_err(zmq_error("cannot configure the SUB for", endpoint))?;
+    RouteCurve::apply(curve, &socket)?;
     socket
         .connect(endpoint)
         .map_err(zmq_error("cannot connect to", endpoint))?;
@@ -980,6 +1011,7 @@ mod tests {
             publisher_binds: true,
             subscribe: endpoint,
             backup_publisher: None,
+            curve: None,
         };
         let shape = Shape {
             key_len: 16,
