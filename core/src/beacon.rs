@@ -17,9 +17,10 @@
 //! - **Addresses do not flap.** A node on a multi-homed host, or one heard both over
 //!   loopback and over the LAN, reaches us from several source addresses. A peer's
 //!   address moves to another source only once its current address has been silent for
-//!   [`ADDRESS_SILENCE_INTERVALS`] intervals (see [`followed_address`]); so a server that
-//!   really moves is followed within about that many intervals, and one heard from two
-//!   addresses keeps the first.
+//!   [`address_silence`] (two and a half intervals; see [`followed_address`]); so a
+//!   server that really moves is followed within about three intervals, and one heard
+//!   from two addresses keeps the first as long as no two beacons in a row are lost on
+//!   its path.
 //! - **Clients ask once, then listen.** A [`Kind::Client`] emits exactly one datagram,
 //!   when created: a *solicitation* (its own beacon), so that a command-line client need
 //!   not wait up to an interval for the servers' next beacons. A client is never a peer:
@@ -72,10 +73,22 @@ pub const VERSION: u8 = 1;
 pub const MAX_CLUSTER_LEN: usize = 64;
 /// Longest valid datagram; anything longer is dropped unread.
 pub const MAX_DATAGRAM_LEN: usize = 4 + 1 + 1 + MAX_CLUSTER_LEN + 16 + 1 + 1 + 2 + 2;
-/// How many intervals a peer's current address must be silent before the peer is
-/// followed to another address it is heard from (see [`followed_address`]). Two, so that
-/// one lost beacon on the current path never moves a multi-homed peer.
+/// How many whole intervals a peer's current address must be silent before the peer is
+/// followed to another address it is heard from; [`address_silence`] adds half an
+/// interval for jitter.
 pub const ADDRESS_SILENCE_INTERVALS: u32 = 2;
+
+/// How long a peer's current address must be silent before the peer is followed to
+/// another address it is heard from (see [`followed_address`]):
+/// [`ADDRESS_SILENCE_INTERVALS`] intervals and a half. With one beacon lost on the
+/// current path, that path's next one is due two intervals after the last, and arrives
+/// early or late by the jitter; the copy heard over the other path may arrive first. The
+/// half interval keeps that race, and so one lost beacon, from moving a multi-homed peer.
+pub fn address_silence(interval: Duration) -> Duration {
+    interval
+        .saturating_mul(ADDRESS_SILENCE_INTERVALS)
+        .saturating_add(interval / 2)
+}
 
 /// At most this many beacons per interval answer solicitations, beyond the regular one
 /// (see [`Beacon::answer_solicitation`]).
@@ -84,7 +97,7 @@ pub const SOLICITED_BEACONS_PER_INTERVAL: u32 = 10;
 /// What a node is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
-    /// A client: it only listens (it sends no beacon).
+    /// A client: it listens, after one solicitation when it starts (it is never a peer).
     Client,
     /// A server configured as the primary.
     Primary,
@@ -93,7 +106,7 @@ pub enum Kind {
 }
 
 /// What a server announces about itself.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Announcement {
     /// Primary or backup (a client announces [`Kind::Client`] and no ports).
     pub kind: Kind,
@@ -106,7 +119,7 @@ pub struct Announcement {
 }
 
 /// A beacon as it travels.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Datagram {
     /// The cluster it belongs to.
     pub cluster: Vec<u8>,
@@ -335,7 +348,7 @@ pub enum Error {
 }
 
 /// A node this one hears.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Peer {
     /// Its instance id.
     pub instance: [u8; 16],
@@ -357,7 +370,7 @@ struct Tracked {
 
 /// The address a peer is reached at after one of its beacons arrives from `source` at
 /// `now`: its `current` address, unless that has been silent (last heard at
-/// `current_heard_at`) for [`ADDRESS_SILENCE_INTERVALS`] intervals, in which case
+/// `current_heard_at`) for [`address_silence`], in which case
 /// `source`. This is the whole address rule: a multi-homed peer's address does not
 /// flap, and a peer that really moves is followed.
 pub fn followed_address(
@@ -367,8 +380,7 @@ pub fn followed_address(
     now: Instant,
     interval: Duration,
 ) -> IpAddr {
-    let current_silent_since = interval.saturating_mul(ADDRESS_SILENCE_INTERVALS);
-    if source != current && current_heard_at + current_silent_since <= now {
+    if source != current && current_heard_at + address_silence(interval) <= now {
         source
     } else {
         current
@@ -376,7 +388,7 @@ pub fn followed_address(
 }
 
 /// A change in the peer table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Event {
     /// A peer was heard for the first time (or again after it was down).
     PeerUp(Peer),
@@ -390,7 +402,7 @@ pub enum Event {
 }
 
 /// An effect for the host.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Output {
     /// Broadcast this datagram.
     Send(Vec<u8>),

@@ -161,6 +161,11 @@ pub struct Config {
     /// repeat lets that happen within this long of the peer's expiry, not at the next
     /// server change.
     pub request_retry: Duration,
+    /// Apply the client's own updates to the local map at once, as provisional entries
+    /// with sequence 0 (§8, the default). Off, the map and the events change only with
+    /// what the server publishes: an own update appears with its echo, at its sequence,
+    /// so every event names a committed change (what a gateway serving watches needs).
+    pub apply_own_updates: bool,
 }
 
 impl Default for Config {
@@ -175,6 +180,7 @@ impl Default for Config {
             max_in_flight: 10_000,
             echo_timeout: Duration::from_secs(5),
             request_retry: Duration::from_millis(200),
+            apply_own_updates: true,
         }
     }
 }
@@ -738,6 +744,17 @@ impl Client {
     /// The local map in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> + '_ {
         self.map.iter().map(|(key, entry)| (key.as_slice(), entry))
+    }
+
+    /// The local map in key order from `start` on, so that a large map can be read in
+    /// pages.
+    pub fn iter_from(
+        &self,
+        start: std::ops::Bound<&[u8]>,
+    ) -> impl Iterator<Item = (&[u8], &Entry)> + '_ {
+        self.map
+            .range::<[u8], _>((start, std::ops::Bound::Unbounded))
+            .map(|(key, entry)| (key.as_slice(), entry))
     }
 
     /// Number of keys in the local map.
@@ -1609,7 +1626,7 @@ impl Client {
         });
         let echoable = message.key.starts_with(&self.config.subtree);
         self.remember_in_flight(uuid, echoable);
-        if echoable {
+        if echoable && self.config.apply_own_updates {
             self.store(message);
         }
         uuid
@@ -1634,7 +1651,9 @@ impl Client {
         }
         self.issued += 1;
         self.in_flight_by_age.insert(self.issued, uuid);
-        let echo_deadline = echoable.then(|| self.clock + self.config.echo_timeout);
+        // Only a provisional entry can leave the map wrong when its echo never comes.
+        let provisional = echoable && self.config.apply_own_updates;
+        let echo_deadline = provisional.then(|| self.clock + self.config.echo_timeout);
         if let Some(deadline) = echo_deadline {
             self.echo_deadlines.insert((deadline, self.issued), uuid);
         }

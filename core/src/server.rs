@@ -1023,6 +1023,19 @@ impl Server {
         self.store.len() == 0
     }
 
+    /// Updates a syncing passive holds until its snapshot completes (every layer), or
+    /// the active's updates held while still deciding; 0 otherwise.
+    pub fn sync_backlog_len(&self) -> usize {
+        match &self.follow {
+            Follow::Syncing(sync) => {
+                sync.backlog.len()
+                    + sync.unconfirmed.iter().map(Vec::len).sum::<usize>()
+                    + sync.reconnected.iter().map(Vec::len).sum::<usize>()
+            }
+            _ => self.before_passive.len(),
+        }
+    }
+
     /// Entries on the pending list (client copies and early echoes).
     pub fn pending_len(&self) -> usize {
         self.pending.len()

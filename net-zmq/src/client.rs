@@ -106,13 +106,15 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
+use std::ops::Bound;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant as StdInstant};
 
-use clonekv_core::beacon::CLIENT_SLOTS;
+use clonekv_core::beacon::{Kind, CLIENT_SLOTS};
 use clonekv_core::client::{
     self as core_client, Channel, Client as CoreClient, LostReason, Output, ServerIndex, State,
 };
@@ -130,6 +132,7 @@ use crate::discovery::{
 };
 use crate::log::{send_or_log, RateLimiter};
 use crate::socket::{largest_legal_frame, HandshakeFailure, ReconnectMonitor, ZmqSocket};
+use crate::watch::{Change, History, Resume};
 
 /// The servers a client uses when none are given: the reference primary and backup on
 /// this host.
@@ -323,6 +326,29 @@ fn describe_lost(reason: LostReason) -> &'static str {
     }
 }
 
+/// How long `entry` has left before its server deletes it; `None` if it never expires.
+/// An entry from an update carries the ttl it was sent with (counted from when it was
+/// received); one from a snapshot carries its expiry time.
+pub fn remaining_ttl(entry: &Entry) -> Option<Duration> {
+    use clonekv_core::kvmsg::{KvMsg, Ttl};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let message = KvMsg {
+        properties: entry.properties.clone(),
+        ..KvMsg::default()
+    };
+    match message.peer_ttl().ok().flatten()? {
+        Ttl::Relative(ttl) => Some(ttl),
+        Ttl::ExpiresAt(at) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| {
+                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                });
+            Some(Duration::from_millis(at.0.saturating_sub(now)))
+        }
+    }
+}
+
 /// A change to the client's map, or to its connection, as seen by [`Client::subscribe`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -452,6 +478,114 @@ impl Iterator for Events {
     }
 }
 
+/// How a [`Watch`] starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchStart {
+    /// Right after the change `after`: the changes that follow are every change since.
+    Resumed {
+        /// The sequence the caller gave.
+        after: i64,
+    },
+    /// With the keys under the prefix as they are at `sequence`; the changes that follow
+    /// are those after it.
+    Snapshot {
+        /// The id of the latest change the snapshot includes.
+        sequence: i64,
+        /// The entries under the prefix, in key order.
+        entries: Vec<(Vec<u8>, Entry)>,
+        /// Why the watch did not resume.
+        reason: SnapshotReason,
+    },
+}
+
+/// Why a [`Watch`] starts with a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotReason {
+    /// No sequence was given.
+    New,
+    /// The history no longer holds every change after the sequence given.
+    Gone,
+    /// The sequence given is above the latest change this client has: it is behind
+    /// (asking again a little later may resume), or the sequence is another history's.
+    Ahead,
+}
+
+/// Why a [`Watch`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The watcher left more changes unread than its capacity.
+    TooSlow,
+    /// The client stopped.
+    Stopped,
+}
+
+/// The committed changes under a prefix, from [`Client::watch`]: first
+/// [`Watch::start`], then each change with its id (its sequence; see
+/// [`crate::watch`] for the one exception).
+#[derive(Debug)]
+pub struct Watch {
+    /// How the watch starts.
+    pub start: WatchStart,
+    changes: tokio::sync::mpsc::Receiver<(i64, Arc<Change>)>,
+    too_slow: Arc<AtomicBool>,
+}
+
+impl Watch {
+    /// The next change and its id, waiting for it; `Err` once the watch has ended.
+    pub async fn next(&mut self) -> Result<(i64, Arc<Change>), WatchEnd> {
+        match self.changes.recv().await {
+            Some(item) => Ok(item),
+            None => Err(self.end()),
+        }
+    }
+
+    /// Like [`Watch::next`], for a thread outside an async runtime.
+    pub fn blocking_next(&mut self) -> Result<(i64, Arc<Change>), WatchEnd> {
+        match self.changes.blocking_recv() {
+            Some(item) => Ok(item),
+            None => Err(self.end()),
+        }
+    }
+
+    /// True once the watch was cut off for falling behind (its queued changes may
+    /// still be read).
+    pub fn is_too_slow(&self) -> bool {
+        self.too_slow.load(Ordering::SeqCst)
+    }
+
+    fn end(&self) -> WatchEnd {
+        if self.too_slow.load(Ordering::SeqCst) {
+            WatchEnd::TooSlow
+        } else {
+            WatchEnd::Stopped
+        }
+    }
+}
+
+struct Watcher {
+    prefix: Vec<u8>,
+    sender: tokio::sync::mpsc::Sender<(i64, Arc<Change>)>,
+    too_slow: Arc<AtomicBool>,
+}
+
+impl Watcher {
+    /// Sends `change` if it is under the prefix; false once the watch has ended (its
+    /// receiver is gone, or it fell behind and is cut off).
+    fn deliver(&self, id: i64, change: &Arc<Change>) -> bool {
+        if !change.key.starts_with(&self.prefix) {
+            return !self.sender.is_closed();
+        }
+        match self.sender.try_send((id, Arc::clone(change))) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                self.too_slow.store(true, Ordering::SeqCst);
+                false
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
 /// Settings for a [`Client`]; see [`Client::builder`].
 #[derive(Clone, Debug)]
 pub struct ClientBuilder {
@@ -462,8 +596,12 @@ pub struct ClientBuilder {
     key_pair: Option<KeyPair>,
     /// The public key of every server added without its own (and of discovered ones).
     server_public_key: Option<PublicKey>,
+    /// With discovery: the public key of the server of each kind, when they differ.
+    kind_keys: BTreeMap<Kind, PublicKey>,
     config: core_client::Config,
     event_capacity: usize,
+    history_len: usize,
+    history_bytes: usize,
     hwm: i32,
     linger: Duration,
 }
@@ -482,8 +620,11 @@ impl Default for ClientBuilder {
             discovered: Vec::new(),
             key_pair: None,
             server_public_key: None,
+            kind_keys: BTreeMap::new(),
             config: core_client::Config::default(),
             event_capacity: 65_536,
+            history_len: 0,
+            history_bytes: 0,
             hwm: crate::server::DEFAULT_HWM,
             linger: Duration::from_secs(1),
         }
@@ -501,6 +642,13 @@ impl ClientBuilder {
     /// Adds a server by its three endpoints.
     pub fn server_address(mut self, address: ServerAddress) -> Self {
         self.servers.push((ServerSpec::Explicit(address), None));
+        self
+    }
+
+    /// Adds a server by its three endpoints, with its CURVE public key.
+    pub fn server_address_with_key(mut self, address: ServerAddress, key: PublicKey) -> Self {
+        self.servers
+            .push((ServerSpec::Explicit(address), Some(key)));
         self
     }
 
@@ -525,6 +673,13 @@ impl ClientBuilder {
     /// talks only to a server that proves it holds the secret key.
     pub fn server_public_key(mut self, key: PublicKey) -> Self {
         self.server_public_key = Some(key);
+        self
+    }
+
+    /// With [`ClientBuilder::discover`]: the CURVE public key of the cluster's server of
+    /// `kind` (primary or backup), for a pair whose servers have keys of their own.
+    pub fn discovered_server_key(mut self, kind: Kind, key: PublicKey) -> Self {
+        self.kind_keys.insert(kind, key);
         self
     }
 
@@ -590,6 +745,24 @@ impl ClientBuilder {
         self
     }
 
+    /// Applies the client's own updates to the local map at once, before their commit
+    /// (default true, §8). With false, the map and every event change only with what
+    /// the server publishes, at its sequence: what [`Client::watch`] users need to see
+    /// committed changes only.
+    pub fn apply_own_updates(mut self, apply: bool) -> Self {
+        self.config.apply_own_updates = apply;
+        self
+    }
+
+    /// Keeps the latest `changes` committed changes (at most `bytes` of keys and
+    /// values) so that a [`Client::watch`] can resume after a sequence it saw (default:
+    /// none kept, so a watch always starts with a snapshot).
+    pub fn history(mut self, changes: usize, bytes: usize) -> Self {
+        self.history_len = changes;
+        self.history_bytes = bytes;
+        self
+    }
+
     /// High-water mark of the update sockets: messages queued before libzmq drops
     /// (default 100 000).
     pub fn hwm(mut self, hwm: i32) -> Self {
@@ -626,7 +799,15 @@ impl ClientBuilder {
                         None => Ok(ServerAddress::undiscovered()),
                     },
                 )
-                .map(|address| address.map(|address| (ServerSpec::Explicit(address), None)))
+                .zip(CLIENT_SLOTS)
+                .map(|(address, kind)| {
+                    address.map(|address| {
+                        (
+                            ServerSpec::Explicit(address),
+                            self.kind_keys.get(&kind).copied(),
+                        )
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?
         } else if self.servers.is_empty() {
             DEFAULT_SERVERS
@@ -762,6 +943,10 @@ impl ClientBuilder {
             publisher,
             addresses: addresses.clone(),
             subscribers: Vec::new(),
+            watchers: Vec::new(),
+            history: History::new(self.history_len, self.history_bytes),
+            synced_once: false,
+            unrecorded: Vec::new(),
             commit_waiters: BTreeMap::new(),
             sync_waiters: Vec::new(),
             limiter: RateLimiter::new(Duration::from_secs(10)),
@@ -804,7 +989,7 @@ type CommitOutcome = Result<i64, LostReason>;
 enum Command {
     Get {
         key: Vec<u8>,
-        reply: Sender<Option<Entry>>,
+        reply: Reply<Option<Entry>>,
     },
     Dump {
         prefix: Vec<u8>,
@@ -814,19 +999,51 @@ enum Command {
         key: Vec<u8>,
         /// `Some((value, ttl))` to set, `None` to delete.
         value: Option<(Vec<u8>, Option<Duration>)>,
-        confirm: Option<Sender<CommitOutcome>>,
-        reply: Sender<Result<Uuid, core_client::Error>>,
+        confirm: Option<Reply<CommitOutcome>>,
+        reply: Reply<Result<Uuid, core_client::Error>>,
     },
     Subscribe {
         events: SyncSender<Event>,
     },
+    Range {
+        prefix: Vec<u8>,
+        after: Option<Vec<u8>>,
+        limit: usize,
+        reply: Sender<Vec<(Vec<u8>, Entry)>>,
+    },
+    Watch {
+        prefix: Vec<u8>,
+        after: Option<i64>,
+        capacity: usize,
+        reply: Sender<Watch>,
+    },
     Status {
-        reply: Sender<Status>,
+        reply: Reply<Status>,
     },
     WhenSynced {
         reply: Sender<Status>,
     },
     Stop,
+}
+
+/// Where the agent sends an answer: to a thread that blocks on it, or to an async task.
+enum Reply<T> {
+    Blocking(Sender<T>),
+    Async(tokio::sync::oneshot::Sender<T>),
+}
+
+impl<T> Reply<T> {
+    /// Sends the answer; a caller that has gone (timed out, dropped) is no error.
+    fn send(self, value: T) {
+        match self {
+            Reply::Blocking(sender) => {
+                let _ = sender.send(value);
+            }
+            Reply::Async(sender) => {
+                let _ = sender.send(value);
+            }
+        }
+    }
 }
 
 impl Client {
@@ -883,7 +1100,7 @@ impl Client {
         let (reply, answer) = mpsc::channel();
         self.send(Command::Get {
             key: key.as_ref().to_vec(),
-            reply,
+            reply: Reply::Blocking(reply),
         })?;
         answer.recv().map_err(|_| ClientError::Stopped)
     }
@@ -894,6 +1111,48 @@ impl Client {
         let (reply, answer) = mpsc::channel();
         self.send(Command::Dump {
             prefix: prefix.as_ref().to_vec(),
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    /// At most `limit` entries whose key starts with `prefix`, in key order, from the
+    /// first key after `after` (from the start of the prefix when `None`): a page of
+    /// [`Client::dump`], for maps too large to copy at once.
+    pub fn range(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Entry)>, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Range {
+            prefix: prefix.as_ref().to_vec(),
+            after: after.map(<[u8]>::to_vec),
+            limit,
+            reply,
+        })?;
+        answer.recv().map_err(|_| ClientError::Stopped)
+    }
+
+    /// Watches the committed changes to keys under `prefix`. With `after`, the
+    /// sequence of the last change the caller saw, the watch resumes right after it
+    /// when the client's history (see [`ClientBuilder::history`]) still holds every
+    /// change since; otherwise it starts with a snapshot of the keys under the prefix.
+    /// Either way the changes that follow are exactly those after the start: none
+    /// missed, none repeated. At most `capacity` changes wait unread; a watch that
+    /// falls further behind is ended ([`WatchEnd::TooSlow`]) rather than buffered.
+    pub fn watch(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        after: Option<i64>,
+        capacity: usize,
+    ) -> Result<Watch, ClientError> {
+        let (reply, answer) = mpsc::channel();
+        self.send(Command::Watch {
+            prefix: prefix.as_ref().to_vec(),
+            after,
+            capacity: capacity.max(1),
             reply,
         })?;
         answer.recv().map_err(|_| ClientError::Stopped)
@@ -950,7 +1209,9 @@ impl Client {
     /// What the client knows about its connection now.
     pub fn status(&self) -> Result<Status, ClientError> {
         let (reply, answer) = mpsc::channel();
-        self.send(Command::Status { reply })?;
+        self.send(Command::Status {
+            reply: Reply::Blocking(reply),
+        })?;
         answer.recv().map_err(|_| ClientError::Stopped)
     }
 
@@ -978,8 +1239,8 @@ impl Client {
         self.send(Command::Update {
             key: key.to_vec(),
             value,
-            confirm,
-            reply,
+            confirm: confirm.map(Reply::Blocking),
+            reply: Reply::Blocking(reply),
         })?;
         answer
             .recv()
@@ -1000,6 +1261,76 @@ impl Client {
             Ok(Err(reason)) => Err(ClientError::Lost(reason)),
             Err(RecvTimeoutError::Timeout) => Err(ClientError::CommitTimeout { waited: timeout }),
             Err(RecvTimeoutError::Disconnected) => Err(ClientError::Stopped),
+        }
+    }
+
+    /// [`Client::entry`] for async callers: the answer is awaited, no thread blocks.
+    pub async fn entry_async(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>, ClientError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Command::Get {
+            key: key.as_ref().to_vec(),
+            reply: Reply::Async(reply),
+        })?;
+        answer.await.map_err(|_| ClientError::Stopped)
+    }
+
+    /// [`Client::status`] for async callers.
+    pub async fn status_async(&self) -> Result<Status, ClientError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Command::Status {
+            reply: Reply::Async(reply),
+        })?;
+        answer.await.map_err(|_| ClientError::Stopped)
+    }
+
+    /// [`Client::set_confirmed`] for async callers; must run in a tokio runtime with
+    /// its timer enabled (the commit timeout).
+    pub async fn set_confirmed_async(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        let value = Some((value.as_ref().to_vec(), ttl));
+        self.update_confirmed_async(key.as_ref(), value, timeout)
+            .await
+    }
+
+    /// [`Client::delete_confirmed`] for async callers (see
+    /// [`Client::set_confirmed_async`]).
+    pub async fn delete_confirmed_async(
+        &self,
+        key: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        self.update_confirmed_async(key.as_ref(), None, timeout)
+            .await
+    }
+
+    async fn update_confirmed_async(
+        &self,
+        key: &[u8],
+        value: Option<(Vec<u8>, Option<Duration>)>,
+        timeout: Duration,
+    ) -> Result<i64, ClientError> {
+        let (confirm, outcome) = tokio::sync::oneshot::channel();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.send(Command::Update {
+            key: key.to_vec(),
+            value,
+            confirm: Some(Reply::Async(confirm)),
+            reply: Reply::Async(reply),
+        })?;
+        answer
+            .await
+            .map_err(|_| ClientError::Stopped)?
+            .map_err(ClientError::Rejected)?;
+        match tokio::time::timeout(timeout, outcome).await {
+            Ok(Ok(Ok(sequence))) => Ok(sequence),
+            Ok(Ok(Err(reason))) => Err(ClientError::Lost(reason)),
+            Ok(Err(_)) => Err(ClientError::Stopped),
+            Err(_) => Err(ClientError::CommitTimeout { waited: timeout }),
         }
     }
 
@@ -1100,7 +1431,14 @@ struct Agent {
     publisher: ZmqSocket,
     addresses: Vec<ServerAddress>,
     subscribers: Vec<Subscriber>,
-    commit_waiters: BTreeMap<Uuid, Sender<CommitOutcome>>,
+    watchers: Vec<Watcher>,
+    /// Recent committed changes, for watches that resume.
+    history: History,
+    synced_once: bool,
+    /// Committed changes of the current step, recorded when it ends (or at its
+    /// snapshot).
+    unrecorded: Vec<Arc<Change>>,
+    commit_waiters: BTreeMap<Uuid, Reply<CommitOutcome>>,
     sync_waiters: Vec<Sender<Status>>,
     limiter: RateLimiter,
     stopping: bool,
@@ -1269,9 +1607,7 @@ impl Agent {
 
     fn execute(&mut self, command: Command) {
         match command {
-            Command::Get { key, reply } => {
-                let _ = reply.send(self.core.entry(&key).cloned());
-            }
+            Command::Get { key, reply } => reply.send(self.core.entry(&key).cloned()),
             Command::Dump { prefix, reply } => {
                 let entries = self
                     .core
@@ -1298,16 +1634,95 @@ impl Agent {
                         self.commit_waiters.insert(*uuid, confirm);
                     }
                 }
-                let _ = reply.send(result);
+                reply.send(result);
             }
             Command::Subscribe { events } => {
                 self.subscribers.push(Subscriber { events, missed: 0 })
             }
-            Command::Status { reply } => {
-                let _ = reply.send(self.status());
+            Command::Range {
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                let start = match &after {
+                    Some(after) if after.as_slice() >= prefix.as_slice() => {
+                        Bound::Excluded(after.as_slice())
+                    }
+                    _ => Bound::Included(prefix.as_slice()),
+                };
+                let entries = self
+                    .core
+                    .iter_from(start)
+                    .take_while(|(key, _)| key.starts_with(&prefix))
+                    .take(limit)
+                    .map(|(key, entry)| (key.to_vec(), entry.clone()))
+                    .collect();
+                let _ = reply.send(entries);
             }
+            Command::Watch {
+                prefix,
+                after,
+                capacity,
+                reply,
+            } => {
+                let _ = reply.send(self.start_watch(prefix, after, capacity));
+            }
+            Command::Status { reply } => reply.send(self.status()),
             Command::WhenSynced { reply } => self.sync_waiters.push(reply),
             Command::Stop => self.stopping = true,
+        }
+    }
+
+    /// A new watch: the resumed changes or the snapshot, then (as watcher) the changes
+    /// from now on, all taken between two inputs.
+    fn start_watch(&mut self, prefix: Vec<u8>, after: Option<i64>, capacity: usize) -> Watch {
+        let snapshot = |reason| WatchStart::Snapshot {
+            sequence: self.history.last(),
+            entries: self
+                .core
+                .iter_from(Bound::Included(prefix.as_slice()))
+                .take_while(|(key, _)| key.starts_with(&prefix))
+                .map(|(key, entry)| (key.to_vec(), entry.clone()))
+                .collect(),
+            reason,
+        };
+        let (start, replay) = match after.map(|after| (after, self.history.resume(after))) {
+            None => (snapshot(SnapshotReason::New), Vec::new()),
+            Some((_, Resume::Ahead)) => (snapshot(SnapshotReason::Ahead), Vec::new()),
+            Some((_, Resume::Gone)) => (snapshot(SnapshotReason::Gone), Vec::new()),
+            Some((after, Resume::Replay(changes))) => {
+                let replay: Vec<_> = changes
+                    .into_iter()
+                    .filter(|(_, change)| change.key.starts_with(&prefix))
+                    .collect();
+                (WatchStart::Resumed { after }, replay)
+            }
+        };
+        let (sender, changes) = tokio::sync::mpsc::channel(capacity + replay.len());
+        for item in replay {
+            // Room was made for every replayed change.
+            let _ = sender.try_send(item);
+        }
+        let too_slow = Arc::new(AtomicBool::new(false));
+        self.watchers.push(Watcher {
+            prefix,
+            sender,
+            too_slow: Arc::clone(&too_slow),
+        });
+        Watch {
+            start,
+            changes,
+            too_slow,
+        }
+    }
+
+    /// Records the committed changes not yet recorded, in order, and sends them to the
+    /// watchers.
+    fn record_changes(&mut self) {
+        for change in std::mem::take(&mut self.unrecorded) {
+            let id = self.history.record(Arc::clone(&change));
+            self.watchers.retain(|watcher| watcher.deliver(id, &change));
         }
     }
 
@@ -1450,6 +1865,11 @@ impl Agent {
     }
 
     fn drain_outputs(&mut self) {
+        self.drain_core_outputs();
+        self.record_changes();
+    }
+
+    fn drain_core_outputs(&mut self) {
         while let Some(output) = self.core.poll_output() {
             match output {
                 Output::SendSnapshotRequest { server, frames } => {
@@ -1472,18 +1892,30 @@ impl Agent {
                 key,
                 value,
                 sequence,
-            } => Event::Updated {
-                key,
-                value,
-                sequence,
-            },
-            CoreEvent::Deleted { key, sequence } => Event::Deleted { key, sequence },
+            } => {
+                self.note_change(sequence, &key, Some(&value));
+                Event::Updated {
+                    key,
+                    value,
+                    sequence,
+                }
+            }
+            CoreEvent::Deleted { key, sequence } => {
+                self.note_change(sequence, &key, None);
+                Event::Deleted { key, sequence }
+            }
             CoreEvent::Synced {
                 server,
                 sequence,
                 keys,
             } => {
                 tracing::info!(server = %self.endpoint(server), sequence, keys, "synced");
+                // The changes before it in this step are the snapshot's differences from
+                // the old map, emitted in key order: recorded in sequence order.
+                self.unrecorded.sort_by_key(|change| change.sequence);
+                self.record_changes();
+                self.history.synced(sequence, !self.synced_once);
+                self.synced_once = true;
                 Event::Synced {
                     server: server.0,
                     sequence,
@@ -1503,13 +1935,13 @@ impl Agent {
             }
             CoreEvent::Committed { uuid, sequence } => {
                 if let Some(waiter) = self.commit_waiters.remove(&uuid) {
-                    let _ = waiter.send(Ok(sequence));
+                    waiter.send(Ok(sequence));
                 }
                 return;
             }
             CoreEvent::Lost { uuid, reason } => {
                 if let Some(waiter) = self.commit_waiters.remove(&uuid) {
-                    let _ = waiter.send(Err(reason));
+                    waiter.send(Err(reason));
                 }
                 return;
             }
@@ -1535,6 +1967,26 @@ impl Agent {
             self.subscribers
                 .retain_mut(|subscriber| subscriber.deliver(&event));
         }
+    }
+
+    /// Keeps a committed change for the history and the watchers (a provisional local
+    /// change, sequence 0, is not one), unless nobody could ever ask for it.
+    fn note_change(&mut self, sequence: i64, key: &[u8], value: Option<&[u8]>) {
+        // Before the first snapshot completes, the changes are the map's initial
+        // entries, which the history forgets at that snapshot anyway.
+        let unwanted =
+            self.watchers.is_empty() && (self.history.capacity() == 0 || !self.synced_once);
+        if sequence <= 0 || unwanted {
+            if sequence > 0 {
+                self.history.skip(sequence);
+            }
+            return;
+        }
+        self.unrecorded.push(Arc::new(Change {
+            sequence,
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        }));
     }
 
     fn endpoint(&self, server: ServerIndex) -> &str {

@@ -420,7 +420,10 @@ impl ServerCurve {
         };
         let admitted = match domain {
             ZapDomain::Peer => key == self.peer,
-            ZapDomain::Clients => key == self.peer || self.clients.contains(&key),
+            // The server's own key: its HTTP gateway, a client in the same process.
+            ZapDomain::Clients => {
+                key == self.peer || key == self.own.public() || self.clients.contains(&key)
+            }
         };
         if admitted {
             ZapDecision::Admit

@@ -54,9 +54,11 @@ pub mod discovery;
 pub mod duration;
 pub mod endpoint;
 mod ffi;
+pub mod http;
 pub mod log;
 pub mod persist;
 pub mod server;
 pub mod socket;
+pub mod watch;
 
 pub use clonekv_core as core;

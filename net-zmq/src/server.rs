@@ -48,7 +48,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant as StdInstant};
 
 use clonekv_core::beacon::{Announcement, Event as PeerEvent, Kind};
@@ -347,6 +347,40 @@ pub enum RunError {
     Persist(#[from] PersistError),
 }
 
+/// What a server reports about itself, copied out of the loop for metrics and status
+/// pages (see [`ServerHost::share_stats`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerStats {
+    /// The configured role.
+    pub role: Role,
+    /// The Binary Star state.
+    pub state: BstarState,
+    /// The peer's state as last heard, if ever.
+    pub peer_state: Option<BstarState>,
+    /// The peer was heard within its expiry.
+    pub peer_alive: bool,
+    /// The sequence of the last change published or applied.
+    pub sequence: i64,
+    /// Keys in the map.
+    pub keys: usize,
+    /// Bytes of keys and values in the map.
+    pub bytes: usize,
+    /// Entries on the pending list.
+    pub pending: usize,
+    /// Updates held by a passive until its sync completes.
+    pub sync_backlog: usize,
+    /// Open snapshot streams.
+    pub snapshot_streams: usize,
+    /// A passive is waiting for or receiving the peer's snapshot.
+    pub syncing: bool,
+    /// Cumulative counters since start.
+    pub counters: Counters,
+}
+
+/// How often the loop refreshes its shared [`ServerStats`] at most (it does so at its
+/// timers, which fire at least every heartbeat).
+const STATS_INTERVAL: Duration = Duration::from_millis(200);
+
 /// Stops a running [`ServerHost`] from another thread.
 #[derive(Clone, Debug)]
 pub struct StopHandle {
@@ -484,6 +518,8 @@ pub struct ServerHost {
     held: Vec<[Frame; FRAME_COUNT]>,
     /// A failure to record, reported by the loop.
     persist_failure: Option<PersistError>,
+    /// The copy of the stats other threads read, and when it is next refreshed.
+    shared_stats: Option<(Arc<Mutex<ServerStats>>, StdInstant)>,
 }
 
 impl ServerHost {
@@ -693,6 +729,7 @@ impl ServerHost {
             journal,
             held: Vec::new(),
             persist_failure: None,
+            shared_stats: None,
         })
     }
 
@@ -713,6 +750,55 @@ impl ServerHost {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         self.signals = Some(signals);
         Ok(())
+    }
+
+    /// The server's stats, shared with other threads: a copy the loop refreshes at its
+    /// timers (at least every heartbeat, at most every 200 ms), so that readers never
+    /// touch the server itself.
+    pub fn share_stats(&mut self) -> Arc<Mutex<ServerStats>> {
+        let shared = Arc::new(Mutex::new(self.stats()));
+        self.shared_stats = Some((Arc::clone(&shared), StdInstant::now()));
+        shared
+    }
+
+    /// The server's stats now.
+    pub fn stats(&self) -> ServerStats {
+        let bstar = self.server.bstar();
+        ServerStats {
+            role: bstar.role(),
+            state: self.server.state(),
+            peer_state: bstar.peer_state(),
+            peer_alive: bstar.peer_is_alive(self.clock.now()),
+            sequence: self.server.sequence(),
+            keys: self.server.len(),
+            bytes: self.server.map_bytes(),
+            pending: self.server.pending_len(),
+            sync_backlog: self.server.sync_backlog_len(),
+            snapshot_streams: self.server.open_snapshot_streams(),
+            syncing: self.server.is_syncing(),
+            counters: self.server.counters().clone(),
+        }
+    }
+
+    fn refresh_shared_stats(&mut self) {
+        let now = StdInstant::now();
+        let due = match &self.shared_stats {
+            Some((_, next)) => *next <= now,
+            None => false,
+        };
+        if !due {
+            return;
+        }
+        let stats = self.stats();
+        if let Some((shared, next)) = &mut self.shared_stats {
+            // A reader that panicked while holding the lock left no broken state
+            // behind: the copy is replaced whole.
+            let mut guard = shared
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *guard = stats;
+            *next = now + STATS_INTERVAL;
+        }
     }
 
     /// The endpoints in use.
@@ -818,6 +904,7 @@ impl ServerHost {
                 // The core's timers fire at least every heartbeat: often enough to give
                 // out the counts of lines suppressed an interval ago.
                 log_summaries(self.limiter.due_summaries(StdInstant::now()));
+                self.refresh_shared_stats();
             }
             let mut moved = self.serve_zap()?;
             moved |= self.receive_peer_monitors()?;

@@ -19,6 +19,7 @@
 use rand::SeedableRng;
 
 pub mod clock;
+pub mod discovery;
 pub mod disk;
 pub mod network;
 pub mod options;

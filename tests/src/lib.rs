@@ -226,6 +226,7 @@ pub struct Cluster {
     fsync: Option<String>,
     /// Flags of one role only: the primary's, then the backup's.
     role_args: [Vec<String>; 2],
+    http: bool,
 }
 
 impl Cluster {
@@ -240,6 +241,7 @@ impl Cluster {
             extra_args: Vec::new(),
             fsync: None,
             role_args: [Vec::new(), Vec::new()],
+            http: false,
         }
     }
 
@@ -281,6 +283,27 @@ impl Cluster {
         };
         self.role_args[index].extend(args.iter().cloned());
         self
+    }
+
+    /// Serves each server's HTTP gateway (from the next start on), on
+    /// [`Cluster::http_port`].
+    pub fn with_http(mut self) -> Cluster {
+        self.http = true;
+        self
+    }
+
+    /// The port of a server's HTTP gateway (offset 12 of the block for the primary, 13
+    /// for the backup).
+    pub fn http_port(&self, role: Role) -> u16 {
+        match role {
+            Role::Primary => self.ports.port(12),
+            Role::Backup => self.ports.port(13),
+        }
+    }
+
+    /// The base URL of a server's HTTP gateway, `http://127.0.0.1:PORT`.
+    pub fn http_url(&self, role: Role) -> String {
+        format!("http://127.0.0.1:{}", self.http_port(role))
     }
 
     /// The base port P of a server.
@@ -337,6 +360,10 @@ impl Cluster {
             args.push(self.data_dir(role).display().to_string());
             args.push("--fsync".into());
             args.push(fsync.clone());
+        }
+        if self.http {
+            args.push("--http".into());
+            args.push(format!("127.0.0.1:{}", self.http_port(role)));
         }
         args.extend(self.extra_args.iter().cloned());
         let index = match role {

@@ -2080,3 +2080,44 @@ fn a_buffer_budget_below_one_largest_message_is_invalid() {
         })
     ));
 }
+#[test]
+fn without_applying_own_updates_the_map_changes_only_with_the_echo() {
+    let mut client = Client::new(
+        Config {
+            apply_own_updates: false,
+            ..config(1)
+        },
+        ChaCha8Rng::seed_from_u64(1),
+        ms(0),
+    )
+    .unwrap();
+    sync(&mut client, ms(0), A, 5, &[("/a/x", "1", 4)]);
+    drain(&mut client);
+    let uuid = client.set(b"/a/y".to_vec(), b"2".to_vec(), None).unwrap();
+    client.watch_commit(uuid).unwrap();
+    let deleted = client.delete(b"/a/x".to_vec()).unwrap();
+    assert_eq!(published(&drain(&mut client)).len(), 2, "both sent");
+    assert_eq!(contents(&client), ["/a/x=1@4"], "nothing applied yet");
+    // No echo deadline: a lost update cannot leave the map wrong.
+    assert_eq!(client.poll_timeout(), Some(ms(0) + Duration::from_secs(5)));
+    let echo = KvMsg::kvset(b"/a/y".to_vec(), b"2".to_vec(), uuid).with_sequence(6);
+    sub(&mut client, ms(10), A, frames(echo));
+    let delete_echo = KvMsg::kvset_delete(b"/a/x".to_vec(), deleted).with_sequence(7);
+    sub(&mut client, ms(11), A, frames(delete_echo));
+    assert_eq!(contents(&client), ["/a/y=2@6"]);
+    assert_eq!(
+        events(&mut client),
+        [
+            Event::Committed { uuid, sequence: 6 },
+            Event::Updated {
+                key: b"/a/y".to_vec(),
+                value: b"2".to_vec(),
+                sequence: 6
+            },
+            Event::Deleted {
+                key: b"/a/x".to_vec(),
+                sequence: 7
+            },
+        ]
+    );
+}

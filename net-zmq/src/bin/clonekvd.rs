@@ -4,12 +4,15 @@
 //! starts the backup. Every endpoint, timing and limit can be set by a flag or in a TOML
 //! file given with `--config` (flags win). See `clonekvd --help`.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use clap::{Args, Parser, ValueEnum};
+use clonekv_zmq::client::ServerAddress;
+use clonekv_zmq::core::beacon::Kind;
 use clonekv_zmq::core::bstar::Role;
 use clonekv_zmq::core::server::Config;
 use clonekv_zmq::curve::{self, KeyError, KeyPair, PublicKey, ServerCurve};
@@ -18,6 +21,7 @@ use clonekv_zmq::discovery::{
 };
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
+use clonekv_zmq::http::{GatewayCurve, HttpError, HttpOptions};
 use clonekv_zmq::persist::{FsyncPolicy, PersistOptions, DEFAULT_COMPACT_MIN_BYTES};
 use clonekv_zmq::server::{
     hwm_for_queue_bytes, ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError,
@@ -46,7 +50,11 @@ Discovery is on by default: the server announces itself by UDP broadcast (port 5
 cluster \"clonekv\") and, unless a --peer-* option is given, connects to the server of \
 the other role that its cluster's beacons reveal, on this host or anywhere on the LAN; \
 with no such beacon within 4 s it uses the peer endpoints above until one comes. \
---no-discovery turns it off.",
+--no-discovery turns it off.\n\n\
+With --http IP:PORT it also serves a JSON/HTTP gateway to the pair (GET/PUT/DELETE \
+/v1/kv/KEY, /v1/kv?prefix=, Server-Sent Events on /v1/watch, /v1/status, /healthz) and \
+Prometheus metrics on /metrics; --metrics IP:PORT serves /metrics alone. Both are off by \
+default.",
     after_help = "Every option can also be set in the --config file under its long name \
 (for example `port = 5566`, `heartbeat = \"200ms\"`, `role = \"backup\"`); flags win over \
 the file. Durations take a unit: 250ms, 1.5s, 2m (a bare number is seconds).\n\n\
@@ -284,6 +292,26 @@ struct Settings {
     /// past it is refused, counted and logged; deletes always pass [default: no limit].
     #[arg(long, value_name = "SIZE", help_heading = "Map")]
     max_bytes: Option<ByteSize>,
+    /// Serve the HTTP/JSON gateway (and /metrics, /healthz) on this address, for example
+    /// 127.0.0.1:8556 [default: off].
+    #[arg(long, value_name = "IP:PORT", help_heading = "HTTP")]
+    http: Option<SocketAddr>,
+    /// Serve only /metrics (Prometheus text format) on this address; works with or
+    /// without --http [default: off].
+    #[arg(long, value_name = "IP:PORT", help_heading = "HTTP")]
+    metrics: Option<SocketAddr>,
+    /// How long a PUT or DELETE waits for its commit before answering 504 [default: 5s].
+    #[arg(long, value_name = "DURATION", help_heading = "HTTP")]
+    http_commit_timeout: Option<HumanDuration>,
+    /// Changes the gateway keeps for watches that reconnect with Last-Event-ID [default: 10000].
+    #[arg(long, value_name = "N", help_heading = "HTTP")]
+    http_watch_history: Option<usize>,
+    /// Changes a watcher may leave unread before it is disconnected [default: 4096].
+    #[arg(long, value_name = "N", help_heading = "HTTP")]
+    http_watch_queue: Option<usize>,
+    /// An HTTP connection whose writes make no progress this long is closed [default: 10s].
+    #[arg(long, value_name = "DURATION", help_heading = "HTTP")]
+    http_write_timeout: Option<HumanDuration>,
 }
 
 impl Settings {
@@ -340,6 +368,12 @@ impl Settings {
             peer_public_key: self.peer_public_key.or(file.peer_public_key),
             max_keys: self.max_keys.or(file.max_keys),
             max_bytes: self.max_bytes.or(file.max_bytes),
+            http: self.http.or(file.http),
+            metrics: self.metrics.or(file.metrics),
+            http_commit_timeout: self.http_commit_timeout.or(file.http_commit_timeout),
+            http_watch_history: self.http_watch_history.or(file.http_watch_history),
+            http_watch_queue: self.http_watch_queue.or(file.http_watch_queue),
+            http_write_timeout: self.http_write_timeout.or(file.http_write_timeout),
         }
     }
 
@@ -391,6 +425,69 @@ impl Settings {
             state_port,
             find_peer: !self.peer_given(),
         }))
+    }
+
+    /// The HTTP options for a server with `options`, if --http or --metrics is set.
+    fn http_options(&self, options: &ServerOptions) -> Result<Option<HttpOptions>, String> {
+        if self.http.is_none() && self.metrics.is_none() {
+            return Ok(None);
+        }
+        let endpoints = &options.endpoints;
+        let own = ServerAddress {
+            snapshot: connectable(&endpoints.snapshot),
+            publisher: connectable(&endpoints.publisher),
+            collector: connectable(&endpoints.collector),
+        };
+        let peer = ServerAddress {
+            snapshot: endpoints.peer_snapshot.clone(),
+            publisher: endpoints.peer_publisher.clone(),
+            collector: endpoints.peer_collector.clone(),
+        };
+        let mut http = HttpOptions::new(vec![own, peer], options.config.limits);
+        // The gateway reaches the pair as the daemon reaches its peer: by discovery
+        // when the daemon finds its peer that way, and with the daemon's keys.
+        http.discovery = options
+            .discovery
+            .as_ref()
+            .filter(|discovery| discovery.find_peer)
+            .map(|discovery| discovery.options.clone());
+        http.curve = options.curve.as_ref().map(|keys| {
+            let (own_kind, peer_kind) = match options.config.bstar.role {
+                Role::Primary => (Kind::Primary, Kind::Backup),
+                Role::Backup => (Kind::Backup, Kind::Primary),
+            };
+            GatewayCurve {
+                own: keys.own.clone(),
+                servers: [(own_kind, keys.own.public()), (peer_kind, keys.peer)],
+            }
+        });
+        http.api = self.http;
+        http.metrics = self.metrics;
+        if let Some(timeout) = self.http_commit_timeout {
+            http.commit_timeout = timeout.get();
+        }
+        if let Some(history) = self.http_watch_history {
+            http.watch_history = history;
+        }
+        if let Some(queue) = self.http_watch_queue {
+            if queue == 0 {
+                return Err("--http-watch-queue must be at least 1".to_string());
+            }
+            http.watch_queue = queue;
+        }
+        if let Some(timeout) = self.http_write_timeout {
+            if timeout.get().is_zero() {
+                return Err("--http-write-timeout must be above 0".to_string());
+            }
+            http.write_timeout = timeout.get();
+        }
+        if http.api.is_some() && http.api == http.metrics {
+            return Err(
+                "--http and --metrics need different addresses (--http serves /metrics too)"
+                    .to_string(),
+            );
+        }
+        Ok(Some(http))
     }
 
     /// The server options: the role's defaults with every given setting applied.
@@ -578,6 +675,21 @@ fn bytes(size: ByteSize) -> usize {
     usize::try_from(size.as_u64()).unwrap_or(usize::MAX)
 }
 
+/// A bound endpoint as a local client reaches it: every interface (`*`, `0.0.0.0`,
+/// `[::]`) becomes loopback.
+fn connectable(endpoint: &str) -> String {
+    for (any, local) in [
+        ("tcp://*:", "tcp://localhost:"),
+        ("tcp://0.0.0.0:", "tcp://127.0.0.1:"),
+        ("tcp://[::]:", "tcp://[::1]:"),
+    ] {
+        if let Some(port) = endpoint.strip_prefix(any) {
+            return format!("{local}{port}");
+        }
+    }
+    endpoint.to_string()
+}
+
 fn read_config_file(path: &Path) -> Result<Settings, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read config file {}: {error}", path.display()))?;
@@ -617,8 +729,21 @@ fn main() -> ExitCode {
     if cli.backup {
         settings.role = Some(RoleName::Backup);
     }
+    let http_settings = Settings {
+        http: settings.http,
+        metrics: settings.metrics,
+        http_commit_timeout: settings.http_commit_timeout,
+        http_watch_history: settings.http_watch_history,
+        http_watch_queue: settings.http_watch_queue,
+        http_write_timeout: settings.http_write_timeout,
+        ..Settings::default()
+    };
     let options = match settings.into_options() {
         Ok(options) => options,
+        Err(message) => return fail(EXIT_CONFIG, &format!("invalid configuration: {message}")),
+    };
+    let http_options = match http_settings.http_options(&options) {
+        Ok(http) => http,
         Err(message) => return fail(EXIT_CONFIG, &format!("invalid configuration: {message}")),
     };
 
@@ -641,6 +766,26 @@ fn main() -> ExitCode {
             EXIT_FAILURE,
             &format!("cannot install SIGINT/SIGTERM handlers: {error}"),
         );
+    }
+    if let Some(http_options) = http_options {
+        let stats = host.share_stats();
+        match clonekv_zmq::http::start(http_options, stats) {
+            Ok(http) => {
+                if let Some(api) = http.api {
+                    tracing::info!(%api, "HTTP gateway listening");
+                }
+                if let Some(metrics) = http.metrics {
+                    tracing::info!(%metrics, "metrics listening");
+                }
+            }
+            Err(error) => {
+                let hint = match &error {
+                    HttpError::Bind { .. } => " (choose another address with --http / --metrics)",
+                    _ => "",
+                };
+                return fail(EXIT_FAILURE, &format!("cannot start: {error}{hint}"));
+            }
+        }
     }
     let endpoints = host.endpoints();
     match security {
@@ -1003,6 +1148,62 @@ mod tests {
             Some(hyphen.as_str())
         );
         assert!(PublicKey::from_key_or_file(&hyphen).is_ok());
+    }
+
+    #[test]
+    fn the_gateway_reaches_its_own_server_on_loopback_and_the_peer_as_configured() {
+        assert_eq!(connectable("tcp://*:5556"), "tcp://localhost:5556");
+        assert_eq!(connectable("tcp://0.0.0.0:7000"), "tcp://127.0.0.1:7000");
+        assert_eq!(connectable("tcp://[::]:7000"), "tcp://[::1]:7000");
+        assert_eq!(connectable("tcp://10.0.0.1:7000"), "tcp://10.0.0.1:7000");
+        let cli = Cli::try_parse_from(["clonekvd", "--http", "127.0.0.1:8556"]).unwrap();
+        let settings = cli.settings.over(Settings::default());
+        let http_settings = Settings {
+            http: settings.http,
+            ..Settings::default()
+        };
+        let options = settings.into_options().unwrap();
+        let http = http_settings.http_options(&options).unwrap().unwrap();
+        assert_eq!(http.servers[0].snapshot, "tcp://localhost:5556");
+        assert_eq!(http.servers[1].collector, "tcp://localhost:5568");
+        assert_eq!(http.api, Some("127.0.0.1:8556".parse().unwrap()));
+        assert_eq!(http.metrics, None);
+        assert!(Settings::default()
+            .http_options(&options)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn http_settings_that_cannot_work_are_refused() {
+        let options = Settings::default().into_options().unwrap();
+        for args in [
+            &[
+                "clonekvd",
+                "--http",
+                "127.0.0.1:1",
+                "--metrics",
+                "127.0.0.1:1",
+            ][..],
+            &[
+                "clonekvd",
+                "--http",
+                "127.0.0.1:1",
+                "--http-watch-queue",
+                "0",
+            ],
+            &[
+                "clonekvd",
+                "--metrics",
+                "127.0.0.1:1",
+                "--http-write-timeout",
+                "0s",
+            ],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert!(cli.settings.http_options(&options).is_err(), "{args:?}");
+        }
+        assert!(Cli::try_parse_from(["clonekvd", "--http", "localhost"]).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! clonekv-sim --seed 42 --trace     # replay one world, printing every event
 //! clonekv-sim --seeds 10000         # a swarm: seeds 0..10000, each its own kind of world
 //! clonekv-sim --minutes 10 --from 7 # as many seeds as fit in 10 minutes, from seed 7
+//! clonekv-sim --discovery --seeds 100000  # the discovery world (beacons on a LAN)
 //! ```
 //!
 //! Exit codes: 0 all passed, 3 a state machine panicked, 4 a safety oracle failed,
@@ -44,6 +45,10 @@ struct Args {
     /// Keep going after a failure (to count failures in a hunt).
     #[arg(long)]
     keep_going: bool,
+    /// Run the discovery world instead (beacons of two clusters on a broadcast LAN;
+    /// see docs/SIMULATION.md); the other options apply to it alike.
+    #[arg(long)]
+    discovery: bool,
 }
 
 /// How a world ended, for the exit code.
@@ -205,6 +210,24 @@ fn wall_clock() -> std::time::Instant {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.discovery {
+        let started = wall_clock();
+        let discovery = clonekv_sim::discovery::runner::RunnerArgs {
+            seed: args.seed,
+            trace: args.trace,
+            seeds: args.seeds,
+            minutes: args.minutes,
+            from: args.from,
+            default_world: args.default_world,
+            keep_going: args.keep_going,
+        };
+        let elapsed = || started.elapsed();
+        return ExitCode::from(clonekv_sim::discovery::runner::main(
+            &discovery,
+            &elapsed,
+            &process_cpu_time,
+        ));
+    }
     if let Some(seed) = args.seed {
         let mode = if args.trace {
             TraceMode::Print

@@ -229,6 +229,9 @@ enum Command {
     /// Measure a server's throughput, latency, snapshot, failover and memory against
     /// the raw libzmq limits of this machine (see docs/PERFORMANCE.md).
     Bench(bench::BenchArgs),
+    /// Measure clonekvd's HTTP gateway (PUT with commit, GET, watch fan-out) against
+    /// etcd's v3 JSON gateway in the same run (see docs/PERFORMANCE.md).
+    BenchHttp(bench::http::HttpBenchArgs),
     /// The raw relay the bench measures as a baseline (started by `bench`).
     #[command(hide = true)]
     BenchRelay {
@@ -255,6 +258,7 @@ fn main() -> ExitCode {
     });
     match &cli.command {
         Command::Bench(args) => return run_bench(args, cli.json),
+        Command::BenchHttp(args) => return run_bench_http(args, cli.json),
         Command::Completions { shell } => return print_completions(*shell),
         Command::Man => return print_man_page(),
         Command::Keygen { name, force } => return keygen(name, *force, cli.json),
@@ -680,6 +684,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         }
         // Dispatched in main before any client exists.
         Command::Bench(_)
+        | Command::BenchHttp(_)
         | Command::BenchRelay { .. }
         | Command::Completions { .. }
         | Command::Man
@@ -841,6 +846,34 @@ fn run_bench(args: &bench::BenchArgs, json: bool) -> ExitCode {
         }
         Err(error) => {
             eprintln!("clonekv bench: {error}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn run_bench_http(args: &bench::http::HttpBenchArgs, json: bool) -> ExitCode {
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(std::path::Path::to_path_buf));
+    match bench::http::run(args, bin_dir) {
+        Ok(report) => {
+            let text = if json {
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            } else {
+                bench::http::render(&report)
+            };
+            let written = write_generated(format!("{text}\n").as_bytes(), "the report");
+            if written != ExitCode::SUCCESS {
+                return written;
+            }
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        Err(error) => {
+            eprintln!("clonekv bench-http: {error}");
             ExitCode::from(EXIT_FAILURE)
         }
     }

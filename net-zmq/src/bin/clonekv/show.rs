@@ -2,11 +2,8 @@
 //! round-trips them.
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use clonekv_zmq::core::client::Entry;
-use clonekv_zmq::core::kvmsg::{KvMsg, Ttl};
 use serde_json::{Map, Value};
 
 /// Bytes as text: valid UTF-8 as it is, every other byte as `\xNN`.
@@ -64,25 +61,7 @@ pub fn put_bytes(object: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
     }
 }
 
-/// How long an entry has left before its server deletes it; `None` if it never expires.
-pub fn remaining_ttl(entry: &Entry) -> Option<Duration> {
-    let message = KvMsg {
-        properties: entry.properties.clone(),
-        ..KvMsg::default()
-    };
-    match message.peer_ttl().ok().flatten()? {
-        // Received just now (an update applied after the snapshot).
-        Ttl::Relative(ttl) => Some(ttl),
-        Ttl::ExpiresAt(at) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |since| {
-                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-                });
-            Some(Duration::from_millis(at.0.saturating_sub(now)))
-        }
-    }
-}
+pub use clonekv_zmq::client::remaining_ttl;
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 //! with a ratio that survives a noisy machine. See docs/PERFORMANCE.md for the method.
 
 mod failover;
+pub mod http;
 mod prefix;
 mod procs;
 mod relay;
