@@ -363,7 +363,7 @@ pub struct ServerStats {
     pub sequence: i64,
     /// Keys in the map.
     pub keys: usize,
-    /// Bytes of keys and values in the map.
+    /// Bytes the map is charged ([`Server::map_bytes`]).
     pub bytes: usize,
     /// Entries on the pending list.
     pub pending: usize,

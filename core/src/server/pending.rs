@@ -7,9 +7,9 @@
 //! client copies are replayed.
 //!
 //! Two hazards of the reference are closed here:
-//! - the list is bounded by size (always) and by age (while the active is alive: an
-//!   update the active has not echoed for that long will never be echoed), so echoes
-//!   whose client copy never comes cannot pile up;
+//! - the list is bounded by entries and bytes (always) and by age (while the active is
+//!   alive: an update the active has not echoed for that long will never be echoed), so
+//!   echoes whose client copy never comes cannot pile up;
 //! - a client copy is *superseded* when the active publishes a later update of the
 //!   same key after the copy arrived, or when a full snapshot from the active, requested
 //!   after the copy arrived, is installed (the snapshot states every key, present or
@@ -659,5 +659,22 @@ mod tests {
             assert_eq!(held.key(), update.key);
             assert_eq!(held.to_kvmsg(uuid), update.to_kvmsg());
         }
+    }
+
+    #[test]
+    fn the_entry_overhead_covers_a_held_copys_bookkeeping_at_its_worst() {
+        use std::mem::size_of;
+        // The hash map's slot and control byte at hashbrown's lowest load (7/16, just
+        // after it doubled); an ordered map's entry in a leaf at its lowest occupancy
+        // (5 of 11), plus a tenth for the inner nodes; the held bytes' allocation header.
+        let by_uuid = (size_of::<(Uuid, Held)>() + 1) * 16 / 7;
+        let btree = |entry: usize| (11 * entry + 16) / 5 * 11 / 10;
+        let by_arrival = btree(size_of::<(u64, Uuid)>());
+        let by_key = btree(size_of::<(Key, Arrivals)>());
+        let worst = by_uuid + by_arrival + by_key + 16;
+        assert!(
+            worst <= ENTRY_OVERHEAD,
+            "{worst} bytes per held copy > {ENTRY_OVERHEAD}"
+        );
     }
 }

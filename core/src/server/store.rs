@@ -633,21 +633,4 @@ mod tests {
             Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(0)), &mut Vec::new());
         assert!(entry.expires_at().is_some());
     }
-
-    #[test]
-    fn the_byte_count_follows_every_insert_replace_remove_and_expiry() {
-        let mut store = Store::default();
-        let set = |key: &[u8], value: &[u8], uuid: u8| {
-            KvMsg::kvset(key.to_vec(), value.to_vec(), Uuid::from_bytes([uuid; 16]))
-        };
-        store.apply(&set(b"/a", b"1234", 1).as_msg_ref(), None);
-        store.apply(&set(b"/bb", b"12", 2).as_msg_ref(), Some(EpochMillis(10)));
-        assert_eq!(store.bytes(), 2 + 4 + 3 + 2);
-        store.apply(&set(b"/a", b"1", 3).as_msg_ref(), None);
-        assert_eq!(store.bytes(), 2 + 1 + 3 + 2);
-        assert!(store.pop_expired(EpochMillis(10)).is_some());
-        assert_eq!(store.bytes(), 2 + 1);
-        store.remove(b"/a");
-        assert_eq!(store.bytes(), 0);
-    }
 }

@@ -288,7 +288,7 @@ struct Settings {
     /// commit fails), counted and logged [default: no limit].
     #[arg(long, value_name = "N", help_heading = "Map")]
     max_keys: Option<usize>,
-    /// Most bytes the map holds (keys, values, properties and 256 bytes per key); a write
+    /// Most bytes the map holds (keys, values, properties and 384 bytes per key); a write
     /// past it is refused, counted and logged; deletes always pass [default: no limit].
     #[arg(long, value_name = "SIZE", help_heading = "Map")]
     max_bytes: Option<ByteSize>,
