@@ -301,7 +301,9 @@ impl World {
                     server::Output::ForwardToPeerCollector(frames) => {
                         self.send(Link::PeerForward { from }, frames.to_vec());
                     }
-                    server::Output::Event(_) => {}
+                    server::Output::Persist(_)
+                    | server::Output::PersistImage(_)
+                    | server::Output::Event(_) => {}
                 }
             }
             // Snapshot streams are pulled as the links have room.

@@ -109,6 +109,7 @@ use bytes_like;
 
 mod frame;
 mod pending;
+pub mod persist;
 mod seen;
 mod snapshot;
 mod store;
@@ -117,6 +118,7 @@ use crate::budget::{largest_message_bytes, message_bytes, Budget};
 pub use crate::budget::{BoundedStructure, Structure, ENTRY_OVERHEAD};
 pub use frame::Frame;
 use pending::{ClientCopyFate, Evicted, PendingList};
+use persist::{Image, Record, Restored};
 pub use seen::HashKey;
 use seen::SeenUpdates;
 use snapshot::{Pulled, SnapshotStreams, MAX_ROUTING_ID_LEN};
@@ -202,6 +204,9 @@ pub struct Config {
     /// How many uuids of published updates the server remembers to drop a KVSET that
     /// comes again (a forward after a split brain, a network duplicate).
     pub dedupe_window: usize,
+    /// Report every change of the map as [`Output::Persist`] / [`Output::PersistImage`]
+    /// (see [`persist`]), for a host that records them on disk.
+    pub persistence: bool,
     /// Most keys the map holds: a client write of a new key past it is refused
     /// ([`DropReason::MapFullKeys`]). `None`: no bound. Enforced where writes are
     /// accepted (the active); a passive applies what the active published.
@@ -229,6 +234,7 @@ impl Config {
             sync_backlog_max_bytes: 64 << 20,
             split_log_max: 100_000,
             dedupe_window: 100_000,
+            persistence: false,
             max_keys: None,
             max_map_bytes: None,
         }
@@ -622,6 +628,14 @@ pub enum Output {
     /// Send this KVSET to the peer's collector (P+2): an update this server accepted
     /// while split from the primary, forwarded after stepping down.
     ForwardToPeerCollector([Vec<u8>; FRAME_COUNT]),
+    /// Record this change of the map (only with [`Config::persistence`]). It comes
+    /// before every output that reveals the change: a host that makes it durable before
+    /// carrying out the outputs after it never shows what a crash could take back.
+    Persist(Record),
+    /// The map was replaced as a whole (a sync installed, or merged at a takeover): record
+    /// this image, and the records after it as its log (only with
+    /// [`Config::persistence`]).
+    PersistImage(Image),
     /// Something to log or count.
     Event(Event),
 }
@@ -935,6 +949,36 @@ impl Server {
             outputs: VecDeque::new(),
             counters: Counters::default(),
         })
+    }
+
+    /// A server that has just started from what it recorded before (see [`persist`]):
+    /// PRIMARY or BACKUP as [`Server::new`], with the restored map and sequence.
+    /// Numbering continues above the highest sequence it ever published; Binary Star
+    /// decides as for a fresh start whether it serves this map or re-syncs from an
+    /// active peer. Entries whose ttl ran out while it was down are deleted (and the
+    /// deletes published) the moment it becomes active, before it serves anything.
+    pub fn restore(
+        now: Instant,
+        wall: EpochMillis,
+        config: Config,
+        hash_key: HashKey,
+        restored: Restored,
+    ) -> Result<Self, ConfigError> {
+        let mut server = Server::new(now, wall, config, hash_key)?;
+        server.store = restored.store;
+        server.sequence = restored.sequence;
+        server.highest_published = restored.highest_published.max(restored.sequence);
+        Ok(server)
+    }
+
+    /// The map and numbering now, for a host that compacts its log: the image
+    /// followed by no records rebuilds this server's state.
+    pub fn image(&self) -> Image {
+        Image::new(
+            self.store.map().clone(),
+            self.sequence,
+            self.highest_published,
+        )
     }
 
     // --- Getters ---------------------------------------------------------------------
@@ -1723,9 +1767,13 @@ impl Server {
         let properties = Frame::from(&*update.normalized_properties());
         let body = if update.is_delete() {
             self.store.remove(update.key);
+            self.persist(|| Record::delete(Key::from(update.key), sequence));
             Frame::EMPTY
         } else {
-            Frame::body_of(&self.store.store_value(&update, expires_at))
+            let entry = self.store.store_value(&update, expires_at);
+            let body = Frame::body_of(&entry);
+            self.persist(|| Record::put(Key::from(update.key), entry));
+            body
         };
         let frames = [key, Frame::sequence(sequence), uuid, properties, body];
         self.outputs.push_back(Output::Publish(frames));
@@ -1743,6 +1791,7 @@ impl Server {
             self.sequence = sequence;
             self.highest_published = sequence;
             let frames = Entry::expiry_frames(&entry, &key, sequence);
+            self.persist(|| Record::delete(key.clone(), sequence));
             self.counters.published += 1;
             self.counters.expired += 1;
             self.record_split(&key, entry.uuid(), sequence);
@@ -1975,6 +2024,7 @@ impl Server {
         });
         self.counters.pending_superseded_by_snapshot += superseded as u64;
         self.counters.syncs_completed += 1;
+        self.persist_image();
         self.outputs.push_back(Output::Event(Event::SyncCompleted {
             sequence,
             keys: self.store.len(),
@@ -2024,6 +2074,29 @@ impl Server {
         self.sequence = update.sequence;
         self.remember_published(update.uuid);
         self.store.apply(update, expires_at);
+        if self.config.persistence {
+            let record = match self.store.get(update.key) {
+                Some(entry) if !update.is_delete() => {
+                    Record::put(Key::from(update.key), entry.clone())
+                }
+                _ => Record::delete(Key::from(update.key), update.sequence),
+            };
+            self.outputs.push_back(Output::Persist(record));
+        }
+    }
+
+    /// Reports a change of the map for the host to record (see [`persist`]).
+    fn persist(&mut self, record: impl FnOnce() -> Record) {
+        if self.config.persistence {
+            self.outputs.push_back(Output::Persist(record()));
+        }
+    }
+
+    /// Reports that the map was replaced as a whole (see [`persist`]).
+    fn persist_image(&mut self) {
+        if self.config.persistence {
+            self.outputs.push_back(Output::PersistImage(self.image()));
+        }
     }
 
     /// The sync just requested buffers on the connection the map (at `sequence`) was
@@ -2124,6 +2197,7 @@ impl Server {
                     usize::from(self.merge_peer_update(&mut from_peer, update, expires_at));
             }
         }
+        self.persist_image();
         self.outputs.push_back(Output::Event(Event::SyncAbandoned {
             merged_entries,
             applied_updates,

@@ -56,6 +56,12 @@ fn describe(output: &Output) -> String {
             format!("ask peer  {} '{}'", text(&frames[0]), text(&frames[1]))
         }
         Output::ForwardToPeerCollector(frames) => format!("forward   {}", message(frames)),
+        Output::Persist(record) => {
+            format!("persist   {} seq={}", text(record.key()), record.sequence())
+        }
+        Output::PersistImage(image) => {
+            format!("image     seq={} keys={}", image.sequence(), image.len())
+        }
         Output::Event(event) => format!("event     {event:?}"),
     }
 }

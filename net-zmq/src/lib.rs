@@ -58,6 +58,7 @@ mod ffi;
 pub mod group;
 pub mod http;
 pub mod log;
+pub mod persist;
 pub mod server;
 pub mod socket;
 pub mod watch;

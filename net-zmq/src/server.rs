@@ -66,6 +66,7 @@ use crate::curve::{self, KeyError, ServerCurve, ZapDecision, ZapDomain, ZapHandl
 use crate::discovery::{endpoint_host, Discovery, DiscoveryError, DiscoveryOptions};
 use crate::endpoint::EndpointError;
 use crate::log::{log_limited, log_summaries, send_or_log, send_or_log_reusing, RateLimiter};
+use crate::persist::{Journal, OpenReport, PersistError, PersistOptions};
 pub use crate::socket::hwm_for_queue_bytes;
 use crate::socket::{
     largest_legal_frame, Frames, MonitorPoll, ReconnectMonitor, SendOutcome, ZmqSocket,
@@ -185,6 +186,9 @@ pub struct ServerOptions {
     /// Announce this server by UDP beacon, and maybe find the peer that way; `None`:
     /// no discovery.
     pub discovery: Option<ServerDiscovery>,
+    /// Record the map in a data directory and start from what it holds
+    /// ([`crate::persist`]); `None`: memory only.
+    pub persistence: Option<PersistOptions>,
     /// CURVE keys: `None` for plain ZMTP on every socket (the zguide's wire, open to
     /// anyone who reaches the ports); with keys, every socket is CURVE and a ZAP handler
     /// admits only the configured clients and the peer (docs/SECURITY.md).
@@ -216,6 +220,7 @@ impl ServerOptions {
             endpoints: ServerEndpoints::primary(),
             hwm: DEFAULT_HWM,
             discovery: None,
+            persistence: None,
             curve: None,
             receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::primary().limits),
         }
@@ -228,6 +233,7 @@ impl ServerOptions {
             endpoints: ServerEndpoints::backup(),
             hwm: DEFAULT_HWM,
             discovery: None,
+            persistence: None,
             curve: None,
             receive_hwm: hwm_for_queue_bytes(DEFAULT_QUEUE_BYTES, &Config::backup().limits),
         }
@@ -295,6 +301,9 @@ pub enum StartError {
     /// Discovery was asked for and cannot start.
     #[error("{0}")]
     Discovery(#[from] DiscoveryError),
+    /// The data directory cannot be used.
+    #[error("data directory: {0}")]
+    Persist(#[from] PersistError),
     /// CURVE keys were given but cannot be used.
     #[error("{0}")]
     Curve(#[from] KeyError),
@@ -332,6 +341,10 @@ pub enum RunError {
         /// libzmq's reason.
         error: zmq::Error,
     },
+    /// Recording to the data directory failed: the server stops rather than publish
+    /// what it could not record (its partner takes over).
+    #[error("recording to the data directory failed: {0}")]
+    Persist(#[from] PersistError),
 }
 
 /// What a server reports about itself, copied out of the loop for metrics and status
@@ -498,6 +511,13 @@ pub struct ServerHost {
     peer_connected: bool,
     /// When the configured peer endpoints are used if discovery has found no partner.
     peer_fallback_at: Option<Instant>,
+    /// The data directory, with `--data-dir`.
+    journal: Option<Journal>,
+    /// Messages for the publisher that wait until the records before them are written
+    /// (and, under `fsync always`, synced): see [`ServerHost::commit`].
+    held: Vec<[Frame; FRAME_COUNT]>,
+    /// A failure to record, reported by the loop.
+    persist_failure: Option<PersistError>,
     /// The copy of the stats other threads read, and when it is next refreshed.
     shared_stats: Option<(Arc<Mutex<ServerStats>>, StdInstant)>,
 }
@@ -512,12 +532,25 @@ impl ServerHost {
         let mut hash_key = [0u8; 16];
         getrandom::fill(&mut hash_key)
             .map_err(|error| StartError::Randomness(error.to_string()))?;
-        let server = Server::new(
-            clock.now(),
-            clock.wall(),
-            options.config,
-            HashKey::from_bytes(hash_key),
-        )?;
+        let hash_key = HashKey::from_bytes(hash_key);
+        let (server, journal) = match options.persistence {
+            None => (
+                Server::new(clock.now(), clock.wall(), options.config, hash_key)?,
+                None,
+            ),
+            Some(persistence) => {
+                options.config.validate()?;
+                let (journal, restored, report) = Journal::open(persistence)?;
+                log_restored(&report, &journal, &restored);
+                let config = Config {
+                    persistence: true,
+                    ..options.config
+                };
+                let server =
+                    Server::restore(clock.now(), clock.wall(), config, hash_key, restored)?;
+                (server, Some(journal))
+            }
+        };
         let find_peer = options
             .discovery
             .as_ref()
@@ -693,6 +726,9 @@ impl ServerHost {
             find_peer,
             peer_connected: !find_peer,
             peer_fallback_at,
+            journal,
+            held: Vec::new(),
+            persist_failure: None,
             shared_stats: None,
         })
     }
@@ -791,7 +827,11 @@ impl ServerHost {
                 ),
                 self.peer_fallback_at.filter(|_| !self.peer_connected),
             );
-            let timeout = self.clock.sleep_until(self.clock.now(), deadline);
+            let mut timeout = self.clock.sleep_until(self.clock.now(), deadline);
+            if let Some(due) = self.journal.as_ref().and_then(Journal::poll_sync) {
+                let until = due.saturating_duration_since(StdInstant::now());
+                timeout = Some(timeout.map_or(until, |timeout| timeout.min(until)));
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -822,6 +862,19 @@ impl ServerHost {
                 }
             }
         }
+        if let Some(journal) = self.journal.as_mut() {
+            // A clean stop leaves everything recorded synced, whatever the policy.
+            journal.commit(StdInstant::now())?;
+            journal.sync_now()?;
+            let counters = journal.counters();
+            tracing::info!(
+                records = counters.records,
+                log_bytes = counters.log_bytes,
+                fsyncs = counters.syncs,
+                snapshots = counters.snapshots,
+                "data directory closed"
+            );
+        }
         log_summaries(self.limiter.all_summaries());
         log_counters(self.server.counters(), self.server.bstar().role());
         if let Some(discovery) = &self.discovery {
@@ -837,6 +890,7 @@ impl ServerHost {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            self.commit()?;
             let now = self.clock.now();
             if self.server.poll_timeout().is_some_and(|due| due <= now) {
                 self.server.handle_timeout(now, self.clock.wall());
@@ -857,6 +911,8 @@ impl ServerHost {
             moved |= self.receive_peer_updates_monitor()?;
             moved |= self.pump_discovery();
             moved |= self.receive_pass()?;
+            // A snapshot stream reads the map, which must be recorded first.
+            self.commit()?;
             let pumped = self.pump_snapshots();
             moved |= pumped.sent;
             if !moved && pumped.refused {
@@ -1078,7 +1134,38 @@ impl ServerHost {
             self.drain_outputs_reusing(Some(&mut frames));
             self.frames = frames;
         }
+        // One write (and fsync) for the batch: group commit.
+        self.commit()?;
         Ok(received)
+    }
+
+    /// Writes the records queued since the last call (fsyncing them as the policy says),
+    /// then sends what was held for them; compacts the log once it has outgrown the map.
+    fn commit(&mut self) -> Result<(), RunError> {
+        if let Some(error) = self.persist_failure.take() {
+            return Err(RunError::Persist(error));
+        }
+        let Some(journal) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        journal.commit(StdInstant::now())?;
+        for frames in self.held.drain(..) {
+            send_or_log(&self.publisher, &frames, &mut self.limiter);
+        }
+        if journal.wants_compaction() {
+            let started = StdInstant::now();
+            let image = self.server.image();
+            let bytes = journal.write_image(&image)?;
+            tracing::info!(
+                keys = image.len(),
+                sequence = image.sequence(),
+                bytes,
+                generation = journal.generation(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "log compacted into a new snapshot"
+            );
+        }
+        Ok(())
     }
 
     fn feed<F: AsRef<[u8]>>(
@@ -1121,6 +1208,19 @@ impl ServerHost {
     fn drain_outputs_reusing(&mut self, mut received: Option<&mut Frames>) {
         while let Some(output) = self.server.poll_output() {
             match output {
+                Output::Persist(record) => {
+                    if let Some(journal) = self.journal.as_mut() {
+                        journal.append(&record);
+                    }
+                }
+                Output::PersistImage(image) => self.record_image(&image),
+                Output::Publish(frames)
+                    if !self.held.is_empty()
+                        || self.journal.as_ref().is_some_and(Journal::has_pending) =>
+                {
+                    // Revealed only once what it covers is recorded (`commit`).
+                    self.held.push(frames);
+                }
                 Output::Publish(frames) => {
                     let [.., body] = &frames;
                     let last = received
@@ -1148,6 +1248,28 @@ impl ServerHost {
                     log_event(&event, &mut self.limiter, role_conflict);
                 }
             }
+        }
+    }
+
+    /// Records the whole map the core replaced (a full sync) as the next snapshot.
+    fn record_image(&mut self, image: &clonekv_core::server::persist::Image) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        if self.persist_failure.is_some() {
+            return;
+        }
+        let started = StdInstant::now();
+        match journal.write_image(image) {
+            Ok(bytes) => tracing::info!(
+                keys = image.len(),
+                sequence = image.sequence(),
+                bytes,
+                generation = journal.generation(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "the map was replaced (a sync from the active): recorded as a new snapshot"
+            ),
+            Err(error) => self.persist_failure = Some(error),
         }
     }
 
@@ -1726,6 +1848,43 @@ fn log_counters(counters: &Counters, role: Role) {
             %role,
             "the peer announced this server's own role: both servers were configured as {role}"
         );
+    }
+}
+
+/// What was read back from the data directory at start.
+fn log_restored(
+    report: &OpenReport,
+    journal: &Journal,
+    restored: &clonekv_core::server::persist::Restored,
+) {
+    let dir = journal.options().dir.display();
+    let fsync = journal.options().fsync.as_str();
+    if report.fresh {
+        tracing::info!(%dir, fsync, "data directory is new: starting with an empty map");
+    } else {
+        tracing::info!(
+            %dir,
+            fsync,
+            keys = restored.len(),
+            sequence = restored.sequence(),
+            snapshot_keys = report.snapshot_keys,
+            log_records = report.log_records,
+            generation = report.generation,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "restored the map from the data directory"
+        );
+    }
+    if let Some(cut) = &report.cut {
+        tracing::warn!(
+            file = %cut.path.display(),
+            offset = cut.offset,
+            bytes = cut.bytes,
+            reason = %cut.reason,
+            "cut a torn or damaged tail off the log; every whole record before it was restored"
+        );
+    }
+    for path in &report.removed {
+        tracing::info!(file = %path.display(), "removed a file left by an interrupted compaction");
     }
 }
 

@@ -20,6 +20,7 @@ use rand::SeedableRng;
 
 pub mod clock;
 pub mod discovery;
+pub mod disk;
 pub mod group;
 pub mod network;
 pub mod options;

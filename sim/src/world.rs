@@ -1424,6 +1424,8 @@ impl World {
                     },
                     frames.to_vec(),
                 ),
+                // The simulated servers run without persistence (no disk yet).
+                server::Output::Persist(_) | server::Output::PersistImage(_) => {}
                 server::Output::Event(event) => {
                     if let server::Event::StateChanged { from, to, .. } = &event {
                         *self

@@ -222,6 +222,8 @@ pub struct Cluster {
     scratch: Scratch,
     starts: u32,
     extra_args: Vec<String>,
+    /// `--fsync` policy of the servers' data directories, when they have one.
+    fsync: Option<String>,
     /// Flags of one role only: the primary's, then the backup's.
     role_args: [Vec<String>; 2],
     http: bool,
@@ -237,6 +239,7 @@ impl Cluster {
             scratch: Scratch::new(test),
             starts: 0,
             extra_args: Vec::new(),
+            fsync: None,
             role_args: [Vec::new(), Vec::new()],
             http: false,
         }
@@ -255,6 +258,21 @@ impl Cluster {
         self.extra_args
             .extend(args.iter().map(|arg| arg.to_string()));
         self
+    }
+
+    /// Gives each server started from now on its own data directory in the scratch
+    /// directory ([`Cluster::data_dir`]), fsynced by `fsync` policy. A restarted server
+    /// finds what it recorded before.
+    pub fn with_data_dirs(mut self, fsync: &str) -> Cluster {
+        self.fsync = Some(fsync.to_string());
+        self
+    }
+
+    /// The data directory of a server (see [`Cluster::with_data_dirs`]).
+    pub fn data_dir(&self, role: Role) -> PathBuf {
+        self.scratch
+            .path()
+            .join(format!("{role:?}-data").to_lowercase())
     }
 
     /// Adds `clonekvd` flags for the servers of `role` started from now on.
@@ -336,6 +354,12 @@ impl Cluster {
         ] {
             args.push(flag.into());
             args.push(value);
+        }
+        if let Some(fsync) = &self.fsync {
+            args.push("--data-dir".into());
+            args.push(self.data_dir(role).display().to_string());
+            args.push("--fsync".into());
+            args.push(fsync.clone());
         }
         if self.http {
             args.push("--http".into());

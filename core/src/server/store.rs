@@ -218,6 +218,29 @@ impl Entry {
         (Key::from(update.key), Entry(Arc::from(scratch.as_slice())))
     }
 
+    /// The entry's bytes as held in memory (header, properties, body): what a persisted
+    /// record stores for it.
+    pub(crate) fn stored_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// An entry from [`Entry::stored_bytes`], if they are well formed: a whole header,
+    /// a properties length within the bytes, a uuid flag of 0 or 1 and a properties
+    /// frame that decodes.
+    pub(crate) fn from_stored(bytes: &[u8]) -> Option<Entry> {
+        let entry = Entry(Arc::from(bytes));
+        let flag = *bytes.get(header::HAS_UUID)?;
+        let properties_end = header::LEN.checked_add(entry.properties_len())?;
+        if bytes.len() < properties_end || flag > 1 {
+            return None;
+        }
+        let properties = bytes.get(header::LEN..properties_end)?;
+        if !properties.is_empty() && Properties::decode(properties).is_err() {
+            return None;
+        }
+        Some(entry)
+    }
+
     fn field<const N: usize>(&self, range: std::ops::Range<usize>) -> [u8; N] {
         self.0
             .get(range)

@@ -22,6 +22,7 @@ use clonekv_zmq::discovery::{
 use clonekv_zmq::duration::HumanDuration;
 use clonekv_zmq::endpoint::EndpointError;
 use clonekv_zmq::http::{GatewayCurve, HttpError, HttpOptions};
+use clonekv_zmq::persist::{FsyncPolicy, PersistOptions, DEFAULT_COMPACT_MIN_BYTES};
 use clonekv_zmq::server::{
     hwm_for_queue_bytes, ServerDiscovery, ServerEndpoints, ServerHost, ServerOptions, StartError,
     DEFAULT_HWM, DEFAULT_QUEUE_BYTES,
@@ -65,7 +66,8 @@ CLONEKVD_PEER_PUBLIC_KEY, which win over the file. See docs/SECURITY.md.\n\n\
 Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug) to change the level.\n\
 Exit status: 0 after SIGINT/SIGTERM, 1 when it cannot start (a port is taken) or fails, \
 2 for a bad option or config file, ports that clash, a peer host that does not resolve, \
-or a --bind-host that is not this host's."
+a --bind-host that is not this host's, or a --data-dir this build cannot use (another \
+format version, a damaged snapshot)."
 )]
 struct Cli {
     /// Start as the backup (same as `--role backup`).
@@ -85,6 +87,18 @@ struct Cli {
 enum RoleName {
     Primary,
     Backup,
+}
+
+/// When the data directory's log is fsynced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FsyncName {
+    /// Before an update is published: a confirmed write survives a power cut.
+    Always,
+    /// Every --fsync-interval: a power cut loses at most that much.
+    Batch,
+    /// Left to the kernel: a power cut loses what it had not written back.
+    Never,
 }
 
 /// Everything that can come from a flag or the config file. Unset means "the default
@@ -194,6 +208,25 @@ struct Settings {
     /// collector) before libzmq drops [default: 100000].
     #[arg(long, value_name = "N", help_heading = "Limits")]
     hwm: Option<i32>,
+
+    /// Record every change in this directory and start from what it holds (created if
+    /// missing; one directory per server) [default: none, memory only].
+    #[arg(long, value_name = "DIR", help_heading = "Persistence")]
+    data_dir: Option<PathBuf>,
+    /// When the log is fsynced. Under every policy an update is written to the log
+    /// before it is published, so a confirmed write survives the process being killed;
+    /// on a power cut `always` loses nothing confirmed, `batch` at most the last
+    /// --fsync-interval, `never` what the kernel had not yet written [default: always].
+    #[arg(long, value_enum, value_name = "POLICY", help_heading = "Persistence")]
+    fsync: Option<FsyncName>,
+    /// Under --fsync batch, the longest time a written record waits for its fsync
+    /// [default: 1s].
+    #[arg(long, value_name = "DURATION", help_heading = "Persistence")]
+    fsync_interval: Option<HumanDuration>,
+    /// Compact (write a snapshot of the map and start a new log) once the log is larger
+    /// than this and than the last snapshot [default: 67108864].
+    #[arg(long, value_name = "BYTES", help_heading = "Persistence")]
+    compact_min_bytes: Option<u64>,
 
     /// Name of this server's cluster: servers and clients find only their own cluster's
     /// nodes on the LAN [default: clonekv].
@@ -321,6 +354,10 @@ impl Settings {
             sync_backlog_max_bytes: self.sync_backlog_max_bytes.or(file.sync_backlog_max_bytes),
             queue_bytes: self.queue_bytes.or(file.queue_bytes),
             hwm: self.hwm.or(file.hwm),
+            data_dir: self.data_dir.or(file.data_dir),
+            fsync: self.fsync.or(file.fsync),
+            fsync_interval: self.fsync_interval.or(file.fsync_interval),
+            compact_min_bytes: self.compact_min_bytes.or(file.compact_min_bytes),
             cluster: self.cluster.or(file.cluster),
             discovery_port: self.discovery_port.or(file.discovery_port),
             discovery_interface: self.discovery_interface.or(file.discovery_interface),
@@ -470,6 +507,7 @@ impl Settings {
         let port = self.port.unwrap_or(port);
         let peer_port = self.peer_port.unwrap_or(peer_port);
         let discovery = self.discovery(port, self.state_port.unwrap_or(state_port))?;
+        let persistence = self.persistence()?;
         for (name, base) in [("--port", port), ("--peer-port", peer_port)] {
             if base > u16::MAX - 2 {
                 return Err(format!(
@@ -546,9 +584,39 @@ impl Settings {
             endpoints,
             hwm,
             discovery,
+            persistence,
             curve,
             receive_hwm,
         })
+    }
+
+    /// The data directory's options, or none without --data-dir.
+    fn persistence(&self) -> Result<Option<PersistOptions>, String> {
+        let Some(dir) = &self.data_dir else {
+            if self.fsync.is_some()
+                || self.fsync_interval.is_some()
+                || self.compact_min_bytes.is_some()
+            {
+                return Err(
+                    "--fsync, --fsync-interval and --compact-min-bytes need --data-dir".to_string(),
+                );
+            }
+            return Ok(None);
+        };
+        let mut options = PersistOptions::new(dir);
+        options.fsync = match self.fsync.unwrap_or(FsyncName::Always) {
+            FsyncName::Always => FsyncPolicy::Always,
+            FsyncName::Batch => FsyncPolicy::Batch,
+            FsyncName::Never => FsyncPolicy::Never,
+        };
+        if let Some(interval) = self.fsync_interval {
+            if interval.get().is_zero() {
+                return Err("--fsync-interval must be more than 0 (or use --fsync always)".into());
+            }
+            options.fsync_interval = interval.get();
+        }
+        options.compact_min_bytes = self.compact_min_bytes.unwrap_or(DEFAULT_COMPACT_MIN_BYTES);
+        Ok(Some(options))
     }
 }
 
@@ -800,6 +868,9 @@ fn start_failure(error: &StartError) -> (u8, String) {
             (EXIT_CONFIG, format!("{error} ({hint})"))
         }
         StartError::Config(_) => (EXIT_CONFIG, error.to_string()),
+        StartError::Persist(persist) if persist.is_refusal() => {
+            (EXIT_CONFIG, format!("cannot start: {error}"))
+        }
         StartError::Discovery(DiscoveryError::Config(_) | DiscoveryError::NoSuchInterface(_)) => {
             (EXIT_CONFIG, format!("cannot start: {error}"))
         }
@@ -953,6 +1024,30 @@ mod tests {
         // A bad value is in the middle of its line.
         assert_eq!(line("port = 1\n# note\nheartbeat = \"soon\"\n"), Some(3));
         assert_eq!(line("port = 1\r\nrole = \"boss\"\r\n"), Some(2));
+    }
+
+    #[test]
+    fn a_data_dir_comes_from_a_flag_or_the_file_and_fsync_defaults_to_always() {
+        let parse = |args: &[&str], file: &str| {
+            let cli = Cli::try_parse_from(std::iter::once("clonekvd").chain(args.iter().copied()))
+                .unwrap();
+            cli.settings
+                .over(parse_config(file).unwrap())
+                .into_options()
+        };
+        assert_eq!(parse(&[], "").unwrap().persistence, None);
+        let given = parse(&["--data-dir", "/var/lib/clonekv"], "").unwrap();
+        let given = given.persistence.unwrap();
+        assert_eq!(given.dir, PathBuf::from("/var/lib/clonekv"));
+        assert_eq!(given.fsync, FsyncPolicy::Always);
+        let file = "data-dir = \"/d\"\nfsync = \"batch\"\nfsync-interval = \"50ms\"\n";
+        let from_file = parse(&[], file).unwrap().persistence.unwrap();
+        assert_eq!(from_file.fsync, FsyncPolicy::Batch);
+        assert_eq!(from_file.fsync_interval, Duration::from_millis(50));
+        let error = parse(&["--fsync", "never"], "").unwrap_err();
+        assert!(error.contains("--data-dir"), "{error}");
+        let error = parse(&["--data-dir", "/d", "--fsync-interval", "0s"], "").unwrap_err();
+        assert!(error.contains("--fsync-interval"), "{error}");
     }
 
     #[test]

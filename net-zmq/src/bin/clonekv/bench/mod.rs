@@ -110,9 +110,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub latency_rate: Option<u32>,
     /// Parts to leave out (comma-separated): throughput, pair, curve, latency, snapshot,
-    /// failover. `curve` is a lone server with CURVE keys beside the plain one, in the
-    /// throughput and latency tables and their comparison (only on servers started
-    /// here).
+    /// failover, persistence, restart. `curve` is a lone server with CURVE keys beside
+    /// the plain one, in the throughput and latency tables and their comparison (only on
+    /// servers started here); `persistence` three lone servers with a data directory, one
+    /// per fsync policy, in the same tables; `restart` a restart from a data directory
+    /// holding --keys keys.
     #[arg(long, value_name = "PART,...", value_delimiter = ',')]
     pub skip: Vec<String>,
 }
@@ -189,6 +191,26 @@ pub struct MemoryRow {
     pub bytes_per_key: f64,
 }
 
+/// A restart from a data directory.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestartRow {
+    pub keys: u64,
+    /// Loading them into a server with `--fsync never` (a closed-loop flood).
+    pub load_seconds: f64,
+    /// The data directory's size after the load (snapshot and log).
+    pub data_dir_bytes: u64,
+    /// From the restarted process's start to its first snapshot reply: reading the
+    /// data directory plus what every start costs.
+    pub restart_to_serving_s: f64,
+    /// The anchor: the same for a server with no data directory, started just before.
+    pub empty_start_to_serving_s: f64,
+    /// The anchor for the reading alone: this process reading the directory's files
+    /// (from the page cache).
+    pub raw_read_s: f64,
+    /// Keys the restarted server holds (counted by a snapshot of them).
+    pub keys_restored: u64,
+}
+
 /// The failovers measured under one set of timings.
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverRow {
@@ -259,6 +281,7 @@ pub struct Report {
     pub snapshot: Option<SnapshotRow>,
     pub memory: Option<MemoryRow>,
     pub failover: Vec<FailoverRow>,
+    pub restart: Option<RestartRow>,
     /// With `--endpoint`: the removal of the run's keys.
     pub cleanup: Option<prefix::Cleanup>,
     /// Parts that could not be measured, and why.
@@ -270,6 +293,12 @@ const ROUTE_PUB_SUB: &str = "raw PUB→SUB";
 const ROUTE_RELAY: &str = "raw relay";
 const ROUTE_SERVER: &str = "server";
 const ROUTE_PAIR: &str = "server + backup";
+/// Lone servers with a data directory, one per fsync policy: (route, policy).
+const ROUTES_FSYNC: [(&str, &str); 3] = [
+    ("server --fsync always", "always"),
+    ("server --fsync batch", "batch"),
+    ("server --fsync never", "never"),
+];
 const ROUTE_SERVER_CURVE: &str = "server, CURVE";
 
 /// How long to wait for a started server or a route to come up.
@@ -287,6 +316,8 @@ struct Targets {
     /// Primary and backup endpoints for the pair throughput.
     pair: Option<(String, String)>,
     pair_processes: Vec<Process>,
+    /// Lone servers with a data directory: (route, endpoint, process).
+    persisted: Vec<(&'static str, String, Process)>,
     /// A lone server with CURVE keys, and the keys of the bench's sockets for it.
     curve: Option<(String, Process, RouteCurve)>,
 }
@@ -376,21 +407,28 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     let plan = SearchPlan { trial, steps };
     let drain = Duration::from_millis(300);
     let mut scratch = Scratch::new()?;
-    let mut ports = Ports::allocate(28)?;
+    let mut ports = Ports::allocate(52)?;
     let clonekvd = args
         .clonekvd
         .clone()
         .or_else(|| bin_dir.map(|dir| dir.join("clonekvd")))
         .unwrap_or_else(|| PathBuf::from("clonekvd"));
 
+    let persisted_routes = if args.endpoint.is_none() && !args.skips("persistence") {
+        ROUTES_FSYNC.len()
+    } else {
+        0
+    };
     let searches_per_count =
-        3 + usize::from(!args.skips("pair")) + usize::from(targets_curve(args));
+        3 + usize::from(!args.skips("pair")) + usize::from(targets_curve(args)) + persisted_routes;
     let throughput_steps = if args.skips("throughput") {
         0
     } else {
         args.subscribers.len() * searches_per_count * (1 + steps as usize)
     };
-    let bar = ProgressBar::new((throughput_steps + 6 + 2 * FAILOVER_PHASES.len()) as u64);
+    let bar = ProgressBar::new(
+        (throughput_steps + 7 + persisted_routes + 2 * FAILOVER_PHASES.len()) as u64,
+    );
     bar.set_style(
         ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -415,6 +453,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
         snapshot: None,
         memory: None,
         failover: Vec::new(),
+        restart: None,
         cleanup: None,
         problems: Vec::new(),
         elapsed_seconds: 0.0,
@@ -449,6 +488,21 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     }
     if let Some((primary, _)) = &targets.pair {
         wait_active(primary, None)?;
+    }
+    let mut persisted_routes = Vec::new();
+    for (name, endpoint, process) in &mut targets.persisted {
+        wait_active(endpoint, Some(process))?;
+        persisted_routes.push((
+            *name,
+            process.pid(),
+            Route {
+                publish: vec![plus(endpoint, 2)?],
+                publisher_binds: false,
+                subscribe: plus(endpoint, 1)?,
+                backup_publisher: None,
+                curve: None,
+            },
+        ));
     }
     if let Some((endpoint, process, keys)) = targets.curve.as_mut() {
         let waited = snapshot::wait_active(endpoint, PATIENCE, Some(keys));
@@ -504,6 +558,9 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
             if !args.skips("pair") {
                 candidates.push((ROUTE_PAIR, pair_route.as_ref()));
             }
+            for (name, _, route) in &persisted_routes {
+                candidates.push((name, Some(route)));
+            }
             if curve_route.is_some() {
                 candidates.push((ROUTE_SERVER_CURVE, curve_route.as_ref()));
             }
@@ -534,7 +591,11 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
                         .map(|(_, process, _)| process.pid())
                         .into_iter()
                         .collect(),
-                    _ => Vec::new(),
+                    _ => persisted_routes
+                        .iter()
+                        .filter(|(route, ..)| *route == name)
+                        .map(|(_, pid, _)| *pid)
+                        .collect(),
                 };
                 let cpu = || -> Option<Duration> {
                     if pids.is_empty() {
@@ -616,6 +677,11 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
         };
         let seconds = if args.quick { 2.0 } else { 5.0 };
         let mut routes = vec![(ROUTE_RELAY, &relay_route), (ROUTE_SERVER, &server_route)];
+        routes.extend(
+            persisted_routes
+                .iter()
+                .map(|(name, _, route)| (*name, route)),
+        );
         if let Some(route) = &curve_route {
             routes.push((ROUTE_SERVER_CURVE, route));
         }
@@ -648,6 +714,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
     }
     drop(relay_process);
     drop(targets.lone_process.take());
+    drop(targets.persisted.drain(..));
     drop(targets.curve.take());
 
     // 3 and 5: load the map, read the memory, take the snapshot.
@@ -661,6 +728,17 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
         }
     }
     drop(targets.loaded_process.take());
+
+    // 7: a restart from a data directory holding every key.
+    if args.endpoint.is_none() && !args.skips("restart") {
+        match measure_restart(
+            args, shape, &clonekvd, &mut ports, dummy_peer, &scratch, &bar,
+        ) {
+            Ok(row) => report.restart = Some(row),
+            Err(error) => report.problems.push(format!("restart: {error}")),
+        }
+        bar.inc(1);
+    }
 
     // 4: failover, only of a pair started here.
     if args.endpoint.is_none() && !args.skips("failover") {
@@ -812,6 +890,7 @@ fn start_targets(
                 .clone()
                 .map(|backup| (endpoint.clone(), backup)),
             pair_processes: Vec::new(),
+            persisted: Vec::new(),
             curve: None,
         });
     }
@@ -848,6 +927,31 @@ fn start_targets(
         Some((endpoints, processes)) => (Some(endpoints), processes),
         None => (None, Vec::new()),
     };
+    let mut persisted = Vec::new();
+    if !args.skips("persistence") {
+        for (route, policy) in ROUTES_FSYNC {
+            let me = ServerPorts::take(ports)?;
+            let mut server_args =
+                procs::server_args(me, dummy_peer, false, Timing::DEFAULT, args.hwm);
+            server_args.extend([
+                "--data-dir".to_string(),
+                scratch
+                    .path
+                    .join(format!("data-{policy}"))
+                    .display()
+                    .to_string(),
+                "--fsync".to_string(),
+                policy.to_string(),
+            ]);
+            let process = Process::spawn(
+                &format!("fsync-{policy}"),
+                clonekvd,
+                &server_args,
+                &scratch.path,
+            )?;
+            persisted.push((route, me.endpoint(), process));
+        }
+    }
     let curve = if targets_curve(args) {
         let me = ServerPorts::take(ports)?;
         let (flags, keys) = curve_keys(&scratch.path)?;
@@ -866,6 +970,7 @@ fn start_targets(
         loaded_pid,
         pair,
         pair_processes,
+        persisted,
         curve,
     })
 }
@@ -1028,28 +1133,8 @@ fn load_and_snapshot(
     let mut session = Session::open(&route, 1, 1, shape, args.hwm, Duration::from_millis(300))?;
     let rss_empty = rss();
     session.warm_up(PATIENCE)?;
-    // Every key once, in chunks each confirmed in order by the subscriber, as fast as
-    // the server takes them (a closed-loop flood); a chunk that lost updates is sent
-    // again.
-    let chunk = 250_000u64;
-    let mut first = 0;
-    let load_began = Instant::now();
     let cpu_before = targets.loaded_pid.and_then(procs::cpu_time_of);
-    let mut failures = 0;
-    while first < keys {
-        let count = chunk.min(keys - first);
-        bar.set_message(format!("snapshot: loading keys {first}..{}", first + count));
-        let result = session.trial(Pace::Flood, count, Keys::Load { first }, None)?;
-        if result.zero_loss() {
-            first += count;
-        } else {
-            failures += 1;
-            if failures > 3 {
-                return Err(BenchError::new("loading the keys keeps losing updates"));
-            }
-        }
-    }
-    let load_seconds = load_began.elapsed().as_secs_f64();
+    let load_seconds = load_keys(&mut session, keys, "snapshot", bar)?;
     let load_cpu_us_per_update = match (cpu_before, targets.loaded_pid.and_then(procs::cpu_time_of))
     {
         (Some(before), Some(after)) => {
@@ -1121,6 +1206,122 @@ fn load_and_snapshot(
         },
         memory,
     ))
+}
+
+/// Every key once, in chunks each confirmed in order by the subscriber, as fast as the
+/// server takes them (a closed-loop flood); a chunk that lost updates is sent again.
+/// Returns the seconds it took.
+fn load_keys(
+    session: &mut Session,
+    keys: u64,
+    part: &str,
+    bar: &ProgressBar,
+) -> Result<f64, BenchError> {
+    let chunk = 250_000u64;
+    let mut first = 0;
+    let load_began = Instant::now();
+    let mut failures = 0;
+    while first < keys {
+        let count = chunk.min(keys - first);
+        bar.set_message(format!("{part}: loading keys {first}..{}", first + count));
+        let result = session.trial(Pace::Flood, count, Keys::Load { first }, None)?;
+        if result.zero_loss() {
+            first += count;
+        } else {
+            failures += 1;
+            if failures > 3 {
+                return Err(BenchError::new("loading the keys keeps losing updates"));
+            }
+        }
+    }
+    Ok(load_began.elapsed().as_secs_f64())
+}
+
+/// Loads `--keys` keys into a server with a data directory (`--fsync never`), kills it
+/// (SIGKILL) and times its restart to the first snapshot reply, beside an empty server's
+/// start and this process reading the same files.
+fn measure_restart(
+    args: &BenchArgs,
+    shape: Shape,
+    clonekvd: &std::path::Path,
+    ports: &mut Ports,
+    dummy_peer: ServerPorts,
+    scratch: &Scratch,
+    bar: &ProgressBar,
+) -> Result<RestartRow, BenchError> {
+    // A short heartbeat: a lone primary serves once its peer is silent for two, which
+    // every start below pays alike.
+    let timing = Timing {
+        heartbeat_ms: 100,
+        peer_expiry_beats: 2,
+    };
+    let me = ServerPorts::take(ports)?;
+    let endpoint = me.endpoint();
+    let dir = scratch.path.join("data-restart");
+    let mut with_dir = procs::server_args(me, dummy_peer, false, timing, args.hwm);
+    with_dir.extend([
+        "--data-dir".to_string(),
+        dir.display().to_string(),
+        "--fsync".to_string(),
+        "never".to_string(),
+    ]);
+    let mut first = Process::spawn("restart-1", clonekvd, &with_dir, &scratch.path)?;
+    wait_active(&endpoint, Some(&mut first))?;
+    let route = Route {
+        publish: vec![plus(&endpoint, 2)?],
+        publisher_binds: false,
+        subscribe: plus(&endpoint, 1)?,
+        backup_publisher: None,
+        curve: None,
+    };
+    let mut session = Session::open(&route, 1, 1, shape, args.hwm, Duration::from_millis(300))?;
+    session.warm_up(PATIENCE)?;
+    let load_seconds = load_keys(&mut session, args.keys, "restart", bar)?;
+    drop(session);
+    // Every update was published, so it was written: a SIGKILL loses none.
+    first.kill();
+
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|error| BenchError::new(format!("cannot list {}: {error}", dir.display())))?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .collect();
+    let read_began = Instant::now();
+    let mut data_dir_bytes = 0u64;
+    for file in &files {
+        let bytes = std::fs::read(file)
+            .map_err(|error| BenchError::new(format!("cannot read {}: {error}", file.display())))?;
+        data_dir_bytes += bytes.len() as u64;
+    }
+    let raw_read_s = read_began.elapsed().as_secs_f64();
+
+    bar.set_message("restart: an empty server's start (the anchor)");
+    let empty_ports = ServerPorts::take(ports)?;
+    let empty_began = Instant::now();
+    let mut empty = Process::spawn(
+        "restart-empty",
+        clonekvd,
+        &procs::server_args(empty_ports, dummy_peer, false, timing, args.hwm),
+        &scratch.path,
+    )?;
+    wait_active(&empty_ports.endpoint(), Some(&mut empty))?;
+    let empty_start_to_serving_s = empty_began.elapsed().as_secs_f64();
+    drop(empty);
+
+    bar.set_message(format!("restart: reading {} keys back", args.keys));
+    let restart_began = Instant::now();
+    let mut second = Process::spawn("restart-2", clonekvd, &with_dir, &scratch.path)?;
+    wait_active(&endpoint, Some(&mut second))?;
+    let restart_to_serving_s = restart_began.elapsed().as_secs_f64();
+    let keys_restored = snapshot::count(&endpoint, shape.prefix.as_bytes(), PATIENCE)?;
+    Ok(RestartRow {
+        keys: args.keys,
+        load_seconds,
+        data_dir_bytes,
+        restart_to_serving_s,
+        empty_start_to_serving_s,
+        raw_read_s,
+        keys_restored,
+    })
 }
 
 /// Snapshots taken of the loaded map, one after another; the figures are the median
@@ -1329,6 +1530,20 @@ pub fn render(report: &Report) -> String {
             "  (backup takes over: a raw ICANHAZ? every 10 ms first answered, the earliest Binary Star allows, give or take those 10 ms; first update: through the backup, to a client library watcher; clonekv get: the CLI started right after the kill)"
         );
     }
+    if let Some(restart) = &report.restart {
+        let _ = writeln!(
+            out,
+            "\nrestart from a data directory of {} keys ({:.0} MB; loaded with --fsync never in {:.1} s): serving after {:.2} s; an empty server's start {:.2} s; reading the files alone {:.2} s; {} keys restored{}",
+            restart.keys,
+            restart.data_dir_bytes as f64 / 1e6,
+            restart.load_seconds,
+            restart.restart_to_serving_s,
+            restart.empty_start_to_serving_s,
+            restart.raw_read_s,
+            restart.keys_restored,
+            if restart.keys_restored == restart.keys { "" } else { " (INCOMPLETE)" },
+        );
+    }
     if let Some(cleanup) = &report.cleanup {
         let _ = writeln!(
             out,
@@ -1533,6 +1748,7 @@ mod tests {
             ],
             snapshot: None,
             memory: None,
+            restart: None,
             failover: vec![FailoverRow::new(
                 "default",
                 1_000,
