@@ -1017,7 +1017,7 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
             .iter()
             .map(|server| {
                 json!({
-                    "endpoint": server.endpoint,
+                    "endpoint": (!server.endpoint.is_empty()).then_some(&server.endpoint),
                     "current": server.current,
                     "connected": server.connected,
                     "answered": answered && server.current,
@@ -1074,9 +1074,15 @@ fn print_status(out: &mut Output, status: &Status, answered: bool) {
         } else {
             "no".to_string()
         };
+        // A discovery slot whose server has not been heard has no endpoint yet.
+        let endpoint = if server.endpoint.is_empty() {
+            "(not discovered)"
+        } else {
+            server.endpoint.as_str()
+        };
         out.line(&format!(
             "{:<28} {:<9} {:>10} {:>9} {:>10}  {answered}",
-            server.endpoint, state, sequence, keys, heartbeat
+            endpoint, state, sequence, keys, heartbeat
         ));
     }
     if let Some(conflict) = reach::role_conflict(&status.servers) {
