@@ -19,6 +19,7 @@
 use rand::SeedableRng;
 
 pub mod clock;
+pub mod model;
 pub mod network;
 pub mod options;
 pub mod oracles;

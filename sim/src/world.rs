@@ -21,6 +21,7 @@ use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
 
 use crate::clock::NodeClock;
+use crate::model::{Map, Model, ModelStats};
 use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
 use crate::options::{streams, Options};
 use crate::oracles::{History, Moment, Oracle, Publication, TtlExpectation, Violation};
@@ -129,6 +130,8 @@ pub struct Coverage {
     /// Servers that became active while their peer still was, missing something they
     /// had received from it: checked again when one of the two stops being active.
     pub failover_checks_deferred: u64,
+    /// What the model checked, and how many reigns it could not rebuild.
+    pub model: ModelStats,
 }
 
 impl Coverage {
@@ -153,6 +156,7 @@ impl Coverage {
         self.split_brain_windows += other.split_brain_windows;
         self.liveness_waived_high_water_drop += other.liveness_waived_high_water_drop;
         self.failover_checks_deferred += other.failover_checks_deferred;
+        self.model.merge(&other.model);
     }
 }
 
@@ -271,6 +275,8 @@ pub struct World {
     next_fault_tick: Instant,
     heals: BTreeMap<(Instant, NodeId, NodeId), ()>,
     history: History,
+    /// The ground truth built from what was published (oracles 1, 2, 9, 10).
+    model: Model,
     /// Orders the moments of one instant (see [`Moment`]).
     moments: u64,
     coverage: Coverage,
@@ -288,6 +294,14 @@ pub struct World {
     deferred_failover_checks: BTreeMap<NodeId, String>,
     limits: Limits,
     script: BTreeMap<(Instant, u64), Scripted>,
+}
+
+/// A server's map: key → value.
+fn machine_map(machine: &Server) -> Map {
+    machine
+        .iter()
+        .map(|(key, entry)| (key.to_vec(), entry.body().to_vec()))
+        .collect()
 }
 
 fn server_index(node: NodeId) -> ServerIndex {
@@ -390,6 +404,7 @@ impl World {
             next_fault_tick: now + options.faults.tick,
             heals: BTreeMap::new(),
             history: History::default(),
+            model: Model::default(),
             moments: 0,
             coverage: Coverage::default(),
             trace_mode,
@@ -499,6 +514,7 @@ impl World {
                 self.coverage.faults.insert(name, count);
             }
         }
+        self.coverage.model = self.model.stats.clone();
         let final_active_map = self.sole_active().map(|active| self.server_map(active));
         RunReport {
             final_active_map,
@@ -636,7 +652,8 @@ impl World {
             slot.adopted_through = None;
             slot.adopted_request = None;
         }
-        self.history.last_published.remove(&node);
+        let incarnation = self.life(node).map_or(0, |life| life.incarnation);
+        self.model.server_started(node, incarnation);
         self.history.held.remove(&node);
         self.history.client_copies.remove(&node);
         self.history.seen.remove(&node);
@@ -1429,7 +1446,6 @@ impl World {
                         }
                     }
                     if let server::Event::SyncCompleted { sequence, .. } = &event {
-                        self.history.last_published.remove(&node);
                         sync_completed = Some(*sequence);
                     }
                     if matches!(event, server::Event::SyncAbandoned { .. }) {
@@ -1462,12 +1478,22 @@ impl World {
         if sync_abandoned {
             self.adopt_peer_ttl_promises(node);
         }
-        self.record_publications(node, &published, became_active && !state_before);
+        let took_over = became_active && !state_before;
+        self.record_publications(node, &published, took_over, sync_abandoned);
         let active_now = self
             .servers
             .get(node)
             .and_then(|slot| slot.machine.as_ref())
             .is_some_and(|machine| machine.state() == BstarState::Active);
+        if self.violation.is_none() {
+            self.model_step(
+                node,
+                &published,
+                took_over,
+                state_before && !active_now,
+                sync_completed,
+            );
+        }
         let now = self.now;
         if let Some(slot) = self.servers.get_mut(node) {
             slot.active_since = match (active_now, slot.active_since) {
@@ -1475,6 +1501,75 @@ impl World {
                 (true, since) => since,
                 (false, _) => None,
             };
+        }
+    }
+
+    /// Oracle 9 after a server step: an active's map is its reign, a stepped-down
+    /// server keeps it, a passive's is its peer's history at its sequence (checked in
+    /// full after a sync).
+    fn model_step(
+        &mut self,
+        node: NodeId,
+        published: &[[Vec<u8>; 5]],
+        took_over: bool,
+        stepped_down: bool,
+        sync_completed: Option<i64>,
+    ) {
+        let Some(machine) = self
+            .servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+        else {
+            return;
+        };
+        let sequence = machine.sequence();
+        let (active, passive) = (
+            machine.state() == BstarState::Active,
+            machine.state() == BstarState::Passive,
+        );
+        let result = if active && (took_over || !published.is_empty()) {
+            let what = if took_over {
+                "became active"
+            } else {
+                "published"
+            };
+            let map = self.server_map(node);
+            self.model.check_active(node, sequence, &map, what)
+        } else if stepped_down {
+            let map = self.server_map(node);
+            let result = self
+                .model
+                .check_active(node, sequence, &map, "stepped down");
+            self.model.end_reign(node);
+            result
+        } else if let Some(snapshot_sequence) = sync_completed {
+            let peer = 1 - node;
+            let peer_history = (peer, self.life(peer).map_or(0, |life| life.incarnation));
+            let map = self.server_map(node);
+            let checkable = !self.options.is_harsh();
+            self.model.sync_completed(
+                node,
+                peer_history,
+                snapshot_sequence,
+                sequence,
+                &map,
+                checkable,
+            )
+        } else if passive {
+            let servers = &self.servers;
+            let map = || {
+                servers
+                    .get(node)
+                    .and_then(|slot| slot.machine.as_ref())
+                    .map(machine_map)
+                    .unwrap_or_default()
+            };
+            self.model.passive_step(node, sequence, map)
+        } else {
+            Ok(())
+        };
+        if let Err(violation) = result {
+            self.fail(violation.oracle, violation.detail);
         }
     }
 
@@ -1639,31 +1734,32 @@ impl World {
         }
     }
 
-    fn server_map(&self, node: NodeId) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    fn server_map(&self, node: NodeId) -> Map {
         self.servers
             .get(node)
             .and_then(|slot| slot.machine.as_ref())
-            .map(|machine| {
-                machine
-                    .iter()
-                    .map(|(key, entry)| (key.to_vec(), entry.body().to_vec()))
-                    .collect()
-            })
+            .map(machine_map)
             .unwrap_or_default()
     }
 
-    /// Oracles 1, 3, 5 and 6 on what a server published in one step.
+    /// Oracles 1, 3, 5 and 6 on what a server published in one step, and the model's
+    /// record of it.
     fn record_publications(
         &mut self,
         node: NodeId,
         published: &[[Vec<u8>; 5]],
         became_active: bool,
+        sync_abandoned: bool,
     ) {
         let limits = self.limits;
-        let messages: Vec<KvMsg> = published
+        let decoded: Vec<KvMsg> = published
             .iter()
             .filter_map(|frames| KvMsg::decode(frames, &limits).ok())
+            .collect();
+        let messages: Vec<KvMsg> = decoded
+            .iter()
             .filter(|message| !message.is_hugz())
+            .cloned()
             .collect();
         let now = self.now;
         let wall = match self.servers.get(node) {
@@ -1734,28 +1830,36 @@ impl World {
                 }
             }
         }
-        if became_active {
-            let map = self.server_map(node);
+        // The model: a reign starts from the map it believes the server held, unless a
+        // failover mid-sync merged what the model does not rebuild (then from the map
+        // after this step, publications included).
+        let replayed = became_active && !sync_abandoned && self.model.begin_replayed_reign(node);
+        for message in &decoded {
+            let result = if message.is_hugz() {
+                if message.hugz_state() == Some(BstarState::Active) {
+                    self.model.heartbeat(node, message.sequence)
+                } else {
+                    Ok(())
+                }
+            } else {
+                // Oracle 1, per incarnation.
+                self.model.published(node, message)
+            };
+            if let Err(violation) = result {
+                self.fail(violation.oracle, violation.detail);
+                return;
+            }
+        }
+        if became_active && !replayed {
             let sequence = self
                 .servers
                 .get(node)
                 .and_then(|slot| slot.machine.as_ref())
                 .map_or(0, Server::sequence);
-            self.history.begin_reign(node, sequence, map);
+            let map = self.server_map(node);
+            self.model.begin_merged_reign(node, sequence, map);
         }
         for message in messages {
-            // Oracle 1.
-            if let Some(last) = self.history.last_published.get(&node) {
-                if message.sequence <= *last {
-                    let detail = format!(
-                        "server {node} published sequence {} after {last}",
-                        message.sequence
-                    );
-                    self.fail(Oracle::SequencesIncrease, detail);
-                    return;
-                }
-            }
-            self.history.last_published.insert(node, message.sequence);
             // Oracle 3 at the server: a republished (replayed) value must not be older
             // than what the server held for the key.
             let update_id = (message.uuid, message.body.is_empty());
@@ -1801,10 +1905,6 @@ impl World {
                     publication: None,
                 },
             );
-            if !became_active {
-                self.history
-                    .log_publication(node, message.sequence, &message.key, &message.body);
-            }
             self.check_ttl_publication(node, &message, wall);
         }
     }
@@ -2117,10 +2217,49 @@ impl World {
                     slot.mirror.insert(key, value);
                 }
             }
-            client::Event::Deleted { key, .. } => {
+            client::Event::Deleted { key, sequence } => {
+                // A delete the current server published is news like a value: what
+                // follows it on the stream must not be older (the memory survives it).
+                let server = self
+                    .client_slot(node)
+                    .and_then(|slot| slot.machine.as_ref())
+                    .map(|machine| machine.current_server().0);
+                let index = server.and_then(|server| {
+                    (sequence > 0 && !from_snapshot)
+                        .then(|| self.history.publication_at(server, sequence, b""))
+                        .flatten()
+                });
+                let newest = self
+                    .client_slot(node)
+                    .and_then(|slot| slot.newest_seen.get(&key).copied());
+                if let (Some(index), Some(newest)) = (index, newest) {
+                    if index < newest {
+                        let detail = format!(
+                            "client {node} deleted {} by publication #{index} after #{newest}, an older delete",
+                            String::from_utf8_lossy(&key)
+                        );
+                        self.fail(Oracle::NoRegression, detail);
+                        return;
+                    }
+                }
                 if let Some(slot) = self.client_slot(node) {
                     slot.mirror.remove(&key);
-                    slot.newest_seen.remove(&key);
+                    match index {
+                        Some(index) => slot.newest_seen.insert(key, index),
+                        None => slot.newest_seen.remove(&key),
+                    };
+                }
+            }
+            client::Event::Committed { uuid, sequence } => {
+                let server = self
+                    .client_slot(node)
+                    .and_then(|slot| slot.machine.as_ref())
+                    .map(|machine| machine.current_server().0);
+                if let Some(server) = server {
+                    if let Err(violation) = self.model.check_committed(node, server, uuid, sequence)
+                    {
+                        self.fail(violation.oracle, violation.detail);
+                    }
                 }
             }
             client::Event::Synced {
@@ -2153,7 +2292,7 @@ impl World {
             Some(slot) => (slot.mirror.clone(), slot.subtree.clone()),
             None => return,
         };
-        let candidates = self.history.maps_at(server, sequence);
+        let candidates = self.model.maps_at(server, sequence);
         let matches = candidates.iter().any(|map| {
             map.iter()
                 .filter(|(key, _)| key.starts_with(&subtree))
@@ -2376,6 +2515,7 @@ impl World {
                 slot.ready_streams.clear();
                 slot.active_since = None;
             }
+            self.model.server_crashed(node);
             *self.coverage.faults.entry("server_crash").or_default() += 1;
         } else {
             if let Some(slot) = self.client_slot(node) {

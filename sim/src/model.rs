@@ -1,0 +1,738 @@
+//! The simulator's ground truth: an independent model built only from what the
+//! servers *published*.
+//!
+//! Every incarnation of a server (a [`HistoryId`]) has one canonical history: every
+//! KVPUB it sent (client updates, replays, expiry deletes) in order, and counts of its
+//! HUGZ and KTHXBAI. A history is cut into *reigns*, one per stretch as active. A reign
+//! starts from a map the model computes itself, never read from the new active:
+//!
+//! - a fresh incarnation holds nothing;
+//! - a passive holds its peer's history replayed to the passive's sequence (a passive
+//!   never expires nor changes its map except by installing a snapshot of the active's
+//!   history and applying that history's KVPUBs in sequence), and takes over with it;
+//!   numbering resumes above every sequence its incarnation already published;
+//! - the only exception is a failover in the middle of a sync (`SyncAbandoned`), which
+//!   merges a partial snapshot and buffered updates by rules the model does not
+//!   re-implement (PROTOCOL.md §7): that reign starts from the machine's map and is
+//!   marked [`Origin::Merged`] (counted in the coverage, so its share is visible).
+//!
+//! Invariants checked against it (each returns a [`Violation`]):
+//! - oracle 1: within one incarnation a server never numbers two KVPUBs alike nor goes
+//!   back (never reset by a sync or a step-down);
+//! - oracle 9: an active's map is its reign replayed; a passive's map after a sync is its
+//!   peer's history at the snapshot's KTHXBAI plus the buffered KVPUBs that follow it;
+//!   a passive's map at every sequence it reaches is its peer's history at that
+//!   sequence; a reign's map is the model's from its first step;
+//! - oracle 2 (clients): the client's map after KTHXBAI is the server's reign replayed to
+//!   that sequence ([`Model::maps_at`]);
+//! - oracle 10: every `Committed { uuid, sequence }` names a KVPUB of that uuid at that
+//!   sequence in the serving server's history or the histories it descends from.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use clonekv_core::kvmsg::{KvMsg, Uuid};
+
+use crate::network::NodeId;
+use crate::oracles::{Oracle, Violation};
+
+/// One incarnation of one server: `(node, incarnation)`.
+pub type HistoryId = (NodeId, u32);
+
+/// A server's map as the model sees it: key → value.
+pub type Map = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Where a reign's first map came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A fresh incarnation: the empty map at sequence 0.
+    Empty,
+    /// The map of `history` replayed to `sequence`: what the server followed (its
+    /// peer's history) or held (its own, after a step-down without a completed sync).
+    Replayed {
+        /// The history.
+        history: HistoryId,
+        /// Replayed through this sequence.
+        sequence: i64,
+    },
+    /// A failover mid-sync or after a sync the model could not check (harsh network):
+    /// the machine's map, which the model does not rebuild.
+    Merged,
+}
+
+/// One KVPUB of a history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publication {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The update's uuid.
+    pub uuid: Option<Uuid>,
+    /// The value; empty for a delete.
+    pub value: Vec<u8>,
+}
+
+/// One stretch of one history as active.
+#[derive(Clone, Debug)]
+struct Reign {
+    base_sequence: i64,
+    base: Map,
+    origin: Origin,
+    /// The reign's KVPUBs, in order: sequence, key, value (empty: delete).
+    log: Vec<(i64, Vec<u8>, Vec<u8>)>,
+    /// The map after the last KVPUB.
+    map: Map,
+    sequence: i64,
+}
+
+impl Reign {
+    fn new(base_sequence: i64, base: Map, origin: Origin) -> Reign {
+        Reign {
+            base_sequence,
+            map: base.clone(),
+            base,
+            origin,
+            log: Vec::new(),
+            sequence: base_sequence,
+        }
+    }
+
+    fn apply(&mut self, sequence: i64, key: &[u8], value: &[u8]) {
+        self.log.push((sequence, key.to_vec(), value.to_vec()));
+        apply(&mut self.map, key, value);
+        self.sequence = sequence;
+    }
+
+    fn map_at(&self, sequence: i64) -> Option<Map> {
+        if sequence < self.base_sequence || sequence > self.sequence {
+            return None;
+        }
+        if sequence == self.sequence {
+            return Some(self.map.clone());
+        }
+        let mut map = self.base.clone();
+        for (at, key, value) in &self.log {
+            if *at > sequence {
+                break;
+            }
+            apply(&mut map, key, value);
+        }
+        Some(map)
+    }
+}
+
+fn apply(map: &mut Map, key: &[u8], value: &[u8]) {
+    if value.is_empty() {
+        map.remove(key);
+    } else {
+        map.insert(key.to_vec(), value.to_vec());
+    }
+}
+
+/// The canonical history of one server incarnation.
+#[derive(Clone, Debug, Default)]
+struct ServerHistory {
+    /// Newest last. The first is the empty map at sequence 0 of a fresh incarnation.
+    reigns: Vec<Reign>,
+    /// Every KVPUB, by sequence (unique within an incarnation: oracle 1).
+    publications: BTreeMap<i64, Publication>,
+    /// True while the server is active (its last reign is open).
+    reigning: bool,
+}
+
+/// What the model says a server's map is, when it knows.
+#[derive(Clone, Debug)]
+struct Belief {
+    /// The history the map is a point of.
+    history: HistoryId,
+    /// Its sequence.
+    sequence: i64,
+    map: Map,
+}
+
+/// Counts that show how much the model checked (part of the coverage report).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelStats {
+    /// Reigns that began from a map the model rebuilt.
+    pub reigns_replayed: u64,
+    /// Reigns that began from a merged map (a failover mid-sync, or a harsh world's sync).
+    pub reigns_merged: u64,
+    /// Passive syncs whose installed map was checked against the peer's history.
+    pub syncs_checked: u64,
+    /// `Committed` events checked against the histories.
+    pub commits_checked: u64,
+    /// HUGZ published by actives, each checked to carry the reign's sequence.
+    pub hugz_checked: u64,
+}
+
+impl ModelStats {
+    /// Adds another run's counts.
+    pub fn merge(&mut self, other: &ModelStats) {
+        self.reigns_replayed += other.reigns_replayed;
+        self.reigns_merged += other.reigns_merged;
+        self.syncs_checked += other.syncs_checked;
+        self.commits_checked += other.commits_checked;
+        self.hugz_checked += other.hugz_checked;
+    }
+}
+
+/// The model: every history, and what it believes each live server holds.
+#[derive(Debug, Default)]
+pub struct Model {
+    histories: BTreeMap<HistoryId, ServerHistory>,
+    /// Per server node: its current incarnation, if it runs.
+    current: BTreeMap<NodeId, u32>,
+    /// Per running server: its map as the model derives it (None: unknown since a merge
+    /// the model does not rebuild, until its next checked sync).
+    beliefs: BTreeMap<NodeId, Option<Belief>>,
+    /// What was checked.
+    pub stats: ModelStats,
+}
+
+impl Model {
+    /// A server incarnation starts: empty map, sequence 0, nothing published.
+    pub fn server_started(&mut self, node: NodeId, incarnation: u32) {
+        let id = (node, incarnation);
+        self.current.insert(node, incarnation);
+        self.histories.insert(
+            id,
+            ServerHistory {
+                reigns: vec![Reign::new(0, Map::new(), Origin::Empty)],
+                ..ServerHistory::default()
+            },
+        );
+        self.beliefs.insert(
+            node,
+            Some(Belief {
+                history: id,
+                sequence: 0,
+                map: Map::new(),
+            }),
+        );
+    }
+
+    /// A server crashed: its history is closed (what it published stays).
+    pub fn server_crashed(&mut self, node: NodeId) {
+        if let Some(incarnation) = self.current.remove(&node) {
+            if let Some(history) = self.histories.get_mut(&(node, incarnation)) {
+                history.reigning = false;
+            }
+        }
+        self.beliefs.remove(&node);
+    }
+
+    fn current_id(&self, node: NodeId) -> Option<HistoryId> {
+        self.current
+            .get(&node)
+            .map(|incarnation| (node, *incarnation))
+    }
+
+    /// True while `node`'s current incarnation is active in the model.
+    pub fn is_reigning(&self, node: NodeId) -> bool {
+        self.current_id(node)
+            .and_then(|id| self.histories.get(&id))
+            .is_some_and(|history| history.reigning)
+    }
+
+    /// `node` became active from what the model believes it held: a passive following
+    /// its peer, or a server that never synced. Returns false when the model does not
+    /// know that map (call [`Model::begin_merged_reign`] after the step instead).
+    pub fn begin_replayed_reign(&mut self, node: NodeId) -> bool {
+        let Some(id) = self.current_id(node) else {
+            return false;
+        };
+        let Some(Some(belief)) = self.beliefs.get(&node).cloned() else {
+            return false;
+        };
+        let Some(history) = self.histories.get_mut(&id) else {
+            return false;
+        };
+        // Numbering resumes above everything this incarnation published.
+        let published = history
+            .publications
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0);
+        let base_sequence = belief.sequence.max(published);
+        history.reigns.push(Reign::new(
+            base_sequence,
+            belief.map,
+            Origin::Replayed {
+                history: belief.history,
+                sequence: belief.sequence,
+            },
+        ));
+        history.reigning = true;
+        self.beliefs.insert(node, None);
+        self.stats.reigns_replayed += 1;
+        true
+    }
+
+    /// `node` became active from a map the model does not rebuild (a failover mid-sync):
+    /// the reign starts from the machine's map after the step, publications included.
+    pub fn begin_merged_reign(&mut self, node: NodeId, sequence: i64, map: Map) {
+        let Some(id) = self.current_id(node) else {
+            return;
+        };
+        let Some(history) = self.histories.get_mut(&id) else {
+            return;
+        };
+        history
+            .reigns
+            .push(Reign::new(sequence, map, Origin::Merged));
+        history.reigning = true;
+        self.beliefs.insert(node, None);
+        self.stats.reigns_merged += 1;
+    }
+
+    /// `node` stopped being active: it holds its reign's map until a sync replaces it.
+    pub fn end_reign(&mut self, node: NodeId) {
+        let Some(id) = self.current_id(node) else {
+            return;
+        };
+        let Some(history) = self.histories.get_mut(&id) else {
+            return;
+        };
+        history.reigning = false;
+        let belief = history.reigns.last().map(|reign| Belief {
+            history: id,
+            sequence: reign.sequence,
+            map: reign.map.clone(),
+        });
+        self.beliefs.insert(node, belief);
+    }
+
+    /// Oracle 1 and the history: `node` published this KVPUB.
+    pub fn published(&mut self, node: NodeId, message: &KvMsg) -> Result<(), Violation> {
+        let Some(id) = self.current_id(node) else {
+            return Ok(());
+        };
+        let Some(history) = self.histories.get_mut(&id) else {
+            return Ok(());
+        };
+        if let Some(last) = history.publications.keys().next_back() {
+            if message.sequence <= *last {
+                return Err(Violation::new(
+                    Oracle::SequencesIncrease,
+                    format!(
+                        "server {node} (incarnation {}) published sequence {} after {last}: an incarnation never numbers a KVPUB at or below one it published",
+                        id.1, message.sequence
+                    ),
+                ));
+            }
+        }
+        history.publications.insert(
+            message.sequence,
+            Publication {
+                key: message.key.clone(),
+                uuid: message.uuid,
+                value: message.body.clone(),
+            },
+        );
+        if history.reigning {
+            if let Some(reign) = history.reigns.last_mut() {
+                reign.apply(message.sequence, &message.key, &message.body);
+            }
+        }
+        Ok(())
+    }
+
+    /// An active's HUGZ carries its reign's sequence.
+    pub fn heartbeat(&mut self, node: NodeId, sequence: i64) -> Result<(), Violation> {
+        let Some(reign) = self
+            .current_id(node)
+            .and_then(|id| self.histories.get(&id))
+            .filter(|history| history.reigning)
+            .and_then(|history| history.reigns.last())
+        else {
+            return Ok(());
+        };
+        self.stats.hugz_checked += 1;
+        if sequence != reign.sequence {
+            return Err(Violation::new(
+                Oracle::MapIsHistory,
+                format!(
+                    "active {node} sent HUGZ at sequence {sequence}, but its history is at {}",
+                    reign.sequence
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Oracle 9 at an active: its map and sequence after a step are its reign's.
+    pub fn check_active(
+        &self,
+        node: NodeId,
+        sequence: i64,
+        map: &Map,
+        what: &str,
+    ) -> Result<(), Violation> {
+        let Some((id, reign)) = self.current_id(node).and_then(|id| {
+            self.histories
+                .get(&id)
+                .filter(|history| history.reigning)
+                .and_then(|history| history.reigns.last())
+                .map(|reign| (id, reign))
+        }) else {
+            return Ok(());
+        };
+        if sequence != reign.sequence || *map != reign.map {
+            return Err(Violation::new(
+                Oracle::MapIsHistory,
+                format!(
+                    "active {node} {what}: its map ({} keys, sequence {sequence}) is not its history's ({} keys, sequence {}, reign from {:?}, incarnation {}){}",
+                    map.len(),
+                    reign.map.len(),
+                    reign.sequence,
+                    reign.origin,
+                    id.1,
+                    first_difference(map, &reign.map)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The map of `history` at `sequence`, then its KVPUBs through `through` (each must
+    /// exist: a passive applies them in sequence), for every reign that covers
+    /// `sequence`, newest first.
+    fn replays(&self, history: HistoryId, sequence: i64, through: i64) -> Vec<Map> {
+        let Some(server) = self.histories.get(&history) else {
+            return Vec::new();
+        };
+        server
+            .reigns
+            .iter()
+            .rev()
+            .filter_map(|reign| reign.map_at(sequence))
+            .filter_map(|mut map| {
+                for at in sequence.saturating_add(1)..=through {
+                    let publication = server.publications.get(&at)?;
+                    apply(&mut map, &publication.key, &publication.value);
+                }
+                Some(map)
+            })
+            .collect()
+    }
+
+    /// Oracle 9 at a passive that installed a snapshot of `peer` at `snapshot_sequence`
+    /// and, in the same step, applied the buffered KVPUBs through `sequence`.
+    /// `checkable` is false in a harsh world (a reordered KTHXBAI can overtake entries
+    /// of its own reply, which CHP cannot notice): the model then stops knowing the map.
+    pub fn sync_completed(
+        &mut self,
+        node: NodeId,
+        peer: HistoryId,
+        snapshot_sequence: i64,
+        sequence: i64,
+        map: &Map,
+        checkable: bool,
+    ) -> Result<(), Violation> {
+        if !checkable {
+            self.beliefs.insert(node, None);
+            return Ok(());
+        }
+        self.stats.syncs_checked += 1;
+        let candidates = self.replays(peer, snapshot_sequence, sequence);
+        if candidates.iter().any(|candidate| candidate == map) {
+            self.beliefs.insert(
+                node,
+                Some(Belief {
+                    history: peer,
+                    sequence,
+                    map: map.clone(),
+                }),
+            );
+            return Ok(());
+        }
+        let difference = candidates
+            .first()
+            .map(|expected| first_difference(map, expected))
+            .unwrap_or_default();
+        Err(Violation::new(
+            Oracle::MapIsHistory,
+            format!(
+                "server {node} installed a snapshot of server {} (incarnation {}) at KTHXBAI {snapshot_sequence} and is at sequence {sequence} with {} keys, which matches none of that history's {} maps there{difference}",
+                peer.0,
+                peer.1,
+                map.len(),
+                candidates.len()
+            ),
+        ))
+    }
+
+    /// Oracle 9 at a passive after a step: if its sequence moved, it applied its
+    /// history's KVPUBs in order and its map is that history's at the new sequence.
+    pub fn passive_step(
+        &mut self,
+        node: NodeId,
+        sequence: i64,
+        map: impl FnOnce() -> Map,
+    ) -> Result<(), Violation> {
+        let Some(Some(belief)) = self.beliefs.get(&node) else {
+            return Ok(());
+        };
+        if belief.sequence == sequence {
+            return Ok(());
+        }
+        let (history, from) = (belief.history, belief.sequence);
+        let Some(server) = self.histories.get(&history) else {
+            return Ok(());
+        };
+        let mut expected = belief.map.clone();
+        let mut missing = None;
+        if sequence < from {
+            missing = Some(sequence);
+        } else {
+            for at in from.saturating_add(1)..=sequence {
+                match server.publications.get(&at) {
+                    Some(publication) => apply(&mut expected, &publication.key, &publication.value),
+                    None => {
+                        missing = Some(at);
+                        break;
+                    }
+                }
+            }
+        }
+        let actual = map();
+        if missing.is_some() || actual != expected {
+            let why = match missing {
+                Some(at) => format!(
+                    "server {} (incarnation {}) never published sequence {at} after {from}",
+                    history.0, history.1
+                ),
+                None => first_difference(&actual, &expected),
+            };
+            return Err(Violation::new(
+                Oracle::MapIsHistory,
+                format!(
+                    "passive {node} following server {} (incarnation {}) moved from sequence {from} to {sequence} with a map that is not that history's: {why}",
+                    history.0, history.1
+                ),
+            ));
+        }
+        self.beliefs.insert(
+            node,
+            Some(Belief {
+                history,
+                sequence,
+                map: actual,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Every map `node` had at `sequence` as active, newest incarnation and reign
+    /// first (oracle 2's candidates for a client's snapshot).
+    pub fn maps_at(&self, node: NodeId, sequence: i64) -> Vec<Map> {
+        self.histories
+            .range((node, 0)..=(node, u32::MAX))
+            .rev()
+            .flat_map(|(_, history)| {
+                history
+                    .reigns
+                    .iter()
+                    .rev()
+                    .filter_map(move |reign| reign.map_at(sequence))
+            })
+            .collect()
+    }
+
+    /// Oracle 10: `Committed { uuid, sequence }` from server `node` names a KVPUB of
+    /// `uuid` at `sequence` in one of `node`'s histories or in one they descend from (a
+    /// snapshot entry keeps the sequence of the history it was first published in).
+    pub fn check_committed(
+        &mut self,
+        client: NodeId,
+        node: NodeId,
+        uuid: Uuid,
+        sequence: i64,
+    ) -> Result<(), Violation> {
+        self.stats.commits_checked += 1;
+        let mut queue: Vec<HistoryId> = self
+            .histories
+            .range((node, 0)..=(node, u32::MAX))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut visited = BTreeSet::new();
+        while let Some(id) = queue.pop() {
+            if !visited.insert(id) {
+                continue;
+            }
+            let Some(history) = self.histories.get(&id) else {
+                continue;
+            };
+            if history
+                .publications
+                .get(&sequence)
+                .is_some_and(|publication| publication.uuid == Some(uuid))
+            {
+                return Ok(());
+            }
+            for reign in &history.reigns {
+                match reign.origin {
+                    Origin::Empty => {}
+                    Origin::Replayed { history, .. } => queue.push(history),
+                    // A merge holds entries of the peer's histories.
+                    Origin::Merged => queue.extend(self.histories.keys().copied()),
+                }
+            }
+        }
+        let mut detail = format!(
+            "client {client} was told that server {node} committed {uuid} at sequence {sequence}, but no history it descends from published that uuid there"
+        );
+        let elsewhere: Vec<(HistoryId, i64)> = self
+            .histories
+            .iter()
+            .flat_map(|(id, history)| {
+                history
+                    .publications
+                    .iter()
+                    .filter(|(_, publication)| publication.uuid == Some(uuid))
+                    .map(move |(at, _)| (*id, *at))
+            })
+            .collect();
+        let _ = write!(detail, " (published at {elsewhere:?})");
+        Err(Violation::new(Oracle::AcknowledgedWrites, detail))
+    }
+}
+
+/// The first key on which two maps differ, for a failure message.
+pub fn first_difference(actual: &Map, expected: &Map) -> String {
+    let keys: BTreeSet<&Vec<u8>> = actual.keys().chain(expected.keys()).collect();
+    for key in keys {
+        let (a, e) = (actual.get(key), expected.get(key));
+        if a != e {
+            let show = |value: Option<&Vec<u8>>| {
+                value.map_or("absent".to_string(), |value| {
+                    format!("{:?}", String::from_utf8_lossy(value))
+                })
+            };
+            return format!(
+                "; first difference at {}: has {}, history has {}",
+                String::from_utf8_lossy(key),
+                show(a),
+                show(e)
+            );
+        }
+    }
+    String::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvpub(key: &str, sequence: i64, uuid: u8, value: &str) -> KvMsg {
+        let mut message = KvMsg::kvset(
+            key.as_bytes().to_vec(),
+            value.as_bytes().to_vec(),
+            Uuid::from_bytes([uuid; 16]),
+        );
+        message.sequence = sequence;
+        message
+    }
+
+    fn map(entries: &[(&str, &str)]) -> Map {
+        entries
+            .iter()
+            .map(|(key, value)| (key.as_bytes().to_vec(), value.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn an_incarnation_never_numbers_below_what_it_published_even_after_a_sync() {
+        let mut model = Model::default();
+        model.server_started(0, 0);
+        model.server_started(1, 0);
+        assert!(model.begin_replayed_reign(0));
+        model.published(0, &kvpub("a", 1, 1, "v1")).unwrap();
+        model.published(0, &kvpub("a", 2, 2, "v2")).unwrap();
+        model.end_reign(0);
+        // The peer took over with a lower history; server 0 synced with it.
+        assert!(model.begin_replayed_reign(1));
+        model.published(1, &kvpub("b", 1, 3, "w")).unwrap();
+        model
+            .sync_completed(0, (1, 0), 1, 1, &map(&[("b", "w")]), true)
+            .unwrap();
+        model.end_reign(1);
+        assert!(model.begin_replayed_reign(0));
+        let error = model.published(0, &kvpub("c", 2, 4, "x")).unwrap_err();
+        assert_eq!(error.oracle, Oracle::SequencesIncrease);
+        model.published(0, &kvpub("c", 3, 4, "x")).unwrap();
+        model
+            .check_active(0, 3, &map(&[("b", "w"), ("c", "x")]), "published")
+            .unwrap();
+    }
+
+    #[test]
+    fn a_passive_holds_its_peers_history_at_its_sequence() {
+        let mut model = Model::default();
+        model.server_started(0, 0);
+        model.server_started(1, 0);
+        assert!(model.begin_replayed_reign(0));
+        model.published(0, &kvpub("a", 1, 1, "v1")).unwrap();
+        model.published(0, &kvpub("b", 2, 2, "w")).unwrap();
+        model.published(0, &kvpub("a", 3, 3, "v3")).unwrap();
+        // Snapshot at 2, the buffered KVPUB 3 applied: the history at 3.
+        model
+            .sync_completed(1, (0, 0), 2, 3, &map(&[("a", "v3"), ("b", "w")]), true)
+            .unwrap();
+        // Installing the snapshot without the buffered update is not the history at 3.
+        let error = model
+            .sync_completed(1, (0, 0), 2, 3, &map(&[("a", "v1"), ("b", "w")]), true)
+            .unwrap_err();
+        assert_eq!(error.oracle, Oracle::MapIsHistory);
+        model.published(0, &kvpub("b", 4, 4, "")).unwrap();
+        model.passive_step(1, 4, || map(&[("a", "v3")])).unwrap();
+        let error = model
+            .passive_step(1, 5, || map(&[("a", "v3")]))
+            .unwrap_err();
+        assert_eq!(error.oracle, Oracle::MapIsHistory);
+    }
+
+    #[test]
+    fn a_reign_starts_from_the_model_not_from_the_machine() {
+        let mut model = Model::default();
+        model.server_started(0, 0);
+        model.server_started(1, 0);
+        assert!(model.begin_replayed_reign(0));
+        model.published(0, &kvpub("a", 1, 1, "v1")).unwrap();
+        model
+            .sync_completed(1, (0, 0), 1, 1, &map(&[("a", "v1")]), true)
+            .unwrap();
+        model.server_crashed(0);
+        assert!(model.begin_replayed_reign(1));
+        // The backup lost the key at takeover: the machine's map is not the model's.
+        let error = model
+            .check_active(1, 1, &Map::new(), "became active")
+            .unwrap_err();
+        assert_eq!(error.oracle, Oracle::MapIsHistory);
+        model
+            .check_active(1, 1, &map(&[("a", "v1")]), "became active")
+            .unwrap();
+    }
+
+    #[test]
+    fn a_commit_names_a_publication_of_its_uuid_in_the_servers_lineage() {
+        let mut model = Model::default();
+        model.server_started(0, 0);
+        model.server_started(1, 0);
+        assert!(model.begin_replayed_reign(0));
+        model.published(0, &kvpub("a", 1, 1, "v1")).unwrap();
+        model
+            .sync_completed(1, (0, 0), 1, 1, &map(&[("a", "v1")]), true)
+            .unwrap();
+        model.server_crashed(0);
+        assert!(model.begin_replayed_reign(1));
+        // The backup serves the entry with the sequence the primary gave it.
+        model
+            .check_committed(2, 1, Uuid::from_bytes([1; 16]), 1)
+            .unwrap();
+        let error = model
+            .check_committed(2, 1, Uuid::from_bytes([1; 16]), 2)
+            .unwrap_err();
+        assert_eq!(error.oracle, Oracle::AcknowledgedWrites);
+    }
+}
