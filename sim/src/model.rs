@@ -139,6 +139,15 @@ struct ServerHistory {
     reigning: bool,
 }
 
+/// What a passive received of one peer history.
+#[derive(Clone, Debug, Default)]
+struct Receipts {
+    /// Per key, the latest KVPUB: sequence and uuid.
+    latest: BTreeMap<Vec<u8>, (i64, Option<Uuid>)>,
+    /// Every sequence received.
+    sequences: BTreeSet<i64>,
+}
+
 /// What the model says a server's map is, when it knows.
 #[derive(Clone, Debug)]
 struct Belief {
@@ -162,6 +171,10 @@ pub struct ModelStats {
     pub commits_checked: u64,
     /// HUGZ published by actives, each checked to carry the reign's sequence.
     pub hugz_checked: u64,
+    /// Takeovers that replayed a late client copy of an update whose KVPUB the server
+    /// never received over a newer value it did receive (CHP's known limit: a copy
+    /// carries no sequence).
+    pub late_copies_replayed_after_a_gap: u64,
 }
 
 impl ModelStats {
@@ -172,6 +185,7 @@ impl ModelStats {
         self.syncs_checked += other.syncs_checked;
         self.commits_checked += other.commits_checked;
         self.hugz_checked += other.hugz_checked;
+        self.late_copies_replayed_after_a_gap += other.late_copies_replayed_after_a_gap;
     }
 }
 
@@ -184,6 +198,9 @@ pub struct Model {
     /// Per running server: its map as the model derives it (None: unknown since a merge
     /// the model does not rebuild, until its next checked sync).
     beliefs: BTreeMap<NodeId, Option<Belief>>,
+    /// Per server, since it last became active: the latest KVPUB per key it received
+    /// from each peer history (sequence, uuid), whatever it did with it.
+    received: BTreeMap<NodeId, BTreeMap<HistoryId, Receipts>>,
     /// What was checked.
     pub stats: ModelStats,
 }
@@ -193,6 +210,7 @@ impl Model {
     pub fn server_started(&mut self, node: NodeId, incarnation: u32) {
         let id = (node, incarnation);
         self.current.insert(node, incarnation);
+        self.received.remove(&node);
         self.histories.insert(
             id,
             ServerHistory {
@@ -210,8 +228,105 @@ impl Model {
         );
     }
 
+    /// A passive `node` was handed a KVPUB of history `from` (applied, buffered or
+    /// dropped as stale: it has it either way).
+    pub fn received(&mut self, node: NodeId, from: HistoryId, message: &KvMsg) {
+        let receipts = self
+            .received
+            .entry(node)
+            .or_default()
+            .entry(from)
+            .or_default();
+        receipts.sequences.insert(message.sequence);
+        let latest = receipts
+            .latest
+            .entry(message.key.clone())
+            .or_insert((message.sequence, message.uuid));
+        if message.sequence >= latest.0 {
+            *latest = (message.sequence, message.uuid);
+        }
+    }
+
+    /// Oracle 3 at a takeover, from the model: a server that received the KVPUB of `peer`
+    /// at sequence `s` for a key does not hold, once active, an update of that key that
+    /// `peer` published before `s` (and not since): in `peer`'s history that update is
+    /// older than what it received. `entries` is the new active's map after the step:
+    /// key and the uuid of its entry; `replayed` the uuids it published in the step.
+    /// What it received is forgotten (a reign begins).
+    ///
+    /// One case is CHP's known limit (docs/DECISIONS.md, "a late copy of an update lost
+    /// in a gap"), excused and counted: the held update is a client copy replayed at the
+    /// takeover, its KVPUB never reached this server, and no snapshot this reign is
+    /// based on held it. A copy carries no sequence: it may be that lost update, or a
+    /// write the active published after everything this server received, or never.
+    pub fn check_takeover_keeps_received<'a>(
+        &mut self,
+        node: NodeId,
+        peer: HistoryId,
+        entries: impl Iterator<Item = (&'a [u8], Option<Uuid>)>,
+        replayed: &BTreeSet<Option<Uuid>>,
+    ) -> Result<(), Violation> {
+        let based_through = self
+            .current_id(node)
+            .and_then(|id| self.histories.get(&id))
+            .and_then(|history| history.reigns.last())
+            .and_then(|reign| match reign.origin {
+                Origin::Replayed { history, sequence } if history == peer => Some(sequence),
+                _ => None,
+            });
+        let Some(mut received) = self.received.remove(&node) else {
+            return Ok(());
+        };
+        let Some(Receipts { latest, sequences }) = received.remove(&peer) else {
+            return Ok(());
+        };
+        let Some(history) = self.histories.get(&peer) else {
+            return Ok(());
+        };
+        for (key, uuid) in entries {
+            let Some((received_at, received_uuid)) = latest.get(key) else {
+                continue;
+            };
+            // The newest publication of the held update in the peer's history.
+            let held_at = history
+                .publications
+                .iter()
+                .rev()
+                .find(|(_, publication)| {
+                    publication.key == key
+                        && publication.uuid == uuid
+                        && !publication.value.is_empty()
+                })
+                .map(|(at, _)| *at);
+            let Some(held_at) = held_at else {
+                continue;
+            };
+            let same_update = uuid == *received_uuid && held_at == *received_at;
+            let ambiguous_copy = replayed.contains(&uuid)
+                && !sequences.contains(&held_at)
+                && based_through.is_none_or(|through| through < held_at);
+            if held_at < *received_at && !same_update && ambiguous_copy {
+                self.stats.late_copies_replayed_after_a_gap += 1;
+                continue;
+            }
+            if held_at < *received_at && !same_update {
+                return Err(Violation::new(
+                    Oracle::NoRegression,
+                    format!(
+                        "server {node} became active holding {} as server {} (incarnation {}) published it at sequence {held_at}, though it had received that history's later update of the key at sequence {received_at}",
+                        String::from_utf8_lossy(key),
+                        peer.0,
+                        peer.1
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A server crashed: its history is closed (what it published stays).
     pub fn server_crashed(&mut self, node: NodeId) {
+        self.received.remove(&node);
         if let Some(incarnation) = self.current.remove(&node) {
             if let Some(history) = self.histories.get_mut(&(node, incarnation)) {
                 history.reigning = false;

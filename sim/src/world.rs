@@ -873,6 +873,16 @@ impl World {
             }
         }
         self.after_server_step(node);
+        if let (Some(update), Some(incarnation)) = (&followed, sender) {
+            let passive = self
+                .servers
+                .get(node)
+                .and_then(|slot| slot.machine.as_ref())
+                .is_some_and(|machine| machine.state() == BstarState::Passive);
+            if passive {
+                self.model.received(node, (route.from, incarnation), update);
+            }
+        }
         if let Some(update) = followed {
             self.note_followed(node, &update, sender);
         }
@@ -1533,8 +1543,22 @@ impl World {
             } else {
                 "published"
             };
+            let peer = 1 - node;
+            let peer_history = (peer, self.life(peer).map_or(0, |life| life.incarnation));
+            let kept = if took_over && !self.options.is_harsh() {
+                let entries = machine.iter().map(|(key, entry)| (key, entry.uuid()));
+                let replayed = published
+                    .iter()
+                    .filter_map(|frames| KvMsg::decode(frames, &self.limits).ok())
+                    .map(|message| message.uuid)
+                    .collect();
+                self.model
+                    .check_takeover_keeps_received(node, peer_history, entries, &replayed)
+            } else {
+                Ok(())
+            };
             let map = self.server_map(node);
-            self.model.check_active(node, sequence, &map, what)
+            kept.and_then(|()| self.model.check_active(node, sequence, &map, what))
         } else if stepped_down {
             let map = self.server_map(node);
             let result = self

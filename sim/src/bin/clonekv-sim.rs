@@ -169,12 +169,13 @@ fn print_summary(seeds: u64, failures: u64, elapsed: Duration, coverage: &Covera
     );
     let model = &coverage.model;
     println!(
-        "  model: reigns rebuilt {}, reigns from a merge it does not rebuild {}, passive syncs checked {}, commits checked {}, active HUGZ checked {}",
+        "  model: reigns rebuilt {}, reigns from a merge it does not rebuild {}, passive syncs checked {}, commits checked {}, active HUGZ checked {}, late copies replayed after a gap (known limit) {}",
         model.reigns_replayed,
         model.reigns_merged,
         model.syncs_checked,
         model.commits_checked,
-        model.hugz_checked
+        model.hugz_checked,
+        model.late_copies_replayed_after_a_gap
     );
     println!("  binary star transitions:");
     for ((from, to), count) in &coverage.bstar_transitions {
