@@ -142,8 +142,8 @@ struct ServerHistory {
 /// What a passive received of one peer history.
 #[derive(Clone, Debug, Default)]
 struct Receipts {
-    /// Per key, the latest KVPUB: sequence and uuid.
-    latest: BTreeMap<Vec<u8>, (i64, Option<Uuid>)>,
+    /// Per key, the latest KVPUB: sequence, uuid, and whether it deletes.
+    latest: BTreeMap<Vec<u8>, (i64, Option<Uuid>, bool)>,
     /// Every sequence received.
     sequences: BTreeSet<i64>,
 }
@@ -238,21 +238,28 @@ impl Model {
             .entry(from)
             .or_default();
         receipts.sequences.insert(message.sequence);
-        let latest = receipts
-            .latest
-            .entry(message.key.clone())
-            .or_insert((message.sequence, message.uuid));
+        let latest = receipts.latest.entry(message.key.clone()).or_insert((
+            message.sequence,
+            message.uuid,
+            message.body.is_empty(),
+        ));
         if message.sequence >= latest.0 {
-            *latest = (message.sequence, message.uuid);
+            *latest = (message.sequence, message.uuid, message.body.is_empty());
         }
     }
 
-    /// Oracle 3 at a takeover, from the model: a server that received the KVPUB of `peer`
-    /// at sequence `s` for a key does not hold, once active, an update of that key that
-    /// `peer` published before `s` (and not since): in `peer`'s history that update is
-    /// older than what it received. `entries` is the new active's map after the step:
-    /// key and the uuid of its entry; `replayed` the uuids it published in the step.
-    /// What it received is forgotten (a reign begins).
+    /// Oracles 3 and 5 at a takeover, from the model, for what the server received of
+    /// `peer`'s history beyond the map its reign is based on (all of it after a merge:
+    /// the part of a takeover the model does not rebuild). A server that received the
+    /// KVPUB of `peer` at sequence `s` for a key
+    /// - does not hold, once active, an update of that key that `peer` published before
+    ///   `s` (and not since): in `peer`'s history that update is older (oracle 3);
+    /// - does not lack the key if that KVPUB set a value, unless it published a delete of
+    ///   the key in the takeover step (an expiry): it received the write (oracle 5).
+    ///
+    /// `entries` is the new active's map after the step: key and the uuid of its entry;
+    /// `published` the uuids and the deleted keys of the step's KVPUBs. What it received
+    /// is forgotten (a reign begins).
     ///
     /// One case is CHP's known limit (docs/DECISIONS.md, "a late copy of an update lost
     /// in a gap"), excused and counted: the held update is a client copy replayed at the
@@ -265,6 +272,7 @@ impl Model {
         peer: HistoryId,
         entries: impl Iterator<Item = (&'a [u8], Option<Uuid>)>,
         replayed: &BTreeSet<Option<Uuid>>,
+        deleted: &BTreeSet<Vec<u8>>,
     ) -> Result<(), Violation> {
         let based_through = self
             .current_id(node)
@@ -277,14 +285,26 @@ impl Model {
         let Some(mut received) = self.received.remove(&node) else {
             return Ok(());
         };
-        let Some(Receipts { latest, sequences }) = received.remove(&peer) else {
+        let Some(Receipts {
+            mut latest,
+            sequences,
+        }) = received.remove(&peer)
+        else {
             return Ok(());
         };
         let Some(history) = self.histories.get(&peer) else {
             return Ok(());
         };
+        // What the reign's base holds is the model's, checked by oracle 9.
+        latest.retain(|_, (at, _, _)| based_through.is_none_or(|through| *at > through));
+        let mut missing: BTreeSet<&Vec<u8>> = latest
+            .iter()
+            .filter(|(key, (_, _, delete))| !delete && !deleted.contains(*key))
+            .map(|(key, _)| key)
+            .collect();
         for (key, uuid) in entries {
-            let Some((received_at, received_uuid)) = latest.get(key) else {
+            missing.remove(&key.to_vec());
+            let Some((received_at, received_uuid, _)) = latest.get(key) else {
                 continue;
             };
             // The newest publication of the held update in the peer's history.
@@ -320,6 +340,18 @@ impl Model {
                     ),
                 ));
             }
+        }
+        if let Some(key) = missing.first() {
+            let (at, _, _) = latest.get(*key).copied().unwrap_or_default();
+            return Err(Violation::new(
+                Oracle::FailoverKeepsUpdates,
+                format!(
+                    "server {node} became active without {}, though it had received the KVPUB that set it (sequence {at} of server {}, incarnation {}) and nothing of that history after it for the key",
+                    String::from_utf8_lossy(key),
+                    peer.0,
+                    peer.1
+                ),
+            ));
         }
         Ok(())
     }

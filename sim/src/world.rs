@@ -1550,13 +1550,24 @@ impl World {
             let peer_history = (peer, self.life(peer).map_or(0, |life| life.incarnation));
             let kept = if took_over && !self.options.is_harsh() {
                 let entries = machine.iter().map(|(key, entry)| (key, entry.uuid()));
-                let replayed = published
+                let messages: Vec<KvMsg> = published
                     .iter()
                     .filter_map(|frames| KvMsg::decode(frames, &self.limits).ok())
-                    .map(|message| message.uuid)
+                    .filter(|message| !message.is_hugz())
                     .collect();
-                self.model
-                    .check_takeover_keeps_received(node, peer_history, entries, &replayed)
+                let replayed = messages.iter().map(|message| message.uuid).collect();
+                let deleted = messages
+                    .iter()
+                    .filter(|message| message.body.is_empty())
+                    .map(|message| message.key.clone())
+                    .collect();
+                self.model.check_takeover_keeps_received(
+                    node,
+                    peer_history,
+                    entries,
+                    &replayed,
+                    &deleted,
+                )
             } else {
                 Ok(())
             };
