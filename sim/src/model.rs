@@ -862,6 +862,90 @@ mod tests {
     }
 
     #[test]
+    fn a_takeover_keeps_what_it_received_beyond_its_base() {
+        let uuid = |n: u8| Some(Uuid::from_bytes([n; 16]));
+        let setup = || {
+            let mut model = Model::default();
+            model.server_started(0, 0);
+            model.server_started(1, 0);
+            assert!(model.begin_replayed_reign(0));
+            for (sequence, key, n, value) in
+                [(1, "x", 1, "old"), (2, "y", 2, "v"), (3, "x", 3, "new")]
+            {
+                model.published(0, &kvpub(key, sequence, n, value)).unwrap();
+            }
+            // The backup received #1 and #3, missed #2, and takes over mid-sync.
+            model.received(1, (0, 0), &kvpub("x", 1, 1, "old"));
+            model.received(1, (0, 0), &kvpub("x", 3, 3, "new"));
+            model.server_crashed(0);
+            model.begin_merged_reign(1, 3, Map::new());
+            model
+        };
+        let none = BTreeSet::new();
+        // Holding the older update of x goes back in the history it received.
+        let error = setup()
+            .check_takeover_keeps_received(
+                1,
+                (0, 0),
+                [(&b"x"[..], uuid(1))].into_iter(),
+                &none,
+                &BTreeSet::new(),
+            )
+            .unwrap_err();
+        assert_eq!(error.oracle, Oracle::NoRegression);
+        // Lacking x loses what it received.
+        let error = setup()
+            .check_takeover_keeps_received(1, (0, 0), std::iter::empty(), &none, &BTreeSet::new())
+            .unwrap_err();
+        assert_eq!(error.oracle, Oracle::FailoverKeepsUpdates);
+        // An expiry published at the takeover removes it rightly.
+        setup()
+            .check_takeover_keeps_received(
+                1,
+                (0, 0),
+                std::iter::empty(),
+                &none,
+                &BTreeSet::from([b"x".to_vec()]),
+            )
+            .unwrap();
+        setup()
+            .check_takeover_keeps_received(
+                1,
+                (0, 0),
+                [(&b"x"[..], uuid(3))].into_iter(),
+                &none,
+                &BTreeSet::new(),
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn a_late_copy_of_an_update_lost_in_a_gap_is_counted_not_failed() {
+        let mut model = Model::default();
+        model.server_started(0, 0);
+        model.server_started(1, 0);
+        assert!(model.begin_replayed_reign(0));
+        model.published(0, &kvpub("x", 1, 1, "older")).unwrap();
+        model.published(0, &kvpub("x", 2, 2, "newer")).unwrap();
+        model.received(1, (0, 0), &kvpub("x", 2, 2, "newer"));
+        model.server_crashed(0);
+        model.begin_merged_reign(1, 3, Map::new());
+        // The copy of #1, never received as a KVPUB, replayed at the takeover.
+        let replayed = BTreeSet::from([Some(Uuid::from_bytes([1; 16]))]);
+        let entries = [(&b"x"[..], Some(Uuid::from_bytes([1; 16])))];
+        model
+            .check_takeover_keeps_received(
+                1,
+                (0, 0),
+                entries.into_iter(),
+                &replayed,
+                &BTreeSet::new(),
+            )
+            .unwrap();
+        assert_eq!(model.stats.late_copies_replayed_after_a_gap, 1);
+    }
+
+    #[test]
     fn a_commit_names_a_publication_of_its_uuid_in_the_servers_lineage() {
         let mut model = Model::default();
         model.server_started(0, 0);
