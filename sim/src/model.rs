@@ -57,7 +57,11 @@ pub enum Origin {
     },
     /// A failover mid-sync or after a sync the model could not check (harsh network):
     /// the machine's map, which the model does not rebuild.
-    Merged,
+    Merged {
+        /// The point of a history the server's map was before the merge, if the model
+        /// knew it: what the merge was applied to.
+        after: Option<(HistoryId, i64)>,
+    },
 }
 
 /// One KVPUB of a history.
@@ -249,8 +253,9 @@ impl Model {
     }
 
     /// Oracles 3 and 5 at a takeover, from the model, for what the server received of
-    /// `peer`'s history beyond the map its reign is based on (all of it after a merge:
-    /// the part of a takeover the model does not rebuild). A server that received the
+    /// `peer`'s history beyond the point of it the model knew the server held (its
+    /// reign's base, or the map a failover mid-sync merged into: what the merge, which
+    /// the model does not rebuild, had to keep). A server that received the
     /// KVPUB of `peer` at sequence `s` for a key
     /// - does not hold, once active, an update of that key that `peer` published before
     ///   `s` (and not since): in `peer`'s history that update is older (oracle 3);
@@ -280,6 +285,9 @@ impl Model {
             .and_then(|history| history.reigns.last())
             .and_then(|reign| match reign.origin {
                 Origin::Replayed { history, sequence } if history == peer => Some(sequence),
+                Origin::Merged {
+                    after: Some((history, sequence)),
+                } if history == peer => Some(sequence),
                 _ => None,
             });
         let Some(mut received) = self.received.remove(&node) else {
@@ -421,12 +429,17 @@ impl Model {
         let Some(id) = self.current_id(node) else {
             return;
         };
+        let after = self
+            .beliefs
+            .get(&node)
+            .and_then(Option::as_ref)
+            .map(|belief| (belief.history, belief.sequence));
         let Some(history) = self.histories.get_mut(&id) else {
             return;
         };
         history
             .reigns
-            .push(Reign::new(sequence, map, Origin::Merged));
+            .push(Reign::new(sequence, map, Origin::Merged { after }));
         history.reigning = true;
         self.beliefs.insert(node, None);
         self.stats.reigns_merged += 1;
@@ -722,7 +735,7 @@ impl Model {
                     Origin::Empty => {}
                     Origin::Replayed { history, .. } => queue.push(history),
                     // A merge holds entries of the peer's histories.
-                    Origin::Merged => queue.extend(self.histories.keys().copied()),
+                    Origin::Merged { .. } => queue.extend(self.histories.keys().copied()),
                 }
             }
         }
