@@ -191,7 +191,12 @@ impl World {
 
     /// Oracle 6 at publication: an expiry delete must not come early; an ephemeral set
     /// records its promise.
-    pub(super) fn check_ttl_publication(&mut self, node: NodeId, message: &KvMsg, wall: EpochMillis) {
+    pub(super) fn check_ttl_publication(
+        &mut self,
+        node: NodeId,
+        message: &KvMsg,
+        wall: EpochMillis,
+    ) {
         let allowance = self.clock_allowance();
         if message.body.is_empty() {
             if let Some(expectation) = self.history.ttl.remove(&(node, message.key.clone())) {

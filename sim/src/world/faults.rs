@@ -142,7 +142,13 @@ impl World {
     /// What libzmq's socket monitor tells the production host about `client`'s SUB to
     /// `server` (`Link::Updates`; for a server, its SUB to the peer's publisher) or the
     /// client's DEALER to it (`Link::SnapshotReply`).
-    pub(super) fn report_notice(&mut self, client: NodeId, server: NodeId, link: Link, notice: Notice) {
+    pub(super) fn report_notice(
+        &mut self,
+        client: NodeId,
+        server: NodeId,
+        link: Link,
+        notice: Notice,
+    ) {
         match notice {
             Notice::Reconnected => self.report_reconnect(client, server, link),
             Notice::Disconnected => self.report_disconnect(client, server),
