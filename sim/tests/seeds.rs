@@ -225,7 +225,10 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         11002238,
         "the model's takeover check counted a KVPUB a completed sync had since accounted for",
     ),
-    (23402302, "the same stale receipt as 11002238, an expired value"),
+    (
+        23402302,
+        "the same stale receipt as 11002238, an expired value",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {
