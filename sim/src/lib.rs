@@ -22,6 +22,7 @@ pub mod clock;
 pub mod discovery;
 pub mod disk;
 pub mod group;
+pub mod model;
 pub mod network;
 pub mod options;
 pub mod oracles;

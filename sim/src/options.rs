@@ -139,8 +139,9 @@ pub struct WorkloadOptions {
     /// Subtrees a scripted world pins, by client index (`Some(b"")`: the whole map);
     /// the others are drawn. Swarm worlds pin none.
     pub subtrees: Vec<Option<Vec<u8>>>,
-    /// Scripted worlds: each client watches the commit of every write it makes, so
-    /// the coverage counts what it was told (`committed`, `lost`). Swarm worlds do not.
+    /// Each client watches the commit of every write it makes: the coverage counts
+    /// what it was told (`committed`, `lost`) and oracle 10 checks every commit.
+    /// Scripted worlds choose; half the swarm worlds watch.
     pub watch_commits: bool,
 }
 
@@ -294,6 +295,12 @@ impl Options {
             report_disconnects: rng.random_ratio(3, 4),
             report_joins: rng.random_ratio(3, 4),
             ..network
+        };
+        // Watching commits changes no behaviour, only what the clients report: oracle
+        // 10 checks every `Committed` against the histories.
+        let workload = WorkloadOptions {
+            watch_commits: rng.random_ratio(1, 2),
+            ..workload
         };
         Options {
             fault_phase: Duration::from_secs(60),

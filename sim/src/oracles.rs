@@ -6,9 +6,8 @@
 //!
 //! What is recorded:
 //! - every KVPUB an active publishes (publication order; per-server sequence order);
-//! - for each server, its *reigns*: a reign starts when the server becomes active, with
-//!   the map it had then, and logs its publications, so the map of that server at any
-//!   sequence of the reign can be rebuilt for the point-in-time snapshot check;
+//! - (the servers' histories and reigns, the ground truth of oracles 1, 2, 9 and 10,
+//!   are the model's: [`crate::model`]);
 //! - for each server, the publication index of the value it holds per key, to check
 //!   that an active never goes back to an older value and that a failover keeps
 //!   everything the backup had received;
@@ -41,6 +40,11 @@ pub enum Oracle {
     BoundedMemory,
     /// 8. Nothing panics.
     NoPanic,
+    /// Safety 9: a server's map is its published history (the model's): an active's
+    /// is its reign replayed, a passive's its peer's history at its sequence.
+    MapIsHistory,
+    /// Safety 10: every `Committed` names a publication of its uuid at its sequence.
+    AcknowledgedWrites,
     /// After healing: one active, the passive in sync, every client in sync.
     Liveness,
 }
@@ -63,6 +67,8 @@ impl fmt::Display for Oracle {
             Oracle::Ttl => "safety 6: ttl expiry neither early nor late",
             Oracle::BoundedMemory => "safety 7: memory stays bounded",
             Oracle::NoPanic => "safety 8: nothing panics",
+            Oracle::MapIsHistory => "safety 9: a server's map is its published history",
+            Oracle::AcknowledgedWrites => "safety 10: a commit names a publication of its update",
             Oracle::Liveness => "liveness: after healing, one active and everyone in sync",
         })
     }
@@ -93,43 +99,6 @@ pub type PublicationIndex = u64;
 /// One KVPUB: its own position in publication order, and the incarnation of the server
 /// that sent it.
 pub type Publication = (PublicationIndex, u32);
-
-/// One reign of one server as active: enough to rebuild its map at any sequence.
-#[derive(Clone, Debug)]
-pub struct Reign {
-    /// The sequence when the reign began.
-    pub base_sequence: i64,
-    /// The map (key → value) when the reign began.
-    pub base: BTreeMap<Vec<u8>, Vec<u8>>,
-    /// Publications of the reign, in sequence order: key, sequence, value (empty for a
-    /// delete).
-    pub log: Vec<(i64, Vec<u8>, Vec<u8>)>,
-}
-
-impl Reign {
-    /// The server's map at `sequence`, if the reign covers it.
-    pub fn map_at(&self, sequence: i64) -> Option<BTreeMap<Vec<u8>, Vec<u8>>> {
-        let last = self
-            .log
-            .last()
-            .map_or(self.base_sequence, |(seq, _, _)| *seq);
-        if sequence < self.base_sequence || sequence > last {
-            return None;
-        }
-        let mut map = self.base.clone();
-        for (seq, key, value) in &self.log {
-            if *seq > sequence {
-                break;
-            }
-            if value.is_empty() {
-                map.remove(key);
-            } else {
-                map.insert(key.clone(), value.clone());
-            }
-        }
-        Some(map)
-    }
-}
 
 /// A point in a run: world time, and a counter that orders the steps of one instant
 /// (several deliveries can share a nanosecond, and their order matters to oracle 5).
@@ -200,8 +169,6 @@ pub struct History {
     first_published: BTreeMap<Vec<u8>, PublicationIndex>,
     by_update: BTreeMap<UpdateId, PublicationIndex>,
     next_index: PublicationIndex,
-    /// Per server node: reigns, newest last.
-    pub reigns: BTreeMap<usize, Vec<Reign>>,
     /// Per server node: what it holds per key.
     pub held: BTreeMap<usize, BTreeMap<Vec<u8>, Held>>,
     /// Per server node: the updates it has seen published (by itself, by the active it
@@ -212,8 +179,6 @@ pub struct History {
     /// Each KVPUB's own position in publication order, by (server, sequence, value).
     by_publication: BTreeMap<(usize, i64, Vec<u8>), Publication>,
     next_publication: PublicationIndex,
-    /// Per server node: the last sequence it published since its last reset.
-    pub last_published: BTreeMap<usize, i64>,
     /// Per (server, key): the ttl promise of the ephemeral value that server holds.
     /// Per server, because in a split brain each active holds its own publication.
     pub ttl: BTreeMap<(usize, Vec<u8>), TtlExpectation>,
@@ -328,66 +293,11 @@ impl History {
             .get(&(server, sequence, value.to_vec()))
             .copied()
     }
-
-    /// Starts a new reign of `server` with `map` at `sequence`.
-    pub fn begin_reign(&mut self, server: usize, sequence: i64, map: BTreeMap<Vec<u8>, Vec<u8>>) {
-        self.reigns.entry(server).or_default().push(Reign {
-            base_sequence: sequence,
-            base: map,
-            log: Vec::new(),
-        });
-    }
-
-    /// Logs a publication into `server`'s current reign.
-    pub fn log_publication(&mut self, server: usize, sequence: i64, key: &[u8], value: &[u8]) {
-        if let Some(reign) = self
-            .reigns
-            .get_mut(&server)
-            .and_then(|reigns| reigns.last_mut())
-        {
-            reign.log.push((sequence, key.to_vec(), value.to_vec()));
-        }
-    }
-
-    /// Every map `server` had at `sequence`, newest reign first.
-    pub fn maps_at(&self, server: usize, sequence: i64) -> Vec<BTreeMap<Vec<u8>, Vec<u8>>> {
-        self.reigns
-            .get(&server)
-            .map(|reigns| {
-                reigns
-                    .iter()
-                    .rev()
-                    .filter_map(|reign| reign.map_at(sequence))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_reign_rebuilds_the_map_at_any_of_its_sequences() {
-        let mut history = History::default();
-        let base = BTreeMap::from([(b"a".to_vec(), b"1".to_vec())]);
-        history.begin_reign(0, 10, base);
-        history.log_publication(0, 11, b"b", b"2");
-        history.log_publication(0, 12, b"a", b"");
-        let at_10 = history.maps_at(0, 10);
-        assert_eq!(
-            at_10,
-            vec![BTreeMap::from([(b"a".to_vec(), b"1".to_vec())])]
-        );
-        let at_12 = history.maps_at(0, 12);
-        assert_eq!(
-            at_12,
-            vec![BTreeMap::from([(b"b".to_vec(), b"2".to_vec())])]
-        );
-        assert!(history.maps_at(0, 13).is_empty());
-        assert!(history.maps_at(0, 9).is_empty());
-    }
 
     #[test]
     fn a_republished_update_keeps_its_first_index() {

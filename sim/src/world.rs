@@ -21,11 +21,15 @@ use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
 
 use crate::clock::NodeClock;
+use crate::model::{Map, Model, ModelStats};
 use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
 use crate::options::{streams, Options};
 use crate::oracles::{History, Moment, Oracle, Publication, TtlExpectation, Violation};
 use crate::workload::{Operation, Workload};
 use crate::{derive_rng, SimRng};
+
+mod checks;
+mod faults;
 
 /// The primary server's node id.
 pub const PRIMARY: NodeId = 0;
@@ -129,6 +133,8 @@ pub struct Coverage {
     /// Servers that became active while their peer still was, missing something they
     /// had received from it: checked again when one of the two stops being active.
     pub failover_checks_deferred: u64,
+    /// What the model checked, and how many reigns it could not rebuild.
+    pub model: ModelStats,
 }
 
 impl Coverage {
@@ -153,6 +159,7 @@ impl Coverage {
         self.split_brain_windows += other.split_brain_windows;
         self.liveness_waived_high_water_drop += other.liveness_waived_high_water_drop;
         self.failover_checks_deferred += other.failover_checks_deferred;
+        self.model.merge(&other.model);
     }
 }
 
@@ -271,6 +278,8 @@ pub struct World {
     next_fault_tick: Instant,
     heals: BTreeMap<(Instant, NodeId, NodeId), ()>,
     history: History,
+    /// The ground truth built from what was published (oracles 1, 2, 9, 10).
+    model: Model,
     /// Orders the moments of one instant (see [`Moment`]).
     moments: u64,
     coverage: Coverage,
@@ -288,6 +297,14 @@ pub struct World {
     deferred_failover_checks: BTreeMap<NodeId, String>,
     limits: Limits,
     script: BTreeMap<(Instant, u64), Scripted>,
+}
+
+/// A server's map: key → value.
+fn machine_map(machine: &Server) -> Map {
+    machine
+        .iter()
+        .map(|(key, entry)| (key.to_vec(), entry.body().to_vec()))
+        .collect()
 }
 
 fn server_index(node: NodeId) -> ServerIndex {
@@ -390,6 +407,7 @@ impl World {
             next_fault_tick: now + options.faults.tick,
             heals: BTreeMap::new(),
             history: History::default(),
+            model: Model::default(),
             moments: 0,
             coverage: Coverage::default(),
             trace_mode,
@@ -499,6 +517,7 @@ impl World {
                 self.coverage.faults.insert(name, count);
             }
         }
+        self.coverage.model = self.model.stats.clone();
         let final_active_map = self.sole_active().map(|active| self.server_map(active));
         RunReport {
             final_active_map,
@@ -643,7 +662,8 @@ impl World {
             slot.adopted_through = None;
             slot.adopted_request = None;
         }
-        self.history.last_published.remove(&node);
+        let incarnation = self.life(node).map_or(0, |life| life.incarnation);
+        self.model.server_started(node, incarnation);
         self.history.held.remove(&node);
         self.history.client_copies.remove(&node);
         self.history.seen.remove(&node);
@@ -863,6 +883,16 @@ impl World {
             }
         }
         self.after_server_step(node);
+        if let (Some(update), Some(incarnation)) = (&followed, sender) {
+            let passive = self
+                .servers
+                .get(node)
+                .and_then(|slot| slot.machine.as_ref())
+                .is_some_and(|machine| machine.state() == BstarState::Passive);
+            if passive {
+                self.model.received(node, (route.from, incarnation), update);
+            }
+        }
         if let Some(update) = followed {
             self.note_followed(node, &update, sender);
         }
@@ -1438,7 +1468,6 @@ impl World {
                         }
                     }
                     if let server::Event::SyncCompleted { sequence, .. } = &event {
-                        self.history.last_published.remove(&node);
                         sync_completed = Some(*sequence);
                     }
                     if matches!(event, server::Event::SyncAbandoned { .. }) {
@@ -1471,12 +1500,22 @@ impl World {
         if sync_abandoned {
             self.adopt_peer_ttl_promises(node);
         }
-        self.record_publications(node, &published, became_active && !state_before);
+        let took_over = became_active && !state_before;
+        self.record_publications(node, &published, took_over, sync_abandoned);
         let active_now = self
             .servers
             .get(node)
             .and_then(|slot| slot.machine.as_ref())
             .is_some_and(|machine| machine.state() == BstarState::Active);
+        if self.violation.is_none() {
+            self.model_step(
+                node,
+                &published,
+                took_over,
+                state_before && !active_now,
+                sync_completed,
+            );
+        }
         let now = self.now;
         if let Some(slot) = self.servers.get_mut(node) {
             slot.active_since = match (active_now, slot.active_since) {
@@ -1484,6 +1523,100 @@ impl World {
                 (true, since) => since,
                 (false, _) => None,
             };
+        }
+    }
+
+    /// Oracle 9 after a server step: an active's map is its reign, a stepped-down
+    /// server keeps it, a passive's is its peer's history at its sequence (checked in
+    /// full after a sync).
+    fn model_step(
+        &mut self,
+        node: NodeId,
+        published: &[[Vec<u8>; 5]],
+        took_over: bool,
+        stepped_down: bool,
+        sync_completed: Option<i64>,
+    ) {
+        let Some(machine) = self
+            .servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
+        else {
+            return;
+        };
+        let sequence = machine.sequence();
+        let (active, passive) = (
+            machine.state() == BstarState::Active,
+            machine.state() == BstarState::Passive,
+        );
+        let result = if active && (took_over || !published.is_empty()) {
+            let what = if took_over {
+                "became active"
+            } else {
+                "published"
+            };
+            let peer = 1 - node;
+            let peer_history = (peer, self.life(peer).map_or(0, |life| life.incarnation));
+            let kept = if took_over && !self.options.is_harsh() {
+                let entries = machine.iter().map(|(key, entry)| (key, entry.uuid()));
+                let messages: Vec<KvMsg> = published
+                    .iter()
+                    .filter_map(|frames| KvMsg::decode(frames, &self.limits).ok())
+                    .filter(|message| !message.is_hugz())
+                    .collect();
+                let replayed = messages.iter().map(|message| message.uuid).collect();
+                let deleted = messages
+                    .iter()
+                    .filter(|message| message.body.is_empty())
+                    .map(|message| message.key.clone())
+                    .collect();
+                self.model.check_takeover_keeps_received(
+                    node,
+                    peer_history,
+                    entries,
+                    &replayed,
+                    &deleted,
+                )
+            } else {
+                Ok(())
+            };
+            let map = self.server_map(node);
+            kept.and_then(|()| self.model.check_active(node, sequence, &map, what))
+        } else if stepped_down {
+            let map = self.server_map(node);
+            let result = self
+                .model
+                .check_active(node, sequence, &map, "stepped down");
+            self.model.end_reign(node);
+            result
+        } else if let Some(snapshot_sequence) = sync_completed {
+            let peer = 1 - node;
+            let peer_history = (peer, self.life(peer).map_or(0, |life| life.incarnation));
+            let map = self.server_map(node);
+            let checkable = !self.options.is_harsh();
+            self.model.sync_completed(
+                node,
+                peer_history,
+                snapshot_sequence,
+                sequence,
+                &map,
+                checkable,
+            )
+        } else if passive {
+            let servers = &self.servers;
+            let map = || {
+                servers
+                    .get(node)
+                    .and_then(|slot| slot.machine.as_ref())
+                    .map(machine_map)
+                    .unwrap_or_default()
+            };
+            self.model.passive_step(node, sequence, map)
+        } else {
+            Ok(())
+        };
+        if let Err(violation) = result {
+            self.fail(violation.oracle, violation.detail);
         }
     }
 
@@ -1638,993 +1771,6 @@ impl World {
                 }
             }
         }
-    }
-
-    // --- Oracles ---------------------------------------------------------------------
-
-    fn fail(&mut self, oracle: Oracle, detail: impl Into<String>) {
-        if self.violation.is_none() {
-            let detail = format!("at {:?}: {}", self.now, detail.into());
-            self.violation = Some(Violation::new(oracle, detail));
-        }
-    }
-
-    fn server_map(&self, node: NodeId) -> BTreeMap<Vec<u8>, Vec<u8>> {
-        self.servers
-            .get(node)
-            .and_then(|slot| slot.machine.as_ref())
-            .map(|machine| {
-                machine
-                    .iter()
-                    .map(|(key, entry)| (key.to_vec(), entry.body().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Oracles 1, 3, 5 and 6 on what a server published in one step.
-    fn record_publications(
-        &mut self,
-        node: NodeId,
-        published: &[[Vec<u8>; 5]],
-        became_active: bool,
-    ) {
-        let limits = self.limits;
-        let messages: Vec<KvMsg> = published
-            .iter()
-            .filter_map(|frames| KvMsg::decode(frames, &limits).ok())
-            .filter(|message| !message.is_hugz())
-            .collect();
-        let now = self.now;
-        let wall = match self.servers.get(node) {
-            Some(slot) => slot.life.clock.wall(now),
-            None => return,
-        };
-        // Oracle 5 needs TCP's order: over a reordering link a passive can adopt a
-        // snapshot whose KTHXBAI overtook entries (CHP cannot notice), as for oracle 2.
-        if became_active && !self.options.is_harsh() {
-            // Oracle 5: everything the backup held from the old active survives.
-            let held = self.held_through_copies(node, wall);
-            let map = self.server_map(node);
-            // Per key: the stored entry's uuid, and, if the entry came from the peer
-            // (its sequence is then the peer's), that publication and the peer's
-            // incarnation that made it.
-            let peer = 1 - node;
-            let entries: BTreeMap<Vec<u8>, (Option<Uuid>, Option<Publication>)> = self
-                .servers
-                .get(node)
-                .and_then(|slot| slot.machine.as_ref())
-                .map(|machine| {
-                    machine
-                        .iter()
-                        .map(|(key, entry)| {
-                            let publication =
-                                self.history
-                                    .publication_by(peer, entry.sequence(), entry.body());
-                            (key.to_vec(), (entry.uuid(), publication))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            for (key, held) in &held {
-                let republished = messages.iter().rev().find(|m| &m.key == key);
-                let lost = match (republished, entries.get(key)) {
-                    // Replays are checked as publications below.
-                    (Some(_), _) => false,
-                    // What the peer published after the update this server received
-                    // from it, in the same incarnation, is newer in the history this
-                    // server follows, whatever was published first elsewhere (a value
-                    // published by this server while split, then forwarded).
-                    (None, Some((_, Some((publication, incarnation)))))
-                        if held.from_active == Some(*incarnation)
-                            && held.publication.is_some_and(|held| held < *publication) =>
-                    {
-                        false
-                    }
-                    (None, Some((uuid, _))) => {
-                        self.history.update_index((*uuid, false)).unwrap_or(0) < held.index
-                    }
-                    (None, None) => held.present,
-                };
-                if lost {
-                    let detail = format!(
-                        "server {node} became active and lost {} (held publication #{}, present={}; now {:?})",
-                        String::from_utf8_lossy(key),
-                        held.index,
-                        held.present,
-                        map.get(key).map(|value| String::from_utf8_lossy(value).into_owned()),
-                    );
-                    if self.server_is_active(1 - node) {
-                        self.coverage.failover_checks_deferred += 1;
-                        self.deferred_failover_checks.insert(node, detail);
-                        break;
-                    }
-                    self.fail(Oracle::FailoverKeepsUpdates, detail);
-                    return;
-                }
-            }
-        }
-        if became_active {
-            let map = self.server_map(node);
-            let sequence = self
-                .servers
-                .get(node)
-                .and_then(|slot| slot.machine.as_ref())
-                .map_or(0, Server::sequence);
-            self.history.begin_reign(node, sequence, map);
-        }
-        for message in messages {
-            // Oracle 1.
-            if let Some(last) = self.history.last_published.get(&node) {
-                if message.sequence <= *last {
-                    let detail = format!(
-                        "server {node} published sequence {} after {last}",
-                        message.sequence
-                    );
-                    self.fail(Oracle::SequencesIncrease, detail);
-                    return;
-                }
-            }
-            self.history.last_published.insert(node, message.sequence);
-            // Oracle 3 at the server: a republished (replayed) value must not be older
-            // than what the server held for the key.
-            let update_id = (message.uuid, message.body.is_empty());
-            let previous = self.history.republished_index(update_id);
-            let held = self
-                .history
-                .held
-                .get(&node)
-                .and_then(|held| held.get(&message.key))
-                .map(|held| held.index);
-            let seen_before = self
-                .history
-                .seen
-                .get(&node)
-                .is_some_and(|seen| seen.contains(&update_id));
-            if let (Some(old), Some(current), true) = (previous, held, seen_before) {
-                if old < current {
-                    let detail = format!(
-                        "active {node} republished an older value of {} (publication #{old}) over #{current}",
-                        String::from_utf8_lossy(&message.key)
-                    );
-                    self.fail(Oracle::NoRegression, detail);
-                    return;
-                }
-            }
-            let index = self.history.publish(update_id, &message.body);
-            let incarnation = self.life(node).map_or(0, |life| life.incarnation);
-            self.history
-                .last_published_of_key
-                .insert(message.key.clone(), (update_id, node, incarnation));
-            self.history
-                .number_publication(node, incarnation, message.sequence, &message.body);
-            self.history.seen.entry(node).or_default().insert(update_id);
-            let received_at = self.moment();
-            self.history.held.entry(node).or_default().insert(
-                message.key.clone(),
-                crate::oracles::Held {
-                    index,
-                    present: !message.body.is_empty(),
-                    sequence: message.sequence,
-                    received_at,
-                    from_active: None,
-                    publication: None,
-                },
-            );
-            if !became_active {
-                self.history
-                    .log_publication(node, message.sequence, &message.key, &message.body);
-            }
-            self.check_ttl_publication(node, &message, wall);
-        }
-    }
-
-    /// Oracle 6 at publication: an expiry delete must not come early; an ephemeral set
-    /// records its promise.
-    fn check_ttl_publication(&mut self, node: NodeId, message: &KvMsg, wall: EpochMillis) {
-        let allowance = self.clock_allowance();
-        if message.body.is_empty() {
-            if let Some(expectation) = self.history.ttl.remove(&(node, message.key.clone())) {
-                let is_expiry = expectation.uuid.is_some() && expectation.uuid == message.uuid;
-                if is_expiry {
-                    self.coverage.expiries += 1;
-                    // When both servers published the update (a split brain), each
-                    // promised its own expiry; the earliest one is the update's ttl.
-                    let (earliest, sole_publisher) = expectation
-                        .uuid
-                        .and_then(|uuid| self.history.ttl_publications.get(&uuid))
-                        .map_or((expectation.expires_at, true), |(earliest, publishers)| {
-                            (*earliest, publishers.len() == 1)
-                        });
-                    let early_limit =
-                        if expectation.publisher == node && expectation.exact && sole_publisher {
-                            expectation.expires_at
-                        } else {
-                            EpochMillis(
-                                expectation
-                                    .expires_at
-                                    .min(earliest)
-                                    .0
-                                    .saturating_sub(millis(allowance)),
-                            )
-                        };
-                    if wall < early_limit {
-                        let detail = format!(
-                            "{} expired at {} by server {node}'s clock, before its ttl at {}",
-                            String::from_utf8_lossy(&message.key),
-                            wall.0,
-                            expectation.expires_at.0
-                        );
-                        self.fail(Oracle::Ttl, detail);
-                    }
-                }
-            }
-            return;
-        }
-        match message.client_ttl() {
-            Ok(Some(ttl)) => {
-                if let Some(uuid) = message.uuid {
-                    let promise = wall.saturating_add(ttl);
-                    let (earliest, publishers) = self
-                        .history
-                        .ttl_publications
-                        .entry(uuid)
-                        .or_insert((promise, BTreeSet::new()));
-                    *earliest = (*earliest).min(promise);
-                    publishers.insert(node);
-                }
-                self.history.ttl.insert(
-                    (node, message.key.clone()),
-                    TtlExpectation {
-                        value: message.body.clone(),
-                        uuid: message.uuid,
-                        expires_at: wall.saturating_add(ttl),
-                        publisher: node,
-                        published_at: self.now,
-                        followed_at: BTreeMap::new(),
-                        exact: true,
-                    },
-                );
-            }
-            _ => {
-                self.history.ttl.remove(&(node, message.key.clone()));
-            }
-        }
-    }
-
-    /// Clock error the world injected between two nodes' wall clocks.
-    fn clock_allowance(&self) -> Duration {
-        let total = self.options.fault_phase + self.options.heal_phase;
-        let drift = total.as_secs_f64() * f64::from(self.options.clocks.drift_ppm_max) * 2.0 / 1e6;
-        self.options.clocks.wall_skew_max * 2
-            + Duration::from_secs_f64(drift)
-            + Duration::from_millis(20)
-    }
-
-    /// Oracle 6, late side: a key still holding its ephemeral value well past its
-    /// expiry at an active that has run undisturbed since before the expiry.
-    fn check_ttl_late(&mut self) {
-        let now = self.now;
-        let allowance = self.clock_allowance() + EXPIRY_GRANULARITY + Duration::from_millis(50);
-        let Some(active) = self.sole_active() else {
-            return;
-        };
-        let Some(slot) = self.servers.get(active) else {
-            return;
-        };
-        let Some(machine) = slot.machine.as_ref() else {
-            return;
-        };
-        if slot.life.is_paused() {
-            // A frozen process expires nothing; the world injected that delay.
-            return;
-        }
-        let wall = slot.life.clock.wall(now);
-        let undisturbed_since = slot
-            .life
-            .running_since
-            .max(slot.active_since.unwrap_or(now));
-        let undisturbed_wall = slot.life.clock.wall(undisturbed_since);
-        let mut overdue = None;
-        for ((holder, key), expectation) in &self.history.ttl {
-            if *holder != active {
-                continue;
-            }
-            // A server that followed the KVPUB counts its relative ttl from arrival.
-            let delivery_delay = expectation
-                .followed_at
-                .get(&active)
-                .map_or(Duration::ZERO, |at| {
-                    at.saturating_duration_since(expectation.published_at)
-                });
-            let deadline = expectation
-                .expires_at
-                .saturating_add(allowance + delivery_delay);
-            if wall <= deadline || undisturbed_wall > expectation.expires_at {
-                continue;
-            }
-            if machine
-                .get(key)
-                .is_some_and(|entry| entry.body() == expectation.value.as_slice())
-            {
-                overdue = Some(format!(
-                    "{} still holds its ephemeral value at {} on active {active}, {} ms past its expiry {}",
-                    String::from_utf8_lossy(key),
-                    wall.0,
-                    wall.0.saturating_sub(expectation.expires_at.0),
-                    expectation.expires_at.0
-                ));
-                break;
-            }
-        }
-        if let Some(detail) = overdue {
-            self.fail(Oracle::Ttl, detail);
-        }
-    }
-
-    fn sole_active(&self) -> Option<NodeId> {
-        let actives: Vec<NodeId> = self
-            .servers
-            .iter()
-            .filter(|slot| {
-                slot.machine
-                    .as_ref()
-                    .is_some_and(|machine| machine.state() == BstarState::Active)
-            })
-            .map(|slot| slot.node)
-            .collect();
-        match actives.as_slice() {
-            [only] => Some(*only),
-            _ => None,
-        }
-    }
-
-    /// Oracle 7: every structure the server reports ([`Server::bounds`]: pending list,
-    /// sync buffers, dedupe windows, split log, snapshot streams) stays within its count
-    /// and byte bounds.
-    fn check_server_bounds(&mut self, node: NodeId) {
-        let Some(slot) = self.servers.get(node) else {
-            return;
-        };
-        let Some(machine) = slot.machine.as_ref() else {
-            return;
-        };
-        let outside = machine
-            .bounds()
-            .into_iter()
-            .find(|bound| !bound.within_bounds());
-        if let Some(bound) = outside {
-            let detail = format!(
-                "server {node} {} holds {} entries in {} bytes, bounds {} entries and {} bytes",
-                bound.structure, bound.len, bound.bytes, bound.max_len, bound.max_bytes
-            );
-            self.fail(Oracle::BoundedMemory, detail);
-        }
-    }
-
-    /// Oracle 7 for a client: its update buffer and its updates in flight.
-    fn check_client_bounds(&mut self, node: NodeId) {
-        let outside = self
-            .clients
-            .get(node.wrapping_sub(FIRST_CLIENT))
-            .and_then(|slot| slot.machine.as_ref())
-            .and_then(|machine| {
-                machine
-                    .bounds()
-                    .into_iter()
-                    .find(|bound| !bound.within_bounds())
-            });
-        if let Some(bound) = outside {
-            let detail = format!(
-                "client {node} {} holds {} entries in {} bytes, bounds {} entries and {} bytes",
-                bound.structure, bound.len, bound.bytes, bound.max_len, bound.max_bytes
-            );
-            self.fail(Oracle::BoundedMemory, detail);
-        }
-    }
-
-    /// Oracle 4, and the late side of oracle 6.
-    fn server_is_active(&self, node: NodeId) -> bool {
-        self.servers
-            .get(node)
-            .and_then(|slot| slot.machine.as_ref())
-            .is_some_and(|machine| machine.state() == BstarState::Active)
-    }
-
-    /// Settles the oracle 5 findings deferred by a split brain (see
-    /// `deferred_failover_checks`).
-    fn check_deferred_failovers(&mut self) {
-        let nodes: Vec<NodeId> = self.deferred_failover_checks.keys().copied().collect();
-        for node in nodes {
-            if !self.server_is_active(node) {
-                self.deferred_failover_checks.remove(&node);
-            } else if !self.server_is_active(1 - node) {
-                if let Some(detail) = self.deferred_failover_checks.remove(&node) {
-                    let detail = format!(
-                        "{detail}, found when it became active while its peer still was; the peer has since stopped being active"
-                    );
-                    self.fail(Oracle::FailoverKeepsUpdates, detail);
-                    return;
-                }
-            }
-        }
-    }
-
-    fn check_pair(&mut self) {
-        self.check_deferred_failovers();
-        let now = self.now;
-        let both_active = self.servers.iter().all(|slot| slot.active_since.is_some());
-        if both_active {
-            if self.both_active_since.is_none() {
-                self.both_active_since = Some(now);
-                self.coverage.split_brain_windows += 1;
-            }
-        } else {
-            self.both_active_since = None;
-        }
-        let can_talk = self
-            .servers
-            .iter()
-            .all(|slot| slot.machine.is_some() && !slot.life.is_paused())
-            && !self.network.is_cut(PRIMARY, BACKUP)
-            && !self.network.is_cut(BACKUP, PRIMARY)
-            && [PRIMARY, BACKUP].iter().all(|&from| {
-                let to = 1 - from;
-                self.network.is_live(
-                    Route {
-                        from,
-                        to,
-                        link: Link::State,
-                    },
-                    now,
-                )
-            });
-        if can_talk {
-            if self.pair_connected_since.is_none() {
-                self.pair_connected_since = Some(now);
-            }
-        } else {
-            self.pair_connected_since = None;
-        }
-        if let (Some(connected), Some(active)) = (self.pair_connected_since, self.both_active_since)
-        {
-            let heartbeat = self
-                .servers
-                .first()
-                .map_or(Duration::from_secs(1), |slot| slot.config.bstar.heartbeat);
-            let grace = heartbeat * 3
-                + self.options.network.delay_max
-                + self.options.network.delay_spike_max
-                + Duration::from_millis(100);
-            let since = connected.max(active);
-            if now.saturating_duration_since(since) > grace {
-                let detail = format!(
-                    "both servers active for {:?} while connected both ways",
-                    now.saturating_duration_since(since)
-                );
-                self.fail(Oracle::SingleActive, detail);
-            }
-        }
-        self.check_ttl_late();
-    }
-
-    fn client_event(&mut self, node: NodeId, event: client::Event, from_snapshot: bool) {
-        let name = client_event_tag(&event);
-        *self.coverage.client_events.entry(name).or_default() += 1;
-        match event {
-            client::Event::Updated {
-                key,
-                value,
-                sequence,
-            } => {
-                let server = self
-                    .client_slot(node)
-                    .and_then(|slot| slot.machine.as_ref())
-                    .map(|machine| machine.current_server().0);
-                let index = server.and_then(|server| {
-                    (sequence > 0 && !from_snapshot)
-                        .then(|| self.history.publication_at(server, sequence, &value))
-                        .flatten()
-                });
-                if let Some(index) = index {
-                    let newest = self
-                        .client_slot(node)
-                        .and_then(|slot| slot.newest_seen.get(&key).copied());
-                    if newest.is_some_and(|newest| index < newest) {
-                        let detail = format!(
-                            "client {node} went back to an older value of {} (publication #{index} after #{newest:?})",
-                            String::from_utf8_lossy(&key)
-                        );
-                        self.fail(Oracle::NoRegression, detail);
-                        return;
-                    }
-                    if let Some(slot) = self.client_slot(node) {
-                        slot.newest_seen.insert(key.clone(), index);
-                    }
-                }
-                if let Some(slot) = self.client_slot(node) {
-                    slot.mirror.insert(key, value);
-                }
-            }
-            client::Event::Deleted { key, .. } => {
-                if let Some(slot) = self.client_slot(node) {
-                    slot.mirror.remove(&key);
-                    slot.newest_seen.remove(&key);
-                }
-            }
-            client::Event::Synced {
-                server, sequence, ..
-            } => {
-                let now = self.now;
-                if let Some(slot) = self.client_slot(node) {
-                    slot.last_synced_at = Some(slot.sync_requested_at.take().unwrap_or(now));
-                }
-                self.check_snapshot(node, server.0, sequence);
-            }
-            _ => {}
-        }
-    }
-
-    /// Oracle 2: the client's map right after KTHXBAI is the server's map at that
-    /// sequence, restricted to the subtree.
-    ///
-    /// Not checked in a harsh world: when a connection reorders, KTHXBAI can overtake
-    /// entries of its own reply, and CHP (which relies on TCP's order) has no way to
-    /// notice. The other safety oracles still hold there.
-    fn check_snapshot(&mut self, node: NodeId, server: NodeId, sequence: i64) {
-        if self.options.is_harsh() {
-            if let Some(slot) = self.client_slot(node) {
-                slot.newest_seen.clear();
-            }
-            return;
-        }
-        let (mirror, subtree) = match self.client_slot(node) {
-            Some(slot) => (slot.mirror.clone(), slot.subtree.clone()),
-            None => return,
-        };
-        let candidates = self.history.maps_at(server, sequence);
-        let matches = candidates.iter().any(|map| {
-            map.iter()
-                .filter(|(key, _)| key.starts_with(&subtree))
-                .eq(mirror.iter())
-        });
-        if !matches {
-            let difference = candidates
-                .first()
-                .map(|map| {
-                    let expected: BTreeMap<&Vec<u8>, &Vec<u8>> = map
-                        .iter()
-                        .filter(|(key, _)| key.starts_with(&subtree))
-                        .collect();
-                    let actual: BTreeMap<&Vec<u8>, &Vec<u8>> = mirror.iter().collect();
-                    first_difference(&actual, &expected)
-                })
-                .unwrap_or_default();
-            let detail = format!(
-                "client {node} synced from server {server} at sequence {sequence} with {} keys, \
-                 which matches none of the server's {} recorded maps at that sequence{difference}",
-                mirror.len(),
-                candidates.len()
-            );
-            self.fail(Oracle::SnapshotIsPointInTime, detail);
-            return;
-        }
-        // Following starts afresh from this snapshot.
-        if let Some(slot) = self.client_slot(node) {
-            slot.newest_seen.clear();
-        }
-    }
-
-    fn check_liveness(&mut self) {
-        let Some(active) = self.sole_active() else {
-            let states: Vec<String> = self
-                .servers
-                .iter()
-                .map(|slot| {
-                    slot.machine
-                        .as_ref()
-                        .map_or("down".to_string(), |m| m.state().to_string())
-                })
-                .collect();
-            self.fail(
-                Oracle::Liveness,
-                format!("after healing there is no single active server: {states:?}"),
-            );
-            return;
-        };
-        let passive = 1 - active;
-        let active_map = self.server_map(active);
-        let active_sequence = self
-            .servers
-            .get(active)
-            .and_then(|slot| slot.machine.as_ref())
-            .map_or(0, Server::sequence);
-        let passive_state = self
-            .servers
-            .get(passive)
-            .and_then(|slot| slot.machine.as_ref())
-            .map(|machine| (machine.state(), machine.sequence()));
-        if passive_state.map(|(state, _)| state) != Some(BstarState::Passive) {
-            let detail =
-                format!("after healing server {passive} is {passive_state:?}, not passive");
-            self.fail(Oracle::Liveness, detail);
-            return;
-        }
-        let passive_syncing = self
-            .servers
-            .get(passive)
-            .and_then(|slot| slot.machine.as_ref())
-            .is_some_and(Server::is_syncing);
-        if passive_syncing {
-            // Thirty quiet seconds are ample for a snapshot: still syncing means stuck,
-            // or a storm of syncs that each start another.
-            let detail = format!("after healing the passive (server {passive}) is still syncing");
-            self.fail(Oracle::Liveness, detail);
-            return;
-        }
-        let passive_map = self.server_map(passive);
-        if passive_map != active_map || passive_state.map(|(_, seq)| seq) != Some(active_sequence) {
-            let detail = format!(
-                "after healing the passive ({} keys, sequence {:?}) differs from the active ({} keys, sequence {active_sequence})",
-                passive_map.len(),
-                passive_state.map(|(_, seq)| seq),
-                active_map.len()
-            );
-            self.fail(Oracle::Liveness, detail);
-            return;
-        }
-        let mut waived = 0;
-        for slot in &self.clients {
-            let Some(machine) = slot.machine.as_ref() else {
-                continue;
-            };
-            let route = Route {
-                from: active,
-                to: slot.node,
-                link: Link::Updates,
-            };
-            let dropped_since_sync = self
-                .network
-                .stats()
-                .last_high_water_drop
-                .get(&route)
-                .is_some_and(|dropped| slot.last_synced_at.is_none_or(|synced| *dropped > synced));
-            if !slot.subtree.is_empty() && dropped_since_sync {
-                // PROTOCOL limit, see DECISIONS.md: counted, not hidden.
-                waived += 1;
-                continue;
-            }
-            let expected: Vec<(&Vec<u8>, &Vec<u8>)> = active_map
-                .iter()
-                .filter(|(key, _)| key.starts_with(&slot.subtree))
-                .collect();
-            let actual: Vec<(Vec<u8>, Vec<u8>)> = machine
-                .iter()
-                .map(|(key, entry)| (key.to_vec(), entry.value.clone()))
-                .collect();
-            let same = expected.len() == actual.len()
-                && expected
-                    .iter()
-                    .zip(&actual)
-                    .all(|((k1, v1), (k2, v2))| *k1 == k2 && *v1 == v2);
-            if !same || machine.current_server().0 != active {
-                let client_map: BTreeMap<&Vec<u8>, &Vec<u8>> =
-                    actual.iter().map(|(key, value)| (key, value)).collect();
-                let server_map: BTreeMap<&Vec<u8>, &Vec<u8>> = expected.iter().copied().collect();
-                let first_difference = first_difference(&client_map, &server_map);
-                let detail = format!(
-                    "after healing client {} ({:?} on server {}, {} keys) differs from active {active} ({} keys in its subtree {:?}){first_difference}",
-                    slot.node,
-                    machine.state(),
-                    machine.current_server().0,
-                    actual.len(),
-                    expected.len(),
-                    String::from_utf8_lossy(&slot.subtree)
-                );
-                self.fail(Oracle::Liveness, detail);
-                return;
-            }
-        }
-        self.coverage.liveness_waived_high_water_drop += waived;
-    }
-
-    // --- Faults ----------------------------------------------------------------------
-
-    fn inject_faults(&mut self) {
-        let now = self.now;
-        let faults = self.options.faults.clone();
-        let nodes = self.node_count();
-        if faults.partition.sample(&mut self.fault_rng) {
-            let (a, b) = if faults.partition_servers.sample(&mut self.fault_rng) {
-                (PRIMARY, BACKUP)
-            } else {
-                let a = self.fault_rng.random_range(0..nodes);
-                let mut b = self.fault_rng.random_range(0..nodes - 1);
-                if b >= a {
-                    b += 1;
-                }
-                (a, b)
-            };
-            let kind = if faults.partition_breaks.sample(&mut self.fault_rng) {
-                PartitionKind::Break
-            } else {
-                PartitionKind::Stall
-            };
-            let one_way = faults.partition_one_way.sample(&mut self.fault_rng);
-            let duration = random_duration(&mut self.fault_rng, faults.partition_duration_max);
-            self.network.partition(now, a, b, kind, one_way);
-            self.heals.insert((now + duration, a, b), ());
-            let name = match (kind, one_way) {
-                (PartitionKind::Break, _) => "partition_break",
-                (PartitionKind::Stall, true) => "partition_stall_one_way",
-                (PartitionKind::Stall, false) => "partition_stall",
-            };
-            *self.coverage.faults.entry(name).or_default() += 1;
-            self.trace(
-                || format!("partition {a} {b} {kind:?} one_way={one_way} for {duration:?}"),
-                &(6u8, a, b),
-            );
-        }
-        for node in 0..nodes {
-            let crash = if World::is_server(node) {
-                faults.server_crash
-            } else {
-                faults.client_crash
-            };
-            if self.is_up(node) && crash.sample(&mut self.fault_rng) {
-                let delay = random_duration(&mut self.fault_rng, faults.restart_delay_max);
-                self.crash(node, now + delay);
-            }
-            let pausable =
-                self.is_up(node) && self.life(node).is_some_and(|life| !life.is_paused());
-            if pausable && faults.pause.sample(&mut self.fault_rng) {
-                let duration = random_duration(&mut self.fault_rng, faults.pause_duration_max);
-                if let Some(life) = self.life_mut(node) {
-                    life.paused_until = Some(now + duration);
-                }
-                *self
-                    .coverage
-                    .faults
-                    .entry(if World::is_server(node) {
-                        "server_pause"
-                    } else {
-                        "client_pause"
-                    })
-                    .or_default() += 1;
-                self.trace(|| format!("pause {node} for {duration:?}"), &(7u8, node));
-            }
-        }
-    }
-
-    fn crash(&mut self, node: NodeId, restart_at: Instant) {
-        let now = self.now;
-        self.network.crash(now, node);
-        if World::is_server(node) {
-            if let Some(slot) = self.servers.get_mut(node) {
-                slot.machine = None;
-                slot.ready_streams.clear();
-                slot.active_since = None;
-            }
-            *self.coverage.faults.entry("server_crash").or_default() += 1;
-        } else {
-            if let Some(slot) = self.client_slot(node) {
-                slot.machine = None;
-            }
-            *self.coverage.faults.entry("client_crash").or_default() += 1;
-        }
-        if let Some(life) = self.life_mut(node) {
-            life.restart_at = Some(restart_at);
-            life.paused_until = None;
-            life.held.clear();
-            life.held_notices.clear();
-        }
-        self.trace(|| format!("crash {node}"), &(8u8, node));
-    }
-
-    fn restarts_and_resumes(&mut self) {
-        let now = self.now;
-        for node in 0..self.node_count() {
-            let Some(life) = self.life(node) else {
-                continue;
-            };
-            if life.restart_at.is_some_and(|at| at <= now) {
-                if let Some(life) = self.life_mut(node) {
-                    life.restart_at = None;
-                    life.incarnation += 1;
-                    life.running_since = now;
-                }
-                self.network.restart(now, node);
-                self.trace(|| format!("restart {node}"), &(9u8, node));
-                if World::is_server(node) {
-                    self.start_server(node);
-                } else {
-                    self.start_client(node);
-                }
-            } else if life.paused_until.is_some_and(|at| at <= now) {
-                let (held, notices) = match self.life_mut(node) {
-                    Some(life) => {
-                        life.paused_until = None;
-                        life.running_since = now;
-                        (
-                            std::mem::take(&mut life.held),
-                            std::mem::take(&mut life.held_notices),
-                        )
-                    }
-                    None => continue,
-                };
-                self.trace(|| format!("resume {node}"), &(10u8, node));
-                for (server, link, notice) in notices {
-                    self.report_notice(node, server, link, notice);
-                }
-                for (delivery, sender) in held {
-                    self.deliver_sent_by(delivery, sender);
-                }
-            }
-        }
-    }
-
-    /// What libzmq's socket monitor tells the production host about `client`'s SUB to
-    /// `server` (`Link::Updates`; for a server, its SUB to the peer's publisher) or the
-    /// client's DEALER to it (`Link::SnapshotReply`).
-    fn report_notice(&mut self, client: NodeId, server: NodeId, link: Link, notice: Notice) {
-        match notice {
-            Notice::Reconnected => self.report_reconnect(client, server, link),
-            Notice::Disconnected => self.report_disconnect(client, server),
-        }
-    }
-
-    /// A subscription to `server`'s publisher took effect (its host's XPUB sees it).
-    fn report_join(&mut self, server: NodeId) {
-        if !World::is_server(server) || self.life(server).is_none_or(Life::is_paused) {
-            return;
-        }
-        let Some(slot) = self.servers.get_mut(server) else {
-            return;
-        };
-        let (local, wall) = (
-            slot.life.clock.local(self.now),
-            slot.life.clock.wall(self.now),
-        );
-        let Some(machine) = slot.machine.as_mut() else {
-            return;
-        };
-        machine.handle_subscriber_joined(local, wall);
-        self.after_server_step(server);
-    }
-
-    /// A client's connection to `server` went down (servers take no such notice).
-    fn report_disconnect(&mut self, client: NodeId, server: NodeId) {
-        if World::is_server(client) {
-            return;
-        }
-        let Some(local) = self.life(client).map(|life| life.clock.local(self.now)) else {
-            return;
-        };
-        if let Some(machine) = self
-            .client_slot(client)
-            .and_then(|slot| slot.machine.as_mut())
-        {
-            machine.handle_server_disconnected(local, server_index(server));
-        }
-        self.drain_client(client);
-    }
-
-    fn report_reconnect(&mut self, client: NodeId, server: NodeId, link: Link) {
-        let now = self.now;
-        if World::is_server(client) {
-            let Some(slot) = self.servers.get_mut(client) else {
-                return;
-            };
-            let (local, wall) = (slot.life.clock.local(now), slot.life.clock.wall(now));
-            let mut still_syncing = false;
-            if let Some(machine) = slot.machine.as_mut() {
-                machine.handle_peer_publisher_reconnected(local, wall);
-                still_syncing = machine.is_syncing();
-            }
-            if still_syncing {
-                // What it buffers from now on comes from the peer as it is now.
-                let peer_incarnation = self.life(server).map(|life| life.incarnation);
-                if let Some(slot) = self.servers.get_mut(client) {
-                    slot.syncing_with = peer_incarnation;
-                }
-            }
-            self.after_server_step(client);
-            return;
-        }
-        let Some(local) = self.life(client).map(|life| life.clock.local(now)) else {
-            return;
-        };
-        if let Some(machine) = self
-            .client_slot(client)
-            .and_then(|slot| slot.machine.as_mut())
-        {
-            if link == Link::SnapshotReply {
-                machine.handle_snapshot_reconnected(local, server_index(server));
-            } else {
-                machine.handle_subscriber_reconnected(local, server_index(server));
-            }
-        }
-        self.drain_client(client);
-    }
-
-    fn run_script(&mut self) {
-        let now = self.now;
-        while let Some((&(at, order), _)) = self.script.first_key_value() {
-            if at > now {
-                break;
-            }
-            let Some(step) = self.script.remove(&(at, order)) else {
-                break;
-            };
-            self.trace(|| format!("script {step:?}"), &(14u8, order));
-            match step {
-                Scripted::Write { client, operation } => self.write(client, operation),
-                Scripted::Crash(node) => {
-                    if self.is_up(node) {
-                        // Down until restarted; the heal phase restarts it at the latest.
-                        self.crash(node, Instant::from_nanos(u64::MAX));
-                    }
-                }
-                Scripted::Restart(node) => {
-                    if let Some(life) = self.life_mut(node) {
-                        if life.restart_at.is_some() {
-                            life.restart_at = Some(now);
-                        }
-                    }
-                    self.restarts_and_resumes();
-                }
-                Scripted::Partition {
-                    a,
-                    b,
-                    kind,
-                    one_way,
-                } => self.network.partition(now, a, b, kind, one_way),
-                Scripted::Heal { a, b } => self.network.heal(now, a, b),
-                Scripted::StallRoute(route) => self.network.stall_route(route),
-                Scripted::ReleaseRoute(route) => self.network.release_route(now, route),
-                Scripted::ReleaseRouteNewestFirst(route) => {
-                    self.network.release_route_newest_first(now, route);
-                }
-                Scripted::Pause { node, duration } => {
-                    if let Some(life) = self.life_mut(node) {
-                        if life.restart_at.is_none() {
-                            life.paused_until = Some(now + duration);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn heal_partitions_due(&mut self) {
-        let now = self.now;
-        while let Some((&(at, a, b), _)) = self.heals.first_key_value() {
-            if at > now {
-                break;
-            }
-            self.heals.remove(&(at, a, b));
-            self.network.heal(now, a, b);
-            self.trace(|| format!("heal {a} {b}"), &(11u8, a, b));
-        }
-    }
-
-    fn begin_healing(&mut self) {
-        let now = self.now;
-        self.phase = Phase::Healing;
-        self.workload.stop();
-        self.heals.clear();
-        self.network.heal_all(now);
-        for node in 0..self.node_count() {
-            if let Some(life) = self.life_mut(node) {
-                if life.restart_at.is_some() {
-                    life.restart_at = Some(now);
-                }
-                if life.paused_until.is_some() {
-                    life.paused_until = Some(now);
-                }
-            }
-        }
-        self.trace(|| "heal phase".to_string(), &12u8);
     }
 
     // --- Trace -----------------------------------------------------------------------

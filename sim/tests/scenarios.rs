@@ -1168,6 +1168,45 @@ fn failover_a_copy_whose_update_the_installed_snapshot_holds_is_not_replayed_tho
 }
 
 #[test]
+fn failover_a_late_copy_of_an_update_lost_in_a_gap_is_replayed_over_a_newer_value_a_known_limit() {
+    // The schedule of the scenario above with the early first HUGZ (report_joins): the
+    // backup's re-sync does not complete before the primary dies. It missed the KVPUB of
+    // "older" (#4, dropped at the high-water mark), received "newer" (#5), then the
+    // client's copy of "older". A copy carries no sequence: it may be the update lost in
+    // the gap, or a write the active published after #5, or never. Replaying it may go
+    // back; dropping it may lose a write only the backup holds. CHP keeps the write
+    // (DECISIONS.md, "A late copy of an update lost in a gap"). The model's oracle 3 sees
+    // the regression and counts it as that limit, instead of failing.
+    let older_writer = FIRST_CLIENT;
+    let mut options = pinned(2);
+    options.network.high_water_mark = 2;
+    options.network.report_joins = true;
+    let updates = route(PRIMARY, BACKUP, Link::Updates);
+    let request = route(BACKUP, PRIMARY, Link::SnapshotRequest);
+    let reply = route(PRIMARY, BACKUP, Link::SnapshotReply);
+    let mut script = vec![(at(1_000), set(1, "/k/a/x", "first"))];
+    script.extend(backup_resyncs_with_its_request_held());
+    script.extend([
+        (at(3_100), Scripted::StallRoute(updates)),
+        (at(3_150), stall(older_writer, BACKUP)),
+        (at(3_200), set(1, "/k/a/f1", "v")),
+        (at(3_300), set(1, "/k/a/f2", "v")),
+        (at(3_400), set(0, "/k/a/x", "older")),
+        (at(3_450), Scripted::StallRoute(reply)),
+        (at(3_450), Scripted::ReleaseRoute(request)),
+        (at(3_500), Scripted::ReleaseRoute(updates)),
+        (at(3_600), set(1, "/k/a/x", "newer")),
+        (at(3_800), heal(older_writer, BACKUP)),
+        (at(4_000), Scripted::ReleaseRoute(reply)),
+        (at(5_000), Scripted::Crash(PRIMARY)),
+    ]);
+    let report = run("late copy of an update lost in a gap", options, script);
+    assert_server_event(&report, "sync_abandoned");
+    assert_eq!(report.coverage.model.late_copies_replayed_after_a_gap, 1);
+    assert_final_value(&report, "/k/a/x", Some("older"));
+}
+
+#[test]
 fn split_brain_a_forward_of_an_entry_the_primary_merged_at_a_failover_mid_sync_is_a_repeat() {
     // Found by the simulator (swarms 7012028, 7021981, 7041692, once a backup's split
     // log kept what its restarted primary had not yet shown it held): the primary,

@@ -221,6 +221,14 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         7047798,
         "a copy later than the request, whose update the snapshot held, was replayed",
     ),
+    (
+        11002238,
+        "the model's takeover check counted a KVPUB a completed sync had since accounted for",
+    ),
+    (
+        23402302,
+        "the same stale receipt as 11002238, an expired value",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

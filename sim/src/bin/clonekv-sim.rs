@@ -172,6 +172,16 @@ fn print_summary(seeds: u64, failures: u64, elapsed: Duration, coverage: &Covera
         "  promotions while the peer was still active, oracle 5 deferred to the split's end: {}",
         coverage.failover_checks_deferred
     );
+    let model = &coverage.model;
+    println!(
+        "  model: reigns rebuilt {}, reigns from a merge it does not rebuild {}, passive syncs checked {}, commits checked {}, active HUGZ checked {}, late copies replayed after a gap (known limit) {}",
+        model.reigns_replayed,
+        model.reigns_merged,
+        model.syncs_checked,
+        model.commits_checked,
+        model.hugz_checked,
+        model.late_copies_replayed_after_a_gap
+    );
     println!("  binary star transitions:");
     for ((from, to), count) in &coverage.bstar_transitions {
         println!("    {from:>7} -> {to:<7} {count}");
