@@ -27,6 +27,7 @@ pub mod network;
 pub mod options;
 pub mod oracles;
 pub mod ratio;
+mod trace;
 pub mod workload;
 pub mod world;
 

@@ -16,6 +16,7 @@ use clonekv_core::time::Instant;
 use rand::RngExt;
 
 use super::options::{streams, DiscoveryOptions};
+use crate::trace::TraceHasher;
 use crate::world::TraceMode;
 use crate::{derive_rng, SimRng};
 
@@ -1488,36 +1489,4 @@ impl DiscoveryWorld {
 
 fn state_byte(state: BstarState) -> u8 {
     state.encode().first().copied().unwrap_or(0)
-}
-
-/// The trace hash (FxHash's mixing, as the cluster world's): deterministic across runs
-/// and builds, which std's `DefaultHasher` does not promise.
-#[derive(Clone, Copy, Debug, Default)]
-struct TraceHasher(u64);
-
-impl TraceHasher {
-    fn mix(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-impl Hasher for TraceHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut words = bytes.chunks_exact(8);
-        for word in &mut words {
-            let mut buffer = [0u8; 8];
-            buffer.copy_from_slice(word);
-            self.mix(u64::from_le_bytes(buffer));
-        }
-        let mut tail = [0u8; 8];
-        let rest = words.remainder();
-        if let Some(prefix) = tail.get_mut(..rest.len()) {
-            prefix.copy_from_slice(rest);
-        }
-        self.mix(u64::from_le_bytes(tail) ^ ((rest.len() as u64) << 56));
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
 }
