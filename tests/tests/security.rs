@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clonekv_tests::{stdout, Cluster, Role, PATIENCE};
+use clonekv_tests::{stdout, wait_until, Cluster, Role, PATIENCE};
 use clonekv_zmq::client::{Client, ClientBuilder, ClientError};
 use clonekv_zmq::curve::{self, KeyPair, ZapDomain};
 
@@ -468,4 +468,50 @@ fn a_daemon_with_half_its_keys_refuses_to_start_in_one_line() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("needs --curve-clients"), "{err}");
+}
+
+/// A GET or PUT on a gateway: (status, body).
+fn http(method: &str, url: &str, body: &[u8]) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .build()
+        .into();
+    let response = match method {
+        "PUT" => agent.put(url).send(body),
+        _ => agent.get(url).call(),
+    };
+    match response {
+        Ok(mut response) => (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap_or_default(),
+        ),
+        Err(error) => (0, error.to_string()),
+    }
+}
+
+#[test]
+fn the_http_gateway_of_a_keyed_pair_reaches_it_with_its_daemons_keys() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let keys = Keys::new(scratch.path());
+    let mut cluster = keys.cluster("curve_http").with_http();
+    cluster.start(Role::Primary);
+    cluster.start(Role::Backup);
+    settle(&mut cluster);
+    let primary = cluster.http_url(Role::Primary);
+    let backup = cluster.http_url(Role::Backup);
+    wait_until("both gateways are synced", || {
+        http("GET", &format!("{primary}/healthz"), b"").0 == 200
+            && http("GET", &format!("{backup}/healthz"), b"").0 == 200
+    });
+    let (status, body) = http("PUT", &format!("{backup}/v1/kv/curve/h"), b"through-http");
+    assert_eq!(status, 200, "PUT through the backup's gateway: {body}");
+    wait_until("the primary's gateway reads the write", || {
+        http("GET", &format!("{primary}/v1/kv/curve/h"), b"") == (200, "through-http".into())
+    });
+    // Admitting each server's own key (its gateway) lets no stranger in.
+    let mut args = cli_keys(&keys, "stranger.key");
+    args.extend(["get".to_string(), "/curve/h".to_string()]);
+    let (code, _, stderr) = run_cli(&cluster, &args);
+    assert_eq!(code, Some(3), "{stderr}");
 }
