@@ -188,6 +188,9 @@ pub struct NetworkStats {
     pub reconnects: u64,
     /// When each route last dropped a message at its high-water mark.
     pub last_high_water_drop: BTreeMap<Route, Instant>,
+    /// The highest CHP sequence (a message's second frame, 8 bytes big-endian) each route
+    /// dropped at its high-water mark.
+    pub highest_high_water_drop: BTreeMap<Route, i64>,
 }
 
 #[derive(Clone, Debug)]
@@ -362,6 +365,18 @@ impl Network {
         }
         if connection.queued >= high_water_mark {
             self.stats.last_high_water_drop.insert(route, now);
+            let sequence = frames
+                .get(1)
+                .and_then(|frame| <[u8; 8]>::try_from(frame.as_slice()).ok())
+                .map(i64::from_be_bytes);
+            if let Some(sequence) = sequence {
+                let highest = self
+                    .stats
+                    .highest_high_water_drop
+                    .entry(route)
+                    .or_insert(sequence);
+                *highest = (*highest).max(sequence);
+            }
             return self.drop_message(DropReason::HighWaterMark);
         }
         if cut == Some(PartitionKind::Stall) || self.stalled_routes.contains(&route) {

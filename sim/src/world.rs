@@ -255,6 +255,8 @@ struct ClientSlot {
     /// request of that attempt): updates dropped after it may be missing from the
     /// updates it buffered during the snapshot.
     last_synced_at: Option<Instant>,
+    /// The sequence of the client's last completed snapshot.
+    last_synced_sequence: Option<i64>,
     /// World time of the first snapshot request of the sync under way, if any.
     sync_requested_at: Option<Instant>,
 }
@@ -455,6 +457,7 @@ impl World {
                 mirror: BTreeMap::new(),
                 newest_seen: BTreeMap::new(),
                 last_synced_at: None,
+                last_synced_sequence: None,
                 sync_requested_at: None,
             });
             world.start_client(node);

@@ -572,6 +572,7 @@ impl World {
                 let now = self.now;
                 if let Some(slot) = self.client_slot(node) {
                     slot.last_synced_at = Some(slot.sync_requested_at.take().unwrap_or(now));
+                    slot.last_synced_sequence = Some(sequence);
                 }
                 self.check_snapshot(node, server.0, sequence);
             }
@@ -697,12 +698,21 @@ impl World {
                 to: slot.node,
                 link: Link::Updates,
             };
-            let dropped_since_sync = self
-                .network
-                .stats()
+            let stats = self.network.stats();
+            // Dropped after the client's last sync began, or beyond the sequence of its
+            // last snapshot: a snapshot answering an earlier request of a burst can
+            // complete after the drop yet hold none of what was dropped.
+            let dropped_since_sync = stats
                 .last_high_water_drop
                 .get(&route)
-                .is_some_and(|dropped| slot.last_synced_at.is_none_or(|synced| *dropped > synced));
+                .is_some_and(|dropped| slot.last_synced_at.is_none_or(|synced| *dropped > synced))
+                || stats
+                    .highest_high_water_drop
+                    .get(&route)
+                    .is_some_and(|dropped| {
+                        slot.last_synced_sequence
+                            .is_none_or(|synced| *dropped > synced)
+                    });
             if !slot.subtree.is_empty() && dropped_since_sync {
                 // PROTOCOL limit, see DECISIONS.md: counted, not hidden.
                 waived += 1;
