@@ -1,6 +1,60 @@
-//! The simulator's trace hash, shared by its worlds.
+//! The simulator's trace, shared by its worlds: a hash of every traced event (so that two
+//! runs of one seed can be compared) and, by [`TraceMode`], the recent events kept for a
+//! failure report or every event printed.
 
-use std::hash::Hasher;
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
+
+use crate::world::TraceMode;
+
+/// A world's trace: the hash of every event, and the events kept or printed.
+#[derive(Debug)]
+pub(crate) struct Trace {
+    mode: TraceMode,
+    hasher: TraceHasher,
+    recent: VecDeque<String>,
+    keep: usize,
+}
+
+impl Trace {
+    /// A trace in `mode` that keeps the last `keep` events for a report.
+    pub(crate) fn new(mode: TraceMode, keep: usize) -> Trace {
+        Trace {
+            mode,
+            hasher: TraceHasher::default(),
+            recent: VecDeque::new(),
+            keep,
+        }
+    }
+
+    /// Records an event at `now`: hashed always; described (only when the mode needs it)
+    /// for the recent events or printed.
+    pub(crate) fn record<N: Hash + Debug, T: Hash + ?Sized>(
+        &mut self,
+        now: &N,
+        describe: impl FnOnce() -> String,
+        data: &T,
+    ) {
+        now.hash(&mut self.hasher);
+        data.hash(&mut self.hasher);
+        match self.mode {
+            TraceMode::Hash => {}
+            TraceMode::Recent => {
+                if self.recent.len() == self.keep {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(format!("{now:?} {}", describe()));
+            }
+            TraceMode::Print => println!("{now:?} {}", describe()),
+        }
+    }
+
+    /// The trace hash and the recent events kept.
+    pub(crate) fn finish(self) -> (u64, Vec<String>) {
+        (self.hasher.finish(), self.recent.into_iter().collect())
+    }
+}
 
 /// The trace hash: FxHash's mixing, a word at a time, over every traced event.
 /// Deterministic across runs and builds (std's `DefaultHasher` promises neither) and a

@@ -11,7 +11,7 @@
 //! is `[primary, backup]`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::time::Duration;
 
 use clonekv_core::client::{self, Channel, Client, ServerIndex};
@@ -25,7 +25,7 @@ use crate::model::{Map, Model, ModelStats};
 use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
 use crate::options::{streams, Options};
 use crate::oracles::{History, Moment, Oracle, Publication, TtlExpectation, Violation};
-use crate::trace::TraceHasher;
+use crate::trace::Trace;
 use crate::workload::{Operation, Workload};
 use crate::{derive_rng, SimRng};
 
@@ -286,9 +286,7 @@ pub struct World {
     /// Orders the moments of one instant (see [`Moment`]).
     moments: u64,
     coverage: Coverage,
-    trace_mode: TraceMode,
-    trace_hasher: TraceHasher,
-    recent: VecDeque<String>,
+    trace: Trace,
     violation: Option<Violation>,
     /// World time since which the pair has been able to talk both ways, if it can.
     pair_connected_since: Option<Instant>,
@@ -413,9 +411,7 @@ impl World {
             model: Model::default(),
             moments: 0,
             coverage: Coverage::default(),
-            trace_mode,
-            trace_hasher: TraceHasher::default(),
-            recent: VecDeque::new(),
+            trace: Trace::new(trace_mode, RECENT_EVENTS),
             violation: None,
             pair_connected_since: Some(now),
             both_active_since: None,
@@ -523,13 +519,14 @@ impl World {
         }
         self.coverage.model = self.model.stats.clone();
         let final_active_map = self.sole_active().map(|active| self.server_map(active));
+        let (trace_hash, recent) = self.trace.finish();
         RunReport {
             final_active_map,
             seed: self.seed,
             violation: self.violation,
-            trace_hash: self.trace_hasher.finish(),
+            trace_hash,
             coverage: self.coverage,
-            recent: self.recent.into_iter().collect(),
+            recent,
             simulated: self.now.saturating_duration_since(Instant::ZERO),
         }
     }
@@ -1780,19 +1777,7 @@ impl World {
     // --- Trace -----------------------------------------------------------------------
 
     fn trace<T: Hash + ?Sized>(&mut self, describe: impl FnOnce() -> String, data: &T) {
-        self.now.hash(&mut self.trace_hasher);
-        data.hash(&mut self.trace_hasher);
-        match self.trace_mode {
-            TraceMode::Hash => {}
-            TraceMode::Recent => {
-                if self.recent.len() == RECENT_EVENTS {
-                    self.recent.pop_front();
-                }
-                self.recent
-                    .push_back(format!("{:?} {}", self.now, describe()));
-            }
-            TraceMode::Print => println!("{:?} {}", self.now, describe()),
-        }
+        self.trace.record(&self.now, describe, data);
     }
 
     fn count_server_event(&mut self, event: &server::Event) {

@@ -72,7 +72,7 @@ impl BuildHasher for KeyedState {
     }
 }
 
-/// The window's members; its order is `oldest_first`'s.
+/// The window's members. Only looked up, never iterated: its order is `oldest_first`'s.
 type Members = HashSet<u128, KeyedState>;
 
 /// Uuids are held as `u128`s. The set is searched on every update and changed twice per

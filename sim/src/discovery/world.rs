@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use clonekv_core::time::Instant;
 use rand::RngExt;
 
 use super::options::{streams, DiscoveryOptions};
-use crate::trace::TraceHasher;
+use crate::trace::Trace;
 use crate::world::TraceMode;
 use crate::{derive_rng, SimRng};
 
@@ -354,9 +354,7 @@ pub struct DiscoveryWorld {
     script: VecDeque<(Instant, Scripted)>,
     violation: Option<DiscoveryViolation>,
     coverage: DiscoveryCoverage,
-    trace_mode: TraceMode,
-    trace_hasher: TraceHasher,
-    recent: VecDeque<String>,
+    trace: Trace,
 }
 
 /// A node's address on the LAN.
@@ -451,9 +449,7 @@ impl DiscoveryWorld {
             script: VecDeque::new(),
             violation: None,
             coverage: DiscoveryCoverage::default(),
-            trace_mode,
-            trace_hasher: TraceHasher::default(),
-            recent: VecDeque::new(),
+            trace: Trace::new(trace_mode, RECENT_EVENTS),
             options,
         }
     }
@@ -565,12 +561,13 @@ impl DiscoveryWorld {
         for index in 0..self.nodes.len() {
             self.retire_counters(index);
         }
+        let (trace_hash, recent) = self.trace.finish();
         DiscoveryReport {
             violation: self.violation,
-            trace_hash: self.trace_hasher.finish(),
+            trace_hash,
             simulated: self.now.saturating_duration_since(Instant::ZERO),
             coverage: self.coverage,
-            recent: self.recent.into_iter().collect(),
+            recent,
         }
     }
 
@@ -1471,19 +1468,7 @@ impl DiscoveryWorld {
     }
 
     fn trace<T: Hash + ?Sized>(&mut self, describe: impl FnOnce() -> String, data: &T) {
-        self.now.hash(&mut self.trace_hasher);
-        data.hash(&mut self.trace_hasher);
-        match self.trace_mode {
-            TraceMode::Hash => {}
-            TraceMode::Recent => {
-                if self.recent.len() == RECENT_EVENTS {
-                    self.recent.pop_front();
-                }
-                self.recent
-                    .push_back(format!("{:?} {}", self.now, describe()));
-            }
-            TraceMode::Print => println!("{:?} {}", self.now, describe()),
-        }
+        self.trace.record(&self.now, describe, data);
     }
 }
 
