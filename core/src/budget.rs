@@ -74,6 +74,10 @@ pub enum Structure {
     SplitLog,
     /// Open snapshot streams and the per-client state around them.
     SnapshotStreams,
+    /// The map's recent changes, kept to answer a peer that resumes.
+    RecentChanges,
+    /// The changes of a resume reply, held until its KTHXBAI.
+    ResumeReply,
     /// A client's subscriber updates held while its snapshot is in progress.
     ClientUpdateBuffer,
     /// A client's own updates awaiting their echo.
@@ -91,6 +95,8 @@ impl Structure {
             Structure::SyncDedupeWindow => "sync_dedupe_window",
             Structure::SplitLog => "split_log",
             Structure::SnapshotStreams => "snapshot_streams",
+            Structure::RecentChanges => "recent_changes",
+            Structure::ResumeReply => "resume_reply",
             Structure::ClientUpdateBuffer => "client_update_buffer",
             Structure::ClientInFlight => "client_in_flight",
         }

@@ -487,7 +487,7 @@ pub enum Output {
         /// The server to ask.
         server: ServerIndex,
         /// The two frames.
-        frames: [Vec<u8>; 2],
+        frames: Vec<Vec<u8>>,
     },
     /// Send this KVSET on the PUB connected to every server's collector.
     Publish {

@@ -44,6 +44,10 @@ pub const TTL: &str = "ttl";
 pub const STATE: &str = "state";
 /// Name of the HUGZ property that carries the number of keys in the server's map.
 pub const KEYS: &str = "keys";
+/// Name of the KTHXBAI property in which a clonekv server names the history its map
+/// belongs to (PROTOCOL.md §13): the reigns that numbered it, oldest first, as
+/// `<id hex>@<base sequence>` separated by commas. Reference programs ignore it.
+pub const HISTORY: &str = "history";
 
 /// A ttl value this large (or larger) is absolute Unix epoch milliseconds (§5).
 const EPOCH_MILLIS_THRESHOLD: u64 = 100_000_000_000;
@@ -148,6 +152,10 @@ pub enum DecodeError {
     /// A Binary Star state frame that is not `1`..`4`.
     #[error("invalid Binary Star state frame")]
     InvalidState,
+    /// The third frame of an ICANHAZ? (a resume position) is not 16 bytes, or comes
+    /// with a subtree.
+    #[error("resume frame must be 16 bytes after an empty subtree")]
+    BadResumeFrame,
 }
 
 impl DecodeError {
@@ -165,6 +173,7 @@ impl DecodeError {
             DecodeError::UnknownCommand => "unknown_command",
             DecodeError::SubtreeTooLong { .. } => "subtree_too_long",
             DecodeError::InvalidState => "invalid_state",
+            DecodeError::BadResumeFrame => "bad_resume_frame",
         }
     }
 }
@@ -616,6 +625,14 @@ impl KvMsg {
         }
     }
 
+    /// This KTHXBAI, naming the history of the map it ends (see [`HISTORY`]).
+    pub fn with_history(mut self, history: &[u8]) -> Self {
+        if self.properties.set(HISTORY, history).is_err() {
+            debug_assert!(false, "history property rejected");
+        }
+        self
+    }
+
     /// The same message with another sequence (KVSET → KVPUB, stored entry → KVSYNC).
     pub fn with_sequence(mut self, sequence: i64) -> Self {
         self.sequence = sequence;
@@ -797,6 +814,11 @@ impl<'a> KvMsgRef<'a> {
         state_mark(property(self.properties, STATE)?)
     }
 
+    /// The history a KTHXBAI names, if any (see [`HISTORY`]).
+    pub fn history(&self) -> Option<&'a [u8]> {
+        property(self.properties, HISTORY)
+    }
+
     /// An owned copy.
     pub fn to_kvmsg(&self) -> KvMsg {
         KvMsg {
@@ -877,26 +899,66 @@ impl<'a> KvMsgRef<'a> {
 pub struct SnapshotRequest {
     /// Key prefix of the snapshot; empty for the whole map.
     pub subtree: Vec<u8>,
+    /// A clonekv server asking its peer for only the changes after its own position
+    /// (PROTOCOL.md §13). Sent only to a peer whose KTHXBAI named its history, so a
+    /// reference server never sees the third frame.
+    pub resume: Option<ResumePosition>,
 }
+
+/// Where a restarted or re-syncing server's map stands: the reign that numbered its
+/// last change and the sequence of that change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResumePosition {
+    /// The reign (history id) of the map's last change.
+    pub reign: u64,
+    /// The map's sequence.
+    pub sequence: i64,
+}
+
+/// Length of the resume frame: the reign id and the sequence, big-endian.
+const RESUME_FRAME_LEN: usize = 16;
 
 impl SnapshotRequest {
     /// A request for `subtree`.
     pub fn new(subtree: Vec<u8>) -> Self {
-        SnapshotRequest { subtree }
+        SnapshotRequest {
+            subtree,
+            resume: None,
+        }
     }
 
-    /// The two frames: `ICANHAZ?` and the subtree.
-    pub fn encode(&self) -> [Vec<u8>; 2] {
-        [ICANHAZ.to_vec(), self.subtree.clone()]
+    /// A request for the whole map, or for the changes after `position` when the
+    /// peer can serve them from its history.
+    pub fn resume(position: ResumePosition) -> Self {
+        SnapshotRequest {
+            subtree: Vec::new(),
+            resume: Some(position),
+        }
+    }
+
+    /// The frames: `ICANHAZ?` and the subtree, then the resume position if any.
+    pub fn encode(&self) -> Vec<Vec<u8>> {
+        let mut frames = vec![ICANHAZ.to_vec(), self.subtree.clone()];
+        if let Some(position) = self.resume {
+            let mut frame = Vec::with_capacity(RESUME_FRAME_LEN);
+            frame.extend_from_slice(&position.reign.to_be_bytes());
+            frame.extend_from_slice(&position.sequence.to_be_bytes());
+            frames.push(frame);
+        }
+        frames
     }
 
     /// Parses a request (without the identity frame a ROUTER prepends).
     pub fn decode<F: AsRef<[u8]>>(frames: &[F], limits: &Limits) -> Result<Self, DecodeError> {
-        let [command, subtree] = frames else {
-            return Err(DecodeError::FrameCount {
-                expected: 2,
-                actual: frames.len(),
-            });
+        let (command, subtree, resume) = match frames {
+            [command, subtree] => (command, subtree, None),
+            [command, subtree, resume] => (command, subtree, Some(resume.as_ref())),
+            _ => {
+                return Err(DecodeError::FrameCount {
+                    expected: 2,
+                    actual: frames.len(),
+                })
+            }
         };
         if command.as_ref() != ICANHAZ {
             return Err(DecodeError::UnknownCommand);
@@ -908,8 +970,23 @@ impl SnapshotRequest {
                 max: limits.max_key_len,
             });
         }
+        let resume = match resume {
+            None => None,
+            Some(frame) => {
+                let (reign, sequence) = frame
+                    .split_first_chunk::<8>()
+                    .and_then(|(reign, rest)| Some((*reign, *rest.first_chunk::<8>()?)))
+                    .filter(|_| frame.len() == RESUME_FRAME_LEN && subtree.is_empty())
+                    .ok_or(DecodeError::BadResumeFrame)?;
+                Some(ResumePosition {
+                    reign: u64::from_be_bytes(reign),
+                    sequence: i64::from_be_bytes(sequence),
+                })
+            }
+        };
         Ok(SnapshotRequest {
             subtree: subtree.to_vec(),
+            resume,
         })
     }
 }

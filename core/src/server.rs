@@ -68,8 +68,8 @@ use std::time::Duration;
 
 use crate::bstar::{self, Bstar, Cause, Role, Verdict};
 use crate::kvmsg::{
-    BstarState, DecodeError, KvMsg, KvMsgRef, Limits, SnapshotRequest, Ttl, TtlError, Uuid,
-    FRAME_COUNT,
+    BstarState, DecodeError, KvMsg, KvMsgRef, Limits, ResumePosition, SnapshotRequest, Ttl,
+    TtlError, Uuid, FRAME_COUNT,
 };
 use crate::time::{EpochMillis, Instant};
 
@@ -108,6 +108,7 @@ macro_rules! bytes_like {
 use bytes_like;
 
 mod frame;
+pub mod history;
 mod pending;
 pub mod persist;
 mod seen;
@@ -117,10 +118,12 @@ mod store;
 use crate::budget::{largest_message_bytes, message_bytes, Budget};
 pub use crate::budget::{BoundedStructure, Structure, ENTRY_OVERHEAD};
 pub use frame::Frame;
+use history::{draw_reign_id, Lineage, RecentChanges, Reign};
 use pending::{ClientCopyFate, Evicted, PendingList};
-use persist::{Image, Record, Restored};
+use persist::{Change, History, Image, Record, Restored};
 pub use seen::HashKey;
 use seen::SeenUpdates;
+use snapshot::Reply;
 use snapshot::{Pulled, SnapshotStreams, MAX_ROUTING_ID_LEN};
 pub use store::Entry;
 use store::{uuid_frame, Key, MapFull, MapLimits, Store};
@@ -207,6 +210,12 @@ pub struct Config {
     /// Report every change of the map as [`Output::Persist`] / [`Output::PersistImage`]
     /// (see [`persist`]), for a host that records them on disk.
     pub persistence: bool,
+    /// Most recent changes kept to answer a peer that resumes (see [`history`]); a peer
+    /// further behind gets a full snapshot.
+    pub recent_changes_max: usize,
+    /// The same bound in bytes (each change charged its message plus
+    /// [`ENTRY_OVERHEAD`]). At least one largest valid message.
+    pub recent_changes_max_bytes: usize,
     /// Most keys the map holds: a client write of a new key past it is refused
     /// ([`DropReason::MapFullKeys`]). `None`: no bound. Enforced where writes are
     /// accepted (the active); a passive applies what the active published.
@@ -235,6 +244,8 @@ impl Config {
             split_log_max: 100_000,
             dedupe_window: 100_000,
             persistence: false,
+            recent_changes_max: 100_000,
+            recent_changes_max_bytes: 32 << 20,
             max_keys: None,
             max_map_bytes: None,
         }
@@ -258,6 +269,7 @@ impl Config {
             ("snapshot_batch", self.snapshot_batch),
             ("sync_backlog_max", self.sync_backlog_max),
             ("dedupe_window", self.dedupe_window),
+            ("recent_changes_max", self.recent_changes_max),
         ];
         let durations = [
             ("pending_max_age", self.pending_max_age),
@@ -273,6 +285,7 @@ impl Config {
         let byte_budgets = [
             ("pending_max_bytes", self.pending_max_bytes),
             ("sync_backlog_max_bytes", self.sync_backlog_max_bytes),
+            ("recent_changes_max_bytes", self.recent_changes_max_bytes),
         ];
         if let Some((field, _)) = byte_budgets.iter().find(|(_, value)| *value < largest) {
             return Err(ConfigError::BelowLargestMessage {
@@ -304,6 +317,14 @@ impl Config {
         Budget {
             max_len: self.sync_backlog_max,
             max_bytes: self.sync_backlog_max_bytes,
+        }
+    }
+
+    /// The bounds of the recent changes kept for resuming peers.
+    fn recent_changes_budget(&self) -> Budget {
+        Budget {
+            max_len: self.recent_changes_max,
+            max_bytes: self.recent_changes_max_bytes,
         }
     }
 
@@ -482,6 +503,9 @@ pub enum SyncReason {
     /// lost with the old connection, and the active may have restarted with a new
     /// history whose numbers happen to continue ours.
     PublisherReconnected,
+    /// The active's resume reply held more changes than a sync may buffer; a full
+    /// snapshot is asked for instead.
+    ResumeTooLarge,
 }
 
 /// Why pending entries were dropped without being replayed.
@@ -554,6 +578,17 @@ pub enum Event {
         sequence: i64,
         /// Keys in the map after installing it.
         keys: usize,
+        /// For a resume (no full snapshot): the sequence it resumed after and the
+        /// number of changes applied.
+        resumed: Option<(i64, usize)>,
+    },
+    /// A peer asked to resume from a position of this server's history: it gets the
+    /// changes after it, or a full snapshot when they are not all kept.
+    ResumeAnswered {
+        /// The sequence the peer's map stands at.
+        after: i64,
+        /// The changes sent, or `None` when a full snapshot answered.
+        changes: Option<usize>,
     },
     /// This server became active in the middle of a sync: what arrived of the snapshot
     /// and the buffered updates were merged into the map, newest per key.
@@ -624,7 +659,7 @@ pub enum Output {
     /// Send this ICANHAZ? to the peer's ROUTER. Open a fresh DEALER for each request
     /// (as the reference does), so that replies to an abandoned request cannot be
     /// mistaken for replies to this one.
-    RequestPeerSnapshot([Vec<u8>; 2]),
+    RequestPeerSnapshot(Vec<Vec<u8>>),
     /// Send this KVSET to the peer's collector (P+2): an update this server accepted
     /// while split from the primary, forwarded after stepping down.
     ForwardToPeerCollector([Vec<u8>; FRAME_COUNT]),
@@ -662,8 +697,15 @@ pub struct Counters {
     pub snapshots_abandoned: u64,
     /// Snapshots requested from the peer.
     pub syncs_started: u64,
-    /// Snapshots received in full from the peer.
+    /// Snapshots received in full from the peer (resumes included).
     pub syncs_completed: u64,
+    /// Syncs completed by resuming: only the changes after this server's map.
+    pub syncs_resumed: u64,
+    /// Peers' resume requests answered with the changes they lacked.
+    pub resumes_served: u64,
+    /// Peers' resume requests answered with a full snapshot (another history, or
+    /// changes no longer kept).
+    pub resumes_refused: u64,
     /// Pending updates replayed at failover.
     pub pending_replayed: u64,
     /// Pending updates not replayed because a later update (from the active, or a later
@@ -783,6 +825,25 @@ struct SyncInProgress {
     pending_mark: u64,
     /// Uuids of the snapshot's entries: the history being adopted.
     seen: SeenUpdates,
+    /// Whether this attempt asked to resume, and what the reply brought so far.
+    resume: ResumeReply,
+}
+
+/// A sync attempt's resume, if it asked for one (see [`history`]).
+#[derive(Clone, Debug)]
+enum ResumeReply {
+    /// A full snapshot was asked for, or the peer answered the resume with one.
+    Snapshot,
+    /// Asked to resume after this sequence; no reply message yet. A HUGZ numbered so
+    /// opens a resume reply; anything else is a full snapshot's.
+    Asked { after: i64 },
+    /// The changes after `after`, in order, as they arrived.
+    Changes {
+        after: i64,
+        changes: Vec<(KvMsg, Option<EpochMillis>)>,
+        /// The bytes `changes` is charged ([`buffered_bytes`]).
+        bytes: usize,
+    },
 }
 
 impl SyncInProgress {
@@ -799,6 +860,7 @@ impl SyncInProgress {
             stale_through: None,
             pending_mark: 0,
             seen: SeenUpdates::new(hash_key),
+            resume: ResumeReply::Snapshot,
         }
     }
 
@@ -902,8 +964,17 @@ pub struct Server {
     before_passive_bytes: usize,
     /// The bytes the split log is charged ([`split_change_bytes`]).
     split_log_bytes: usize,
-    /// The key of the hash tables keyed by input (uuids).
+    /// The key of the hash tables keyed by input (uuids), and of reign ids.
     hash_key: HashKey,
+    /// The map's lineage (see [`history`]), and whether the active it was synced from
+    /// serves resumes.
+    history: History,
+    /// Reigns this process began (an input to each reign's id).
+    reigns_begun: u64,
+    /// The map's changes since a point, to answer a peer that resumes.
+    recent: RecentChanges,
+    /// The next sync asks for a full snapshot, not a resume.
+    full_sync_next: bool,
     next_hugz: Instant,
     /// When the latest HUGZ went out.
     last_hugz: Option<Instant>,
@@ -943,6 +1014,10 @@ impl Server {
             before_passive_bytes: 0,
             split_log_bytes: 0,
             hash_key,
+            history: History::default(),
+            reigns_begun: 0,
+            recent: RecentChanges::new(0),
+            full_sync_next: false,
             next_hugz: now,
             last_hugz: None,
             clock: (now, wall),
@@ -968,6 +1043,8 @@ impl Server {
         server.store = restored.store;
         server.sequence = restored.sequence;
         server.highest_published = restored.highest_published.max(restored.sequence);
+        server.history = restored.history;
+        server.recent = RecentChanges::new(restored.sequence);
         Ok(server)
     }
 
@@ -978,10 +1055,16 @@ impl Server {
             self.store.map().clone(),
             self.sequence,
             self.highest_published,
+            self.history.clone(),
         )
     }
 
     // --- Getters ---------------------------------------------------------------------
+
+    /// The map's lineage: the reigns its history went through (see [`history`]).
+    pub fn lineage(&self) -> &Lineage {
+        &self.history.lineage
+    }
 
     /// The configuration.
     pub fn config(&self) -> &Config {
@@ -1068,7 +1151,7 @@ impl Server {
 
     /// Every structure that input fills outside the map, with its use and its count and
     /// byte bounds. Each stays within both at all times (the simulator's oracle 7).
-    pub fn bounds(&self) -> [BoundedStructure; 7] {
+    pub fn bounds(&self) -> [BoundedStructure; 9] {
         let config = &self.config;
         let sync = match &self.follow {
             Follow::Syncing(sync) => Some(&**sync),
@@ -1091,6 +1174,10 @@ impl Server {
             max_bytes: config
                 .dedupe_window
                 .saturating_mul(SeenUpdates::BYTES_PER_UUID),
+        };
+        let (resume_len, resume_bytes) = match sync.map(|sync| &sync.resume) {
+            Some(ResumeReply::Changes { changes, bytes, .. }) => (changes.len(), *bytes),
+            _ => (0, 0),
         };
         let split_budget = config.split_log_budget();
         [
@@ -1139,6 +1226,20 @@ impl Server {
                     ),
                 ),
             },
+            BoundedStructure {
+                structure: Structure::RecentChanges,
+                len: self.recent.len(),
+                max_len: config.recent_changes_max,
+                bytes: self.recent.bytes(),
+                max_bytes: config.recent_changes_max_bytes,
+            },
+            BoundedStructure {
+                structure: Structure::ResumeReply,
+                len: resume_len,
+                max_len: sync_budget.max_len,
+                bytes: resume_bytes,
+                max_bytes: sync_budget.max_bytes,
+            },
         ]
     }
 
@@ -1171,13 +1272,22 @@ impl Server {
         if self.snapshots.len() >= self.config.max_snapshot_streams {
             return self.drop_input(source, DropReason::TooManySnapshotStreams);
         }
-        let replaced = self.snapshots.open(
-            now,
-            routing_id,
-            self.store.map().clone(),
-            request.subtree,
-            self.sequence,
-        );
+        // Only a whole-map reply names its history: a peer adopts it with the map.
+        let history = (request.subtree.is_empty() && !self.history.lineage.is_empty())
+            .then(|| self.history.lineage.to_property());
+        let reply = match request
+            .resume
+            .and_then(|position| self.answer_resume(position))
+        {
+            Some(reply) => reply,
+            None => Reply::Snapshot {
+                map: self.store.map().clone(),
+                subtree: request.subtree,
+            },
+        };
+        let replaced = self
+            .snapshots
+            .open(now, routing_id, reply, self.sequence, history);
         self.counters.snapshots_opened += 1;
         if replaced {
             self.counters.snapshots_superseded += 1;
@@ -1185,6 +1295,32 @@ impl Server {
         self.outputs.push_back(Output::SnapshotReady {
             routing_id: routing_id.to_vec(),
         });
+    }
+
+    /// The changes after a resuming peer's `position`, if its map is a state of this
+    /// server's history (the one rule: [`history`]'s invariant), every change after it
+    /// is still kept, and they are no more than the keys a full snapshot would send
+    /// (many changes to few keys are cheaper as the map); reported either way.
+    fn answer_resume(&mut self, position: ResumePosition) -> Option<Reply> {
+        let changes = self
+            .history
+            .lineage
+            .end_of(position.reign, self.sequence)
+            .filter(|end| position.sequence <= *end)
+            .and_then(|_| self.recent.after(position.sequence))
+            .filter(|changes| changes.len() <= self.store.len());
+        match &changes {
+            Some(_) => self.counters.resumes_served += 1,
+            None => self.counters.resumes_refused += 1,
+        }
+        self.outputs.push_back(Output::Event(Event::ResumeAnswered {
+            after: position.sequence,
+            changes: changes.as_ref().map(|changes| changes.len()),
+        }));
+        Some(Reply::Changes {
+            after: position.sequence,
+            changes: changes?,
+        })
     }
 
     /// A KVSET from the collector SUB at P+2.
@@ -1316,11 +1452,7 @@ impl Server {
         if self.state() == BstarState::Active {
             return self.drop_input(source, DropReason::PeerUpdateWhileActive);
         }
-        // Published by the active, whether or not we can apply it now (we may be waiting
-        // for a snapshot that will only show its effect): a late copy must not apply it
-        // again. Found by the simulator (swarm seed 750): a delete seen while syncing,
-        // absent from the snapshot, was re-applied from a delayed client copy.
-        self.remember_published(update.uuid);
+        self.observe_published(now, &update, true);
         let expires_at = if update.is_delete() {
             None
         } else {
@@ -1329,19 +1461,6 @@ impl Server {
                 Err(error) => return self.drop_input(source, DropReason::InvalidTtl(error)),
             }
         };
-        // An expiry delete carries the stored entry's uuid, whose client copy was
-        // matched long ago: remembering it as an echo would only clog the list.
-        let is_expiry_delete = update.is_delete()
-            && update.uuid.is_some()
-            && self.store.get(update.key).map(|entry| entry.uuid()) == Some(update.uuid);
-        let evicted = self.pending.observe_active_update(
-            now,
-            update.uuid,
-            update.key,
-            !is_expiry_delete,
-            self.config.pending_budget(),
-        );
-        self.report_eviction(evicted, EvictionReason::Size);
         let sync_budget = self.config.sync_budget();
         match &mut self.follow {
             // Still PRIMARY / BACKUP: the sync starts on becoming passive.
@@ -1361,6 +1480,30 @@ impl Server {
             }
             Follow::Following => self.apply_followed(now, &update, expires_at),
         }
+    }
+
+    /// The active published `update` (a KVPUB, or a change of a resume reply), whether or
+    /// not this server can apply it now: its uuid is remembered, so that a late copy
+    /// does not apply it again (found by the simulator, swarm seed 750: a delete seen
+    /// while syncing, absent from the snapshot, was re-applied from a delayed client
+    /// copy), and it echoes the client copy the pending list holds. A `live` KVPUB was
+    /// published after every copy held now; a resume's change may be older than them.
+    fn observe_published(&mut self, now: Instant, update: &KvMsgRef, live: bool) {
+        self.remember_published(update.uuid);
+        // An expiry delete carries the stored entry's uuid, whose client copy was
+        // matched long ago: remembering it as an echo would only clog the list.
+        let is_expiry_delete = update.is_delete()
+            && update.uuid.is_some()
+            && self.store.get(update.key).map(|entry| entry.uuid()) == Some(update.uuid);
+        let evicted = self.pending.observe_active_update(
+            now,
+            update.uuid,
+            update.key,
+            !is_expiry_delete,
+            live,
+            self.config.pending_budget(),
+        );
+        self.report_eviction(evicted, EvictionReason::Size);
     }
 
     /// The peer's Binary Star state (one frame).
@@ -1410,8 +1553,23 @@ impl Server {
             return self.drop_input(source, DropReason::UnexpectedSnapshotMessage);
         };
         sync.last_activity = now;
+        if let ResumeReply::Asked { after } = sync.resume {
+            sync.resume = if entry.is_hugz() && entry.sequence == after {
+                ResumeReply::Changes {
+                    after,
+                    changes: Vec::new(),
+                    bytes: 0,
+                }
+            } else {
+                ResumeReply::Snapshot
+            };
+            if matches!(sync.resume, ResumeReply::Changes { .. }) {
+                return;
+            }
+        }
         if entry.is_kthxbai() {
-            return self.complete_sync(now, entry.sequence);
+            let history = entry.history().map(Lineage::from_property);
+            return self.complete_sync(now, entry.sequence, history);
         }
         if entry.is_hugz() {
             return self.drop_input(source, DropReason::ReservedKey);
@@ -1426,6 +1584,21 @@ impl Server {
         };
         if let Some(uuid) = entry.uuid {
             sync.seen.insert(uuid, self.config.dedupe_window);
+        }
+        if let ResumeReply::Changes { changes, bytes, .. } = &mut sync.resume {
+            let incoming = buffered_bytes(&entry.to_kvmsg());
+            if self
+                .config
+                .sync_budget()
+                .admits(changes.len(), *bytes, incoming)
+            {
+                changes.push((entry.to_kvmsg(), expires_at));
+                *bytes = bytes.saturating_add(incoming);
+                // A resume's change is one of the active's publications, as a KVPUB is.
+                return self.observe_published(now, &entry, false);
+            }
+            self.full_sync_next = true;
+            return self.retry_sync(now, SyncReason::ResumeTooLarge);
         }
         sync.store.apply(&entry, expires_at);
     }
@@ -1502,7 +1675,7 @@ impl Server {
                     self.abandon_stream(routing_id, AbandonReason::Stalled);
                 }
             }
-            Timer::PeerSync => self.retry_sync(now),
+            Timer::PeerSync => self.retry_sync(now, SyncReason::Timeout),
         }
     }
 
@@ -1534,12 +1707,12 @@ impl Server {
         }
     }
 
-    /// The sync got no reply for `peer_sync_timeout`: ask again, keeping what was
-    /// buffered so far (it precedes the new request).
-    fn retry_sync(&mut self, now: Instant) {
-        self.outputs.push_back(Output::Event(Event::SyncStarted {
-            reason: SyncReason::Timeout,
-        }));
+    /// The sync got no usable reply (none for `peer_sync_timeout`, or a resume too
+    /// large to buffer): ask again, keeping what was buffered so far (it precedes the
+    /// new request).
+    fn retry_sync(&mut self, now: Instant, reason: SyncReason) {
+        self.outputs
+            .push_back(Output::Event(Event::SyncStarted { reason }));
         // Everything buffered so far precedes the new request.
         let (mut unconfirmed, stale_through) =
             match std::mem::replace(&mut self.follow, Follow::Not) {
@@ -1713,7 +1886,8 @@ impl Server {
                 self.split_log_bytes = 0;
                 self.split_lost = 0;
                 self.split_lost_through = 0;
-                self.abandon_sync();
+                let merged = self.abandon_sync();
+                self.begin_reign(now, !merged);
                 self.sequence = self.sequence.max(self.highest_published);
                 self.replay_pending(wall);
                 self.expire_due(wall);
@@ -1729,6 +1903,19 @@ impl Server {
             }
             BstarState::Primary | BstarState::Backup => {}
         }
+    }
+
+    /// A reign begins from the map as it is (see [`history`]); `continues` says whether
+    /// the map is still its lineage's state at this server's sequence.
+    fn begin_reign(&mut self, now: Instant, continues: bool) {
+        self.reigns_begun += 1;
+        let reign = Reign {
+            id: draw_reign_id(self.hash_key, now, self.sequence, self.reigns_begun),
+            base: self.sequence,
+        };
+        self.history.lineage.begin_reign(reign, continues);
+        let history = self.history.clone();
+        self.persist(|| Record::of_history(history));
     }
 
     // --- Active ------------------------------------------------------------------------
@@ -1767,12 +1954,16 @@ impl Server {
         let properties = Frame::from(&*update.normalized_properties());
         let body = if update.is_delete() {
             self.store.remove(update.key);
-            self.persist(|| Record::delete(Key::from(update.key), sequence));
+            self.record_change(Change::Delete {
+                key: Key::from(update.key),
+                sequence,
+                uuid: update.uuid,
+            });
             Frame::EMPTY
         } else {
             let entry = self.store.store_value(&update, expires_at);
             let body = Frame::body_of(&entry);
-            self.persist(|| Record::put(Key::from(update.key), entry));
+            self.record_change(Change::Put(Key::from(update.key), entry));
             body
         };
         let frames = [key, Frame::sequence(sequence), uuid, properties, body];
@@ -1791,7 +1982,11 @@ impl Server {
             self.sequence = sequence;
             self.highest_published = sequence;
             let frames = Entry::expiry_frames(&entry, &key, sequence);
-            self.persist(|| Record::delete(key.clone(), sequence));
+            self.record_change(Change::Delete {
+                key: key.clone(),
+                sequence,
+                uuid: entry.uuid(),
+            });
             self.counters.published += 1;
             self.counters.expired += 1;
             self.record_split(&key, entry.uuid(), sequence);
@@ -1977,9 +2172,13 @@ impl Server {
     /// (see `SyncInProgress::before_request`).
     fn request_peer_snapshot(&mut self, now: Instant, backlog: Vec<(KvMsg, Option<EpochMillis>)>) {
         self.counters.syncs_started += 1;
-        self.outputs.push_back(Output::RequestPeerSnapshot(
-            SnapshotRequest::new(Vec::new()).encode(),
-        ));
+        let position = self.resume_position();
+        let request = match position {
+            Some(position) => SnapshotRequest::resume(position),
+            None => SnapshotRequest::new(Vec::new()),
+        };
+        self.outputs
+            .push_back(Output::RequestPeerSnapshot(request.encode()));
         let before_passive: Vec<_> = self.take_before_passive().into();
         self.follow = Follow::Syncing(Box::new(SyncInProgress {
             before_request: backlog.len(),
@@ -1991,13 +2190,32 @@ impl Server {
                 vec![before_passive]
             },
             pending_mark: self.pending.arrival_mark(),
+            resume: position.map_or(ResumeReply::Snapshot, |position| ResumeReply::Asked {
+                after: position.sequence,
+            }),
             ..SyncInProgress::new(now, self.hash_key)
         }));
     }
 
-    /// KTHXBAI: install the new map at the snapshot's sequence, then apply the buffered
+    /// Where to ask the active to resume from: the map's position in its history, if
+    /// it has one and the active it was synced from serves resumes (a reference server
+    /// must never see the extra frame).
+    fn resume_position(&self) -> Option<ResumePosition> {
+        if self.full_sync_next || !self.history.peer_serves_resumes {
+            return None;
+        }
+        let reign = self.history.lineage.current()?;
+        Some(ResumePosition {
+            reign: reign.id,
+            sequence: self.sequence,
+        })
+    }
+
+    /// KTHXBAI: install the new map at the snapshot's sequence (a snapshot's entries, or
+    /// this map with a resume's changes), adopt the history the KTHXBAI names
+    /// (`history`: absent, or `Some(None)` when malformed), then apply the buffered
     /// updates that are newer.
-    fn complete_sync(&mut self, now: Instant, sequence: i64) {
+    fn complete_sync(&mut self, now: Instant, sequence: i64, history: Option<Option<Lineage>>) {
         let Follow::Syncing(sync) = std::mem::replace(&mut self.follow, Follow::Following) else {
             return;
         };
@@ -2008,9 +2226,31 @@ impl Server {
             backlog_overflowed,
             pending_mark,
             seen,
+            resume,
             ..
         } = *sync;
-        self.store = store;
+        let resumed = match resume {
+            ResumeReply::Changes { after, changes, .. } => Some((after, changes)),
+            ResumeReply::Snapshot | ResumeReply::Asked { .. } => None,
+        };
+        let resumed_report = resumed
+            .as_ref()
+            .map(|(after, changes)| (*after, changes.len()));
+        match resumed {
+            Some((_, changes)) => {
+                for (change, expires_at) in &changes {
+                    self.store.apply(&change.as_msg_ref(), *expires_at);
+                    self.persist_applied(change.key.as_slice(), change.sequence, change.uuid);
+                }
+                self.counters.syncs_resumed += 1;
+            }
+            None => self.store = store,
+        }
+        self.history = History {
+            peer_serves_resumes: matches!(history, Some(Some(_))),
+            lineage: history.flatten().unwrap_or_default(),
+        };
+        self.full_sync_next = false;
         // Remember the adopted history's updates too. What this server saw before stays
         // remembered: a late copy of it must still not be applied again. (Replaying a
         // stepped-down backup's forwarded updates does not consult this set.)
@@ -2024,10 +2264,17 @@ impl Server {
         });
         self.counters.pending_superseded_by_snapshot += superseded as u64;
         self.counters.syncs_completed += 1;
-        self.persist_image();
+        if resumed_report.is_some() {
+            let history = self.history.clone();
+            self.persist(|| Record::of_history(history));
+            self.recent.reset(sequence);
+        } else {
+            self.persist_image();
+        }
         self.outputs.push_back(Output::Event(Event::SyncCompleted {
             sequence,
             keys: self.store.len(),
+            resumed: resumed_report,
         }));
         for (update, expires_at) in backlog.into_iter().skip(before_request) {
             if update.sequence <= self.sequence {
@@ -2074,26 +2321,56 @@ impl Server {
         self.sequence = update.sequence;
         self.remember_published(update.uuid);
         self.store.apply(update, expires_at);
-        if self.config.persistence {
-            let record = match self.store.get(update.key) {
-                Some(entry) if !update.is_delete() => {
-                    Record::put(Key::from(update.key), entry.clone())
-                }
-                _ => Record::delete(Key::from(update.key), update.sequence),
-            };
-            self.outputs.push_back(Output::Persist(record));
+        self.record_change(self.applied_change(update.key, update.sequence, update.uuid));
+    }
+
+    /// The change just applied to `key` by the update numbered `sequence`: the stored
+    /// entry, or a delete if the key is gone.
+    fn applied_change(&self, key: &[u8], sequence: i64, uuid: Option<Uuid>) -> Change {
+        match self.store.get(key) {
+            Some(entry) if entry.sequence() == sequence => {
+                Change::Put(Key::from(key), entry.clone())
+            }
+            _ => Change::Delete {
+                key: Key::from(key),
+                sequence,
+                uuid,
+            },
         }
     }
 
-    /// Reports a change of the map for the host to record (see [`persist`]).
+    /// Records a resumed change for the host (the resume's changes are not kept as
+    /// recent ones: the sync resets them).
+    fn persist_applied(&mut self, key: &[u8], sequence: i64, uuid: Option<Uuid>) {
+        if self.config.persistence {
+            let change = self.applied_change(key, sequence, uuid);
+            self.outputs
+                .push_back(Output::Persist(Record::change(change)));
+        }
+    }
+
+    /// One change of the map, in order: kept for resuming peers and reported for the
+    /// host to record (see [`persist`]).
+    fn record_change(&mut self, change: Change) {
+        if self.config.persistence {
+            self.outputs
+                .push_back(Output::Persist(Record::change(change.clone())));
+        }
+        self.recent
+            .push(change, self.config.recent_changes_budget());
+    }
+
+    /// Reports a record for the host (see [`persist`]).
     fn persist(&mut self, record: impl FnOnce() -> Record) {
         if self.config.persistence {
             self.outputs.push_back(Output::Persist(record()));
         }
     }
 
-    /// Reports that the map was replaced as a whole (see [`persist`]).
+    /// Reports that the map was replaced as a whole (see [`persist`]); no change
+    /// before it can be served to a resuming peer.
     fn persist_image(&mut self) {
+        self.recent.reset(self.sequence);
         if self.config.persistence {
             self.outputs.push_back(Output::PersistImage(self.image()));
         }
@@ -2142,8 +2419,9 @@ impl Server {
     /// server's map may carry another history's numbers (its own while split, or a
     /// restarted peer's), and comparing those with the peer's let stale values win
     /// (found by the simulator, swarm 32681).
-    /// Numbering continues after the highest sequence seen.
-    fn abandon_sync(&mut self) {
+    /// Numbering continues after the highest sequence seen. Returns whether anything
+    /// was merged (the map is then no state of its lineage).
+    fn abandon_sync(&mut self) -> bool {
         let before_passive = self.take_before_passive();
         let (now, _) = self.clock;
         let sync = match std::mem::replace(&mut self.follow, Follow::Not) {
@@ -2153,7 +2431,7 @@ impl Server {
                 unconfirmed: vec![before_passive.into()],
                 ..SyncInProgress::new(now, self.hash_key)
             },
-            _ => return,
+            _ => return false,
         };
         let SyncInProgress {
             store: snapshot,
@@ -2161,6 +2439,7 @@ impl Server {
             reconnected,
             backlog,
             seen,
+            resume,
             ..
         } = sync;
         // The merged entries join the history this server publishes, as an adopted
@@ -2186,6 +2465,13 @@ impl Server {
             self.store.insert(key.clone(), entry.clone());
             merged_entries += 1;
         }
+        // A resume's changes are the snapshot's part: they follow this map in order.
+        if let ResumeReply::Changes { changes, .. } = resume {
+            for (change, expires_at) in changes {
+                merged_entries +=
+                    usize::from(self.merge_peer_update(&mut from_peer, change, expires_at));
+            }
+        }
         // The connection the request went out on numbers like the snapshot; each later
         // one is compared only with itself.
         for (index, layer) in reconnected.into_iter().chain([backlog]).enumerate() {
@@ -2202,6 +2488,7 @@ impl Server {
             merged_entries,
             applied_updates,
         }));
+        true
     }
 
     /// Applies one of the peer's updates kept by an abandoned sync unless the peer's

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use clonekv_core::kvmsg::{BstarState, KvMsg, Limits, SnapshotRequest, Uuid};
-use clonekv_core::server::{Config, HashKey, Output, Server};
+use clonekv_core::server::persist::{next_record, Image, NextRecord, Restored, Restorer};
+use clonekv_core::server::{Config, Event, HashKey, Output, Server};
 use clonekv_core::time::{EpochMillis, Instant};
 
 const T0: Instant = Instant::ZERO;
@@ -53,12 +54,28 @@ fn describe(output: &Output) -> String {
         }
         Output::SendStateToPeer(frame) => format!("state     {}", text(frame)),
         Output::RequestPeerSnapshot(frames) => {
-            format!("ask peer  {} '{}'", text(&frames[0]), text(&frames[1]))
+            match SnapshotRequest::decode(frames, &Limits::default()) {
+                Ok(SnapshotRequest {
+                    subtree,
+                    resume: Some(position),
+                }) => format!(
+                    "ask peer  ICANHAZ? '{}' resume after {}",
+                    text(&subtree),
+                    position.sequence
+                ),
+                _ => format!("ask peer  {} '{}'", text(&frames[0]), text(&frames[1])),
+            }
         }
         Output::ForwardToPeerCollector(frames) => format!("forward   {}", message(frames)),
-        Output::Persist(record) => {
-            format!("persist   {} seq={}", text(record.key()), record.sequence())
-        }
+        Output::Persist(record) => match (record.key(), record.sequence(), record.history()) {
+            (Some(key), Some(sequence), _) => format!("persist   {} seq={sequence}", text(key)),
+            (_, _, Some(history)) => format!(
+                "persist   history reigns={} peer_serves_resumes={}",
+                history.lineage.reigns().count(),
+                history.peer_serves_resumes
+            ),
+            _ => format!("persist   {record:?}"),
+        },
         Output::PersistImage(image) => {
             format!("image     seq={} keys={}", image.sequence(), image.len())
         }
@@ -86,10 +103,13 @@ enum Who {
 
 impl Pair {
     fn new() -> Self {
+        Pair::with_primary(Config::primary())
+    }
+
+    fn with_primary(config: Config) -> Self {
         let mut pair = Pair {
             now: T0,
-            primary: Server::new(T0, WALL0, Config::primary(), HashKey::from_bytes([1; 16]))
-                .unwrap(),
+            primary: Server::new(T0, WALL0, config, HashKey::from_bytes([1; 16])).unwrap(),
             backup: Server::new(T0, WALL0, Config::backup(), HashKey::from_bytes([2; 16])).unwrap(),
             primary_alive: true,
             link_up: true,
@@ -236,6 +256,62 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// The backup process ends; a new one starts from what it recorded (`image`: by the
+    /// persistence invariant, the last image plus the records since rebuild exactly it).
+    fn restart_backup(&mut self, image: &Image, config: Config) {
+        self.note("--- the backup restarts from its records ---");
+        self.backup = Server::restore(
+            self.now,
+            self.wall(),
+            config,
+            HashKey::from_bytes([3; 16]),
+            restored(image),
+        )
+        .unwrap();
+        self.timeouts();
+    }
+
+    /// A resume request for the primary's current reign after `sequence`; the reply.
+    fn ask_primary_to_resume_after(&mut self, sequence: i64) -> Vec<String> {
+        let reign = self.primary.lineage().current().unwrap().id;
+        let request =
+            SnapshotRequest::resume(clonekv_core::kvmsg::ResumePosition { reign, sequence })
+                .encode();
+        let (now, wall) = (self.now, self.wall());
+        self.primary
+            .handle_snapshot_request(now, wall, b"tool", &request);
+        let mut reply = Vec::new();
+        while let Some(frames) = self.primary.poll_snapshot(now, b"tool") {
+            reply.push(message(&frames));
+        }
+        reply
+    }
+
+    fn events(&self, name: char) -> Vec<String> {
+        self.transcript
+            .lines()
+            .filter(|line| line.contains(&format!("] {name} event")))
+            .map(|line| line.split("event     ").nth(1).unwrap_or("").to_string())
+            .collect()
+    }
+}
+
+/// Reads an image back as the daemon reads a snapshot file.
+fn restored(image: &Image) -> Restored {
+    let mut bytes = Vec::new();
+    image
+        .encode(&mut bytes, usize::MAX, |_| Ok::<(), ()>(()))
+        .unwrap();
+    let mut restorer = Restorer::new();
+    let mut rest = bytes.as_slice();
+    while let NextRecord::Record { payload, consumed } = next_record(rest) {
+        restorer.apply(payload).unwrap();
+        rest = &rest[consumed..];
+    }
+    restorer.finish()
+}
+
 fn message_line(message: &KvMsg) -> String {
     let frames = message.encode();
     self::message(&frames)
@@ -338,4 +414,153 @@ fn a_healed_split_brain_ends_with_the_backup_forwarding_its_updates_to_the_prima
     assert_eq!(keys(&pair.backup), keys(&pair.primary));
     assert_eq!(pair.backup.sequence(), pair.primary.sequence());
     insta::assert_snapshot!("split_brain_heals", pair.transcript);
+}
+
+#[test]
+fn a_restarted_backup_resumes_from_its_recorded_sequence() {
+    let mut pair = Pair::new();
+    pair.run_until(100);
+    for n in 1..=3 {
+        pair.client_set(
+            &[Who::Primary, Who::Backup],
+            set(&format!("/k/{n}"), "v1", n),
+        );
+    }
+    assert_eq!(pair.backup.sequence(), 3);
+    let recorded = pair.backup.image();
+    pair.note("--- the backup stops; the primary goes on alone ---");
+    pair.link_up = false;
+    pair.client_set(&[Who::Primary], set("/k/1", "v2", 4));
+    pair.client_set(
+        &[Who::Primary],
+        KvMsg::kvset_delete(b"/k/2".to_vec(), uuid(5)),
+    );
+    pair.client_set(&[Who::Primary], set("/k/4", "v1", 6));
+    pair.run_until(3_000);
+    pair.link_up = true;
+    pair.restart_backup(&recorded, Config::backup());
+    pair.run_until(4_000);
+
+    assert_eq!(pair.backup.state(), BstarState::Passive);
+    let keys = |server: &Server| {
+        server
+            .iter()
+            .map(|(key, entry)| {
+                format!("{}={}@{}", text(key), text(entry.body()), entry.sequence())
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&pair.backup), keys(&pair.primary));
+    assert_eq!(pair.backup.sequence(), 6);
+    assert_eq!(pair.backup.counters().syncs_resumed, 1);
+    assert_eq!(pair.primary.counters().resumes_served, 1);
+    assert!(pair
+        .events('B')
+        .iter()
+        .any(|event| event.contains("resumed: Some((3, 3))")));
+    insta::assert_snapshot!("backup_resumes", pair.transcript);
+}
+
+#[test]
+fn a_backup_whose_changes_the_active_no_longer_holds_gets_a_full_snapshot() {
+    let mut pair = Pair::with_primary(Config {
+        recent_changes_max: 2,
+        ..Config::primary()
+    });
+    pair.run_until(100);
+    pair.client_set(&[Who::Primary, Who::Backup], set("/k/1", "v1", 1));
+    let recorded = pair.backup.image();
+    pair.link_up = false;
+    for n in 2..=4 {
+        pair.client_set(&[Who::Primary], set(&format!("/k/{n}"), "v1", n));
+    }
+    pair.run_until(3_000);
+    pair.link_up = true;
+    pair.restart_backup(&recorded, Config::backup());
+    pair.run_until(4_000);
+
+    assert_eq!(pair.backup.sequence(), pair.primary.sequence());
+    assert_eq!(pair.backup.len(), 4);
+    assert_eq!(pair.backup.counters().syncs_resumed, 0);
+    assert_eq!(pair.primary.counters().resumes_refused, 1);
+    assert!(pair
+        .events('P')
+        .iter()
+        .any(|event| event == "ResumeAnswered { after: 1, changes: None }"));
+}
+
+#[test]
+fn a_restarted_active_starts_a_new_reign_so_what_it_lost_is_never_resumed_over() {
+    // The primary published sequences 1..=3; its records kept only 1 (a crash under
+    // `--fsync never`). The backup followed all three and then restarts too. The
+    // primary, active again from sequence 1, numbers new changes from 4: the backup's
+    // map at 3 is not a state of that history, so it must not resume.
+    let mut pair = Pair::new();
+    pair.run_until(100);
+    pair.client_set(&[Who::Primary, Who::Backup], set("/k/1", "v1", 1));
+    let primary_recorded = pair.primary.image();
+    pair.client_set(&[Who::Primary, Who::Backup], set("/k/2", "v1", 2));
+    pair.client_set(&[Who::Primary, Who::Backup], set("/k/3", "v1", 3));
+    let backup_recorded = pair.backup.image();
+    pair.note("--- both stop; the primary restarts from its records alone ---");
+    pair.link_up = false;
+    pair.primary = Server::restore(
+        pair.now,
+        pair.wall(),
+        Config::primary(),
+        HashKey::from_bytes([4; 16]),
+        restored(&primary_recorded),
+    )
+    .unwrap();
+    pair.run_until(3_000);
+    pair.client_set(&[Who::Primary], set("/k/5", "v1", 5));
+    pair.link_up = true;
+    pair.restart_backup(&backup_recorded, Config::backup());
+    pair.run_until(5_000);
+
+    assert_eq!(pair.primary.state(), BstarState::Active);
+    let keys = |server: &Server| server.iter().map(|(key, _)| text(key)).collect::<Vec<_>>();
+    assert_eq!(keys(&pair.backup), ["/k/1", "/k/5"]);
+    assert_eq!(pair.backup.counters().syncs_resumed, 0);
+    assert_eq!(pair.primary.counters().resumes_refused, 1);
+}
+
+#[test]
+fn the_changes_of_a_resume_reply_are_sent_after_a_hugz_naming_their_start() {
+    let mut pair = Pair::new();
+    pair.run_until(100);
+    for n in 1..=3 {
+        pair.client_set(
+            &[Who::Primary, Who::Backup],
+            set(&format!("/k/{n}"), "v1", n),
+        );
+    }
+    pair.client_set(
+        &[Who::Primary, Who::Backup],
+        KvMsg::kvset_delete(b"/k/1".to_vec(), uuid(4)),
+    );
+    let reply = pair.ask_primary_to_resume_after(2);
+    insta::assert_debug_snapshot!("resume_reply", reply);
+    assert!(matches!(
+        pair.primary.poll_output(),
+        Some(Output::Event(Event::ResumeAnswered {
+            after: 2,
+            changes: Some(2)
+        }))
+    ));
+}
+
+#[test]
+fn more_changes_than_keys_are_answered_with_the_map() {
+    let mut pair = Pair::new();
+    pair.run_until(100);
+    for n in 1..=5 {
+        pair.client_set(
+            &[Who::Primary, Who::Backup],
+            set("/hot", &format!("v{n}"), n),
+        );
+    }
+    let reply = pair.ask_primary_to_resume_after(1);
+    assert_eq!(reply.len(), 2, "one entry and KTHXBAI: {reply:?}");
+    assert_eq!(pair.primary.counters().resumes_refused, 1);
 }

@@ -1148,8 +1148,23 @@ impl Collector for ServerCollector {
             ),
             (
                 "syncs_completed",
-                "Snapshots received in full from the peer",
+                "Syncs from the peer completed (full snapshots and resumes)",
                 counters.syncs_completed,
+            ),
+            (
+                "syncs_resumed",
+                "Syncs from the peer completed by resuming (only the changes after this server's map)",
+                counters.syncs_resumed,
+            ),
+            (
+                "resumes_served",
+                "Peer resume requests answered with the changes the peer lacked",
+                counters.resumes_served,
+            ),
+            (
+                "resumes_refused",
+                "Peer resume requests answered with a full snapshot",
+                counters.resumes_refused,
             ),
             (
                 "subscribers_joined",

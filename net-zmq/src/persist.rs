@@ -530,6 +530,7 @@ fn read_snapshot(path: &Path, restorer: &mut Restorer) -> Result<(u64, u64, u64)
         rest = rest.get(consumed..).unwrap_or_default();
         match restorer.apply(payload) {
             Ok(Applied::State) if first => {}
+            Ok(Applied::History) if !first && puts == 0 => {}
             Ok(Applied::Put) if !first => puts += 1,
             Ok(Applied::End { entries }) if !first => {
                 if entries != puts || !rest.is_empty() {
@@ -592,7 +593,7 @@ fn replay_log(
             NextRecord::End => break None,
             NextRecord::Torn(torn) => break Some(torn.to_string()),
             NextRecord::Record { payload, consumed } => match restorer.apply(payload) {
-                Ok(Applied::Put | Applied::Delete) => {
+                Ok(Applied::Put | Applied::Delete | Applied::History) => {
                     records += 1;
                     offset += consumed;
                 }

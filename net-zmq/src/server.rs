@@ -1398,7 +1398,7 @@ impl ServerHost {
 
     /// Sends ICANHAZ? to the peer on a fresh DEALER, so that a late reply to an earlier
     /// request can never be read as part of this one.
-    fn request_peer_snapshot(&mut self, frames: &[Vec<u8>; 2]) {
+    fn request_peer_snapshot(&mut self, frames: &[Vec<u8>]) {
         if !self.peer_connected {
             // The core asks again after peer_sync_timeout; by then the partner may have
             // been heard.
@@ -1727,16 +1727,56 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                 SyncReason::Timeout => "sync_started/timeout",
                 SyncReason::BacklogOverflow => "sync_started/backlog_overflow",
                 SyncReason::PublisherReconnected => "sync_started/publisher_reconnected",
+                SyncReason::ResumeTooLarge => "sync_started/resume_too_large",
             };
             log_limited!(limiter, key, Level::INFO, "syncing from the active peer", reason = ?reason)
         }
-        Event::SyncCompleted { sequence, keys } => log_limited!(
+        Event::SyncCompleted {
+            sequence,
+            keys,
+            resumed: None,
+        } => log_limited!(
             limiter,
             "sync_completed",
             Level::INFO,
-            "synced from the active peer; following it",
+            "synced from the active peer (full snapshot); following it",
             sequence,
             keys
+        ),
+        Event::SyncCompleted {
+            sequence,
+            keys,
+            resumed: Some((after, changes)),
+        } => log_limited!(
+            limiter,
+            "sync_completed",
+            Level::INFO,
+            "synced from the active peer by resuming (only the changes after this map, no full snapshot); following it",
+            resumed_after = after,
+            changes,
+            sequence,
+            keys
+        ),
+        Event::ResumeAnswered {
+            after,
+            changes: Some(changes),
+        } => log_limited!(
+            limiter,
+            "resume_answered/served",
+            Level::INFO,
+            "the peer resumes: sending the changes after its sequence",
+            after,
+            changes
+        ),
+        Event::ResumeAnswered {
+            after,
+            changes: None,
+        } => log_limited!(
+            limiter,
+            "resume_answered/refused",
+            Level::INFO,
+            "the peer asked to resume but its position is not in this server's recent history; sending a full snapshot",
+            after
         ),
         Event::SyncAbandoned {
             merged_entries,

@@ -21,7 +21,7 @@ use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
 
 use crate::clock::NodeClock;
-use crate::model::{Map, Model, ModelStats};
+use crate::model::{HistoryId, Map, Model, ModelStats};
 use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
 use crate::options::{streams, Options};
 use crate::oracles::{History, Moment, Oracle, Publication, TtlExpectation, Violation};
@@ -222,6 +222,9 @@ struct ServerSlot {
     life: Life,
     /// Fresh DEALER per peer snapshot request: replies to older ones are discarded.
     peer_dealer_epoch: u32,
+    /// The reply on the current peer DEALER is a resume (it began with a HUGZ): its
+    /// changes are the peer's publications, received like followed KVPUBs.
+    resume_reply_open: bool,
     /// Routing ids whose snapshot streams have messages to pull.
     ready_streams: BTreeSet<Vec<u8>>,
     /// World time since which the server has been active, if it is.
@@ -432,6 +435,7 @@ impl World {
                 machine: None,
                 life: life(clock),
                 peer_dealer_epoch: 0,
+                resume_reply_open: false,
                 ready_streams: BTreeSet::new(),
                 active_since: None,
                 sync_requested_at: None,
@@ -823,6 +827,26 @@ impl World {
             && self.is_up(node)
     }
 
+    /// A message of a peer snapshot reply reached `node`: a resume reply's changes are
+    /// publications of the peer's history, received as a followed KVPUB is.
+    fn note_resume_reply(&mut self, node: NodeId, from: HistoryId, message: &KvMsg) {
+        let Some(slot) = self.servers.get_mut(node) else {
+            return;
+        };
+        let passive = slot
+            .machine
+            .as_ref()
+            .is_some_and(|machine| machine.state() == BstarState::Passive);
+        if message.is_hugz() {
+            slot.resume_reply_open = true;
+        } else if message.is_kthxbai() {
+            slot.resume_reply_open = false;
+        } else if slot.resume_reply_open && passive {
+            self.model.received(node, from, message);
+            self.note_followed(node, message, Some(from.1));
+        }
+    }
+
     fn deliver_to_server(&mut self, delivery: Delivery, sender: Option<u32>) {
         let node = delivery.route.to;
         let route = delivery.route;
@@ -831,6 +855,12 @@ impl World {
             Link::SnapshotReply => Self::split_envelope(delivery.frames.clone())
                 .is_some_and(|(routing_id, _)| self.dealer_is_current(&routing_id, route)),
             _ => true,
+        };
+        let from_snapshot = if route.link == Link::SnapshotReply && dealer_ok {
+            Self::split_envelope(delivery.frames.clone())
+                .and_then(|(_, frames)| KvMsg::decode(&frames, &self.limits).ok())
+        } else {
+            None
         };
         let followed = if route.link == Link::Updates {
             KvMsg::decode(&delivery.frames, &self.limits)
@@ -884,6 +914,9 @@ impl World {
             }
         }
         self.after_server_step(node);
+        if let (Some(message), Some(incarnation)) = (&from_snapshot, sender) {
+            self.note_resume_reply(node, (route.from, incarnation), message);
+        }
         if let (Some(update), Some(incarnation)) = (&followed, sender) {
             let passive = self
                 .servers
@@ -973,7 +1006,15 @@ impl World {
                 self.history.ttl.remove(&(node, update.key.clone()));
             }
         }
-        let index = self.history.update_index(update_id);
+        // A resume reply's change can arrive after a newer KVPUB of the same key from
+        // the same incarnation (it was buffered meanwhile): the newer one stays held.
+        let newer_held = self
+            .history
+            .held
+            .get(&node)
+            .and_then(|held| held.get(&update.key))
+            .is_some_and(|held| held.from_active == sender && held.sequence > update.sequence);
+        let index = self.history.update_index(update_id).filter(|_| !newer_held);
         if let Some(index) = index {
             let received_at = self.moment();
             let publication = self
@@ -1433,6 +1474,7 @@ impl World {
                         continue;
                     };
                     slot.peer_dealer_epoch += 1;
+                    slot.resume_reply_open = false;
                     slot.sync_requested_at = Some(moment);
                     let identity =
                         dealer_identity(node, slot.life.incarnation, slot.peer_dealer_epoch);

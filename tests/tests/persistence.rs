@@ -1,5 +1,6 @@
 //! `clonekvd --data-dir`: a pair that loses both servers keeps every confirmed write; a
-//! torn log tail is cut off and reported; a data directory of another format version is
+//! backup back from a short absence resumes instead of taking a full snapshot; a torn
+//! log tail is cut off and reported; a data directory of another format version is
 //! refused.
 
 use std::collections::BTreeMap;
@@ -208,11 +209,18 @@ fn a_torn_log_tail_is_cut_off_and_reported_and_the_rest_is_served() {
         cut > 0 && cut < 100,
         "cut {cut} bytes: the rest of one record"
     );
+    let daemon_log = cluster
+        .primary
+        .as_ref()
+        .map(|daemon| daemon.log())
+        .unwrap_or_default();
     assert_eq!(
-        fs::metadata(&log).expect("log").len(),
+        log_field(&daemon_log, "cut a torn or damaged tail", "offset"),
         length - 10 - cut,
         "the file was cut back to its last whole record"
     );
+    // The restarted primary appends to what is left (its new reign's history record).
+    assert!(fs::metadata(&log).expect("log").len() >= length - 10 - cut);
 }
 
 /// The bytes the daemon reported cutting, from its log line.
@@ -299,7 +307,114 @@ fn a_data_directory_of_another_format_version_is_refused_with_exit_status_2() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("format version 99") && stderr.contains("reads version 1"),
+        stderr.contains("format version 99") && stderr.contains("reads versions 1 to 2"),
         "{stderr}"
     );
+}
+
+/// A counter of a server's /metrics (served with `--metrics`), 0 if absent.
+fn counter(port: u16, name: &str) -> u64 {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut response = ureq::get(&url)
+        .call()
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"));
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .expect("the metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `name=value` field of the first line of a daemon's log that contains `needle`.
+fn log_field(daemon_log: &str, needle: &str, name: &str) -> u64 {
+    let line = daemon_log
+        .lines()
+        .find(|line| line.contains(needle))
+        .unwrap_or_else(|| panic!("no log line with {needle:?}"));
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix(&format!("{name}=")))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+#[test]
+fn a_backup_back_from_a_short_absence_resumes_without_a_full_snapshot() {
+    // The gateway's ports serve /metrics alone (the gateway is off).
+    let metrics_port = |cluster: &Cluster, role: Role| cluster.http_port(role);
+    let mut cluster = Cluster::new("persist-resume").with_data_dirs("always");
+    for role in [Role::Primary, Role::Backup] {
+        let args = vec![
+            "--metrics".to_string(),
+            format!("127.0.0.1:{}", metrics_port(&cluster, role)),
+        ];
+        cluster = cluster.with_role_args(role, &args);
+    }
+    cluster.start(Role::Primary);
+    cluster.start(Role::Backup);
+    settle(&mut cluster);
+    let client = cluster.client().subtree("/r/").connect().expect("connect");
+    client.wait_synced(PATIENCE).expect("sync");
+    for n in 0..200 {
+        client
+            .set_confirmed(format!("/r/{n:03}"), "before", None, PATIENCE)
+            .expect("commit");
+    }
+    cluster.kill(Role::Backup);
+    // While the backup is away: 40 writes and 10 deletes.
+    for n in 0..40 {
+        client
+            .set_confirmed(format!("/r/{n:03}"), "while away", None, PATIENCE)
+            .expect("commit");
+    }
+    for n in 190..200 {
+        client
+            .delete_confirmed(format!("/r/{n:03}"), PATIENCE)
+            .expect("delete");
+    }
+    cluster.start(Role::Backup);
+    cluster
+        .daemon(Role::Backup)
+        .wait_for_log("synced from the active peer by resuming");
+    let backup_log = cluster.daemon(Role::Backup).log();
+    assert_eq!(
+        log_field(
+            &backup_log,
+            "synced from the active peer by resuming",
+            "changes"
+        ),
+        50
+    );
+    assert!(
+        !backup_log.contains("(full snapshot)"),
+        "the restarted backup took a full snapshot:\n{backup_log}"
+    );
+    // The counters reach /metrics with the daemon's periodic status.
+    wait_until("the backup counts one resumed sync", || {
+        counter(
+            metrics_port(&cluster, Role::Backup),
+            "clonekv_syncs_resumed_total",
+        ) == 1
+    });
+    wait_until("the primary counts one resume served", || {
+        counter(
+            metrics_port(&cluster, Role::Primary),
+            "clonekv_resumes_served_total",
+        ) == 1
+    });
+    // One more write reaches the resumed backup as any update does.
+    client
+        .set_confirmed("/r/last", "after", None, PATIENCE)
+        .expect("commit");
+    client.shutdown().expect("shutdown");
+
+    // The backup's map, seen once it serves: every write, none of the deleted keys.
+    cluster.kill(Role::Primary);
+    let (_, map) = server_map(&cluster, Role::Backup, "/r/");
+    assert_eq!(map.len(), 191, "190 keys and /r/last");
+    assert_eq!(map.get("/r/000").map(String::as_str), Some("while away"));
+    assert_eq!(map.get("/r/100").map(String::as_str), Some("before"));
+    assert_eq!(map.get("/r/last").map(String::as_str), Some("after"));
+    assert!(!map.contains_key("/r/195"));
 }

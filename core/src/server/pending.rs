@@ -361,14 +361,17 @@ impl PendingList {
 
     /// An update published by the active. Removes the matching entry (its client copy,
     /// or a duplicate echo); otherwise, when `remember_echo`, keeps the echo to cancel
-    /// the client copy still on its way. Client copies of the same key that are still
-    /// held are superseded: the active ordered this update after them.
+    /// the client copy still on its way. When `published_after_held` (a live KVPUB),
+    /// client copies of the same key that are still held are superseded: the active
+    /// ordered this update after them. A change read late from a resume reply may
+    /// predate them, so it only echoes.
     pub(crate) fn observe_active_update(
         &mut self,
         now: Instant,
         uuid: Option<Uuid>,
         key: &[u8],
         remember_echo: bool,
+        published_after_held: bool,
         budget: Budget,
     ) -> Evicted {
         let mut evicted = Evicted::default();
@@ -395,7 +398,9 @@ impl PendingList {
                 None => {}
             }
         }
-        self.supersede(key);
+        if published_after_held {
+            self.supersede(key);
+        }
         evicted
     }
 

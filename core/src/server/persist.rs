@@ -13,14 +13,17 @@
 //!   is replaced as a whole (a passive installs the active's snapshot, or merges what it
 //!   had when it takes over mid-sync). The host records the whole image and starts a new
 //!   log after it.
+//! - [`Output::Persist`](super::Output::Persist) with a history record when the map's
+//!   [`Lineage`] changes (a reign begins, a resume adopts the active's), after the
+//!   changes it covers.
 //!
 //! Invariant: the last image recorded, followed by every record emitted since, in order,
-//! rebuilds the map, the sequence and the highest published sequence the server holds
-//! after its latest output. [`Server::image`](super::Server::image) is that image now (the
+//! rebuilds the map, the sequence, the highest published sequence and the lineage the
+//! server holds after its latest output. [`Server::image`](super::Server::image) is that image now (the
 //! host's compaction writes it); [`Restorer`] rebuilds it from the bytes and
 //! [`Server::restore`](super::Server::restore) starts a server from it.
 //!
-//! # Format, version 1
+//! # Format, version 2
 //!
 //! All integers big-endian. A file is a header and records:
 //!
@@ -32,21 +35,32 @@
 //!          | 2 DELETE | sequence i64 | key
 //!          | 3 STATE  | sequence i64 | highest published sequence i64
 //!          | 4 END    | number of PUT records u64
+//!          | 5 HISTORY| peer serves resumes u8 (0/1) | reigns u8 | (id u64 | base i64)*
 //! ```
+//!
+//! Version 1 is version 2 without HISTORY records; it is read (its map has no known
+//! history, so its first re-sync is a full snapshot) and never written.
 //!
 //! A stored entry is the entry's in-memory bytes (sequence, absolute expiry, uuid,
 //! properties length, properties, body), validated again when read. A snapshot is
-//! `STATE PUT* END` and counts only when whole; a log holds `PUT` and `DELETE` records
-//! that apply, in order, over the snapshot of the same generation. A record is whole
+//! `STATE HISTORY? PUT* END` and counts only when whole; a log holds `PUT`, `DELETE` and
+//! `HISTORY` records that apply, in order, over the snapshot of the same generation. A record is whole
 //! when its length fits in the file and its checksum matches: the first that is not
 //! ends what a reader may use ([`next_record`]).
 
-use super::store::{Key, Map, Store};
+use super::frame::Frame;
+use super::history::Lineage;
+use super::store::{uuid_frame, Key, Map, Store};
 use super::Entry;
+use crate::kvmsg::{Uuid, FRAME_COUNT};
 
-/// The version of the on-disk format written and read by this build. A file with
-/// another version is refused ([`HeaderError::UnsupportedVersion`]).
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the on-disk format written by this build. It also reads
+/// [`OLDEST_READABLE_VERSION`] and later; a file with another version is refused
+/// ([`HeaderError::UnsupportedVersion`]).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest version this build reads.
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// The first bytes of every clonekv data file.
 pub const MAGIC: [u8; 8] = *b"CLONEKV\0";
@@ -61,6 +75,7 @@ const TAG_PUT: u8 = 1;
 const TAG_DELETE: u8 = 2;
 const TAG_STATE: u8 = 3;
 const TAG_END: u8 = 4;
+const TAG_HISTORY: u8 = 5;
 
 /// Which of the two files a header opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +119,7 @@ pub enum HeaderError {
     NotClonekv,
     /// Written by a build with another format version.
     #[error(
-        "written in on-disk format version {found}; this build reads version {FORMAT_VERSION} only"
+        "written in on-disk format version {found}; this build reads versions {OLDEST_READABLE_VERSION} to {FORMAT_VERSION}"
     )]
     UnsupportedVersion {
         /// The file's version.
@@ -142,7 +157,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, HeaderError> {
         return Err(HeaderError::NotClonekv);
     }
     let version = reader.u32().ok_or(HeaderError::Corrupt)?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(HeaderError::UnsupportedVersion { found: version });
     }
     let kind = match reader.u8() {
@@ -258,59 +273,134 @@ fn put_payload(out: &mut Vec<u8>, key: &[u8], entry: &Entry) {
     out.extend_from_slice(entry.stored_bytes());
 }
 
-/// One change of the map, to append to the log.
+/// One change of the map, or of its history, to append to the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record(Change);
+pub struct Record(Kind);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Change {
-    Put(Key, Entry),
-    Delete(Key, i64),
+enum Kind {
+    Change(Change),
+    History(History),
 }
 
-impl Record {
-    pub(crate) fn put(key: Key, entry: Entry) -> Self {
-        Record(Change::Put(key, entry))
-    }
+/// One change of the map: a key written or deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// The key now holds this entry (which carries the change's sequence).
+    Put(Key, Entry),
+    /// The key was deleted by the change numbered here, which carried this uuid (kept
+    /// in memory for a resume reply; the log does not record it).
+    Delete {
+        key: Key,
+        sequence: i64,
+        uuid: Option<Uuid>,
+    },
+}
 
-    pub(crate) fn delete(key: Key, sequence: i64) -> Self {
-        Record(Change::Delete(key, sequence))
-    }
+/// A map's lineage, and whether its peer answered with one (so serves resumes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// The reigns the map went through.
+    pub lineage: Lineage,
+    /// The active this map was last synced from named its history.
+    pub peer_serves_resumes: bool,
+}
 
+impl Change {
     /// The key changed.
-    pub fn key(&self) -> &[u8] {
-        match &self.0 {
-            Change::Put(key, _) | Change::Delete(key, _) => key,
+    pub(crate) fn key(&self) -> &[u8] {
+        match self {
+            Change::Put(key, _) | Change::Delete { key, .. } => key,
         }
     }
 
     /// The sequence of the change.
-    pub fn sequence(&self) -> i64 {
-        match &self.0 {
+    pub(crate) fn sequence(&self) -> i64 {
+        match self {
             Change::Put(_, entry) => entry.sequence(),
-            Change::Delete(_, sequence) => *sequence,
+            Change::Delete { sequence, .. } => *sequence,
         }
     }
 
     /// The value written, or `None` for a delete.
-    pub fn entry(&self) -> Option<&Entry> {
-        match &self.0 {
+    pub(crate) fn entry(&self) -> Option<&Entry> {
+        match self {
             Change::Put(_, entry) => Some(entry),
-            Change::Delete(..) => None,
+            Change::Delete { .. } => None,
+        }
+    }
+
+    /// The change as a KVSYNC: a stored entry as a snapshot sends it, a delete as its
+    /// key and sequence with every other frame empty.
+    pub(crate) fn kvsync_frames(&self) -> [Frame; FRAME_COUNT] {
+        match self {
+            Change::Put(key, entry) => Entry::kvsync_frames(entry, key),
+            Change::Delete {
+                key,
+                sequence,
+                uuid,
+            } => [
+                Frame::from(&**key),
+                Frame::sequence(*sequence),
+                uuid_frame(*uuid),
+                Frame::EMPTY,
+                Frame::EMPTY,
+            ],
+        }
+    }
+}
+
+impl Record {
+    pub(crate) fn change(change: Change) -> Self {
+        Record(Kind::Change(change))
+    }
+
+    pub(crate) fn of_history(history: History) -> Self {
+        Record(Kind::History(history))
+    }
+
+    /// The key a change of the map wrote or deleted; `None` for a history record.
+    pub fn key(&self) -> Option<&[u8]> {
+        match &self.0 {
+            Kind::Change(change) => Some(change.key()),
+            Kind::History(_) => None,
+        }
+    }
+
+    /// The sequence of a change of the map; `None` for a history record.
+    pub fn sequence(&self) -> Option<i64> {
+        match &self.0 {
+            Kind::Change(change) => Some(change.sequence()),
+            Kind::History(_) => None,
+        }
+    }
+
+    /// The history this records, if it is a history record.
+    pub fn history(&self) -> Option<&History> {
+        match &self.0 {
+            Kind::History(history) => Some(history),
+            Kind::Change(_) => None,
         }
     }
 
     /// Appends the framed record to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         frame_into(out, |out| match &self.0 {
-            Change::Put(key, entry) => put_payload(out, key, entry),
-            Change::Delete(key, sequence) => {
+            Kind::Change(Change::Put(key, entry)) => put_payload(out, key, entry),
+            Kind::Change(Change::Delete { key, sequence, .. }) => {
                 out.push(TAG_DELETE);
                 out.extend_from_slice(&sequence.to_be_bytes());
                 out.extend_from_slice(key);
             }
+            Kind::History(history) => history_payload(out, history),
         });
     }
+}
+
+fn history_payload(out: &mut Vec<u8>, history: &History) {
+    out.push(TAG_HISTORY);
+    out.push(u8::from(history.peer_serves_resumes));
+    history.lineage.encode_into(out);
 }
 
 /// The map and numbering of a server at one point: what a snapshot file holds. Cloning
@@ -320,14 +410,16 @@ pub struct Image {
     map: Map,
     sequence: i64,
     highest_published: i64,
+    history: History,
 }
 
 impl Image {
-    pub(crate) fn new(map: Map, sequence: i64, highest_published: i64) -> Self {
+    pub(crate) fn new(map: Map, sequence: i64, highest_published: i64, history: History) -> Self {
         Image {
             map,
             sequence,
             highest_published,
+            history,
         }
     }
 
@@ -351,7 +443,7 @@ impl Image {
         self.map.is_empty()
     }
 
-    /// Appends the image as snapshot records (`STATE PUT* END`, without the file
+    /// Appends the image as snapshot records (`STATE HISTORY PUT* END`, without the file
     /// header) to `out`, handing `out` to `flush` whenever it holds at least
     /// `chunk` bytes and once at the end; `flush` is expected to empty it. Returns
     /// the number of keys written, or `flush`'s first error.
@@ -366,6 +458,7 @@ impl Image {
             out.extend_from_slice(&self.sequence.to_be_bytes());
             out.extend_from_slice(&self.highest_published.to_be_bytes());
         });
+        frame_into(out, |out| history_payload(out, &self.history));
         let mut entries = 0u64;
         for (key, entry) in self.map.iter() {
             frame_into(out, |out| put_payload(out, key, entry));
@@ -407,6 +500,8 @@ pub enum Applied {
     Delete,
     /// A snapshot's first record: the sequence and the highest published sequence.
     State,
+    /// The map's history (in a snapshot, right after its STATE).
+    History,
     /// A snapshot's last record, with the number of keys it says the snapshot holds.
     End {
         /// `PUT` records the snapshot's writer counted.
@@ -421,6 +516,7 @@ pub struct Restorer {
     store: Store,
     sequence: i64,
     highest_published: i64,
+    history: History,
 }
 
 impl Restorer {
@@ -469,6 +565,19 @@ impl Restorer {
                 }
                 Ok(Applied::End { entries })
             }
+            TAG_HISTORY => {
+                let peer_serves_resumes = match reader.u8() {
+                    Some(0) => false,
+                    Some(1) => true,
+                    _ => return Err(RecordError::Malformed),
+                };
+                let lineage = Lineage::decode(reader.0).ok_or(RecordError::Malformed)?;
+                self.history = History {
+                    lineage,
+                    peer_serves_resumes,
+                };
+                Ok(Applied::History)
+            }
             _ => Err(RecordError::Malformed),
         }
     }
@@ -503,6 +612,7 @@ impl Restorer {
             store: self.store,
             sequence: self.sequence,
             highest_published: self.highest_published,
+            history: self.history,
         }
     }
 }
@@ -521,6 +631,7 @@ pub struct Restored {
     pub(crate) store: Store,
     pub(crate) sequence: i64,
     pub(crate) highest_published: i64,
+    pub(crate) history: History,
 }
 
 impl Restored {
@@ -549,12 +660,18 @@ impl Restored {
         self.store.get(key)
     }
 
+    /// The map's history as recorded.
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
     /// The same state as an image, to record (an empty directory's first snapshot).
     pub fn image(&self) -> Image {
         Image::new(
             self.store.map().clone(),
             self.sequence,
             self.highest_published,
+            self.history.clone(),
         )
     }
 }

@@ -21,8 +21,8 @@ use crate::kvmsg::Uuid;
 /// clients choose). Whoever knows it can compute uuids that collide and make every
 /// lookup scan a chain; so a server takes a fresh one per process: the daemon draws it
 /// from OS randomness, the simulator from its world seed (core itself never reads
-/// randomness). The tables are only looked up, never iterated, so the key changes no
-/// output.
+/// randomness). The tables are only looked up, never iterated; the one output the key
+/// shapes is the id of each reign this server begins (`history::draw_reign_id`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct HashKey([u64; 2]);
 
@@ -36,6 +36,11 @@ impl HashKey {
             u64::from_le_bytes(buffer)
         };
         HashKey([word(low), word(high)])
+    }
+
+    /// The key's two words, for a keyed hasher.
+    pub(crate) fn words(self) -> (u64, u64) {
+        (self.0[0], self.0[1])
     }
 
     /// A key drawn from a seeded generator (tests, the simulator).

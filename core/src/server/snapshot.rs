@@ -5,6 +5,10 @@
 //! copied up front. Entries are read from the clone in batches by a range scan from
 //! the cursor, which keeps the per-message cost O(1) amortised.
 //!
+//! A resume reply (PROTOCOL.md §13) is a stream too: a HUGZ numbered with the position
+//! it resumes from, then the changes after it (an O(1) clone of the server's recent
+//! changes), then KTHXBAI.
+//!
 //! Replies to one routing id go out in request order, one stream after the other, since
 //! they share the client's connection.
 
@@ -12,11 +16,19 @@ use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::time::Duration;
 
+use imbl::Vector;
+
 use super::frame::Frame;
+use super::history::MAX_REIGNS;
+use super::persist::Change;
 use super::store::{Entry, Key, Map};
 use crate::budget::ENTRY_OVERHEAD;
 use crate::kvmsg::{KvMsg, FRAME_COUNT};
 use crate::time::Instant;
+
+/// The longest `history` property a KTHXBAI carries: per reign 16 hex digits, `@`, a
+/// sequence of at most 20 characters and a comma.
+const MAX_HISTORY_LEN: usize = MAX_REIGNS * 38;
 
 #[derive(Clone, Debug)]
 struct Stream {
@@ -24,26 +36,46 @@ struct Stream {
     subtree: Vec<u8>,
     /// The server's sequence when the snapshot was taken: KTHXBAI carries it.
     sequence: i64,
+    /// The `history` property of the KTHXBAI, if it names one.
+    history: Option<Vec<u8>>,
+    /// For a resume reply: the changes to send instead of the map's entries.
+    resume: Option<Resume>,
     /// The last key read from `map`; the next batch starts after it.
     cursor: Option<Key>,
     batch: VecDeque<(Key, Entry)>,
     entries_exhausted: bool,
 }
 
+#[derive(Clone, Debug)]
+struct Resume {
+    /// The position the changes follow, until the HUGZ that says so is sent.
+    announce: Option<i64>,
+    changes: Vector<Change>,
+}
+
 impl Stream {
     fn next_message(&mut self, batch_size: usize) -> Pulled {
-        if self.batch.is_empty() && !self.entries_exhausted {
-            self.refill(batch_size);
+        if let Some(resume) = &mut self.resume {
+            if let Some(after) = resume.announce.take() {
+                return Pulled::Message(KvMsg::hugz(after).encode().map(Frame::from));
+            }
+            if let Some(change) = resume.changes.pop_front() {
+                return Pulled::Message(change.kvsync_frames());
+            }
+        } else {
+            if self.batch.is_empty() && !self.entries_exhausted {
+                self.refill(batch_size);
+            }
+            if let Some((key, entry)) = self.batch.pop_front() {
+                return Pulled::Message(Entry::kvsync_frames(&entry, &key));
+            }
         }
-        match self.batch.pop_front() {
-            Some((key, entry)) => Pulled::Message(Entry::kvsync_frames(&entry, &key)),
-            // Sent once: the caller drops the stream after this.
-            None => Pulled::Finished(
-                KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree))
-                    .encode()
-                    .map(Frame::from),
-            ),
+        // Sent once: the caller drops the stream after this.
+        let mut kthxbai = KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree));
+        if let Some(history) = &self.history {
+            kthxbai = kthxbai.with_history(history);
         }
+        Pulled::Finished(kthxbai.encode().map(Frame::from))
     }
 
     fn refill(&mut self, batch_size: usize) {
@@ -75,6 +107,14 @@ struct ClientStreams {
     queue: VecDeque<Stream>,
     /// When the host last pulled a message for this client (or when it was opened).
     last_pulled: Instant,
+}
+
+/// What a stream sends.
+pub(crate) enum Reply {
+    /// The entries of `map` under `subtree`.
+    Snapshot { map: Map, subtree: Vec<u8> },
+    /// The changes after sequence `after` (a resume).
+    Changes { after: i64, changes: Vector<Change> },
 }
 
 /// What [`SnapshotStreams::next_message`] produced.
@@ -112,6 +152,7 @@ impl SnapshotStreams {
                     ENTRY_OVERHEAD
                         .saturating_add(routing_id.len())
                         .saturating_add(stream.subtree.len())
+                        .saturating_add(stream.history.as_ref().map_or(0, Vec::len))
                         .saturating_add(
                             stream
                                 .batch
@@ -128,6 +169,7 @@ impl SnapshotStreams {
         ENTRY_OVERHEAD
             .saturating_add(MAX_ROUTING_ID_LEN)
             .saturating_add(max_key_len)
+            .saturating_add(MAX_HISTORY_LEN)
             .saturating_add(
                 // A VecDeque grows by doubling from 4.
                 batch_size
@@ -142,8 +184,9 @@ impl SnapshotStreams {
         self.by_client.keys().map(Vec::as_slice)
     }
 
-    /// Opens a stream of `map` restricted to `subtree`, taken at `sequence`. A client
-    /// has at most one stream waiting behind the one being sent: a newer request
+    /// Opens a stream of `map` restricted to `subtree`, taken at `sequence`, or with
+    /// `changes` a resume reply (see the module docs); its KTHXBAI names `history`. A
+    /// client has at most one stream waiting behind the one being sent: a newer request
     /// replaces the waiting one, whose snapshot it makes obsolete (the client gets one
     /// reply fewer than it asked for, as when a passive drops a request). Returns true
     /// when a waiting stream was replaced.
@@ -151,9 +194,9 @@ impl SnapshotStreams {
         &mut self,
         now: Instant,
         routing_id: &[u8],
-        map: Map,
-        subtree: Vec<u8>,
+        reply: Reply,
         sequence: i64,
+        history: Option<Vec<u8>>,
     ) -> bool {
         let client = self
             .by_client
@@ -166,10 +209,23 @@ impl SnapshotStreams {
         if replaced {
             self.open -= 1;
         }
+        let (map, subtree, resume) = match reply {
+            Reply::Snapshot { map, subtree } => (map, subtree, None),
+            Reply::Changes { after, changes } => (
+                Map::default(),
+                Vec::new(),
+                Some(Resume {
+                    announce: Some(after),
+                    changes,
+                }),
+            ),
+        };
         client.queue.push_back(Stream {
             map,
             subtree,
             sequence,
+            history,
+            resume,
             cursor: None,
             batch: VecDeque::new(),
             entries_exhausted: false,

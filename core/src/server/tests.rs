@@ -679,7 +679,16 @@ fn malformed_kvset_frames_are_dropped_and_counted_by_decode_reason() {
 fn an_icanhaz_with_extra_frames_is_dropped_counted_and_does_not_vote() {
     let mut harness = Harness::new(Config::primary());
     harness.advance(5_000); // the peer has been silent long enough for a takeover
+                            // A third frame is only ever a 16-byte resume position after an empty subtree.
     let frames = [b"ICANHAZ?".to_vec(), Vec::new(), b"client-2".to_vec()];
+    harness
+        .server
+        .handle_snapshot_request(harness.now, harness.wall, b"c1", &frames);
+    assert_eq!(
+        harness.dropped(InputSource::SnapshotRequest, "bad_resume_frame"),
+        1
+    );
+    let frames: [&[u8]; 4] = [b"ICANHAZ?", b"", b"x", b"y"];
     harness
         .server
         .handle_snapshot_request(harness.now, harness.wall, b"c1", &frames);
@@ -1030,7 +1039,7 @@ fn passive_asks_for_a_full_snapshot_only_after_hearing_the_actives_publisher() {
     harness.peer_update(KvMsg::hugz(4));
     assert_eq!(
         harness.drain(),
-        [Output::RequestPeerSnapshot([
+        [Output::RequestPeerSnapshot(vec![
             b"ICANHAZ?".to_vec(),
             Vec::new()
         ])]
@@ -1060,7 +1069,8 @@ fn passive_installs_the_snapshot_then_applies_buffered_updates_newer_than_it() {
     assert!(!harness.server.is_syncing());
     assert!(harness.events().contains(&Event::SyncCompleted {
         sequence: 2,
-        keys: 1
+        keys: 1,
+        resumed: None,
     }));
     assert_eq!(
         harness.dropped(InputSource::PeerSnapshot, "unexpected_snapshot_message"),

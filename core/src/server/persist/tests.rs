@@ -123,6 +123,7 @@ fn a_snapshot_and_its_log_restore_the_map_and_numbering() {
         applied,
         [
             Applied::State,
+            Applied::History,
             Applied::Put,
             Applied::Put,
             Applied::End { entries: 2 }
@@ -214,10 +215,15 @@ fn headers_of_another_version_or_program_are_refused_by_name() {
             generation: 3
         })
     );
-    header[11] = 2;
+    header[11] = 1;
+    assert!(
+        matches!(decode_header(&header), Err(HeaderError::Corrupt)),
+        "version 1 is read (its checksum no longer matches after this edit)"
+    );
+    header[11] = 3;
     assert_eq!(
         decode_header(&header),
-        Err(HeaderError::UnsupportedVersion { found: 2 })
+        Err(HeaderError::UnsupportedVersion { found: 3 })
     );
     assert_eq!(
         decode_header(b"hello world, this is no header"),
