@@ -211,11 +211,14 @@ pub struct Config {
     /// (see [`persist`]), for a host that records them on disk.
     pub persistence: bool,
     /// Most recent changes kept to answer a peer that resumes (see [`history`]); a peer
-    /// further behind gets a full snapshot.
+    /// further behind gets a full snapshot. 0 keeps none.
     pub recent_changes_max: usize,
     /// The same bound in bytes (each change charged its message plus
     /// [`ENTRY_OVERHEAD`]). At least one largest valid message.
     pub recent_changes_max_bytes: usize,
+    /// A passive asks the active to resume from its map's position (see [`history`])
+    /// when it can; `false`: every sync is a full snapshot.
+    pub resume: bool,
     /// Most keys the map holds: a client write of a new key past it is refused
     /// ([`DropReason::MapFullKeys`]). `None`: no bound. Enforced where writes are
     /// accepted (the active); a passive applies what the active published.
@@ -246,6 +249,7 @@ impl Config {
             persistence: false,
             recent_changes_max: 100_000,
             recent_changes_max_bytes: 32 << 20,
+            resume: true,
             max_keys: None,
             max_map_bytes: None,
         }
@@ -269,7 +273,6 @@ impl Config {
             ("snapshot_batch", self.snapshot_batch),
             ("sync_backlog_max", self.sync_backlog_max),
             ("dedupe_window", self.dedupe_window),
-            ("recent_changes_max", self.recent_changes_max),
         ];
         let durations = [
             ("pending_max_age", self.pending_max_age),
@@ -2201,7 +2204,7 @@ impl Server {
     /// it has one and the active it was synced from serves resumes (a reference server
     /// must never see the extra frame).
     fn resume_position(&self) -> Option<ResumePosition> {
-        if self.full_sync_next || !self.history.peer_serves_resumes {
+        if !self.config.resume || self.full_sync_next || !self.history.peer_serves_resumes {
             return None;
         }
         let reign = self.history.lineage.current()?;

@@ -424,10 +424,17 @@ impl World {
             workload,
             options,
         };
+        // Resumes served from few, some or many recent changes: a peer further behind
+        // gets a full snapshot, so both paths run in every kind of world.
+        let recent_changes_max = [40, 1_000, 100_000][(seed % 3) as usize];
         for (node, config) in [
             (PRIMARY, server::Config::primary()),
             (BACKUP, server::Config::backup()),
         ] {
+            let config = server::Config {
+                recent_changes_max,
+                ..config
+            };
             let clock = clock(&mut clock_rng);
             world.servers.push(ServerSlot {
                 node,

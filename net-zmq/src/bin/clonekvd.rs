@@ -227,6 +227,15 @@ struct Settings {
     /// than this and than the last snapshot [default: 67108864].
     #[arg(long, value_name = "BYTES", help_heading = "Persistence")]
     compact_min_bytes: Option<u64>,
+    /// Most recent changes this server keeps so that its peer, back from a short
+    /// absence (or behind after lost updates), resumes from where its map stands
+    /// instead of taking a full snapshot; 0 keeps none [default: 100000, at most 32 MiB].
+    #[arg(long, value_name = "N", help_heading = "Persistence")]
+    resume_changes: Option<usize>,
+    /// Always re-sync from the active peer with a full snapshot, never by resuming.
+    #[arg(long, help_heading = "Persistence")]
+    #[serde(default)]
+    no_resume: bool,
 
     /// Name of this server's cluster: servers and clients find only their own cluster's
     /// nodes on the LAN [default: clonekv].
@@ -358,6 +367,8 @@ impl Settings {
             fsync: self.fsync.or(file.fsync),
             fsync_interval: self.fsync_interval.or(file.fsync_interval),
             compact_min_bytes: self.compact_min_bytes.or(file.compact_min_bytes),
+            resume_changes: self.resume_changes.or(file.resume_changes),
+            no_resume: self.no_resume || file.no_resume,
             cluster: self.cluster.or(file.cluster),
             discovery_port: self.discovery_port.or(file.discovery_port),
             discovery_interface: self.discovery_interface.or(file.discovery_interface),
@@ -566,6 +577,8 @@ impl Settings {
         }
         config.max_keys = self.max_keys.or(config.max_keys);
         config.max_map_bytes = self.max_bytes.map(bytes).or(config.max_map_bytes);
+        config.recent_changes_max = self.resume_changes.unwrap_or(config.recent_changes_max);
+        config.resume = !self.no_resume;
         config.validate().map_err(|error| error.to_string())?;
 
         let queue_bytes = self.queue_bytes.map_or(DEFAULT_QUEUE_BYTES, bytes);

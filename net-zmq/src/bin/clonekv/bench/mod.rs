@@ -110,13 +110,17 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub latency_rate: Option<u32>,
     /// Parts to leave out (comma-separated): throughput, pair, curve, latency, snapshot,
-    /// failover, persistence, restart. `curve` is a lone server with CURVE keys beside
+    /// failover, persistence, restart, resume. `curve` is a lone server with CURVE keys beside
     /// the plain one, in the throughput and latency tables and their comparison (only on
     /// servers started here); `persistence` three lone servers with a data directory, one
     /// per fsync policy, in the same tables; `restart` a restart from a data directory
-    /// holding --keys keys.
+    /// holding --keys keys; `resume` a backup's re-sync after an absence during which
+    /// --resume-changes keys changed, by resuming beside a full snapshot.
     #[arg(long, value_name = "PART,...", value_delimiter = ',')]
     pub skip: Vec<String>,
+    /// Keys changed while the backup is away, in the resume measurement.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub resume_changes: u64,
 }
 
 impl BenchArgs {
@@ -211,6 +215,22 @@ pub struct RestartRow {
     pub keys_restored: u64,
 }
 
+/// A backup's re-sync after an absence, by resuming and (the anchor) by a full
+/// snapshot, in the same run on the same map.
+#[derive(Clone, Debug, Serialize)]
+pub struct ResumeRow {
+    pub keys: u64,
+    /// Keys changed while the backup was away (before each restart).
+    pub changes: u64,
+    /// From the backup's restart to its first HUGZ at the primary's sequence: reading
+    /// its data directory, then resuming.
+    pub resume_s: f64,
+    /// The same with `--no-resume`: reading the directory, then a full snapshot.
+    pub full_s: f64,
+    /// The backup's log said it resumed, then that it took a full snapshot.
+    pub resumed_as_asked: bool,
+}
+
 /// The failovers measured under one set of timings.
 #[derive(Clone, Debug, Serialize)]
 pub struct FailoverRow {
@@ -282,6 +302,7 @@ pub struct Report {
     pub memory: Option<MemoryRow>,
     pub failover: Vec<FailoverRow>,
     pub restart: Option<RestartRow>,
+    pub resume: Option<ResumeRow>,
     /// With `--endpoint`: the removal of the run's keys.
     pub cleanup: Option<prefix::Cleanup>,
     /// Parts that could not be measured, and why.
@@ -427,7 +448,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
         args.subscribers.len() * searches_per_count * (1 + steps as usize)
     };
     let bar = ProgressBar::new(
-        (throughput_steps + 7 + persisted_routes + 2 * FAILOVER_PHASES.len()) as u64,
+        (throughput_steps + 8 + persisted_routes + 2 * FAILOVER_PHASES.len()) as u64,
     );
     bar.set_style(
         ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {pos}/{len} {msg}")
@@ -454,6 +475,7 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
         memory: None,
         failover: Vec::new(),
         restart: None,
+        resume: None,
         cleanup: None,
         problems: Vec::new(),
         elapsed_seconds: 0.0,
@@ -736,6 +758,15 @@ fn measure(args: &BenchArgs, bin_dir: Option<PathBuf>, shape: Shape) -> Result<R
         ) {
             Ok(row) => report.restart = Some(row),
             Err(error) => report.problems.push(format!("restart: {error}")),
+        }
+        bar.inc(1);
+    }
+
+    // 8: a backup back from an absence: resume beside a full snapshot.
+    if args.endpoint.is_none() && !args.skips("resume") {
+        match measure_resume(args, shape, &clonekvd, &mut ports, &scratch, &bar) {
+            Ok(row) => report.resume = Some(row),
+            Err(error) => report.problems.push(format!("resume: {error}")),
         }
         bar.inc(1);
     }
@@ -1324,6 +1355,141 @@ fn measure_restart(
     })
 }
 
+/// A pair with data directories (`--fsync never`) loaded with `--keys` keys; the backup
+/// is killed, `--resume-changes` keys change, and it is started again: the time to its
+/// first HUGZ at the primary's sequence, resuming. Then the same again with
+/// `--no-resume` (a full snapshot), the anchor.
+fn measure_resume(
+    args: &BenchArgs,
+    shape: Shape,
+    clonekvd: &std::path::Path,
+    ports: &mut Ports,
+    scratch: &Scratch,
+    bar: &ProgressBar,
+) -> Result<ResumeRow, BenchError> {
+    let timing = Timing {
+        heartbeat_ms: 100,
+        peer_expiry_beats: 2,
+    };
+    let primary = ServerPorts::take(ports)?;
+    let backup = ServerPorts::take(ports)?;
+    let with_dir = |args_of: Vec<String>, name: &str| {
+        let mut args_of = args_of;
+        args_of.extend([
+            "--data-dir".to_string(),
+            scratch.path.join(name).display().to_string(),
+            "--fsync".to_string(),
+            "never".to_string(),
+        ]);
+        args_of
+    };
+    let primary_args = with_dir(
+        procs::server_args(primary, backup, false, timing, args.hwm),
+        "resume-primary",
+    );
+    let backup_args = with_dir(
+        procs::server_args(backup, primary, true, timing, args.hwm),
+        "resume-backup",
+    );
+    let mut primary_process =
+        Process::spawn_logging("resume-primary", clonekvd, &primary_args, &scratch.path)?;
+    let mut backup_process =
+        Process::spawn_logging("resume-backup-1", clonekvd, &backup_args, &scratch.path)?;
+    wait_active(&primary.endpoint(), Some(&mut primary_process))?;
+    let route = Route {
+        publish: vec![plus(&primary.endpoint(), 2)?],
+        publisher_binds: false,
+        subscribe: plus(&primary.endpoint(), 1)?,
+        backup_publisher: None,
+        curve: None,
+    };
+    let mut session = Session::open(&route, 1, 1, shape, args.hwm, Duration::from_millis(300))?;
+    session.warm_up(PATIENCE)?;
+    load_keys(&mut session, args.keys, "resume", bar)?;
+    let changes = args.resume_changes.min(args.keys);
+    let mut restart_backup =
+        |run: usize, extra: &[&str], process: &mut Process| -> Result<(f64, String), BenchError> {
+            bar.set_message(format!(
+                "resume: backup away while {changes} keys change ({})",
+                if extra.is_empty() { "resume" } else { "full" }
+            ));
+            wait_hugz_at(&backup.endpoint(), hugz_sequence(&primary.endpoint())?)?;
+            process.kill();
+            load_keys(&mut session, changes, "resume", bar)?;
+            let target = hugz_sequence(&primary.endpoint())?;
+            let mut restarted_args = backup_args.clone();
+            restarted_args.extend(extra.iter().map(|arg| arg.to_string()));
+            let name = format!("resume-backup-{run}");
+            let began = Instant::now();
+            *process = Process::spawn_logging(&name, clonekvd, &restarted_args, &scratch.path)?;
+            wait_hugz_at(&backup.endpoint(), target)?;
+            let seconds = began.elapsed().as_secs_f64();
+            let log = std::fs::read_to_string(scratch.path.join(format!("{name}.log")))
+                .unwrap_or_default();
+            Ok((seconds, log))
+        };
+    let (resume_s, resume_log) = restart_backup(2, &[], &mut backup_process)?;
+    let (full_s, full_log) = restart_backup(3, &["--no-resume"], &mut backup_process)?;
+    drop(session);
+    drop(backup_process);
+    drop(primary_process);
+    Ok(ResumeRow {
+        keys: args.keys,
+        changes,
+        resume_s,
+        full_s,
+        resumed_as_asked: resume_log.contains("by resuming")
+            && full_log.contains("(full snapshot)"),
+    })
+}
+
+/// The sequence of a server's next HUGZ.
+fn hugz_sequence(endpoint: &str) -> Result<i64, BenchError> {
+    let mut sequence = None;
+    read_hugz_until(endpoint, |at| {
+        sequence = Some(at);
+        true
+    })?;
+    sequence.ok_or_else(|| BenchError::new(format!("{endpoint}: no HUGZ")))
+}
+
+/// Waits until a server's HUGZ carry `sequence` or more (a passive's, once it holds
+/// every update up to it).
+fn wait_hugz_at(endpoint: &str, sequence: i64) -> Result<(), BenchError> {
+    read_hugz_until(endpoint, |at| at >= sequence)
+}
+
+/// Reads the HUGZ of the server at `endpoint` until `done` says so, for at most
+/// [`PATIENCE`].
+fn read_hugz_until(endpoint: &str, mut done: impl FnMut(i64) -> bool) -> Result<(), BenchError> {
+    let publisher = plus(endpoint, 1)?;
+    let fail = |error: zmq::Error| BenchError::new(format!("heartbeats of {publisher}: {error}"));
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::SUB).map_err(fail)?;
+    socket.set_linger(0).map_err(fail)?;
+    socket
+        .set_subscribe(clonekv_core::kvmsg::HUGZ)
+        .map_err(fail)?;
+    socket.connect(&publisher).map_err(fail)?;
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        if socket.poll(zmq::POLLIN, 50).map_err(fail)? == 0 {
+            continue;
+        }
+        let frames = socket.recv_multipart(0).map_err(fail)?;
+        let sequence = frames
+            .get(1)
+            .and_then(|frame| <[u8; 8]>::try_from(frame.as_slice()).ok())
+            .map(i64::from_be_bytes);
+        if sequence.is_some_and(&mut done) {
+            return Ok(());
+        }
+    }
+    Err(BenchError::new(format!(
+        "{publisher}: its HUGZ did not reach the expected sequence within {PATIENCE:?}"
+    )))
+}
+
 /// Snapshots taken of the loaded map, one after another; the figures are the median
 /// run's, and every run's time is reported: on a busy machine one run moves by ±20 %.
 const SNAPSHOT_RUNS: usize = 3;
@@ -1544,6 +1710,37 @@ pub fn render(report: &Report) -> String {
             if restart.keys_restored == restart.keys { "" } else { " (INCOMPLETE)" },
         );
     }
+    if let Some(resume) = &report.resume {
+        let _ = writeln!(
+            out,
+            "\nbackup back from an absence ({} keys, {} changed while it was away; restart → synced, data directory read included)\n{}{}",
+            resume.keys,
+            resume.changes,
+            table(
+                &["re-sync", "sent", "restart → synced", "of full"],
+                [
+                    vec![
+                        "resume".to_string(),
+                        format!("{} changes", resume.changes),
+                        format!("{:.2} s", resume.resume_s),
+                        format!("{:.2}", resume.resume_s / resume.full_s.max(f64::EPSILON)),
+                    ],
+                    vec![
+                        "full snapshot (--no-resume)".to_string(),
+                        format!("{} keys", resume.keys),
+                        format!("{:.2} s", resume.full_s),
+                        "1.00".to_string(),
+                    ],
+                ]
+                .into_iter()
+            ),
+            if resume.resumed_as_asked {
+                ""
+            } else {
+                "\n  (WARNING: the backup's logs do not show one resume and one full snapshot)"
+            }
+        );
+    }
     if let Some(cleanup) = &report.cleanup {
         let _ = writeln!(
             out,
@@ -1749,6 +1946,7 @@ mod tests {
             snapshot: None,
             memory: None,
             restart: None,
+            resume: None,
             failover: vec![FailoverRow::new(
                 "default",
                 1_000,

@@ -131,13 +131,33 @@ impl Process {
         args: &[String],
         dir: &Path,
     ) -> Result<Process, BenchError> {
+        Process::spawn_at_level(name, program, args, dir, "warn")
+    }
+
+    /// The same, logging at info level (for a part that reads what the server did).
+    pub fn spawn_logging(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        dir: &Path,
+    ) -> Result<Process, BenchError> {
+        Process::spawn_at_level(name, program, args, dir, "info")
+    }
+
+    fn spawn_at_level(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        dir: &Path,
+        level: &str,
+    ) -> Result<Process, BenchError> {
         let log = dir.join(format!("{name}.log"));
         let file = fs::File::create(&log).map_err(|error| {
             BenchError::new(format!("cannot create {}: {error}", log.display()))
         })?;
         let child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             // The bench's servers are on loopback: no beacons on the LAN.
             .env("CLONEKVD_NO_DISCOVERY", "1")
             .stdin(Stdio::null())
