@@ -16,7 +16,9 @@
 //!    being built only from the KVPUBs the active published;
 //! 2. under [`Policy::Always`] every published (so confirmable) update survives: the
 //!    restored active is at the last published sequence, and numbering continues above it;
-//! 3. no key whose ttl ran out while the pair was down is served again.
+//! 3. no key whose ttl ran out while the pair was down is served again;
+//! 4. every sync the backup completes (a resume or a full snapshot) leaves its map at the
+//!    published history's state at its sequence.
 //!
 //! Under `batch` and `never` a crash may lose the last published updates; the history then
 //! continues from the restored sequence (what the daemon documents), and the backup's
@@ -165,6 +167,8 @@ pub struct RunReport {
     pub bytes_cut: usize,
     /// Published updates a crash took back (possible under `batch` and `never` only).
     pub lost: usize,
+    /// Syncs the backup completed by resuming rather than by a full snapshot.
+    pub resumes: usize,
 }
 
 /// The published history: every KVPUB, in order.
@@ -213,6 +217,8 @@ struct Pair {
     /// The backup's map may belong to published updates a crash took back from the
     /// active, until it re-syncs.
     backup_forked: bool,
+    /// Syncs the backup completed by resuming.
+    resumes: usize,
     /// Log bytes the restart cut off both disks.
     cut: usize,
 }
@@ -261,6 +267,7 @@ impl Pair {
             policy,
             model: Model::default(),
             backup_forked: false,
+            resumes: 0,
         })
     }
 
@@ -337,8 +344,14 @@ impl Pair {
             Output::ForwardToPeerCollector(frames) => {
                 peer.server.handle_collected(now, wall, &frames);
             }
-            Output::Event(clonekv_core::server::Event::SyncCompleted { .. }) if !from_active => {
+            Output::Event(clonekv_core::server::Event::SyncCompleted { resumed, .. })
+                if !from_active =>
+            {
+                // Oracle 4: a completed sync, a resume or a full snapshot, leaves the
+                // backup at the published history's state at its sequence.
                 self.backup_forked = false;
+                self.resumes += usize::from(resumed.is_some());
+                self.check_restored("the backup after its sync", &self.backup.server)?;
             }
             Output::Event(_) => {}
         }
@@ -447,8 +460,10 @@ pub fn run(seed: u64, policy: Policy, steps: usize) -> Result<RunReport, String>
                     mut backup,
                     mut model,
                     backup_forked,
+                    resumes,
                     ..
                 } = pair;
+                report.resumes += resumes;
                 active.disk.crash(&mut rng);
                 backup.disk.crash(&mut rng);
                 // Down for a while: ttls run out meanwhile.
@@ -511,5 +526,6 @@ pub fn run(seed: u64, policy: Policy, steps: usize) -> Result<RunReport, String>
         wall = pair.wall;
     }
     report.published = pair.model.published.len();
+    report.resumes += pair.resumes;
     Ok(report)
 }

@@ -21,6 +21,7 @@ fn swarm(policy: Policy) -> RunReport {
                 total.crashes += report.crashes;
                 total.bytes_cut += report.bytes_cut;
                 total.lost += report.lost;
+                total.resumes += report.resumes;
             }
             Err(violation) => panic!(
                 "seed {seed} under {policy:?}: {violation}\n\
@@ -37,6 +38,7 @@ fn under_fsync_always_every_published_update_survives_every_crash() {
     let total = swarm(Policy::Always);
     assert!(total.crashes > 0 && total.published > 0, "{total:?}");
     assert_eq!(total.lost, 0);
+    assert!(total.resumes > 0, "restarted backups resume: {total:?}");
 }
 
 #[test]
@@ -53,6 +55,7 @@ fn under_batch_a_crash_loses_only_a_tail_and_the_history_continues_from_it() {
 fn under_never_restored_maps_still_match_the_published_history() {
     let total = swarm(Policy::Never);
     assert!(total.lost > 0, "{total:?}");
+    assert!(total.resumes > 0, "{total:?}");
 }
 
 #[test]
