@@ -140,6 +140,18 @@ pub enum PersistError {
         /// The data directory.
         dir: PathBuf,
     },
+    /// Another process holds the directory's lock: two servers writing one log would
+    /// interleave their records.
+    #[error(
+        "{} is in use by another clonekvd (it holds {}); stop that server, or give this \
+         one its own --data-dir",
+        dir.display(),
+        LOCK
+    )]
+    Locked {
+        /// The data directory.
+        dir: PathBuf,
+    },
 }
 
 impl PersistError {
@@ -197,6 +209,8 @@ pub struct JournalCounters {
 
 /// The open data directory: appends records, fsyncs by policy, compacts.
 pub struct Journal {
+    /// Held for as long as the journal lives: the directory's exclusive lock.
+    _lock: File,
     options: PersistOptions,
     generation: u64,
     log: File,
@@ -211,6 +225,8 @@ pub struct Journal {
 }
 
 const SNAPSHOT: &str = "snapshot";
+/// The file whose advisory lock (flock) marks the directory as in use.
+const LOCK: &str = "lock";
 const SNAPSHOT_TMP: &str = "snapshot.tmp";
 const LOG_PREFIX: &str = "log-";
 
@@ -247,6 +263,29 @@ fn log_generations(dir: &Path) -> Result<Vec<u64>, PersistError> {
     Ok(generations)
 }
 
+/// Takes the directory's exclusive lock, released when the returned file is closed
+/// (also when the process dies, so a killed server leaves no stale lock).
+fn lock_dir(dir: &Path) -> Result<File, PersistError> {
+    let path = dir.join(LOCK);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error("open", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(PersistError::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(PersistError::Io {
+            action: "lock",
+            path,
+            source,
+        }),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<(), PersistError> {
     File::open(dir)
         .and_then(|handle| handle.sync_all())
@@ -268,6 +307,7 @@ impl Journal {
         let started = StdInstant::now();
         let dir = options.dir.clone();
         fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        let lock = lock_dir(&dir)?;
         let mut removed = Vec::new();
         let tmp = dir.join(SNAPSHOT_TMP);
         if tmp.exists() {
@@ -280,7 +320,7 @@ impl Journal {
             if !generations.is_empty() {
                 return Err(PersistError::LogWithoutSnapshot { dir });
             }
-            let journal = Journal::fresh(options)?;
+            let journal = Journal::fresh(options, lock)?;
             let report = OpenReport {
                 fresh: true,
                 generation: journal.generation,
@@ -316,6 +356,7 @@ impl Journal {
                 .map_err(io_error("open", &path))?
         };
         let journal = Journal {
+            _lock: lock,
             generation,
             log,
             log_len: log_len.max(HEADER_LEN as u64),
@@ -340,12 +381,13 @@ impl Journal {
 
     /// A journal for an empty directory: an empty snapshot of generation 1 first, then
     /// its log, so that a crash in between leaves a directory that opens.
-    fn fresh(options: PersistOptions) -> Result<Journal, PersistError> {
+    fn fresh(options: PersistOptions, lock: File) -> Result<Journal, PersistError> {
         let generation = 1;
         let snapshot_len =
             write_snapshot(&options.dir, generation, &Restorer::new().finish().image())?;
         let log = new_log(&options.dir, generation)?;
         Ok(Journal {
+            _lock: lock,
             generation,
             log,
             log_len: HEADER_LEN as u64,
@@ -693,6 +735,20 @@ mod tests {
             restored.get(b"/k3").map(|entry| entry.body().to_vec()),
             Some(b"value 3".to_vec())
         );
+    }
+
+    #[test]
+    fn a_directory_in_use_is_refused_until_its_journal_closes() {
+        let scratch = tempfile::tempdir().unwrap();
+        let (journal, _, _) = Journal::open(options(scratch.path())).unwrap();
+        let Err(error) = Journal::open(options(scratch.path())) else {
+            panic!("a second journal opened the directory in use");
+        };
+        assert!(matches!(error, PersistError::Locked { .. }), "{error}");
+        assert!(error.is_refusal());
+        assert!(error.to_string().contains("in use by another clonekvd"));
+        drop(journal);
+        assert!(Journal::open(options(scratch.path())).is_ok());
     }
 
     #[test]
