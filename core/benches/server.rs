@@ -145,7 +145,7 @@ fn main() {
     while let Some(frames) = server.poll_snapshot(now, b"client") {
         messages += 1;
         bytes += frames.iter().map(|frame| frame.len() as u64).sum::<u64>();
-        if messages % 1_000 == 0 {
+        if messages.is_multiple_of(1_000) {
             // A live update lands in the map; the open snapshot keeps its point in time.
             server.handle_collected(now, wall, &kvset_frames(KEYS - 1 - concurrent));
             drain(&mut server);

@@ -412,7 +412,7 @@ fn commit(host: &mut Host, policy: Policy) {
     host.inputs += 1;
     match policy {
         Policy::Always => host.disk.sync(),
-        Policy::Batch { every } if host.inputs % every.max(1) == 0 => host.disk.sync(),
+        Policy::Batch { every } if host.inputs.is_multiple_of(every.max(1)) => host.disk.sync(),
         Policy::Batch { .. } | Policy::Never => {}
     }
 }

@@ -138,7 +138,7 @@ pub fn take(
                 break;
             }
             entries += 1;
-            if entries % 65_536 == 0 {
+            if entries.is_multiple_of(65_536) {
                 progress(entries);
             }
             if let Some(index) = shape.key_index(&frames[0]) {

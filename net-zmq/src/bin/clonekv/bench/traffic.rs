@@ -598,7 +598,9 @@ impl SendPlan {
                 socket.send(&body[..], 0).map_err(fail)?;
                 sent += 1;
                 flow.sent.fetch_add(1, Ordering::Relaxed);
-                if sent % 4_096 == 0 && (abort.load(Ordering::Relaxed) || writing_stopped()) {
+                if sent.is_multiple_of(4_096)
+                    && (abort.load(Ordering::Relaxed) || writing_stopped())
+                {
                     return Ok(sent);
                 }
             }
