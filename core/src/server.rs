@@ -992,7 +992,9 @@ impl Server {
     /// A server that has just started: PRIMARY or BACKUP, empty map, sequence 0.
     /// `hash_key` keys the hash tables that clients' uuids index: draw it at random per
     /// process (the daemon from the OS, the simulator from its seed), so that no client
-    /// can compute uuids that collide.
+    /// can compute uuids that collide. The ids of the reigns this server begins derive
+    /// from it too ([`history`]): a key used by two processes could draw one reign id
+    /// twice, and a peer could then resume across two different histories.
     pub fn new(
         now: Instant,
         wall: EpochMillis,

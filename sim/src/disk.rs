@@ -231,12 +231,14 @@ fn config(base: Config) -> Config {
 }
 
 impl Pair {
+    /// Starts both servers from their disks. Each process draws a fresh hash key from
+    /// `keys`, as the daemon draws one from the OS: reign ids derive from it.
     fn start(
         policy: Policy,
         active: Disk,
         backup: Disk,
-        now: Instant,
-        wall: EpochMillis,
+        (now, wall): (Instant, EpochMillis),
+        keys: &mut SimRng,
     ) -> Result<Pair, String> {
         let mut cut = 0;
         let mut open = |mut disk: Disk, base: Config| -> Result<Host, String> {
@@ -246,7 +248,7 @@ impl Pair {
                 now,
                 wall,
                 config(base),
-                HashKey::from_bytes([0xd1; 16]),
+                HashKey::from_rng(&mut *keys),
                 restored,
             )
             .map_err(|error| error.to_string())?;
@@ -423,7 +425,8 @@ pub fn run(seed: u64, policy: Policy, steps: usize) -> Result<RunReport, String>
     let mut report = RunReport::default();
     let mut now = Instant::ZERO;
     let mut wall = EpochMillis(1_700_000_000_000);
-    let mut pair = Pair::start(policy, Disk::fresh(), Disk::fresh(), now, wall)?;
+    let mut keys = derive_rng(seed, 0xD15C_4E75);
+    let mut pair = Pair::start(policy, Disk::fresh(), Disk::fresh(), (now, wall), &mut keys)?;
     pair.elect()?;
     let mut uuid = 0u64;
     for _ in 0..steps {
@@ -470,7 +473,8 @@ pub fn run(seed: u64, policy: Policy, steps: usize) -> Result<RunReport, String>
                 let down = Duration::from_millis(rng.random_range(0..4000));
                 now += down;
                 wall = wall.saturating_add(down);
-                let mut next = Pair::start(policy, active.disk, backup.disk, now, wall)?;
+                let mut next =
+                    Pair::start(policy, active.disk, backup.disk, (now, wall), &mut keys)?;
                 report.bytes_cut += next.cut;
                 // Oracle 1 on both restored maps, before anything runs.
                 next.model = std::mem::take(&mut model);
