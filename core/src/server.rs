@@ -1727,10 +1727,22 @@ impl Server {
                         reconnected,
                         backlog,
                         stale_through,
+                        resume,
                         ..
                     } = *sync;
-                    unconfirmed.extend(reconnected);
-                    unconfirmed.push(backlog);
+                    let mut layers: Vec<_> = reconnected.into_iter().chain([backlog]).collect();
+                    // What arrived of a resume reply are the active's publications: kept
+                    // for a failover mid-sync like the buffered updates, and, as when
+                    // that merge takes them from the reply itself, ahead of the updates
+                    // of the connection the request went out on (a later one of a key
+                    // then applies only if it is newer).
+                    if let (ResumeReply::Changes { mut changes, .. }, Some(first)) =
+                        (resume, layers.first_mut())
+                    {
+                        changes.append(first);
+                        *first = changes;
+                    }
+                    unconfirmed.extend(layers);
                     unconfirmed.retain(|layer| !layer.is_empty());
                     (unconfirmed, stale_through)
                 }

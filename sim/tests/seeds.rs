@@ -230,6 +230,11 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "the same stale receipt as 11002238, an expired value",
     ),
     (
+        821565385,
+        "a resume reply cut by the active's crash: the sync's retry dropped the changes \
+         that had arrived (a delete among them), and the takeover lost it",
+    ),
+    (
         48250498,
         "liveness: a subtree client's snapshot, answering an earlier request of a burst, \
          completed after its publisher dropped #808-#810 at the high-water mark and held \
