@@ -1,0 +1,200 @@
+//! A passive server's sync with the active (PROTOCOL.md §4 and §13): what it holds while
+//! it asks for a snapshot (or a resume) and follows the active's updates.
+//!
+//! Invariant: nothing the active published and this server received is let go before
+//! the map holds it, except within a stated bound (each buffer's [`Budget`], counted
+//! when it drops). Until a sync completes the map is untouched: the snapshot's entries
+//! (or a resume's changes) and the active's updates are held beside it. A completed
+//! sync installs the snapshot at its sequence (or this map with the resume's changes),
+//! then applies the held updates numbered above it; a failover in the middle merges
+//! everything held, connection by connection, newest per key, so that what reached this
+//! server survives the takeover.
+
+use super::{HashKey, SeenUpdates, Store};
+use crate::budget::{message_bytes, Budget};
+use crate::kvmsg::KvMsg;
+use crate::time::{EpochMillis, Instant};
+
+/// What one buffered update of the active is charged in a sync budget.
+pub(super) fn buffered_bytes(update: &KvMsg) -> usize {
+    message_bytes(
+        update.key.len(),
+        update.properties.as_frame().len(),
+        update.body.len(),
+    )
+}
+
+/// The bytes of a layer of buffered updates.
+pub(super) fn layer_bytes(layer: &[(KvMsg, Option<EpochMillis>)]) -> usize {
+    layer
+        .iter()
+        .map(|(update, _)| buffered_bytes(update))
+        .fold(0, usize::saturating_add)
+}
+
+/// How a passive server follows the active.
+#[derive(Clone, Debug)]
+pub(super) enum Follow {
+    /// Not passive: active, or still PRIMARY / BACKUP.
+    Not,
+    /// Passive, waiting for any message on the peer's publisher before asking for a
+    /// snapshot, so that no update falls between the snapshot and the subscription (§4).
+    AwaitingPublisher,
+    /// Snapshot requested; its entries build a new map while the active's updates are
+    /// buffered.
+    Syncing(Box<SyncInProgress>),
+    /// Applying the active's updates in sequence.
+    Following,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct SyncInProgress {
+    pub(super) store: Store,
+    pub(super) backlog: Vec<(KvMsg, Option<EpochMillis>)>,
+    /// The bytes `backlog` is charged ([`buffered_bytes`]).
+    pub(super) backlog_bytes: usize,
+    /// How many of the backlog's first updates reached this server before the request
+    /// left (the update that made it ask, and the rest of a backlog whose gap started
+    /// this attempt). The peer published them before taking the snapshot, so the
+    /// snapshot holds them, unless they belong to another history of the peer (read
+    /// late from a connection since replaced, the peer having restarted). Either way a
+    /// completed snapshot makes them moot; a failover mid-sync still merges them.
+    /// Found by the simulator (the scripted scenario for swarm 16385's case): a paused
+    /// backup read its restarted primary's old KVPUBs after the reconnect notice;
+    /// applied after the new history's snapshot, each one's gap started another sync,
+    /// which buffered them again, for ever.
+    pub(super) before_request: usize,
+    pub(super) backlog_overflowed: bool,
+    /// What earlier attempts buffered before they timed out: older than this
+    /// attempt's snapshot, one layer per subscriber connection, oldest first.
+    pub(super) unconfirmed: Vec<Vec<(KvMsg, Option<EpochMillis>)>>,
+    /// What this attempt buffered before the subscription reconnected, one layer per
+    /// connection, oldest first; `backlog` is the current connection's.
+    ///
+    /// A completed snapshot makes all of it moot except the backlog: the snapshot was
+    /// taken after `unconfirmed` (or belongs to a new history, the peer having
+    /// restarted), and what it lacks of `reconnected` a gap in the backlog reveals, so
+    /// another sync fetches it. Only a failover mid-sync merges it, connection by
+    /// connection: sequences are compared only within one connection's layer, because
+    /// across a reconnect they may number two histories (found by the simulator, swarm
+    /// 42617).
+    pub(super) reconnected: Vec<Vec<(KvMsg, Option<EpochMillis>)>>,
+    pub(super) last_activity: Instant,
+    /// While the subscription is the one the map was followed on (the sync began from
+    /// following, and no reconnect since): the map's sequence then. An update numbered
+    /// at or below it on that connection is a late copy of what the map already holds
+    /// (found by the simulator, swarm 48374: a late HUGZ started a needless re-sync, late
+    /// KVPUBs older than the adopted snapshot were buffered, and a failover mid-sync
+    /// merged one over the newer value). A restarted active's new history comes on a
+    /// new connection, which the host reports (`handle_peer_publisher_reconnected`).
+    pub(super) stale_through: Option<i64>,
+    /// Pending-list arrivals before this mark preceded the request.
+    pub(super) pending_mark: u64,
+    /// Uuids of the snapshot's entries: the history being adopted.
+    pub(super) seen: SeenUpdates,
+    /// Whether this attempt asked to resume, and what the reply brought so far.
+    pub(super) resume: ResumeReply,
+}
+
+/// A sync attempt's resume, if it asked for one (see [`history`]).
+#[derive(Clone, Debug)]
+pub(super) enum ResumeReply {
+    /// A full snapshot was asked for, or the peer answered the resume with one.
+    Snapshot,
+    /// Asked to resume after this sequence; no reply message yet. A HUGZ numbered so
+    /// opens a resume reply; anything else is a full snapshot's.
+    Asked { after: i64 },
+    /// The changes after `after`, in order, as they arrived.
+    Changes {
+        after: i64,
+        changes: Vec<(KvMsg, Option<EpochMillis>)>,
+        /// The bytes `changes` is charged ([`buffered_bytes`]).
+        bytes: usize,
+    },
+}
+
+impl SyncInProgress {
+    pub(super) fn new(now: Instant, hash_key: HashKey) -> Self {
+        SyncInProgress {
+            store: Store::default(),
+            backlog: Vec::new(),
+            backlog_bytes: 0,
+            before_request: 0,
+            backlog_overflowed: false,
+            unconfirmed: Vec::new(),
+            reconnected: Vec::new(),
+            last_activity: now,
+            stale_through: None,
+            pending_mark: 0,
+            seen: SeenUpdates::new(hash_key),
+            resume: ResumeReply::Snapshot,
+        }
+    }
+
+    /// The backlog's bound: buffers the active's `update` unless the backlog would pass
+    /// `budget`; then it is emptied and marked overflowed (the next snapshot fetches
+    /// what it held). Returns how many updates were let go.
+    pub(super) fn buffer(
+        &mut self,
+        update: KvMsg,
+        expires_at: Option<EpochMillis>,
+        budget: Budget,
+    ) -> usize {
+        if self.backlog_overflowed {
+            // Everything after the overflow is fetched by the next snapshot.
+            return 1;
+        }
+        let incoming = buffered_bytes(&update);
+        if budget.admits(self.backlog.len(), self.backlog_bytes, incoming) {
+            self.backlog.push((update, expires_at));
+            self.backlog_bytes = self.backlog_bytes.saturating_add(incoming);
+            return 0;
+        }
+        let dropped = self.backlog.len() + 1;
+        self.backlog = Vec::new();
+        self.backlog_bytes = 0;
+        self.before_request = 0;
+        self.backlog_overflowed = true;
+        dropped
+    }
+
+    /// Takes the backlog (and its bytes) away.
+    pub(super) fn take_backlog(&mut self) -> Vec<(KvMsg, Option<EpochMillis>)> {
+        self.backlog_bytes = 0;
+        std::mem::take(&mut self.backlog)
+    }
+
+    /// The set-aside layers' bound: keeps the newest updates over all of them within
+    /// `budget`, dropping from the oldest layer first. Returns how many were dropped.
+    pub(super) fn bound_set_aside(&mut self, budget: Budget) -> usize {
+        let mut len: usize = self.set_aside().map(|(layer, _)| layer.len()).sum();
+        let mut bytes: usize = self.set_aside().map(|(_, bytes)| bytes).sum();
+        let mut dropped = 0;
+        for layers in [&mut self.unconfirmed, &mut self.reconnected] {
+            while len > budget.max_len || bytes > budget.max_bytes {
+                let Some(oldest) = layers.first_mut() else {
+                    break;
+                };
+                if oldest.is_empty() {
+                    layers.remove(0);
+                    continue;
+                }
+                let (update, _) = oldest.remove(0);
+                len -= 1;
+                bytes = bytes.saturating_sub(buffered_bytes(&update));
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Each set-aside layer, oldest first, with its bytes.
+    pub(super) fn set_aside(
+        &self,
+    ) -> impl Iterator<Item = (&[(KvMsg, Option<EpochMillis>)], usize)> + '_ {
+        self.unconfirmed
+            .iter()
+            .chain(&self.reconnected)
+            .map(|layer| (layer.as_slice(), layer_bytes(layer)))
+    }
+}
