@@ -1383,19 +1383,8 @@ impl Server {
             return self.drop_input(source, DropReason::UnexpectedSnapshotMessage);
         };
         sync.last_activity = now;
-        if let ResumeReply::Asked { after } = sync.resume {
-            sync.resume = if entry.is_hugz() && entry.sequence == after {
-                ResumeReply::Changes {
-                    after,
-                    changes: Vec::new(),
-                    bytes: 0,
-                }
-            } else {
-                ResumeReply::Snapshot
-            };
-            if matches!(sync.resume, ResumeReply::Changes { .. }) {
-                return;
-            }
+        if sync.opens_resume_reply(&entry) {
+            return;
         }
         if entry.is_kthxbai() {
             let history = entry.history().map(Lineage::from_property);
@@ -1415,20 +1404,14 @@ impl Server {
         if let Some(uuid) = entry.uuid {
             sync.seen.insert(uuid, self.config.dedupe_window);
         }
-        if let ResumeReply::Changes { changes, bytes, .. } = &mut sync.resume {
-            let incoming = buffered_bytes(&entry.to_kvmsg());
-            if self
-                .config
-                .sync_budget()
-                .admits(changes.len(), *bytes, incoming)
-            {
-                changes.push((entry.to_kvmsg(), expires_at));
-                *bytes = bytes.saturating_add(incoming);
-                // A resume's change is one of the active's publications, as a KVPUB is.
-                return self.observe_published(now, &entry, false);
+        match sync.hold_resume_change(&entry, expires_at, self.config.sync_budget()) {
+            // A resume's change is one of the active's publications, as a KVPUB is.
+            Some(true) => return self.observe_published(now, &entry, false),
+            Some(false) => {
+                self.full_sync_next = true;
+                return self.retry_sync(now, SyncReason::ResumeTooLarge);
             }
-            self.full_sync_next = true;
-            return self.retry_sync(now, SyncReason::ResumeTooLarge);
+            None => {}
         }
         sync.store.apply(&entry, expires_at);
     }
@@ -1547,29 +1530,8 @@ impl Server {
         let (mut unconfirmed, stale_through) =
             match std::mem::replace(&mut self.follow, Follow::Not) {
                 Follow::Syncing(sync) => {
-                    let SyncInProgress {
-                        mut unconfirmed,
-                        reconnected,
-                        backlog,
-                        stale_through,
-                        resume,
-                        ..
-                    } = *sync;
-                    let mut layers: Vec<_> = reconnected.into_iter().chain([backlog]).collect();
-                    // What arrived of a resume reply are the active's publications: kept
-                    // for a failover mid-sync like the buffered updates, and, as when
-                    // that merge takes them from the reply itself, ahead of the updates
-                    // of the connection the request went out on (a later one of a key
-                    // then applies only if it is newer).
-                    if let (ResumeReply::Changes { mut changes, .. }, Some(first)) =
-                        (resume, layers.first_mut())
-                    {
-                        changes.append(first);
-                        *first = changes;
-                    }
-                    unconfirmed.extend(layers);
-                    unconfirmed.retain(|layer| !layer.is_empty());
-                    (unconfirmed, stale_through)
+                    let stale_through = sync.stale_through;
+                    (sync.into_set_aside(), stale_through)
                 }
                 _ => (Vec::new(), None),
             };

@@ -12,7 +12,7 @@
 
 use super::{HashKey, SeenUpdates, Store};
 use crate::budget::{message_bytes, Budget};
-use crate::kvmsg::KvMsg;
+use crate::kvmsg::{KvMsg, KvMsgRef};
 use crate::time::{EpochMillis, Instant};
 
 /// What one buffered update of the active is charged in a sync budget.
@@ -186,6 +186,72 @@ impl SyncInProgress {
             }
         }
         dropped
+    }
+
+    /// The first message of a reply to a resume request decides what the reply is: a
+    /// HUGZ numbered with the position asked opens a resume reply (and is consumed:
+    /// returns true), anything else is a full snapshot's first message.
+    pub(super) fn opens_resume_reply(&mut self, message: &KvMsgRef) -> bool {
+        let ResumeReply::Asked { after } = self.resume else {
+            return false;
+        };
+        if message.is_hugz() && message.sequence == after {
+            self.resume = ResumeReply::Changes {
+                after,
+                changes: Vec::new(),
+                bytes: 0,
+            };
+            return true;
+        }
+        self.resume = ResumeReply::Snapshot;
+        false
+    }
+
+    /// Holds a change of a resume reply until its KTHXBAI: `Some(true)` when held,
+    /// `Some(false)` when the reply outgrows `budget` (ask for a full snapshot instead),
+    /// `None` when this reply is a full snapshot's.
+    pub(super) fn hold_resume_change(
+        &mut self,
+        change: &KvMsgRef,
+        expires_at: Option<EpochMillis>,
+        budget: Budget,
+    ) -> Option<bool> {
+        let ResumeReply::Changes { changes, bytes, .. } = &mut self.resume else {
+            return None;
+        };
+        let change = change.to_kvmsg();
+        let incoming = buffered_bytes(&change);
+        if !budget.admits(changes.len(), *bytes, incoming) {
+            return Some(false);
+        }
+        changes.push((change, expires_at));
+        *bytes = bytes.saturating_add(incoming);
+        Some(true)
+    }
+
+    /// Everything this attempt holds of the active's publications, as set-aside layers
+    /// for the next attempt, oldest first. What arrived of a resume reply is kept like
+    /// the buffered updates and, as when a failover merges it from the reply itself,
+    /// ahead of the updates of the connection the request went out on (a later one of
+    /// a key then applies only if it is newer).
+    pub(super) fn into_set_aside(self) -> Vec<Vec<(KvMsg, Option<EpochMillis>)>> {
+        let SyncInProgress {
+            mut unconfirmed,
+            reconnected,
+            backlog,
+            resume,
+            ..
+        } = self;
+        let mut layers: Vec<_> = reconnected.into_iter().chain([backlog]).collect();
+        if let (ResumeReply::Changes { mut changes, .. }, Some(first)) =
+            (resume, layers.first_mut())
+        {
+            changes.append(first);
+            *first = changes;
+        }
+        unconfirmed.extend(layers);
+        unconfirmed.retain(|layer| !layer.is_empty());
+        unconfirmed
     }
 
     /// Each set-aside layer, oldest first, with its bytes.
