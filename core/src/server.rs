@@ -1526,17 +1526,19 @@ impl Server {
     fn retry_sync(&mut self, now: Instant, reason: SyncReason) {
         self.outputs
             .push_back(Output::Event(Event::SyncStarted { reason }));
-        // Everything buffered so far precedes the new request.
-        let (mut unconfirmed, stale_through) =
+        // Everything held so far precedes the new request.
+        let budget = self.config.sync_budget();
+        let (mut unconfirmed, carried, carried_dropped, stale_through) =
             match std::mem::replace(&mut self.follow, Follow::Not) {
                 Follow::Syncing(sync) => {
                     let stale_through = sync.stale_through;
-                    (sync.into_set_aside(), stale_through)
+                    let (unconfirmed, carried, dropped) = sync.into_next_attempt(budget);
+                    (unconfirmed, carried, dropped, stale_through)
                 }
-                _ => (Vec::new(), None),
+                _ => (Vec::new(), Vec::new(), 0, None),
             };
-        self.request_peer_snapshot(now, Vec::new());
-        let budget = self.config.sync_budget();
+        self.report_sync_buffer_drops(carried_dropped);
+        self.request_peer_snapshot(now, carried);
         if let Follow::Syncing(sync) = &mut self.follow {
             // Same subscription: what the map held is still stale on it.
             sync.stale_through = stale_through;

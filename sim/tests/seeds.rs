@@ -235,6 +235,11 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          that had arrived (a delete among them), and the takeover lost it",
     ),
     (
+        371150194,
+        "a retried sync set the old attempt's updates aside ahead of the new resume reply, \
+         and a failover merged the reply's older change of a key over the newer update",
+    ),
+    (
         48250498,
         "liveness: a subtree client's snapshot, answering an earlier request of a burst, \
          completed after its publisher dropped #808-#810 at the high-water mark and held \

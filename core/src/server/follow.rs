@@ -15,6 +15,10 @@ use crate::budget::{message_bytes, Budget};
 use crate::kvmsg::{KvMsg, KvMsgRef};
 use crate::time::{EpochMillis, Instant};
 
+/// Updates of the active received on one connection, in arrival order, each with its
+/// absolute expiry.
+pub(super) type Layer = Vec<(KvMsg, Option<EpochMillis>)>;
+
 /// What one buffered update of the active is charged in a sync budget.
 pub(super) fn buffered_bytes(update: &KvMsg) -> usize {
     message_bytes(
@@ -229,29 +233,42 @@ impl SyncInProgress {
         Some(true)
     }
 
-    /// Everything this attempt holds of the active's publications, as set-aside layers
-    /// for the next attempt, oldest first. What arrived of a resume reply is kept like
-    /// the buffered updates and, as when a failover merges it from the reply itself,
-    /// ahead of the updates of the connection the request went out on (a later one of
-    /// a key then applies only if it is newer).
-    pub(super) fn into_set_aside(self) -> Vec<Vec<(KvMsg, Option<EpochMillis>)>> {
+    /// Everything this attempt holds of the active's publications, for the next attempt:
+    /// the layers of earlier connections (set aside, oldest first), and what the current
+    /// connection brought, which the next request goes out on (it becomes the next
+    /// attempt's backlog, ahead of that request). What arrived of a resume reply joins
+    /// the layer of the connection its request went out on, ahead of that connection's
+    /// updates, so that a failover merges per key the newest of them by sequence: a
+    /// resume's changes are a prefix of the history after the position, so an update
+    /// received beside them may be newer. Returns the set-aside layers, the carried
+    /// layer, and how many updates the carried layer let go to stay within `budget`
+    /// (the oldest first).
+    pub(super) fn into_next_attempt(self, budget: Budget) -> (Vec<Layer>, Layer, usize) {
         let SyncInProgress {
             mut unconfirmed,
-            reconnected,
-            backlog,
+            mut reconnected,
+            mut backlog,
             resume,
             ..
         } = self;
-        let mut layers: Vec<_> = reconnected.into_iter().chain([backlog]).collect();
-        if let (ResumeReply::Changes { mut changes, .. }, Some(first)) =
-            (resume, layers.first_mut())
-        {
-            changes.append(first);
-            *first = changes;
+        if let ResumeReply::Changes { mut changes, .. } = resume {
+            let request_connection = reconnected.first_mut().unwrap_or(&mut backlog);
+            changes.append(request_connection);
+            *request_connection = changes;
         }
-        unconfirmed.extend(layers);
+        unconfirmed.extend(reconnected);
         unconfirmed.retain(|layer| !layer.is_empty());
-        unconfirmed
+        let mut bytes = layer_bytes(&backlog);
+        let mut dropped = 0;
+        while backlog.len() > budget.max_len || bytes > budget.max_bytes {
+            if backlog.is_empty() {
+                break;
+            }
+            let (oldest, _) = backlog.remove(0);
+            bytes = bytes.saturating_sub(buffered_bytes(&oldest));
+            dropped += 1;
+        }
+        (unconfirmed, backlog, dropped)
     }
 
     /// Each set-aside layer, oldest first, with its bytes.
