@@ -281,3 +281,143 @@ impl SyncInProgress {
             .map(|layer| (layer.as_slice(), layer_bytes(layer)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvmsg::Uuid;
+
+    fn sync() -> SyncInProgress {
+        SyncInProgress::new(Instant::ZERO, HashKey::from_bytes([9; 16]))
+    }
+
+    fn update(key: &str, sequence: i64) -> KvMsg {
+        KvMsg::kvset(
+            key.as_bytes().to_vec(),
+            b"v".to_vec(),
+            Uuid::from_bytes([1; 16]),
+        )
+        .with_sequence(sequence)
+    }
+
+    fn sequences(layer: &[(KvMsg, Option<EpochMillis>)]) -> Vec<i64> {
+        layer.iter().map(|(update, _)| update.sequence).collect()
+    }
+
+    const ROOMY: Budget = Budget {
+        max_len: 100,
+        max_bytes: usize::MAX,
+    };
+
+    #[test]
+    fn only_a_hugz_at_the_position_asked_opens_a_resume_reply() {
+        let mut asked = SyncInProgress {
+            resume: ResumeReply::Asked { after: 5 },
+            ..sync()
+        };
+        let mut other = asked.clone();
+        let mut entry = asked.clone();
+        assert!(asked.opens_resume_reply(&KvMsg::hugz(5).as_msg_ref()));
+        assert!(matches!(
+            asked.resume,
+            ResumeReply::Changes { after: 5, .. }
+        ));
+        assert!(!other.opens_resume_reply(&KvMsg::hugz(4).as_msg_ref()));
+        assert!(matches!(other.resume, ResumeReply::Snapshot));
+        assert!(!entry.opens_resume_reply(&update("/a", 5).as_msg_ref()));
+        assert!(matches!(entry.resume, ResumeReply::Snapshot));
+        // Decided once: a later HUGZ of a full snapshot's reply opens nothing.
+        assert!(!entry.opens_resume_reply(&KvMsg::hugz(5).as_msg_ref()));
+        assert!(matches!(entry.resume, ResumeReply::Snapshot));
+    }
+
+    #[test]
+    fn a_resume_reply_holds_its_changes_within_the_budget() {
+        let mut full = sync();
+        assert_eq!(
+            full.hold_resume_change(&update("/a", 6).as_msg_ref(), None, ROOMY),
+            None,
+            "a full snapshot's entry is not a resume change"
+        );
+        let mut reply = SyncInProgress {
+            resume: ResumeReply::Changes {
+                after: 5,
+                changes: Vec::new(),
+                bytes: 0,
+            },
+            ..sync()
+        };
+        let one = Budget {
+            max_len: 1,
+            max_bytes: usize::MAX,
+        };
+        assert_eq!(
+            reply.hold_resume_change(&update("/a", 6).as_msg_ref(), None, one),
+            Some(true)
+        );
+        assert_eq!(
+            reply.hold_resume_change(&update("/b", 7).as_msg_ref(), None, one),
+            Some(false)
+        );
+        let ResumeReply::Changes { changes, bytes, .. } = &reply.resume else {
+            panic!("still a resume reply");
+        };
+        assert_eq!(sequences(changes), [6]);
+        assert_eq!(*bytes, layer_bytes(changes));
+    }
+
+    #[test]
+    fn the_next_attempt_carries_the_current_connection_and_the_resume_ahead_of_it() {
+        let attempt = SyncInProgress {
+            unconfirmed: vec![vec![(update("/a", 1), None)]],
+            backlog: vec![(update("/a", 9), None)],
+            resume: ResumeReply::Changes {
+                after: 5,
+                changes: vec![(update("/a", 6), None), (update("/b", 7), None)],
+                bytes: 0,
+            },
+            ..sync()
+        };
+        let (set_aside, carried, dropped) = attempt.clone().into_next_attempt(ROOMY);
+        assert_eq!(
+            set_aside.iter().map(|l| sequences(l)).collect::<Vec<_>>(),
+            [[1]]
+        );
+        assert_eq!(sequences(&carried), [6, 7, 9]);
+        assert_eq!(dropped, 0);
+
+        // After a reconnect the request's connection is the first reconnected one.
+        let reconnected = SyncInProgress {
+            reconnected: vec![vec![(update("/c", 8), None)]],
+            ..attempt.clone()
+        };
+        let (set_aside, carried, _) = reconnected.into_next_attempt(ROOMY);
+        assert_eq!(
+            set_aside.iter().map(|l| sequences(l)).collect::<Vec<_>>(),
+            [vec![1], vec![6, 7, 8]]
+        );
+        assert_eq!(sequences(&carried), [9]);
+
+        // Within the budget, the oldest go first.
+        let two = Budget {
+            max_len: 2,
+            max_bytes: usize::MAX,
+        };
+        let (_, carried, dropped) = attempt.into_next_attempt(two);
+        assert_eq!(sequences(&carried), [7, 9]);
+        assert_eq!(dropped, 1);
+    }
+
+    #[test]
+    fn a_full_backlog_is_let_go_and_marked() {
+        let mut attempt = sync();
+        let one = Budget {
+            max_len: 1,
+            max_bytes: usize::MAX,
+        };
+        assert_eq!(attempt.buffer(update("/a", 1), None, one), 0);
+        assert_eq!(attempt.buffer(update("/b", 2), None, one), 2);
+        assert!(attempt.backlog_overflowed && attempt.backlog.is_empty());
+        assert_eq!(attempt.buffer(update("/c", 3), None, one), 1);
+    }
+}
