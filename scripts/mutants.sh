@@ -6,7 +6,8 @@
 # the time), doctests aside. The results are in docs/MUTANTS.md.
 #
 # Usage: scripts/mutants.sh [--shard K/N] [--file GLOB]... [--re REGEX] [--timeout SECS]
-#                           [--output DIR] [--list] [--baseline-skip] [-- CARGO_MUTANTS_ARGS]
+#                           [--output DIR] [--list] [--baseline-skip] [--iterate]
+#                           [-- CARGO_MUTANTS_ARGS]
 #   --shard K/N      run only shard K (0-based) of N, e.g. 0/4 (cargo-mutants --shard)
 #   --file GLOB      only mutants in files matching GLOB, e.g. core/src/budget.rs (repeatable)
 #   --re REGEX       only mutants whose name (as --list prints it) matches REGEX
@@ -17,6 +18,8 @@
 #                    previous mutants.out there is kept as mutants.out.old
 #   --list           list the mutants and exit, running nothing
 #   --baseline-skip  do not test the unmutated tree first
+#   --iterate        skip the mutants DIR/mutants.out lists as caught or unviable (test
+#                    again only the missed, timed-out and new ones, e.g. after adding tests)
 #   -- ARGS          passed to cargo mutants as they are
 # Environment: MUTANTS_TARGET_DIR (cargo's target directory for the scratch builds,
 # default DIR/target; reused between runs, so only the workspace crates rebuild).
@@ -32,6 +35,7 @@ filters=()
 timeout=(--timeout 150)
 baseline=()
 list=()
+iterate=()
 extra=()
 output="${TMPDIR:-/tmp}/clonekv-mutants"
 while [ $# -gt 0 ]; do
@@ -43,7 +47,8 @@ while [ $# -gt 0 ]; do
     --output) output="${2:?--output needs a directory}"; shift 2 ;;
     --list) list=(--list); shift ;;
     --baseline-skip) baseline=(--baseline skip); shift ;;
-    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --iterate) iterate=(--iterate); shift ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "mutants.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -85,5 +90,6 @@ exec nice -n 10 cargo mutants \
   ${timeout[@]+"${timeout[@]}"} \
   ${baseline[@]+"${baseline[@]}"} \
   ${list[@]+"${list[@]}"} \
+  ${iterate[@]+"${iterate[@]}"} \
   ${extra[@]+"${extra[@]}"} \
   -- --lib --tests
