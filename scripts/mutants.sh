@@ -7,7 +7,7 @@
 #
 # Usage: scripts/mutants.sh [--shard K/N] [--file GLOB]... [--re REGEX] [--timeout SECS]
 #                           [--output DIR] [--list] [--baseline-skip] [--iterate]
-#                           [-- CARGO_MUTANTS_ARGS]
+#                           [--summary] [-- CARGO_MUTANTS_ARGS]
 #   --shard K/N      run only shard K (0-based) of N, e.g. 0/4 (cargo-mutants --shard)
 #   --file GLOB      only mutants in files matching GLOB, e.g. core/src/budget.rs (repeatable)
 #   --re REGEX       only mutants whose name (as --list prints it) matches REGEX
@@ -20,6 +20,8 @@
 #   --baseline-skip  do not test the unmutated tree first
 #   --iterate        skip the mutants DIR/mutants.out lists as caught or unviable (test
 #                    again only the missed, timed-out and new ones, e.g. after adding tests)
+#   --summary        print the per-file table of DIR/mutants.out (caught, missed, timeout,
+#                    unviable, score = caught / (caught + missed)) and exit
 #   -- ARGS          passed to cargo mutants as they are
 # Environment: MUTANTS_TARGET_DIR (cargo's target directory for the scratch builds,
 # default DIR/target; reused between runs, so only the workspace crates rebuild).
@@ -36,6 +38,7 @@ timeout=(--timeout 150)
 baseline=()
 list=()
 iterate=()
+summary=0
 extra=()
 output="${TMPDIR:-/tmp}/clonekv-mutants"
 while [ $# -gt 0 ]; do
@@ -48,7 +51,8 @@ while [ $# -gt 0 ]; do
     --list) list=(--list); shift ;;
     --baseline-skip) baseline=(--baseline skip); shift ;;
     --iterate) iterate=(--iterate); shift ;;
-    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --summary) summary=1; shift ;;
+    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; extra=("$@"); break ;;
     *) echo "mutants.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -63,6 +67,32 @@ if [ ${#timeout[@]} -gt 0 ]; then
   case "${timeout[1]}" in
     ''|*[!0-9]*) echo "mutants.sh: --timeout takes whole seconds" >&2; exit 2 ;;
   esac
+fi
+if [ "$summary" = 1 ]; then
+  results="$output/mutants.out"
+  if [ ! -f "$results/caught.txt" ]; then
+    echo "mutants.sh: no results in $results (run first, or give --output DIR)" >&2
+    exit 2
+  fi
+  for outcome in caught missed timeout unviable; do
+    sed "s/^\([^:]*\):.*/\1 $outcome/" "$results/$outcome.txt"
+  done | sort | awk '
+    !($1 in seen) { seen[$1] = 1; order[++n] = $1 }
+    { count[$1, $2]++; total[$2]++ }
+    function row(name, c, m, t, u) {
+      score = (c + m > 0) ? sprintf("%.1f%%", 100 * c / (c + m)) : "-"
+      printf "| %s | %d | %d | %d | %d | %d | %s |\n", name, c + m + t + u, c, m, t, u, score
+    }
+    END {
+      print "| file | mutants | caught | missed | timeout | unviable | score |"
+      print "|---|---|---|---|---|---|---|"
+      for (i = 1; i <= n; i++) {
+        f = order[i]
+        row("`" f "`", count[f, "caught"], count[f, "missed"], count[f, "timeout"], count[f, "unviable"])
+      }
+      row("total", total["caught"], total["missed"], total["timeout"], total["unviable"])
+    }'
+  exit 0
 fi
 if ! cargo mutants --version >/dev/null 2>&1; then
   echo "mutants.sh: cargo-mutants is missing: cargo install cargo-mutants --locked" >&2
