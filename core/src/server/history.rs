@@ -261,7 +261,9 @@ mod tests {
     #[test]
     fn a_reign_ends_where_the_next_one_began() {
         let mut lineage = Lineage::default();
+        assert!(lineage.is_empty());
         lineage.begin_reign(Reign { id: 1, base: 0 }, true);
+        assert!(!lineage.is_empty());
         lineage.begin_reign(Reign { id: 2, base: 40 }, true);
         assert_eq!(lineage.end_of(1, 90), Some(40));
         assert_eq!(lineage.end_of(2, 90), Some(90));

@@ -471,6 +471,23 @@ mod tests {
         assert_eq!(read_ahead % std::mem::size_of::<(Key, Entry)>(), 0);
         assert!(read_ahead > 0, "the batch's handles are charged");
         assert!(streams.bytes() <= SnapshotStreams::max_bytes_per_stream(255, batch_size));
+    }
+
+    #[test]
+    fn a_stream_reads_ahead_at_most_one_batch() {
+        let keys: Vec<Vec<u8>> = (0..70).map(|n| format!("/k/{n:02}").into_bytes()).collect();
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let map = map_of(&keys);
+        let batch_size = 64;
+        let mut streams = SnapshotStreams::default();
+        streams.open(at(0), b"rid", snapshot(&map, b""), 1, None);
+        let bound = SnapshotStreams::max_bytes_per_stream(255, batch_size);
+        let mut sent = 0;
+        while let Some(Pulled::Message(_)) = streams.next_message(at(0), b"rid", batch_size) {
+            sent += 1;
+            assert!(streams.bytes() <= bound, "{} > {bound}", streams.bytes());
+        }
+        assert_eq!(sent, 70);
         assert_eq!(
             SnapshotStreams::max_bytes_per_stream(255, 100),
             ENTRY_OVERHEAD
