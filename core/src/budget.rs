@@ -150,6 +150,60 @@ mod tests {
         assert!(!budget.admits(1, usize::MAX, 1), "no overflow");
     }
 
+    #[test]
+    fn a_message_is_charged_its_frames_plus_the_overhead() {
+        assert_eq!(message_bytes(3, 5, 7), ENTRY_OVERHEAD + 15);
+        assert_eq!(message_bytes(usize::MAX, 1, 1), usize::MAX, "saturates");
+        let limits = Limits::default();
+        assert_eq!(
+            largest_message_bytes(&limits),
+            ENTRY_OVERHEAD + limits.max_key_len + limits.max_properties_len + limits.max_body_len
+        );
+    }
+
+    #[test]
+    fn a_structure_is_within_bounds_only_within_both() {
+        let bound = |len, bytes| BoundedStructure {
+            structure: Structure::SplitLog,
+            len,
+            max_len: 2,
+            bytes,
+            max_bytes: 100,
+        };
+        assert!(bound(2, 100).within_bounds(), "at both bounds");
+        assert!(!bound(3, 100).within_bounds(), "one entry too many");
+        assert!(!bound(2, 101).within_bounds(), "one byte too many");
+        assert!(!bound(3, 101).within_bounds());
+    }
+
+    #[test]
+    fn structures_have_distinct_snake_case_names() {
+        let all = [
+            Structure::PendingList,
+            Structure::SyncBacklog,
+            Structure::SyncSetAside,
+            Structure::DedupeWindow,
+            Structure::SyncDedupeWindow,
+            Structure::SplitLog,
+            Structure::SnapshotStreams,
+            Structure::RecentChanges,
+            Structure::ResumeReply,
+            Structure::ClientUpdateBuffer,
+            Structure::ClientInFlight,
+        ];
+        let names: std::collections::BTreeSet<&str> = all.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), all.len(), "{names:?}");
+        assert_eq!(Structure::PendingList.as_str(), "pending_list");
+        for structure in all {
+            let name = structure.as_str();
+            assert!(
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{name}"
+            );
+            assert_eq!(structure.to_string(), name, "Display is the name");
+        }
+    }
+
     proptest! {
         /// Filling a structure by the rule, evicting the oldest until the newcomer
         /// fits, never leaves it past either bound.

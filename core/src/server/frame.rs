@@ -160,6 +160,11 @@ mod tests {
             assert_eq!(hash_of(frame), hash_of(&frame.to_vec()));
         }
         assert_eq!(std::mem::size_of::<Frame>(), 32);
+        assert_ne!(short, b"/weather/paris".to_vec());
+        assert!(short == *b"/weather/london".as_slice());
+        assert!(short != *b"/weather/paris".as_slice());
+        assert_eq!(short.as_ref(), b"/weather/london");
+        assert_eq!(format!("{short:?}"), format!("{:?}", b"/weather/london"));
     }
 
     #[test]

@@ -261,7 +261,9 @@ mod tests {
     #[test]
     fn a_reign_ends_where_the_next_one_began() {
         let mut lineage = Lineage::default();
+        assert!(lineage.is_empty());
         lineage.begin_reign(Reign { id: 1, base: 0 }, true);
+        assert!(!lineage.is_empty());
         lineage.begin_reign(Reign { id: 2, base: 40 }, true);
         assert_eq!(lineage.end_of(1, 90), Some(40));
         assert_eq!(lineage.end_of(2, 90), Some(90));
@@ -315,6 +317,97 @@ mod tests {
             .collect();
         assert_eq!(served, vec![13, 14, 15]);
         assert_eq!(recent.after(15).map(|changes| changes.len()), Some(0));
+    }
+
+    #[test]
+    fn a_property_with_a_short_id_or_too_many_reigns_is_refused() {
+        assert_eq!(
+            Lineage::from_property(b"1@5"),
+            None,
+            "ids are 16 hex digits"
+        );
+        let reign = |id: usize| format!("{id:016x}@{id}");
+        let full: Vec<String> = (0..MAX_REIGNS).map(reign).collect();
+        let parsed = Lineage::from_property(full.join(",").as_bytes());
+        assert_eq!(
+            parsed.map(|lineage| lineage.reigns().count()),
+            Some(MAX_REIGNS)
+        );
+        let over: Vec<String> = (0..=MAX_REIGNS).map(reign).collect();
+        assert_eq!(Lineage::from_property(over.join(",").as_bytes()), None);
+        assert_eq!(Lineage::from_property(b""), Some(Lineage::default()));
+    }
+
+    #[test]
+    fn reign_ids_differ_with_every_input() {
+        use rand_chacha::ChaCha8Rng;
+        use rand_core::SeedableRng;
+        use std::time::Duration;
+        let key = HashKey::from_rng(&mut ChaCha8Rng::seed_from_u64(1));
+        let other_key = HashKey::from_rng(&mut ChaCha8Rng::seed_from_u64(2));
+        let now = Instant::ZERO + Duration::from_secs(3);
+        let id = draw_reign_id(key, now, 10, 1);
+        assert_eq!(id, draw_reign_id(key, now, 10, 1), "one input, one id");
+        let others = [
+            draw_reign_id(other_key, now, 10, 1),
+            draw_reign_id(key, now + Duration::from_nanos(1), 10, 1),
+            draw_reign_id(key, now, 11, 1),
+            draw_reign_id(key, now, 10, 2),
+        ];
+        for other in others {
+            assert_ne!(id, other);
+        }
+        assert!(
+            id > 1 && others.iter().all(|other| *other > 1),
+            "drawn, not fixed"
+        );
+    }
+
+    #[test]
+    fn changes_are_charged_their_message_and_let_go_by_bytes() {
+        let charge = RecentChanges::charge(&delete(1));
+        assert_eq!(charge, ENTRY_OVERHEAD + 2, "key /k, no properties, no body");
+        let budget = Budget {
+            max_len: 100,
+            max_bytes: 2 * charge,
+        };
+        let mut recent = RecentChanges::new(0);
+        recent.push(delete(1), budget);
+        recent.push(delete(2), budget);
+        assert_eq!((recent.len(), recent.bytes()), (2, 2 * charge));
+        recent.push(delete(3), budget);
+        assert_eq!((recent.len(), recent.bytes()), (2, 2 * charge));
+        assert!(recent.after(0).is_none(), "1 was let go for bytes");
+        assert_eq!(recent.after(1).map(|changes| changes.len()), Some(2));
+
+        let tiny = Budget {
+            max_len: 100,
+            max_bytes: charge - 1,
+        };
+        recent.push(delete(4), tiny);
+        assert_eq!(
+            (recent.len(), recent.bytes()),
+            (0, 0),
+            "larger than the budget"
+        );
+        assert!(recent.after(3).is_none());
+        assert_eq!(recent.after(4).map(|changes| changes.len()), Some(0));
+    }
+
+    #[test]
+    fn a_reset_forgets_every_change_before_it() {
+        let budget = Budget {
+            max_len: 10,
+            max_bytes: usize::MAX,
+        };
+        let mut recent = RecentChanges::new(0);
+        for sequence in 1..=3 {
+            recent.push(delete(sequence), budget);
+        }
+        recent.reset(20);
+        assert_eq!((recent.len(), recent.bytes()), (0, 0));
+        assert!(recent.after(3).is_none());
+        assert_eq!(recent.after(20).map(|changes| changes.len()), Some(0));
     }
 
     proptest::proptest! {

@@ -198,5 +198,9 @@ mod tests {
             seen.contains(&Uuid::from_bytes([2; 16])),
             "a repeat does not evict"
         );
+        let oldest_first: Vec<Uuid> = seen.iter().collect();
+        let expected: Vec<Uuid> = (2..5u8).map(|n| Uuid::from_bytes([n; 16])).collect();
+        assert_eq!(oldest_first, expected);
+        assert_eq!(format!("{seen:?}"), format!("{expected:?}"));
     }
 }

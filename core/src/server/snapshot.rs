@@ -301,3 +301,201 @@ impl SnapshotStreams {
         stalled
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvmsg::{Limits, Uuid, HISTORY};
+
+    fn map_of(keys: &[&[u8]]) -> Map {
+        let mut map = Map::default();
+        for (index, key) in (0u8..).zip(keys) {
+            let update = KvMsg::kvset(key.to_vec(), b"v".to_vec(), Uuid::from_bytes([index; 16]))
+                .with_sequence(i64::from(index) + 1);
+            let (key, entry) = Entry::from_update(&update.as_msg_ref(), None, &mut Vec::new());
+            map.insert(key, entry);
+        }
+        map
+    }
+
+    fn snapshot(map: &Map, subtree: &[u8]) -> Reply {
+        Reply::Snapshot {
+            map: map.clone(),
+            subtree: subtree.to_vec(),
+        }
+    }
+
+    fn at(secs: u64) -> Instant {
+        Instant::ZERO + Duration::from_secs(secs)
+    }
+
+    fn decode(frames: &[Frame; FRAME_COUNT]) -> KvMsg {
+        KvMsg::decode(frames, &Limits::default()).expect("the server's own message decodes")
+    }
+
+    /// Pulls one stream of `routing_id` to its end: the messages before the KTHXBAI,
+    /// then the KTHXBAI.
+    fn pull_stream(
+        streams: &mut SnapshotStreams,
+        routing_id: &[u8],
+        batch_size: usize,
+    ) -> (Vec<KvMsg>, KvMsg) {
+        let mut sent = Vec::new();
+        for _ in 0..100 {
+            match streams.next_message(at(0), routing_id, batch_size) {
+                Some(Pulled::Message(frames)) => sent.push(decode(&frames)),
+                Some(Pulled::Finished(frames)) => return (sent, decode(&frames)),
+                None => panic!("no stream open for {routing_id:?}"),
+            }
+        }
+        panic!("the stream does not end");
+    }
+
+    #[test]
+    fn a_snapshot_streams_its_subtree_in_key_order_then_kthxbai() {
+        let map = map_of(&[b"/a/1", b"/a/2", b"/a/3", b"/b/1", b"/a0"]);
+        let mut streams = SnapshotStreams::default();
+        let history = b"0000000000000001@0".to_vec();
+        streams.open(
+            at(0),
+            b"c",
+            snapshot(&map, b"/a/"),
+            9,
+            Some(history.clone()),
+        );
+        for batch_size in [1, 2, 10] {
+            let mut again = streams.clone();
+            let (sent, kthxbai) = pull_stream(&mut again, b"c", batch_size);
+            let keys: Vec<&[u8]> = sent.iter().map(|msg| msg.key.as_slice()).collect();
+            assert_eq!(keys, [&b"/a/1"[..], b"/a/2", b"/a/3"], "batch {batch_size}");
+            assert_eq!(kthxbai.sequence, 9);
+            assert_eq!(kthxbai.body, b"/a/");
+            assert_eq!(kthxbai.properties.get(HISTORY), Some(&history[..]));
+            assert_eq!(again.len(), 0);
+            assert!(again.next_message(at(0), b"c", batch_size).is_none());
+        }
+    }
+
+    #[test]
+    fn a_resume_reply_announces_its_position_then_sends_the_changes() {
+        let changes: Vector<Change> = (5..=6)
+            .map(|sequence| Change::Delete {
+                key: Key::from(&b"/k"[..]),
+                sequence,
+                uuid: None,
+            })
+            .collect();
+        let mut streams = SnapshotStreams::default();
+        let reply = Reply::Changes { after: 4, changes };
+        streams.open(at(0), b"peer", reply, 6, None);
+        let (sent, kthxbai) = pull_stream(&mut streams, b"peer", 10);
+        let sequences: Vec<i64> = sent.iter().map(|msg| msg.sequence).collect();
+        assert_eq!(sequences, [4, 5, 6], "HUGZ at 4, then the changes");
+        assert_eq!(kthxbai.sequence, 6);
+        assert_eq!(kthxbai.properties.get(HISTORY), None);
+    }
+
+    #[test]
+    fn a_newer_request_replaces_the_waiting_one_and_the_count_follows() {
+        let map = map_of(&[b"/k"]);
+        let mut streams = SnapshotStreams::default();
+        assert!(!streams.open(at(0), b"a", snapshot(&map, b""), 1, None));
+        assert!(!streams.open(at(0), b"a", snapshot(&map, b""), 2, None));
+        assert_eq!(streams.len(), 2);
+        assert!(
+            streams.open(at(0), b"a", snapshot(&map, b""), 3, None),
+            "replaced"
+        );
+        assert_eq!(streams.len(), 2);
+        assert!(!streams.open(at(0), b"b", snapshot(&map, b""), 4, None));
+        assert_eq!(streams.len(), 3);
+        let ids: Vec<&[u8]> = streams.routing_ids().collect();
+        assert_eq!(ids, [&b"a"[..], b"b"]);
+        let (_, first) = pull_stream(&mut streams, b"a", 10);
+        let (_, second) = pull_stream(&mut streams, b"a", 10);
+        assert_eq!((first.sequence, second.sequence), (1, 3), "2 was replaced");
+        assert_eq!(streams.len(), 1);
+        assert_eq!(streams.cancel(b"b"), 1);
+        assert_eq!(streams.cancel(b"b"), 0);
+        assert_eq!(streams.len(), 0);
+    }
+
+    #[test]
+    fn cancelling_closes_every_stream_of_a_client() {
+        let map = map_of(&[b"/k"]);
+        let mut streams = SnapshotStreams::default();
+        streams.open(at(0), b"a", snapshot(&map, b""), 1, None);
+        streams.open(at(0), b"a", snapshot(&map, b""), 2, None);
+        streams.open(at(0), b"b", snapshot(&map, b""), 3, None);
+        assert_eq!(streams.cancel(b"a"), 2);
+        assert_eq!(streams.len(), 1);
+        streams.open(at(0), b"c", snapshot(&map, b""), 4, None);
+        assert_eq!(streams.cancel_all(), vec![b"b".to_vec(), b"c".to_vec()]);
+        assert_eq!(streams.len(), 0);
+        assert_eq!(streams.routing_ids().count(), 0);
+    }
+
+    #[test]
+    fn a_client_not_pulled_for_the_stall_timeout_is_closed() {
+        let stall = Duration::from_secs(5);
+        let map = map_of(&[b"/k"]);
+        let mut streams = SnapshotStreams::default();
+        assert_eq!(streams.next_stall(stall), None);
+        streams.open(at(10), b"a", snapshot(&map, b""), 1, None);
+        streams.open(at(12), b"b", snapshot(&map, b""), 1, None);
+        assert_eq!(streams.next_stall(stall), Some(at(15)));
+        assert!(streams.next_message(at(13), b"a", 10).is_some(), "a pulls");
+        assert_eq!(streams.next_stall(stall), Some(at(17)));
+        assert!(streams.close_stalled(at(16), stall).is_empty());
+        assert_eq!(streams.close_stalled(at(17), stall), vec![b"b".to_vec()]);
+        assert_eq!(streams.len(), 1);
+        assert_eq!(streams.close_stalled(at(18), stall), vec![b"a".to_vec()]);
+        assert_eq!(streams.len(), 0);
+    }
+
+    #[test]
+    fn a_streams_bytes_are_its_own_and_stay_below_the_per_stream_bound() {
+        let map = map_of(&[b"/a/1", b"/a/2"]);
+        let mut streams = SnapshotStreams::default();
+        assert_eq!(streams.bytes(), 0);
+        let history = vec![b'h'; 7];
+        streams.open(at(0), b"rid", snapshot(&map, b"/a/"), 1, Some(history));
+        assert_eq!(
+            streams.bytes(),
+            ENTRY_OVERHEAD + 3 + 3 + 7,
+            "nothing read ahead yet"
+        );
+        let batch_size = 2;
+        assert!(streams.next_message(at(0), b"rid", batch_size).is_some());
+        let read_ahead = streams.bytes() - (ENTRY_OVERHEAD + 3 + 3 + 7);
+        assert_eq!(read_ahead % std::mem::size_of::<(Key, Entry)>(), 0);
+        assert!(read_ahead > 0, "the batch's handles are charged");
+        assert!(streams.bytes() <= SnapshotStreams::max_bytes_per_stream(255, batch_size));
+    }
+
+    #[test]
+    fn a_stream_reads_ahead_at_most_one_batch() {
+        let keys: Vec<Vec<u8>> = (0..70).map(|n| format!("/k/{n:02}").into_bytes()).collect();
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let map = map_of(&keys);
+        let batch_size = 64;
+        let mut streams = SnapshotStreams::default();
+        streams.open(at(0), b"rid", snapshot(&map, b""), 1, None);
+        let bound = SnapshotStreams::max_bytes_per_stream(255, batch_size);
+        let mut sent = 0;
+        while let Some(Pulled::Message(_)) = streams.next_message(at(0), b"rid", batch_size) {
+            sent += 1;
+            assert!(streams.bytes() <= bound, "{} > {bound}", streams.bytes());
+        }
+        assert_eq!(sent, 70);
+        assert_eq!(
+            SnapshotStreams::max_bytes_per_stream(255, 100),
+            ENTRY_OVERHEAD
+                + MAX_ROUTING_ID_LEN
+                + 255
+                + MAX_REIGNS * 38
+                + 128 * std::mem::size_of::<(Key, Entry)>(),
+            "a batch of 100 grows to 128 slots"
+        );
+    }
+}
