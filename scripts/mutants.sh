@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Mutation testing of clonekv-core with cargo-mutants (https://mutants.rs): each mutant
+# Mutation testing of clonekv-core with cargo-mutants: each mutant
 # (a function body replaced, an operator swapped, ...) is built in a scratch copy of the
 # workspace and must be caught by the test command: every unit and integration test of
 # clonekv-core and of clonekv-sim (its regression seeds, sim/tests/seeds.rs, are most of
