@@ -272,6 +272,16 @@ impl Pair {
         self.timeouts();
     }
 
+    /// Clients set `/k/<n>` to `v1` (uuid n) through both servers, for each n.
+    fn set_keys_on_both(&mut self, keys: std::ops::RangeInclusive<u8>) {
+        for n in keys {
+            self.client_set(
+                &[Who::Primary, Who::Backup],
+                set(&format!("/k/{n}"), "v1", n),
+            );
+        }
+    }
+
     /// A resume request for the primary's current reign after `sequence`; the reply.
     fn ask_primary_to_resume_after(&mut self, sequence: i64) -> Vec<String> {
         let reign = self.primary.lineage().current().unwrap().id;
@@ -420,12 +430,7 @@ fn a_healed_split_brain_ends_with_the_backup_forwarding_its_updates_to_the_prima
 fn a_restarted_backup_resumes_from_its_recorded_sequence() {
     let mut pair = Pair::new();
     pair.run_until(100);
-    for n in 1..=3 {
-        pair.client_set(
-            &[Who::Primary, Who::Backup],
-            set(&format!("/k/{n}"), "v1", n),
-        );
-    }
+    pair.set_keys_on_both(1..=3);
     assert_eq!(pair.backup.sequence(), 3);
     let recorded = pair.backup.image();
     pair.note("--- the backup stops; the primary goes on alone ---");
@@ -529,12 +534,7 @@ fn a_restarted_active_starts_a_new_reign_so_what_it_lost_is_never_resumed_over()
 fn the_changes_of_a_resume_reply_are_sent_after_a_hugz_naming_their_start() {
     let mut pair = Pair::new();
     pair.run_until(100);
-    for n in 1..=3 {
-        pair.client_set(
-            &[Who::Primary, Who::Backup],
-            set(&format!("/k/{n}"), "v1", n),
-        );
-    }
+    pair.set_keys_on_both(1..=3);
     pair.client_set(
         &[Who::Primary, Who::Backup],
         KvMsg::kvset_delete(b"/k/1".to_vec(), uuid(4)),
