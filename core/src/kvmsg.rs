@@ -48,6 +48,10 @@ pub const KEYS: &str = "keys";
 /// belongs to (PROTOCOL.md §13): the reigns that numbered it, oldest first, as
 /// `<id hex>@<base sequence>` separated by commas. Reference programs ignore it.
 pub const HISTORY: &str = "history";
+/// Name of the KTHXBAI property that marks the end of a resume reply (PROTOCOL.md §13)
+/// with the sequence the reply's changes follow. A passive installs a reply only as what
+/// it was: resumed changes with this mark, snapshot entries without it.
+pub const RESUMED: &str = "resumed";
 
 /// A ttl value this large (or larger) is absolute Unix epoch milliseconds (§5).
 const EPOCH_MILLIS_THRESHOLD: u64 = 100_000_000_000;
@@ -633,6 +637,19 @@ impl KvMsg {
         self
     }
 
+    /// This KTHXBAI, marked as the end of a resume reply whose changes follow `after`
+    /// (see [`RESUMED`]).
+    pub fn with_resumed(mut self, after: i64) -> Self {
+        if self
+            .properties
+            .set(RESUMED, after.to_string().as_bytes())
+            .is_err()
+        {
+            debug_assert!(false, "resumed property rejected");
+        }
+        self
+    }
+
     /// The same message with another sequence (KVSET → KVPUB, stored entry → KVSYNC).
     pub fn with_sequence(mut self, sequence: i64) -> Self {
         self.sequence = sequence;
@@ -817,6 +834,17 @@ impl<'a> KvMsgRef<'a> {
     /// The history a KTHXBAI names, if any (see [`HISTORY`]).
     pub fn history(&self) -> Option<&'a [u8]> {
         property(self.properties, HISTORY)
+    }
+
+    /// What a KTHXBAI's `resumed` mark says (see [`RESUMED`]): `None` when unmarked,
+    /// `Some(None)` when the mark is not a sequence.
+    pub fn resumed(&self) -> Option<Option<i64>> {
+        let text = property(self.properties, RESUMED)?;
+        Some(
+            std::str::from_utf8(text)
+                .ok()
+                .and_then(|text| text.parse().ok()),
+        )
     }
 
     /// An owned copy.

@@ -494,6 +494,11 @@ pub enum SyncReason {
     /// The active's resume reply held more changes than a sync may buffer; a full
     /// snapshot is asked for instead.
     ResumeTooLarge,
+    /// The reply's KTHXBAI said it was not what its first message made it look like (a
+    /// resume reply marks its KTHXBAI with the position it follows, a snapshot does not):
+    /// its messages arrived out of order, or the peer does not mark its resume replies.
+    /// Nothing of it is installed; a full snapshot is asked for instead.
+    ReplyMisread,
 }
 
 /// Why pending entries were dropped without being replayed.
@@ -1387,6 +1392,10 @@ impl Server {
             return;
         }
         if entry.is_kthxbai() {
+            if !sync.reply_ends_as_taken(&entry) {
+                self.full_sync_next = true;
+                return self.retry_sync(now, SyncReason::ReplyMisread);
+            }
             let history = entry.history().map(Lineage::from_property);
             return self.complete_sync(now, entry.sequence, history);
         }

@@ -92,6 +92,9 @@ struct Pair {
     backup: Server,
     primary_alive: bool,
     link_up: bool,
+    /// The next peer snapshot reply arrives with its first two messages swapped (as a
+    /// network that reorders within a connection would deliver it; TCP never does).
+    swap_next_reply: bool,
     transcript: String,
 }
 
@@ -113,6 +116,7 @@ impl Pair {
             backup: Server::new(T0, WALL0, Config::backup(), HashKey::from_bytes([2; 16])).unwrap(),
             primary_alive: true,
             link_up: true,
+            swap_next_reply: false,
             transcript: String::new(),
         };
         pair.timeouts();
@@ -176,10 +180,16 @@ impl Pair {
                                 .handle_snapshot_request(now, wall, b"peer", &frames);
                         }
                         Output::SnapshotReady { routing_id } if routing_id == b"peer" => {
+                            let mut reply = Vec::new();
                             while let Some(frames) = self.server(who).poll_snapshot(now, b"peer") {
-                                if deliver {
-                                    self.server(other).handle_peer_snapshot(now, wall, &frames);
-                                }
+                                reply.push(frames);
+                            }
+                            if std::mem::take(&mut self.swap_next_reply) && reply.len() >= 2 {
+                                reply.swap(0, 1);
+                                self.note("  (the reply's first two messages arrive swapped)");
+                            }
+                            for frames in reply.iter().filter(|_| deliver) {
+                                self.server(other).handle_peer_snapshot(now, wall, frames);
                             }
                         }
                         _ => {}
@@ -464,6 +474,34 @@ fn a_restarted_backup_resumes_from_its_recorded_sequence() {
         .iter()
         .any(|event| event.contains("resumed: Some((3, 3))")));
     insta::assert_snapshot!("backup_resumes", pair.transcript);
+}
+
+#[test]
+fn a_resume_reply_taken_for_a_snapshot_is_not_installed() {
+    // The reply's first message decides its kind; reordered, a resume reply looks like
+    // a snapshot of its changes alone. Its KTHXBAI's `resumed` mark gives it away: the
+    // backup installs none of it and asks for the map instead.
+    let mut pair = Pair::new();
+    pair.run_until(100);
+    pair.set_keys_on_both(1..=3);
+    let recorded = pair.backup.image();
+    pair.link_up = false;
+    pair.client_set(&[Who::Primary], set("/k/4", "v1", 4));
+    pair.run_until(3_000);
+    pair.link_up = true;
+    pair.swap_next_reply = true;
+    pair.restart_backup(&recorded, Config::backup());
+    pair.run_until(4_000);
+
+    assert!(pair
+        .events('B')
+        .iter()
+        .any(|event| event.contains("ReplyMisread")));
+    let keys = |server: &Server| server.iter().map(|(key, _)| text(key)).collect::<Vec<_>>();
+    assert_eq!(keys(&pair.backup), ["/k/1", "/k/2", "/k/3", "/k/4"]);
+    assert_eq!(pair.backup.sequence(), pair.primary.sequence());
+    assert_eq!(pair.backup.counters().syncs_resumed, 0);
+    assert_eq!(pair.primary.counters().resumes_served, 1);
 }
 
 #[test]

@@ -1728,6 +1728,7 @@ fn log_event(event: &Event, limiter: &mut RateLimiter, role_conflict: bool) {
                 SyncReason::BacklogOverflow => "sync_started/backlog_overflow",
                 SyncReason::PublisherReconnected => "sync_started/publisher_reconnected",
                 SyncReason::ResumeTooLarge => "sync_started/resume_too_large",
+                SyncReason::ReplyMisread => "sync_started/reply_misread",
             };
             log_limited!(limiter, key, Level::INFO, "syncing from the active peer", reason = ?reason)
         }

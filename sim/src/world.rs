@@ -214,6 +214,18 @@ impl Life {
     }
 }
 
+/// A peer snapshot reply as its first message makes it (see [`ServerSlot::peer_reply`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PeerReply {
+    /// Requested; nothing arrived yet.
+    Awaited,
+    /// It opened with a HUGZ.
+    Resume,
+    Snapshot,
+    /// Its KTHXBAI arrived.
+    Ended,
+}
+
 #[derive(Debug)]
 struct ServerSlot {
     node: NodeId,
@@ -222,9 +234,10 @@ struct ServerSlot {
     life: Life,
     /// Fresh DEALER per peer snapshot request: replies to older ones are discarded.
     peer_dealer_epoch: u32,
-    /// The reply on the current peer DEALER is a resume (it began with a HUGZ): its
-    /// changes are the peer's publications, received like followed KVPUBs.
-    resume_reply_open: bool,
+    /// What the reply on the current peer DEALER is, decided by its first message as
+    /// the server decides it: a resume reply's changes are the peer's publications,
+    /// received like followed KVPUBs.
+    peer_reply: PeerReply,
     /// Routing ids whose snapshot streams have messages to pull.
     ready_streams: BTreeSet<Vec<u8>>,
     /// World time since which the server has been active, if it is.
@@ -442,7 +455,7 @@ impl World {
                 machine: None,
                 life: life(clock),
                 peer_dealer_epoch: 0,
-                resume_reply_open: false,
+                peer_reply: PeerReply::Awaited,
                 ready_streams: BTreeSet::new(),
                 active_since: None,
                 sync_requested_at: None,
@@ -834,21 +847,32 @@ impl World {
             && self.is_up(node)
     }
 
-    /// A message of a peer snapshot reply reached `node`: a resume reply's changes are
-    /// publications of the peer's history, received as a followed KVPUB is.
-    fn note_resume_reply(&mut self, node: NodeId, from: HistoryId, message: &KvMsg) {
+    /// A message of the reply on `node`'s current peer DEALER arrives: what the reply
+    /// is, decided by its first message as the server decides it (before the server
+    /// handles the message, whose outputs may already ask for the next reply). Returns
+    /// whether the message is a resume reply's change.
+    fn classify_peer_reply(&mut self, node: NodeId, message: &KvMsg) -> bool {
         let Some(slot) = self.servers.get_mut(node) else {
-            return;
+            return false;
         };
-        let passive = slot
-            .machine
-            .as_ref()
+        slot.peer_reply = match slot.peer_reply {
+            _ if message.is_kthxbai() => PeerReply::Ended,
+            PeerReply::Awaited if message.is_hugz() => PeerReply::Resume,
+            PeerReply::Awaited => PeerReply::Snapshot,
+            kind => kind,
+        };
+        slot.peer_reply == PeerReply::Resume && !message.is_hugz()
+    }
+
+    /// A resume reply's change reached `node`: a publication of the peer's history,
+    /// received as a followed KVPUB is if the server is passive.
+    fn note_resume_change(&mut self, node: NodeId, from: HistoryId, message: &KvMsg) {
+        let passive = self
+            .servers
+            .get(node)
+            .and_then(|slot| slot.machine.as_ref())
             .is_some_and(|machine| machine.state() == BstarState::Passive);
-        if message.is_hugz() {
-            slot.resume_reply_open = true;
-        } else if message.is_kthxbai() {
-            slot.resume_reply_open = false;
-        } else if slot.resume_reply_open && passive {
+        if passive {
             self.model.received(node, from, message);
             self.note_followed(node, message, Some(from.1));
         }
@@ -869,6 +893,9 @@ impl World {
         } else {
             None
         };
+        let resume_change = from_snapshot
+            .as_ref()
+            .is_some_and(|message| self.classify_peer_reply(node, message));
         let followed = if route.link == Link::Updates {
             KvMsg::decode(&delivery.frames, &self.limits)
                 .ok()
@@ -921,8 +948,8 @@ impl World {
             }
         }
         self.after_server_step(node);
-        if let (Some(message), Some(incarnation)) = (&from_snapshot, sender) {
-            self.note_resume_reply(node, (route.from, incarnation), message);
+        if let (Some(message), Some(incarnation), true) = (&from_snapshot, sender, resume_change) {
+            self.note_resume_change(node, (route.from, incarnation), message);
         }
         if let (Some(update), Some(incarnation)) = (&followed, sender) {
             let passive = self
@@ -1481,7 +1508,7 @@ impl World {
                         continue;
                     };
                     slot.peer_dealer_epoch += 1;
-                    slot.resume_reply_open = false;
+                    slot.peer_reply = PeerReply::Awaited;
                     slot.sync_requested_at = Some(moment);
                     let identity =
                         dealer_identity(node, slot.life.incarnation, slot.peer_dealer_epoch);

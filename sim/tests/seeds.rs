@@ -240,6 +240,12 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          and a failover merged the reply's older change of a key over the newer update",
     ),
     (
+        550446178,
+        "harsh network: a resume reply's HUGZ arrived after its first change; the world \
+         counted the changes as received while the passive read a snapshot (and the \
+         passive installed the changes alone as its map)",
+    ),
+    (
         48250498,
         "liveness: a subtree client's snapshot, answering an earlier request of a burst, \
          completed after its publisher dropped #808-#810 at the high-water mark and held \

@@ -211,6 +211,18 @@ impl SyncInProgress {
         false
     }
 
+    /// Whether `kthxbai` ends the kind of reply this attempt took the reply for: a resume
+    /// reply's is marked with the position its changes follow, a snapshot's is unmarked.
+    /// A reply taken for the wrong kind (its first message was not the first sent) must
+    /// not be installed: a resume's changes are not a map, nor a map's entries changes.
+    pub(super) fn reply_ends_as_taken(&self, kthxbai: &KvMsgRef) -> bool {
+        match (&self.resume, kthxbai.resumed()) {
+            (ResumeReply::Changes { after, .. }, Some(marked)) => marked == Some(*after),
+            (ResumeReply::Snapshot | ResumeReply::Asked { .. }, None) => true,
+            (_, _) => false,
+        }
+    }
+
     /// Holds a change of a resume reply until its KTHXBAI: `Some(true)` when held,
     /// `Some(false)` when the reply outgrows `budget` (ask for a full snapshot instead),
     /// `None` when this reply is a full snapshot's.
@@ -329,6 +341,39 @@ mod tests {
         // Decided once: a later HUGZ of a full snapshot's reply opens nothing.
         assert!(!entry.opens_resume_reply(&KvMsg::hugz(5).as_msg_ref()));
         assert!(matches!(entry.resume, ResumeReply::Snapshot));
+    }
+
+    #[test]
+    fn a_reply_is_installed_only_as_the_kind_its_kthxbai_marks() {
+        let resumed = SyncInProgress {
+            resume: ResumeReply::Changes {
+                after: 5,
+                changes: Vec::new(),
+                bytes: 0,
+            },
+            ..sync()
+        };
+        let snapshot = sync();
+        let unmarked = KvMsg::kthxbai(9, Vec::new());
+        let marked = |after| KvMsg::kthxbai(9, Vec::new()).with_resumed(after);
+        assert!(resumed.reply_ends_as_taken(&marked(5).as_msg_ref()));
+        assert!(
+            !resumed.reply_ends_as_taken(&marked(4).as_msg_ref()),
+            "another position"
+        );
+        assert!(
+            !resumed.reply_ends_as_taken(&unmarked.as_msg_ref()),
+            "a snapshot taken for a resume"
+        );
+        assert!(snapshot.reply_ends_as_taken(&unmarked.as_msg_ref()));
+        assert!(
+            !snapshot.reply_ends_as_taken(&marked(5).as_msg_ref()),
+            "a resume reply taken for a snapshot"
+        );
+        let mut garbled = KvMsg::kthxbai(9, Vec::new());
+        assert!(garbled.properties.set(crate::kvmsg::RESUMED, b"x").is_ok());
+        assert!(!resumed.reply_ends_as_taken(&garbled.as_msg_ref()));
+        assert!(!snapshot.reply_ends_as_taken(&garbled.as_msg_ref()));
     }
 
     #[test]

@@ -48,16 +48,19 @@ struct Stream {
 
 #[derive(Clone, Debug)]
 struct Resume {
-    /// The position the changes follow, until the HUGZ that says so is sent.
-    announce: Option<i64>,
+    /// The position the changes follow: the HUGZ that opens the reply and the KTHXBAI
+    /// that ends it say so.
+    after: i64,
+    announced: bool,
     changes: Vector<Change>,
 }
 
 impl Stream {
     fn next_message(&mut self, batch_size: usize) -> Pulled {
         if let Some(resume) = &mut self.resume {
-            if let Some(after) = resume.announce.take() {
-                return Pulled::Message(KvMsg::hugz(after).encode().map(Frame::from));
+            if !resume.announced {
+                resume.announced = true;
+                return Pulled::Message(KvMsg::hugz(resume.after).encode().map(Frame::from));
             }
             if let Some(change) = resume.changes.pop_front() {
                 return Pulled::Message(change.kvsync_frames());
@@ -74,6 +77,9 @@ impl Stream {
         let mut kthxbai = KvMsg::kthxbai(self.sequence, std::mem::take(&mut self.subtree));
         if let Some(history) = &self.history {
             kthxbai = kthxbai.with_history(history);
+        }
+        if let Some(resume) = &self.resume {
+            kthxbai = kthxbai.with_resumed(resume.after);
         }
         Pulled::Finished(kthxbai.encode().map(Frame::from))
     }
@@ -215,7 +221,8 @@ impl SnapshotStreams {
                 Map::default(),
                 Vec::new(),
                 Some(Resume {
-                    announce: Some(after),
+                    after,
+                    announced: false,
                     changes,
                 }),
             ),
@@ -305,7 +312,7 @@ impl SnapshotStreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kvmsg::{Limits, Uuid, HISTORY};
+    use crate::kvmsg::{Limits, Uuid, HISTORY, RESUMED};
 
     fn map_of(keys: &[&[u8]]) -> Map {
         let mut map = Map::default();
@@ -371,6 +378,11 @@ mod tests {
             assert_eq!(kthxbai.sequence, 9);
             assert_eq!(kthxbai.body, b"/a/");
             assert_eq!(kthxbai.properties.get(HISTORY), Some(&history[..]));
+            assert_eq!(
+                kthxbai.properties.get(RESUMED),
+                None,
+                "a snapshot is unmarked"
+            );
             assert_eq!(again.len(), 0);
             assert!(again.next_message(at(0), b"c", batch_size).is_none());
         }
@@ -393,6 +405,7 @@ mod tests {
         assert_eq!(sequences, [4, 5, 6], "HUGZ at 4, then the changes");
         assert_eq!(kthxbai.sequence, 6);
         assert_eq!(kthxbai.properties.get(HISTORY), None);
+        assert_eq!(kthxbai.properties.get(RESUMED), Some(&b"4"[..]), "marked");
     }
 
     #[test]
