@@ -21,7 +21,7 @@ use clonekv_core::time::{EpochMillis, Instant};
 use rand::RngExt;
 
 use crate::clock::NodeClock;
-use crate::model::{HistoryId, Map, Model, ModelStats};
+use crate::model::{HistoryId, Map, MapView, Model, ModelStats};
 use crate::network::{Delivery, DropReason, Link, Network, NodeId, PartitionKind, Route};
 use crate::options::{streams, Options};
 use crate::oracles::{History, Moment, Oracle, Publication, TtlExpectation, Violation};
@@ -318,10 +318,13 @@ pub struct World {
 
 /// A server's map: key → value.
 fn machine_map(machine: &Server) -> Map {
-    machine
-        .iter()
-        .map(|(key, entry)| (key.to_vec(), entry.body().to_vec()))
-        .collect()
+    machine.to_map()
+}
+
+impl MapView for Server {
+    fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.iter().map(|(key, entry)| (key, entry.body()))
+    }
 }
 
 fn server_index(node: NodeId) -> ServerIndex {
@@ -1657,13 +1660,11 @@ impl World {
             } else {
                 Ok(())
             };
-            let map = self.server_map(node);
-            kept.and_then(|()| self.model.check_active(node, sequence, &map, what))
+            kept.and_then(|()| self.model.check_active(node, sequence, machine, what))
         } else if stepped_down {
-            let map = self.server_map(node);
             let result = self
                 .model
-                .check_active(node, sequence, &map, "stepped down");
+                .check_active(node, sequence, machine, "stepped down");
             self.model.end_reign(node);
             result
         } else if let Some(snapshot_sequence) = sync_completed {
@@ -1680,15 +1681,7 @@ impl World {
                 checkable,
             )
         } else if passive {
-            let servers = &self.servers;
-            let map = || {
-                servers
-                    .get(node)
-                    .and_then(|slot| slot.machine.as_ref())
-                    .map(machine_map)
-                    .unwrap_or_default()
-            };
-            self.model.passive_step(node, sequence, map)
+            self.model.passive_step(node, sequence, machine)
         } else {
             Ok(())
         };
