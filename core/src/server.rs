@@ -2230,7 +2230,10 @@ impl Server {
     /// own map (that is why it was syncing): the updates earlier attempts buffered, then
     /// the snapshot's entries (taken after those), then this attempt's buffered updates,
     /// connection by connection, unless the key already has a newer one from the same
-    /// connection. Sequences are compared only among the peer's own messages: this
+    /// connection. A resume's changes are no snapshot: they replay the history after
+    /// this map and may stop short of what an earlier attempt buffered, so they come
+    /// first and each earlier attempt's update of a key applies when numbered above
+    /// them. Sequences are compared only among the peer's own messages: this
     /// server's map may carry another history's numbers (its own while split, or a
     /// restarted peer's), and comparing those with the peer's let stale values win
     /// (found by the simulator, swarm 32681).
@@ -2265,26 +2268,48 @@ impl Server {
             self.seen.insert(uuid, self.config.dedupe_window);
         }
         let mut applied_updates = 0;
-        for layer in unconfirmed {
-            let mut from_layer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
-            for (update, expires_at) in layer {
-                applied_updates +=
-                    usize::from(self.merge_peer_update(&mut from_layer, update, expires_at));
-            }
-        }
-        let mut from_peer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
         let mut merged_entries = 0;
-        for (key, entry) in snapshot.iter() {
-            from_peer.insert(key.to_vec(), entry.sequence());
-            self.sequence = self.sequence.max(entry.sequence());
-            self.store.insert(key.clone(), entry.clone());
-            merged_entries += 1;
-        }
-        // A resume's changes are the snapshot's part: they follow this map in order.
-        if let ResumeReply::Changes { changes, .. } = resume {
-            for (change, expires_at) in changes {
-                merged_entries +=
-                    usize::from(self.merge_peer_update(&mut from_peer, change, expires_at));
+        let mut from_peer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+        match resume {
+            // A resume's changes replay the history after this map, in order: an update
+            // an earlier connection brought is newer than them when its sequence is
+            // higher (the reply may have been cut before reaching it), so the layers
+            // set aside are compared with them, key by key.
+            ResumeReply::Changes { changes, .. } => {
+                for (change, expires_at) in changes {
+                    merged_entries +=
+                        usize::from(self.merge_peer_update(&mut from_peer, change, expires_at));
+                }
+                for layer in unconfirmed {
+                    let mut from_layer = from_peer.clone();
+                    for (update, expires_at) in layer {
+                        applied_updates += usize::from(self.merge_peer_update(
+                            &mut from_layer,
+                            update,
+                            expires_at,
+                        ));
+                    }
+                }
+            }
+            // A snapshot was taken after every connection set aside: its entries are
+            // newer than what those brought.
+            ResumeReply::Snapshot | ResumeReply::Asked { .. } => {
+                for layer in unconfirmed {
+                    let mut from_layer: BTreeMap<Vec<u8>, i64> = BTreeMap::new();
+                    for (update, expires_at) in layer {
+                        applied_updates += usize::from(self.merge_peer_update(
+                            &mut from_layer,
+                            update,
+                            expires_at,
+                        ));
+                    }
+                }
+                for (key, entry) in snapshot.iter() {
+                    from_peer.insert(key.to_vec(), entry.sequence());
+                    self.sequence = self.sequence.max(entry.sequence());
+                    self.store.insert(key.clone(), entry.clone());
+                    merged_entries += 1;
+                }
             }
         }
         // The connection the request went out on numbers like the snapshot; each later

@@ -246,6 +246,11 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          passive installed the changes alone as its map)",
     ),
     (
+        203527195063,
+        "a failover mid-resume merged the cut reply's older changes of a key (a delete \
+         last) over the newer update an earlier connection had brought",
+    ),
+    (
         48250498,
         "liveness: a subtree client's snapshot, answering an earlier request of a burst, \
          completed after its publisher dropped #808-#810 at the high-water mark and held \

@@ -7,8 +7,9 @@
 //! (or a resume's changes) and the active's updates are held beside it. A completed
 //! sync installs the snapshot at its sequence (or this map with the resume's changes),
 //! then applies the held updates numbered above it; a failover in the middle merges
-//! everything held, connection by connection, newest per key, so that what reached this
-//! server survives the takeover.
+//! everything held, connection by connection, newest per key (a resume's changes, which
+//! replay older history, by sequence with what earlier connections brought), so that
+//! what reached this server survives the takeover.
 
 use super::{HashKey, SeenUpdates, Store};
 use crate::budget::{message_bytes, Budget};

@@ -1783,6 +1783,36 @@ fn a_late_update_on_the_followed_connection_is_not_merged_over_the_map_at_a_fail
 }
 
 #[test]
+fn a_failover_mid_resume_keeps_an_update_newer_than_the_changes_that_arrived() {
+    // Found by the simulator (swarm 203527195063): an earlier connection brought the
+    // active's newest value of a key; the next attempt's resume reply replayed older
+    // changes of that key (a delete last) and was cut by the active's death. The merge
+    // put the replayed changes over the newer value, and the takeover lost it.
+    let mut harness = Harness::new(Config::backup());
+    harness.peer_state(BstarState::Active);
+    harness.peer_update(KvMsg::hugz(10));
+    harness.peer_snapshot(KvMsg::kthxbai(10, Vec::new()).with_history(b"00000000000000aa@0"));
+    assert!(!harness.server.is_syncing());
+    harness.peer_update(kvpub(set("/k", "newer", 1), 20)); // a gap: resume after 10
+    assert!(harness.server.is_syncing());
+    harness
+        .server
+        .handle_peer_publisher_reconnected(harness.now, harness.wall);
+    harness.advance(5_000);
+    harness.peer_state(BstarState::Active);
+    harness.timeout(); // no reply: ask again, the first connection's update set aside
+    harness.drain();
+    harness.peer_snapshot(KvMsg::hugz(10));
+    harness.peer_snapshot(kvpub(set("/k", "older", 2), 15));
+    harness.peer_snapshot(kvpub(delete("/k", 3), 16));
+    // The active dies before the reply reaches 20.
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+}
+
+#[test]
 fn after_a_reconnect_low_numbers_are_a_new_history_and_are_merged_at_a_failover() {
     let mut harness = Harness::passive_at(0);
     harness.peer_update(kvpub(set("/k", "old history", 1), 1));
