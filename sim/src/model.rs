@@ -304,15 +304,19 @@ impl Model {
     ///
     /// One case is CHP's known limit (docs/DECISIONS.md, "a late copy of an update lost
     /// in a gap"), excused and counted: the held update is a client copy replayed at the
-    /// takeover, its KVPUB never reached this server, and no snapshot this reign is
-    /// based on held it. A copy carries no sequence: it may be that lost update, or a
-    /// write the active published after everything this server received, or never.
+    /// takeover, its KVPUB never reached this server, and either no snapshot this reign
+    /// is based on held it or the copy arrived after that snapshot's request
+    /// (`copies_after_base`: the uuids of such copies), when only a snapshot storing
+    /// its very uuid could settle it. A copy carries no sequence: it may be that lost
+    /// update, or a write the active published after everything this server received,
+    /// or never.
     pub fn check_takeover_keeps_received<'a>(
         &mut self,
         node: NodeId,
         peer: HistoryId,
         entries: impl Iterator<Item = (&'a [u8], Option<Uuid>)>,
         replayed: &BTreeSet<Option<Uuid>>,
+        copies_after_base: &BTreeSet<Option<Uuid>>,
         deleted: &BTreeSet<Vec<u8>>,
     ) -> Result<(), Violation> {
         let based_through = self
@@ -368,7 +372,8 @@ impl Model {
             let same_update = uuid == *received_uuid && held_at == *received_at;
             let ambiguous_copy = replayed.contains(&uuid)
                 && !sequences.contains(&held_at)
-                && based_through.is_none_or(|through| through < held_at);
+                && (based_through.is_none_or(|through| through < held_at)
+                    || copies_after_base.contains(&uuid));
             if held_at < *received_at && !same_update && ambiguous_copy {
                 self.stats.late_copies_replayed_after_a_gap += 1;
                 continue;
@@ -932,13 +937,21 @@ mod tests {
                 (0, 0),
                 [(&b"x"[..], uuid(1))].into_iter(),
                 &none,
+                &none,
                 &BTreeSet::new(),
             )
             .unwrap_err();
         assert_eq!(error.oracle, Oracle::NoRegression);
         // Lacking x loses what it received.
         let error = setup()
-            .check_takeover_keeps_received(1, (0, 0), std::iter::empty(), &none, &BTreeSet::new())
+            .check_takeover_keeps_received(
+                1,
+                (0, 0),
+                std::iter::empty(),
+                &none,
+                &none,
+                &BTreeSet::new(),
+            )
             .unwrap_err();
         assert_eq!(error.oracle, Oracle::FailoverKeepsUpdates);
         // An expiry published at the takeover removes it rightly.
@@ -948,6 +961,7 @@ mod tests {
                 (0, 0),
                 std::iter::empty(),
                 &none,
+                &none,
                 &BTreeSet::from([b"x".to_vec()]),
             )
             .unwrap();
@@ -956,6 +970,7 @@ mod tests {
                 1,
                 (0, 0),
                 [(&b"x"[..], uuid(3))].into_iter(),
+                &none,
                 &none,
                 &BTreeSet::new(),
             )
@@ -983,9 +998,59 @@ mod tests {
                 entries.into_iter(),
                 &replayed,
                 &BTreeSet::new(),
+                &BTreeSet::new(),
             )
             .unwrap();
         assert_eq!(model.stats.late_copies_replayed_after_a_gap, 1);
+    }
+
+    #[test]
+    fn a_copy_that_arrived_after_the_base_snapshots_request_is_that_limit_too() {
+        // Swarm 312254343679: the snapshot the reign is based on held a newer value of
+        // the key; the copy of an older update arrived after that snapshot's request,
+        // so the snapshot could not settle it (only its own uuid there could).
+        let setup = || {
+            let mut model = Model::default();
+            model.server_started(0, 0);
+            model.server_started(1, 0);
+            assert!(model.begin_replayed_reign(0));
+            model.published(0, &kvpub("x", 1, 1, "older")).unwrap();
+            model.published(0, &kvpub("x", 2, 2, "mid")).unwrap();
+            model
+                .sync_completed(1, (0, 0), 2, 2, &map(&[("x", "mid")]), true)
+                .unwrap();
+            model.published(0, &kvpub("x", 3, 3, "newer")).unwrap();
+            model.received(1, (0, 0), &kvpub("x", 3, 3, "newer"));
+            model.server_crashed(0);
+            model.begin_merged_reign(1, 4, Map::new());
+            model
+        };
+        let copy = BTreeSet::from([Some(Uuid::from_bytes([1; 16]))]);
+        let entries = [(&b"x"[..], Some(Uuid::from_bytes([1; 16])))];
+        let mut after_request = setup();
+        after_request
+            .check_takeover_keeps_received(
+                1,
+                (0, 0),
+                entries.into_iter(),
+                &copy,
+                &copy,
+                &BTreeSet::new(),
+            )
+            .unwrap();
+        assert_eq!(after_request.stats.late_copies_replayed_after_a_gap, 1);
+        // Arrived before the request: the snapshot settles it, so replaying it fails.
+        let error = setup()
+            .check_takeover_keeps_received(
+                1,
+                (0, 0),
+                entries.into_iter(),
+                &copy,
+                &BTreeSet::new(),
+                &BTreeSet::new(),
+            )
+            .unwrap_err();
+        assert_eq!(error.oracle, Oracle::NoRegression);
     }
 
     #[test]

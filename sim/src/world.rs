@@ -1650,11 +1650,22 @@ impl World {
                     .filter(|message| message.body.is_empty())
                     .map(|message| message.key.clone())
                     .collect();
+                let adopted_request = self.servers.get(node).and_then(|slot| slot.adopted_request);
+                let copies_after_base = self
+                    .history
+                    .client_copies
+                    .get(&node)
+                    .into_iter()
+                    .flat_map(|copies| copies.values())
+                    .filter(|copy| adopted_request.is_none_or(|at| copy.arrived > at))
+                    .map(|copy| copy.update.0)
+                    .collect();
                 self.model.check_takeover_keeps_received(
                     node,
                     peer_history,
                     entries,
                     &replayed,
+                    &copies_after_base,
                     &deleted,
                 )
             } else {

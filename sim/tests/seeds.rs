@@ -251,6 +251,12 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          last) over the newer update an earlier connection had brought",
     ),
     (
+        312254343679,
+        "the model's late-copy excuse: a client copy that arrived after the request of the \
+         snapshot the reign is based on, and older than that snapshot's value, replayed at \
+         a failover mid-sync (CHP's known limit, counted)",
+    ),
+    (
         48250498,
         "liveness: a subtree client's snapshot, answering an earlier request of a burst, \
          completed after its publisher dropped #808-#810 at the high-water mark and held \
