@@ -257,6 +257,11 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          a failover mid-sync (CHP's known limit, counted)",
     ),
     (
+        639914810480,
+        "a resume reply's delete echoed its client copy by uuid only; an older copy of the \
+         key, arrived before it, stayed live and was replayed over the delete at failover",
+    ),
+    (
         48250498,
         "liveness: a subtree client's snapshot, answering an earlier request of a burst, \
          completed after its publisher dropped #808-#810 at the high-water mark and held \

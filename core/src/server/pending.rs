@@ -364,7 +364,9 @@ impl PendingList {
     /// the client copy still on its way. When `published_after_held` (a live KVPUB),
     /// client copies of the same key that are still held are superseded: the active
     /// ordered this update after them. A change read late from a resume reply may
-    /// predate them, so it only echoes.
+    /// predate them, so it supersedes only the key's copies that arrived before its own
+    /// copy, as a snapshot storing its uuid does
+    /// ([`PendingList::settle_against_snapshot`]).
     pub(crate) fn observe_active_update(
         &mut self,
         now: Instant,
@@ -376,6 +378,10 @@ impl PendingList {
     ) -> Evicted {
         let mut evicted = Evicted::default();
         if let Some(uuid) = uuid {
+            let own_copy_arrival = self.by_uuid.get(&uuid).and_then(|held| match &held.kind {
+                Kind::ClientCopy { update, .. } if update.key() == key => Some(held.arrival),
+                _ => None,
+            });
             match self.remove_unlinking(&uuid) {
                 Some((Kind::ClientCopy { update, .. }, true)) if update.key() == key => {
                     // The echo of the key's only live copy (the usual case): nothing
@@ -397,11 +403,45 @@ impl PendingList {
                 }
                 None => {}
             }
+            if let (false, Some(arrival)) = (published_after_held, own_copy_arrival) {
+                self.supersede_arrived_before(key, arrival);
+            }
         }
         if published_after_held {
             self.supersede(key);
         }
         evicted
+    }
+
+    /// Supersedes `key`'s live copies that arrived before `arrival`.
+    fn supersede_arrived_before(&mut self, key: &[u8], arrival: u64) {
+        let Some((owned_key, mut arrivals)) = self.remove_live_copies(key) else {
+            return;
+        };
+        let older: Vec<u64> = arrivals
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|&other| other < arrival)
+            .collect();
+        let mut none_left = false;
+        for other in older {
+            none_left = arrivals.remove(other);
+            let held = self
+                .by_arrival
+                .get(&other)
+                .and_then(|uuid| self.by_uuid.get_mut(uuid));
+            if let Some(Held {
+                kind: Kind::ClientCopy { superseded, .. },
+                ..
+            }) = held
+            {
+                *superseded = true;
+            }
+        }
+        if !none_left {
+            self.live_copies_by_key.insert(owned_key, arrivals);
+        }
     }
 
     fn supersede(&mut self, key: &[u8]) {
@@ -664,6 +704,49 @@ mod tests {
             assert_eq!(held.key(), update.key);
             assert_eq!(held.to_kvmsg(uuid), update.to_kvmsg());
         }
+    }
+
+    #[test]
+    fn a_resume_change_supersedes_only_the_copies_of_its_key_that_arrived_before_its_own() {
+        // Swarm 639914810480: a resume reply's delete echoed its copy by uuid; an older
+        // copy of the key, arrived before it, stayed live and was replayed at failover
+        // over the delete.
+        let budget = Budget {
+            max_len: 100,
+            max_bytes: usize::MAX,
+        };
+        let uuid = |n: u8| Uuid::from_bytes([n; 16]);
+        let copy = |n: u8| KvMsg::kvset(b"/k".to_vec(), vec![n], uuid(n));
+        let held = |copies: std::ops::RangeInclusive<u8>| {
+            let mut list = PendingList::new(HashKey::from_bytes([7; 16]));
+            for n in copies {
+                let (fate, _) = list.hold_client_copy(
+                    Instant::ZERO,
+                    uuid(n),
+                    &copy(n).as_msg_ref(),
+                    None,
+                    budget,
+                );
+                assert!(matches!(fate, ClientCopyFate::Held));
+            }
+            list
+        };
+        let replayed = |list: &mut PendingList| {
+            let (replay, _) = list.take_replay();
+            replay
+                .iter()
+                .map(|entry| entry.update.uuid)
+                .collect::<Vec<_>>()
+        };
+        // The resume change of the second copy's update (not live: it may predate
+        // copies that arrived after its own): the first copy arrived before it.
+        let mut list = held(1..=2);
+        list.observe_active_update(Instant::ZERO, Some(uuid(2)), b"/k", true, false, budget);
+        assert_eq!(replayed(&mut list), [], "the first copy is superseded");
+        // The change of the first copy's update leaves the second, which may be newer.
+        let mut list = held(1..=2);
+        list.observe_active_update(Instant::ZERO, Some(uuid(1)), b"/k", true, false, budget);
+        assert_eq!(replayed(&mut list), [Some(uuid(2))]);
     }
 
     #[test]
