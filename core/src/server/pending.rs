@@ -427,17 +427,7 @@ impl PendingList {
         let mut none_left = false;
         for other in older {
             none_left = arrivals.remove(other);
-            let held = self
-                .by_arrival
-                .get(&other)
-                .and_then(|uuid| self.by_uuid.get_mut(uuid));
-            if let Some(Held {
-                kind: Kind::ClientCopy { superseded, .. },
-                ..
-            }) = held
-            {
-                *superseded = true;
-            }
+            self.mark_superseded(other);
         }
         if !none_left {
             self.live_copies_by_key.insert(owned_key, arrivals);
@@ -449,17 +439,23 @@ impl PendingList {
             return;
         };
         for &arrival in arrivals.as_slice() {
-            let held = self
-                .by_arrival
-                .get(&arrival)
-                .and_then(|uuid| self.by_uuid.get_mut(uuid));
-            if let Some(Held {
-                kind: Kind::ClientCopy { superseded, .. },
-                ..
-            }) = held
-            {
-                *superseded = true;
-            }
+            self.mark_superseded(arrival);
+        }
+    }
+
+    /// Marks the client copy that arrived at `arrival` superseded (the caller unlinks
+    /// it from its key's live copies).
+    fn mark_superseded(&mut self, arrival: u64) {
+        let held = self
+            .by_arrival
+            .get(&arrival)
+            .and_then(|uuid| self.by_uuid.get_mut(uuid));
+        if let Some(Held {
+            kind: Kind::ClientCopy { superseded, .. },
+            ..
+        }) = held
+        {
+            *superseded = true;
         }
     }
 
