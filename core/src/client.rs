@@ -869,10 +869,7 @@ impl Client {
     /// The host saw the DEALER to `server` reconnect (libzmq's socket monitor). A
     /// server answers on the connection a request came in on, and the lost connection
     /// took with it whatever part of a reply had not arrived: the requests sent before
-    /// are written off. Found by the simulator (swarm 74799): a client left a server
-    /// mid-reply, the server crashed, and when the client came back its first reply
-    /// was (rightly) discarded as possibly cut, but it then kept waiting for the
-    /// dead server's reply instead of asking again.
+    /// are written off, so the client never waits for a reply that cannot come.
     /// While collecting from `server`, the client asks again at once; a reply that had
     /// started may still have its tail queued here, so it counts as cut.
     pub fn handle_snapshot_reconnected(&mut self, now: Instant, server: ServerIndex) {
@@ -1250,10 +1247,9 @@ impl Client {
                 .last_heard
                 .is_some_and(|last| message.sequence < last)
         {
-            // The server restarted while we waited for its snapshot (found by the
-            // simulator, swarm 52010: evidence from the old history, numbered far
-            // above the new one, made every new snapshot look stale for good).
-            // What was buffered belongs to the old history.
+            // The server restarted while we waited for its snapshot: what was
+            // buffered belongs to the old history, whose numbers, far above the new
+            // one's, would make every new snapshot look stale for good.
             self.stats.resyncs_after_restart += 1;
             self.attempt.live_from = None;
             self.attempt.buffer.clear();
@@ -1441,10 +1437,10 @@ impl Client {
             // subscription evidence of this attempt stays valid. After a cut reply the
             // count cannot be trusted: the request it answered may have been lost with
             // a broken connection, and the reply we discarded may be the one to our
-            // latest request (found by the simulator, swarm 74799: the client waited
-            // for a reply that never came until it timed out and left a healthy
-            // server). At worst one snapshot too many is sent. A reply for another
-            // subtree would come again: the request is repeated at the retry pace only.
+            // latest request: waiting for another would end only in a timeout that
+            // leaves a healthy server. At worst one snapshot too many is sent. A reply
+            // for another subtree would come again: the request is repeated at the
+            // retry pace only.
             let book = self.book(server);
             let none_coming = book.outstanding == 0 && book.written_off == 0;
             if mismatch {
@@ -1459,7 +1455,7 @@ impl Client {
         // The snapshot replaced every provisional entry of an update sent before it was
         // requested: those can no longer leave the map wrong, so their echo is awaited
         // for commit reports only. An update sent after the request may be missing from
-        // it (found by the simulator, swarm seed 107): its deadline stands.
+        // it: its deadline stands.
         let requested_at = self.attempt.requested_at.unwrap_or(self.clock);
         let settled: Vec<(Instant, u64)> = self
             .echo_deadlines
@@ -1487,9 +1483,8 @@ impl Client {
         self.attempt.buffer_bytes = 0;
         for update in mem::take(&mut self.attempt.buffer) {
             if update.sequence > self.sequence && self.missed_updates(&update) {
-                // The buffer itself has a hole (found by the simulator, swarm seed 10497:
-                // a whole-map client jumped over updates its publisher had dropped, and
-                // every later HUGZ then looked up to date).
+                // The buffer itself has a hole (its publisher dropped updates): jumping
+                // over it would make every later HUGZ look up to date.
                 self.stats.resyncs_after_gap += 1;
                 self.start_over(now, server, false);
                 return;

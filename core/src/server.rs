@@ -788,10 +788,8 @@ pub struct Server {
     /// The active's updates received while this server was still deciding (PRIMARY or
     /// BACKUP, just started): the sync it starts on becoming passive asks for a
     /// snapshot that holds them, but a failover before that sync completes merges them
-    /// (see `SyncInProgress::unconfirmed`). Found by the simulator (swarm 7609): a
-    /// restarted backup saw an update's KVPUB while deciding, then its client copy
-    /// (cancelled by that echo) while syncing; the active died mid-sync and the update
-    /// was lost.
+    /// (see `SyncInProgress::unconfirmed`): the echo of such an update may already
+    /// have cancelled its client copy, so this is the only place it survives.
     before_passive: VecDeque<(KvMsg, Option<EpochMillis>)>,
     /// The bytes `before_passive` is charged ([`buffered_bytes`]).
     before_passive_bytes: usize,
@@ -1237,10 +1235,9 @@ impl Server {
 
     /// The host's SUB on the peer's publisher reconnected (libzmq's socket monitor
     /// reports it). A passive that was following re-syncs once the new subscription is
-    /// live: found by the simulator (swarm 1147), a primary restarted while cut off,
-    /// took over with a new history, and its numbers reached the backup's just as the
-    /// connection came back, so the backup applied the new history's updates over the
-    /// old map without ever seeing a gap.
+    /// live: the peer may have restarted with a new history whose numbers continue
+    /// this map's, and without a gap nothing else would show that they are not the
+    /// same history.
     /// A passive already syncing keeps waiting for its reply, but sets what it buffered
     /// so far aside (see `SyncInProgress::unconfirmed`): the new connection may carry a
     /// restarted active's new history, numbered anew.
@@ -1318,10 +1315,10 @@ impl Server {
     }
 
     /// The active published `update` (a KVPUB, or a change of a resume reply), whether or
-    /// not this server can apply it now: its uuid is remembered, so that a late copy
-    /// does not apply it again (found by the simulator, swarm seed 750: a delete seen
-    /// while syncing, absent from the snapshot, was re-applied from a delayed client
-    /// copy), and it echoes the client copy the pending list holds. A `live` KVPUB was
+    /// not this server can apply it now: its uuid is remembered, so that a late client
+    /// copy does not apply it again (a delete seen while syncing is absent from the
+    /// snapshot, so the map alone cannot tell), and it echoes the client copy the
+    /// pending list holds. A `live` KVPUB was
     /// published after every copy held now; a resume's change may be older than them.
     fn observe_published(&mut self, now: Instant, update: &KvMsgRef, live: bool) {
         self.remember_published(update.uuid);
@@ -1695,8 +1692,8 @@ impl Server {
             BstarState::Active => {
                 // A new reign's split log starts here, before the replay: a backup
                 // taking over while the primary may live must forward what it replays,
-                // too (swarm 25704: a client copy only the backup had was replayed,
-                // left out of the log, and lost when the primary's snapshot won).
+                // too: a client copy only the backup had would otherwise be lost when
+                // the primary's snapshot wins.
                 self.split_log.clear();
                 self.split_log_bytes = 0;
                 self.split_lost = 0;
@@ -1815,9 +1812,9 @@ impl Server {
     /// publishing it would show clients a value already past its expiry (and with a
     /// ttl shorter than the one its writer asked for); it is exactly as if it had been
     /// set and expired. So where the store still holds an older value of its key, that
-    /// value is deleted (with the copy's uuid, as its expiry would have been): found by
-    /// the simulator (swarm 93922), a failover mid-sync merged the peer's older value,
-    /// and the newer copy's expiry left it standing.
+    /// value is deleted (with the copy's uuid, as its expiry would have been), or the
+    /// newer copy's expiry would leave an older value (say one a failover mid-sync
+    /// merged from the peer) standing.
     fn replay_pending(&mut self, wall: EpochMillis) {
         let (replay, skipped) = self.pending.take_replay();
         if replay.is_empty() && skipped == 0 {
@@ -2235,8 +2232,7 @@ impl Server {
     /// first and each earlier attempt's update of a key applies when numbered above
     /// them. Sequences are compared only among the peer's own messages: this
     /// server's map may carry another history's numbers (its own while split, or a
-    /// restarted peer's), and comparing those with the peer's let stale values win
-    /// (found by the simulator, swarm 32681).
+    /// restarted peer's), and comparing those with the peer's lets stale values win.
     /// Numbering continues after the highest sequence seen. Returns whether anything
     /// was merged (the map is then no state of its lineage).
     fn abandon_sync(&mut self) -> bool {

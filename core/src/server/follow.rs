@@ -466,4 +466,62 @@ mod tests {
         assert!(attempt.backlog_overflowed && attempt.backlog.is_empty());
         assert_eq!(attempt.buffer(update("/c", 3), None, one), 1);
     }
+
+    fn layer(sequences: &[i64]) -> Layer {
+        sequences
+            .iter()
+            .map(|&sequence| (update("/k", sequence), None))
+            .collect()
+    }
+
+    fn set_aside_sequences(attempt: &SyncInProgress) -> Vec<i64> {
+        attempt
+            .set_aside()
+            .flat_map(|(layer, _)| sequences(layer))
+            .collect()
+    }
+
+    #[test]
+    fn the_set_aside_layers_keep_their_newest_updates_within_the_count() {
+        let mut attempt = SyncInProgress {
+            unconfirmed: vec![layer(&[1, 2]), layer(&[3])],
+            reconnected: vec![layer(&[4, 5])],
+            ..sync()
+        };
+        let three = Budget {
+            max_len: 3,
+            max_bytes: usize::MAX,
+        };
+        assert_eq!(attempt.bound_set_aside(three), 2);
+        // The oldest went first, whichever layer held them.
+        assert_eq!(set_aside_sequences(&attempt), [3, 4, 5]);
+        assert_eq!(
+            attempt.bound_set_aside(three),
+            0,
+            "within bound: nothing more"
+        );
+    }
+
+    #[test]
+    fn the_set_aside_layers_keep_their_newest_updates_within_the_bytes() {
+        let mut attempt = SyncInProgress {
+            unconfirmed: vec![layer(&[1])],
+            reconnected: vec![layer(&[2, 3])],
+            ..sync()
+        };
+        let one_update = buffered_bytes(&update("/k", 1));
+        let two_updates = Budget {
+            max_len: 100,
+            max_bytes: 2 * one_update,
+        };
+        assert_eq!(attempt.bound_set_aside(two_updates), 1);
+        assert_eq!(set_aside_sequences(&attempt), [2, 3]);
+        // Past the count alone (bytes within) it drops too: either bound is enough.
+        let one = Budget {
+            max_len: 1,
+            max_bytes: usize::MAX,
+        };
+        assert_eq!(attempt.bound_set_aside(one), 1);
+        assert_eq!(set_aside_sequences(&attempt), [3]);
+    }
 }
