@@ -449,7 +449,17 @@ mod tests {
             max_len: 2,
             max_bytes: usize::MAX,
         };
-        let (_, carried, dropped) = attempt.into_next_attempt(two);
+        let (_, carried, dropped) = attempt.clone().into_next_attempt(two);
+        assert_eq!(sequences(&carried), [7, 9]);
+        assert_eq!(dropped, 1);
+
+        // The byte bound alone drops too, and a layer exactly at it keeps everything.
+        let one_update = buffered_bytes(&update("/a", 1));
+        let bytes_of_two = Budget {
+            max_len: 100,
+            max_bytes: 2 * one_update,
+        };
+        let (_, carried, dropped) = attempt.into_next_attempt(bytes_of_two);
         assert_eq!(sequences(&carried), [7, 9]);
         assert_eq!(dropped, 1);
     }

@@ -746,6 +746,33 @@ mod tests {
     }
 
     #[test]
+    fn the_debug_form_lists_held_copies_in_arrival_order_whatever_the_hash_key() {
+        // Traces print it: it must not depend on the hash table's order.
+        let budget = Budget {
+            max_len: 100,
+            max_bytes: usize::MAX,
+        };
+        let described = |hash_key: u8| {
+            let mut list = PendingList::new(HashKey::from_bytes([hash_key; 16]));
+            for (n, key) in [(3u8, "/c"), (1, "/a"), (2, "/b")] {
+                let uuid = Uuid::from_bytes([n; 16]);
+                let copy = KvMsg::kvset(key.as_bytes().to_vec(), b"v".to_vec(), uuid);
+                list.hold_client_copy(Instant::ZERO, uuid, &copy.as_msg_ref(), None, budget);
+            }
+            format!("{list:?}")
+        };
+        let text = described(1);
+        let at = |key: &str| text.find(&format!("key: \"{key}\"")).unwrap_or(usize::MAX);
+        assert!(
+            at("/c") < at("/a") && at("/a") < at("/b") && at("/b") < usize::MAX,
+            "{text}"
+        );
+        for hash_key in 2..20 {
+            assert_eq!(described(hash_key), text);
+        }
+    }
+
+    #[test]
     fn the_entry_overhead_covers_a_held_copys_bookkeeping_at_its_worst() {
         use std::mem::size_of;
         // The hash map's slot and control byte at hashbrown's lowest load (7/16, just
