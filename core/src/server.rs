@@ -1462,22 +1462,28 @@ impl Server {
         }
     }
 
+    /// Publishes a HUGZ marked with the server's state. Besides the heartbeat, one goes
+    /// out the moment an active steps down: a subscriber must hear that the reign ended
+    /// before anything a later reign publishes, or a reign that begins in the same
+    /// instant from a merged map would continue the stream it takes for the old one.
+    fn announce_state(&mut self, now: Instant) {
+        self.outputs.push_back(Output::Publish(
+            KvMsg::hugz_from(self.state(), self.sequence)
+                .with_keys(self.store.len())
+                .encode()
+                .map(Frame::from),
+        ));
+        self.next_hugz = now + self.config.bstar.heartbeat;
+        self.last_hugz = Some(now);
+    }
+
     fn fire(&mut self, now: Instant, wall: EpochMillis, timer: Timer) {
         match timer {
             Timer::BinaryStar => {
                 self.bstar.handle_timeout(now);
                 self.drain_bstar(now, wall);
             }
-            Timer::Heartbeat => {
-                self.outputs.push_back(Output::Publish(
-                    KvMsg::hugz_from(self.state(), self.sequence)
-                        .with_keys(self.store.len())
-                        .encode()
-                        .map(Frame::from),
-                ));
-                self.next_hugz = now + self.config.bstar.heartbeat;
-                self.last_hugz = Some(now);
-            }
+            Timer::Heartbeat => self.announce_state(now),
             // Done by `begin`, which every input runs.
             Timer::Expiry => {}
             Timer::PendingAge => {
@@ -1710,6 +1716,7 @@ impl Server {
                         self.abandon_stream(routing_id, AbandonReason::NoLongerActive);
                     }
                     self.forward_split_log(now, wall);
+                    self.announce_state(now);
                 }
                 self.start_sync(SyncReason::BecamePassive);
             }

@@ -1909,6 +1909,15 @@ impl Agent {
                 );
             }
         }
+        if subscriber.disconnected || subscriber.reconnected {
+            // libzmq queues a reconnecting socket's messages in one pipe, the old
+            // connection's first: reading them before the report keeps them ahead of
+            // it, the order the core relies on (docs/DECISIONS.md).
+            while self.receive_batch(index, Channel::Subscriber)? {}
+        }
+        if snapshot.disconnected || snapshot.reconnected {
+            while self.receive_batch(index, Channel::Snapshot)? {}
+        }
         if subscriber.disconnected || snapshot.disconnected {
             tracing::debug!(
                 server = %self.endpoint(ServerIndex(index)),

@@ -942,6 +942,7 @@ impl ServerHost {
             })?;
         self.log_handshake(&poll, "peer publisher");
         if poll.reconnected {
+            self.drain_peer_updates()?;
             log_limited!(
                 self.limiter,
                 "peer_publisher_reconnected",
@@ -954,6 +955,16 @@ impl ServerHost {
             self.drain_outputs();
         }
         Ok(poll.received)
+    }
+
+    /// Feeds the core every message waiting on the SUB to the peer's publisher. libzmq
+    /// queues a reconnecting SUB's messages in one pipe, the old connection's first, so
+    /// draining it before reporting a reconnect keeps the old connection's messages
+    /// ahead of the report, the order the core relies on (docs/DECISIONS.md).
+    fn drain_peer_updates(&mut self) -> Result<(), RunError> {
+        self.maybe_readable[Input::PeerUpdates as usize] = true;
+        while self.receive_batch(Input::PeerUpdates)? {}
+        Ok(())
     }
 
     /// Answers every waiting ZAP request (CURVE only) and logs each refusal; true if any

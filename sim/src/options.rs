@@ -211,6 +211,28 @@ fn duration_between(rng: &mut SimRng, min: Duration, max: Duration) -> Duration 
     Duration::from_millis(rng.random_range(min_ms..=max_ms.max(min_ms)))
 }
 
+/// The shortest heal phase of a swarm world.
+const HEAL_PHASE_MIN: Duration = Duration::from_secs(30);
+
+/// How long the heal phase must be for liveness to be owed: at least
+/// [`HEAL_PHASE_MIN`], and long enough for the snapshot streams a client may have to
+/// wait through once writes stop. A route delivers in order through a window of
+/// `high_water_mark` messages, so each window waits for its slowest message (a delay
+/// spike holds every message behind it). Streams to one client go out one after the
+/// other, at most two are queued when its last resync begins (the one being sent and
+/// the one waiting, see the server's snapshot streams), and CHP cannot cancel them:
+/// three full snapshots, plus slack for failover and subscription.
+fn heal_phase_for(network: &NetworkOptions, workload: &WorkloadOptions) -> Duration {
+    let window = network.high_water_mark.max(1) as f64;
+    let spike_in_window = 1.0 - (1.0 - network.delay_spike.probability()).powf(window);
+    let window_time =
+        network.delay_max.as_secs_f64() + spike_in_window * network.delay_spike_max.as_secs_f64();
+    let snapshot_messages = workload.keys as f64 + 1.0;
+    let snapshot_time = snapshot_messages / window * window_time;
+    let needed = Duration::from_secs(10).as_secs_f64() + 3.0 * snapshot_time;
+    HEAL_PHASE_MIN.max(Duration::from_secs_f64(needed.min(600.0)))
+}
+
 impl Options {
     /// A world whose every knob is drawn from `seed`.
     pub fn swarm(seed: u64) -> Options {
@@ -304,7 +326,7 @@ impl Options {
         };
         Options {
             fault_phase: Duration::from_secs(60),
-            heal_phase: Duration::from_secs(30),
+            heal_phase: heal_phase_for(&network, &workload),
             network,
             faults,
             clocks,

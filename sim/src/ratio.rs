@@ -45,6 +45,11 @@ impl Ratio {
         self.numerator != 0 && rng.random_ratio(self.numerator, self.denominator)
     }
 
+    /// The probability as a float, for estimates (never for drawing outcomes).
+    pub fn probability(self) -> f64 {
+        f64::from(self.numerator) / f64::from(self.denominator)
+    }
+
     /// True when this ratio can never fire.
     pub fn is_never(self) -> bool {
         self.numerator == 0

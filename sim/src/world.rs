@@ -197,15 +197,24 @@ struct Life {
     clock: NodeClock,
     restart_at: Option<Instant>,
     paused_until: Option<Instant>,
-    /// Deliveries that reached it while paused, each with its sender's incarnation
-    /// then (the sender may crash and restart before this node reads them).
-    held: VecDeque<(Delivery, Option<u32>)>,
-    /// What the node's socket monitors saw while it was paused (the monitor queues
-    /// it), in order: the peer at the other end, the route's link, and the notice.
-    held_notices: Vec<(NodeId, Link, Notice)>,
+    /// What reached it while paused, in arrival order: a connection's messages stay
+    /// ahead of the monitor's notice that it broke or came back, because the hosts read
+    /// a socket's queued messages before reporting its monitor's notice.
+    held: VecDeque<Held>,
     incarnation: u32,
     /// World time since which the node has run without a pause or restart.
     running_since: Instant,
+}
+
+/// One thing a paused node will read on resuming.
+#[derive(Debug)]
+enum Held {
+    /// A message, with its sender's incarnation when sent (the sender may crash and
+    /// restart before this node reads it).
+    Delivery(Delivery, Option<u32>),
+    /// What a socket monitor saw: the peer at the other end, the route's link, and the
+    /// notice.
+    Notice(NodeId, Link, Notice),
 }
 
 impl Life {
@@ -398,7 +407,6 @@ impl World {
             restart_at: None,
             paused_until: None,
             held: VecDeque::new(),
-            held_notices: Vec::new(),
             incarnation: 0,
             running_since: now,
         };
@@ -619,7 +627,8 @@ impl World {
             let paused = self.life(route.to).is_some_and(Life::is_paused);
             if paused {
                 if let Some(life) = self.life_mut(route.to) {
-                    life.held_notices.push((route.from, route.link, notice));
+                    life.held
+                        .push_back(Held::Notice(route.from, route.link, notice));
                 }
             } else {
                 self.report_notice(route.to, route.from, route.link, notice);
@@ -804,7 +813,7 @@ impl World {
         }
         if let Some(life) = self.life_mut(to) {
             if life.is_paused() {
-                life.held.push_back((delivery, sender));
+                life.held.push_back(Held::Delivery(delivery, sender));
                 return;
             }
         }

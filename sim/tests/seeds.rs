@@ -267,6 +267,26 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          completed after its publisher dropped #808-#810 at the high-water mark and held \
          none of them; the excuse now also counts drops beyond the last snapshot's sequence",
     ),
+    (
+        319977409590,
+        "the world handed a paused backup its monitor's reconnect notice before the dead \
+         primary's last KVPUBs that had reached it earlier: they were applied over the \
+         restarted primary's snapshot (the hosts now read a socket before its notice)",
+    ),
+    (566391955759, "the same notice-first order as 319977409590 (oracle 5)"),
+    (348143971121, "the same notice-first order as 319977409590 (oracle 5)"),
+    (
+        936433587533,
+        "an active stepped down and took over again in one instant, merging the dead \
+         peer's last updates: its subscribers never heard the reign end and missed them \
+         (a stepping-down active now announces PASSIVE at once)",
+    ),
+    (
+        936433589950,
+        "liveness owed faster than the world's links carry: 481-entry snapshots at ~50 \
+         messages/s (high-water mark 20, 5% delay spikes up to 1.5 s) with two obsolete \
+         streams queued ahead (the heal phase now covers three snapshots)",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

@@ -2037,6 +2037,32 @@ fn on_dual_active_the_backup_steps_down_forwards_its_split_updates_and_resyncs()
 }
 
 #[test]
+fn an_active_that_steps_down_says_so_before_anything_its_next_reign_publishes() {
+    // Swarm 936433587533: stepping down and taking over again in one instant, the
+    // server's subscribers saw one unbroken stream and missed what the takeover merged.
+    let mut harness = split_backup(&[set("/x", "1", 1)]);
+    harness.drain();
+    harness.peer_state(BstarState::Active); // dual active: step down
+    harness.peer_state(BstarState::Primary); // the peer restarted: take over again
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.collect(set("/z", "3", 3));
+    let published: Vec<KvMsg> = harness
+        .drain()
+        .into_iter()
+        .filter_map(|output| match output {
+            Output::Publish(frames) => Some(decode(&frames)),
+            _ => None,
+        })
+        .collect();
+    let announced = published.first().map(KvMsg::hugz_state);
+    assert_eq!(announced, Some(Some(BstarState::Passive)), "{published:?}");
+    assert!(
+        published.iter().skip(1).any(|update| update.key == b"/z"),
+        "{published:?}"
+    );
+}
+
+#[test]
 fn a_backup_that_stepped_down_and_resynced_lower_never_reuses_a_published_sequence() {
     let mut harness = split_backup(&[set("/x", "1", 1), set("/y", "2", 2)]);
     assert_eq!(harness.server.sequence(), 3);

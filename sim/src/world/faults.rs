@@ -92,7 +92,6 @@ impl World {
             life.restart_at = Some(restart_at);
             life.paused_until = None;
             life.held.clear();
-            life.held_notices.clear();
         }
         self.trace(|| format!("crash {node}"), &(8u8, node));
     }
@@ -117,23 +116,22 @@ impl World {
                     self.start_client(node);
                 }
             } else if life.paused_until.is_some_and(|at| at <= now) {
-                let (held, notices) = match self.life_mut(node) {
+                let held = match self.life_mut(node) {
                     Some(life) => {
                         life.paused_until = None;
                         life.running_since = now;
-                        (
-                            std::mem::take(&mut life.held),
-                            std::mem::take(&mut life.held_notices),
-                        )
+                        std::mem::take(&mut life.held)
                     }
                     None => continue,
                 };
                 self.trace(|| format!("resume {node}"), &(10u8, node));
-                for (server, link, notice) in notices {
-                    self.report_notice(node, server, link, notice);
-                }
-                for (delivery, sender) in held {
-                    self.deliver_sent_by(delivery, sender);
+                for item in held {
+                    match item {
+                        Held::Delivery(delivery, sender) => self.deliver_sent_by(delivery, sender),
+                        Held::Notice(server, link, notice) => {
+                            self.report_notice(node, server, link, notice)
+                        }
+                    }
                 }
             }
         }
