@@ -2078,7 +2078,7 @@ impl Server {
         }
         self.sequence = sequence;
         let store = &self.store;
-        let (_echoed, superseded) = self.pending.settle_against_snapshot(pending_mark, |key| {
+        let superseded = self.pending.settle_against_snapshot(pending_mark, |key| {
             store.get(key).and_then(|entry| entry.uuid())
         });
         self.counters.pending_superseded_by_snapshot += superseded as u64;

@@ -492,18 +492,18 @@ impl PendingList {
     /// echo, and, as for an echo that comes before its copy
     /// ([`PendingList::cancel_published`]), the key's copies that arrived before it are
     /// superseded. Any other later copy may be newer than the snapshot and stays live.
-    /// Returns `(echoed, superseded)`.
+    /// Returns how many copies were superseded.
     pub(crate) fn settle_against_snapshot(
         &mut self,
         mark: u64,
         stored_uuid: impl Fn(&[u8]) -> Option<Uuid>,
-    ) -> (usize, usize) {
+    ) -> usize {
         let live: Vec<(Vec<u8>, Vec<u64>)> = self
             .live_copies_by_key
             .iter()
             .map(|(key, arrivals)| (key.to_vec(), arrivals.as_slice().to_vec()))
             .collect();
-        let (mut echoed, mut superseded_count) = (0, 0);
+        let mut superseded_count = 0;
         for (key, arrivals) in live {
             let stored = stored_uuid(&key);
             let published = arrivals.iter().copied().find(|arrival| {
@@ -515,7 +515,6 @@ impl PendingList {
                 };
                 if Some(arrival) == published {
                     self.remove(&uuid);
-                    echoed += 1;
                     continue;
                 }
                 if arrival >= mark && published.is_none_or(|published| arrival > published) {
@@ -532,7 +531,7 @@ impl PendingList {
                 }
             }
         }
-        (echoed, superseded_count)
+        superseded_count
     }
 
     /// Drops entries older than `max_age`.
@@ -707,42 +706,125 @@ mod tests {
         // Swarm 639914810480: a resume reply's delete echoed its copy by uuid; an older
         // copy of the key, arrived before it, stayed live and was replayed at failover
         // over the delete.
-        let budget = Budget {
-            max_len: 100,
-            max_bytes: usize::MAX,
-        };
-        let uuid = |n: u8| Uuid::from_bytes([n; 16]);
-        let copy = |n: u8| KvMsg::kvset(b"/k".to_vec(), vec![n], uuid(n));
-        let held = |copies: std::ops::RangeInclusive<u8>| {
-            let mut list = PendingList::new(HashKey::from_bytes([7; 16]));
-            for n in copies {
-                let (fate, _) = list.hold_client_copy(
-                    Instant::ZERO,
-                    uuid(n),
-                    &copy(n).as_msg_ref(),
-                    None,
-                    budget,
-                );
-                assert!(matches!(fate, ClientCopyFate::Held));
-            }
-            list
-        };
-        let replayed = |list: &mut PendingList| {
-            let (replay, _) = list.take_replay();
-            replay
-                .iter()
-                .map(|entry| entry.update.uuid)
-                .collect::<Vec<_>>()
+        let held = || holding(&[(1, b"/k"), (2, b"/k")]);
+        let resumed = |list: &mut PendingList, n: u8| {
+            list.observe_active_update(
+                Instant::ZERO,
+                Some(numbered_uuid(n)),
+                b"/k",
+                true,
+                false,
+                ROOMY,
+            );
         };
         // The resume change of the second copy's update (not live: it may predate
         // copies that arrived after its own): the first copy arrived before it.
-        let mut list = held(1..=2);
-        list.observe_active_update(Instant::ZERO, Some(uuid(2)), b"/k", true, false, budget);
+        let mut list = held();
+        resumed(&mut list, 2);
         assert_eq!(replayed(&mut list), [], "the first copy is superseded");
         // The change of the first copy's update leaves the second, which may be newer.
-        let mut list = held(1..=2);
-        list.observe_active_update(Instant::ZERO, Some(uuid(1)), b"/k", true, false, budget);
-        assert_eq!(replayed(&mut list), [Some(uuid(2))]);
+        let mut list = held();
+        resumed(&mut list, 1);
+        assert_eq!(replayed(&mut list), [Some(numbered_uuid(2))]);
+    }
+
+    const ROOMY: Budget = Budget {
+        max_len: 100,
+        max_bytes: usize::MAX,
+    };
+
+    fn numbered_uuid(n: u8) -> Uuid {
+        Uuid::from_bytes([n; 16])
+    }
+
+    /// A list holding, in this order, copy `n` of each `(n, key)`.
+    fn holding(copies: &[(u8, &[u8])]) -> PendingList {
+        let mut list = PendingList::new(HashKey::from_bytes([7; 16]));
+        for &(n, key) in copies {
+            let copy = KvMsg::kvset(key.to_vec(), vec![n], numbered_uuid(n));
+            let (fate, _) = list.hold_client_copy(
+                Instant::ZERO,
+                numbered_uuid(n),
+                &copy.as_msg_ref(),
+                None,
+                ROOMY,
+            );
+            assert!(matches!(fate, ClientCopyFate::Held));
+        }
+        list
+    }
+
+    fn replayed(list: &mut PendingList) -> Vec<Option<Uuid>> {
+        let (replay, _) = list.take_replay();
+        replay.iter().map(|entry| entry.update.uuid).collect()
+    }
+
+    #[test]
+    fn the_key_index_forgets_a_key_once_its_last_live_copy_is_gone() {
+        let mut list = holding(&[(1, b"/a"), (2, b"/b"), (3, b"/b")]);
+        for (n, key) in [(1, &b"/a"[..]), (2, b"/b"), (3, b"/b")] {
+            list.observe_active_update(
+                Instant::ZERO,
+                Some(numbered_uuid(n)),
+                key,
+                false,
+                false,
+                ROOMY,
+            );
+        }
+        assert_eq!(list.len(), 0);
+        assert!(list.live_copies_by_key.is_empty(), "{list:?}");
+    }
+
+    #[test]
+    fn a_copy_that_fills_the_byte_budget_is_held_and_one_byte_more_is_refused() {
+        let copy = KvMsg::kvset(b"/k".to_vec(), vec![1; 10], numbered_uuid(1));
+        let size = Held::client_copy_bytes(&HeldUpdate::new(&copy.as_msg_ref()));
+        let fate = |max_bytes: usize| {
+            let mut list = PendingList::new(HashKey::from_bytes([7; 16]));
+            let budget = Budget {
+                max_len: 10,
+                max_bytes,
+            };
+            let (fate, _) = list.hold_client_copy(
+                Instant::ZERO,
+                numbered_uuid(1),
+                &copy.as_msg_ref(),
+                None,
+                budget,
+            );
+            fate
+        };
+        assert!(matches!(fate(size), ClientCopyFate::Held));
+        assert!(matches!(fate(size - 1), ClientCopyFate::TooLarge));
+    }
+
+    #[test]
+    fn an_update_published_under_a_copys_uuid_for_another_key_supersedes_by_its_own_key() {
+        // A client reusing a uuid for another key: the update's key decides.
+        let published = |published_after_held: bool| {
+            let mut list = holding(&[(1, b"/b"), (2, b"/a")]);
+            list.observe_active_update(
+                Instant::ZERO,
+                Some(numbered_uuid(2)),
+                b"/b",
+                true,
+                published_after_held,
+                ROOMY,
+            );
+            replayed(&mut list)
+        };
+        assert_eq!(
+            published(true),
+            [],
+            "a live KVPUB of /b supersedes its copy"
+        );
+        assert_eq!(
+            published(false),
+            [Some(numbered_uuid(1))],
+            "a resume change of /b: the copy under its uuid was of /a, so none of /b's \
+             copies is known to be older"
+        );
     }
 
     #[test]
