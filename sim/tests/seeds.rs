@@ -273,8 +273,14 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          primary's last KVPUBs that had reached it earlier: they were applied over the \
          restarted primary's snapshot (the hosts now read a socket before its notice)",
     ),
-    (566391955759, "the same notice-first order as 319977409590 (oracle 5)"),
-    (348143971121, "the same notice-first order as 319977409590 (oracle 5)"),
+    (
+        566391955759,
+        "the same notice-first order as 319977409590 (oracle 5)",
+    ),
+    (
+        348143971121,
+        "the same notice-first order as 319977409590 (oracle 5)",
+    ),
     (
         936433587533,
         "an active stepped down and took over again in one instant, merging the dead \
