@@ -621,3 +621,28 @@ proptest! {
         prop_assert_eq!(actives, 1, "primary {}, backup {}", pair.primary.state(), pair.backup.state());
     }
 }
+
+#[test]
+fn roles_and_causes_read_as_distinct_lowercase_words_in_logs() {
+    let roles: Vec<String> = [Role::Primary, Role::Backup]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(roles, ["primary", "backup"]);
+    let causes: BTreeSet<String> = [
+        Cause::PeerIsBackup,
+        Cause::PeerIsActive,
+        Cause::ClientRequestWhilePeerSilent,
+        Cause::PeerRestarted,
+        Cause::DualPassive,
+        Cause::DualActive,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    assert_eq!(causes.len(), 6, "{causes:?}");
+    for cause in &causes {
+        assert!(!cause.is_empty() && cause == &cause.to_lowercase(), "{cause:?}");
+    }
+    assert!(causes.contains("dual active"), "{causes:?}");
+}
