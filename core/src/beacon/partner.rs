@@ -83,6 +83,10 @@ mod tests {
         let partner = backup.partner().unwrap();
         assert_eq!(partner.announcement.base_port, 5556);
         assert_eq!(backup.servers_of_kind(Kind::Backup), 1);
+        hear(&mut backup, 6, server(Kind::Backup, 7000));
+        let counts =
+            [Kind::Primary, Kind::Backup, Kind::Client].map(|kind| backup.servers_of_kind(kind));
+        assert_eq!(counts, [1, 2, 0], "a misconfiguration: two other backups");
 
         let client_announcement = Announcement {
             kind: Kind::Client,

@@ -642,7 +642,10 @@ fn roles_and_causes_read_as_distinct_lowercase_words_in_logs() {
     .collect();
     assert_eq!(causes.len(), 6, "{causes:?}");
     for cause in &causes {
-        assert!(!cause.is_empty() && cause == &cause.to_lowercase(), "{cause:?}");
+        assert!(
+            !cause.is_empty() && cause == &cause.to_lowercase(),
+            "{cause:?}"
+        );
     }
     assert!(causes.contains("dual active"), "{causes:?}");
 }
