@@ -972,6 +972,13 @@ impl Server {
         matches!(self.follow, Follow::AwaitingPublisher | Follow::Syncing(_))
     }
 
+    /// True when a message of the peer's snapshot reply arriving now is taken: a
+    /// request of a sync attempt is out. Otherwise it is dropped
+    /// (`unexpected_snapshot_message`).
+    pub fn awaits_peer_reply(&self) -> bool {
+        matches!(self.follow, Follow::Syncing(_))
+    }
+
     /// Cumulative counters.
     pub fn counters(&self) -> &Counters {
         &self.counters

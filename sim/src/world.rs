@@ -867,6 +867,14 @@ impl World {
         let Some(slot) = self.servers.get_mut(node) else {
             return false;
         };
+        if !slot.machine.as_ref().is_some_and(Server::awaits_peer_reply) {
+            // No request out (the server took over since it asked): the server drops
+            // the whole reply, which answers an attempt it gave up (swarm 517240274067:
+            // a stale resume's change counted as received outlived the server's own
+            // newer publications of its key).
+            slot.peer_reply = PeerReply::Ended;
+            return false;
+        }
         slot.peer_reply = match slot.peer_reply {
             _ if message.is_kthxbai() => PeerReply::Ended,
             PeerReply::Awaited if message.is_hugz() => PeerReply::Resume,
