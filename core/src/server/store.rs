@@ -633,4 +633,41 @@ mod tests {
             Entry::from_update(&update.as_msg_ref(), Some(EpochMillis(0)), &mut Vec::new());
         assert!(entry.expires_at().is_some());
     }
+    #[test]
+    fn stored_bytes_read_back_only_when_well_formed() {
+        let ttl = std::time::Duration::from_secs(5);
+        let with_uuid =
+            KvMsg::kvset(b"/k".to_vec(), b"v".to_vec(), Uuid::from_bytes([1; 16])).with_ttl(ttl);
+        // No uuid, and no body: its bytes end with its properties.
+        let bare = KvMsg {
+            uuid: None,
+            ..KvMsg::kvset(b"/b".to_vec(), Vec::new(), Uuid::from_bytes([2; 16])).with_ttl(ttl)
+        };
+        let expires_at = Some(EpochMillis(1_700_000_005_000));
+        for update in [&with_uuid, &bare] {
+            let (_, entry) = Entry::from_update(&update.as_msg_ref(), expires_at, &mut Vec::new());
+            let bytes = entry.stored_bytes();
+            assert_eq!(
+                Entry::from_stored(bytes).map(|back| back.stored_bytes().to_vec()),
+                Some(bytes.to_vec()),
+                "{update:?}"
+            );
+            assert!(entry.properties_len() > 2, "{update:?}");
+            let cut = bytes.get(..header::LEN + 2).unwrap_or_default();
+            assert!(
+                Entry::from_stored(cut).is_none(),
+                "cut inside its properties"
+            );
+            let mut flagged = bytes.to_vec();
+            if let Some(flag) = flagged.get_mut(header::HAS_UUID) {
+                *flag = 2;
+            }
+            assert!(Entry::from_stored(&flagged).is_none(), "a uuid flag of 2");
+        }
+    }
+
+    #[test]
+    fn a_key_debugs_as_its_text() {
+        assert_eq!(format!("{:?}", Key::from(&b"/k/a"[..])), "\"/k/a\"");
+    }
 }
