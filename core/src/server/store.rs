@@ -663,6 +663,17 @@ mod tests {
                 *flag = 2;
             }
             assert!(Entry::from_stored(&flagged).is_none(), "a uuid flag of 2");
+            let mut garbled = bytes.to_vec();
+            let properties = header::LEN..header::LEN + entry.properties_len();
+            garbled
+                .get_mut(properties)
+                .into_iter()
+                .flatten()
+                .for_each(|byte| *byte = b'x');
+            assert!(
+                Entry::from_stored(&garbled).is_none(),
+                "properties that do not decode"
+            );
         }
     }
 
