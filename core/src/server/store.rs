@@ -678,7 +678,19 @@ mod tests {
     }
 
     #[test]
-    fn a_key_debugs_as_its_text() {
+    fn keys_and_entries_debug_as_their_fields_in_text() {
         assert_eq!(format!("{:?}", Key::from(&b"/k/a"[..])), "\"/k/a\"");
+        let update = KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), Uuid::from_bytes([1; 16]))
+            .with_sequence(7);
+        let (_, entry) = Entry::from_update(&update.as_msg_ref(), None, &mut Vec::new());
+        let text = format!("{entry:?}");
+        for field in [
+            "Entry",
+            "sequence: 7",
+            "expires_at: None",
+            "body: \"value\"",
+        ] {
+            assert!(text.contains(field), "{text}");
+        }
     }
 }
