@@ -692,5 +692,34 @@ mod tests {
         ] {
             assert!(text.contains(field), "{text}");
         }
+        // The assembly buffer's leftovers are no part of the store's state.
+        let store = format!("{:?}", Store::default());
+        assert!(store.contains("scratch: Scratch }"), "{store}");
+    }
+    #[test]
+    fn the_map_admits_a_write_up_to_its_byte_bound_estimated_from_above() {
+        let store = Store::default();
+        let update = KvMsg::kvset(b"/k".to_vec(), b"value".to_vec(), Uuid::from_bytes([1; 16]))
+            .with_ttl(std::time::Duration::from_secs(5));
+        let update = update.as_msg_ref();
+        // Its entry, with room for the ttl's rewrite as an absolute expiry.
+        let estimate = ENTRY_OVERHEAD
+            + update.key.len()
+            + header::LEN
+            + update.properties.len()
+            + 1
+            + TTL_REWRITE_SLACK
+            + update.body.len();
+        let bound = |max_bytes: usize| {
+            store.admits(
+                &update,
+                MapLimits {
+                    max_keys: Some(1),
+                    max_bytes: Some(max_bytes),
+                },
+            )
+        };
+        assert_eq!(bound(estimate), Ok(()));
+        assert_eq!(bound(estimate - 1), Err(MapFull::Bytes));
     }
 }
