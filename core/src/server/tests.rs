@@ -143,13 +143,19 @@ impl Harness {
 
     /// Drains the outputs and keeps the published messages, HUGZ excluded.
     fn published(&mut self) -> Vec<KvMsg> {
+        let mut published = self.published_with_hugz();
+        published.retain(|message| !message.is_hugz());
+        published
+    }
+
+    /// Drains the outputs and keeps the published messages, HUGZ included.
+    fn published_with_hugz(&mut self) -> Vec<KvMsg> {
         self.drain()
             .into_iter()
             .filter_map(|output| match output {
                 Output::Publish(frames) => Some(decode(&frames)),
                 _ => None,
             })
-            .filter(|message| !message.is_hugz())
             .collect()
     }
 
@@ -429,14 +435,7 @@ fn every_server_sends_hugz_with_its_current_sequence_and_state_every_heartbeat()
     harness.drain();
     harness.run_to_next_timeout();
     assert_eq!(harness.now, T0 + Duration::from_secs(1));
-    let hugz: Vec<KvMsg> = harness
-        .drain()
-        .into_iter()
-        .filter_map(|output| match output {
-            Output::Publish(frames) => Some(decode(&frames)),
-            _ => None,
-        })
-        .collect();
+    let hugz = harness.published_with_hugz();
     assert_eq!(hugz, [KvMsg::hugz_from(BstarState::Active, 1).with_keys(1)]);
     assert_eq!(hugz[0].hugz_keys(), Some(1), "and how many keys it holds");
 
@@ -2046,14 +2045,7 @@ fn an_active_that_steps_down_says_so_before_anything_its_next_reign_publishes() 
     harness.peer_state(BstarState::Primary); // the peer restarted: take over again
     assert_eq!(harness.server.state(), BstarState::Active);
     harness.collect(set("/z", "3", 3));
-    let published: Vec<KvMsg> = harness
-        .drain()
-        .into_iter()
-        .filter_map(|output| match output {
-            Output::Publish(frames) => Some(decode(&frames)),
-            _ => None,
-        })
-        .collect();
+    let published = harness.published_with_hugz();
     let announced = published.first().map(KvMsg::hugz_state);
     assert_eq!(announced, Some(Some(BstarState::Passive)), "{published:?}");
     assert!(
