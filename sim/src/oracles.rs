@@ -178,6 +178,9 @@ pub struct History {
     pub seen: BTreeMap<usize, std::collections::BTreeSet<UpdateId>>,
     /// Each KVPUB's own position in publication order, by (server, sequence, value).
     by_publication: BTreeMap<(usize, i64, Vec<u8>), Publication>,
+    /// The same by (server, incarnation, sequence, value): deletes share the empty
+    /// value, and a restarted server numbers its new history from the start again.
+    by_incarnation: BTreeMap<(usize, u32, i64, Vec<u8>), PublicationIndex>,
     next_publication: PublicationIndex,
     /// Per (server, key): the ttl promise of the ephemeral value that server holds.
     /// Per server, because in a split brain each active holds its own publication.
@@ -267,6 +270,24 @@ impl History {
             (server, sequence, value.to_vec()),
             (self.next_publication, incarnation),
         );
+        self.by_incarnation.insert(
+            (server, incarnation, sequence, value.to_vec()),
+            self.next_publication,
+        );
+    }
+
+    /// The position in publication order of the KVPUB `incarnation` of `server` sent
+    /// at `sequence` with `value`.
+    pub fn publication_of(
+        &self,
+        server: usize,
+        incarnation: u32,
+        sequence: i64,
+        value: &[u8],
+    ) -> Option<PublicationIndex> {
+        self.by_incarnation
+            .get(&(server, incarnation, sequence, value.to_vec()))
+            .copied()
     }
 
     /// The position in publication order of the KVPUB `server` sent at `sequence`

@@ -294,6 +294,8 @@ enum Phase {
 
 /// A simulated world.
 pub struct World {
+    /// The server and incarnation that sent the message a client is handling now.
+    delivering_to_client: Option<(NodeId, u32)>,
     seed: u64,
     options: Options,
     now: Instant,
@@ -440,6 +442,7 @@ impl World {
             coverage: Coverage::default(),
             trace: Trace::new(trace_mode, RECENT_EVENTS),
             violation: None,
+            delivering_to_client: None,
             pair_connected_since: Some(now),
             both_active_since: None,
             deferred_failover_checks: BTreeMap::new(),
@@ -820,7 +823,10 @@ impl World {
         if World::is_server(to) {
             self.deliver_to_server(delivery, sender);
         } else {
+            self.delivering_to_client =
+                sender.map(|incarnation| (delivery.route.from, incarnation));
             self.deliver_to_client(delivery);
+            self.delivering_to_client = None;
         }
     }
 

@@ -298,6 +298,11 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
         "oracle 5 counted a stale resume reply's change, which the server dropped (no \
          request out), as received over the server's own newer publications of the key",
     ),
+    (
+        873077008152,
+        "oracle 3 looked a paused client's delete from a restarted server's old history up \
+         by (server, sequence, value) and found the new history's delete at that sequence",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

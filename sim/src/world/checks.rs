@@ -483,6 +483,24 @@ impl World {
         self.check_ttl_late();
     }
 
+    /// The publication a client applied: by the incarnation that sent the message
+    /// being handled when known (swarm 873077008152: a paused client read a restarted
+    /// server's old history, whose delete at #14 the new history had numbered again).
+    fn client_publication(
+        &self,
+        server: NodeId,
+        sequence: i64,
+        value: &[u8],
+    ) -> Option<crate::oracles::PublicationIndex> {
+        match self.delivering_to_client {
+            Some((from, incarnation)) if from == server => {
+                self.history
+                    .publication_of(server, incarnation, sequence, value)
+            }
+            _ => self.history.publication_at(server, sequence, value),
+        }
+    }
+
     pub(super) fn client_event(&mut self, node: NodeId, event: client::Event, from_snapshot: bool) {
         let name = client_event_tag(&event);
         *self.coverage.client_events.entry(name).or_default() += 1;
@@ -498,7 +516,7 @@ impl World {
                     .map(|machine| machine.current_server().0);
                 let index = server.and_then(|server| {
                     (sequence > 0 && !from_snapshot)
-                        .then(|| self.history.publication_at(server, sequence, &value))
+                        .then(|| self.client_publication(server, sequence, &value))
                         .flatten()
                 });
                 if let Some(index) = index {
@@ -530,7 +548,7 @@ impl World {
                     .map(|machine| machine.current_server().0);
                 let index = server.and_then(|server| {
                     (sequence > 0 && !from_snapshot)
-                        .then(|| self.history.publication_at(server, sequence, b""))
+                        .then(|| self.client_publication(server, sequence, b""))
                         .flatten()
                 });
                 let newest = self
