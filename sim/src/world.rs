@@ -264,6 +264,9 @@ struct ServerSlot {
     adopted_through: Option<(u32, i64)>,
     /// When it asked for the last snapshot it adopted.
     adopted_request: Option<Moment>,
+    /// The entries of the snapshot the current sync has received so far, as the peer
+    /// sent them: a failover mid-sync merges them into the map it takes over with.
+    snapshot_received: BTreeMap<Vec<u8>, crate::oracles::Held>,
 }
 
 #[derive(Debug)]
@@ -477,6 +480,7 @@ impl World {
                 syncing_with: None,
                 adopted_through: None,
                 adopted_request: None,
+                snapshot_received: BTreeMap::new(),
             });
             world.start_server(node);
         }
@@ -904,6 +908,69 @@ impl World {
         }
     }
 
+    /// An entry of a snapshot reply reached `node` while it syncs: kept aside, as the
+    /// server keeps it, until the sync completes (then the map is rebuilt) or is
+    /// abandoned (then it is merged).
+    fn note_snapshot_entry(&mut self, node: NodeId, from: HistoryId, message: &KvMsg) {
+        let Some(slot) = self.servers.get(node) else {
+            return;
+        };
+        let syncing = slot.peer_reply == PeerReply::Snapshot
+            && slot.syncing_with == Some(from.1)
+            && slot.machine.as_ref().is_some_and(Server::awaits_peer_reply);
+        if !syncing || message.is_hugz() || message.body.is_empty() {
+            return;
+        }
+        let Some(index) = self.history.update_index((message.uuid, false)) else {
+            return;
+        };
+        let held = crate::oracles::Held {
+            index,
+            present: true,
+            sequence: message.sequence,
+            received_at: self.moment(),
+            from_active: Some(from.1),
+            publication: self
+                .history
+                .publication_at(from.0, message.sequence, &message.body),
+        };
+        if let Some(slot) = self.servers.get_mut(node) {
+            slot.snapshot_received.insert(message.key.clone(), held);
+        }
+    }
+
+    /// A stepped-down server forwarded one of its split-time updates to the winner: the
+    /// update is a new write again, held on its pending list until the winner publishes
+    /// it, and ordered after the winner's history. Republishing it at a takeover is a
+    /// replay of that write, not a return to the value it published while split.
+    fn note_forwarded(&mut self, node: NodeId, frames: &[Vec<u8>]) {
+        let Ok(update) = KvMsg::decode(frames, &self.limits) else {
+            return;
+        };
+        if let Some(seen) = self.history.seen.get_mut(&node) {
+            seen.remove(&(update.uuid, update.body.is_empty()));
+        }
+    }
+
+    /// A failover mid-sync merged the snapshot entries received so far over what the
+    /// server held, except where a later update of the same history, numbered above
+    /// the entry, reached it (the server applies that one after the snapshot).
+    fn hold_merged_snapshot(&mut self, node: NodeId) {
+        let Some(slot) = self.servers.get_mut(node) else {
+            return;
+        };
+        let merged = std::mem::take(&mut slot.snapshot_received);
+        let held = self.history.held.entry(node).or_default();
+        for (key, entry) in merged {
+            let newer_update = held.get(&key).is_some_and(|received| {
+                received.from_active == entry.from_active && received.sequence > entry.sequence
+            });
+            if !newer_update {
+                held.insert(key, entry);
+            }
+        }
+    }
+
     fn deliver_to_server(&mut self, delivery: Delivery, sender: Option<u32>) {
         let node = delivery.route.to;
         let route = delivery.route;
@@ -976,6 +1043,9 @@ impl World {
         self.after_server_step(node);
         if let (Some(message), Some(incarnation), true) = (&from_snapshot, sender, resume_change) {
             self.note_resume_change(node, (route.from, incarnation), message);
+        }
+        if let (Some(message), Some(incarnation), false) = (&from_snapshot, sender, resume_change) {
+            self.note_snapshot_entry(node, (route.from, incarnation), message);
         }
         if let (Some(update), Some(incarnation)) = (&followed, sender) {
             let passive = self
@@ -1549,14 +1619,17 @@ impl World {
                         message,
                     );
                 }
-                server::Output::ForwardToPeerCollector(frames) => self.send(
-                    Route {
-                        from: node,
-                        to: peer,
-                        link: Link::Collector,
-                    },
-                    frames.to_vec(),
-                ),
+                server::Output::ForwardToPeerCollector(frames) => {
+                    self.note_forwarded(node, &frames);
+                    self.send(
+                        Route {
+                            from: node,
+                            to: peer,
+                            link: Link::Collector,
+                        },
+                        frames.to_vec(),
+                    );
+                }
                 // The simulated servers run without persistence (no disk yet).
                 server::Output::Persist(_) | server::Output::PersistImage(_) => {}
                 server::Output::Event(event) => {
@@ -1580,6 +1653,7 @@ impl World {
                         let peer_incarnation = self.life(peer).map(|life| life.incarnation);
                         if let Some(slot) = self.servers.get_mut(node) {
                             slot.syncing_with = peer_incarnation;
+                            slot.snapshot_received.clear();
                         }
                     }
                     self.count_server_event(&event);
@@ -1597,11 +1671,13 @@ impl World {
                 slot.adopted_through =
                     peer_incarnation.map(|incarnation| (incarnation, snapshot_sequence));
                 slot.adopted_request = answered_request;
+                slot.snapshot_received.clear();
             }
             self.rebuild_held(node, answered_request, snapshot_sequence);
         }
         if sync_abandoned {
             self.adopt_peer_ttl_promises(node);
+            self.hold_merged_snapshot(node);
         }
         let took_over = became_active && !state_before;
         self.record_publications(node, &published, took_over, sync_abandoned);
