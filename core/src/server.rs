@@ -2085,9 +2085,11 @@ impl Server {
         }
         self.sequence = sequence;
         let store = &self.store;
-        let superseded = self.pending.settle_against_snapshot(pending_mark, |key| {
-            store.get(key).and_then(|entry| entry.uuid())
-        });
+        let superseded = self.pending.settle_against_snapshot(
+            pending_mark,
+            |_| true,
+            |key| store.get(key).and_then(|entry| entry.uuid()),
+        );
         self.counters.pending_superseded_by_snapshot += superseded as u64;
         self.counters.syncs_completed += 1;
         if resumed_report.is_some() {
@@ -2268,6 +2270,7 @@ impl Server {
             backlog,
             seen,
             resume,
+            pending_mark,
             ..
         } = sync;
         // The merged entries join the history this server publishes, as an adopted
@@ -2322,6 +2325,15 @@ impl Server {
                 }
             }
         }
+        // The snapshot's entries that arrived settle the pending copies of their keys,
+        // as a completed snapshot settles all of them.
+        let store = &self.store;
+        let superseded = self.pending.settle_against_snapshot(
+            pending_mark,
+            |key| snapshot.get(key).is_some(),
+            |key| store.get(key).and_then(|entry| entry.uuid()),
+        );
+        self.counters.pending_superseded_by_snapshot += superseded as u64;
         // The connection the request went out on numbers like the snapshot; each later
         // one is compared only with itself.
         for (index, layer) in reconnected.into_iter().chain([backlog]).enumerate() {

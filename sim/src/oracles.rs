@@ -181,6 +181,9 @@ pub struct History {
     /// The same by (server, incarnation, sequence, value): deletes share the empty
     /// value, and a restarted server numbers its new history from the start again.
     by_incarnation: BTreeMap<(usize, u32, i64, Vec<u8>), PublicationIndex>,
+    /// Per history (server, incarnation) and update: the position in publication order
+    /// of that history's first publication of the update.
+    by_history_update: BTreeMap<(usize, u32, UpdateId), PublicationIndex>,
     next_publication: PublicationIndex,
     /// Per (server, key): the ttl promise of the ephemeral value that server holds.
     /// Per server, because in a split brain each active holds its own publication.
@@ -262,10 +265,14 @@ impl History {
         &mut self,
         server: usize,
         incarnation: u32,
+        update: UpdateId,
         sequence: i64,
         value: &[u8],
     ) {
         self.next_publication += 1;
+        self.by_history_update
+            .entry((server, incarnation, update))
+            .or_insert(self.next_publication);
         self.by_publication.insert(
             (server, sequence, value.to_vec()),
             (self.next_publication, incarnation),
@@ -274,6 +281,19 @@ impl History {
             (server, incarnation, sequence, value.to_vec()),
             self.next_publication,
         );
+    }
+
+    /// The position in publication order at which `incarnation` of `server` first
+    /// published `update`, if it ever did.
+    pub fn first_published_in(
+        &self,
+        server: usize,
+        incarnation: u32,
+        update: UpdateId,
+    ) -> Option<PublicationIndex> {
+        self.by_history_update
+            .get(&(server, incarnation, update))
+            .copied()
     }
 
     /// The position in publication order of the KVPUB `incarnation` of `server` sent

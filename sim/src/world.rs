@@ -939,19 +939,6 @@ impl World {
         }
     }
 
-    /// A stepped-down server forwarded one of its split-time updates to the winner: the
-    /// update is a new write again, held on its pending list until the winner publishes
-    /// it, and ordered after the winner's history. Republishing it at a takeover is a
-    /// replay of that write, not a return to the value it published while split.
-    fn note_forwarded(&mut self, node: NodeId, frames: &[Vec<u8>]) {
-        let Ok(update) = KvMsg::decode(frames, &self.limits) else {
-            return;
-        };
-        if let Some(seen) = self.history.seen.get_mut(&node) {
-            seen.remove(&(update.uuid, update.body.is_empty()));
-        }
-    }
-
     /// A failover mid-sync merged the snapshot entries received so far over what the
     /// server held, except where a later update of the same history, numbered above
     /// the entry, reached it (the server applies that one after the snapshot).
@@ -1619,17 +1606,14 @@ impl World {
                         message,
                     );
                 }
-                server::Output::ForwardToPeerCollector(frames) => {
-                    self.note_forwarded(node, &frames);
-                    self.send(
-                        Route {
-                            from: node,
-                            to: peer,
-                            link: Link::Collector,
-                        },
-                        frames.to_vec(),
-                    );
-                }
+                server::Output::ForwardToPeerCollector(frames) => self.send(
+                    Route {
+                        from: node,
+                        to: peer,
+                        link: Link::Collector,
+                    },
+                    frames.to_vec(),
+                ),
                 // The simulated servers run without persistence (no disk yet).
                 server::Output::Persist(_) | server::Output::PersistImage(_) => {}
                 server::Output::Event(event) => {

@@ -492,15 +492,20 @@ impl PendingList {
     /// echo, and, as for an echo that comes before its copy
     /// ([`PendingList::cancel_published`]), the key's copies that arrived before it are
     /// superseded. Any other later copy may be newer than the snapshot and stays live.
+    ///
+    /// Only the keys the snapshot `covers` are settled: a snapshot cut short (the
+    /// active died while sending it) shows nothing about the keys it did not reach.
     /// Returns how many copies were superseded.
     pub(crate) fn settle_against_snapshot(
         &mut self,
         mark: u64,
+        covers: impl Fn(&[u8]) -> bool,
         stored_uuid: impl Fn(&[u8]) -> Option<Uuid>,
     ) -> usize {
         let live: Vec<(Vec<u8>, Vec<u64>)> = self
             .live_copies_by_key
             .iter()
+            .filter(|(key, _)| covers(key))
             .map(|(key, arrivals)| (key.to_vec(), arrivals.as_slice().to_vec()))
             .collect();
         let mut superseded_count = 0;

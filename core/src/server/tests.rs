@@ -1644,6 +1644,30 @@ fn a_failover_mid_sync_remembers_the_merged_entries_as_published() {
 }
 
 #[test]
+fn a_failover_mid_sync_settles_the_copies_of_the_keys_the_partial_snapshot_reached() {
+    // Found by the simulator (seed 5, once the world held what such a merge takes in): a stepped-down
+    // backup forwarded its split-time value, the primary had already published and
+    // replaced it; the backup took over mid-sync, merged the primary's newer value from
+    // the snapshot's first entries, and replayed the forward over it.
+    let mut harness = Harness::passive_at(0);
+    harness.collect(set("/k", "forwarded", 1));
+    harness.collect(set("/unreached", "copy", 2));
+    // A gap: the backup asks for a snapshot; the copies came before the request.
+    harness.peer_update(kvpub(set("/gap", "x", 3), 5));
+    assert!(harness.server.is_syncing());
+    harness.peer_snapshot(kvpub(set("/k", "newer", 4), 3));
+    harness.drain();
+    // The primary dies before the rest of the snapshot.
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    // The copy of the key the snapshot reached is settled by it; the other is replayed.
+    assert_eq!(keys(&harness.published()), ["/unreached"]);
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+    assert_eq!(harness.server.counters().pending_superseded_by_snapshot, 1);
+}
+
+#[test]
 fn only_the_latest_pending_copy_of_a_key_is_replayed() {
     // Found by the simulator (seed 22): replaying every copy in arrival order put the
     // key through values the old active had already replaced.

@@ -149,13 +149,24 @@ impl World {
                 .held
                 .get(&node)
                 .and_then(|held| held.get(&message.key))
-                .map(|held| held.index);
+                .copied();
             let seen_before = self
                 .history
                 .seen
                 .get(&node)
                 .is_some_and(|seen| seen.contains(&update_id));
-            if let (Some(old), Some(current), true) = (previous, held, seen_before) {
+            // A value received from the peer's history is newer than the update only if
+            // that history published the update before it: what the peer never
+            // published there (a split-time value this server forwarded, a copy the
+            // peer never got) would follow it, as the peer would have published it.
+            let older = |held: crate::oracles::Held| match (held.from_active, held.publication) {
+                (Some(incarnation), Some(current)) => self
+                    .history
+                    .first_published_in(1 - node, incarnation, update_id)
+                    .map(|old| (old, current)),
+                _ => previous.map(|old| (old, held.index)),
+            };
+            if let (Some((old, current)), true) = (held.and_then(older), seen_before) {
                 if old < current {
                     let detail = format!(
                         "active {node} republished an older value of {} (publication #{old}) over #{current}",
@@ -170,8 +181,13 @@ impl World {
             self.history
                 .last_published_of_key
                 .insert(message.key.clone(), (update_id, node, incarnation));
-            self.history
-                .number_publication(node, incarnation, message.sequence, &message.body);
+            self.history.number_publication(
+                node,
+                incarnation,
+                update_id,
+                message.sequence,
+                &message.body,
+            );
             self.history.seen.entry(node).or_default().insert(update_id);
             let received_at = self.moment();
             self.history.held.entry(node).or_default().insert(
