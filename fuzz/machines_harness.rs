@@ -323,7 +323,7 @@ impl World {
         }
         while let Some(output) = self.client.poll_output() {
             match output {
-                client::Output::SendSnapshotRequest { server, frames } => {
+                client::Output::SendSnapshotRequest { server, frames, .. } => {
                     self.send(
                         Link::ClientRequest {
                             server: server.0 == 1,

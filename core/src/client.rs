@@ -34,7 +34,9 @@
 //! client.watch_commit(uuid).unwrap();
 //! while let Some(output) = client.poll_output() {
 //!     match output {
-//!         Output::SendSnapshotRequest { server, frames } => { /* DEALER of `server` */ }
+//!         Output::SendSnapshotRequest { server, frames, fresh_connection } => {
+//!             /* DEALER of `server`, a new one first if `fresh_connection` */
+//!         }
 //!         Output::Publish { frames } => { /* the PUB that reaches every collector */ }
 //!         Output::Event(event) => { /* tell the application */ }
 //!     }
@@ -77,6 +79,14 @@
 //!    buffered updates bring up to date, so it is used.
 //!
 //! After a discard with no request left outstanding, the client asks again.
+//!
+//! Every attempt after the first on a server asks on a fresh connection
+//! ([`Output::SendSnapshotRequest`]'s `fresh_connection`: the host closes the server's
+//! DEALER and opens a new one), and so does an attempt restarted because the server's
+//! numbers fell mid-sync. A reply to an earlier attempt's request can then never reach
+//! a later attempt: it may be of a history the server has since left (it stepped down,
+//! synced to its peer and took over again), where no sequence tells old from new. The
+//! rules above remain for the requests of one attempt.
 //!
 //! # Local updates
 //!
@@ -488,6 +498,11 @@ pub enum Output {
         server: ServerIndex,
         /// The two frames.
         frames: Vec<Vec<u8>>,
+        /// Close the DEALER of `server` and send on a new one: the first request of an
+        /// attempt on a server asked before. Replies still queued for the old one
+        /// answer requests of an earlier attempt, perhaps of a history the server has
+        /// since left, and nothing in a reply says which request it answers.
+        fresh_connection: bool,
     },
     /// Send this KVSET on the PUB connected to every server's collector.
     Publish {
@@ -577,6 +592,8 @@ struct ServerBook {
     down: bool,
     /// The number of keys its latest HUGZ said its map holds.
     keys: Option<u64>,
+    /// A request went out on the current connection to it.
+    asked: bool,
 }
 
 /// What a client knows of one server (see [`Client::server_view`]).
@@ -638,6 +655,8 @@ struct Attempt {
     /// A reply was discarded that asking again at once would only bring back (it named
     /// another subtree): ask again at the `request_retry` pace.
     ask_again: bool,
+    /// A request of this attempt went out (on a connection of its own).
+    asked: bool,
 }
 
 /// An own update awaiting its echo.
@@ -1247,14 +1266,12 @@ impl Client {
                 .last_heard
                 .is_some_and(|last| message.sequence < last)
         {
-            // The server restarted while we waited for its snapshot: what was
-            // buffered belongs to the old history, whose numbers, far above the new
-            // one's, would make every new snapshot look stale for good.
+            // The server left the history we were syncing to (it restarted, or
+            // re-synced to its peer's): what was buffered belongs to the old history,
+            // and so may a reply still queued for us. Start a new attempt, whose request
+            // goes out on a new connection; this message is its first.
             self.stats.resyncs_after_restart += 1;
-            self.attempt.live_from = None;
-            self.attempt.buffer.clear();
-            self.attempt.buffer_bytes = 0;
-            self.attempt.overflow_through = None;
+            self.start_over(now, server, false);
         }
         self.attempt.last_heard = Some(message.sequence);
         if self.attempt.live_from.is_none() {
@@ -1567,7 +1584,16 @@ impl Client {
     /// request time of the first (its reply may still be the one that comes).
     fn send_snapshot_request(&mut self, now: Instant) {
         let server = self.current;
+        let fresh_connection = !self.attempt.asked && self.book(server).asked;
+        self.attempt.asked = true;
         let book = self.book(server);
+        if fresh_connection {
+            // Nothing sent on the old connection can come back on the new one.
+            book.outstanding = 0;
+            book.written_off = 0;
+            book.reply_cut = false;
+        }
+        book.asked = true;
         if book.outstanding >= MAX_OUTSTANDING_REQUESTS {
             // A passive server drops requests without a reply; waiting for those would
             // keep the client from ever making it take over. The reply rules of the
@@ -1587,6 +1613,7 @@ impl Client {
         self.outputs.push_back(Output::SendSnapshotRequest {
             server,
             frames: SnapshotRequest::new(self.config.subtree.clone()).encode(),
+            fresh_connection,
         });
     }
 

@@ -844,7 +844,6 @@ impl ClientBuilder {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let mut links = Vec::with_capacity(addresses.len());
         for (index, address) in addresses.iter().enumerate() {
-            let snapshot = new_socket(&context, zmq::DEALER, "snapshot", &address.snapshot)?;
             let curve_client = |socket: &ZmqSocket, endpoint: &str| match &curve_keys {
                 Some((own, keys)) => configure(socket, endpoint, |inner| match keys.get(index) {
                     Some(server) => curve::make_client(inner, own, server),
@@ -852,23 +851,9 @@ impl ClientBuilder {
                 }),
                 None => Ok(()),
             };
-            curve_client(&snapshot, &address.snapshot)?;
-            // A reply's unsent part is lost with its connection (the server answers on
-            // the connection the request came in on).
-            let snapshot_monitor = ReconnectMonitor::new(&context, &snapshot).map_err(|error| {
-                ClientError::Socket {
-                    socket: "snapshot monitor",
-                    endpoint: address.snapshot.clone(),
-                    error,
-                }
-            })?;
             let largest = largest_legal_frame(&core.config().limits);
-            configure(&snapshot, &address.snapshot, |socket| {
-                socket.set_maxmsgsize(largest)
-            })?;
-            if address.is_known() {
-                connect(&snapshot, &address.snapshot)?;
-            }
+            let (snapshot, snapshot_monitor) =
+                open_snapshot_socket(&context, address, curve_keys.as_ref(), index, largest)?;
             let subscriber = new_socket(&context, zmq::SUB, "subscriber", &address.publisher)?;
             curve_client(&subscriber, &address.publisher)?;
             let subtree = core.subtree().to_vec();
@@ -1691,6 +1676,35 @@ impl Agent {
         Ok(())
     }
 
+    /// Replaces server `index`'s DEALER (and its monitor) by a new one: replies queued
+    /// for the old one answer requests of an earlier attempt (the core's module docs).
+    fn reopen_snapshot_socket(&mut self, index: usize) -> Result<(), ClientError> {
+        let Some(address) = self.addresses.get(index) else {
+            return Ok(());
+        };
+        let largest = largest_legal_frame(&self.core.config().limits);
+        let (snapshot, monitor) = open_snapshot_socket(
+            &self.context,
+            address,
+            self.curve_keys.as_ref(),
+            index,
+            largest,
+        )?;
+        let Some(link) = self.links.get_mut(index) else {
+            return Ok(());
+        };
+        let registry = self.poll.registry();
+        // Dropping the old sockets closes them; deregistering first keeps mio's view
+        // of the fds right.
+        let _ = link.snapshot.deregister(registry);
+        let _ = link.snapshot_monitor.deregister(registry);
+        snapshot.register(registry, snapshot_token(index))?;
+        monitor.register(registry, snapshot_monitor_token(index))?;
+        link.snapshot = snapshot;
+        link.snapshot_monitor = monitor;
+        Ok(())
+    }
+
     fn take_commands(&mut self) -> bool {
         let mut took = false;
         while let Ok(command) = self.inbox.try_recv() {
@@ -1984,7 +1998,20 @@ impl Agent {
         let mut events = Vec::new();
         while let Some(output) = self.core.poll_output() {
             match output {
-                Output::SendSnapshotRequest { server, frames } => {
+                Output::SendSnapshotRequest {
+                    server,
+                    frames,
+                    fresh_connection,
+                } => {
+                    if fresh_connection {
+                        if let Err(error) = self.reopen_snapshot_socket(server.0) {
+                            tracing::warn!(
+                                %error,
+                                server = server.0,
+                                "could not open a new snapshot connection; asking on the old one"
+                            );
+                        }
+                    }
                     if let Some(link) = self.links.get(server.0) {
                         send_or_log(&link.snapshot, &frames, &mut self.limiter);
                     }
@@ -2148,6 +2175,43 @@ fn curve_keys(
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Some((own.clone(), keys)))
+}
+
+/// The DEALER to a server's snapshot port, with the monitor of its connection: CURVE
+/// (server `index`'s key), the frame limit, and connected if the address is known.
+fn open_snapshot_socket(
+    context: &zmq::Context,
+    address: &ServerAddress,
+    curve_keys: Option<&(KeyPair, Vec<PublicKey>)>,
+    index: usize,
+    largest_frame: i64,
+) -> Result<(ZmqSocket, ReconnectMonitor), ClientError> {
+    let snapshot = new_socket(context, zmq::DEALER, "snapshot", &address.snapshot)?;
+    if let Some((own, keys)) = curve_keys {
+        configure(&snapshot, &address.snapshot, |inner| {
+            match keys.get(index) {
+                Some(server) => curve::make_client(inner, own, server),
+                None => Err(zmq::Error::EINVAL),
+            }
+        })?;
+    }
+    // A reply's unsent part is lost with its connection (the server answers on the
+    // connection the request came in on).
+    let monitor =
+        ReconnectMonitor::new(context, &snapshot).map_err(|error| ClientError::Socket {
+            socket: "snapshot monitor",
+            endpoint: address.snapshot.clone(),
+            error,
+        })?;
+    configure(&snapshot, &address.snapshot, |socket| {
+        // Nothing queued on a DEALER being replaced is worth sending.
+        socket.set_linger(0)?;
+        socket.set_maxmsgsize(largest_frame)
+    })?;
+    if address.is_known() {
+        connect(&snapshot, &address.snapshot)?;
+    }
+    Ok((snapshot, monitor))
 }
 
 fn new_socket(

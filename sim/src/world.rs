@@ -287,6 +287,9 @@ struct ClientSlot {
     last_synced_sequence: Option<i64>,
     /// World time of the first snapshot request of the sync under way, if any.
     sync_requested_at: Option<Instant>,
+    /// Per server: the epoch of the client's current DEALER to it (a fresh one per
+    /// attempt): replies to an older one are discarded with it.
+    dealer_epochs: [u32; 2],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -497,6 +500,7 @@ impl World {
                 last_synced_at: None,
                 last_synced_sequence: None,
                 sync_requested_at: None,
+                dealer_epochs: [0; 2],
             });
             world.start_client(node);
         }
@@ -860,7 +864,11 @@ impl World {
                 .get(node)
                 .is_some_and(|slot| slot.peer_dealer_epoch == epoch)
         } else {
-            true
+            self.clients
+                .iter()
+                .find(|slot| slot.node == node)
+                .and_then(|slot| slot.dealer_epochs.get(reply_route.from))
+                .is_some_and(|current| *current == epoch)
         };
         node == reply_route.to
             && life_matches
@@ -1894,13 +1902,24 @@ impl World {
         for (position, output) in outputs.into_iter().enumerate() {
             let from_snapshot = installed_through.is_some_and(|last| position < last);
             match output {
-                client::Output::SendSnapshotRequest { server, frames } => {
+                client::Output::SendSnapshotRequest {
+                    server,
+                    frames,
+                    fresh_connection,
+                } => {
                     let now = self.now;
+                    let mut epoch = 0;
                     if let Some(slot) = self.client_slot(node) {
                         slot.sync_requested_at.get_or_insert(now);
+                        if let Some(server_epoch) = slot.dealer_epochs.get_mut(server.0) {
+                            if fresh_connection {
+                                *server_epoch += 1;
+                            }
+                            epoch = *server_epoch;
+                        }
                     }
                     let incarnation = self.life(node).map_or(0, |life| life.incarnation);
-                    let mut message = vec![dealer_identity(node, incarnation, 0)];
+                    let mut message = vec![dealer_identity(node, incarnation, epoch)];
                     message.extend(frames);
                     self.send(
                         Route {

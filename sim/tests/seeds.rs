@@ -309,6 +309,12 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          received so far: the expiry of a merged value looked like a replay of an older \
          delete of the same update",
     ),
+    (
+        692477835536,
+        "a client took a reply held up on a stalled link since an earlier reign of its \
+         server for the answer to its new request, and followed the new reign from the \
+         old reign's map",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

@@ -87,6 +87,20 @@ fn requests(outputs: &[Output]) -> Vec<ServerIndex> {
         .collect()
 }
 
+fn fresh_requests(outputs: &[Output]) -> Vec<(ServerIndex, bool)> {
+    outputs
+        .iter()
+        .filter_map(|output| match output {
+            Output::SendSnapshotRequest {
+                server,
+                fresh_connection,
+                ..
+            } => Some((*server, *fresh_connection)),
+            _ => None,
+        })
+        .collect()
+}
+
 fn published(outputs: &[Output]) -> Vec<KvMsg> {
     outputs
         .iter()
@@ -235,7 +249,7 @@ fn the_snapshot_request_is_icanhaz_and_the_subtree_to_the_current_server() {
     let mut client = client(2);
     sub(&mut client, ms(0), A, kvpub("/a/x", "1", 4));
     let outputs = drain(&mut client);
-    let [Output::SendSnapshotRequest { server, frames }] = outputs.as_slice() else {
+    let [Output::SendSnapshotRequest { server, frames, .. }] = outputs.as_slice() else {
         panic!("expected exactly one request, got {outputs:?}");
     };
     assert_eq!(*server, A);
@@ -538,38 +552,6 @@ fn a_reconnected_subscriber_makes_the_client_take_a_fresh_snapshot() {
     assert_eq!(requests(&drain(&mut client)), [A]);
     snap(&mut client, ms(1_101), A, kthxbai(6));
     assert!(contents(&client).is_empty());
-}
-
-#[test]
-fn after_discarding_a_cut_reply_the_client_asks_again_whatever_the_count_says() {
-    // Found by the simulator (swarm 74799): the client left A mid-reply and the rest of
-    // that reply was lost with a broken connection. Back on A, its first reply was
-    // (rightly) discarded as possibly cut, and it then waited for the lost reply
-    // instead of asking again, until it timed out and left a healthy server.
-    let mut client = client(2);
-    sub(&mut client, ms(0), A, hugz(5));
-    snap(&mut client, ms(1), A, kvsync("/a/x", "1", 3));
-    fail_over(&mut client, ms(5_001)); // to B, A's reply cut
-    drain(&mut client);
-    fail_over(&mut client, ms(10_002)); // back to A
-    sub(&mut client, ms(10_003), A, hugz(2));
-    assert_eq!(requests(&drain(&mut client)), [A]);
-    snap(&mut client, ms(10_004), A, kvsync("/a/y", "2", 2));
-    snap(&mut client, ms(10_004), A, kthxbai(2));
-    assert_eq!(
-        client.state(),
-        State::Syncing,
-        "discarded: it may be the cut reply"
-    );
-    assert_eq!(
-        requests(&drain(&mut client)),
-        [A],
-        "a request is still counted, but it asks again at once"
-    );
-    snap(&mut client, ms(10_005), A, kvsync("/a/y", "2", 2));
-    snap(&mut client, ms(10_005), A, kthxbai(2));
-    assert_eq!(client.state(), State::Active);
-    assert_eq!(contents(&client), ["/a/y=2@2"]);
 }
 
 #[test]
@@ -939,50 +921,50 @@ fn a_message_for_an_unknown_server_index_is_counted_and_reported() {
 // --- Outstanding requests and stale replies -------------------------------------------
 
 #[test]
-fn at_most_two_snapshot_requests_are_outstanding_per_server() {
+fn every_later_attempt_on_a_server_asks_on_a_fresh_connection() {
     // A passive A and B: nobody ever answers.
     let mut client = client(2);
     let mut now = 0;
+    let mut asked = Vec::new();
     for _ in 0..4 {
         for server in [A, B] {
             sub(&mut client, ms(now), server, hugz(1));
+            asked.extend(fresh_requests(&drain(&mut client)));
             now += 5_000;
             client.handle_timeout(ms(now));
+            asked.extend(fresh_requests(&drain(&mut client)));
         }
     }
-    assert_eq!(client.outstanding_requests(A), 2);
-    assert_eq!(client.outstanding_requests(B), 2);
-    // Every attempt asks (a passive may take over); from the third attempt on, the
-    // subscription is known live and the request goes out with the move.
-    assert_eq!(client.stats().snapshot_requests, 9);
-    assert_eq!(client.stats().requests_written_off, 5);
+    // The first request to each server goes on the DEALER made at start; every later
+    // attempt (the subscription is known live, so it asks with the move) on a new one.
+    let mut expected = vec![(A, false), (B, false)];
+    expected.extend([(A, true), (B, true)].repeat(3));
+    expected.push((A, true));
+    assert_eq!(asked, expected);
+    // Requests on a closed connection are not waited for, nor written off.
+    assert_eq!(client.outstanding_requests(A), 1);
+    assert_eq!(client.outstanding_requests(B), 1);
+    assert_eq!(client.stats().requests_written_off, 0);
 }
 
 #[test]
-fn a_late_reply_from_an_earlier_attempt_is_not_taken_for_the_new_one() {
+fn a_late_reply_from_an_earlier_attempt_cannot_reach_the_new_one() {
+    // Found by the simulator (swarm 692477835536): replies to an earlier attempt's
+    // requests, held up on a stalled connection while the server stepped down, synced
+    // to its peer's history and took over again, were taken for the answer to the new
+    // attempt's request; the client followed the new reign from the old reign's map.
     let mut client = client(2);
-    // First attempt at A: the request is answered only much later, at sequence 3.
+    // First attempt at A: its request is answered only much later, at sequence 3.
     sub(&mut client, ms(0), A, hugz(3));
     fail_over(&mut client, ms(5_000));
-    // While the client is at B, A's map moves on: its subscriber says 5.
     sub(&mut client, ms(6_000), A, hugz(5));
+    drain(&mut client);
     fail_over(&mut client, ms(10_000));
     assert_eq!(client.current_server(), A);
-    // Back at A, the request goes out at once: every update after 5 will be buffered.
-    assert_eq!(client.outstanding_requests(A), 2);
-    drain(&mut client);
-    // The late reply to the first request: a snapshot at 3 when the buffer starts at 5.
-    snap(&mut client, ms(10_200), A, kvsync("/a/x", "old", 3));
-    snap(&mut client, ms(10_200), A, kthxbai(3));
-    assert_eq!(client.state(), State::Syncing, "the stale reply was taken");
-    assert!(client.is_empty());
-    assert_eq!(client.stats().dropped("stale_reply"), 1);
-    assert_eq!(client.stats().snapshots_discarded, 1);
-    assert!(
-        requests(&drain(&mut client)).is_empty(),
-        "a request is still outstanding: no new one"
-    );
-    // The reply to the second request.
+    // Back at A, the request goes out at once, on a new DEALER: the old one, and the
+    // late reply queued for it, are gone.
+    assert_eq!(fresh_requests(&drain(&mut client)), [(A, true)]);
+    assert_eq!(client.outstanding_requests(A), 1);
     snap(&mut client, ms(10_300), A, kvsync("/a/x", "new", 5));
     snap(&mut client, ms(10_300), A, kthxbai(5));
     assert_eq!(contents(&client), ["/a/x=new@5"]);
@@ -990,22 +972,37 @@ fn a_late_reply_from_an_earlier_attempt_is_not_taken_for_the_new_one() {
 }
 
 #[test]
-fn a_late_reply_that_is_not_older_than_the_subscription_is_used() {
-    // Nothing changed at A between the two requests: the late answer is as good as the
-    // new one, and the new one, when it comes, is dropped as stale.
-    let mut client = client(2);
-    sub(&mut client, ms(0), A, hugz(4));
-    fail_over(&mut client, ms(5_000));
-    fail_over(&mut client, ms(10_000));
-    sub(&mut client, ms(10_100), A, hugz(4));
-    snap(&mut client, ms(10_200), A, kvsync("/a/x", "1", 4));
-    snap(&mut client, ms(10_200), A, kthxbai(4));
+fn a_reply_cut_by_leaving_the_server_does_not_spoil_the_next_attempt() {
+    // The client leaves A in the middle of a reply and comes back (a single server):
+    // the rest of that reply went with the old connection, and the first reply on the
+    // new one is whole.
+    let mut client = client(1);
+    sub(&mut client, ms(0), A, hugz(2));
+    drain(&mut client);
+    snap(&mut client, ms(4_000), A, kvsync("/a/x", "1", 1));
+    fail_over(&mut client, ms(9_000));
+    sub(&mut client, ms(9_100), A, hugz(2));
+    assert_eq!(fresh_requests(&drain(&mut client)), [(A, true)]);
+    snap(&mut client, ms(9_300), A, kvsync("/a/x", "1", 1));
+    snap(&mut client, ms(9_300), A, kvsync("/a/y", "2", 2));
+    snap(&mut client, ms(9_300), A, kthxbai(2));
     assert_eq!(client.state(), State::Active);
-    snap(&mut client, ms(10_300), A, kvsync("/a/x", "1", 4));
-    snap(&mut client, ms(10_300), A, kthxbai(4));
-    assert_eq!(contents(&client), ["/a/x=1@4"]);
-    assert_eq!(client.stats().dropped("stale_reply"), 2);
-    assert_eq!(client.stats().dropped("unsolicited_reply"), 0);
+    assert_eq!(contents(&client), ["/a/x=1@1", "/a/y=2@2"]);
+}
+
+#[test]
+fn a_server_that_leaves_the_history_mid_sync_is_asked_again_on_a_fresh_connection() {
+    // While the client waits for A's snapshot, A's numbers fall (it re-synced to its
+    // peer's history, or restarted): a reply still queued may be of the old history.
+    let mut client = client(1);
+    sub(&mut client, ms(0), A, hugz(200));
+    assert_eq!(fresh_requests(&drain(&mut client)), [(A, false)]);
+    sub(&mut client, ms(100), A, hugz(30));
+    assert_eq!(fresh_requests(&drain(&mut client)), [(A, true)]);
+    assert_eq!(client.stats().resyncs_after_restart, 1);
+    snap(&mut client, ms(200), A, kvsync("/a/x", "1", 31));
+    snap(&mut client, ms(200), A, kthxbai(31));
+    assert_eq!(contents(&client), ["/a/x=1@31"]);
 }
 
 #[test]
@@ -1041,47 +1038,6 @@ fn a_server_that_restarts_while_the_client_syncs_is_followed_into_its_new_histor
     snap(&mut client, ms(1_001), A, kthxbai(53));
     assert_eq!(client.state(), State::Active);
     assert_eq!(contents(&client), ["/a/new=y@50"]);
-}
-
-#[test]
-fn a_reply_whose_start_was_missed_is_discarded() {
-    // The client leaves A in the middle of a reply, and comes back (a single server)
-    // while the rest of it is still arriving.
-    let mut client = client(1);
-    sub(&mut client, ms(0), A, hugz(2));
-    snap(&mut client, ms(4_000), A, kvsync("/a/x", "1", 1));
-    fail_over(&mut client, ms(9_000));
-    sub(&mut client, ms(9_100), A, hugz(2));
-    // The rest of the first reply: /a/y and its KTHXBAI. Without /a/x it is incomplete.
-    snap(&mut client, ms(9_200), A, kvsync("/a/y", "2", 2));
-    snap(&mut client, ms(9_200), A, kthxbai(2));
-    assert_eq!(client.state(), State::Syncing);
-    assert!(client.is_empty());
-    assert_eq!(
-        client.stats().dropped("stale_reply"),
-        2,
-        "the tail is not even collected"
-    );
-    snap(&mut client, ms(9_300), A, kvsync("/a/x", "1", 1));
-    snap(&mut client, ms(9_300), A, kvsync("/a/y", "2", 2));
-    snap(&mut client, ms(9_300), A, kthxbai(2));
-    assert_eq!(contents(&client), ["/a/x=1@1", "/a/y=2@2"]);
-}
-
-#[test]
-fn a_reply_that_arrives_while_another_server_is_current_is_not_collected() {
-    let mut client = client(2);
-    sub(&mut client, ms(0), A, hugz(1));
-    fail_over(&mut client, ms(5_000));
-    snap(&mut client, ms(5_100), A, kvsync("/a/x", "1", 1));
-    fail_over(&mut client, ms(10_000));
-    sub(&mut client, ms(10_100), A, hugz(1));
-    snap(&mut client, ms(10_200), A, kthxbai(1));
-    assert_eq!(
-        client.state(),
-        State::Syncing,
-        "took the tail of a reply as a whole one"
-    );
 }
 
 #[test]
@@ -1552,7 +1508,7 @@ fn the_oldest_watched_update_is_reported_lost_past_the_in_flight_bound() {
 fn describe(output: &Output) -> String {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     match output {
-        Output::SendSnapshotRequest { server, frames } => {
+        Output::SendSnapshotRequest { server, frames, .. } => {
             format!("send {server}: {} '{}'", text(&frames[0]), text(&frames[1]))
         }
         Output::Publish { frames } => {
@@ -1874,12 +1830,22 @@ impl Run {
     fn drain(&mut self) {
         while let Some(output) = self.client.poll_output() {
             match output {
-                Output::SendSnapshotRequest { server, .. } => {
+                Output::SendSnapshotRequest {
+                    server,
+                    fresh_connection,
+                    ..
+                } => {
                     let link = &mut self.world.links[server.0];
                     assert!(
                         link.delivered,
                         "ICANHAZ? to {server} before its SUB was live"
                     );
+                    if fresh_connection {
+                        // The old DEALER is closed: what it had asked and what was
+                        // queued for it are gone.
+                        link.requests = 0;
+                        link.snapshot.clear();
+                    }
                     link.requests += 1;
                 }
                 Output::Publish { frames } => self.world.collector.push_back(frames.to_vec()),
