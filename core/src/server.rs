@@ -118,7 +118,7 @@ mod store;
 
 use crate::budget::{largest_message_bytes, Budget};
 pub use crate::budget::{BoundedStructure, Structure, ENTRY_OVERHEAD};
-use follow::{buffered_bytes, layer_bytes, Follow, ResumeReply, SyncInProgress};
+use follow::{buffered_bytes, layer_bytes, Follow, NextAttempt, ResumeReply, SyncInProgress};
 pub use frame::Frame;
 use history::{draw_reign_id, Lineage, RecentChanges, Reign};
 use pending::{ClientCopyFate, Evicted, PendingList};
@@ -1365,11 +1365,12 @@ impl Server {
         match (self.state(), peer) {
             // A different server became active (dual passive resolved on the primary):
             // our map and numbering may not match its own; take a fresh snapshot.
-            (BstarState::Passive, BstarState::Active)
-                if previous != Some(BstarState::Active)
-                    && !matches!(self.follow, Follow::AwaitingPublisher) =>
-            {
-                self.start_sync(SyncReason::PeerBecameActive);
+            (BstarState::Passive, BstarState::Active) if previous != Some(BstarState::Active) => {
+                match self.follow {
+                    Follow::Following => self.start_sync(SyncReason::PeerBecameActive),
+                    Follow::Syncing(_) => self.resync_with_new_reign(now),
+                    Follow::Not | Follow::AwaitingPublisher => {}
+                }
             }
             _ => {}
         }
@@ -1543,9 +1544,26 @@ impl Server {
     /// large to buffer): ask again, keeping what was buffered so far (it precedes the
     /// new request).
     fn retry_sync(&mut self, now: Instant, reason: SyncReason) {
+        self.next_sync_attempt(now, reason, NextAttempt::SameHistory);
+    }
+
+    /// The peer became active while this server was syncing with it: its new reign
+    /// numbers its own history, so the reply this sync awaits (if any comes) and the
+    /// updates it buffered belong to the history the peer left. Ask again at once on
+    /// the subscription this sync already proved live, with everything held set aside:
+    /// a completed snapshot of the new reign makes it moot, a failover before that
+    /// merges it.
+    fn resync_with_new_reign(&mut self, now: Instant) {
+        self.next_sync_attempt(now, SyncReason::PeerBecameActive, NextAttempt::NewReign);
+    }
+
+    /// Replaces the sync in progress by a new attempt that keeps what it held: the
+    /// earlier connections' layers set aside, and the current connection's backlog
+    /// carried ahead of the new request ([`NextAttempt::SameHistory`]) or set aside too
+    /// ([`NextAttempt::NewReign`]).
+    fn next_sync_attempt(&mut self, now: Instant, reason: SyncReason, next: NextAttempt) {
         self.outputs
             .push_back(Output::Event(Event::SyncStarted { reason }));
-        // Everything held so far precedes the new request.
         let budget = self.config.sync_budget();
         let (mut unconfirmed, carried, carried_dropped, stale_through) =
             match std::mem::replace(&mut self.follow, Follow::Not) {
@@ -1557,9 +1575,18 @@ impl Server {
                 _ => (Vec::new(), Vec::new(), 0, None),
             };
         self.report_sync_buffer_drops(carried_dropped);
+        let (carried, stale_through) = match next {
+            NextAttempt::SameHistory => (carried, stale_through),
+            NextAttempt::NewReign => {
+                unconfirmed.push(carried);
+                unconfirmed.retain(|layer| !layer.is_empty());
+                (Vec::new(), None)
+            }
+        };
         self.request_peer_snapshot(now, carried);
         if let Follow::Syncing(sync) = &mut self.follow {
-            // Same subscription: what the map held is still stale on it.
+            // Same history on the same subscription: what the map held is still stale
+            // on it.
             sync.stale_through = stale_through;
             sync.unconfirmed = std::mem::take(&mut unconfirmed);
             let dropped = sync.bound_set_aside(budget);

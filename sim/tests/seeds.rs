@@ -315,6 +315,12 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          server for the answer to its new request, and followed the new reign from the \
          old reign's map",
     ),
+    (
+        832248865444,
+        "a syncing passive whose peer began a new reign started its sync over with \
+         nothing, letting go of the old reign's updates it held; the peer died and the \
+         failover lost them",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

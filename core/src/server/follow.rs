@@ -52,6 +52,16 @@ pub(super) enum Follow {
     Following,
 }
 
+/// Whether the history a sync follows goes on in its next attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum NextAttempt {
+    /// The same history (a timeout, a misread reply): the current connection's
+    /// updates came before the new request, and the snapshot will hold them.
+    SameHistory,
+    /// The peer began a new reign, numbered on its own: nothing held is part of it.
+    NewReign,
+}
+
 #[derive(Clone, Debug)]
 pub(super) struct SyncInProgress {
     pub(super) store: Store,

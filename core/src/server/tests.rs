@@ -2341,6 +2341,49 @@ fn on_dual_passive_the_backup_waits_then_resyncs_from_the_primary_that_took_over
     assert_eq!(harness.value("/a"), Some(&b"1"[..]));
 }
 
+#[test]
+fn a_sync_replaced_because_the_peer_began_a_new_reign_keeps_what_it_held_for_a_failover() {
+    // Found by the simulator (swarm 832248865444): a passive syncing with its peer read
+    // the old reign's KVPUBs, then the peer took over anew (dual passive) and the sync
+    // started over with nothing; the peer died before answering, and the failover lost
+    // what the old reign had published to this server.
+    let mut harness = Harness::passive_at(10);
+    harness.peer_update(kvpub(set("/old", "old reign", 1), 12)); // a gap: sync
+    assert!(harness.server.is_syncing());
+    harness.peer_state(BstarState::Passive);
+    harness.peer_state(BstarState::Active);
+    assert!(harness.events().contains(&Event::SyncStarted {
+        reason: SyncReason::PeerBecameActive
+    }));
+    harness.peer_update(kvpub(set("/new", "new reign", 2), 3));
+    // The new active dies before answering.
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/old"), Some(&b"old reign"[..]));
+    assert_eq!(harness.value("/new"), Some(&b"new reign"[..]));
+}
+
+#[test]
+fn a_sync_replaced_because_the_peer_began_a_new_reign_installs_the_new_reigns_snapshot() {
+    let mut harness = Harness::passive_at(10);
+    harness.peer_update(kvpub(set("/old", "old reign", 1), 12)); // a gap: sync
+    harness.peer_state(BstarState::Passive);
+    harness.peer_state(BstarState::Active);
+    assert!(
+        harness.server.awaits_peer_reply(),
+        "asks the new reign at once"
+    );
+    // The new reign numbers from its own, lower, sequence: nothing the old one left
+    // behind is stale in it, and the snapshot replaces all of it.
+    harness.peer_update(kvpub(set("/new", "new reign", 2), 4));
+    harness.peer_snapshot(KvMsg::kthxbai(3, Vec::new()));
+    assert!(!harness.server.is_syncing());
+    assert_eq!(harness.server.sequence(), 4);
+    assert_eq!(harness.value("/old"), None);
+    assert_eq!(harness.value("/new"), Some(&b"new reign"[..]));
+}
+
 // --- Robustness ------------------------------------------------------------------------
 
 fn frames() -> impl Strategy<Value = Vec<Vec<u8>>> {
