@@ -80,8 +80,9 @@ pub(super) struct SyncInProgress {
     /// which buffered them again, for ever.
     pub(super) before_request: usize,
     pub(super) backlog_overflowed: bool,
-    /// What earlier attempts buffered before they timed out: older than this
-    /// attempt's snapshot, one layer per subscriber connection, oldest first.
+    /// What earlier attempts buffered before they timed out or were replaced (the peer
+    /// began a new reign): older than this attempt's snapshot, one layer per subscriber
+    /// connection, oldest first.
     pub(super) unconfirmed: Vec<Vec<(KvMsg, Option<EpochMillis>)>>,
     /// What this attempt buffered before the subscription reconnected, one layer per
     /// connection, oldest first; `backlog` is the current connection's.
