@@ -1295,12 +1295,11 @@ impl World {
                 if !after_the_snapshot {
                     continue;
                 }
-                let newer = held
-                    .get(key)
-                    .is_none_or(|adopted| received.index > adopted.index);
-                if newer {
-                    held.insert(key.clone(), *received);
-                }
+                // Numbered above the snapshot by the incarnation that took it, it
+                // follows every entry of the snapshot in that history, whatever was
+                // published first elsewhere (a value this server published while split,
+                // forwarded and republished by the peer: swarm 331561370784).
+                held.insert(key.clone(), *received);
             }
         }
         self.history.held.insert(node, held);
