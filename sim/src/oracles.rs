@@ -203,6 +203,32 @@ pub struct History {
 }
 
 impl History {
+    /// `node` (in `incarnation`) began a reign from a map the model does not rebuild (a
+    /// failover mid-sync merged the peer's updates): the map changed without a
+    /// publication, so from then on a key's latest state in that history is its `base`
+    /// entry (`Some(uuid)`), or its absence, not the update published before. A key
+    /// whose base holds the very update published last keeps its publisher.
+    pub fn adopt_unpublished_base(
+        &mut self,
+        node: usize,
+        incarnation: u32,
+        base: &BTreeMap<Vec<u8>, Option<Uuid>>,
+    ) {
+        self.last_published_of_key
+            .retain(|key, (update, _, _)| base.contains_key(key) || update.1);
+        for (key, uuid) in base {
+            let update = (*uuid, false);
+            let same = self
+                .last_published_of_key
+                .get(key)
+                .is_some_and(|(last, _, _)| *last == update);
+            if !same {
+                self.last_published_of_key
+                    .insert(key.clone(), (update, node, incarnation));
+            }
+        }
+    }
+
     /// The publication index of `value`, if it was ever published.
     pub fn publication_index(&self, value: &[u8]) -> Option<PublicationIndex> {
         self.first_published.get(value).copied()
@@ -376,5 +402,52 @@ mod tests {
         assert!(end > value);
         assert_eq!(history.republished_index((late, true)), Some(end));
         assert_eq!(history.publish((late, true), b""), end);
+    }
+
+    #[test]
+    fn a_merged_base_is_each_keys_latest_state_in_its_history() {
+        let mut history = History::default();
+        let uuid = |byte| Some(Uuid::from_bytes([byte; 16]));
+        let key = |name: &str| name.as_bytes().to_vec();
+        // Published last: a delete of /a by server 1, a set of /b and /c by server 0,
+        // a delete of /d by server 0.
+        history
+            .last_published_of_key
+            .insert(key("/a"), ((uuid(1), true), 1, 0));
+        history
+            .last_published_of_key
+            .insert(key("/b"), ((uuid(2), false), 0, 3));
+        history
+            .last_published_of_key
+            .insert(key("/c"), ((uuid(3), false), 0, 3));
+        history
+            .last_published_of_key
+            .insert(key("/d"), ((uuid(4), true), 0, 3));
+        // Server 1 (incarnation 2) merged: /a holds the peer's value, /b the very
+        // update published last, /c is gone, /e came from the merge alone.
+        let base = BTreeMap::from([
+            (key("/a"), uuid(5)),
+            (key("/b"), uuid(2)),
+            (key("/e"), uuid(6)),
+        ]);
+        history.adopt_unpublished_base(1, 2, &base);
+        let latest = |name: &str| history.last_published_of_key.get(&key(name)).copied();
+        assert_eq!(latest("/a"), Some(((uuid(5), false), 1, 2)));
+        assert_eq!(
+            latest("/b"),
+            Some(((uuid(2), false), 0, 3)),
+            "publisher kept"
+        );
+        assert_eq!(
+            latest("/c"),
+            None,
+            "a set the base lacks is no latest state"
+        );
+        assert_eq!(
+            latest("/d"),
+            Some(((uuid(4), true), 0, 3)),
+            "absent either way"
+        );
+        assert_eq!(latest("/e"), Some(((uuid(6), false), 1, 2)));
     }
 }

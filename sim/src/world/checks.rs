@@ -138,6 +138,20 @@ impl World {
                 .map_or(0, Server::sequence);
             let map = self.server_map(node);
             self.model.begin_merged_reign(node, sequence, map);
+            let base: BTreeMap<Vec<u8>, Option<Uuid>> = self
+                .servers
+                .get(node)
+                .and_then(|slot| slot.machine.as_ref())
+                .map(|machine| {
+                    machine
+                        .iter()
+                        .map(|(key, entry)| (key.to_vec(), entry.uuid()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let incarnation = self.life(node).map_or(0, |life| life.incarnation);
+            self.history
+                .adopt_unpublished_base(node, incarnation, &base);
         }
         for message in messages {
             // Oracle 3 at the server: a republished (replayed) value must not be older
