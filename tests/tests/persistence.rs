@@ -356,11 +356,18 @@ fn a_backup_back_from_a_short_absence_resumes_without_a_full_snapshot() {
     settle(&mut cluster);
     let client = cluster.client().subtree("/r/").connect().expect("connect");
     client.wait_synced(PATIENCE).expect("sync");
+    let mut last_before = 0;
     for n in 0..200 {
-        client
+        last_before = client
             .set_confirmed(format!("/r/{n:03}"), "before", None, PATIENCE)
             .expect("commit");
     }
+    // A confirmed write is published, not yet applied by the backup: on a busy machine
+    // the backup may lag, and would then resume from further back.
+    wait_until(
+        "the backup applies every write made before its absence",
+        || counter(metrics_port(&cluster, Role::Backup), "clonekv_sequence") >= last_before as u64,
+    );
     cluster.kill(Role::Backup);
     // While the backup is away: 40 writes and 10 deletes.
     for n in 0..40 {
