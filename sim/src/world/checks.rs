@@ -139,16 +139,10 @@ impl World {
             let map = self.server_map(node);
             self.model.begin_merged_reign(node, sequence, map);
             let base: BTreeMap<Vec<u8>, Option<Uuid>> = self
-                .servers
-                .get(node)
-                .and_then(|slot| slot.machine.as_ref())
-                .map(|machine| {
-                    machine
-                        .iter()
-                        .map(|(key, entry)| (key.to_vec(), entry.uuid()))
-                        .collect()
-                })
-                .unwrap_or_default();
+                .server_entries(node)
+                .into_iter()
+                .map(|(key, uuid, _)| (key, uuid))
+                .collect();
             let incarnation = self.life(node).map_or(0, |life| life.incarnation);
             self.history
                 .adopt_unpublished_base(node, incarnation, &base);
