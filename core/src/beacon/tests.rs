@@ -134,6 +134,40 @@ fn a_peer_is_up_on_its_first_beacon_changed_when_it_moves_and_down_after_silence
 }
 
 #[test]
+fn the_longest_datagram_is_the_limit_and_anything_longer_is_dropped_unread() {
+    let longest = Datagram {
+        cluster: vec![b'c'; MAX_CLUSTER_LEN],
+        instance: OTHER,
+        announcement: server(Kind::Backup, BstarState::Passive),
+    };
+    let bytes = longest.encode();
+    assert_eq!(bytes.len(), MAX_DATAGRAM_LEN);
+    assert_eq!(Datagram::decode(&bytes), Ok(longest));
+    // One byte over the limit is refused for its length before its magic is read.
+    let mut over = vec![b'X'; MAX_DATAGRAM_LEN + 1];
+    assert_eq!(Datagram::decode(&over), Err(DropReason::BadLength));
+    over.truncate(MAX_DATAGRAM_LEN);
+    assert_eq!(Datagram::decode(&over), Err(DropReason::BadMagic));
+}
+
+#[test]
+fn a_cluster_name_empty_or_over_the_limit_is_a_bad_field_whatever_follows() {
+    let announcement = server(Kind::Primary, BstarState::Active);
+    let empty = Datagram {
+        cluster: Vec::new(),
+        instance: OTHER,
+        announcement,
+    };
+    assert_eq!(Datagram::decode(&empty.encode()), Err(DropReason::BadField));
+    // A declared length over the limit is refused as such, not read (the datagram would
+    // also be too short for it).
+    let mut too_long = b"CKVB\x01".to_vec();
+    too_long.push(u8::try_from(MAX_CLUSTER_LEN + 1).unwrap_or(u8::MAX));
+    too_long.extend_from_slice(&[b'c'; 8]);
+    assert_eq!(Datagram::decode(&too_long), Err(DropReason::BadField));
+}
+
+#[test]
 fn bad_datagrams_change_nothing_but_counters() {
     let mut beacon = machine();
     drain(&mut beacon);
