@@ -228,6 +228,27 @@ fn the_configuration_is_checked() {
     );
     config.silence = config.interval * 4;
     assert!(Beacon::new(ms(0), config.clone()).is_ok());
+    // The cluster name's limits, both ends inclusive.
+    config.cluster = vec![b'c'; MAX_CLUSTER_LEN];
+    assert!(Beacon::new(ms(0), config.clone()).is_ok());
+    config.cluster.push(b'c');
+    assert_eq!(
+        Beacon::new(ms(0), config.clone()).err(),
+        Some(Error::ClusterName {
+            len: MAX_CLUSTER_LEN + 1
+        })
+    );
+    config.cluster = b"x".to_vec();
+    // The highest base port leaves room for its two neighbours (P+1, P+2).
+    config.announcement.base_port = u16::MAX - 2;
+    assert!(Beacon::new(ms(0), config.clone()).is_ok());
+    config.announcement.base_port = u16::MAX - 1;
+    assert_eq!(
+        Beacon::new(ms(0), config.clone()).err(),
+        Some(Error::Announcement {
+            announcement: config.announcement
+        })
+    );
     // An announcement receivers would drop is refused, with what to fix.
     for announcement in [
         Announcement {
