@@ -333,6 +333,8 @@ fn a_server_answers_a_solicitation_at_once_and_a_crowd_of_them_at_a_bounded_rate
     }
     assert!(sent <= 10 * 10 + 10, "{sent} beacons in 10 s");
     assert!(sent >= 10 * 9, "solicitations were answered: {sent}");
+    // Each one heard is counted, answered or not.
+    assert_eq!(beacon.solicitations(), 2 + 10_000);
     // Clients are never peers.
     assert_eq!(beacon.peers().count(), 0);
     assert!(events(&mut beacon).is_empty());
