@@ -775,6 +775,11 @@ pub struct Server {
     seen: SeenUpdates,
     snapshots: SnapshotStreams,
     follow: Follow,
+    /// The peer's sequence through which this map holds what the peer published on the
+    /// current subscription to its publisher, kept from when this server stopped
+    /// following it (see [`Server::late_on_followed_subscription`]). Forgotten when the
+    /// subscription reconnects and when a sync completes.
+    followed_through: Option<i64>,
     /// Keys a backup changed while active that its peer may not hold, to forward on
     /// step-down (§7 dual active), with the uuid and sequence of their latest change.
     /// The value itself is the map's: a key present in the map is forwarded as its
@@ -840,6 +845,7 @@ impl Server {
             seen: SeenUpdates::new(hash_key),
             snapshots: SnapshotStreams::default(),
             follow: Follow::Not,
+            followed_through: None,
             split_log: BTreeMap::new(),
             split_lost: 0,
             split_lost_through: 0,
@@ -1250,6 +1256,7 @@ impl Server {
     /// restarted active's new history, numbered anew.
     pub fn handle_peer_publisher_reconnected(&mut self, now: Instant, wall: EpochMillis) {
         self.begin(now, wall);
+        self.followed_through = None;
         let budget = self.config.sync_budget();
         match &mut self.follow {
             Follow::Following => self.start_sync(SyncReason::PublisherReconnected),
@@ -1291,6 +1298,13 @@ impl Server {
         if self.state() == BstarState::Active {
             return self.drop_input(source, DropReason::PeerUpdateWhileActive);
         }
+        if self.late_on_followed_subscription(update.sequence) {
+            // It still proves the subscription live.
+            if matches!(self.follow, Follow::AwaitingPublisher) {
+                self.request_peer_snapshot(now, Vec::new());
+            }
+            return self.drop_input(source, DropReason::StaleSequence);
+        }
         self.observe_published(now, &update, true);
         let expires_at = if update.is_delete() {
             None
@@ -1308,12 +1322,6 @@ impl Server {
                 self.request_peer_snapshot(now, vec![(update.to_kvmsg(), expires_at)]);
             }
             Follow::Syncing(sync) => {
-                if sync
-                    .stale_through
-                    .is_some_and(|through| update.sequence <= through)
-                {
-                    return self.drop_input(source, DropReason::StaleSequence);
-                }
                 let dropped = sync.buffer(update.to_kvmsg(), expires_at, sync_budget);
                 self.report_sync_buffer_drops(dropped);
             }
@@ -1738,6 +1746,7 @@ impl Server {
                 self.split_log_bytes = 0;
                 self.split_lost = 0;
                 self.split_lost_through = 0;
+                self.followed_through = self.followed_through_now();
                 let merged = self.abandon_sync();
                 self.begin_reign(now, !merged);
                 self.sequence = self.sequence.max(self.highest_published);
@@ -2046,6 +2055,7 @@ impl Server {
             resume: position.map_or(ResumeReply::Snapshot, |position| ResumeReply::Asked {
                 after: position.sequence,
             }),
+            stale_through: self.followed_through,
             ..SyncInProgress::new(now, self.hash_key)
         }));
     }
@@ -2099,6 +2109,7 @@ impl Server {
             }
             None => self.store = store,
         }
+        self.followed_through = None;
         self.history = History {
             peer_serves_resumes: matches!(history, Some(Some(_))),
             lineage: history.flatten().unwrap_or_default(),
@@ -2229,6 +2240,33 @@ impl Server {
         if self.config.persistence {
             self.outputs.push_back(Output::PersistImage(self.image()));
         }
+    }
+
+    /// The peer's sequence through which the map holds what arrived on the current
+    /// subscription: while following, the map's; while syncing, the sync's
+    /// `stale_through`; otherwise what was kept when following stopped.
+    fn followed_through_now(&self) -> Option<i64> {
+        match &self.follow {
+            Follow::Following => Some(self.sequence),
+            Follow::Syncing(sync) => sync.stale_through,
+            Follow::Not | Follow::AwaitingPublisher => self.followed_through,
+        }
+    }
+
+    /// Whether a KVPUB numbered `sequence` from the peer is a late copy of what the map
+    /// already holds or has since replaced: numbered at or below the sequence the map
+    /// was followed through on the subscription it arrived on, whatever this server did
+    /// in between (a reign of its own, then a step-down: its own newer values must not
+    /// lose to them when a failover merges what its sync buffered). A restarted
+    /// active's new history comes on a new connection, which the host reports
+    /// (`handle_peer_publisher_reconnected`). While following, the sequence rule of
+    /// `apply_followed` decides.
+    fn late_on_followed_subscription(&self, sequence: i64) -> bool {
+        let through = match &self.follow {
+            Follow::Following | Follow::Not => None,
+            Follow::AwaitingPublisher | Follow::Syncing(_) => self.followed_through_now(),
+        };
+        through.is_some_and(|through| sequence <= through)
     }
 
     /// The sync just requested buffers on the connection the map (at `sequence`) was

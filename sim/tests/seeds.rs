@@ -334,6 +334,13 @@ const SWARM_REGRESSIONS: &[(u64, &str)] = &[
          merged reign (a failover mid-sync) without publishing it: the passive's \
          snapshot held that value, and it dropped the late copy as a repeat",
     ),
+    (
+        1061122210006,
+        "a paused passive took over on resuming, published a newer value, read the old \
+         active's late state and stepped down; the old active's late updates, numbered \
+         at or below what its map had followed, filled its sync, and a failover \
+         mid-sync merged an older value over the newer one it had published",
+    ),
 ];
 
 fn assert_passes(seed: u64, options: Options, why: &str) {

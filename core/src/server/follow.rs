@@ -97,7 +97,8 @@ pub(super) struct SyncInProgress {
     pub(super) reconnected: Vec<Vec<(KvMsg, Option<EpochMillis>)>>,
     pub(super) last_activity: Instant,
     /// While the subscription is the one the map was followed on (the sync began from
-    /// following, and no reconnect since): the map's sequence then. An update numbered
+    /// following, or from a step-down ending a reign that began from following; no
+    /// reconnect since): the sequence the map was followed through. An update numbered
     /// at or below it on that connection is a late copy of what the map already holds
     /// (found by the simulator, swarm 48374: a late HUGZ started a needless re-sync, late
     /// KVPUBs older than the adopted snapshot were buffered, and a failover mid-sync

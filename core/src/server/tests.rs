@@ -1668,6 +1668,41 @@ fn a_failover_mid_sync_settles_the_copies_of_the_keys_the_partial_snapshot_reach
 }
 
 #[test]
+fn a_stepped_down_active_drops_the_late_updates_it_had_followed_before_its_reign() {
+    // Found by the simulator (swarm 1061122210006): a passive following through #2 was
+    // paused; on resuming it took over, published a newer value, read the old active's
+    // late state and stepped down; the old active's late updates, numbered at or below
+    // #2, then filled its sync, and a failover mid-sync merged the older value over
+    // the newer one it had published.
+    let mut harness = Harness::passive_at(0);
+    harness.peer_update(kvpub(set("/k", "old", 1), 1));
+    harness.peer_update(kvpub(set("/other", "x", 2), 2));
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    harness.collect(set("/k", "newer", 3));
+    assert_eq!(keys(&harness.published()), ["/k"]);
+    // The old active's state, sent before it went silent: dual active, the backup
+    // steps down.
+    harness.peer_state(BstarState::Active);
+    assert_eq!(harness.server.state(), BstarState::Passive);
+    harness.drain();
+    // Late copies of what the map already held, on the subscription it followed.
+    harness.peer_update(kvpub(set("/k", "old", 1), 1));
+    harness.peer_update(kvpub(set("/other", "x", 2), 2));
+    assert!(harness.server.is_syncing());
+    assert_eq!(
+        harness.dropped(InputSource::PeerUpdate, "stale_sequence"),
+        2
+    );
+    // The old active stays silent: a failover mid-sync keeps the newer value.
+    harness.advance(2_000);
+    harness.request("client", "");
+    assert_eq!(harness.server.state(), BstarState::Active);
+    assert_eq!(harness.value("/k"), Some(&b"newer"[..]));
+}
+
+#[test]
 fn only_the_latest_pending_copy_of_a_key_is_replayed() {
     // Found by the simulator (seed 22): replaying every copy in arrival order put the
     // key through values the old active had already replaced.
@@ -1915,6 +1950,11 @@ fn becoming_active_mid_sync_prefers_the_peers_updates_to_its_own_map_whatever_th
     assert_eq!(harness.server.state(), BstarState::Active);
     harness.collect(set("/k", "own", 1));
     harness.drain();
+    // The primary restarted (its new history comes on a new connection) and, split
+    // from the backup, took over.
+    harness
+        .server
+        .handle_peer_publisher_reconnected(harness.now, harness.wall);
     harness.advance(1_000);
     harness.peer_state(BstarState::Active); // dual active: step down
     harness.peer_update(KvMsg::hugz(40)); // the primary numbers a lower history
