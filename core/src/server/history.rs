@@ -248,7 +248,8 @@ impl RecentChanges {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::store::Key;
+    use crate::kvmsg::{KvMsg, Uuid};
+    use crate::server::store::{Entry, Key};
 
     fn delete(sequence: i64) -> Change {
         Change::Delete {
@@ -392,6 +393,20 @@ mod tests {
         );
         assert!(recent.after(3).is_none());
         assert_eq!(recent.after(4).map(|changes| changes.len()), Some(0));
+    }
+
+    #[test]
+    fn a_put_is_charged_its_key_properties_and_body() {
+        let body = vec![b'v'; 1_000];
+        let update = KvMsg::kvset(b"/k".to_vec(), body, Uuid::from_bytes([1; 16]));
+        let (key, entry) = Entry::from_update(&update.as_msg_ref(), None, &mut Vec::new());
+        let properties = entry.properties_frame().len();
+        let put = Change::Put(key, entry);
+        assert_eq!(
+            RecentChanges::charge(&put),
+            message_bytes(2, properties, 1_000)
+        );
+        assert!(RecentChanges::charge(&put) > RecentChanges::charge(&delete(1)));
     }
 
     #[test]

@@ -87,6 +87,29 @@ fn a_record_comes_before_the_publish_it_makes_durable() {
 }
 
 #[test]
+fn a_record_names_the_key_and_sequence_it_changes_and_a_history_record_neither() {
+    let mut server = active_primary();
+    drain(&mut server, &mut Vec::new());
+    set(&mut server, "/a", "1", 1);
+    let records: Vec<Record> = std::iter::from_fn(|| server.poll_output())
+        .filter_map(|output| match output {
+            Output::Persist(record) => Some(record),
+            _ => None,
+        })
+        .collect();
+    let [record] = &records[..] else {
+        panic!("one record expected, got {records:?}");
+    };
+    assert!(server.sequence() > 0);
+    assert_eq!(record.key(), Some(&b"/a"[..]));
+    assert_eq!(record.sequence(), Some(server.sequence()));
+    assert_eq!(record.history(), None);
+    let history = Record::of_history(History::default());
+    assert_eq!((history.key(), history.sequence()), (None, None));
+    assert_eq!(history.history(), Some(&History::default()));
+}
+
+#[test]
 fn without_persistence_no_record_is_emitted() {
     let mut server = Server::new(Instant::ZERO, WALL, Config::primary(), key()).unwrap();
     server.handle_peer_state(Instant::ZERO, WALL, &[BstarState::Backup.encode()]);
