@@ -91,19 +91,27 @@ fn a_record_names_the_key_and_sequence_it_changes_and_a_history_record_neither()
     let mut server = active_primary();
     drain(&mut server, &mut Vec::new());
     set(&mut server, "/a", "1", 1);
+    set(&mut server, "/b", "2", 2);
     let records: Vec<Record> = std::iter::from_fn(|| server.poll_output())
         .filter_map(|output| match output {
             Output::Persist(record) => Some(record),
             _ => None,
         })
         .collect();
-    let [record] = &records[..] else {
-        panic!("one record expected, got {records:?}");
+    let [first, second] = &records[..] else {
+        panic!("two records expected, got {records:?}");
     };
-    assert!(server.sequence() > 0);
-    assert_eq!(record.key(), Some(&b"/a"[..]));
-    assert_eq!(record.sequence(), Some(server.sequence()));
-    assert_eq!(record.history(), None);
+    let last = server.sequence();
+    assert!(last > 1);
+    assert_eq!(
+        [first.key(), second.key()],
+        [Some(&b"/a"[..]), Some(&b"/b"[..])]
+    );
+    assert_eq!(
+        [first.sequence(), second.sequence()],
+        [Some(last - 1), Some(last)]
+    );
+    assert_eq!(first.history(), None);
     let history = Record::of_history(History::default());
     assert_eq!((history.key(), history.sequence()), (None, None));
     assert_eq!(history.history(), Some(&History::default()));
