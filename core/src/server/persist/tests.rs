@@ -132,7 +132,13 @@ fn a_snapshot_and_its_log_restore_the_map_and_numbering() {
     set(&mut server, "/a", "1", 1);
     set(&mut server, "/b", "2", 2);
     drain(&mut server, &mut Vec::new());
-    let snapshot = snapshot_bytes(&server.image());
+    let image = server.image();
+    assert_eq!(
+        (image.sequence(), image.highest_published(), image.len()),
+        (2, 2, 2)
+    );
+    assert!(!image.is_empty());
+    let snapshot = snapshot_bytes(&image);
     let mut log = encode_header(FileKind::Log, 7).to_vec();
     set(&mut server, "/a", "3", 3);
     let delete = KvMsg::kvset_delete(b"/b".to_vec(), Uuid::from_bytes([4; 16]));
