@@ -118,6 +118,37 @@ fn a_record_names_the_key_and_sequence_it_changes_and_a_history_record_neither()
 }
 
 #[test]
+fn an_image_is_flushed_in_chunks_of_at_least_the_chunk_size_and_once_at_the_end() {
+    let mut server = active_primary();
+    assert!(server.image().is_empty());
+    for index in 0..10u8 {
+        set(&mut server, &format!("/key/{index}"), "value", index + 1);
+    }
+    drain(&mut server, &mut Vec::new());
+    let image = server.image();
+    let encode = |chunk: usize| {
+        let (mut bytes, mut flushes) = (Vec::new(), Vec::new());
+        let entries = image
+            .encode(&mut Vec::new(), chunk, |out| {
+                flushes.push(out.len());
+                bytes.append(out);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        (entries, bytes, flushes)
+    };
+    let (entries, whole, flushes) = encode(usize::MAX);
+    assert_eq!((entries, flushes.len()), (10, 1), "only the final flush");
+    let (entries, chunked, flushes) = encode(64);
+    assert_eq!(entries, 10);
+    assert_eq!(chunked, whole);
+    assert!(flushes.len() > 2, "{flushes:?}");
+    let (last, full) = flushes.split_last().unwrap();
+    assert!(full.iter().all(|len| *len >= 64), "{flushes:?}");
+    assert!(*last > 0);
+}
+
+#[test]
 fn without_persistence_no_record_is_emitted() {
     let mut server = Server::new(Instant::ZERO, WALL, Config::primary(), key()).unwrap();
     server.handle_peer_state(Instant::ZERO, WALL, &[BstarState::Backup.encode()]);
