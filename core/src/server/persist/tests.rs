@@ -185,8 +185,11 @@ fn a_snapshot_and_its_log_restore_the_map_and_numbering() {
         })
     );
     let mut restorer = Restorer::new();
+    assert!(restorer.is_empty());
     let (applied, torn) = read_all(&mut restorer, &snapshot);
     assert_eq!(torn, None);
+    assert_eq!((restorer.sequence(), restorer.len()), (2, 2));
+    assert!(!restorer.is_empty());
     assert_eq!(
         applied,
         [
