@@ -149,6 +149,20 @@ fn an_image_is_flushed_in_chunks_of_at_least_the_chunk_size_and_once_at_the_end(
 }
 
 #[test]
+fn a_delete_record_takes_a_key_of_1_to_255_bytes() {
+    let delete = |key_len: usize| {
+        let mut payload = vec![TAG_DELETE];
+        payload.extend_from_slice(&7i64.to_be_bytes());
+        payload.extend(std::iter::repeat_n(b'k', key_len));
+        Restorer::new().apply(&payload)
+    };
+    assert_eq!(delete(0), Err(RecordError::BadKey));
+    assert_eq!(delete(1), Ok(Applied::Delete));
+    assert_eq!(delete(255), Ok(Applied::Delete));
+    assert_eq!(delete(256), Err(RecordError::BadKey));
+}
+
+#[test]
 fn without_persistence_no_record_is_emitted() {
     let mut server = Server::new(Instant::ZERO, WALL, Config::primary(), key()).unwrap();
     server.handle_peer_state(Instant::ZERO, WALL, &[BstarState::Backup.encode()]);
