@@ -219,6 +219,9 @@ fn a_snapshot_and_its_log_restore_the_map_and_numbering() {
     assert_eq!(applied, [Applied::Put, Applied::Delete, Applied::Put]);
     let restored = restorer.finish();
     assert_eq!(restored.sequence(), 5);
+    assert_eq!((restored.highest_published(), restored.len()), (5, 2));
+    assert!(!restored.is_empty());
+    assert!(Restorer::new().finish().is_empty());
 
     let mut config = Config::primary();
     config.persistence = true;
